@@ -1,0 +1,1 @@
+"""unimo data_pipeline package."""
