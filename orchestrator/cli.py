@@ -1,0 +1,153 @@
+"""The `unimo` command line: train, demo, model info, data tools, a local MLflow server, config checks.
+
+Every entry is ``main(argv) -> int`` so tests drive the real CLI in-process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from trainer.config_loader import ConfigError
+
+DESCRIPTION = """unimo: distributed pre-training of UNIMO-family vision-language models
+(Ray Train + DeepSpeed ZeRO-3 + WebDataset + MLflow).
+
+Common commands:
+  unimo demo                         synthetic data -> 2 Ray workers, ZeRO-3 -> checkpoints + MLflow
+  unimo train configs/debug.yaml model.fusion.layers=2 run.name=try1
+  unimo config show configs/debug.yaml            print the resolved config
+  unimo model info base                           parameters and FLOPs per sample of a flavor
+  unimo data shards --help                        write WebDataset shards
+  unimo mlflow                                    start a local MLflow tracking server + UI
+"""
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML run config, e.g. configs/debug.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key.path=value",
+                   help="dotted overrides applied on top of the file, e.g. model.fusion.layers=2 run.name=exp1")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="unimo", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train (or resume) a run on an embedded local Ray or a cluster",
+                       description="Train the run named by run.name; if it exists in run.storage, resume it "
+                                   "from its newest valid checkpoint. Without scaling.address an embedded "
+                                   "Ray on 127.0.0.1 is started.")
+    _add_config_args(p)
+
+    p = sub.add_parser("demo", help="end-to-end demo on a synthetic captioned data set",
+                       description="Writes a small synthetic data set (pairs, unpaired text, unpaired images) as "
+                                   "WebDataset shards, trains the debug flavor with 2 Ray Train workers under "
+                                   "DeepSpeed ZeRO-3, checkpoints, logs to a local MLflow store, and prints "
+                                   "where to look.")
+    p.add_argument("--out", default="demo_out", help="folder for the data, checkpoints and MLflow store")
+    p.add_argument("--config", default=None, help="config file (default: configs/debug.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key.path=value", help="dotted config overrides")
+
+    p = sub.add_parser("config", help="inspect configs")
+    csub = p.add_subparsers(dest="config_command", metavar="SUBCOMMAND")
+    show = csub.add_parser("show", help="print the resolved config (defaults <- file <- overrides)")
+    _add_config_args(show)
+
+    p = sub.add_parser("model", help="model tools")
+    msub = p.add_subparsers(dest="model_command", metavar="SUBCOMMAND")
+    info = msub.add_parser("info", help="parameters per part and FLOPs per sample of a flavor")
+    info.add_argument("flavor", help="debug, small, base, large or xl")
+
+    p = sub.add_parser("data", help="data tools (shards, tokenizer); see `unimo data --help`", add_help=False)
+    p.add_argument("args", nargs=argparse.REMAINDER)
+
+    p = sub.add_parser("mlflow", help="start a local MLflow tracking server (SQLite backend) on 127.0.0.1")
+    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    p.add_argument("--backend-store-uri", default="sqlite:///runs/mlflow.db")
+    p.add_argument("--artifacts-destination", default="./runs/mlartifacts",
+                   help="local folder or s3://bucket/prefix for artifacts")
+    return parser
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from orchestrator.driver import fit, print_summary
+    from trainer.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    print_summary(fit(cfg))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from orchestrator.demo import run_demo
+
+    return run_demo(args.out, args.config, args.overrides)
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    from trainer.config import load_config
+    from trainer.config_loader import to_dict
+
+    if args.config_command != "show":
+        print("usage: unimo config show CONFIG [overrides]", file=sys.stderr)
+        return 2
+    print(yaml.safe_dump(to_dict(load_config(args.config, args.overrides)), sort_keys=False))
+    return 0
+
+
+def cmd_model(args: argparse.Namespace) -> int:
+    if args.model_command != "info":
+        print("usage: unimo model info FLAVOR", file=sys.stderr)
+        return 2
+    from model.flops import model_info
+
+    print(model_info(args.flavor))
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from data_pipeline.cli import main as data_main
+
+    return data_main(args.args)
+
+
+def cmd_mlflow(args: argparse.Namespace) -> int:
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    argv = [sys.executable, "-m", "mlflow", "server", "--host", args.host, "--port", str(args.port),
+            "--backend-store-uri", args.backend_store_uri, "--artifacts-destination", args.artifacts_destination]
+    print(f"MLflow UI: http://{args.host}:{args.port}  (tracking.uri=http://{args.host}:{args.port})", flush=True)
+    os.execv(sys.executable, argv)
+    return 0  # not reached
+
+
+COMMANDS = {"train": cmd_train, "demo": cmd_demo, "config": cmd_config, "model": cmd_model, "data": cmd_data,
+            "mlflow": cmd_mlflow}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not args.command:
+        parser.print_help()
+        return 2
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as err:
+        print(f"unimo: config error: {err}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        print(f"unimo: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""The Ray Train driver: starts (or joins) Ray, sets up tracking, runs TorchTrainer, prints where to look."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from trainer.config import RunConfig
+from trainer.config_loader import to_dict
+
+log = logging.getLogger(__name__)
+
+LOOPBACK_ENV = {
+    # Keeps an embedded single-machine Ray on 127.0.0.1 (Ray otherwise picks the external interface);
+    # never set for a real multi-machine cluster.
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
+
+
+@dataclass
+class TrainOutcome:
+    run_dir: Path
+    checkpoint: str | None
+    tracking_uri: str
+    mlflow_run_id: str
+    metrics: dict
+
+
+def run_dir_of(cfg: RunConfig) -> Path:
+    if cfg.run.storage.startswith("s3://"):
+        raise NotImplementedError("s3:// run storage is handled by the Ray storage filesystem; use a local or "
+                                  "shared path for run.storage in this version")
+    return (Path(cfg.run.storage) / cfg.run.name).resolve()
+
+
+def init_ray(cfg: RunConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if cfg.scaling.address:
+        try:
+            ray.init(address=cfg.scaling.address, log_to_driver=True)
+        except Exception as err:  # noqa: BLE001
+            raise RuntimeError(f"cannot reach the Ray cluster at {cfg.scaling.address} ({err}); check the "
+                               "address, that the head is running, and RAY_AUTH_TOKEN for token auth") from None
+        return
+    for key, value in LOOPBACK_ENV.items():
+        os.environ.setdefault(key, value)
+    need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+    ray.init(num_cpus=max(need, os.cpu_count() or 1), include_dashboard=False, _node_ip_address="127.0.0.1",
+             runtime_env={"env_vars": worker_env(cfg)}, log_to_driver=True)
+
+
+def worker_env(cfg: RunConfig) -> dict[str, str]:
+    env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION",
+                                      "AWS_REGION", "AWS_PROFILE", "MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK")
+           if k in os.environ}
+    if not cfg.scaling.use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"
+    return env
+
+
+def fit(cfg: RunConfig) -> TrainOutcome:
+    """Runs the job to completion (resuming the run of the same name if it exists)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from orchestrator.tracking_setup import default_tracking_uri, ensure_run, finish_run
+    from trainer.ray_worker import train_func
+
+    cfg.check_ready_to_train()
+    run_dir = run_dir_of(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tracking_uri = default_tracking_uri(cfg, run_dir)
+    run_id = ensure_run(cfg, tracking_uri, run_dir)
+    init_ray(cfg)
+    payload = {"run_config": to_dict(cfg), "mlflow_run_id": run_id, "tracking_uri": tracking_uri}
+    trainer = TorchTrainer(
+        train_func,
+        train_loop_config=payload,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
+            placement_strategy=cfg.scaling.placement_strategy),
+        run_config=ray.train.RunConfig(
+            name="checkpoints", storage_path=str(run_dir),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
+            worker_runtime_env={"env_vars": worker_env(cfg)},
+        ),
+    )
+    ok = False
+    try:
+        result = trainer.fit()
+        ok = result.error is None
+        if result.error is not None:
+            raise result.error
+    finally:
+        finish_run(tracking_uri, run_id, ok)
+    return TrainOutcome(run_dir=run_dir, checkpoint=result.checkpoint.path if result.checkpoint else None,
+                        tracking_uri=tracking_uri, mlflow_run_id=run_id, metrics=dict(result.metrics or {}))
+
+
+def print_summary(out: TrainOutcome) -> None:
+    losses = {k: round(v, 4) for k, v in out.metrics.items() if str(k).startswith("loss/")}
+    print("\n=== unimo: run finished ===")
+    print(f"final losses      : {losses}")
+    print(f"checkpoint        : {out.checkpoint}")
+    print(f"MLflow run id     : {out.mlflow_run_id}")
+    print(f"open the MLflow UI: mlflow ui --backend-store-uri {out.tracking_uri} --host 127.0.0.1 --port 5000")
+    print("                   then browse http://127.0.0.1:5000")

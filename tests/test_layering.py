@@ -1,0 +1,37 @@
+"""The dependency direction of DESIGN.md: orchestrator -> trainer -> (model, data_pipeline); model is plain torch."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FORBIDDEN = {
+    "model": {"trainer", "orchestrator", "data_pipeline", "deepspeed", "ray", "mlflow", "boto3", "s3fs", "fsspec",
+              "webdataset", "torch.distributed"},
+    "data_pipeline": {"model", "trainer", "orchestrator"},
+    "trainer": {"orchestrator"},
+    "cluster": {"torch", "model", "trainer", "orchestrator", "data_pipeline", "deepspeed"},
+}
+
+
+def imported_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_imports_follow_the_layering(package):
+    bad = []
+    for path in sorted((ROOT / package).rglob("*.py")):
+        for name in imported_modules(path):
+            for forbidden in FORBIDDEN[package]:
+                if name == forbidden or name.startswith(forbidden + "."):
+                    bad.append(f"{path.relative_to(ROOT)} imports {name}")
+    assert not bad, "\n".join(bad)

@@ -1,0 +1,371 @@
+"""The step loop that runs on every rank: build, restore, train stage by stage, report, checkpoint.
+
+Ray-specific calls are behind the small ``Reporter`` interface (trainer/ray_worker.py implements it), so the loop
+is plain DeepSpeed + torch.distributed code.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Protocol
+
+import torch
+
+from trainer import checkpoint as ckpt
+from trainer.config import RunConfig, StageConfig
+from trainer.config_loader import digest, to_dict
+from trainer.ds_config import build_ds_config, grad_accum_steps
+from trainer.watchdog import Watchdog
+
+log = logging.getLogger(__name__)
+
+
+class Reporter(Protocol):
+    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None, step: int) -> None: ...
+
+    def latest_checkpoint(self) -> Path | None: ...
+
+
+@dataclass
+class StepResult:
+    losses: dict[str, float]
+    total: float
+    samples: dict[str, int]
+    step_time: float
+    data_time: float
+    grad_norm: float = float("nan")
+    lr: float = 0.0
+
+
+@dataclass
+class Progress:
+    """What is restored from a checkpoint and saved into the next one."""
+
+    step: int = 0
+    data_state: dict | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def stage_at(stages: list[StageConfig], step: int) -> tuple[int, StageConfig, int]:
+    """(stage index, stage, step within the stage) for a global step in [0, total)."""
+    start = 0
+    for i, stage in enumerate(stages):
+        if step < start + stage.steps:
+            return i, stage, step - start
+        start += stage.steps
+    return len(stages) - 1, stages[-1], stages[-1].steps
+
+
+def lr_at(cfg: RunConfig, stage: StageConfig, step_in_stage: int) -> float:
+    """Warm-up then cosine/linear/constant decay, restarted at each stage (MVP trains stages separately)."""
+    peak = stage.lr or cfg.optimizer.lr
+    warmup = cfg.optimizer.warmup_steps if stage.warmup_steps < 0 else stage.warmup_steps
+    if warmup and step_in_stage < warmup:
+        return peak * (step_in_stage + 1) / warmup
+    span = max(1, stage.steps - warmup)
+    frac = min(1.0, (step_in_stage - warmup) / span)
+    floor = peak * cfg.optimizer.min_lr_ratio
+    if cfg.optimizer.schedule == "cosine":
+        return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * frac))
+    if cfg.optimizer.schedule == "linear":
+        return peak - (peak - floor) * frac
+    return peak
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Groups by top-level submodule (so a stage can freeze one by setting its LR to 0) and by decay."""
+    groups: dict[tuple[str, bool], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        top = name.split(".")[0]
+        decay = p.ndim >= 2 and "embed" not in name  # no decay on biases, norms, embeddings, scales
+        groups.setdefault((top, decay), []).append(p)
+    return [{"params": ps, "weight_decay": weight_decay if decay else 0.0, "module": top}
+            for (top, decay), ps in sorted(groups.items())]
+
+
+def move_to(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: move_to(v, device) for k, v in batch.items()}
+    return batch
+
+
+def _rng_state() -> str:
+    buf = io.BytesIO()
+    torch.save({"cpu": torch.get_rng_state()}, buf)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _set_rng_state(blob: str) -> None:
+    state = torch.load(io.BytesIO(base64.b64decode(blob)), weights_only=True)
+    torch.set_rng_state(state["cpu"])
+
+
+class Trainer:
+    """One rank's trainer: a DeepSpeed engine over the objectives module, the loader and the step loop."""
+
+    def __init__(self, cfg: RunConfig, rank: int, world_size: int, reporter: Reporter,
+                 mlflow_run_id: str | None = None, tracking_uri: str = ""):
+        self.cfg = cfg
+        self.rank = rank
+        self.world_size = world_size
+        self.reporter = reporter
+        self.mlflow_run_id = mlflow_run_id
+        self.tracking_uri = tracking_uri
+        self.on_gpu = torch.cuda.is_available()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if self.on_gpu else torch.device("cpu")
+        self.accum = grad_accum_steps(cfg, world_size)
+        self.progress = Progress()
+        self.metrics_logger = None
+        self.watchdog = Watchdog(cfg.train.watchdog_seconds, name=f"rank {rank}")
+        self.last_result: StepResult | None = None
+
+    # ----- building -------------------------------------------------------------------------------------------
+    def build(self) -> None:
+        import deepspeed
+
+        from data_pipeline.tokenizer import load_tokenizer
+        from model.unimo import UnimoModel
+        from trainer.objectives import PretrainObjectives
+        from trainer.zero_compat import register_external_parameters
+
+        torch.manual_seed(self.cfg.run.seed)  # identical initial weights on every rank
+        self.tokenizer = load_tokenizer(self.cfg.data.tokenizer)
+        self._check_tokenizer()
+        model = UnimoModel(self.cfg.model)
+        self.module = PretrainObjectives(model, self.rank, self.world_size)
+        register_external_parameters(self.module)
+        groups = param_groups(model, self.cfg.optimizer.weight_decay)
+        self.group_modules = [g.pop("module") for g in groups]
+        opt = self.cfg.optimizer
+        optimizer = torch.optim.AdamW(groups, lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps,
+                                      fused=self.on_gpu)
+        ds_config = build_ds_config(self.cfg, self.world_size, self.on_gpu)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=self.module, optimizer=optimizer, config=ds_config, dist_init_required=False)
+
+    def _check_tokenizer(self) -> None:
+        text = self.cfg.model.text
+        tok = self.tokenizer
+        if tok.vocab_size > text.vocab_size:
+            raise ValueError(f"tokenizer {self.cfg.data.tokenizer} has {tok.vocab_size} tokens but "
+                             f"model.text.vocab_size={text.vocab_size}; raise model.text.vocab_size")
+        expected = {"pad_token_id": tok.pad_id, "bos_token_id": tok.cls_id, "eos_token_id": tok.sep_id,
+                    "mask_token_id": tok.mask_id}
+        wrong = [f"model.text.{k}={getattr(text, k)} (tokenizer: {v})" for k, v in expected.items()
+                 if getattr(text, k) != v]
+        if wrong:
+            raise ValueError("model special-token ids do not match the tokenizer "
+                             f"{self.cfg.data.tokenizer}: {', '.join(wrong)}; set them in the config")
+
+    def build_loader(self) -> None:
+        from data_pipeline.loader import build_loader
+
+        m = self.cfg.model
+        self.loader = build_loader(self.cfg.data, rank=self.rank, world_size=self.world_size,
+                                   seq_len=self.cfg.seq_len,
+                                   image_size=m.vision.image_size, patch_size=m.vision.patch_size,
+                                   state=self.progress.data_state)
+        self.batches: Iterator[dict] = iter(self.loader)
+
+    # ----- checkpoints ----------------------------------------------------------------------------------------
+    def restore(self) -> None:
+        """Loads the newest valid checkpoint Ray hands back (or an older valid one if that one is torn)."""
+        path = self.reporter.latest_checkpoint()
+        if path is None:
+            return
+        try:
+            ckpt.verify(path)
+        except ckpt.TornCheckpoint as err:
+            log.warning("skipping torn checkpoint: %s", err)
+            found = ckpt.newest_valid(path.parent)
+            if found is None:
+                log.warning("no valid checkpoint left; starting from scratch")
+                return
+            path = found.path
+        state = ckpt.read_state(path)
+        self._check_compatible(state, path)
+        if state["world_size"] != self.world_size:
+            raise RuntimeError(f"checkpoint {path} was saved by {state['world_size']} ranks, this job has "
+                               f"{self.world_size}; elastic resume needs the universal-checkpoint conversion")
+        self.engine.load_checkpoint(str(path), tag="ds", load_module_strict=True, load_optimizer_states=True,
+                                    load_lr_scheduler_states=False)
+        self.progress = Progress(step=state["step"], data_state=state["data_states"][self.rank],
+                                 extra=state.get("extra", {}))
+        _set_rng_state(state["rng"][self.rank])
+        if self.rank == 0:
+            log.info("resumed from %s at step %d", path, state["step"])
+
+    def _check_compatible(self, state: dict, path: Path) -> None:
+        saved_model = state["config"]["model"]
+        current = to_dict(self.cfg)["model"]
+        diffs = ckpt.config_mismatch(saved_model, current, "model.")
+        diffs = [d for d in diffs if not d.startswith("model.activation_checkpointing")]
+        if diffs:
+            raise ValueError(f"checkpoint {path} was saved with another model config: " + "; ".join(diffs)
+                             + ". Use the original config or start a new run name.")
+
+    def save(self, step: int) -> Path:
+        """Saves this rank's shards into a fresh local folder; rank 0 adds the state and the manifest."""
+        import torch.distributed as dist
+
+        root = Path(tempfile.mkdtemp(prefix=f"unimo-ckpt-{step}-r{self.rank}-"))
+        self.engine.save_checkpoint(str(root), tag="ds", save_latest=True)
+        data_state = self.loader.state_dict()
+        per_rank = [None] * self.world_size
+        dist.all_gather_object(per_rank, {"data": data_state, "rng": _rng_state(),
+                                          "files": ckpt.describe_files(root)})
+        if self.rank == 0:
+            state = {
+                "step": step,
+                "stage": stage_at(self.cfg.stages, max(step - 1, 0))[1].name,
+                "world_size": self.world_size,
+                "data_states": [r["data"] for r in per_rank],
+                "rng": [r["rng"] for r in per_rank],
+                "mlflow_run_id": self.mlflow_run_id,
+                "config": to_dict(self.cfg),
+                "config_digest": digest(to_dict(self.cfg)),
+                "extra": self.progress.extra,
+            }
+            ckpt.write_json_atomic(root / ckpt.STATE, state)
+            files = {}
+            for r in per_rank:
+                files.update(r["files"])
+            files[ckpt.STATE] = {"size": (root / ckpt.STATE).stat().st_size,
+                                 "sha256": ckpt.sha256_file(root / ckpt.STATE)}
+            ckpt.write_manifest(root, files, step)  # written last: it is what makes the checkpoint count
+        return root
+
+    # ----- the loop -------------------------------------------------------------------------------------------
+    def forward_backward(self, batch: dict, weights: dict[str, float]) -> tuple[float, dict[str, float]]:
+        total, parts = self.engine(batch, weights)
+        self.engine.backward(total)
+        return float(total.detach()), {k: float(v.detach()) for k, v in parts.items()}
+
+    def set_lr(self, stage: StageConfig, step_in_stage: int) -> float:
+        lr = lr_at(self.cfg, stage, step_in_stage)
+        for group, module in zip(self.optimizer.param_groups, self.group_modules):
+            group["lr"] = 0.0 if module in stage.frozen else lr
+        return lr
+
+    def train_step(self, stage: StageConfig, step_in_stage: int) -> StepResult:
+        lr = self.set_lr(stage, step_in_stage)
+        t0 = time.perf_counter()
+        data_time = 0.0
+        sums: dict[str, float] = {}
+        total = 0.0
+        samples: dict[str, int] = {}
+        for _ in range(self.accum):
+            td = time.perf_counter()
+            batch = next(self.batches)
+            data_time += time.perf_counter() - td
+            for src in ("text", "image", "pair"):
+                if src in batch:
+                    samples[src] = samples.get(src, 0) + len(batch["keys"][src])
+            batch = move_to(batch, self.device)
+            loss, parts = self.forward_backward(batch, stage.objectives)
+            self.engine.step()
+            self.watchdog.beat()
+            total += loss / self.accum
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v / self.accum
+        norm = self.engine.get_global_grad_norm()
+        return StepResult(losses=sums, total=total, samples=samples, step_time=time.perf_counter() - t0,
+                          data_time=data_time, grad_norm=float(norm) if norm is not None else float("nan"), lr=lr)
+
+    def reduce_metrics(self, result: StepResult) -> dict[str, float]:
+        """Averages losses over ranks (one small all-reduce) and adds throughput figures."""
+        import torch.distributed as dist
+
+        names = sorted(result.losses)
+        vec = torch.tensor([result.losses[n] for n in names] + [result.total], dtype=torch.float64)
+        if self.world_size > 1:
+            dist.all_reduce(vec)
+            vec /= self.world_size
+        metrics = {f"loss/{n}": float(v) for n, v in zip(names, vec[:-1])}
+        metrics["loss/total"] = float(vec[-1])
+        metrics["lr"] = result.lr
+        metrics["grad_norm"] = result.grad_norm
+        metrics["step_time_s"] = result.step_time
+        metrics["data_wait_fraction"] = result.data_time / max(result.step_time, 1e-9)
+        for src, n in result.samples.items():
+            metrics[f"throughput/{src}_samples_per_s"] = n * self.world_size / max(result.step_time, 1e-9)
+        return metrics
+
+    def should_checkpoint(self, step: int) -> bool:
+        every = self.cfg.checkpoint.every_steps
+        return step == self.cfg.total_steps or (every > 0 and step % every == 0)
+
+    def run(self) -> dict[str, float]:
+        """Trains from the restored step to the end of the plan; returns the last logged metrics."""
+        self.build()
+        self.restore()
+        self.build_loader()
+        self._start_logging()
+        self.watchdog.start()
+        last: dict[str, float] = {}
+        total_steps = self.cfg.total_steps
+        t_start = time.perf_counter()
+        start_step = self.progress.step
+        try:
+            for step in range(start_step, total_steps):
+                _, stage, in_stage = stage_at(self.cfg.stages, step)
+                result = self.train_step(stage, in_stage)
+                done = step + 1
+                self.progress.step = done
+                if done % self.cfg.train.log_every == 0 or done == total_steps:
+                    last = self.reduce_metrics(result)
+                    self._log(last, done, stage.name, t_start, start_step)
+                if self.should_checkpoint(done):
+                    self.watchdog.pause()
+                    root = self.save(done)
+                    self.reporter.report({"step": done, **last}, root, done)
+                    shutil.rmtree(root, ignore_errors=True)
+                    self.watchdog.resume()
+        finally:
+            self.watchdog.stop()
+            self._stop_logging()
+        return last
+
+    # ----- logging --------------------------------------------------------------------------------------------
+    def _start_logging(self) -> None:
+        if self.rank == 0 and self.mlflow_run_id:
+            from trainer.tracking import MetricLogger
+
+            self.metrics_logger = MetricLogger(self.tracking_uri, self.mlflow_run_id,
+                                               self.cfg.tracking.flush_seconds)
+
+    def _stop_logging(self) -> None:
+        if self.metrics_logger is not None:
+            self.metrics_logger.close()
+
+    def _log(self, metrics: dict[str, float], step: int, stage: str, t_start: float, start_step: int) -> None:
+        if self.rank != 0:
+            return
+        if self.metrics_logger is not None:
+            self.metrics_logger.log(metrics, step)
+        elapsed = time.perf_counter() - t_start
+        rate = (step - start_step) / max(elapsed, 1e-9)
+        eta = (self.cfg.total_steps - step) / max(rate, 1e-9)
+        losses = " ".join(f"{k.split('/')[1]}={v:.3f}" for k, v in metrics.items() if k.startswith("loss/"))
+        print(f"[unimo] stage={stage} step {step}/{self.cfg.total_steps} {losses} "
+              f"lr={metrics['lr']:.2e} {rate:.2f} steps/s eta {eta:.0f}s", flush=True)
+
+
+def summarize(metrics: dict[str, float]) -> str:
+    return json.dumps({k: round(v, 4) for k, v in metrics.items() if k.startswith("loss/")})
+
+
+__all__ = ["Trainer", "Reporter", "stage_at", "lr_at", "summarize"]

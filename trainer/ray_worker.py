@@ -1,0 +1,58 @@
+"""The function every Ray Train worker runs: sets the device up, builds the Trainer and bridges it to Ray."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from trainer.config import config_from_dict
+
+
+class RayReporter:
+    """Reports metrics and checkpoint folders to Ray Train; hands back the checkpoint Ray restored."""
+
+    def __init__(self):
+        import ray.train
+
+        self._train = ray.train
+        self._restored_dir: Path | None = None
+        self._restored_ctx = None
+
+    def latest_checkpoint(self) -> Path | None:
+        checkpoint = self._train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        # as_directory() downloads a remote checkpoint once; the context stays open until the worker ends.
+        self._restored_ctx = checkpoint.as_directory()
+        self._restored_dir = Path(self._restored_ctx.__enter__())
+        return self._restored_dir
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None, step: int) -> None:
+        from trainer.checkpoint import step_dir_name
+
+        checkpoint = self._train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        self._train.report(metrics, checkpoint=checkpoint,
+                           checkpoint_dir_name=step_dir_name(step) if checkpoint else None)
+
+
+def train_func(payload: dict) -> None:
+    """Ray's ``train_loop_per_worker``: ``payload`` carries the resolved config and the MLflow run."""
+    if not _has_cuda():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    import ray.train
+
+    from trainer.loop import Trainer
+
+    ctx = ray.train.get_context()
+    cfg = config_from_dict(payload["run_config"])
+    trainer = Trainer(cfg, rank=ctx.get_world_rank(), world_size=ctx.get_world_size(), reporter=RayReporter(),
+                      mlflow_run_id=payload.get("mlflow_run_id"), tracking_uri=payload.get("tracking_uri", ""))
+    trainer.run()
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
