@@ -41,6 +41,7 @@ class LevelProjections(nn.Module):
 
     def __init__(self, in_dim: int, cfg: FusionConfig, levels: list[int]):
         super().__init__()
+        self.levels = list(levels)
         # LN first: pre-LN vision layers are unnormalised and their scale grows with depth
         self.proj = nn.ModuleDict({
             str(l): nn.Sequential(nn.LayerNorm(in_dim, eps=cfg.layer_norm_eps), nn.Linear(in_dim, cfg.dim))
@@ -64,8 +65,9 @@ class LevelMixer(nn.Module):
         if self.mode == "adaptive":
             self.logits = nn.Parameter(torch.zeros(cfg.layers, levels))  # uniform at init
         if self.mode == "gated":
-            # [x; u; x*u]: with [x; u] alone the x-term is the same for every level and cancels in the softmax
-            self.gates = nn.ModuleList(nn.Linear(3 * cfg.dim, 1) for _ in range(cfg.layers))
+            # [x; u; x*u]: with [x; u] alone the x-term is the same for every level and cancels in the softmax;
+            # no bias for the same reason (a shared shift of all levels' scores)
+            self.gates = nn.ModuleList(nn.Linear(3 * cfg.dim, 1, bias=False) for _ in range(cfg.layers))
 
     def forward(self, k: int, x_prev: Tensor | None, proj: dict[int, Tensor]) -> Tensor:
         if self.mode == "none":
@@ -154,11 +156,13 @@ class CrossModalEncoder(nn.Module):
         self.layers = nn.ModuleList(FusionLayer(cfg) for _ in range(cfg.layers))
 
     @staticmethod
-    def _window(states, levels: int, name: str) -> list[Tensor]:
+    def _window(states, levels: int, needed: list[int], name: str) -> list[Tensor | None]:
+        """The top `levels` unimodal layers (lowest first); lower ones that no mode reads may be absent."""
         states = [states] if isinstance(states, Tensor) else list(states)
-        if len(states) < levels:
-            raise ValueError(f"fusion needs the top {levels} {name} layers, got {len(states)} states")
-        return states[-levels:]
+        window = [None] * max(0, levels - len(states)) + states[-levels:]
+        if any(window[l] is None for l in needed):
+            raise ValueError(f"fusion needs the top {levels - min(needed)} {name} layers, got {len(states)} states")
+        return window
 
     def forward(self, text_states, text_mask: Tensor | None, image_states,
                 text_causal: bool = False) -> tuple[Tensor, Tensor]:
@@ -167,8 +171,8 @@ class CrossModalEncoder(nn.Module):
         text_causal: causal text self-attention for captioning; the image stream then skips its cross-attention
         to text, because through it later tokens would reach earlier ones at the next layer.
         """
-        pt = self.text_proj(self._window(text_states, self.t_levels, "text"))
-        pv = self.image_proj(self._window(image_states, self.v_levels, "image"))
+        pt = self.text_proj(self._window(text_states, self.t_levels, self.text_proj.levels, "text"))
+        pv = self.image_proj(self._window(image_states, self.v_levels, self.image_proj.levels, "image"))
         L = next(iter(pt.values())).shape[1]
         t_self, t_causal, t_key = self._text_masks(text_mask, L, text_causal)
         t_in, v_in, t, v = [], [], None, None
