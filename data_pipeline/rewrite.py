@@ -1,0 +1,119 @@
+"""Text rewriting for CMCL hard negatives (UNIMO): word-, phrase- and sentence-level, deterministic per RNG."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+COLOURS = ("red", "blue", "green", "yellow", "orange", "purple", "pink", "white", "black", "brown", "gray")
+NUMBERS_PLURAL = ("two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+SIZES = ("small", "large", "big", "tiny", "huge")
+# Objects as (singular, plural): a swap keeps the grammatical number, so only the concept changes.
+OBJECTS = (("circle", "circles"), ("square", "squares"), ("triangle", "triangles"), ("star", "stars"),
+           ("diamond", "diamonds"), ("ring", "rings"), ("dog", "dogs"), ("cat", "cats"), ("horse", "horses"),
+           ("bird", "birds"), ("car", "cars"), ("bus", "buses"), ("train", "trains"), ("boat", "boats"),
+           ("man", "men"), ("woman", "women"), ("person", "people"), ("child", "children"),
+           ("table", "tables"), ("chair", "chairs"), ("tree", "trees"), ("house", "houses"))
+# Relations swap within a group of words that fill the same slot.
+RELATIONS = (("left", "right", "top", "bottom", "middle"), ("above", "below", "under", "beside", "behind"),
+             ("inside", "outside"))
+
+WORD_CLASSES = ("colour", "number", "object", "relation")
+KINDS = ("word", "phrase", "sentence")
+
+_WORD = re.compile(r"[A-Za-z]+")
+
+
+def _alternatives(word: str) -> dict[str, list[str]]:
+    """For a lower-case word, the words of the same class and form it may become, by class."""
+    out = {}
+    if word in COLOURS:
+        out["colour"] = [c for c in COLOURS if c != word]
+    if word in NUMBERS_PLURAL:
+        out["number"] = [n for n in NUMBERS_PLURAL if n != word]
+    for form in (0, 1):
+        nouns = [o[form] for o in OBJECTS]
+        if word in nouns:
+            out["object"] = [n for n in nouns if n != word]
+    for group in RELATIONS:
+        if word in group:
+            out["relation"] = [r for r in group if r != word]
+    return out
+
+
+def _match_case(new: str, old: str) -> str:
+    return new.capitalize() if old[:1].isupper() else new
+
+
+@dataclass
+class Rewrite:
+    """A rewritten text and what changed: ``span`` in the original was replaced by ``new``."""
+
+    text: str
+    kind: str          # "word:colour", "word:number", "word:object", "word:relation", "phrase", "sentence"
+    span: tuple[int, int]
+    old: str
+    new: str
+
+
+def word_candidates(text: str, classes=WORD_CLASSES) -> list[tuple[str, int, int, list[str]]]:
+    """(class, start, end, alternatives) of every word a word-level rewrite may swap."""
+    out = []
+    for m in _WORD.finditer(text):
+        for cls, alts in _alternatives(m.group().lower()).items():
+            if cls in classes:
+                out.append((cls, m.start(), m.end(), alts))
+    return out
+
+
+def word_rewrite(text: str, rng: np.random.Generator, classes=WORD_CLASSES) -> Rewrite | None:
+    """Swap one colour/number/object/relation word for another of its class; None when there is none."""
+    cands = word_candidates(text, classes)
+    if not cands:
+        return None
+    cls, start, end, alts = cands[int(rng.integers(len(cands)))]
+    old = text[start:end]
+    new = _match_case(alts[int(rng.integers(len(alts)))], old)
+    return Rewrite(text[:start] + new + text[end:], f"word:{cls}", (start, end), old, new)
+
+
+def phrase_rewrite(text: str, spans: list[tuple[int, int]], donors: list[str],
+                   rng: np.random.Generator) -> Rewrite | None:
+    """Replace one concept phrase of ``text`` by a different phrase taken from ``donors``."""
+    if not spans:
+        return None
+    start, end = spans[int(rng.integers(len(spans)))]
+    old = text[start:end]
+    choices = sorted({d for d in donors if d.strip() and d.strip().lower() != old.lower()})
+    if not choices:
+        return None
+    new = choices[int(rng.integers(len(choices)))]
+    return Rewrite(text[:start] + new + text[end:], "phrase", (start, end), old, new)
+
+
+def sentence_rewrite(text: str, others: list[str], rng: np.random.Generator) -> Rewrite | None:
+    """Another caption (of another image) in place of this one."""
+    choices = sorted({o for o in others if o.strip() and o.strip().lower() != text.strip().lower()})
+    if not choices:
+        return None
+    new = choices[int(rng.integers(len(choices)))]
+    return Rewrite(new, "sentence", (0, len(text)), text, new)
+
+
+def hard_negative(text: str, rng: np.random.Generator, *, spans: list[tuple[int, int]], donors: list[str],
+                  others: list[str], weights=(0.6, 0.2, 0.2)) -> Rewrite | None:
+    """A hard negative of the kind drawn by ``weights``, falling back to the other kinds when it cannot apply."""
+    w = np.asarray(weights, dtype=float)
+    first = int(rng.choice(3, p=w / w.sum()))
+    for kind in [KINDS[first]] + [k for k in KINDS if k != KINDS[first]]:
+        if kind == "word":
+            out = word_rewrite(text, rng)
+        elif kind == "phrase":
+            out = phrase_rewrite(text, spans, donors, rng)
+        else:
+            out = sentence_rewrite(text, others, rng)
+        if out is not None:
+            return out
+    return None
