@@ -188,7 +188,7 @@ def model_info(flavor: str, seq_len: int | None = None, text_seq_len: int | None
         f"  fusion   {f.layers} layers x {f.dim} ({f.heads} heads, mlp {f.mlp_dim}), cross_layer={f.cross_layer}, "
         f"cross_level_attention={'on' if f.cross_level_attention else 'off'}",
         "parameters",
-        *(f"  {k:<16}{params[k]:>16,}  ({_human(params[k], "B")})" for k in (*PARTS, "total")),
+        *(f"  {k:<16}{params[k]:>16,}  ({_human(params[k], 'B')})" for k in (*PARTS, "total")),
         "training FLOPs per sample (forward + backward = 3 x forward; matmuls only)",
         f"  {'source':<8}{'objectives':<16}{'tokens':>8}{'image':>8}{'FLOPs':>14}",
     ]

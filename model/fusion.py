@@ -49,9 +49,15 @@ class LevelProjections(nn.Module):
         })
         self.modality = nn.Parameter(torch.zeros(cfg.dim))  # tells the streams apart, as METER's type embedding
 
-    def forward(self, window: list[Tensor]) -> dict[int, Tensor]:
-        """window: the top unimodal layers, each (B, S, Du) -> {level: (B, S, Df)}."""
-        return {int(l): p(window[int(l)]) + self.modality for l, p in self.proj.items()}
+    def forward(self, window: list[Tensor]) -> list[Tensor | None]:
+        """window: the top unimodal layers, each (B, S, Du) -> per level (B, S, Df), None where unused.
+
+        A list, not a dict keyed by int: DeepSpeed ZeRO-3's forward hooks only understand str-keyed mappings.
+        """
+        out: list[Tensor | None] = [None] * len(window)
+        for l, p in self.proj.items():
+            out[int(l)] = p(window[int(l)]) + self.modality
+        return out
 
 
 class LevelMixer(nn.Module):
@@ -173,7 +179,7 @@ class CrossModalEncoder(nn.Module):
         """
         pt = self.text_proj(self._window(text_states, self.t_levels, self.text_proj.levels, "text"))
         pv = self.image_proj(self._window(image_states, self.v_levels, self.image_proj.levels, "image"))
-        L = next(iter(pt.values())).shape[1]
+        L = next(t for t in pt if t is not None).shape[1]
         t_self, t_causal, t_key = self._text_masks(text_mask, L, text_causal)
         t_in, v_in, t, v = [], [], None, None
         for k, layer in enumerate(self.layers):

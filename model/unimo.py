@@ -38,7 +38,8 @@ class UnimoModel(nn.Module):
         # heads
         self.text_proj = nn.Linear(t.dim, cfg.embed_dim, bias=False)
         self.image_proj = nn.Linear(v.dim, cfg.embed_dim, bias=False)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.temperature_init)))
+        # shape (1,), not a 0-d scalar: DeepSpeed broadcasts parameters as byte views, impossible for 0-d
+        self.logit_scale = nn.Parameter(torch.tensor([math.log(1.0 / cfg.temperature_init)]))
         word = self.text.embeddings.word
         self.mlm_text_head = TiedLMHead(t.dim, word, t.layer_norm_eps, t.activation)
         self.mlm_fused_head = TiedLMHead(f.dim, word, t.layer_norm_eps, t.activation)
