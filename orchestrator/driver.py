@@ -61,6 +61,10 @@ def worker_env(cfg: RunConfig) -> dict[str, str]:
            if k in os.environ}
     if not cfg.scaling.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
+    # Ray Train's print patch sends each worker print to both the log and stdout: the console saw it twice.
+    env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"
+    # torch.distributed deprecation chatter from inside DeepSpeed, once per collective, drowns the progress.
+    env["PYTHONWARNINGS"] = "ignore::FutureWarning,ignore::UserWarning:torch.distributed.nn.functional"
     return env
 
 
@@ -78,6 +82,7 @@ def fit(cfg: RunConfig) -> TrainOutcome:
     tracking_uri = default_tracking_uri(cfg, run_dir)
     run_id = ensure_run(cfg, tracking_uri, run_dir)
     init_ray(cfg)
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # propagated by Ray Train to its controller
     payload = {"run_config": to_dict(cfg), "mlflow_run_id": run_id, "tracking_uri": tracking_uri}
     trainer = TorchTrainer(
         train_func,

@@ -13,9 +13,11 @@ if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
 fi
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
-echo "[setup] creating $VENV with $($PY --version) (one time, a few minutes)" >&2
+echo "[setup] installing unimo into $VENV with $($PY --version) (first time: a few minutes)" >&2
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-PIP="$VENV/bin/python -m pip"
+# pip's notes about this machine's local package mirrors are noise; real errors still show.
+pip_quiet() { "$VENV/bin/python" -m pip "$@" 2> >(grep -v "^WARNING: Location" >&2); }
+PIP=pip_quiet
 $PIP install -q --upgrade pip setuptools wheel
 # torch first, pinned: an unpinned torch would pull a multi-GB CUDA build on a CPU machine.
 if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then

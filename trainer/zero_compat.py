@@ -25,9 +25,10 @@ def external_parameters(root: nn.Module) -> list[nn.Parameter]:
 def register_external_parameters(root: nn.Module) -> int:
     """Registers the parameters that need it on ``root``; returns how many (no-op without DeepSpeed)."""
     try:
-        from deepspeed.zero import register_external_parameter
+        import deepspeed
     except ImportError:
         return 0
+    register_external_parameter = deepspeed.zero.register_external_parameter
     params = external_parameters(root)
     for p in params:
         register_external_parameter(root, p)

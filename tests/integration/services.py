@@ -1,0 +1,98 @@
+"""Real services on loopback for integration tests: moto's S3 server and an MLflow tracking server."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+FAKE_AWS = {
+    "AWS_ACCESS_KEY_ID": "AKIAFAKEUNIMOTEST000",
+    "AWS_SECRET_ACCESS_KEY": "fake-secret-unimo-do-not-leak-0123456789",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except Exception:  # noqa: BLE001
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{url} did not answer within {timeout}s")
+            time.sleep(0.3)
+
+
+@contextmanager
+def s3_server():
+    """moto's threaded S3 server on 127.0.0.1 with fake credentials in the environment."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    old = {k: os.environ.get(k) for k in [*FAKE_AWS, "AWS_ENDPOINT_URL"]}
+    os.environ.update(FAKE_AWS)
+    os.environ["AWS_ENDPOINT_URL"] = endpoint
+    try:
+        yield endpoint
+    finally:
+        server.stop()
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextmanager
+def mlflow_server(workdir: Path, port: int | None = None):
+    """An MLflow tracking server (SQLite backend, local artifacts) on 127.0.0.1."""
+    port = port or free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true")
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+           "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}",
+           "--artifacts-destination", str(workdir / "artifacts"), "--workers", "1"]
+    log = open(workdir / "mlflow-server.log", "ab")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{uri}/health", timeout=120)
+        yield uri
+    finally:
+        import signal
+
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+def upload_folder(local: Path, bucket: str, prefix: str) -> None:
+    import boto3
+
+    s3 = boto3.client("s3")
+    try:
+        s3.create_bucket(Bucket=bucket)
+    except s3.exceptions.BucketAlreadyOwnedByYou:
+        pass
+    for path in sorted(local.rglob("*")):
+        if path.is_file():
+            s3.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(local).as_posix()}")
