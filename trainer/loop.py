@@ -24,6 +24,7 @@ from trainer import checkpoint as ckpt
 from trainer.config import RunConfig, StageConfig
 from trainer.config_loader import digest, to_dict
 from trainer.ds_config import build_ds_config, grad_accum_steps
+from trainer.metrics import step_metrics
 from trainer.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
@@ -131,6 +132,7 @@ class Trainer:
         self.metrics_logger = None
         self.watchdog = Watchdog(cfg.train.watchdog_seconds, name=f"rank {rank}")
         self.last_result: StepResult | None = None
+        self.eval_set: dict | None = None
 
     # ----- building -------------------------------------------------------------------------------------------
     def build(self) -> None:
@@ -296,12 +298,30 @@ class Trainer:
             vec /= self.world_size
         metrics = {f"loss/{n}": float(v) for n, v in zip(names, vec[:-1])}
         metrics["loss/total"] = float(vec[-1])
-        metrics["lr"] = result.lr
-        metrics["grad_norm"] = result.grad_norm
-        metrics["step_time_s"] = result.step_time
-        metrics["data_wait_fraction"] = result.data_time / max(result.step_time, 1e-9)
-        for src, n in result.samples.items():
-            metrics[f"throughput/{src}_samples_per_s"] = n * self.world_size / max(result.step_time, 1e-9)
+        metrics.update(step_metrics(result, self.cfg, self.world_size))
+        return metrics
+
+    def should_evaluate(self, step: int) -> bool:
+        every = self.cfg.train.eval_every
+        return bool(self.cfg.data.eval_pairs) and (step == self.cfg.total_steps or (every > 0 and step % every == 0))
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Retrieval on the held-out pairs; every rank runs it (ZeRO-3 gathers need all ranks), rank 0 logs."""
+        from data_pipeline.loader import build_eval_pairs
+        from trainer.evaluation import retrieval_metrics
+
+        if self.eval_set is None:
+            self.eval_set = build_eval_pairs(self.cfg.data.eval_pairs, seq_len=self.cfg.seq_len,
+                                             image_size=self.cfg.model.vision.image_size, tokenizer=self.tokenizer,
+                                             limit=self.cfg.train.eval_samples)
+            self.eval_set = {k: v for k, v in self.eval_set.items() if isinstance(v, torch.Tensor)}
+        metrics = retrieval_metrics(self.engine.module.model, move_to(self.eval_set, self.device))
+        if self.rank == 0:
+            if self.metrics_logger is not None:
+                self.metrics_logger.log(metrics, step)
+            shown = " ".join(f"{k.split('/')[1]}={v:.3f}" for k, v in metrics.items() if "R@" in k)
+            print(f"[unimo] eval step {step}: {shown} (t2i chance R@1 = {1 / max(metrics['eval/candidates'], 1):.3f})",
+                  flush=True)
         return metrics
 
     def should_checkpoint(self, step: int) -> bool:
@@ -328,6 +348,10 @@ class Trainer:
                 if done % self.cfg.train.log_every == 0 or done == total_steps:
                     last = self.reduce_metrics(result)
                     self._log(last, done, stage.name, t_start, start_step)
+                if self.should_evaluate(done):
+                    self.watchdog.pause()
+                    last.update(self.evaluate(done))
+                    self.watchdog.resume()
                 if self.should_checkpoint(done):
                     self.watchdog.pause()
                     root = self.save(done)

@@ -7,19 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.recipes import DEBUG_CONFIG, data_overrides
 from tests.integration.services import FAKE_AWS, mlflow_server, s3_server, upload_folder
 
 pytestmark = pytest.mark.integration
-ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def synthetic_data(tmp_path_factory) -> Path:
-    from data_pipeline.synthetic import write_synthetic_dataset
-
-    out = tmp_path_factory.mktemp("synthetic")
-    write_synthetic_dataset(str(out), n_pairs=400, n_text=400, n_images=400, n_eval=100, samples_per_shard=100)
-    return out
 
 
 def test_train_two_zero3_workers_from_s3_into_mlflow(synthetic_data, tmp_path):
@@ -31,10 +22,7 @@ def test_train_two_zero3_workers_from_s3_into_mlflow(synthetic_data, tmp_path):
     with s3_server(), mlflow_server(tmp_path / "mlflow") as tracking_uri:
         upload_folder(synthetic_data, "unimo-data", "demo")
         s3 = "s3://unimo-data/demo"
-        argv = ["train", str(ROOT / "configs/debug.yaml"),
-                "run.name=skeleton", f"run.storage={tmp_path / 'runs'}",
-                f"data.pair.urls={s3}/pairs", f"data.text.urls={s3}/text", f"data.image.urls={s3}/images",
-                f"data.eval_pairs={s3}/eval", f"data.tokenizer={s3}/tokenizer/tokenizer.json",
+        argv = ["train", DEBUG_CONFIG, "run.name=skeleton", f"run.storage={tmp_path / 'runs'}", *data_overrides(s3),
                 "stages=[{name: unimodal, steps: 10, objectives: {mlm_text: 1, mim: 1, itc: 1}},"
                 " {name: crossmodal, steps: 20, objectives: {itc: 1, mlm_pair: 1}}]",
                 "optimizer.warmup_steps=5", "train.log_every=1", "checkpoint.every_steps=15",

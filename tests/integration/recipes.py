@@ -1,0 +1,23 @@
+"""Config overrides for short integration-test runs of the debug flavor."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+DEBUG_CONFIG = str(ROOT / "configs" / "debug.yaml")
+
+
+def data_overrides(base: str) -> list[str]:
+    """Points every data source of the debug config at ``base`` (a local folder or s3:// prefix)."""
+    return [f"data.pair.urls={base}/pairs", f"data.text.urls={base}/text", f"data.image.urls={base}/images",
+            f"data.eval_pairs={base}/eval", f"data.tokenizer={base}/tokenizer/tokenizer.json"]
+
+
+def small_run(name: str, storage: Path, data: str, *, steps: int = 20, every: int = 10,
+              extra: list[str] | None = None) -> list[str]:
+    """Overrides for a short single-stage run of the debug flavor (fast enough for integration tests)."""
+    return [f"run.name={name}", f"run.storage={storage}", *data_overrides(data),
+            f"stages=[{{name: main, steps: {steps}, objectives: {{mlm_text: 1, mim: 1, itc: 1, mlm_pair: 1}}}}]",
+            "optimizer.warmup_steps=2", "train.log_every=1", f"checkpoint.every_steps={every}",
+            "checkpoint.keep_last=10", *(extra or [])]
