@@ -1,0 +1,1 @@
+"""Cluster provisioning assets (ray up / KubeRay / Dockerfile) and the local multi-node Ray helper."""
