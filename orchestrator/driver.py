@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,5 +117,6 @@ def print_summary(out: TrainOutcome) -> None:
     print(f"final losses      : {losses}")
     print(f"checkpoint        : {out.checkpoint}")
     print(f"MLflow run id     : {out.mlflow_run_id}")
-    print(f"open the MLflow UI: mlflow ui --backend-store-uri {out.tracking_uri} --host 127.0.0.1 --port 5000")
+    mlflow_bin = Path(sys.executable).with_name("mlflow")
+    print(f"open the MLflow UI: {mlflow_bin} ui --backend-store-uri {out.tracking_uri} --host 127.0.0.1 --port 5000")
     print("                   then browse http://127.0.0.1:5000")
