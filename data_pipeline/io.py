@@ -48,13 +48,17 @@ def bucket_of(url: str) -> str:
 def filesystem(url: str):
     """The fsspec filesystem for a URL and the path inside it."""
     fs, path = fsspec.core.url_to_fs(url, **_storage_options(url))
+    if url.startswith("s3://"):
+        # s3fs retries each call 5 times around botocore's own attempts (seconds of sleeping per read); here
+        # botocore's one retry covers a network blip, and RetryingReader's reopening retry with backoff is what
+        # bridges an outage and sets the total budget (DataConfig.io_retries / io_backoff_*).
+        fs.retries = 1
     return fs, path
 
 
 def _storage_options(url: str) -> dict:
     if url.startswith("s3://"):
-        # botocore retries each request a few times; our reader adds the long, reopening retry on top.
-        return {"config_kwargs": {"retries": {"max_attempts": 3, "mode": "standard"}}}
+        return {"config_kwargs": {"retries": {"max_attempts": 2, "mode": "standard"}}}
     return {}
 
 
@@ -133,11 +137,19 @@ def shard_digest(urls: list[str]) -> str:
     return hashlib.blake2b(names.encode(), digest_size=8).hexdigest()
 
 
-def _is_permanent(exc: BaseException) -> bool:
-    """Errors that a retry cannot fix (missing object, refused access, no credentials)."""
-    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError)):
+_TRANSIENT_MODULES = ("botocore", "aiobotocore", "aiohttp", "urllib3", "s3fs", "fsspec", "asyncio")
+
+
+def _is_transient(exc: BaseException) -> bool:
+    """Errors a later attempt may not see: network and server trouble, not missing objects, refused access,
+    absent credentials or bugs."""
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False
+    if type(exc).__name__ in ("NoCredentialsError", "PartialCredentialsError", "ParamValidationError"):
+        return False
+    if isinstance(exc, (OSError, TimeoutError, EOFError)):
         return True
-    return type(exc).__name__ in ("NoCredentialsError", "PartialCredentialsError")
+    return type(exc).__module__.split(".")[0] in _TRANSIENT_MODULES
 
 
 class RetryingReader:
@@ -173,8 +185,10 @@ class RetryingReader:
                 return op()
             except Exception as exc:  # noqa: BLE001 - classified below
                 self._close_quietly()
-                if _is_permanent(exc):
-                    raise storage_error(self.url, exc) from None
+                if not _is_transient(exc):
+                    if isinstance(exc, (OSError,)) or type(exc).__name__.endswith("CredentialsError"):
+                        raise storage_error(self.url, exc) from None
+                    raise
                 errors.append(f"{type(exc).__name__}: {exc}")
                 if delay is None:
                     break

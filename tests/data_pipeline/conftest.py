@@ -17,32 +17,48 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def s3_endpoint():
-    """A moto S3 server on loopback; the environment points boto at it with fake keys for the session."""
-    from moto.server import ThreadedMotoServer
+class S3Server:
+    """moto's S3 server on 127.0.0.1; stop() and start() again on the same port keep the stored objects."""
 
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    def __init__(self):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._server = None
+
+    def start(self):
+        from moto.server import ThreadedMotoServer
+
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self._server.start()
+
+    def stop(self):
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """An S3 server on loopback; the environment points boto at it with fake keys for the session."""
+    server = S3Server()
     server.start()
     mp = pytest.MonkeyPatch()
-    endpoint = f"http://127.0.0.1:{port}"
-    for key, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing-key-id",
+    for key, value in {"AWS_ENDPOINT_URL": server.url, "AWS_ACCESS_KEY_ID": "testing-key-id",
                        "AWS_SECRET_ACCESS_KEY": "testing-secret-value", "AWS_DEFAULT_REGION": "us-east-1",
                        "AWS_EC2_METADATA_DISABLED": "true"}.items():
         mp.setenv(key, value)
-    mp.delenv("AWS_PROFILE", raising=False)
-    mp.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    for key in ("AWS_PROFILE", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN"):
+        mp.delenv(key, raising=False)
     import boto3
 
     boto3.client("s3").create_bucket(Bucket=BUCKET)
-    yield endpoint
+    yield server
     mp.undo()
     server.stop()
 
 
 @pytest.fixture(scope="session")
-def s3_data(s3_endpoint):
+def s3_data(s3_server):
     """A small synthetic dataset on the S3 server: 8 shards of 10 samples per source."""
     from data_pipeline import write_synthetic_dataset
 
