@@ -79,14 +79,23 @@ def word_rewrite(text: str, rng: np.random.Generator, classes=WORD_CLASSES) -> R
     return Rewrite(text[:start] + new + text[end:], f"word:{cls}", (start, end), old, new)
 
 
+def phrase_kind(phrase: str) -> str:
+    """"object" for a phrase naming a thing, "relation" for a place or relation, else "other"."""
+    classes = {c for m in _WORD.finditer(phrase) for c in _alternatives(m.group().lower())}
+    return "object" if "object" in classes else "relation" if "relation" in classes else "other"
+
+
 def phrase_rewrite(text: str, spans: list[tuple[int, int]], donors: list[str],
                    rng: np.random.Generator) -> Rewrite | None:
-    """Replace one concept phrase of ``text`` by a different phrase taken from ``donors``."""
+    """Replace one concept phrase of ``text`` by a different phrase from ``donors``, of the same kind when one
+    exists (an object phrase for an object phrase), so the negative stays a fluent, plausible caption."""
     if not spans:
         return None
     start, end = spans[int(rng.integers(len(spans)))]
     old = text[start:end]
-    choices = sorted({d for d in donors if d.strip() and d.strip().lower() != old.lower()})
+    choices = sorted({d.strip() for d in donors if d.strip() and d.strip().lower() != old.lower()})
+    same_kind = [d for d in choices if phrase_kind(d) == phrase_kind(old)]
+    choices = same_kind or choices
     if not choices:
         return None
     new = choices[int(rng.integers(len(choices)))]
