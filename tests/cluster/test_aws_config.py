@@ -34,14 +34,18 @@ def test_survives_ray_up_config_preparation(config):
     validate_config(prepared)
     # Our commands, not Ray's defaults (those pip-install a Ray wheel over the image's).
     assert prepared["setup_commands"] == config["setup_commands"]
-    assert not any("pip install" in c for c in prepared["head_setup_commands"] + prepared["worker_setup_commands"])
+    assert not any(
+        "pip install" in c for c in prepared["head_setup_commands"] + prepared["worker_setup_commands"]
+    )
 
 
 def test_head_and_gpu_worker_types(config):
     types = config["available_node_types"]
     assert config["head_node_type"] in types
     workers = {k: v for k, v in types.items() if k != config["head_node_type"]}
-    gpu = {k: v for k, v in workers.items() if v["node_config"]["InstanceType"].startswith(GPU_INSTANCE_PREFIXES)}
+    gpu = {
+        k: v for k, v in workers.items() if v["node_config"]["InstanceType"].startswith(GPU_INSTANCE_PREFIXES)
+    }
     assert gpu, "no GPU worker node type"
     for name, node_type in workers.items():
         assert 0 <= node_type["min_workers"] <= node_type["max_workers"] <= config["max_workers"], name
@@ -61,7 +65,9 @@ def test_no_file_mounts_and_ray_started_in_workdir(config):
     assert config["file_mounts"] == {}
     head_start = " ".join(config["head_start_ray_commands"])
     worker_start = " ".join(config["worker_start_ray_commands"])
-    assert "ray start --head" in head_start and "--autoscaling-config=~/ray_bootstrap_config.yaml" in head_start
+    assert (
+        "ray start --head" in head_start and "--autoscaling-config=~/ray_bootstrap_config.yaml" in head_start
+    )
     assert "ray start --address=$RAY_HEAD_IP:6379" in worker_start
     # Job entrypoints name configs/<name>.yaml relative to where Ray was started: the image's WORKDIR.
     assert "cd /opt/unimo" in head_start and "cd /opt/unimo" in worker_start

@@ -10,8 +10,25 @@ ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "cluster"
 
 DOCKERFILE = CLUSTER / "Dockerfile"
-KNOWN = {"FROM", "RUN", "CMD", "LABEL", "EXPOSE", "ENV", "ADD", "COPY", "ENTRYPOINT", "VOLUME", "USER", "WORKDIR",
-         "ARG", "ONBUILD", "STOPSIGNAL", "HEALTHCHECK", "SHELL"}
+KNOWN = {
+    "FROM",
+    "RUN",
+    "CMD",
+    "LABEL",
+    "EXPOSE",
+    "ENV",
+    "ADD",
+    "COPY",
+    "ENTRYPOINT",
+    "VOLUME",
+    "USER",
+    "WORKDIR",
+    "ARG",
+    "ONBUILD",
+    "STOPSIGNAL",
+    "HEALTHCHECK",
+    "SHELL",
+}
 
 
 def parse(text: str) -> list[tuple[str, str]]:
@@ -49,8 +66,10 @@ def test_from_comes_first(instructions):
     assert instructions[first][0] == "FROM"
     base = instructions[first][1]
     if base.startswith("${"):
-        name = base[2:base.index("}")]
-        base = next(a.split("=", 1)[1] for k, a in instructions[:first] if k == "ARG" and a.startswith(name + "="))
+        name = base[2 : base.index("}")]
+        base = next(
+            a.split("=", 1)[1] for k, a in instructions[:first] if k == "ARG" and a.startswith(name + "=")
+        )
     assert "pytorch" in base and "cuda" in base, base
 
 

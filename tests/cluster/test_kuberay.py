@@ -1,4 +1,4 @@
-"""cluster/kuberay/*.yaml: RayCluster / RayJob structure, GPU resources, token from a Secret, entrypoint shape."""
+"""cluster/kuberay/*.yaml: RayCluster/RayJob structure, GPU resources, token from a Secret, entrypoint."""
 
 import re
 import secrets
@@ -31,7 +31,9 @@ def rayjob() -> dict:
 
 
 def pod_templates(cluster_spec: dict) -> list[tuple[str, dict]]:
-    groups = [("head", cluster_spec["headGroupSpec"])] + [(g["groupName"], g) for g in cluster_spec["workerGroupSpecs"]]
+    groups = [("head", cluster_spec["headGroupSpec"])] + [
+        (g["groupName"], g) for g in cluster_spec["workerGroupSpecs"]
+    ]
     return [(name, group["template"]["spec"]) for name, group in groups]
 
 
@@ -62,13 +64,19 @@ def check_cluster_spec(spec: dict) -> None:
         for kind in ("requests", "limits"):
             assert {"cpu", "memory"} <= set(resources[kind]), f"{name}: {kind} lacks cpu/memory"
         assert pod["securityContext"]["runAsNonRoot"] is True, name
-    gpu_groups = [g for g in workers if int(g["template"]["spec"]["containers"][0]["resources"]["limits"]
-                                             .get("nvidia.com/gpu", 0)) > 0]
+    gpu_groups = [
+        g
+        for g in workers
+        if int(g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0)) > 0
+    ]
     assert gpu_groups, "no GPU worker group"
     for group in gpu_groups:
         res = group["template"]["spec"]["containers"][0]["resources"]
         # Kubernetes rejects GPU requests that differ from the limits.
-        assert res["requests"].get("nvidia.com/gpu", res["limits"]["nvidia.com/gpu"]) == res["limits"]["nvidia.com/gpu"]
+        assert (
+            res["requests"].get("nvidia.com/gpu", res["limits"]["nvidia.com/gpu"])
+            == res["limits"]["nvidia.com/gpu"]
+        )
 
 
 def test_raycluster_structure(raycluster):
@@ -100,8 +108,10 @@ def test_rayjob_entrypoint_names_a_config_and_a_run(rayjob):
 def test_rayjob_asks_for_the_gpus_its_cluster_has(rayjob):
     entrypoint = rayjob["spec"]["entrypoint"]
     workers = int(re.search(r"scaling\.num_workers=(\d+)", entrypoint).group(1))
-    gpus = sum(g["replicas"] * int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
-               for g in rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"])
+    gpus = sum(
+        g["replicas"] * int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+        for g in rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    )
     assert workers == gpus
 
 
@@ -124,13 +134,18 @@ def test_no_secret_value_in_clear(name, no_clear_secrets):
     for where, container in all_containers(doc):
         for entry in container.get("env", []):
             if SENSITIVE_ENV.search(entry["name"]):
-                assert "value" not in entry and "secretKeyRef" in entry.get("valueFrom", {}), (where, entry["name"])
+                assert "value" not in entry and "secretKeyRef" in entry.get("valueFrom", {}), (
+                    where,
+                    entry["name"],
+                )
     no_clear_secrets(KUBERAY / name)
 
 
 def test_one_image_everywhere(raycluster, rayjob):
     aws = yaml.safe_load((ROOT / "cluster" / "aws-gpu.yaml").read_text())
-    images = {c["image"] for doc in (raycluster, rayjob) for _, c in all_containers(doc)} | {aws["docker"]["image"]}
+    images = {c["image"] for doc in (raycluster, rayjob) for _, c in all_containers(doc)} | {
+        aws["docker"]["image"]
+    }
     assert len(images) == 1, images
 
 
