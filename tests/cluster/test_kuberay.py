@@ -11,6 +11,7 @@ ROOT = Path(__file__).resolve().parents[2]
 KUBERAY = ROOT / "cluster" / "kuberay"
 ENTRYPOINT = re.compile(r"^unimo train (configs/[A-Za-z0-9_.-]+\.yaml)\b")
 RUN_NAME = re.compile(r"\brun\.name=([A-Za-z0-9][A-Za-z0-9_.-]{0,99})(\s|$)")  # trainer/config.py RunSection
+DNS_1035 = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
 SENSITIVE_ENV = re.compile(r"TOKEN|SECRET|PASSWORD|ACCESS_KEY|API_KEY|CREDENTIAL")
 
 
@@ -47,7 +48,8 @@ def all_containers(doc: dict) -> list[tuple[str, dict]]:
 
 
 def check_cluster_spec(spec: dict) -> None:
-    assert spec["rayVersion"].startswith("2.")
+    # KubeRay refuses authOptions.mode=token below Ray 2.52, the first release with token auth.
+    assert tuple(int(x) for x in spec["rayVersion"].split(".")[:2]) >= (2, 52), spec["rayVersion"]
     assert spec["authOptions"]["mode"] == "token"
     head = spec["headGroupSpec"]
     assert isinstance(head["rayStartParams"], dict)
@@ -81,12 +83,15 @@ def check_cluster_spec(spec: dict) -> None:
 
 def test_raycluster_structure(raycluster):
     assert raycluster["apiVersion"] == "ray.io/v1" and raycluster["kind"] == "RayCluster"
-    assert raycluster["metadata"]["name"]
+    # KubeRay derives pod and service names from it: a DNS-1035 label of at most 53 characters.
+    assert DNS_1035.fullmatch(raycluster["metadata"]["name"]) and len(raycluster["metadata"]["name"]) <= 53
     check_cluster_spec(raycluster["spec"])
 
 
 def test_rayjob_structure(rayjob):
     assert rayjob["apiVersion"] == "ray.io/v1" and rayjob["kind"] == "RayJob"
+    # Its cluster is named after it plus a suffix, hence 6 characters fewer than a RayCluster's.
+    assert DNS_1035.fullmatch(rayjob["metadata"]["name"]) and len(rayjob["metadata"]["name"]) <= 47
     spec = rayjob["spec"]
     assert spec["shutdownAfterJobFinishes"] is True
     assert isinstance(spec["backoffLimit"], int) and spec["backoffLimit"] >= 0
