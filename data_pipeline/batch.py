@@ -27,16 +27,15 @@ class BatchSpec:
 
 
 def pixels_tensor(images: list[np.ndarray]) -> torch.Tensor:
-    """(B, 3, H, W) float32 normalised per channel as (x/255 - 0.5)/0.5."""
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float()
-    return x.div_(127.5).sub_(1.0)
+    """(B, 3, H, W) float32 from (3, H, W) uint8 images, normalised per channel as (x/255 - 0.5)/0.5."""
+    return torch.from_numpy(np.stack(images)).float().div_(127.5).sub_(1.0)
 
 
 def _pad(rows: list[list[int]], length: int, value: int) -> torch.Tensor:
-    out = torch.full((len(rows), length), value, dtype=torch.long)
+    out = np.full((len(rows), length), value, dtype=np.int64)
     for i, row in enumerate(rows):
-        out[i, :len(row)] = torch.tensor(row[:length], dtype=torch.long)
-    return out
+        out[i, :len(row)] = row[:length]
+    return torch.from_numpy(out)
 
 
 def _text_fields(tok: TextTokenizer, spec: BatchSpec, ids, masked, labels, prefix: str = "") -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import Counter
 from dataclasses import dataclass
@@ -79,8 +80,9 @@ class _WorkerStreams(IterableDataset):
             keys[src] = [it["key"] for it in items]
             counters[f"samples_{src}"] += len(items)
         batch["keys"] = keys
-        batch["_cursor"] = {"worker": worker, "streams": {s: st.snapshot() for s, st in streams.items()},
-                            "stats": dict(counters)}
+        # One JSON string: DataLoader would otherwise walk every list of the cursor converting it.
+        batch["_cursor"] = json.dumps({"worker": worker, "stats": dict(counters),
+                                       "streams": {s: st.snapshot() for s, st in streams.items()}})
         return batch
 
 
@@ -108,7 +110,7 @@ class MixedLoader:
                             num_workers=cfg.num_workers,
                             prefetch_factor=cfg.prefetch_factor if cfg.num_workers else None)
         for batch in loader:
-            cursor = batch.pop("_cursor")
+            cursor = json.loads(batch.pop("_cursor"))
             worker = cursor["worker"]
             index = str(self._plan.rank * self._plan.workers + worker)
             for src, st in cursor["streams"].items():
@@ -216,8 +218,10 @@ def build_loader(cfg: DataConfig, *, rank: int, world_size: int, seq_len: int, i
     if isinstance(state, list):
         state = merge_states(state)
     if state is not None and state.get("seed") != cfg.seed:
-        log.warning("data cursor was saved with seed %s, config has %s: shard orders follow the config",
-                    state.get("seed"), cfg.seed)
+        # Streams plan their epochs' shard orders from the seed; mixing two seeds in one epoch would lose or
+        # repeat shards.
+        raise ValueError(f"data.seed = {cfg.seed}: the data cursor was saved with seed {state.get('seed')}; "
+                         f"resume with the same seed")
     states, next_worker = _initial_states(state, plan, world_size)
     return MixedLoader(plan, world_size, states, next_worker)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -26,21 +27,22 @@ KINDS = ("word", "phrase", "sentence")
 _WORD = re.compile(r"[A-Za-z]+")
 
 
-def _alternatives(word: str) -> dict[str, list[str]]:
-    """For a lower-case word, the words of the same class and form it may become, by class."""
-    out = {}
-    if word in COLOURS:
-        out["colour"] = [c for c in COLOURS if c != word]
-    if word in NUMBERS_PLURAL:
-        out["number"] = [n for n in NUMBERS_PLURAL if n != word]
-    for form in (0, 1):
-        nouns = [o[form] for o in OBJECTS]
-        if word in nouns:
-            out["object"] = [n for n in nouns if n != word]
-    for group in RELATIONS:
-        if word in group:
-            out["relation"] = [r for r in group if r != word]
+def _lexicon() -> dict[str, dict[str, list[str]]]:
+    """word -> {class: the words of the same class and form it may become}."""
+    groups = [("colour", COLOURS), ("number", NUMBERS_PLURAL), ("object", tuple(o[0] for o in OBJECTS)),
+              ("object", tuple(o[1] for o in OBJECTS))] + [("relation", g) for g in RELATIONS]
+    out: dict[str, dict[str, list[str]]] = {}
+    for cls, words in groups:
+        for w in words:
+            out.setdefault(w, {})[cls] = [x for x in words if x != w]
     return out
+
+
+_LEXICON = _lexicon()
+
+
+def _alternatives(word: str) -> dict[str, list[str]]:
+    return _LEXICON.get(word, {})
 
 
 def _match_case(new: str, old: str) -> str:
@@ -79,6 +81,7 @@ def word_rewrite(text: str, rng: np.random.Generator, classes=WORD_CLASSES) -> R
     return Rewrite(text[:start] + new + text[end:], f"word:{cls}", (start, end), old, new)
 
 
+@lru_cache(maxsize=65536)
 def phrase_kind(phrase: str) -> str:
     """"object" for a phrase naming a thing, "relation" for a place or relation, else "other"."""
     classes = {c for m in _WORD.finditer(phrase) for c in _alternatives(m.group().lower())}

@@ -1,0 +1,176 @@
+"""Data pipeline throughput from an S3 server on loopback: unimo's pipeline vs raw boto3 and plain webdataset.
+
+Three readers of the same pair shards, in the same run:
+  raw        boto3 get_object of every shard (bytes only): the ceiling the storage allows;
+  reference  the common way: webdataset (s3 opened through fsspec) + PIL decode/resize + normalise + tokenise
+             the caption + .batched(), in a DataLoader with the same workers;
+  unimo      data_pipeline.build_loader on the pair source (decode, tokenise, whole-phrase MLM masks, rewritten
+             hard negative, extra positive, concept ids, tags, exact cursor).
+Each is timed after a warm-up batch; readers alternate for --repeats rounds and the best round counts, since
+other work on the machine only ever slows a round down.
+
+    .venv/bin/python bench/bench_data.py [--pairs 2000] [--stored-size 256] [--image-size 128] [--workers 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+BUCKET = "bench-data"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_s3() -> subprocess.Popen:
+    """moto's S3 server in its own process (a thread would share the GIL with the process being measured)."""
+    port = _free_port()
+    exe = Path(sys.executable).with_name("moto_server")
+    proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
+                      AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
+                      AWS_EC2_METADATA_DISABLED="true")
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return proc
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError("moto_server did not start")
+
+
+def raw_fetch(urls: list[str], workers: int) -> tuple[float, int]:
+    """Seconds to GET every shard with ``workers`` threads, and the bytes fetched."""
+    import boto3
+
+    client = boto3.client("s3")
+
+    def get(url):
+        bucket, key = url[5:].split("/", 1)
+        return len(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(workers) as pool:
+        total = sum(pool.map(get, urls))
+    return time.perf_counter() - t0, total
+
+
+def unimo_loader(urls: dict, args):
+    from data_pipeline import DataConfig, SourceConfig, build_loader
+
+    cfg = DataConfig(pair=SourceConfig(urls["pair"], args.batch), tokenizer=urls["tokenizer"],
+                     num_workers=args.workers, shuffle_buffer=64)
+    return build_loader(cfg, rank=0, world_size=1, seq_len=args.seq_len, image_size=args.image_size,
+                        patch_size=16)
+
+
+def reference_loader(urls: dict, args):
+    """The common way: webdataset + PIL + the usual transforms, s3 opened through fsspec."""
+    import fsspec
+    import numpy as np
+    import torch
+    import importlib
+
+    import webdataset as wds
+    from PIL import Image
+    from tokenizers import Tokenizer
+    from torch.utils.data import DataLoader
+
+    gopen = importlib.import_module("webdataset.gopen")  # the package re-exports a function of that name
+    gopen.gopen_schemes["s3"] = lambda url, mode="rb", bufsize=8192, **kw: fsspec.open(url, mode).open()
+    tok = Tokenizer.from_file(urls["tokenizer"]) if "://" not in urls["tokenizer"] else \
+        Tokenizer.from_str(fsspec.open(urls["tokenizer"], "r").open().read())
+    size, seq_len = args.image_size, args.seq_len
+
+    def transform(sample):
+        img, caption = sample
+        img = img.convert("RGB").resize((size, size), Image.BILINEAR)  # Resize
+        x = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float().div(255)  # ToTensor
+        x = x.sub(0.5).div(0.5)  # Normalize(0.5, 0.5)
+        ids = tok.encode(caption).ids[:seq_len]
+        return x, torch.tensor(ids + [0] * (seq_len - len(ids)))
+
+    def collate(batch):
+        return torch.stack([b[0] for b in batch]), torch.stack([b[1] for b in batch])
+
+    ds = (wds.WebDataset(urls["pair_list"], shardshuffle=False, repeat=True, empty_check=False)
+          .shuffle(64).decode("pil").to_tuple("jpg", "txt").map(transform).batched(args.batch, collation_fn=collate))
+    return DataLoader(ds, batch_size=None, num_workers=args.workers)
+
+
+def rate(loader, batches: int, batch: int) -> float:
+    """Samples per second over ``batches`` batches, after one warm-up batch (worker start-up excluded)."""
+    it = iter(loader)
+    next(it)
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    dt = time.perf_counter() - t0
+    del it
+    return batches * batch / dt
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--pairs", type=int, default=2000)
+    p.add_argument("--samples-per-shard", type=int, default=250)
+    p.add_argument("--stored-size", type=int, default=256, help="side of the stored JPEGs")
+    p.add_argument("--image-size", type=int, default=128, help="side the pipelines resize to")
+    p.add_argument("--seq-len", type=int, default=32)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--batches", type=int, default=60)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args(argv)
+
+    server = start_s3()
+    try:
+        import boto3
+
+        from data_pipeline.io import list_shards
+        from data_pipeline.synthetic import write_synthetic_dataset
+
+        boto3.client("s3").create_bucket(Bucket=BUCKET)
+        urls = write_synthetic_dataset(f"s3://{BUCKET}/bench", n_pairs=args.pairs, n_text=0, n_images=0, n_eval=0,
+                                       samples_per_shard=args.samples_per_shard, image_size=args.stored_size)
+        shards = list_shards(urls["pair"])
+        urls["pair_list"] = [u for u, _ in shards]
+        results = {"raw": [], "reference": [], "unimo": []}
+        for _ in range(args.repeats):
+            seconds, nbytes = raw_fetch(urls["pair_list"], args.workers)
+            results["raw"].append(args.pairs / seconds)
+            results["reference"].append(rate(reference_loader(urls, args), args.batches, args.batch))
+            results["unimo"].append(rate(unimo_loader(urls, args), args.batches, args.batch))
+        best = {k: max(v) for k, v in results.items()}
+        report = {"setup": {**vars(args), "shards": len(shards), "bytes": nbytes, "cpus": os.cpu_count()},
+                  "samples_per_s": {k: round(v, 1) for k, v in best.items()},
+                  "all_rounds": {k: [round(x, 1) for x in v] for k, v in results.items()},
+                  "unimo_vs_reference": round(best["unimo"] / best["reference"], 3),
+                  "unimo_vs_raw": round(best["unimo"] / best["raw"], 4),
+                  "raw_MB_per_s": round(nbytes / 1e6 * best["raw"] / args.pairs, 1)}
+        print(json.dumps(report, indent=1))
+        print(f"unimo {best['unimo']:.0f} samples/s = {report['unimo_vs_reference']:.2f}x reference "
+              f"({best['reference']:.0f}/s), {100 * report['unimo_vs_raw']:.1f}% of raw boto3 fetch "
+              f"({best['raw']:.0f}/s)")
+    finally:
+        server.terminate()
+        server.wait()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
