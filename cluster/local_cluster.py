@@ -358,7 +358,7 @@ def _wait_until(predicate, node: _NodeProcess, timeout: float, what: str) -> Non
                 return
         time.sleep(0.5)
     raise LocalClusterError(
-        f"{node.name}: timed out after {timeout:.0f}s waiting for {what}; log "
+        f"{node.name}: timed out after {timeout:g}s waiting for {what}; log "
         f"{node.log_path}:\n{_tail(node.log_path)}"
     )
 
@@ -390,7 +390,7 @@ def wait_for_node_state(head: HeadInfo, name: str, state: str = "ALIVE", timeout
             if match and match[-1].get("state") == state:
                 return match[-1]
         time.sleep(0.5)
-    raise LocalClusterError(f"node {name!r} did not reach {state} in {timeout:.0f}s; last seen: {last}")
+    raise LocalClusterError(f"node {name!r} did not reach {state} in {timeout:g}s; last seen: {last}")
 
 
 def start_head(
