@@ -22,6 +22,8 @@ Common commands:
   unimo model info base                           parameters and FLOPs per sample of a flavor
   unimo data shards --help                        write WebDataset shards
   unimo mlflow                                    start a local MLflow tracking server + UI
+  unimo submit configs/base.yaml --address http://HEAD:8265 run.name=b1   run on a Ray cluster (Jobs API)
+  unimo jobs list|status|logs [--follow]|stop JOB --address http://HEAD:8265
 """
 
 
@@ -63,6 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("flavor", help="debug, small, base, large or xl")
 
     p = sub.add_parser("data", help="data tools (shards, tokenizer); see `unimo data --help`", add_help=False)
+    p.add_argument("args", nargs=argparse.REMAINDER)
+
+    # submit and jobs parse their own arguments (orchestrator/jobs.py): options may follow the overrides there.
+    p = sub.add_parser("submit", help="submit a run to a Ray cluster (Jobs API); see `unimo submit --help`",
+                       add_help=False)
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    p = sub.add_parser("jobs", help="list, status, logs [--follow], stop jobs on a Ray cluster; see `unimo jobs --help`",
+                       add_help=False)
     p.add_argument("args", nargs=argparse.REMAINDER)
 
     p = sub.add_parser("mlflow", help="start a local MLflow tracking server (SQLite backend) on 127.0.0.1")
@@ -118,6 +128,18 @@ def cmd_data(args: argparse.Namespace) -> int:
     return data_main(args.args)
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    from orchestrator.jobs import submit_main
+
+    return submit_main(args.args)
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from orchestrator.jobs import jobs_main
+
+    return jobs_main(args.args)
+
+
 def cmd_mlflow(args: argparse.Namespace) -> int:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     argv = [sys.executable, "-m", "mlflow", "server", "--host", args.host, "--port", str(args.port),
@@ -128,12 +150,27 @@ def cmd_mlflow(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "demo": cmd_demo, "config": cmd_config, "model": cmd_model, "data": cmd_data,
-            "mlflow": cmd_mlflow}
+            "mlflow": cmd_mlflow, "submit": cmd_submit, "jobs": cmd_jobs}
+
+
+# Commands that parse their own arguments: argparse's REMAINDER drops a leading option (`unimo submit --help`,
+# `unimo jobs list --address ...`), so everything after the command's name is handed over verbatim.
+PASSTHROUGH = ("data", "submit", "jobs")
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    first = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    if first is not None and argv[first] in PASSTHROUGH:
+        args = parser.parse_args(argv[:first + 1])
+        args.args = argv[first + 1:]
+        return args
+    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     if not args.command:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import _thread
+import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,15 +74,58 @@ def worker_env(cfg: RunConfig) -> dict[str, str]:
 
 
 def fit(cfg: RunConfig) -> TrainOutcome:
-    """Runs the job to completion (resuming the run of the same name if it exists)."""
+    """Runs the job to completion (resuming the run of the same name if it exists), holding the run lock."""
+    from orchestrator.runlock import RunLock
+
+    cfg.check_ready_to_train()
+    run_dir = run_dir_of(cfg)
+    # Taken before MLflow or Ray are touched, so a refused second driver changes nothing of the run (B14).
+    # Losing the lock to another driver interrupts this one like Ctrl-C: Ray Train then aborts the run.
+    lock = RunLock(run_dir).acquire().start_heartbeat(on_lost=_thread.interrupt_main)
+    try:
+        with sigterm_as_exit():
+            return _fit_locked(cfg, run_dir)
+    finally:
+        lock.release()
+
+
+@contextlib.contextmanager
+def sigterm_as_exit():
+    """SIGTERM (`unimo jobs stop`, a pod's termination) unwinds like an exception, so the run lock is released
+    and the MLflow run closed instead of the process vanishing mid-way."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _exit(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, _exit)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def scaling_config_of(cfg: RunConfig):
+    """Ray Train's ScalingConfig; scaling.min_workers > 0 makes the worker group elastic (min..num_workers)."""
+    import ray.train
+
+    s = cfg.scaling
+    workers = (s.min_workers, s.num_workers) if 0 < s.min_workers < s.num_workers else s.num_workers
+    # use_gpu adds one GPU per worker: one DeepSpeed rank per GPU.
+    return ray.train.ScalingConfig(num_workers=workers, use_gpu=s.use_gpu,
+                                   resources_per_worker={"CPU": s.cpus_per_worker},
+                                   placement_strategy=s.placement_strategy)
+
+
+def _fit_locked(cfg: RunConfig, run_dir: Path) -> TrainOutcome:
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from orchestrator.tracking_setup import default_tracking_uri, ensure_run, finish_run
     from trainer.ray_worker import train_func
 
-    cfg.check_ready_to_train()
-    run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     tracking_uri = default_tracking_uri(cfg, run_dir)
     run_id = ensure_run(cfg, tracking_uri, run_dir)
@@ -88,10 +135,7 @@ def fit(cfg: RunConfig) -> TrainOutcome:
     trainer = TorchTrainer(
         train_func,
         train_loop_config=payload,
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
-            placement_strategy=cfg.scaling.placement_strategy),
+        scaling_config=scaling_config_of(cfg),
         run_config=ray.train.RunConfig(
             name="checkpoints", storage_path=str(run_dir),
             failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),

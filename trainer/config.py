@@ -168,7 +168,8 @@ class ScalingConfig:
     """How many Ray Train workers and what each gets; read by the orchestrator."""
 
     address: str = ""  # Ray cluster address; "" = start an embedded local Ray on 127.0.0.1
-    num_workers: int = 2
+    num_workers: int = 2  # the worker count to run with (the maximum when min_workers is set)
+    min_workers: int = 0  # > 0 and < num_workers: elastic, the job goes on with min..num_workers (Ray Train V2)
     use_gpu: bool = False
     cpus_per_worker: int = 1
     placement_strategy: str = "PACK"
@@ -176,6 +177,8 @@ class ScalingConfig:
 
     def __post_init__(self) -> None:
         _check(self.num_workers >= 1, f"num_workers must be >= 1, got {self.num_workers}")
+        _check(0 <= self.min_workers <= self.num_workers,
+               f"min_workers must lie in [0, num_workers={self.num_workers}] (0 = fixed size), got {self.min_workers}")
         _check(self.cpus_per_worker >= 1, f"cpus_per_worker must be >= 1, got {self.cpus_per_worker}")
         _check(self.placement_strategy in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
                f"placement_strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, got {self.placement_strategy!r}")
@@ -211,6 +214,11 @@ class RunConfig:
         _check(self.train.global_micro_batches % self.scaling.num_workers == 0,
                f"train.global_micro_batches ({self.train.global_micro_batches}) must be divisible by "
                f"scaling.num_workers ({self.scaling.num_workers}): the global batch is fixed by the config")
+        # An elastic job may run with any worker count in min..max; each must split the fixed global batch.
+        sizes = range(self.scaling.min_workers or self.scaling.num_workers, self.scaling.num_workers + 1)
+        odd = [w for w in sizes if self.train.global_micro_batches % w]
+        _check(not odd, f"train.global_micro_batches ({self.train.global_micro_batches}) must be divisible by every "
+                        f"worker count of scaling.min_workers..num_workers; not by {odd}")
 
     def check_ready_to_train(self) -> None:
         """Checks what only matters once training starts (called before any worker starts)."""

@@ -1,0 +1,169 @@
+"""Unit tests of the run lock (B14): one live driver per run, stale locks of dead drivers taken over (F3)."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from orchestrator.runlock import LOCK_FILE, LockOwner, RunLock, RunLocked
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _foreign_lock(run_dir: Path, heartbeat_age: float, host: str = "other-host.example", pid: int = 4242) -> str:
+    """Writes a lock as another machine's driver would; returns its token."""
+    now = time.time()
+    owner = LockOwner(token="t-foreign", host=host, pid=pid, pid_started=0.0, acquired=now - heartbeat_age - 5,
+                      heartbeat=now - heartbeat_age)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / LOCK_FILE).write_text(json.dumps(owner.__dict__))
+    return owner.token
+
+
+def test_acquire_writes_owner_and_release_removes_it(tmp_path):
+    lock = RunLock(tmp_path / "r1").acquire()
+    data = json.loads((tmp_path / "r1" / LOCK_FILE).read_text())
+    assert data["host"] == socket.gethostname() and data["pid"] == os.getpid()
+    assert abs(data["heartbeat"] - time.time()) < 5
+    lock.release()
+    assert not (tmp_path / "r1" / LOCK_FILE).exists()
+
+
+def test_second_acquire_is_refused_naming_the_owner_and_changes_nothing(tmp_path):
+    with RunLock(tmp_path / "r1"):
+        before = (tmp_path / "r1" / LOCK_FILE).read_bytes()
+        with pytest.raises(RunLocked) as err:
+            RunLock(tmp_path / "r1").acquire()
+        msg = str(err.value)
+        assert "r1" in msg and f"pid {os.getpid()}" in msg and socket.gethostname() in msg
+        assert (tmp_path / "r1" / LOCK_FILE).read_bytes() == before
+    assert not (tmp_path / "r1" / LOCK_FILE).exists()
+
+
+def _contender(run_dir: str, barrier, results, hold_s: float) -> None:
+    barrier.wait()
+    try:
+        lock = RunLock(run_dir).acquire()
+    except RunLocked:
+        results.put("refused")
+        return
+    results.put("acquired")
+    time.sleep(hold_s)  # keep it while the others try
+    lock.release()
+
+
+def _race(run_dir: Path, n: int = 6) -> list[str]:
+    ctx = mp.get_context("fork")
+    barrier = ctx.Barrier(n)
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_contender, args=(str(run_dir), barrier, results, 2.0)) for _ in range(n)]
+    for p in procs:
+        p.start()
+    try:
+        outcomes = [results.get(timeout=60) for _ in range(n)]
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    return outcomes
+
+
+def test_concurrent_acquire_exactly_one_wins(tmp_path):
+    outcomes = _race(tmp_path / "race")
+    assert sorted(outcomes) == ["acquired"] + ["refused"] * 5
+
+
+def test_concurrent_takeover_of_a_stale_lock_exactly_one_wins(tmp_path):
+    _foreign_lock(tmp_path / "race", heartbeat_age=3600)
+    outcomes = _race(tmp_path / "race")
+    assert sorted(outcomes) == ["acquired"] + ["refused"] * 5
+
+
+def test_live_lock_of_another_host_is_refused(tmp_path):
+    _foreign_lock(tmp_path / "r", heartbeat_age=5)
+    with pytest.raises(RunLocked, match="other-host.example"):
+        RunLock(tmp_path / "r", stale_after=60).acquire()
+
+
+def test_stale_lock_of_another_host_is_taken_over_with_a_warning(tmp_path, caplog):
+    _foreign_lock(tmp_path / "r", heartbeat_age=120)
+    lock = RunLock(tmp_path / "r", stale_after=60).acquire()
+    assert json.loads((tmp_path / "r" / LOCK_FILE).read_text())["token"] == lock.owner.token
+    assert "took over the stale lock" in caplog.text and "no heartbeat for" in caplog.text
+    lock.release()
+
+
+def test_lock_of_a_dead_driver_on_this_host_is_taken_over_at_once(tmp_path):
+    ctx = mp.get_context("fork")
+    p = ctx.Process(target=time.sleep, args=(0,))
+    p.start()
+    p.join()
+    _foreign_lock(tmp_path / "r", heartbeat_age=1, host=socket.gethostname(), pid=p.pid)
+    lock = RunLock(tmp_path / "r", stale_after=3600).acquire()
+    lock.release()
+
+
+def test_reused_pid_does_not_keep_a_lock_alive(tmp_path):
+    # The owner's pid now belongs to this very process, but the recorded start time is another process's.
+    now = time.time()
+    owner = LockOwner(token="t-old", host=socket.gethostname(), pid=os.getpid(), pid_started=12345.0,
+                      acquired=now, heartbeat=now)
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / LOCK_FILE).write_text(json.dumps(owner.__dict__))
+    RunLock(tmp_path / "r", stale_after=3600).acquire().release()
+
+
+def test_half_written_lock_counts_as_live_until_its_mtime_is_old(tmp_path):
+    (tmp_path / "r").mkdir()
+    path = tmp_path / "r" / LOCK_FILE
+    path.write_text("{not json")
+    with pytest.raises(RunLocked):
+        RunLock(tmp_path / "r", stale_after=60).acquire()
+    old = time.time() - 600
+    os.utime(path, (old, old))
+    RunLock(tmp_path / "r", stale_after=60).acquire().release()
+
+
+def test_heartbeat_refreshes_and_detects_a_takeover(tmp_path):
+    clock = [1000.0]
+    lock = RunLock(tmp_path / "r", stale_after=60, clock=lambda: clock[0]).acquire()
+    clock[0] += 30
+    assert lock.refresh()
+    assert json.loads(lock.path.read_text())["heartbeat"] == 1030.0
+    # The driver stalls past the stale limit and another one takes over; the stalled one must notice.
+    other = RunLock(tmp_path / "r", stale_after=60, clock=lambda: clock[0] + 100).acquire()
+    assert not lock.refresh() and lock.lost.is_set()
+    lock.release()  # must not remove the new owner's lock
+    assert json.loads(other.path.read_text())["token"] == other.owner.token
+    other.release()
+
+
+def test_heartbeat_thread_keeps_the_lock_fresh(tmp_path):
+    lock = RunLock(tmp_path / "r", heartbeat=0.2).acquire().start_heartbeat()
+    first = json.loads(lock.path.read_text())["heartbeat"]
+    time.sleep(1.0)
+    assert json.loads(lock.path.read_text())["heartbeat"] > first
+    lock.release()
+    assert not lock.path.exists()
+
+
+def test_driver_refuses_a_locked_run_before_touching_it(tmp_path, capsys):
+    """`unimo train` on a run held by a live driver: refused, no MLflow run, no checkpoints, no Ray."""
+    from orchestrator.cli import main
+
+    run_dir = tmp_path / "runs" / "busy"
+    with RunLock(run_dir):
+        rc = main(["train", str(ROOT / "configs" / "debug.yaml"), "run.name=busy", f"run.storage={tmp_path / 'runs'}",
+                   "data.pair.urls=/nonexistent/p", "data.text.urls=/nonexistent/t",
+                   "data.image.urls=/nonexistent/i"])
+        assert rc == 1
+        assert "run busy is locked by a live driver" in capsys.readouterr().err
+        assert sorted(p.name for p in run_dir.iterdir()) == [LOCK_FILE]
+    assert not (tmp_path / "runs" / "mlflow.db").exists()
