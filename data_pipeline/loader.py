@@ -126,6 +126,8 @@ class MixedLoader:
             urls = [u for u, _ in self._plan.shards[src]]
             state["sources"][src] = {"num_shards": len(urls), "digest": shard_digest(urls),
                                      "streams": {k: v for k, v in self._states[src].items()}}
+            if src == "text":  # text items are packed sequences: their ordinals depend on seq_len
+                state["sources"][src]["seq_len"] = self._plan.spec.seq_len
         return merge_states([state])
 
     def stats(self) -> dict[str, int]:
@@ -174,6 +176,9 @@ def _initial_states(state: dict | None, plan: _Plan, world_size: int) -> tuple[d
             out[src] = {str(i): st.to_json() for i, st in fresh_streams(streams, mine).items()}
             continue
         _check_same_shards(src, saved, plan.shards[src])
+        if saved.get("seq_len", plan.spec.seq_len) != plan.spec.seq_len:
+            raise ValueError(f"seq_len = {plan.spec.seq_len}: the data cursor of source {src} counts sequences "
+                             f"packed to {saved['seq_len']} tokens; resume with the same seq_len")
         if exact and all(str(i) in saved["streams"] for i in mine):
             out[src] = {str(i): saved["streams"][str(i)] for i in mine}
             continue

@@ -40,7 +40,10 @@ def test_same_world_size_resume_is_exact(s3_data):
     first = _loaders(s3_data, 2)
     before = [_take(ld, cut) for ld in first]
     states = [ld.state_dict() for ld in first]
-    after = [_take(ld, total - cut) for ld in _loaders(s3_data, 2, state=states)]
+    # rank 0 resumes from every rank's state (a list), rank 1 from its own only, as the trainer saves them
+    resumed = [build_loader(_cfg(s3_data), rank=r, world_size=2, state=st, **GEOMETRY)
+               for r, st in ((0, states), (1, states[1]))]
+    after = [_take(ld, total - cut) for ld in resumed]
     for rank in range(2):
         for s in SOURCES:
             assert before[rank][0][s] + after[rank][0][s] == full[rank][0][s], (rank, s)
@@ -135,3 +138,40 @@ def test_resume_rereads_only_open_shards(s3_data, all_keys, monkeypatch, tmp_pat
     assert reread and n_finished >= 4, "the cut should fall after some finished and some open shards"
     for url, n in reread.items():
         assert n <= sizes[url], (url, n, sizes[url])
+
+
+def test_the_merged_cursor_is_a_per_epoch_view_of_what_was_yielded(local_data):
+    """Finished shards and partial shards' yielded ordinals account for exactly the samples handed out."""
+    import json
+
+    loaders = _loaders(local_data, 2, workers=0)
+    seen = [_take(ld, 9)[0] for ld in loaders]
+    from data_pipeline import merge_states
+
+    merged = json.loads(json.dumps(merge_states([ld.state_dict() for ld in loaders])))
+    view = merged["sources"]["pair"]
+    yielded = Counter(k.split("/")[0] for part in seen for e, k in part["pair"] if e == 0)
+    epoch0 = view["epochs"]["0"]
+    per_shard = {f"shard-{s:06d}": 10 for s in epoch0["finished"]}
+    for s, ranges in epoch0["partial"].items():
+        per_shard[f"shard-{int(s):06d}"] = sum(b - a + 1 for a, b in ranges)
+    assert per_shard == {k: v for k, v in yielded.items()}
+    assert view["fresh_from"] == 1 and set(view["streams"]) == {"0", "1"}
+
+
+def test_cursor_guards(local_data):
+    loaders = _loaders(local_data, 2, workers=0)
+    for ld in loaders:
+        _take(ld, 2)
+    states = [ld.state_dict() for ld in loaders]
+    with pytest.raises(ValueError, match="every rank"):
+        build_loader(_cfg(local_data, 0), rank=0, world_size=1, state=states[0], **GEOMETRY)
+    cfg = _cfg(local_data, 0)
+    cfg.seed = 12
+    with pytest.raises(ValueError, match="data.seed = 12"):
+        build_loader(cfg, rank=0, world_size=2, state=states, **GEOMETRY)
+    with pytest.raises(ValueError, match="seq_len = 20"):
+        build_loader(_cfg(local_data, 0), rank=0, world_size=2, state=states, seq_len=20, image_size=16,
+                     patch_size=8)
+    # each rank may also resume from its own state alone at the same world size (as the trainer saves them)
+    assert _take(build_loader(_cfg(local_data, 0), rank=1, world_size=2, state=states[1], **GEOMETRY), 1)
