@@ -118,9 +118,10 @@ class Trainer:
     """One rank's trainer: a DeepSpeed engine over the objectives module, the loader and the step loop."""
 
     def __init__(self, cfg: RunConfig, rank: int, world_size: int, reporter: Reporter,
-                 mlflow_run_id: str | None = None, tracking_uri: str = ""):
+                 mlflow_run_id: str | None = None, tracking_uri: str = "", local_rank: int | None = None):
         self.cfg = cfg
         self.rank = rank
+        self.local_rank = rank if local_rank is None else local_rank
         self.world_size = world_size
         self.reporter = reporter
         self.mlflow_run_id = mlflow_run_id
@@ -135,7 +136,8 @@ class Trainer:
         self.eval_set: dict | None = None
 
     # ----- building -------------------------------------------------------------------------------------------
-    def build(self) -> None:
+    def build(self, universal: bool = False) -> None:
+        """Model, objectives module, optimizer and DeepSpeed engine (set to load a universal checkpoint)."""
         import deepspeed
 
         from data_pipeline.tokenizer import load_tokenizer
@@ -155,6 +157,8 @@ class Trainer:
         optimizer = torch.optim.AdamW(groups, lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps,
                                       fused=self.on_gpu)
         ds_config = build_ds_config(self.cfg, self.world_size, self.on_gpu)
+        if universal:
+            ds_config.setdefault("checkpoint", {})["load_universal"] = True
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=self.module, optimizer=optimizer, config=ds_config, dist_init_required=False)
 
@@ -183,11 +187,11 @@ class Trainer:
         self.batches: Iterator[dict] = iter(self.loader)
 
     # ----- checkpoints ----------------------------------------------------------------------------------------
-    def restore(self) -> None:
-        """Loads the newest valid checkpoint Ray hands back (or an older valid one if that one is torn)."""
+    def find_checkpoint(self) -> tuple[Path, dict] | None:
+        """The newest valid checkpoint: the one Ray hands back, or an older valid one if that one is torn."""
         path = self.reporter.latest_checkpoint()
         if path is None:
-            return
+            return None
         try:
             ckpt.verify(path)
         except ckpt.TornCheckpoint as err:
@@ -195,20 +199,51 @@ class Trainer:
             found = ckpt.newest_valid(path.parent)
             if found is None:
                 log.warning("no valid checkpoint left; starting from scratch")
-                return
+                return None
             path = found.path
         state = ckpt.read_state(path)
         self._check_compatible(state, path)
+        return path, state
+
+    def restore(self, found: tuple[Path, dict]) -> None:
+        """Loads weights, optimizer, data cursor and RNG; converts the checkpoint if the world size changed."""
+        path, state = found
+        tag = "ds"
         if state["world_size"] != self.world_size:
-            raise RuntimeError(f"checkpoint {path} was saved by {state['world_size']} ranks, this job has "
-                               f"{self.world_size}; elastic resume needs the universal-checkpoint conversion")
-        self.engine.load_checkpoint(str(path), tag="ds", load_module_strict=True, load_optimizer_states=True,
+            path, tag = self._to_universal(path, state["step"])
+        self.engine.load_checkpoint(str(path), tag=tag, load_module_strict=True, load_optimizer_states=True,
                                     load_lr_scheduler_states=False)
-        self.progress = Progress(step=state["step"], data_state=state["data_states"][self.rank],
+        # Every rank's cursor: the loader resumes exactly at the same world size, elastically otherwise.
+        self.progress = Progress(step=state["step"], data_state=state["data_states"],
                                  extra=state.get("extra", {}))
-        _set_rng_state(state["rng"][self.rank])
+        if state["world_size"] == self.world_size:
+            _set_rng_state(state["rng"][self.rank])
         if self.rank == 0:
-            log.info("resumed from %s at step %d", path, state["step"])
+            how = "" if state["world_size"] == self.world_size else \
+                f" (elastic: saved by {state['world_size']} ranks, now {self.world_size})"
+            log.info("resumed from %s at step %d%s", found[0], state["step"], how)
+
+    def _to_universal(self, path: Path, step: int) -> tuple[Path, str]:
+        """Converts a ZeRO checkpoint to DeepSpeed's universal format once per node, then every rank loads it."""
+        import subprocess
+        import sys
+
+        import torch.distributed as dist
+
+        import hashlib
+
+        key = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
+        out = Path(tempfile.gettempdir()) / f"unimo-universal-{self.cfg.run.name}-{step}-{key}"
+        if self.local_rank == 0 and not (out / "ds_universal" / "zero").is_dir():
+            cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path / "ds"),
+                   "--output_folder", str(out / "ds_universal"), "--num_extract_workers", "1",
+                   "--num_merge_workers", "1"]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"converting checkpoint {path} for a new world size failed:\n{done.stderr[-2000:]}")
+            (out / "latest_universal").write_text("ds_universal")
+        dist.barrier()
+        return out, "ds_universal"
 
     def _check_compatible(self, state: dict, path: Path) -> None:
         saved_model = state["config"]["model"]
@@ -308,20 +343,25 @@ class Trainer:
     def evaluate(self, step: int) -> dict[str, float]:
         """Retrieval on the held-out pairs; every rank runs it (ZeRO-3 gathers need all ranks), rank 0 logs."""
         from data_pipeline.loader import build_eval_pairs
-        from trainer.evaluation import retrieval_metrics
+        from trainer.evaluation import evaluate
 
         if self.eval_set is None:
             self.eval_set = build_eval_pairs(self.cfg.data.eval_pairs, seq_len=self.cfg.seq_len,
                                              image_size=self.cfg.model.vision.image_size, tokenizer=self.tokenizer,
                                              limit=self.cfg.train.eval_samples)
             self.eval_set = {k: v for k, v in self.eval_set.items() if isinstance(v, torch.Tensor)}
-        metrics = retrieval_metrics(self.engine.module.model, move_to(self.eval_set, self.device))
+        metrics, captions = evaluate(self.engine.module.model, move_to(self.eval_set, self.device),
+                                     rerank_k=self.cfg.train.eval_rerank_k, decode=self.tokenizer.decode)
         if self.rank == 0:
             if self.metrics_logger is not None:
                 self.metrics_logger.log(metrics, step)
             shown = " ".join(f"{k.split('/')[1]}={v:.3f}" for k, v in metrics.items() if "R@" in k)
             print(f"[unimo] eval step {step}: {shown} (t2i chance R@1 = {1 / max(metrics['eval/candidates'], 1):.3f})",
                   flush=True)
+            for i, caption in enumerate(captions):
+                print(f"[unimo] eval step {step}: caption of eval image {i}: {caption!r}", flush=True)
+            if captions:
+                self.tracker.log_text("\n".join(captions) + "\n", f"eval/captions_step_{step:08d}.txt")
         return metrics
 
     def should_checkpoint(self, step: int) -> bool:
@@ -330,8 +370,10 @@ class Trainer:
 
     def run(self) -> dict[str, float]:
         """Trains from the restored step to the end of the plan; returns the last logged metrics."""
-        self.build()
-        self.restore()
+        found = self.find_checkpoint()
+        self.build(universal=found is not None and found[1]["world_size"] != self.world_size)
+        if found is not None:
+            self.restore(found)
         self.build_loader()
         self._start_logging()
         self.watchdog.start()
@@ -356,6 +398,7 @@ class Trainer:
                     self.watchdog.pause()
                     root = self.save(done)
                     self.reporter.report({"step": done, **last}, root, done)
+                    self.tracker.checkpoint_saved(root, done)  # rank 0 queues its manifest as an artifact
                     shutil.rmtree(root, ignore_errors=True)
                     self.watchdog.resume()
         finally:
@@ -365,15 +408,16 @@ class Trainer:
 
     # ----- logging --------------------------------------------------------------------------------------------
     def _start_logging(self) -> None:
-        if self.rank == 0 and self.mlflow_run_id:
-            from trainer.tracking import MetricLogger
+        """Every rank: rank 0 gets the MetricLogger, each node's first rank a system-metrics sampler."""
+        from trainer.tracking import start_tracking
 
-            self.metrics_logger = MetricLogger(self.tracking_uri, self.mlflow_run_id,
-                                               self.cfg.tracking.flush_seconds)
+        self.tracker = start_tracking(self.cfg, self.rank, self.world_size, self.mlflow_run_id, self.tracking_uri,
+                                      step_fn=lambda: self.progress.step)
+        self.metrics_logger = self.tracker.metrics
 
     def _stop_logging(self) -> None:
-        if self.metrics_logger is not None:
-            self.metrics_logger.close()
+        if getattr(self, "tracker", None) is not None:
+            self.tracker.close()
 
     def _log(self, metrics: dict[str, float], step: int, stage: str, t_start: float, start_step: int) -> None:
         if self.rank != 0:

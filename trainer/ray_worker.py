@@ -48,7 +48,8 @@ def train_func(payload: dict) -> None:
     ctx = ray.train.get_context()
     cfg = config_from_dict(payload["run_config"])
     trainer = Trainer(cfg, rank=ctx.get_world_rank(), world_size=ctx.get_world_size(), reporter=RayReporter(),
-                      mlflow_run_id=payload.get("mlflow_run_id"), tracking_uri=payload.get("tracking_uri", ""))
+                      mlflow_run_id=payload.get("mlflow_run_id"), tracking_uri=payload.get("tracking_uri", ""),
+                      local_rank=ctx.get_local_rank())
     trainer.run()
 
 

@@ -77,3 +77,20 @@ def test_torn_checkpoint_is_skipped_with_a_warning(synthetic_data, tmp_path, cap
     state = json.loads((step_dirs(storage, "torn")[-1] / "trainer_state.json").read_text())
     assert state["step"] == 12
     shutil.rmtree(storage, ignore_errors=True)
+
+
+def test_elastic_resume_two_to_one_to_two(synthetic_data, tmp_path, capfd):
+    storage, data = tmp_path / "runs", str(synthetic_data)
+    tracking = [f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    train(small_run("elastic", storage, data, steps=6, every=6, extra=CONSTANT_LR + tracking))
+    train(small_run("elastic", storage, data, steps=12, every=6,
+                    extra=CONSTANT_LR + tracking + ["scaling.num_workers=1"]))
+    train(small_run("elastic", storage, data, steps=18, every=6, extra=CONSTANT_LR + tracking))
+    text = capfd.readouterr()
+    text = text.out + text.err
+    assert "elastic: saved by 2 ranks, now 1" in text
+    assert "elastic: saved by 1 ranks, now 2" in text
+    states = [json.loads((d / "trainer_state.json").read_text()) for d in step_dirs(storage, "elastic")]
+    assert [(s["step"], s["world_size"]) for s in states] == [(6, 2), (12, 1), (18, 2)]
+    # the global batch stayed the same: 2 micro-batches per step whatever the world size
+    assert all(s["config"]["train"]["global_micro_batches"] == 2 for s in states)
