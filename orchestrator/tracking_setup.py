@@ -5,17 +5,19 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from trainer.config import RunConfig
-from trainer.config_loader import flatten, to_dict
+from trainer.tracking import (RUN_ID_FILE, SECRET_MARKERS, SPOOL_DIR, MetricLogger, create_run, find_run,
+                              git_commit, log_config_artifacts, redact, safe_params, secret_values,
+                              spooled_segments, write_run_id)
 
 log = logging.getLogger(__name__)
 
-RUN_ID_FILE = "mlflow_run.json"
-# Config keys never sent to MLflow: credentials must come from the environment, but a user may still paste one.
-SECRET_MARKERS = ("secret", "password", "token", "access_key", "credential")
+__all__ = ["RUN_ID_FILE", "SECRET_MARKERS", "default_tracking_uri", "ensure_run", "finish_run", "safe_params",
+           "git_commit", "replay_spool", "check_reachable"]
 
 
 def default_tracking_uri(cfg: RunConfig, run_dir: Path | None) -> str:
@@ -25,65 +27,116 @@ def default_tracking_uri(cfg: RunConfig, run_dir: Path | None) -> str:
     return f"sqlite:///{(base / 'mlflow.db').resolve()}"
 
 
-def safe_params(cfg: RunConfig) -> dict[str, str]:
-    params = {}
-    for key, value in flatten(to_dict(cfg)).items():
-        if any(m in key.lower() for m in SECRET_MARKERS):
-            continue
-        params[key] = str(value)[:6000]
-    return params
+def check_reachable(tracking_uri: str, timeout: float = 5.0) -> None:
+    """Raises OSError when an http(s) tracking server does not answer at all (any HTTP status is an answer).
 
-
-def git_commit() -> str:
+    MLflow's client retries a refused connection for ~4 minutes before failing; this probe fails in seconds.
+    """
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        urllib.request.urlopen(tracking_uri.rstrip("/") + "/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return  # it answered (a proxy or an auth layer may refuse /health)
 
 
-def ensure_run(cfg: RunConfig, tracking_uri: str, run_dir: Path) -> str:
-    """Returns the MLflow run id of this job, creating the run (with params and tags) the first time."""
-    from mlflow.entities import Param, RunTag
+def _unreachable_message(tracking_uri: str, err: Exception) -> str:
+    shown = redact(tracking_uri, [])
+    return (f"MLflow tracking at {shown} is not reachable or refused the request "
+            f"({type(err).__name__}: {redact(str(err), [])[:200]}). Start it (`unimo mlflow`), set tracking.uri "
+            "to a reachable server, or set tracking.buffer_if_unreachable=true to train on and log later.")
+
+
+class RunGone(RuntimeError):
+    """The run recorded for this job no longer exists on the server (deleted in the UI)."""
+
+
+def _resume_run(client, cfg: RunConfig, run_id: str, secrets: list[str], id_file: Path) -> None:
+    """A resubmission: counts it, marks the run running again and records the config it was resubmitted with."""
+    try:
+        run = client.get_run(run_id)
+    except Exception as err:  # noqa: BLE001
+        if getattr(err, "error_code", "") != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise RunGone(f"MLflow run {run_id} recorded in {id_file} does not exist on the tracking server (deleted?); "
+                      f"delete {id_file} to start a new MLflow run for this job") from None
+    if run.info.lifecycle_stage == "deleted":
+        raise RunGone(f"MLflow run {run_id} recorded in {id_file} was deleted; restore it in the MLflow UI or "
+                      f"delete {id_file} to start a new MLflow run for this job")
+    restarts = int(run.data.tags.get("unimo.restarts", "0")) + 1
+    client.set_tag(run_id, "unimo.restarts", str(restarts))
+    client.update_run(run_id, status="RUNNING")
+    # Params cannot change once logged: a resubmission's config (e.g. more steps) is kept as artifacts.
+    log_config_artifacts(client, run_id, cfg, secrets, folder=f"config/restart_{restarts}")
+
+
+def ensure_run(cfg: RunConfig, tracking_uri: str, run_dir: Path) -> str | None:
+    """Returns the MLflow run id of this job, creating the run (params, tags, config) the first time.
+
+    Unreachable server: a RuntimeError naming the URI, or None when tracking.buffer_if_unreachable is set
+    (rank 0 then creates or finds the run once the server answers; metrics wait in its buffer meanwhile).
+    """
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=tracking_uri)
+    secrets = secret_values(dict(os.environ))
     id_file = run_dir / RUN_ID_FILE
     try:
-        if id_file.is_file():
-            run_id = json.loads(id_file.read_text())["run_id"]
-            run = client.get_run(run_id)
-            restarts = int(run.data.tags.get("unimo.restarts", "0")) + 1
-            client.set_tag(run_id, "unimo.restarts", str(restarts))
-            client.update_run(run_id, status="RUNNING")
-            return run_id
-        exp = client.get_experiment_by_name(cfg.tracking.experiment)
-        exp_id = exp.experiment_id if exp else client.create_experiment(cfg.tracking.experiment)
-        tags = {"unimo.run_name": cfg.run.name, "unimo.flavor": cfg.model.flavor,
-                "unimo.world_size": str(cfg.scaling.num_workers), "unimo.restarts": "0",
-                "mlflow.source.git.commit": git_commit()}
-        run = client.create_run(exp_id, run_name=cfg.run.name, tags=tags)
-        run_id = run.info.run_id
-        params = [Param(k, v) for k, v in safe_params(cfg).items()]
-        for i in range(0, len(params), 100):
-            client.log_batch(run_id, params=params[i:i + 100])
-        client.log_text(run_id, json.dumps(to_dict(cfg), indent=1), "config/resolved_config.json")
-    except Exception as err:  # noqa: BLE001 - every failure here means "the tracking server is not usable"
-        raise RuntimeError(f"MLflow tracking at {tracking_uri} is not reachable or refused the request "
-                           f"({type(err).__name__}: {str(err)[:200]}). Start it (`unimo mlflow`) or set "
-                           "tracking.uri to a reachable server.") from None
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = id_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"run_id": run_id, "tracking_uri": tracking_uri}))
-    os.replace(tmp, id_file)
+        check_reachable(tracking_uri)
+        client = MlflowClient(tracking_uri=tracking_uri)
+        run_id = json.loads(id_file.read_text())["run_id"] if id_file.is_file() else None
+        run_id = run_id or find_run(client, cfg, str(run_dir))
+        if run_id is not None:
+            _resume_run(client, cfg, run_id, secrets, id_file)
+        else:
+            run_id = create_run(client, cfg, str(run_dir), secrets, commit=git_commit())
+    except RunGone:
+        raise
+    except Exception as err:  # noqa: BLE001 - every other failure means "the tracking server is not usable"
+        message = _unreachable_message(tracking_uri, err)
+        if cfg.tracking.buffer_if_unreachable:
+            log.warning("%s Training on: metrics wait in memory and %s until it answers.", message,
+                        run_dir / SPOOL_DIR)
+            return None
+        raise RuntimeError(message) from None
+    write_run_id(run_dir, run_id, tracking_uri)
+    replay_spool(tracking_uri, run_id, run_dir / SPOOL_DIR)
     return run_id
 
 
-def finish_run(tracking_uri: str, run_id: str, ok: bool) -> None:
+def replay_spool(tracking_uri: str, run_id: str, spool: Path, timeout: float = 120.0) -> bool:
+    """Sends metrics earlier attempts left in ``spool`` (one folder per logger) before new ones are logged."""
+    ok = True
+    for folder in sorted(p for p in spool.iterdir() if p.is_dir()) if spool.is_dir() else []:
+        if not spooled_segments(folder):
+            continue
+        logger = MetricLogger(tracking_uri, run_id, flush_seconds=0.2, spool_dir=folder)
+        n = logger.pending()
+        done = logger.close(timeout=timeout)
+        ok = ok and done
+        log.info("MLflow: %s %d spooled metrics from %s", "replayed" if done else "could not replay", n, folder)
+    return ok
+
+
+def finish_run(tracking_uri: str, run_id: str | None, ok: bool, cfg: RunConfig | None = None,
+               run_dir: Path | None = None) -> str | None:
+    """Marks the run finished or failed; returns its id (found in the run folder when it was created late)."""
     from mlflow.tracking import MlflowClient
 
     try:
-        MlflowClient(tracking_uri=tracking_uri).set_terminated(run_id, status="FINISHED" if ok else "FAILED")
+        check_reachable(tracking_uri)  # fail in seconds, not after the client's minutes of retries
+        if run_id is None and run_dir is not None and (run_dir / RUN_ID_FILE).is_file():
+            run_id = json.loads((run_dir / RUN_ID_FILE).read_text())["run_id"]
+        client = MlflowClient(tracking_uri=tracking_uri)
+        if run_id is None and cfg is not None and run_dir is not None:
+            run_id = find_run(client, cfg, str(run_dir))
+        if run_id is None:
+            log.warning("no MLflow run to close: the server was never reachable during this job; metrics are "
+                        "kept in %s and go out at the next start of this run", run_dir and run_dir / SPOOL_DIR)
+            return None
+        if run_dir is not None:
+            write_run_id(run_dir, run_id, tracking_uri)
+            replay_spool(tracking_uri, run_id, run_dir / SPOOL_DIR, timeout=30.0)
+        client.set_terminated(run_id, status="FINISHED" if ok else "FAILED")
     except Exception as err:  # noqa: BLE001
         log.warning("could not mark MLflow run %s finished: %s", run_id, err)
+    return run_id

@@ -1,0 +1,195 @@
+"""MetricLogger against in-process fake MLflow clients: outages, spilling to disk, replay, order, no loss."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from trainer.tracking import MetricLogger, metric_key, spooled_segments
+
+
+class FakeClient:
+    """Records what reaches 'MLflow'; fails while ``down`` or for its first ``fail_first`` calls."""
+
+    def __init__(self, fail_first: int = 0):
+        self.fail_first = fail_first
+        self.down = False
+        self.calls = 0
+        self.metrics: list[tuple[str, str, float, int]] = []  # (run_id, key, value, step) in arrival order
+        self.tags: dict[str, str] = {}
+        self.artifacts: list[tuple[str, str | None, str]] = []
+        self.lock = threading.Lock()
+
+    def _maybe_fail(self):
+        self.calls += 1
+        if self.down or self.calls <= self.fail_first:
+            raise ConnectionError("connection refused")
+
+    def log_batch(self, run_id, metrics=(), params=(), tags=(), synchronous=None):
+        with self.lock:
+            self._maybe_fail()
+            self.metrics += [(run_id, m.key, m.value, m.step) for m in metrics]
+            self.tags.update({t.key: t.value for t in tags})
+
+    def log_artifact(self, run_id, local_path, artifact_path=None):
+        with self.lock:
+            self._maybe_fail()
+            with open(local_path) as f:
+                self.artifacts.append((local_path.rsplit("/", 1)[-1], artifact_path, f.read()))
+
+
+def expected(steps: int, keys=("loss/total", "lr", "eval/i2t_R@1")) -> list[tuple[str, float, int]]:
+    return [(metric_key(k), float(s * 10 + i), s) for s in range(1, steps + 1) for i, k in enumerate(keys)]
+
+
+def log_steps(logger: MetricLogger, first: int, last: int, keys=("loss/total", "lr", "eval/i2t_R@1")) -> None:
+    for s in range(first, last + 1):
+        logger.log({k: s * 10 + i for i, k in enumerate(keys)}, s)
+
+
+def received(client: FakeClient) -> list[tuple[str, float, int]]:
+    return [(k, v, s) for _, k, v, s in client.metrics]
+
+
+def test_fails_n_times_then_succeeds_without_losing_or_reordering(tmp_path):
+    client = FakeClient(fail_first=4)
+    logger = MetricLogger("fake://", "run1", flush_seconds=0.01, client=client, max_backoff=0.05,
+                          spool_dir=tmp_path)
+    log_steps(logger, 1, 200)
+    assert logger.close(timeout=20)
+    assert received(client) == expected(200)
+    assert logger.failures >= 4 and logger.delivered == 600
+    assert {r for r, *_ in client.metrics} == {"run1"}
+
+
+def test_logging_while_sending_keeps_order(tmp_path):
+    client = FakeClient()
+    logger = MetricLogger("fake://", "run1", flush_seconds=0.001, client=client, spool_dir=tmp_path,
+                          max_in_memory=64)
+    log_steps(logger, 1, 3000)  # the sender drains concurrently; chunks close and spill as they fill
+    assert logger.close(timeout=30)
+    assert received(client) == expected(3000)
+
+
+def test_long_outage_spills_to_disk_with_bounded_memory_then_delivers_everything(tmp_path):
+    client = FakeClient()
+    client.down = True
+    logger = MetricLogger("fake://", "run1", flush_seconds=0.01, client=client, max_backoff=0.05,
+                          spool_dir=tmp_path, max_in_memory=300)
+    peak = 0
+    for s in range(1, 2001):
+        log_steps(logger, s, s)
+        peak = max(peak, logger._in_memory)
+    assert peak <= 300 + 3  # one step's metrics can overshoot before the spill
+    assert logger.spilled > 5000 and spooled_segments(tmp_path)
+    assert logger.pending() == 6000
+    client.down = False
+    assert logger.flush(timeout=30)
+    assert received(client) == expected(2000)
+    assert not spooled_segments(tmp_path)  # delivered segments are removed
+    logger.close()
+
+
+def test_undelivered_at_shutdown_are_spooled_and_sent_first_by_the_next_logger(tmp_path):
+    down = FakeClient()
+    down.down = True
+    first = MetricLogger("fake://", "run1", flush_seconds=0.01, client=down, max_backoff=0.05, spool_dir=tmp_path)
+    log_steps(first, 1, 40)
+    assert not first.close(timeout=0.3)
+    assert spooled_segments(tmp_path) and down.metrics == []
+
+    up = FakeClient()
+    second = MetricLogger("fake://", "run1", flush_seconds=0.01, client=up, spool_dir=tmp_path)
+    assert second.pending() == 120
+    log_steps(second, 41, 60)
+    assert second.close(timeout=20)
+    assert received(up) == expected(60)
+    assert not spooled_segments(tmp_path)
+
+
+def test_partly_sent_segment_resumes_after_its_sent_marker(tmp_path):
+    """A crash after some batches of a spooled segment went out: the next logger sends only the rest."""
+    client = FakeClient()
+    client.down = True
+    first = MetricLogger("fake://", "run1", flush_seconds=0.01, client=client, max_backoff=0.05, spool_dir=tmp_path)
+    log_steps(first, 1, 700)  # 2100 metrics: three batches of at most 1000
+    assert not first.close(timeout=0.2)
+    (segment,) = spooled_segments(tmp_path)
+    segment.with_name(segment.name + ".sent").write_text("1000")  # as if the first batch had been delivered
+    up = FakeClient()
+    second = MetricLogger("fake://", "run1", flush_seconds=0.01, client=up, spool_dir=tmp_path)
+    assert second.close(timeout=20)
+    assert received(up) == expected(700)[1000:]
+
+
+def test_run_created_late_receives_everything_logged_before(tmp_path):
+    client = FakeClient()
+    answers = iter([None, None, "late-run"])
+    logger = MetricLogger("fake://", None, flush_seconds=0.01, client=client, max_backoff=0.05,
+                          spool_dir=tmp_path, resolve_run=lambda c: next(answers, "late-run"))
+    log_steps(logger, 1, 30)
+    assert logger.close(timeout=20)
+    assert logger.run_id == "late-run"
+    assert received(client) == expected(30)
+    assert {r for r, *_ in client.metrics} == {"late-run"}
+
+
+def test_tags_and_artifacts_are_retried_until_delivered(tmp_path):
+    client = FakeClient(fail_first=2)
+    logger = MetricLogger("fake://", "run1", flush_seconds=0.01, client=client, max_backoff=0.05,
+                          spool_dir=tmp_path)
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text('{"step": 5}')
+    logger.set_tags({"unimo.nodes": 2})
+    logger.log_artifact(manifest, "checkpoints/step_00000005")
+    manifest.unlink()  # the loop deletes its checkpoint folder right after: the logger kept a copy
+    logger.log_text("a cat\na dog\n", "eval/captions_step_00000005.txt")
+    assert logger.close(timeout=20)
+    assert client.tags == {"unimo.nodes": "2"}
+    assert client.artifacts == [("manifest.json", "checkpoints/step_00000005", '{"step": 5}'),
+                                ("captions_step_00000005.txt", "eval", "a cat\na dog\n")]
+
+
+class RefusingClient(FakeClient):
+    """A server that refuses one metric's content (HTTP 400) but takes the rest."""
+
+    def log_batch(self, run_id, metrics=(), params=(), tags=(), synchronous=None):
+        if any(m.key == "poison" for m in metrics):
+            err = RuntimeError("INVALID_PARAMETER_VALUE: poison")
+            err.error_code = "INVALID_PARAMETER_VALUE"
+            raise err
+        super().log_batch(run_id, metrics, params, tags, synchronous)
+
+
+def test_a_refused_metric_does_not_stall_the_ones_behind_it(tmp_path):
+    client = RefusingClient()
+    logger = MetricLogger("fake://", "run1", flush_seconds=0.01, client=client, spool_dir=tmp_path)
+    logger.log({"a": 1, "poison": 2, "b": 3}, 1)
+    logger.log({"a": 4}, 2)
+    assert logger.close(timeout=10)
+    assert received(client) == [("a", 1.0, 1), ("b", 3.0, 1), ("a", 4.0, 2)]
+    assert logger.rejected == 1
+
+
+@pytest.mark.parametrize("name, key", [("eval/i2t_R@1", "eval/i2t_R_at_1"), ("loss/itc", "loss/itc"),
+                                       ("system/host#1/cpu", "system/host_1/cpu"), ("/a//b/", "a/b")])
+def test_metric_names_are_made_valid_for_mlflow(name, key):
+    from mlflow.utils.validation import _validate_metric_name
+
+    assert metric_key(name) == key
+    _validate_metric_name(key)  # raises if MLflow would refuse it
+
+
+def test_log_returns_quickly_while_the_server_hangs(tmp_path):
+    class Hanging(FakeClient):
+        def log_batch(self, *a, **k):
+            time.sleep(2)
+            raise TimeoutError("read timed out")
+
+    logger = MetricLogger("fake://", "run1", flush_seconds=0.01, client=Hanging(), spool_dir=tmp_path)
+    t0 = time.perf_counter()
+    log_steps(logger, 1, 500)
+    assert time.perf_counter() - t0 < 1.0
+    logger.close(timeout=0.1)

@@ -1,0 +1,113 @@
+"""The job's single MLflow run: creation, resume, unreachable server at start (B13), no secrets, spool replay."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from orchestrator.tracking_setup import RunGone, ensure_run, finish_run
+from tests.integration.recipes import DEBUG_CONFIG
+from tests.integration.services import FAKE_AWS, free_port
+from trainer.config import load_config
+from trainer.tracking import RUN_ID_FILE, MetricLogger, redact, safe_params, secret_values, stage_plan
+
+
+def cfg_for(tmp_path, *extra):
+    return load_config(DEBUG_CONFIG, [f"run.storage={tmp_path / 'runs'}", "run.name=job", "tracking.experiment=t",
+                                      *extra])
+
+
+def sqlite_uri(tmp_path) -> str:
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def test_unreachable_server_at_start_is_a_clear_error_naming_the_uri(tmp_path):
+    uri = f"http://127.0.0.1:{free_port()}"
+    cfg = cfg_for(tmp_path, f"tracking.uri={uri}")
+    t0 = time.perf_counter()
+    with pytest.raises(RuntimeError) as err:
+        ensure_run(cfg, uri, tmp_path / "runs" / "job")
+    assert time.perf_counter() - t0 < 15  # not the MLflow client's minutes of retries
+    assert uri in str(err.value) and "buffer_if_unreachable" in str(err.value)
+    assert not (tmp_path / "runs" / "job" / RUN_ID_FILE).exists()
+
+
+def test_unreachable_server_with_buffering_trains_on_without_a_run(tmp_path, caplog):
+    uri = f"http://127.0.0.1:{free_port()}"
+    cfg = cfg_for(tmp_path, f"tracking.uri={uri}", "tracking.buffer_if_unreachable=true")
+    assert ensure_run(cfg, uri, tmp_path / "runs" / "job") is None
+    assert uri in caplog.text
+
+
+def test_one_run_across_resubmissions(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri, run_dir = sqlite_uri(tmp_path), tmp_path / "runs" / "job"
+    cfg = cfg_for(tmp_path)
+    first = ensure_run(cfg, uri, run_dir)
+    assert json.loads((run_dir / RUN_ID_FILE).read_text())["run_id"] == first
+    assert ensure_run(cfg_for(tmp_path, "stages=[{name: s, steps: 9}]"), uri, run_dir) == first
+    (run_dir / RUN_ID_FILE).unlink()  # a lost id file: the run is found again by its name and folder
+    assert ensure_run(cfg, uri, run_dir) == first
+    client = MlflowClient(uri)
+    run = client.get_run(first)
+    assert run.data.tags["unimo.restarts"] == "2" and run.data.tags["unimo.flavor"] == "debug"
+    assert run.data.tags["mlflow.source.git.commit"] and run.data.params["model.flavor"] == "debug"
+    files = {f.path for f in client.list_artifacts(first, "config")}
+    assert {"config/resolved_config.json", "config/stage_plan.json", "config/restart_1"} <= files
+    plan = json.loads(open(client.download_artifacts(first, "config/restart_1/stage_plan.json", str(tmp_path)))
+                      .read())
+    assert plan[0]["name"] == "s" and plan[0]["last_step"] == 9
+    assert finish_run(uri, None, True, cfg=cfg, run_dir=run_dir) == first
+    assert client.get_run(first).info.status == "FINISHED"
+
+
+def test_a_deleted_run_is_named_in_the_error(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri, run_dir = sqlite_uri(tmp_path), tmp_path / "runs" / "job"
+    run_id = ensure_run(cfg_for(tmp_path), uri, run_dir)
+    MlflowClient(uri).delete_run(run_id)
+    with pytest.raises(RunGone, match=run_id):
+        ensure_run(cfg_for(tmp_path), uri, run_dir)
+
+
+def test_metrics_spooled_by_an_earlier_attempt_are_replayed_at_the_next_start(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri, run_dir = sqlite_uri(tmp_path), tmp_path / "runs" / "job"
+
+    class Down:
+        def log_batch(self, *a, **k):
+            raise ConnectionError("refused")
+
+    spooled = MetricLogger("x", None, flush_seconds=0.01, client=Down(), spool_dir=run_dir / "mlflow_spool" / "metrics")
+    for step in range(1, 6):
+        spooled.log({"loss/total": step / 10}, step)
+    assert not spooled.close(timeout=0.2)
+    run_id = ensure_run(cfg_for(tmp_path), uri, run_dir)
+    history = MlflowClient(uri).get_metric_history(run_id, "loss/total")
+    assert sorted(m.step for m in history) == [1, 2, 3, 4, 5]
+    assert not list((run_dir / "mlflow_spool" / "metrics").glob("seg-*"))
+
+
+def test_no_secret_in_params(tmp_path, monkeypatch):
+    for k, v in FAKE_AWS.items():
+        monkeypatch.setenv(k, v)
+    secret = FAKE_AWS["AWS_SECRET_ACCESS_KEY"]
+    cfg = cfg_for(tmp_path, f"tracking.uri=http://user:hunter2pass@mlflow.example:5000",
+                  f"data.pair.urls=s3://bucket/{secret}/pairs")
+    params = safe_params(cfg, secret_values(dict(__import__("os").environ)))
+    blob = json.dumps(params)
+    assert secret not in blob and "hunter2pass" not in blob
+    assert params["tracking.uri"] == "http://***@mlflow.example:5000"
+    assert params["model.flavor"] == "debug"
+
+
+def test_redact_and_stage_plan(tmp_path):
+    assert redact("s3://AKIA:sec@bucket/x and token-123456789", ["token-123456789"]) == "s3://***@bucket/x and ***"
+    plan = stage_plan(cfg_for(tmp_path))
+    assert [(p["name"], p["first_step"], p["last_step"]) for p in plan] == [("unimodal", 1, 100),
+                                                                           ("crossmodal", 101, 300)]
