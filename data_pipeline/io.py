@@ -86,34 +86,36 @@ def list_shards(url: str) -> list[tuple[str, int]]:
     """
     if not url:
         raise DataSourceError("empty shard URL")
-    if "{" in url:
-        return _list_pattern(url)
     try:
-        fs, path = filesystem(url)
-        if fs.isfile(path):
-            return [(url, fs.size(path))]
-        found = fs.find(path, detail=True) if fs.isdir(path) else {}
-        if not found:  # a key prefix such as s3://b/pairs/shard- rather than a folder
-            found = {p: fs.info(p) for p in fs.glob(path.rstrip("/") + "*")}
-    except Exception as exc:
+        shards = call_with_retries(lambda: _list_pattern(url) if "{" in url else _list_prefix(url), url,
+                                   RetryPolicy())
+    except (DataSourceError, DataReadError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - anything else still names the URL
         raise storage_error(url, exc) from None
-    shards = sorted((_with_scheme(url, p), int(info.get("size") or 0)) for p, info in found.items()
-                    if p.endswith(".tar") and info.get("type", "file") == "file")
     if not shards:
         raise DataSourceError(f"no shards (*.tar) found under {url}")
     return shards
 
 
+def _list_prefix(url: str) -> list[tuple[str, int]]:
+    fs, path = filesystem(url)
+    if fs.isfile(path):
+        return [(url, fs.size(path))]
+    found = fs.find(path, detail=True) if fs.isdir(path) else {}
+    if not found:  # a key prefix such as s3://b/pairs/shard- rather than a folder
+        found = {p: fs.info(p) for p in fs.glob(path.rstrip("/") + "*")}
+    return sorted((_with_scheme(url, p), int(info.get("size") or 0)) for p, info in found.items()
+                  if p.endswith(".tar") and info.get("type", "file") == "file")
+
+
 def _list_pattern(url: str) -> list[tuple[str, int]]:
     urls = sorted(set(braceexpand(url)))
     sizes = {}
-    try:
-        fs, _ = filesystem(urls[0])
-        for parent in sorted({u.rsplit("/", 1)[0] for u in urls}):  # one listing per folder, not per shard
-            for entry in fs.ls(filesystem(parent)[1], detail=True):
-                sizes[_norm(entry["name"])] = int(entry.get("size") or 0)
-    except Exception as exc:
-        raise storage_error(url, exc) from None
+    fs, _ = filesystem(urls[0])
+    for parent in sorted({u.rsplit("/", 1)[0] for u in urls}):  # one listing per folder, not per shard
+        for entry in fs.ls(filesystem(parent)[1], detail=True):
+            sizes[_norm(entry["name"])] = int(entry.get("size") or 0)
     missing = [u for u in urls if _norm(u) not in sizes]
     if missing:
         raise DataSourceError(f"{url}: {len(missing)} of {len(urls)} shards do not exist, e.g. {missing[:3]}")
@@ -152,6 +154,33 @@ def _is_transient(exc: BaseException) -> bool:
     return type(exc).__module__.split(".")[0] in _TRANSIENT_MODULES
 
 
+def call_with_retries(op: Callable, url: str, policy: RetryPolicy, *, on_failure=None, on_retry=None,
+                      where: Callable[[], str] = lambda: ""):
+    """op() retried with backoff on transient storage errors; permanent ones become errors naming the URL.
+
+    After the budget a DataReadError: the run stops rather than silently skipping data (F6).
+    """
+    errors = []
+    for delay in [*policy.delays(), None]:
+        try:
+            return op()
+        except Exception as exc:  # noqa: BLE001 - classified below
+            if on_failure:
+                on_failure()
+            if not _is_transient(exc):
+                if isinstance(exc, OSError) or type(exc).__name__.endswith("CredentialsError"):
+                    raise storage_error(url, exc) from None
+                raise
+            errors.append(f"{type(exc).__name__}: {exc}")
+            if delay is None:
+                break
+            log.warning("storage call for %s%s failed (%s); retrying in %.1fs", url, where(), errors[-1], delay)
+            if on_retry:
+                on_retry()
+            time.sleep(delay)
+    raise DataReadError(f"could not read {url}{where()} after {len(errors)} attempts: {errors[-1]}")
+
+
 class RetryingReader:
     """A read-only stream over one shard that reopens at the byte already reached when a read fails.
 
@@ -177,28 +206,13 @@ class RetryingReader:
         return f
 
     def _call(self, op):
-        errors = []
-        for delay in [*self.policy.delays(), None]:
-            try:
-                if self._f is None:
-                    self._f = self._open()
-                return op()
-            except Exception as exc:  # noqa: BLE001 - classified below
-                self._close_quietly()
-                if not _is_transient(exc):
-                    if isinstance(exc, (OSError,)) or type(exc).__name__.endswith("CredentialsError"):
-                        raise storage_error(self.url, exc) from None
-                    raise
-                errors.append(f"{type(exc).__name__}: {exc}")
-                if delay is None:
-                    break
-                log.warning("read of %s failed at byte %d (%s); retrying in %.1fs", self.url, self.pos,
-                            errors[-1], delay)
-                if self._on_retry:
-                    self._on_retry()
-                time.sleep(delay)
-        raise DataReadError(f"could not read {self.url} at byte {self.pos} after {len(errors)} attempts: "
-                            f"{errors[-1]}")
+        def attempt():
+            if self._f is None:
+                self._f = self._open()
+            return op()
+
+        return call_with_retries(attempt, self.url, self.policy, on_failure=self._close_quietly,
+                                 on_retry=self._on_retry, where=lambda: f" at byte {self.pos}")
 
     def read(self, n: int = -1) -> bytes:
         data = self._call(lambda: self._f.read(n))

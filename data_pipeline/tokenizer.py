@@ -7,7 +7,7 @@ from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-from .io import filesystem, storage_error
+from .io import DataReadError, DataSourceError, RetryPolicy, call_with_retries, filesystem, storage_error
 
 SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # ids 0..4 in tokenizers we train
 # Names of each special token in BERT-style and RoBERTa-style tokenizer.json files.
@@ -71,13 +71,18 @@ class TextTokenizer:
 
 
 def _read_text(path: str) -> str:
-    fs, p = filesystem(path)
-    try:
+    def read():
+        fs, p = filesystem(path)
         if fs.isdir(p):
             p = p.rstrip("/") + "/tokenizer.json"
         with fs.open(p, "r", encoding="utf-8") as f:
             return f.read()
-    except Exception as exc:
+
+    try:
+        return call_with_retries(read, path, RetryPolicy())
+    except (DataSourceError, DataReadError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - anything else still names the path
         raise storage_error(path, exc) from None
 
 

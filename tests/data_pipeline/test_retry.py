@@ -2,6 +2,7 @@
 
 import os
 import threading
+import time
 
 import boto3
 import pytest
@@ -45,3 +46,20 @@ def test_read_fails_loudly_after_the_retry_budget(s3_server, s3_object):
                 pass
     finally:
         s3_server.start()
+
+
+def test_shard_listing_at_start_waits_out_an_outage(s3_server, s3_data):
+    import s3fs
+
+    from data_pipeline.io import list_shards
+
+    s3fs.S3FileSystem.clear_instance_cache()  # no listing cached from earlier tests: this one must ask S3
+    s3_server.stop()
+    restart = threading.Timer(1.5, s3_server.start)
+    restart.start()
+    t0 = time.monotonic()
+    try:
+        assert len(list_shards(s3_data["pair"])) == 8
+        assert time.monotonic() - t0 > 1.4  # it did wait for the server to come back
+    finally:
+        restart.join()
