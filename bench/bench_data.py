@@ -80,11 +80,11 @@ def unimo_loader(urls: dict, args):
 
 def reference_loader(urls: dict, args):
     """The common way: webdataset + PIL + the usual transforms, s3 opened through fsspec."""
+    import importlib
+
     import fsspec
     import numpy as np
     import torch
-    import importlib
-
     import webdataset as wds
     from PIL import Image
     from tokenizers import Tokenizer

@@ -7,5 +7,5 @@ from .loader import MixedLoader, build_eval_pairs, build_loader
 from .synthetic import write_synthetic_dataset
 from .tokenizer import load_tokenizer
 
-__all__ = ["DataConfig", "SourceConfig", "DataReadError", "DataSourceError", "MixedLoader", "build_eval_pairs",
+__all__ = ["DataConfig", "DataReadError", "DataSourceError", "MixedLoader", "SourceConfig", "build_eval_pairs",
            "build_loader", "load_tokenizer", "merge_states", "write_synthetic_dataset"]

@@ -80,7 +80,7 @@ class StreamState:
                 "buffer": [list(b) for b in self.buffer], "draws": self.draws}
 
     @classmethod
-    def from_json(cls, d: dict) -> "StreamState":
+    def from_json(cls, d: dict) -> StreamState:
         return cls(streams=d["plan"][0], index=d["plan"][1], fresh_epoch=d["fresh_epoch"],
                    todo=[list(t) for t in d["todo"]], head=list(d["head"]) if d["head"] else None,
                    done={k: from_ranges(v) for k, v in d["open"].items()},

@@ -6,7 +6,7 @@ import dataclasses
 import hashlib
 import logging
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import fsspec
 from braceexpand import braceexpand
@@ -164,7 +164,7 @@ def call_with_retries(op: Callable, url: str, policy: RetryPolicy, *, on_failure
     for delay in [*policy.delays(), None]:
         try:
             return op()
-        except Exception as exc:  # noqa: BLE001 - classified below
+        except Exception as exc:
             if on_failure:
                 on_failure()
             if not _is_transient(exc):

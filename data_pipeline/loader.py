@@ -1,4 +1,9 @@
-"""The mixed-source loader: per-rank DataLoader over per-worker streams, with an exact and elastic cursor."""
+"""The mixed-source loader: per-rank DataLoader over per-worker streams, with an exact and elastic cursor.
+
+torchdata's StatefulDataLoader was weighed: its state is a per-rank, per-worker snapshot that restores only onto
+the same world size and worker count, while our cursor must also be redistributed across ranks (see cursor.py);
+the plain DataLoader plus a cursor riding on each batch gives both.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +17,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .batch import BatchSpec, image_batch, pair_batch, pixels_tensor, text_batch
 from .config import DataConfig
-from .cursor import (VERSION, StreamState, epochs_view, fresh_streams, is_complete, merge_states,
-                     redistribute)
+from .cursor import VERSION, StreamState, epochs_view, fresh_streams, is_complete, merge_states, redistribute
 from .io import DataSourceError, RetryingReader, RetryPolicy, list_shards, shard_digest
 from .samples import Prep, shard_items
 from .stream import SourceStream, StreamContext
@@ -21,7 +25,7 @@ from .tokenizer import TextTokenizer, load_tokenizer
 
 log = logging.getLogger("unimo.data")
 
-__all__ = ["build_loader", "MixedLoader", "build_eval_pairs", "merge_states"]
+__all__ = ["MixedLoader", "build_eval_pairs", "build_loader", "merge_states"]
 
 
 @dataclass

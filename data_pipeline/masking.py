@@ -41,7 +41,7 @@ def mlm_mask(ids: list[int], units: list[list[int]], rng: np.random.Generator, p
     masked, labels = list(ids), [IGNORE] * len(ids)
     if n_tokens == 0:
         return masked, labels
-    target = max(1, int(round(probability * n_tokens)))
+    target = max(1, round(probability * n_tokens))
     chosen = 0
     for u in rng.permutation(len(units)):
         if chosen >= target:
@@ -69,5 +69,5 @@ def _random_token(rng: np.random.Generator, vocab_size: int, special_ids) -> int
 def patch_mask(n_patches: int, ratio: float, rng: np.random.Generator) -> np.ndarray:
     """(N,) bool with exactly round(ratio * N) patches masked (True)."""
     mask = np.zeros(n_patches, dtype=bool)
-    mask[rng.permutation(n_patches)[:int(round(ratio * n_patches))]] = True
+    mask[rng.permutation(n_patches)[:round(ratio * n_patches)]] = True
     return mask

@@ -6,8 +6,8 @@ import hashlib
 import io
 import json
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import numpy as np
 from PIL import Image
@@ -41,7 +41,7 @@ class Prep:
 
 def shard_name(url: str) -> str:
     name = url.rstrip("/").rsplit("/", 1)[-1]
-    return name[:-4] if name.endswith(".tar") else name
+    return name.removesuffix(".tar")
 
 
 def stable_id(text: str) -> int:

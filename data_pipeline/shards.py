@@ -13,8 +13,8 @@ import json
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator
 
 from PIL import Image
 
@@ -63,7 +63,7 @@ def _read_bytes(url: str) -> bytes:
             return f.read()
     except FileNotFoundError:
         raise SkipSample("missing_file", url) from None
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any other storage failure stops the run, naming the input
         raise storage_error(url, exc) from None
 
 
@@ -198,7 +198,7 @@ def detect_format(inputs: list[str]) -> str:
     first = inputs[0].rstrip("/")
     if first.endswith(".csv") or (first.endswith(".jsonl") and _looks_like_manifest(first)):
         return "manifest"
-    if first.endswith(".jsonl") or first.endswith(".txt"):
+    if first.endswith((".jsonl", ".txt")):
         return "text"
     if first.endswith(".json"):
         return "coco"

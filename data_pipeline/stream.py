@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from .cursor import StreamState, order_seed, parse_key, planned_share, shard_key
 from .io import DataSourceError, RetryingReader, RetryPolicy

@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import re
 import tarfile
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 BLOCK = 512
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's rule: the key ends at the first dot

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
@@ -44,7 +44,7 @@ class TextTokenizer:
         return self._tok.to_str()
 
     @classmethod
-    def from_str(cls, text: str) -> "TextTokenizer":
+    def from_str(cls, text: str) -> TextTokenizer:
         return cls(Tokenizer.from_str(text))
 
     def encode_plain(self, text: str) -> Encoded:
@@ -119,6 +119,6 @@ def save_tokenizer(tok: TextTokenizer, path: str) -> str:
         fs.makedirs(p.rsplit("/", 1)[0], exist_ok=True)
         with fs.open(p, "w", encoding="utf-8") as f:
             f.write(tok.to_str())
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any storage failure becomes an error naming the path
         raise storage_error(path, exc) from None
     return path

@@ -1,8 +1,7 @@
 """Fixtures of the data pipeline tests: an S3 server (moto) on 127.0.0.1 and small synthetic datasets."""
 
-import socket
-
 import logging
+import socket
 
 import pytest
 

@@ -1,6 +1,5 @@
 """Shard writers and the `unimo data` CLI: inputs to shards, skips with reasons, re-runs that keep shards."""
 
-import io
 import json
 import subprocess
 import sys

@@ -2,8 +2,14 @@
 
 import json
 
-from data_pipeline import DataConfig, SourceConfig, build_eval_pairs, build_loader, load_tokenizer
-from data_pipeline import write_synthetic_dataset
+from data_pipeline import (
+    DataConfig,
+    SourceConfig,
+    build_eval_pairs,
+    build_loader,
+    load_tokenizer,
+    write_synthetic_dataset,
+)
 
 
 def test_interface_shapes(tmp_path):

@@ -7,8 +7,16 @@ import pytest
 
 from data_pipeline.concepts import locate_phrases, phrase_spans, rule_phrases
 from data_pipeline.masking import IGNORE, mask_units, mlm_mask, patch_mask
-from data_pipeline.rewrite import (COLOURS, NUMBERS_PLURAL, OBJECTS, RELATIONS, hard_negative, phrase_rewrite,
-                                   sentence_rewrite, word_rewrite)
+from data_pipeline.rewrite import (
+    COLOURS,
+    NUMBERS_PLURAL,
+    OBJECTS,
+    RELATIONS,
+    hard_negative,
+    phrase_rewrite,
+    sentence_rewrite,
+    word_rewrite,
+)
 from data_pipeline.tokenizer import load_tokenizer, train_tokenizer
 
 CAPTION = "Two small red circles on the left and a blue square at the top"
