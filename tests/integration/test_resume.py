@@ -74,9 +74,41 @@ def test_torn_checkpoint_is_skipped_with_a_warning(synthetic_data, tmp_path, cap
     text = out.out + out.err
     assert "skipping torn checkpoint" in text and "step_00000010" in text
     assert "resumed from" in text and "step_00000005" in text
-    state = json.loads((step_dirs(storage, "torn")[-1] / "trainer_state.json").read_text())
+    final = step_dirs(storage, "torn")[-1]
+    state = json.loads((final / "trainer_state.json").read_text())
     assert state["step"] == 12
+    check_export_matches_zero_to_fp32(final, tmp_path)
     shutil.rmtree(storage, ignore_errors=True)
+
+
+def check_export_matches_zero_to_fp32(step_dir: Path, tmp_path: Path) -> None:
+    """`unimo export` equals the zero_to_fp32.py script DeepSpeed ships in the checkpoint, and loads without it."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from orchestrator.cli import main
+    from trainer.export import load_exported
+
+    out = tmp_path / "export"
+    assert main(["export", str(step_dir), str(out)]) == 0
+    ref_dir = tmp_path / "zero_to_fp32"
+    # (its safetensors mode refuses tied weights, so it writes a torch file here)
+    subprocess.run([sys.executable, str(step_dir / "zero_to_fp32.py"), str(step_dir), str(ref_dir), "--tag", "ds"],
+                   check=True, env=dict(os.environ, DS_ACCELERATOR="cpu"), capture_output=True)
+    ref = {}
+    for f in sorted(ref_dir.glob("*.bin")):
+        ref.update(torch.load(f, map_location="cpu", weights_only=True))
+    ours = load_file(str(out / "model.safetensors"))
+    ref = {k.removeprefix("model."): v for k, v in ref.items()}
+    assert ref and set(ref) == set(ours)
+    assert all(torch.equal(ref[k], ours[k]) for k in ref)
+    model = load_exported(out)
+    ids = torch.tensor([[2, 10, 11, 3]])
+    assert model.encode_text(ids, torch.ones_like(ids))[-1].shape[:2] == (1, 4)
+    assert (out / "tokenizer.json").is_file()
 
 
 def test_elastic_resume_two_to_one_to_two(synthetic_data, tmp_path, capfd):
