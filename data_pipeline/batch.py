@@ -98,7 +98,7 @@ def pair_batch(refs, items, tok: TextTokenizer, spec: BatchSpec) -> dict:
         enc = tok.encode_words(caption, spec.seq_len)
         spans = spans_of[i]
         m, lab = _mlm(tok, spec, enc.ids, mask_units(enc.word_ids, enc.offsets, spans), rng)
-        neg = _negative(i, caption, spans, chosen, spans_of, items, rng, spec)
+        neg = _negative(i, caption, spans, chosen, spans_of, items, rng, spec, tok)
         rows["ids"].append(enc.ids)
         rows["masked"].append(m)
         rows["labels"].append(lab)
@@ -119,9 +119,10 @@ def pair_batch(refs, items, tok: TextTokenizer, spec: BatchSpec) -> dict:
     return out
 
 
-def _negative(i, caption, spans, chosen, spans_of, items, rng, spec: BatchSpec):
-    """A rewrite of caption i; phrase- and sentence-level ones borrow from the other images of the batch."""
+def _negative(i, caption, spans, chosen, spans_of, items, rng, spec: BatchSpec, tok: TextTokenizer):
+    """A rewrite of caption i; phrase- and sentence-level ones borrow from the other images of the batch;
+    word-level ones only swap in words the tokenizer spells without [UNK]."""
     others = [j for j in range(len(items)) if items[j]["image_id"] != items[i]["image_id"]]
     donors = [chosen[j][1][a:b] for j in others for a, b in spans_of[j]]
     return hard_negative(caption, rng, spans=spans, donors=donors, others=[chosen[j][1] for j in others],
-                         weights=spec.rewrite_weights)
+                         weights=spec.rewrite_weights, known=lambda w: tok.unk_id not in tok.encode_plain(w).ids)

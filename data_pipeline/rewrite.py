@@ -60,19 +60,24 @@ class Rewrite:
     new: str
 
 
-def word_candidates(text: str, classes=WORD_CLASSES) -> list[tuple[str, int, int, list[str]]]:
-    """(class, start, end, alternatives) of every word a word-level rewrite may swap."""
+def word_candidates(text: str, classes=WORD_CLASSES, known=None) -> list[tuple[str, int, int, list[str]]]:
+    """(class, start, end, alternatives) of every word a word-level rewrite may swap.
+
+    known(word) -> bool, when given, keeps only alternatives the tokenizer can spell: a swap to a word it maps to
+    [UNK] would make a negative that is told apart by the [UNK] alone, not by its meaning.
+    """
     out = []
     for m in _WORD.finditer(text):
         for cls, alts in _alternatives(m.group().lower()).items():
-            if cls in classes:
+            alts = alts if known is None else [a for a in alts if known(a)]
+            if cls in classes and alts:
                 out.append((cls, m.start(), m.end(), alts))
     return out
 
 
-def word_rewrite(text: str, rng: np.random.Generator, classes=WORD_CLASSES) -> Rewrite | None:
+def word_rewrite(text: str, rng: np.random.Generator, classes=WORD_CLASSES, known=None) -> Rewrite | None:
     """Swap one colour/number/object/relation word for another of its class; None when there is none."""
-    cands = word_candidates(text, classes)
+    cands = word_candidates(text, classes, known)
     if not cands:
         return None
     cls, start, end, alts = cands[int(rng.integers(len(cands)))]
@@ -115,13 +120,13 @@ def sentence_rewrite(text: str, others: list[str], rng: np.random.Generator) -> 
 
 
 def hard_negative(text: str, rng: np.random.Generator, *, spans: list[tuple[int, int]], donors: list[str],
-                  others: list[str], weights=(0.6, 0.2, 0.2)) -> Rewrite | None:
+                  others: list[str], weights=(0.6, 0.2, 0.2), known=None) -> Rewrite | None:
     """A hard negative of the kind drawn by ``weights``, falling back to the other kinds when it cannot apply."""
     w = np.asarray(weights, dtype=float)
     first = int(rng.choice(3, p=w / w.sum()))
     for kind in [KINDS[first]] + [k for k in KINDS if k != KINDS[first]]:
         if kind == "word":
-            out = word_rewrite(text, rng)
+            out = word_rewrite(text, rng, known=known)
         elif kind == "phrase":
             out = phrase_rewrite(text, spans, donors, rng)
         else:

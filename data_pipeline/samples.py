@@ -139,11 +139,11 @@ class Packer:
 
     def __init__(self, tok: TextTokenizer, seq_len: int):
         self.tok, self.seq_len = tok, seq_len
-        self._reset(None)
         self._word_base = 0
+        self._reset()
 
-    def _reset(self, key):
-        self.ids, self.words, self.first_key = [self.tok.cls_id], [-1], key
+    def _reset(self):
+        self.ids, self.words, self.first_key = [self.tok.cls_id], [-1], None
 
     def add(self, key: str, text: str) -> Iterator[dict]:
         enc = self.tok.encode_plain(text)
@@ -162,7 +162,7 @@ class Packer:
 
     def _emit(self) -> dict:
         out = {"key": self.first_key, "ids": self.ids, "word_ids": self.words}
-        self._reset(None)
+        self._reset()
         return out
 
     def flush(self) -> Iterator[dict]:
