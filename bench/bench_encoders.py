@@ -4,7 +4,7 @@ Both sides get the same weights (ours are loaded from the reference's save_pretr
 are checked to agree), the same inputs and the same thread count; the two are timed in alternation so that
 machine noise hits both alike. Prints median times and the ratio ours/theirs (< 1 means ours is faster).
 
-    .venv/bin/python bench/bench_encoders.py [--iters 10] [--warmup 3]
+    .venv/bin/python bench/bench_encoders.py [--iters 10] [--warmup 3] [--threads 1 --clock cpu]
 """
 
 from __future__ import annotations
@@ -27,10 +27,13 @@ from model.hf_loading import (load_text_encoder, load_vision_encoder, text_confi
 from model.unimo import UnimoModel  # noqa: E402
 
 
+CLOCK = time.perf_counter
+
+
 def _time(fn) -> float:
-    t0 = time.perf_counter()
+    t0 = CLOCK()
     fn()
-    return time.perf_counter() - t0
+    return CLOCK() - t0
 
 
 def _race(ours, theirs, warmup: int, iters: int) -> tuple[float, float]:
@@ -115,15 +118,20 @@ def main(argv=None) -> dict:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--image-batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    # cpu: process CPU time, steadier than wall time when other jobs share the cores (use with --threads 1:
+    # with more threads it also counts OpenMP's spin-waiting)
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     args = p.parse_args(argv)
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     results = {}
     with tempfile.TemporaryDirectory() as t1, tempfile.TemporaryDirectory() as t2:
         results.update(bench_text(args, t1))
         results.update(bench_vision(args, t2))
-    print(f"torch {torch.__version__}, {args.threads} threads, fwd+bwd, median of {args.iters} "
-          f"(after {args.warmup} warm-up)")
+    print(f"torch {torch.__version__}, {args.threads} threads, {args.clock} clock, fwd+bwd, median of "
+          f"{args.iters} (after {args.warmup} warm-up)")
     print(f"{'encoder':<20}{'shape':<32}{'ours ms':>10}{'theirs ms':>11}{'ratio':>8}{'max|diff|':>11}")
     for name, r in results.items():
         print(f"{name:<20}{r['shape']:<32}{r['ours'] * 1e3:>10.1f}{r['theirs'] * 1e3:>11.1f}"

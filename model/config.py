@@ -172,14 +172,18 @@ class ModelConfig:
     init_std: float = 0.02
     temperature_init: float = 0.07  # logit_scale starts at log(1 / temperature_init)
     max_logit_scale: float = 100.0  # exp(logit_scale) is clamped here at use, as CLIP does
+    # local Hugging Face folders to initialise the encoders from ("" = from scratch); text/vision must match
+    text_init: str = ""  # BERT / RoBERTa
+    vision_init: str = ""  # ViT / CLIP(-vision)
 
     def __post_init__(self):
         self.text = _coerce(self.text, TextConfig)
         self.vision = _coerce(self.vision, VisionConfig)
         self.fusion = _coerce(self.fusion, FusionConfig)
         _positive(self, "embed_dim")
-        if not isinstance(self.flavor, str):
-            _fail("ModelConfig", "flavor", self.flavor, "must be a str")
+        for n in ("flavor", "text_init", "vision_init"):
+            if not isinstance(getattr(self, n), str):
+                _fail("ModelConfig", n, getattr(self, n), "must be a str")
         for n in ("init_std", "temperature_init", "max_logit_scale"):
             v = getattr(self, n)
             if not isinstance(v, (int, float)) or v <= 0:

@@ -48,6 +48,17 @@ class UnimoModel(nn.Module):
         self.mim_head = MIMHead(v.dim, v.patch_size, v.channels)
         self.grounding_head = GroundingHead(f.dim, cfg.embed_dim)
         self.apply(self._init_weights)
+        self._load_pretrained()
+
+    def _load_pretrained(self) -> None:
+        if not (self.cfg.text_init or self.cfg.vision_init):
+            return
+        from model.hf_loading import load_text_encoder, load_vision_encoder
+
+        if self.cfg.text_init:
+            load_text_encoder(self, self.cfg.text_init)
+        if self.cfg.vision_init:
+            load_vision_encoder(self, self.cfg.vision_init)
 
     def _init_weights(self, m: nn.Module) -> None:
         std = self.cfg.init_std

@@ -174,3 +174,16 @@ def test_config_mismatch_is_an_error(tmp_path):
     cfg = ModelConfig(text=text_config_from_hf(str(tmp_path), heads=8))
     with pytest.raises(ValueError, match="heads"):
         load_text_encoder(UnimoModel(cfg), str(tmp_path))
+
+
+def test_model_config_init_paths(tmp_path):
+    text_dir, vision_dir = tmp_path / "bert", tmp_path / "vit"
+    hf_t = _save(transformers.BertModel(transformers.BertConfig(max_position_embeddings=64, **TINY_TEXT)), text_dir)
+    hf_v = _save(transformers.ViTModel(transformers.ViTConfig(**TINY_VISION)), vision_dir)
+    cfg = ModelConfig(text=text_config_from_hf(str(text_dir)), vision=vision_config_from_hf(str(vision_dir)),
+                      text_init=str(text_dir), vision_init=str(vision_dir))
+    ours = UnimoModel(cfg).eval()
+    _compare_text(ours, hf_t, *_text_inputs(0))
+    px = _pixels()
+    with torch.no_grad():
+        assert (ours.encode_image(px)[-1] - hf_v(pixel_values=px).last_hidden_state).abs().max() < TOL
