@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 
+from trainer.checkpoint import TornCheckpoint
 from trainer.config_loader import ConfigError
 
 DESCRIPTION = """unimo: distributed pre-training of UNIMO-family vision-language models
@@ -74,6 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("jobs", help="list, status, logs [--follow], stop jobs on a Ray cluster; see `unimo jobs --help`",
                        add_help=False)
     p.add_argument("args", nargs=argparse.REMAINDER)
+
+    p = sub.add_parser("export", help="consolidate a checkpoint into safetensors + config + tokenizer",
+                       description="Reads the ZeRO-3 shards of a checkpoint folder (one with a valid manifest) "
+                                   "and writes model.safetensors, config.json and tokenizer.json to OUT, "
+                                   "loadable with trainer.export.load_exported without DeepSpeed.")
+    p.add_argument("checkpoint", help="a checkpoint folder, e.g. runs/exp1/checkpoints/step_00000300")
+    p.add_argument("out", help="output folder")
 
     p = sub.add_parser("mlflow", help="start a local MLflow tracking server (SQLite backend) on 127.0.0.1")
     p.add_argument("--port", type=int, default=5000)
@@ -140,6 +148,14 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return jobs_main(args.args)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from trainer.export import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.out)
+    print(f"exported {args.checkpoint} -> {out}")
+    return 0
+
+
 def cmd_mlflow(args: argparse.Namespace) -> int:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     argv = [sys.executable, "-m", "mlflow", "server", "--host", args.host, "--port", str(args.port),
@@ -150,7 +166,7 @@ def cmd_mlflow(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "demo": cmd_demo, "config": cmd_config, "model": cmd_model, "data": cmd_data,
-            "mlflow": cmd_mlflow, "submit": cmd_submit, "jobs": cmd_jobs}
+            "mlflow": cmd_mlflow, "submit": cmd_submit, "jobs": cmd_jobs, "export": cmd_export}
 
 
 # Commands that parse their own arguments: argparse's REMAINDER drops a leading option (`unimo submit --help`,
@@ -181,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"unimo: config error: {err}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError, RuntimeError) as err:
+    except (FileNotFoundError, ValueError, RuntimeError, TornCheckpoint) as err:
         print(f"unimo: error: {err}", file=sys.stderr)
         return 1
 

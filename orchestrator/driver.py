@@ -9,11 +9,13 @@ import os
 import signal
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from trainer.config import RunConfig
 from trainer.config_loader import to_dict
+from trainer.loop import STOP_FILE
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +34,7 @@ class TrainOutcome:
     tracking_uri: str
     mlflow_run_id: str
     metrics: dict
+    stopped_early: bool = False
 
 
 def run_dir_of(cfg: RunConfig) -> Path:
@@ -83,21 +86,28 @@ def fit(cfg: RunConfig) -> TrainOutcome:
     # Losing the lock to another driver interrupts this one like Ctrl-C: Ray Train then aborts the run.
     lock = RunLock(run_dir).acquire().start_heartbeat(on_lost=_thread.interrupt_main)
     try:
-        with sigterm_as_exit():
-            return _fit_locked(cfg, run_dir)
+        return _fit_locked(cfg, run_dir)
     finally:
         lock.release()
 
 
 @contextlib.contextmanager
-def sigterm_as_exit():
-    """SIGTERM (`unimo jobs stop`, a pod's termination) unwinds like an exception, so the run lock is released
-    and the MLflow run closed instead of the process vanishing mid-way."""
+def sigterm_as_exit(run_dir: Path):
+    """The first SIGTERM (preemption, a pod's termination) asks the workers to checkpoint at the next step and
+    end cleanly (the STOP file the loop polls); a second one unwinds like an exception, so the run lock is
+    released and the MLflow run closed instead of the process vanishing mid-way."""
+    stop_file = run_dir / STOP_FILE
+    stop_file.unlink(missing_ok=True)  # a stale request from an earlier job must not stop this one
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def _exit(signum, frame):
+        if not stop_file.exists():
+            stop_file.write_text(f"SIGTERM at {time.time():.0f}\n")
+            print("[unimo] SIGTERM: the workers save a checkpoint at the next step and stop; send it again to "
+                  "abort without saving", file=sys.stderr, flush=True)
+            return
         raise SystemExit(128 + signum)
 
     previous = signal.signal(signal.SIGTERM, _exit)
@@ -131,7 +141,8 @@ def _fit_locked(cfg: RunConfig, run_dir: Path) -> TrainOutcome:
     run_id = ensure_run(cfg, tracking_uri, run_dir)
     init_ray(cfg)
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # propagated by Ray Train to its controller
-    payload = {"run_config": to_dict(cfg), "mlflow_run_id": run_id, "tracking_uri": tracking_uri}
+    payload = {"run_config": to_dict(cfg), "mlflow_run_id": run_id, "tracking_uri": tracking_uri,
+               "control_dir": str(run_dir)}
     trainer = TorchTrainer(
         train_func,
         train_loop_config=payload,
@@ -139,25 +150,36 @@ def _fit_locked(cfg: RunConfig, run_dir: Path) -> TrainOutcome:
         run_config=ray.train.RunConfig(
             name="checkpoints", storage_path=str(run_dir),
             failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
+            # With keep_every the rank-0 worker prunes instead (Ray's policy knows only "the last K").
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=None if cfg.checkpoint.keep_every else cfg.checkpoint.keep_last),
             worker_runtime_env={"env_vars": worker_env(cfg)},
         ),
     )
     ok = False
     try:
-        result = trainer.fit()
+        # Installed after ray.init, which sets its own (aborting) SIGTERM handler in this process.
+        with sigterm_as_exit(run_dir):
+            result = trainer.fit()
         ok = result.error is None
         if result.error is not None:
             raise result.error
     finally:
-        finish_run(tracking_uri, run_id, ok)
+        run_id = finish_run(tracking_uri, run_id, ok, cfg=cfg, run_dir=run_dir)  # found if created late (B13)
+    stopped = (run_dir / STOP_FILE).exists() or bool((result.metrics or {}).get("stopped_early"))
+    (run_dir / STOP_FILE).unlink(missing_ok=True)
     return TrainOutcome(run_dir=run_dir, checkpoint=result.checkpoint.path if result.checkpoint else None,
-                        tracking_uri=tracking_uri, mlflow_run_id=run_id, metrics=dict(result.metrics or {}))
+                        tracking_uri=tracking_uri, mlflow_run_id=run_id, metrics=dict(result.metrics or {}),
+                        stopped_early=stopped)
 
 
 def print_summary(out: TrainOutcome) -> None:
     losses = {k: round(v, 4) for k, v in out.metrics.items() if str(k).startswith("loss/")}
-    print("\n=== unimo: run finished ===")
+    if out.stopped_early:
+        print(f"\n=== unimo: run stopped on request at step {int(out.metrics.get('step', 0))}; run the same "
+              "command (same run.name) to resume ===")
+    else:
+        print("\n=== unimo: run finished ===")
     print(f"final losses      : {losses}")
     print(f"checkpoint        : {out.checkpoint}")
     print(f"MLflow run id     : {out.mlflow_run_id}")

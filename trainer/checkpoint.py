@@ -124,3 +124,27 @@ def config_mismatch(saved: dict[str, Any], current: dict[str, Any], prefix: str 
         elif a != b:
             diffs.append(f"{name}: checkpoint has {a!r}, config has {b!r}")
     return diffs
+
+
+def retained_steps(steps: list[int], keep_last: int, keep_every: int) -> set[int]:
+    """The steps retention keeps: the newest ``keep_last`` and every ``keep_every``-th."""
+    newest = set(sorted(steps)[-keep_last:]) if keep_last > 0 else set()
+    periodic = {s for s in steps if keep_every > 0 and s % keep_every == 0}
+    return newest | periodic
+
+
+def prune(checkpoints_root: Path, keep_last: int, keep_every: int) -> list[Path]:
+    """Deletes complete checkpoints that retention does not keep; returns what it removed.
+
+    Only folders with a manifest are candidates: one still being uploaded is never touched.
+    """
+    complete = [c for c in list_step_dirs(checkpoints_root) if (c.path / MANIFEST).is_file()]
+    keep = retained_steps([c.step for c in complete], keep_last, keep_every)
+    removed = []
+    for cand in complete:
+        if cand.step not in keep:
+            import shutil
+
+            shutil.rmtree(cand.path, ignore_errors=True)
+            removed.append(cand.path)
+    return removed

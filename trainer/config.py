@@ -127,6 +127,7 @@ class TrainSection:
     log_every: int = 1
     eval_every: int = 0  # 0 = only at the end
     eval_samples: int = 100  # held-out pairs used for retrieval (the candidate pool size)
+    eval_rerank_k: int = 0  # > 0: also re-rank each query's ITC top-k by the ITM head (eval/itm_* metrics)
     watchdog_seconds: float = 600.0  # a step making no progress this long ends the worker with a message
 
     def __post_init__(self) -> None:
@@ -134,6 +135,7 @@ class TrainSection:
         _check(self.seq_len >= 0, f"seq_len must be >= 0, got {self.seq_len}")
         _check(self.log_every > 0, f"log_every must be > 0, got {self.log_every}")
         _check(self.eval_every >= 0, f"eval_every must be >= 0, got {self.eval_every}")
+        _check(self.eval_rerank_k >= 0, f"eval_rerank_k must be >= 0, got {self.eval_rerank_k}")
         _check(self.watchdog_seconds > 0, f"watchdog_seconds must be > 0, got {self.watchdog_seconds}")
 
 
@@ -141,12 +143,15 @@ class TrainSection:
 class CheckpointConfig:
     """When to save and what to keep."""
 
-    every_steps: int = 50  # 0 = only at the end (and on SIGTERM)
+    every_steps: int = 50  # 0 = only at the end (and on a stop request)
+    every_minutes: float = 0.0  # also save when this much time passed since the last save; 0 = off
     keep_last: int = 2
     keep_every: int = 0  # additionally keep every M-th step's checkpoint; 0 = none
+    async_upload: bool = True  # upload to storage in the background; the loop only waits for the local save
 
     def __post_init__(self) -> None:
         _check(self.every_steps >= 0, f"every_steps must be >= 0, got {self.every_steps}")
+        _check(self.every_minutes >= 0, f"every_minutes must be >= 0, got {self.every_minutes}")
         _check(self.keep_last >= 1, f"keep_last must be >= 1, got {self.keep_last}")
         _check(self.keep_every >= 0, f"keep_every must be >= 0, got {self.keep_every}")
 
@@ -158,9 +163,15 @@ class TrackingConfig:
     uri: str = ""  # "" = sqlite:///<storage>/mlflow.db (the embedded default); or http://host:5000
     experiment: str = "unimo"
     flush_seconds: float = 2.0  # how often the background logger sends a batch
+    # MLflow unreachable at start: False = stop with an error naming the URI; True = train on, buffering metrics
+    # (memory, then <storage>/<run>/mlflow_spool), and create the run once the server answers (docs/TRACKING.md)
+    buffer_if_unreachable: bool = False
+    system_metrics_seconds: float = 10.0  # CPU/memory/disk/network/GPU sampling period per node; 0 = off
 
     def __post_init__(self) -> None:
         _check(self.flush_seconds > 0, f"flush_seconds must be > 0, got {self.flush_seconds}")
+        _check(self.system_metrics_seconds >= 0,
+               f"system_metrics_seconds must be >= 0 (0 = off), got {self.system_metrics_seconds}")
 
 
 @dataclass

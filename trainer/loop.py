@@ -30,6 +30,9 @@ from trainer.watchdog import Watchdog
 log = logging.getLogger(__name__)
 
 
+STOP_FILE = "STOP"
+
+
 class Reporter(Protocol):
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None, step: int) -> None: ...
 
@@ -118,7 +121,8 @@ class Trainer:
     """One rank's trainer: a DeepSpeed engine over the objectives module, the loader and the step loop."""
 
     def __init__(self, cfg: RunConfig, rank: int, world_size: int, reporter: Reporter,
-                 mlflow_run_id: str | None = None, tracking_uri: str = "", local_rank: int | None = None):
+                 mlflow_run_id: str | None = None, tracking_uri: str = "", local_rank: int | None = None,
+                 control_dir: str | None = None):
         self.cfg = cfg
         self.rank = rank
         self.local_rank = rank if local_rank is None else local_rank
@@ -134,6 +138,10 @@ class Trainer:
         self.watchdog = Watchdog(cfg.train.watchdog_seconds, name=f"rank {rank}")
         self.last_result: StepResult | None = None
         self.eval_set: dict | None = None
+        # The driver drops a STOP file here on SIGTERM (preemption); rank 0 looks for it every step.
+        self.stop_file = Path(control_dir) / STOP_FILE if control_dir else None
+        self.last_save = time.monotonic()
+        self.stopped_early = False
 
     # ----- building -------------------------------------------------------------------------------------------
     def build(self, universal: bool = False) -> None:
@@ -364,9 +372,39 @@ class Trainer:
                 self.tracker.log_text("\n".join(captions) + "\n", f"eval/captions_step_{step:08d}.txt")
         return metrics
 
-    def should_checkpoint(self, step: int) -> bool:
+    def should_checkpoint(self, step: int, due_by_time: bool) -> bool:
         every = self.cfg.checkpoint.every_steps
-        return step == self.cfg.total_steps or (every > 0 and step % every == 0)
+        return step == self.cfg.total_steps or due_by_time or (every > 0 and step % every == 0)
+
+    def control_flags(self) -> tuple[bool, bool]:
+        """(stop requested, checkpoint due by time), agreed by all ranks with one tiny all-reduce.
+
+        Rank 0's view decides, so every rank stops or saves at the same step (ZeRO-3 saves are collective).
+        """
+        import torch.distributed as dist
+
+        flags = torch.zeros(2)
+        if self.rank == 0:
+            minutes = self.cfg.checkpoint.every_minutes
+            flags[0] = float(self.stop_file is not None and self.stop_file.exists())
+            flags[1] = float(minutes > 0 and time.monotonic() - self.last_save >= minutes * 60)
+        if self.world_size > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return bool(flags[0]), bool(flags[1])
+
+    def checkpoint(self, step: int, metrics: dict[str, float]) -> None:
+        self.watchdog.pause()
+        root = self.save(step)
+        # before the report: with async upload Ray deletes the local folder once it is uploaded
+        self.tracker.checkpoint_saved(root, step)  # rank 0 queues its manifest as an artifact
+        self.reporter.report({"step": step, "stopped_early": float(self.stopped_early), **metrics}, root, step)
+        if not self.cfg.checkpoint.async_upload:
+            shutil.rmtree(root, ignore_errors=True)
+        keep = self.cfg.checkpoint
+        if keep.keep_every and self.rank == 0 and self.stop_file is not None:
+            ckpt.prune(self.stop_file.parent / "checkpoints", keep.keep_last, keep.keep_every)
+        self.last_save = time.monotonic()
+        self.watchdog.resume()
 
     def run(self) -> dict[str, float]:
         """Trains from the restored step to the end of the plan; returns the last logged metrics."""
@@ -394,13 +432,15 @@ class Trainer:
                     self.watchdog.pause()
                     last.update(self.evaluate(done))
                     self.watchdog.resume()
-                if self.should_checkpoint(done):
-                    self.watchdog.pause()
-                    root = self.save(done)
-                    self.reporter.report({"step": done, **last}, root, done)
-                    self.tracker.checkpoint_saved(root, done)  # rank 0 queues its manifest as an artifact
-                    shutil.rmtree(root, ignore_errors=True)
-                    self.watchdog.resume()
+                stop, due = self.control_flags()
+                if stop and done < total_steps:
+                    self.stopped_early = True
+                    if self.rank == 0:
+                        print(f"[unimo] stop requested: saving a checkpoint at step {done} and exiting", flush=True)
+                if self.should_checkpoint(done, due or stop):
+                    self.checkpoint(done, last)
+                if self.stopped_early:
+                    break
         finally:
             self.watchdog.stop()
             self._stop_logging()

@@ -12,10 +12,11 @@ from trainer.config import config_from_dict
 class RayReporter:
     """Reports metrics and checkpoint folders to Ray Train; hands back the checkpoint Ray restored."""
 
-    def __init__(self):
+    def __init__(self, async_upload: bool = True):
         import ray.train
 
         self._train = ray.train
+        self.async_upload = async_upload
         self._restored_dir: Path | None = None
         self._restored_ctx = None
 
@@ -32,8 +33,12 @@ class RayReporter:
         from trainer.checkpoint import step_dir_name
 
         checkpoint = self._train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        # ASYNC: Ray copies to storage in the background and deletes the local copy afterwards, so the step loop
+        # only waits for the local save.
+        mode = self._train.CheckpointUploadMode.ASYNC if self.async_upload else self._train.CheckpointUploadMode.SYNC
         self._train.report(metrics, checkpoint=checkpoint,
-                           checkpoint_dir_name=step_dir_name(step) if checkpoint else None)
+                           checkpoint_dir_name=step_dir_name(step) if checkpoint else None,
+                           checkpoint_upload_mode=mode)
 
 
 def train_func(payload: dict) -> None:
@@ -47,9 +52,9 @@ def train_func(payload: dict) -> None:
 
     ctx = ray.train.get_context()
     cfg = config_from_dict(payload["run_config"])
-    trainer = Trainer(cfg, rank=ctx.get_world_rank(), world_size=ctx.get_world_size(), reporter=RayReporter(),
+    trainer = Trainer(cfg, rank=ctx.get_world_rank(), world_size=ctx.get_world_size(), reporter=RayReporter(cfg.checkpoint.async_upload),
                       mlflow_run_id=payload.get("mlflow_run_id"), tracking_uri=payload.get("tracking_uri", ""),
-                      local_rank=ctx.get_local_rank())
+                      local_rank=ctx.get_local_rank(), control_dir=payload.get("control_dir"))
     trainer.run()
 
 

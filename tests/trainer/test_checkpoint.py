@@ -1,0 +1,69 @@
+"""Unit tests of checkpoint manifests, torn-checkpoint detection, retention and config mismatch messages."""
+
+import json
+
+import pytest
+
+from trainer import checkpoint as ckpt
+
+
+def make_checkpoint(root, step, files=None):
+    d = root / ckpt.step_dir_name(step)
+    (d / "ds").mkdir(parents=True)
+    for name, data in (files or {"ds/zero_pp_rank_0_model_states.pt": b"abc" * 100, "trainer_state.json": b"{}"}).items():
+        (d / name).write_bytes(data)
+    ckpt.write_manifest(d, ckpt.describe_files(d), step)
+    return d
+
+
+def test_valid_checkpoint_verifies(tmp_path):
+    d = make_checkpoint(tmp_path, 10)
+    manifest = ckpt.verify(d)
+    assert manifest["step"] == 10 and "ds/zero_pp_rank_0_model_states.pt" in manifest["files"]
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: (d / "manifest.json").unlink(), "has no manifest.json"),
+    (lambda d: (d / "ds/zero_pp_rank_0_model_states.pt").unlink(), "is missing"),
+    (lambda d: (d / "ds/zero_pp_rank_0_model_states.pt").write_bytes(b"abc" * 99), "has size"),
+    (lambda d: (d / "ds/zero_pp_rank_0_model_states.pt").write_bytes(b"abd" * 100), "fails its checksum"),
+    (lambda d: (d / "manifest.json").write_text("{not json"), "unreadable manifest.json"),
+])
+def test_torn_checkpoints_are_named(tmp_path, damage, message):
+    d = make_checkpoint(tmp_path, 10)
+    damage(d)
+    with pytest.raises(ckpt.TornCheckpoint, match=message) as err:
+        ckpt.verify(d)
+    assert str(d) in str(err.value)
+
+
+def test_newest_valid_skips_torn_with_a_warning(tmp_path, caplog):
+    make_checkpoint(tmp_path, 10)
+    newest = make_checkpoint(tmp_path, 20)
+    (newest / "manifest.json").unlink()
+    found = ckpt.newest_valid(tmp_path)
+    assert found.step == 10
+    assert "step_00000020" in caplog.text and "skipping torn checkpoint" in caplog.text
+
+
+def test_retention_keeps_last_k_and_every_mth(tmp_path):
+    for step in (10, 20, 30, 40, 50, 60):
+        make_checkpoint(tmp_path, step)
+    in_progress = tmp_path / ckpt.step_dir_name(70)
+    in_progress.mkdir()  # no manifest yet: an upload still running is never pruned
+    removed = ckpt.prune(tmp_path, keep_last=2, keep_every=20)
+    left = sorted(c.step for c in ckpt.list_step_dirs(tmp_path))
+    assert left == [20, 40, 50, 60, 70]
+    assert sorted(p.name for p in removed) == ["step_00000010", "step_00000030"]
+
+
+def test_config_mismatch_names_fields():
+    saved = {"text": {"layers": 2, "dim": 64}, "flavor": "debug"}
+    now = {"text": {"layers": 4, "dim": 64}, "flavor": "debug"}
+    assert ckpt.config_mismatch(saved, now, "model.") == ["model.text.layers: checkpoint has 2, config has 4"]
+
+
+def test_state_written_atomically(tmp_path):
+    ckpt.write_json_atomic(tmp_path / "s.json", {"a": 1})
+    assert json.loads((tmp_path / "s.json").read_text()) == {"a": 1}
+    assert not list(tmp_path.glob("*.tmp"))
