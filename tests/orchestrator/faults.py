@@ -88,6 +88,13 @@ class Driver:
                     alive.append(pid)
         return alive
 
+    def leftover_names(self) -> list[str]:
+        names = []
+        for pid in self.leftovers():
+            with contextlib.suppress(psutil.Error):
+                names.append(psutil.Process(pid).name())
+        return names
+
     def cleanup(self) -> None:
         self.snapshot()
         with contextlib.suppress(ProcessLookupError, PermissionError):
