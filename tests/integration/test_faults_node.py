@@ -1,0 +1,89 @@
+"""F2: a node of a 2-node local Ray cluster is lost mid-run; the job goes on and every sample is seen exactly once.
+
+Fixed size: the job waits for the node (or another) to come back, then resumes from the last checkpoint.
+Elastic (scaling.min_workers=1): the job goes on with the workers left, at a smaller world size.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from cluster.local_cluster import add_worker, start_head, stop_all, wait_for_node_state
+from tests.integration.recipes import DEBUG_CONFIG, small_run
+from tests.orchestrator.faults import consumed, driver, final_state, registered, shard_sizes, wait_for
+from trainer.config import load_config
+
+pytestmark = pytest.mark.integration
+
+NO_EVAL = ["data.eval_pairs=", "scaling.num_workers=2", "scaling.cpus_per_worker=1"]
+NODE = "lc-node-b"
+
+
+@pytest.fixture
+def two_nodes():
+    """A head and one worker node of 1 CPU each, so the two training workers land one per node."""
+    head = start_head(1, auth=True)
+    try:
+        add_worker(head, 1, name=NODE)
+        yield head
+    finally:
+        stop_all(head)
+
+
+def _expected(argv: list[str], source: str) -> int:
+    cfg = load_config(DEBUG_CONFIG, argv[2:])
+    return cfg.total_steps * cfg.train.global_micro_batches * getattr(cfg.data, source).batch_size
+
+
+def _check_exactly_once(argv: list[str], run_dir: Path, data: Path) -> dict:
+    state = final_state(run_dir)
+    assert state["step"] == 20
+    for source, folder in (("pair", "pairs"), ("image", "images")):
+        got = consumed(state, source, shard_sizes(data / folder))
+        assert got == _expected(argv, source), f"{source}: {got} distinct samples seen, expected " \
+                                               f"{_expected(argv, source)} (20 steps x global batch)"
+    return state
+
+
+def _lose_node_after_first_checkpoint(head, run, run_dir: Path) -> None:
+    wait_for(lambda: registered(run_dir, 10), 180, "the step-10 checkpoint", run)
+    node = next(w for w in head.workers if w.name == NODE)
+    node.stop()  # its raylet exits (SIGTERM) and takes its training worker with it
+    wait_for_node_state(head, NODE, "DEAD", timeout=30)
+
+
+def test_node_lost_job_waits_for_it_and_completes_exactly_once(two_nodes, synthetic_data, tmp_path):
+    head, storage = two_nodes, tmp_path / "runs"
+    argv = ["train", DEBUG_CONFIG, *small_run("f2", storage, str(synthetic_data),
+                                              extra=NO_EVAL + [f"scaling.address={head.address}"])]
+    with driver(argv, tmp_path / "f2.log", env=head.client_env()) as run:
+        _lose_node_after_first_checkpoint(head, run, storage / "f2")
+        time.sleep(5)  # the job now waits: 2 workers of 1 CPU do not fit on the head alone
+        assert run.proc.poll() is None, run.tail()
+        add_worker(head, 1, name=NODE)  # the node comes back
+        assert run.wait(timeout=240) == 0, run.tail()
+        out = run.output()
+    assert "at step 10" in out, out[-3000:]
+    _check_exactly_once(argv, storage / "f2", synthetic_data)
+
+
+def test_node_lost_elastic_job_goes_on_with_fewer_workers(two_nodes, synthetic_data, tmp_path):
+    head, storage = two_nodes, tmp_path / "runs"
+    argv = ["train", DEBUG_CONFIG, *small_run("f2e", storage, str(synthetic_data),
+                                              extra=NO_EVAL + [f"scaling.address={head.address}",
+                                                               "scaling.min_workers=1"])]
+    # Ray 2.60's elastic policy first retries at the old size (its view of the cluster lags the node loss) and
+    # only shrinks once that start times out; a shorter timeout than the default 60 s keeps the test short.
+    env = {**head.client_env(), "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "30"}
+    with driver(argv, tmp_path / "f2e.log", env=env) as run:
+        _lose_node_after_first_checkpoint(head, run, storage / "f2e")
+        code = run.wait(timeout=240)
+        out = run.output()
+    if code != 0 and "elastic resume needs" in out:
+        pytest.xfail("the trainer cannot yet resume a 2-rank checkpoint on 1 rank (trainer/loop.py restore)")
+    assert code == 0, out[-4000:]
+    state = _check_exactly_once(argv, storage / "f2e", synthetic_data)
+    assert state["world_size"] == 1  # it really went on without the lost node
