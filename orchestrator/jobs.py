@@ -28,6 +28,9 @@ FORWARDED_ENV = ("MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK")
 SECRET_MARKERS = ("SECRET", "TOKEN", "PASSWORD", "PASSWD", "CREDENTIAL", "ACCESS_KEY", "API_KEY", "PRIVATE_KEY",
                   "SESSION")
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+# How long `unimo jobs stop` lets the driver wind down after SIGTERM (the workers save a checkpoint at the next
+# step) before Ray SIGKILLs it. Ray's own default, 3 s, is shorter than any checkpoint.
+STOP_GRACE_S = 300
 DEFAULT_TOKEN_FILE = Path.home() / ".ray" / "auth_token"
 
 
@@ -119,6 +122,7 @@ class Submission:
     run_name: str
     python: str = "python"
     env: dict[str, str] = field(default_factory=dict)
+    stop_grace_s: int = STOP_GRACE_S
 
     def entrypoint(self) -> str:
         # scaling.address=auto last: on the cluster the driver joins it (RAY_ADDRESS from the job supervisor)
@@ -127,7 +131,10 @@ class Submission:
                            "scaling.address=auto"])
 
     def runtime_env(self, root: Path = PROJECT_ROOT) -> dict:
-        return {"working_dir": str(root), "excludes": list(EXCLUDES), "env_vars": job_env(self.env)}
+        env = job_env(self.env)
+        # Read by the job's supervisor actor, which gets the job's env_vars too.
+        env["RAY_JOB_STOP_WAIT_TIME_S"] = str(self.stop_grace_s)
+        return {"working_dir": str(root), "excludes": list(EXCLUDES), "env_vars": env}
 
     def metadata(self) -> dict[str, str]:
         return {"unimo_run": self.run_name, "unimo_config": self.config}
@@ -189,7 +196,7 @@ def check_cluster_paths(cfg) -> None:
 
 
 def prepare(config: str, overrides: list[str], python: str = "python",
-            env: dict[str, str] | None = None) -> Submission:
+            env: dict[str, str] | None = None, stop_grace_s: int = STOP_GRACE_S) -> Submission:
     """Validates the config here (B1-B4 fail before anything is sent) and builds the submission."""
     from trainer.config import load_config
 
@@ -197,7 +204,7 @@ def prepare(config: str, overrides: list[str], python: str = "python",
     cfg.check_ready_to_train()
     check_cluster_paths(cfg)
     return Submission(config=project_relative(config), overrides=list(overrides), run_name=cfg.run.name,
-                      python=python, env=dict(env or {}))
+                      python=python, env=dict(env or {}), stop_grace_s=stop_grace_s)
 
 
 def live_jobs_of_run(client, run_name: str) -> list:
@@ -276,13 +283,17 @@ def submit_parser() -> argparse.ArgumentParser:
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment variable for the job (repeatable); credentials are refused")
     p.add_argument("--python", default="python", help="interpreter on the cluster (default: python)")
+    p.add_argument("--stop-grace", type=int, default=STOP_GRACE_S, metavar="SECONDS",
+                   help="on `unimo jobs stop`, how long the job may take to checkpoint and exit before it is "
+                        "killed (default: %(default)s)")
     p.add_argument("--follow", action="store_true", help="stream the job's logs until it ends")
     return p
 
 
 def submit_main(argv: list[str]) -> int:
     args = submit_parser().parse_intermixed_args(argv)
-    sub = prepare(args.config, args.overrides, python=args.python, env=parse_env(args.env))
+    sub = prepare(args.config, args.overrides, python=args.python, env=parse_env(args.env),
+                  stop_grace_s=args.stop_grace)
     address = resolve_address(args.address)
     client = connect(address)
     job_id = submit(client, sub, address)
@@ -309,7 +320,8 @@ def jobs_parser() -> argparse.ArgumentParser:
     s.add_argument("job")
     s.add_argument("--follow", "-f", action="store_true", help="stream until the job ends")
     _add_address(s)
-    s = sub.add_parser("stop", help="stop a job (its driver gets SIGTERM, then SIGKILL)")
+    s = sub.add_parser("stop", help="stop a job: its workers checkpoint at the next step and exit (SIGTERM); "
+                                    "killed if that takes longer than the job's --stop-grace")
     s.add_argument("job")
     s.add_argument("--wait", action="store_true", help="block until the job has ended")
     _add_address(s)

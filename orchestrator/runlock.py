@@ -52,7 +52,9 @@ def process_start_time(pid: int) -> float | None:
     import psutil  # a Ray dependency, so always present where the driver runs
 
     try:
-        return psutil.Process(pid).create_time()
+        proc = psutil.Process(pid)
+        # A killed driver whose parent has not reaped it yet is a zombie: gone for our purposes.
+        return None if proc.status() == psutil.STATUS_ZOMBIE else proc.create_time()
     except (psutil.NoSuchProcess, psutil.ZombieProcess):
         return None
     except psutil.AccessDenied:

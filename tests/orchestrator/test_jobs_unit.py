@@ -71,6 +71,7 @@ def test_no_secret_from_the_environment_reaches_the_job(tmp_path, monkeypatch):
     env_vars = sub.runtime_env()["env_vars"]
     assert env_vars["UNIMO_X"] == "1" and env_vars["MLFLOW_DISABLE_TELEMETRY"] == "true"
     assert env_vars["PYTHONUNBUFFERED"] == "1"
+    assert env_vars["RAY_JOB_STOP_WAIT_TIME_S"] == str(jobs.STOP_GRACE_S)  # time to checkpoint on stop
 
 
 @pytest.mark.parametrize("key", ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "RAY_AUTH_TOKEN",
