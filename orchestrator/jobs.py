@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import secrets
 import shlex
 import socket
@@ -27,6 +28,8 @@ FORWARDED_ENV = ("MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK")
 # instance role provides credentials (see docs/ORCHESTRATION.md).
 SECRET_MARKERS = ("SECRET", "TOKEN", "PASSWORD", "PASSWD", "CREDENTIAL", "ACCESS_KEY", "API_KEY", "PRIVATE_KEY",
                   "SESSION")
+# user:password@ in a URL (an MLflow or S3 endpoint): it would travel in the entrypoint, which the job table shows.
+URL_PASSWORD = re.compile(r"://[^/\s:@]+:[^/\s@]+@")
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 # How long `unimo jobs stop` lets the driver wind down after SIGTERM (the workers save a checkpoint at the next
 # step) before Ray SIGKILLs it. Ray's own default, 3 s, is shorter than any checkpoint.
@@ -188,6 +191,13 @@ def check_cluster_paths(cfg) -> None:
     d = cfg.data
     values = {"run.storage": cfg.run.storage, "data.text.urls": d.text.urls, "data.image.urls": d.image.urls,
               "data.pair.urls": d.pair.urls, "data.eval_pairs": d.eval_pairs, "data.tokenizer": d.tokenizer}
+    from trainer.config_loader import flatten, to_dict
+
+    leaking = [k for k, v in flatten(to_dict(cfg)).items() if isinstance(v, str) and URL_PASSWORD.search(v)]
+    if leaking:
+        raise JobsError(f"{', '.join(leaking)} embeds a password in a URL; the entrypoint is stored in the cluster's "
+                        "job table and shown by the dashboard. Let the cluster provide it (e.g. "
+                        "MLFLOW_TRACKING_USERNAME/PASSWORD in its environment).")
     bad = [f"{k}={v}" for k, v in values.items() if _is_relative_local(v)]
     if bad:
         raise JobsError("these paths are relative: " + ", ".join(bad) + ". On the cluster a job runs in a "

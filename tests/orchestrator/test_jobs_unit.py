@@ -81,6 +81,13 @@ def test_credentials_given_with_env_are_refused(key):
         jobs.job_env({key: "x"})
 
 
+def test_a_password_in_a_url_is_refused_without_printing_it(tmp_path):
+    with pytest.raises(JobsError) as err:
+        jobs.prepare(str(ROOT / "configs" / "debug.yaml"),
+                     _overrides(tmp_path) + ["tracking.uri=http://me:hunter2@mlflow:5000"])
+    assert "tracking.uri embeds a password" in str(err.value) and "hunter2" not in str(err.value)
+
+
 def test_relative_paths_are_refused_naming_the_keys():
     with pytest.raises(JobsError) as err:
         jobs.prepare(str(ROOT / "configs" / "debug.yaml"), [])
