@@ -5,14 +5,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 from trainer.config import RunConfig
 from trainer.tracking import (RUN_ID_FILE, SECRET_MARKERS, SPOOL_DIR, MetricLogger, create_run, find_run,
-                              git_commit, log_config_artifacts, redact, safe_params, secret_values,
-                              spooled_segments, write_run_id)
+                              git_commit, has_spooled, log_config_artifacts, redact, safe_params,
+                              secret_values, write_run_id)
 
 log = logging.getLogger(__name__)
 
@@ -107,13 +108,14 @@ def replay_spool(tracking_uri: str, run_id: str, spool: Path, timeout: float = 1
     """Sends metrics earlier attempts left in ``spool`` (one folder per logger) before new ones are logged."""
     ok = True
     for folder in sorted(p for p in spool.iterdir() if p.is_dir()) if spool.is_dir() else []:
-        if not spooled_segments(folder):
+        if not has_spooled(folder):
             continue
         logger = MetricLogger(tracking_uri, run_id, flush_seconds=0.2, spool_dir=folder)
-        n = logger.pending()
+        n, files = logger.pending(), logger.pending_ops()
         done = logger.close(timeout=timeout)
         ok = ok and done
-        log.info("MLflow: %s %d spooled metrics from %s", "replayed" if done else "could not replay", n, folder)
+        log.info("MLflow: %s %d spooled metrics and %d artifacts from %s",
+                 "replayed" if done else "could not replay", n, files, folder)
     return ok
 
 
@@ -136,7 +138,28 @@ def finish_run(tracking_uri: str, run_id: str | None, ok: bool, cfg: RunConfig |
         if run_dir is not None:
             write_run_id(run_dir, run_id, tracking_uri)
             replay_spool(tracking_uri, run_id, run_dir / SPOOL_DIR, timeout=30.0)
+        if ok and cfg is not None and cfg.tracking.log_model and run_dir is not None:
+            try:
+                log_exported_model(client, run_id, run_dir)
+            except Exception as err:  # noqa: BLE001 - the run still gets closed; the CLI export remains
+                log.warning("tracking.log_model: exporting the model failed (%s); `unimo export` it by hand", err)
         client.set_terminated(run_id, status="FINISHED" if ok else "FAILED")
     except Exception as err:  # noqa: BLE001
         log.warning("could not mark MLflow run %s finished: %s", run_id, err)
     return run_id
+
+
+def log_exported_model(client, run_id: str, run_dir: Path) -> None:
+    """tracking.log_model: the newest valid checkpoint, exported as `unimo export` does, into artifacts model/."""
+    from trainer.checkpoint import newest_valid
+    from trainer.export import export_checkpoint
+
+    found = newest_valid(run_dir / "checkpoints")
+    if found is None:
+        log.warning("tracking.log_model: no valid checkpoint under %s to export", run_dir / "checkpoints")
+        return
+    with tempfile.TemporaryDirectory(prefix="unimo-export-") as tmp:
+        out = export_checkpoint(found.path, Path(tmp) / "model")
+        client.log_artifacts(run_id, str(out), "model")
+    client.set_tag(run_id, "unimo.exported_step", str(found.step))
+    log.info("exported %s into the MLflow run's artifacts model/", found.path)

@@ -63,11 +63,16 @@ def tokens_per_sample(cfg: Any) -> dict[str, int]:
     return {"text": cfg.seq_len, "image": patches, "pair": cfg.seq_len + patches}
 
 
-def memory_metrics(on_gpu: bool) -> dict[str, float]:
-    """Resident memory of this process; on GPU also the allocator's current and peak (since start) use."""
+@lru_cache(maxsize=1)
+def _this_process():
     import psutil
 
-    out = {"memory/rss_gb": psutil.Process().memory_info().rss / GB}
+    return psutil.Process()
+
+
+def memory_metrics(on_gpu: bool) -> dict[str, float]:
+    """Resident memory of this process; on GPU also the allocator's current and peak (since start) use."""
+    out = {"memory/rss_gb": _this_process().memory_info().rss / GB}
     if on_gpu:
         out["memory/cuda_allocated_gb"] = torch.cuda.memory_allocated() / GB
         out["memory/cuda_max_allocated_gb"] = torch.cuda.max_memory_allocated() / GB

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch call
 RUN_ID_FILE = "mlflow_run.json"
 SPOOL_DIR = "mlflow_spool"
+UPLOAD_NOTE = "upload.json"  # beside a spooled artifact copy: where in the run it goes
 # Config keys never sent to MLflow: credentials must come from the environment, but a user may still paste one.
 SECRET_MARKERS = ("secret", "password", "token", "access_key", "credential", "api_key", "private_key")
 _BAD_KEY_CHARS = re.compile(r"[^/\w.\- :]")
@@ -110,6 +111,11 @@ def _retire(path: Path | None) -> None:
 
 def spooled_segments(folder: Path) -> list[Path]:
     return sorted(folder.glob("seg-*.jsonl")) if folder.is_dir() else []
+
+
+def has_spooled(folder: Path) -> bool:
+    """Whether a logger left undelivered metrics or artifact uploads in ``folder``."""
+    return bool(spooled_segments(folder)) or any((folder / "artifacts").glob(f"*/{UPLOAD_NOTE}"))
 
 
 # ------------------------------------------------------------------------------------------- the logger
@@ -224,6 +230,9 @@ class MetricLogger:
         return folder
 
     def _queue_upload(self, path: Path, artifact_path: str | None) -> None:
+        # The note lets a later logger on this spool upload it if this process ends first.
+        (path.parent / UPLOAD_NOTE).write_text(json.dumps({"file": path.name, "artifact_path": artifact_path}))
+
         def upload(client: Any, run_id: str) -> None:
             client.log_artifact(run_id, str(path), artifact_path)
             shutil.rmtree(path.parent, ignore_errors=True)
@@ -274,9 +283,15 @@ class MetricLogger:
                 self._last_name = max(self._last_name, int(name))
             self._chunks.append(chunk)
             self._queued += chunk.remaining()
-        if self._chunks:
-            log.info("MLflow: %d metrics left in %s from an earlier attempt will be sent first", self._queued,
-                     self._spool)
+        for note in sorted((self._spool / "artifacts").glob(f"*/{UPLOAD_NOTE}")):
+            try:
+                meta = json.loads(note.read_text())
+                self._queue_upload(note.parent / meta["file"], meta["artifact_path"])
+            except (OSError, ValueError, KeyError):
+                log.warning("skipping an unreadable artifact note %s", note)
+        if self._chunks or self._ops:
+            log.info("MLflow: %d metrics and %d artifacts left in %s by an earlier attempt will be sent first",
+                     self._queued, len(self._ops), self._spool)
 
     # ----- consumer side (the background thread) ---------------------------------------------------------------
     def _next_batch(self) -> tuple[_Chunk | None, list]:
@@ -374,8 +389,8 @@ class MetricLogger:
                 if self._run_id is None:
                     return False
                 log.info("MLflow reachable again: logging to run %s", self._run_id)
+            self._send_metrics()  # first: a failing artifact upload must not hold the metrics back
             self._run_ops()
-            self._send_metrics()
             return True
         except Exception as err:  # noqa: BLE001 - any transport error means "keep and retry"
             self.failures += 1
@@ -417,10 +432,11 @@ class MetricLogger:
             if not ok:
                 self._spill_locked(keep_first=False)
             lost_ops = [what for _, what in self._ops]
-        if not ok:
+        if self._queued:
             log.error("MLflow: %d metrics not delivered before shutdown are kept in %s and will be sent by the "
-                      "next start of this run%s", self._queued, self._spool,
-                      f"; not applied: {lost_ops}" if lost_ops else "")
+                      "next start of this run", self._queued, self._spool)
+        if lost_ops:
+            log.error("MLflow: not applied before shutdown: %s", ", ".join(lost_ops))
         return ok
 
 

@@ -193,3 +193,19 @@ def test_log_returns_quickly_while_the_server_hangs(tmp_path):
     log_steps(logger, 1, 500)
     assert time.perf_counter() - t0 < 1.0
     logger.close(timeout=0.1)
+
+
+def test_artifacts_not_uploaded_at_shutdown_are_uploaded_by_the_next_logger(tmp_path):
+    down = FakeClient()
+    down.down = True
+    first = MetricLogger("fake://", "run1", flush_seconds=0.01, client=down, max_backoff=0.05, spool_dir=tmp_path)
+    first.log_text("step 4 manifest", "checkpoints/step_00000004/manifest.json")
+    first.log({"loss/total": 1.0}, 4)
+    assert not first.close(timeout=0.2)
+    up = FakeClient()
+    second = MetricLogger("fake://", "run1", flush_seconds=0.01, client=up, spool_dir=tmp_path)
+    assert second.pending_ops() == 1
+    assert second.close(timeout=10)
+    assert up.artifacts == [("manifest.json", "checkpoints/step_00000004", "step 4 manifest")]
+    assert received(up) == [("loss/total", 1.0, 4)]
+    assert not list((tmp_path / "artifacts").iterdir())

@@ -1,0 +1,89 @@
+"""One MLflow run per job across a resubmission, continuous steps, tags and artifacts, and no secret in any of it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.integration.recipes import DEBUG_CONFIG, small_run
+from tests.integration.services import FAKE_AWS, mlflow_server
+
+pytestmark = pytest.mark.integration
+
+
+def train(argv: list[str]) -> None:
+    import ray
+
+    from orchestrator.cli import main
+
+    try:
+        assert main(["train", DEBUG_CONFIG, *argv]) == 0
+    finally:
+        ray.shutdown()
+
+
+def all_artifacts(client, run_id: str, path: str | None = None) -> list[str]:
+    out = []
+    for item in client.list_artifacts(run_id, path):
+        out += all_artifacts(client, run_id, item.path) if item.is_dir else [item.path]
+    return out
+
+
+def test_resubmitted_job_continues_the_same_run_without_gaps_or_secrets(synthetic_data, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    for key, value in FAKE_AWS.items():  # credentials in the environment must reach nothing that is logged
+        monkeypatch.setenv(key, value)
+    storage = tmp_path / "runs"
+    with mlflow_server(tmp_path / "mlflow") as uri:
+        tracking = [f"tracking.uri={uri}", "tracking.experiment=resume", "tracking.system_metrics_seconds=1",
+                    "tracking.flush_seconds=0.5"]
+        train(small_run("job", storage, str(synthetic_data), steps=6, every=3, extra=tracking))
+        # The same run name with a longer plan: resumes from the step-6 checkpoint and logs steps 7..10.
+        train(small_run("job", storage, str(synthetic_data), steps=10, every=5,
+                        extra=[*tracking, "tracking.log_model=true"]))
+
+        client = MlflowClient(uri)
+        runs = client.search_runs([client.get_experiment_by_name("resume").experiment_id])
+        assert len(runs) == 1
+        run_id = runs[0].info.run_id
+        assert json.loads((storage / "job" / "mlflow_run.json").read_text())["run_id"] == run_id
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED"
+
+        # Metric history: every step once; nothing was redone because the first job ended at its checkpoint.
+        for key in ("loss/total", "loss/itc", "perf/achieved_tflops", "throughput/text_tokens_per_s"):
+            assert sorted(m.step for m in client.get_metric_history(run_id, key)) == list(range(1, 11)), key
+        assert sorted(m.step for m in client.get_metric_history(run_id, "eval/i2t_R_at_1")) == [6, 10]
+        system = [k for k in run.data.metrics if k.startswith("system/")]
+        assert any(k.endswith("/cpu_percent") for k in system) and any(k.endswith("/memory_used_gb") for k in system)
+
+        tags = run.data.tags
+        assert tags["unimo.restarts"] == "1" and tags["unimo.attempts"] == "2"
+        assert tags["unimo.world_size"] == "2" and tags["unimo.nodes"] == "1"
+        assert tags["unimo.flavor"] == "debug" and tags["unimo.resumed_from_step"] == "6"
+        assert len(tags["mlflow.source.git.commit"]) >= 7
+
+        files = all_artifacts(client, run_id)
+        for expected in ("config/resolved_config.json", "config/stage_plan.json",
+                         "config/restart_1/resolved_config.json", "config/restart_1/stage_plan.json",
+                         "checkpoints/step_00000003/manifest.json", "checkpoints/step_00000006/manifest.json",
+                         "checkpoints/step_00000010/manifest.json"):
+            assert expected in files, (expected, files)
+        assert {"model/model.safetensors", "model/config.json", "model/tokenizer.json"} <= set(files)
+        assert tags["unimo.exported_step"] == "10"
+        plan = json.loads(Path(client.download_artifacts(run_id, "config/restart_1/stage_plan.json",
+                                                         str(tmp_path))).read_text())
+        assert plan[-1]["last_step"] == 10
+        captions = [f for f in files if f.startswith("eval/captions_step_")]
+        assert captions, files  # sample captions of the final evaluations
+
+        # No credential in params, tags, metric names or any artifact's content.
+        local = Path(client.download_artifacts(run_id, "", str(tmp_path / "downloaded")))
+        blobs = [json.dumps({"params": run.data.params, "tags": tags, "metrics": sorted(run.data.metrics)})]
+        blobs += [p.read_text(errors="replace") for p in local.rglob("*") if p.is_file()]
+        for secret in (FAKE_AWS["AWS_SECRET_ACCESS_KEY"], FAKE_AWS["AWS_ACCESS_KEY_ID"]):
+            assert not any(secret in blob for blob in blobs)
+        assert run.data.params["model.flavor"] == "debug"
