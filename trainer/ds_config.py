@@ -32,6 +32,9 @@ def build_ds_config(cfg: RunConfig, world_size: int, on_gpu: bool) -> dict[str, 
             "stage3_prefetch_bucket_size": ds.prefetch_bucket_size,
             "stage3_param_persistence_threshold": ds.param_persistence_threshold,
             "stage3_max_live_parameters": ds.max_live_parameters,
+            "stage3_max_reuse_distance": ds.max_reuse_distance,
+            # False keeps native F.linear instead of DeepSpeed's memory-saving autograd function.
+            "memory_efficient_linear": ds.memory_efficient_linear,
             "reduce_bucket_size": ds.reduce_bucket_size,
             "overlap_comm": ds.overlap_comm,
             # Needed so that export and universal checkpoints can rebuild full weights from the shards.

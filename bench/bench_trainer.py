@@ -1,0 +1,159 @@
+"""Trainer overhead: our DeepSpeed ZeRO-3 step (one rank) against a plain PyTorch loop, and checkpoint I/O.
+
+Same model (`small` flavor by default), same batches, same objectives, same run, CPU. Prints the step-time ratio
+(target <= 1.15x) and checkpoint save/load times against torch.save/torch.load of the same tensors.
+
+    .venv/bin/python bench/bench_trainer.py [--flavor small] [--steps 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29561"), RANK="0",
+                  WORLD_SIZE="1", LOCAL_RANK="0")
+
+import torch  # noqa: E402
+
+
+def make_batches(cfg, n: int, data_dir: str) -> list[dict]:
+    """Real micro-batches from the synthetic data set, read once up front so neither loop waits on data."""
+    from data_pipeline.loader import build_loader
+    from data_pipeline.synthetic import write_synthetic_dataset
+
+    if not os.path.isdir(os.path.join(data_dir, "pairs")):
+        write_synthetic_dataset(data_dir, n_pairs=400, n_text=400, n_images=400, n_eval=50, samples_per_shard=100)
+    m = cfg.model
+    loader = build_loader(cfg.data, rank=0, world_size=1, seq_len=cfg.seq_len, image_size=m.vision.image_size,
+                          patch_size=m.vision.patch_size)
+    it = iter(loader)
+    return [next(it) for _ in range(n)]
+
+
+def time_interleaved(steps: dict, batches: list[dict], warmup: int) -> dict[str, list[float]]:
+    """Runs each loop's step on the same batch back to back, so load from other processes hits both alike."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for i, batch in enumerate(batches):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step(batch)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def plain_loop(cfg, weights):
+    from model.unimo import UnimoModel
+    from trainer.loop import param_groups
+    from trainer.objectives import PretrainObjectives
+
+    torch.manual_seed(0)
+    module = PretrainObjectives(UnimoModel(cfg.model))
+    groups = [{k: v for k, v in g.items() if k != "module"} for g in param_groups(module.model, 0.01)]
+    opt = torch.optim.AdamW(groups, lr=1e-4)
+
+    def step(b):
+        total, _ = module(b, weights)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.optimizer.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step, module, opt
+
+
+def deepspeed_loop(cfg, weights):
+    import deepspeed
+
+    from model.unimo import UnimoModel
+    from trainer.ds_config import build_ds_config
+    from trainer.loop import param_groups
+    from trainer.objectives import PretrainObjectives
+    from trainer.zero_compat import register_external_parameters
+
+    torch.manual_seed(0)
+    module = PretrainObjectives(UnimoModel(cfg.model))
+    register_external_parameters(module)
+    groups = [{k: v for k, v in g.items() if k != "module"} for g in param_groups(module.model, 0.01)]
+    opt = torch.optim.AdamW(groups, lr=1e-4)
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, config=build_ds_config(cfg, 1, False),
+                                           dist_init_required=True)
+
+    def step(b):
+        total, _ = engine(b, weights)
+        engine.backward(total)
+        engine.step()
+
+    return step, engine
+
+
+def checkpoint_io(engine, module, opt) -> dict[str, float]:
+    """DeepSpeed save/load of the engine vs torch.save/load of the plain loop's model + optimizer state."""
+    out = {}
+    with tempfile.TemporaryDirectory() as d:
+        t0 = time.perf_counter()
+        engine.save_checkpoint(d, tag="ds")
+        out["ds_save_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        engine.load_checkpoint(d, tag="ds")
+        out["ds_load_s"] = time.perf_counter() - t0
+        out["ds_bytes"] = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(d) for f in fs)
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "state.pt")
+        t0 = time.perf_counter()
+        torch.save({"model": module.state_dict(), "optim": opt.state_dict()}, path)
+        out["torch_save_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        torch.load(path, weights_only=True)
+        out["torch_load_s"] = time.perf_counter() - t0
+        out["torch_bytes"] = os.path.getsize(path)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--flavor", default="small")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("overrides", nargs="*", help="extra config overrides, e.g. deepspeed.overlap_comm=true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from trainer.config import load_config
+
+    overrides = [f"model.flavor={args.flavor}", "scaling.num_workers=1", "train.global_micro_batches=1",
+                 "train.seq_len=32", "model.vision.image_size=64", "model.vision.patch_size=16",
+                 "data.text.batch_size=4", "data.image.batch_size=4", "data.pair.batch_size=8", *args.overrides]
+    data_dir = os.path.expanduser("~/.cache/unimo-bench/data")
+    overrides += [f"data.{src}.urls={data_dir}/{sub}" for src, sub in
+                  (("text", "text"), ("image", "images"), ("pair", "pairs"))]
+    overrides += [f"data.tokenizer={data_dir}/tokenizer/tokenizer.json", "data.num_workers=0",
+                  "model.text.bos_token_id=2", "model.text.eos_token_id=3", "model.text.mask_token_id=4"]
+    cfg = load_config(None, overrides)
+    weights = {"mlm_text": 1.0, "mim": 1.0, "itc": 1.0, "itm": 1.0, "mlm_pair": 1.0}
+    batches = make_batches(cfg, args.steps + args.warmup, data_dir)
+    n_params = sum(p.numel() for p in __import__("model.unimo", fromlist=["UnimoModel"]).UnimoModel(cfg.model)
+                   .parameters())
+    print(f"flavor={args.flavor} params={n_params / 1e6:.1f}M threads={args.threads} steps={args.steps}")
+    plain_step, module, opt = plain_loop(cfg, weights)
+    ds_step, engine = deepspeed_loop(cfg, weights)
+    times = time_interleaved({"plain": plain_step, "deepspeed": ds_step}, batches, args.warmup)
+    p, d = statistics.median(times["plain"]), statistics.median(times["deepspeed"])
+    print(f"plain PyTorch step : median {p * 1000:.0f} ms")
+    print(f"DeepSpeed ZeRO-3   : median {d * 1000:.0f} ms")
+    print(f"ratio ZeRO-3 / plain = {d / p:.3f}x  (target <= 1.15x)")
+    io = checkpoint_io(engine, module, opt)
+    print(f"checkpoint save: DeepSpeed {io['ds_save_s']:.2f}s vs torch.save {io['torch_save_s']:.2f}s "
+          f"= {io['ds_save_s'] / io['torch_save_s']:.2f}x ({io['ds_bytes'] / 1e6:.0f} MB vs {io['torch_bytes'] / 1e6:.0f} MB)")
+    print(f"checkpoint load: DeepSpeed {io['ds_load_s']:.2f}s vs torch.load {io['torch_load_s']:.2f}s "
+          f"= {io['ds_load_s'] / io['torch_load_s']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
