@@ -117,7 +117,7 @@ def run(rounds: int, block: int, flush_seconds: float) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--rounds", type=int, default=60, help="alternations of the two arms")
+    p.add_argument("--rounds", type=int, default=200, help="alternations of the two arms")
     p.add_argument("--block", type=int, default=1, help="steps per arm per round")
     p.add_argument("--threads", type=int, default=1, help="torch threads (a Ray worker with 1 CPU has 1)")
     p.add_argument("--flush-seconds", type=float, default=2.0, help="tracking.flush_seconds")

@@ -124,3 +124,44 @@ def test_metrics_survive_a_tracking_server_outage(synthetic_data, tmp_path):
         assert not list((storage / "outage" / "mlflow_spool").rglob("upload.json"))
     finally:
         server.kill()
+
+
+def test_job_started_while_mlflow_is_down_logs_everything_once_it_is_up(synthetic_data, tmp_path):
+    """B13 with tracking.buffer_if_unreachable: the job trains on; rank 0 creates the run when the server answers."""
+    import json
+
+    import ray
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.cli import main
+
+    storage, steps = tmp_path / "runs", 12
+    server = Server(tmp_path / "mlflow", free_port())  # not started yet
+    run_dir = storage / "late"
+
+    def start_later():
+        wait_for(lambda: (run_dir / "checkpoints" / "step_00000004").is_dir(), 300, "checkpoint 4")
+        server.start()
+
+    starter = threading.Thread(target=start_later, daemon=True)
+    try:
+        starter.start()
+        argv = ["train", DEBUG_CONFIG, *small_run("late", storage, str(synthetic_data), steps=steps, every=4,
+                                                  extra=[f"tracking.uri={server.uri}", "tracking.experiment=late",
+                                                         "tracking.buffer_if_unreachable=true",
+                                                         "tracking.flush_seconds=0.5",
+                                                         "tracking.system_metrics_seconds=0"])]
+        try:
+            assert main(argv) == 0
+        finally:
+            ray.shutdown()
+        starter.join(timeout=300)
+        client = MlflowClient(server.uri)
+        (run,) = client.search_runs([client.get_experiment_by_name("late").experiment_id])
+        run_id = run.info.run_id
+        assert json.loads((run_dir / "mlflow_run.json").read_text())["run_id"] == run_id
+        assert sorted(m.step for m in client.get_metric_history(run_id, "loss/total")) == list(range(1, steps + 1))
+        assert run.info.status == "FINISHED" and run.data.params["model.flavor"] == "debug"
+        assert run.data.tags["unimo.run_name"] == "late"
+    finally:
+        server.kill()

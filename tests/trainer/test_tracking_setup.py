@@ -111,3 +111,22 @@ def test_redact_and_stage_plan(tmp_path):
     plan = stage_plan(cfg_for(tmp_path))
     assert [(p["name"], p["first_step"], p["last_step"]) for p in plan] == [("unimodal", 1, 100),
                                                                            ("crossmodal", 101, 300)]
+
+
+def test_rank0_creates_the_run_late_and_the_driver_finds_it(tmp_path):
+    """B13 buffering: no run at start; rank 0's resolver creates it once the server answers; the driver closes it."""
+    from mlflow.tracking import MlflowClient
+
+    from trainer.tracking import _run_resolver
+
+    uri, cfg = sqlite_uri(tmp_path), cfg_for(tmp_path, "tracking.buffer_if_unreachable=true")
+    run_dir = tmp_path / "runs" / "job"
+    client = MlflowClient(uri)
+    assert _run_resolver(cfg, uri, create=False)(client) is None  # another node's sampler waits for rank 0
+    run_id = _run_resolver(cfg, uri, create=True)(client)
+    assert json.loads((run_dir / RUN_ID_FILE).read_text())["run_id"] == run_id
+    assert _run_resolver(cfg, uri, create=False)(client) == run_id
+    assert client.get_run(run_id).data.params["model.flavor"] == "debug"
+    (run_dir / RUN_ID_FILE).unlink()
+    assert finish_run(uri, None, True, cfg=cfg, run_dir=run_dir) == run_id  # found by name and folder
+    assert client.get_run(run_id).info.status == "FINISHED"
