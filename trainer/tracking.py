@@ -34,7 +34,11 @@ RUN_ID_FILE = "mlflow_run.json"
 SPOOL_DIR = "mlflow_spool"
 UPLOAD_NOTE = "upload.json"  # beside a spooled artifact copy: where in the run it goes
 # Config keys never sent to MLflow: credentials must come from the environment, but a user may still paste one.
-SECRET_MARKERS = ("secret", "password", "token", "access_key", "credential", "api_key", "private_key")
+# A key is secret when its last word is one of these (`auth_token`, `secret_access_key`), not when it merely
+# contains one (`tokenizer`, `pad_token_id` are ordinary settings).
+SECRET_MARKERS = ("secret", "password", "passwd", "token", "access_key", "secret_key", "credential", "credentials",
+                  "api_key", "private_key")
+_SECRET_KEY = re.compile(r"(^|[_.-])(" + "|".join(SECRET_MARKERS) + r")$", re.IGNORECASE)
 _BAD_KEY_CHARS = re.compile(r"[^/\w.\- :]")
 _SEGMENT_SEQ = itertools.count()
 
@@ -442,6 +446,10 @@ class MetricLogger:
 
 # ------------------------------------------------------------------------------------------------ the run
 
+def is_secret_key(key: str) -> bool:
+    return bool(_SECRET_KEY.search(key))
+
+
 def secret_values(environ: dict[str, str]) -> list[str]:
     """Values of environment variables that look like credentials (so they can be scrubbed from what is logged)."""
     markers = ("SECRET", "TOKEN", "PASSWORD", "ACCESS_KEY", "CREDENTIAL", "API_KEY", "SESSION")
@@ -462,7 +470,7 @@ def safe_config(cfg: Any, secrets: list[str]) -> dict:
 
     def clean(node: Any) -> Any:
         if isinstance(node, dict):
-            return {k: clean(v) for k, v in node.items() if not any(m in str(k).lower() for m in SECRET_MARKERS)}
+            return {k: clean(v) for k, v in node.items() if not is_secret_key(str(k))}
         if isinstance(node, list):
             return [clean(v) for v in node]
         return redact(node, secrets) if isinstance(node, str) else node

@@ -130,3 +130,20 @@ def test_rank0_creates_the_run_late_and_the_driver_finds_it(tmp_path):
     (run_dir / RUN_ID_FILE).unlink()
     assert finish_run(uri, None, True, cfg=cfg, run_dir=run_dir) == run_id  # found by name and folder
     assert client.get_run(run_id).info.status == "FINISHED"
+
+
+@pytest.mark.parametrize("key, secret", [
+    ("tokenizer", False), ("pad_token_id", False), ("max_tokens", False), ("auth_token", True), ("token", True),
+    ("aws_secret_access_key", True), ("password", True), ("db-password", True), ("api_key", True),
+    ("credentials", True), ("secret", True), ("secrets_manager_region", False)])
+def test_secret_keys_are_recognised_by_their_last_word(key, secret):
+    from trainer.tracking import is_secret_key
+
+    assert is_secret_key(key) is secret
+
+
+def test_every_ordinary_setting_is_a_param(tmp_path):
+    from trainer.config_loader import flatten, to_dict
+
+    cfg = cfg_for(tmp_path)
+    assert set(safe_params(cfg)) == set(flatten(to_dict(cfg)))  # nothing of the shipped config is secret
