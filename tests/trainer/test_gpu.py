@@ -11,24 +11,10 @@ import torch
 pytestmark = pytest.mark.gpu
 
 
-def _batch(cfg, device, b=4, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    t, v, L = cfg.model.text, cfg.model.vision, 16
-    n = (v.image_size // v.patch_size) ** 2
+def _batch(cfg, device):
+    from trainer.fake_batch import random_batch
 
-    def text():
-        ids = torch.randint(5, 200, (b, L), generator=g)
-        labels = torch.full((b, L), -100)
-        labels[:, 3] = ids[:, 3]
-        masked = ids.clone()
-        masked[:, 3] = t.mask_token_id
-        return {"input_ids": ids, "attention_mask": torch.ones(b, L, dtype=torch.long), "mlm_input_ids": masked,
-                "mlm_labels": labels}
-
-    px = torch.randn(b, 3, v.image_size, v.image_size, generator=g)
-    batch = {"text": text(), "image": {"pixels": px, "patch_mask": torch.rand(b, n, generator=g) < 0.5},
-             "pair": {**text(), "pixels": px}}
-    return {k: {kk: vv.to(device) for kk, vv in d.items()} for k, d in batch.items()}
+    return random_batch(cfg, b=4, seq_len=16, device=device)
 
 
 def test_objectives_forward_backward_bf16_on_cuda():
