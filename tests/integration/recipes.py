@@ -15,9 +15,14 @@ def data_overrides(base: str) -> list[str]:
 
 
 def small_run(name: str, storage: Path, data: str, *, steps: int = 20, every: int = 10,
-              extra: list[str] | None = None) -> list[str]:
-    """Overrides for a short single-stage run of the debug flavor (fast enough for integration tests)."""
+              extra: list[str] | None = None, evaluate: bool = False) -> list[str]:
+    """Overrides for a short single-stage run of the debug flavor (fast enough for integration tests).
+
+    Retrieval evaluation (reading the held-out shards, generating captions) is off unless asked for: it is
+    covered by the walking-skeleton test and would otherwise add to every run.
+    """
     return [f"run.name={name}", f"run.storage={storage}", *data_overrides(data),
+            *([] if evaluate else ["data.eval_pairs="]),
             f"stages=[{{name: main, steps: {steps}, objectives: {{mlm_text: 1, mim: 1, itc: 1, mlm_pair: 1}}}}]",
             "optimizer.warmup_steps=2", "train.log_every=1", f"checkpoint.every_steps={every}",
             "checkpoint.keep_last=10", *(extra or [])]

@@ -41,12 +41,12 @@ def step_dirs(storage: Path, name: str) -> list[Path]:
 def test_resume_is_bitwise_equal_to_an_uninterrupted_run(synthetic_data, tmp_path):
     storage, data = tmp_path / "runs", str(synthetic_data)
     tracking = [f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
-    train(small_run("straight", storage, data, steps=20, every=10, extra=CONSTANT_LR + tracking))
-    # The same run in two jobs: 10 steps, then the same name with a 20-step plan resumes at step 10.
-    train(small_run("split", storage, data, steps=10, every=10, extra=CONSTANT_LR + tracking))
-    train(small_run("split", storage, data, steps=20, every=10, extra=CONSTANT_LR + tracking))
+    train(small_run("straight", storage, data, steps=8, every=4, extra=CONSTANT_LR + tracking))
+    # The same run in two jobs: 4 steps, then the same name with an 8-step plan resumes at step 4.
+    train(small_run("split", storage, data, steps=4, every=4, extra=CONSTANT_LR + tracking))
+    train(small_run("split", storage, data, steps=8, every=4, extra=CONSTANT_LR + tracking))
 
-    assert [d.name for d in step_dirs(storage, "split")] == ["step_00000010", "step_00000020"]
+    assert [d.name for d in step_dirs(storage, "split")] == ["step_00000004", "step_00000008"]
     a = fp32_weights(step_dirs(storage, "straight")[-1])
     b = fp32_weights(step_dirs(storage, "split")[-1])
     assert a.keys() == b.keys()
@@ -60,23 +60,23 @@ def test_resume_is_bitwise_equal_to_an_uninterrupted_run(synthetic_data, tmp_pat
 def test_torn_checkpoint_is_skipped_with_a_warning(synthetic_data, tmp_path, capfd):
     storage, data = tmp_path / "runs", str(synthetic_data)
     tracking = [f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
-    train(small_run("torn", storage, data, steps=10, every=5, extra=CONSTANT_LR + tracking))
+    train(small_run("torn", storage, data, steps=6, every=3, extra=CONSTANT_LR + tracking))
     dirs = step_dirs(storage, "torn")
-    assert [d.name for d in dirs] == ["step_00000005", "step_00000010"]
+    assert [d.name for d in dirs] == ["step_00000003", "step_00000006"]
     newest = dirs[-1]
     # Flip one byte of a shard of the newest checkpoint: its manifest checksum no longer matches.
     shard = next(p for p in sorted((newest / "ds").iterdir()) if "model_states" in p.name)
     blob = bytearray(shard.read_bytes())
     blob[len(blob) // 2] ^= 0xFF
     shard.write_bytes(bytes(blob))
-    train(small_run("torn", storage, data, steps=12, every=5, extra=CONSTANT_LR + tracking))
+    train(small_run("torn", storage, data, steps=8, every=3, extra=CONSTANT_LR + tracking))
     out = capfd.readouterr()
     text = out.out + out.err
-    assert "skipping torn checkpoint" in text and "step_00000010" in text
-    assert "resumed from" in text and "step_00000005" in text
+    assert "skipping torn checkpoint" in text and "step_00000006" in text
+    assert "resumed from" in text and "step_00000003" in text
     final = step_dirs(storage, "torn")[-1]
     state = json.loads((final / "trainer_state.json").read_text())
-    assert state["step"] == 12
+    assert state["step"] == 8
     check_export_matches_zero_to_fp32(final, tmp_path)
     shutil.rmtree(storage, ignore_errors=True)
 
@@ -114,15 +114,15 @@ def check_export_matches_zero_to_fp32(step_dir: Path, tmp_path: Path) -> None:
 def test_elastic_resume_two_to_one_to_two(synthetic_data, tmp_path, capfd):
     storage, data = tmp_path / "runs", str(synthetic_data)
     tracking = [f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
-    train(small_run("elastic", storage, data, steps=6, every=6, extra=CONSTANT_LR + tracking))
-    train(small_run("elastic", storage, data, steps=12, every=6,
+    train(small_run("elastic", storage, data, steps=4, every=4, extra=CONSTANT_LR + tracking))
+    train(small_run("elastic", storage, data, steps=8, every=4,
                     extra=CONSTANT_LR + tracking + ["scaling.num_workers=1"]))
-    train(small_run("elastic", storage, data, steps=18, every=6, extra=CONSTANT_LR + tracking))
+    train(small_run("elastic", storage, data, steps=12, every=4, extra=CONSTANT_LR + tracking))
     text = capfd.readouterr()
     text = text.out + text.err
     assert "elastic: saved by 2 ranks, now 1" in text
     assert "elastic: saved by 1 ranks, now 2" in text
     states = [json.loads((d / "trainer_state.json").read_text()) for d in step_dirs(storage, "elastic")]
-    assert [(s["step"], s["world_size"]) for s in states] == [(6, 2), (12, 1), (18, 2)]
+    assert [(s["step"], s["world_size"]) for s in states] == [(4, 2), (8, 1), (12, 2)]
     # the global batch stayed the same: 2 micro-batches per step whatever the world size
     assert all(s["config"]["train"]["global_micro_batches"] == 2 for s in states)
