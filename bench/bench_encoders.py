@@ -20,12 +20,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.config import ModelConfig  # noqa: E402
-from model.flavors import get_flavor  # noqa: E402
-from model.hf_loading import (load_text_encoder, load_vision_encoder, text_config_from_hf,  # noqa: E402
-                              vision_config_from_hf)
-from model.unimo import UnimoModel  # noqa: E402
-
+from model.config import ModelConfig
+from model.flavors import get_flavor
+from model.hf_loading import (
+    load_text_encoder,
+    load_vision_encoder,
+    text_config_from_hf,
+    vision_config_from_hf,
+)
+from model.unimo import UnimoModel
 
 CLOCK = time.perf_counter
 
@@ -86,11 +89,11 @@ def bench_text(args, tmp: str) -> dict:
             ref = theirs(input_ids=ids, attention_mask=mask).last_hidden_state
             got = ours.encode_text(ids, mask)[-1]
         err = (got - ref)[mask.bool()].abs().max().item()
-        a, b, ratio = _race(_step(ours.text, lambda: ours.encode_text(ids, mask)[-1]),
-                     _step(theirs, lambda: theirs(input_ids=ids, attention_mask=mask).last_hidden_state),
-                     args.warmup, args.iters)
-        results[name] = dict(ours=a, theirs=b, ratio=ratio, err=err,
-                             shape=f"B={args.batch} L={args.seq_len}, {s.layers}x{s.dim}")
+        a, b, ratio = _race(_step(ours.text, lambda m=mask: ours.encode_text(ids, m)[-1]),
+                            _step(theirs, lambda m=mask: theirs(input_ids=ids, attention_mask=m).last_hidden_state),
+                            args.warmup, args.iters)
+        results[name] = {"ours": a, "theirs": b, "ratio": ratio, "err": err,
+                         "shape": f"B={args.batch} L={args.seq_len}, {s.layers}x{s.dim}"}
     return results
 
 
@@ -110,9 +113,9 @@ def bench_vision(args, tmp: str) -> dict:
     with torch.no_grad():
         err = (ours.encode_image(px)[-1] - theirs(pixel_values=px).last_hidden_state).abs().max().item()
     a, b, ratio = _race(_step(ours.vision, lambda: ours.encode_image(px)[-1]),
-                 _step(theirs, lambda: theirs(pixel_values=px).last_hidden_state), args.warmup, args.iters)
-    return {"vision": dict(ours=a, theirs=b, ratio=ratio, err=err,
-                           shape=f"B={args.image_batch} {v.image_size}px/{v.patch_size}, {v.layers}x{v.dim}")}
+                        _step(theirs, lambda: theirs(pixel_values=px).last_hidden_state), args.warmup, args.iters)
+    return {"vision": {"ours": a, "theirs": b, "ratio": ratio, "err": err,
+                       "shape": f"B={args.image_batch} {v.image_size}px/{v.patch_size}, {v.layers}x{v.dim}"}}
 
 
 def main(argv=None) -> dict:

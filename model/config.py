@@ -155,7 +155,8 @@ def _coerce(value, cls):
     if isinstance(value, dict):
         return cls(**value)
     if not isinstance(value, cls):
-        raise ValueError(f"expected {cls.__name__} or dict, got {type(value).__name__}")
+        # ValueError, not TypeError: every config error is a ValueError for the config loader
+        raise ValueError(f"expected {cls.__name__} or dict, got {type(value).__name__}")  # noqa: TRY004
     return value
 
 

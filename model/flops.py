@@ -183,10 +183,10 @@ def model_info(flavor: str, seq_len: int | None = None, text_seq_len: int | None
     lines = [
         f"model flavor {flavor!r}",
         f"  text     {t.layers} layers x {t.dim} ({t.heads} heads, mlp {t.mlp_dim}), vocab {t.vocab_size}",
-        f"  vision   {v.layers} layers x {v.dim} ({v.heads} heads, mlp {v.mlp_dim}), "
-        f"{v.image_size}px / patch {v.patch_size} = {v.num_patches} patches",
-        f"  fusion   {f.layers} layers x {f.dim} ({f.heads} heads, mlp {f.mlp_dim}), cross_layer={f.cross_layer}, "
-        f"cross_level_attention={'on' if f.cross_level_attention else 'off'}",
+        (f"  vision   {v.layers} layers x {v.dim} ({v.heads} heads, mlp {v.mlp_dim}), "
+         f"{v.image_size}px / patch {v.patch_size} = {v.num_patches} patches"),
+        (f"  fusion   {f.layers} layers x {f.dim} ({f.heads} heads, mlp {f.mlp_dim}), cross_layer={f.cross_layer}, "
+         f"cross_level_attention={'on' if f.cross_level_attention else 'off'}"),
         "parameters",
         *(f"  {k:<16}{params[k]:>16,}  ({_human(params[k], 'B')})" for k in (*PARTS, "total")),
         "training FLOPs per sample (forward + backward = 3 x forward; matmuls only)",

@@ -11,12 +11,18 @@ other stream's levels (its projected unimodal layers and its fusion inputs up to
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
-from torch import Tensor
+from torch import Tensor, nn
 
 from model.config import FusionConfig
-from model.layers import (MLP, CrossAttention, SelfAttention, no_empty_rows, padding_mask, run_block,
-                          text_attention_mask)
+from model.layers import (
+    MLP,
+    CrossAttention,
+    SelfAttention,
+    no_empty_rows,
+    padding_mask,
+    run_block,
+    text_attention_mask,
+)
 
 
 def bridge_level(k: int, fusion_layers: int, levels: int) -> int:

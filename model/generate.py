@@ -86,7 +86,7 @@ def generate(model: UnimoModel, pixels: Tensor | None = None, input_ids: Tensor 
 def _beam_search(model, ids, lengths, image_states, max_new, K, eos, pad, length_penalty) -> Tensor:
     B, device = ids.shape[0], ids.device
     # K copies of every row; only copy 0 is live at the start so the first top-k does not pick duplicates
-    rep = lambda x: x.repeat_interleave(K, dim=0)  # noqa: E731
+    rep = lambda x: x.repeat_interleave(K, dim=0)
     buf = torch.full((B * K, ids.shape[1] + max_new), pad, dtype=torch.long, device=device)
     buf[:, : ids.shape[1]] = rep(ids)
     lengths = rep(lengths)

@@ -91,7 +91,7 @@ def _strip_prefix(sd: dict[str, Tensor], prefixes: tuple[str, ...], anchor: str)
     """Drop a head model's base prefix (`bert.`, `vit.`, `vision_model.`) when `anchor` sits under it."""
     for p in prefixes:
         if p + anchor in sd:
-            return {(k[len(p):] if k.startswith(p) else k): v for k, v in sd.items()}
+            return {(k.removeprefix(p)): v for k, v in sd.items()}
     return dict(sd)
 
 
@@ -119,16 +119,16 @@ def text_config_from_hf(path: str, **overrides) -> TextConfig:
         raise ValueError(f"model_type={mt!r} in {path}: text loading supports {sorted(_TEXT_TYPES)}")
     vocab, roberta = hf["vocab_size"], _TEXT_TYPES[mt] == "roberta"
     pad = _special(hf, "pad_token_id", 1 if roberta else 0, vocab)
-    kw = dict(
-        vocab_size=vocab, layers=hf["num_hidden_layers"], dim=hf["hidden_size"],
-        heads=hf["num_attention_heads"], mlp_dim=hf["intermediate_size"],
-        max_positions=hf["max_position_embeddings"], type_vocab_size=hf.get("type_vocab_size", 2),
-        layer_norm_eps=hf.get("layer_norm_eps", 1e-12), activation=_activation(hf),
-        position_style=_TEXT_TYPES[mt], pad_token_id=pad,
-        bos_token_id=_special(hf, "bos_token_id", 0 if roberta else 101, vocab),
-        eos_token_id=_special(hf, "eos_token_id", 2 if roberta else 102, vocab),
-        mask_token_id=_special(hf, "mask_token_id", vocab - 1 if roberta else 103, vocab),
-    )
+    kw = {
+        "vocab_size": vocab, "layers": hf["num_hidden_layers"], "dim": hf["hidden_size"],
+        "heads": hf["num_attention_heads"], "mlp_dim": hf["intermediate_size"],
+        "max_positions": hf["max_position_embeddings"], "type_vocab_size": hf.get("type_vocab_size", 2),
+        "layer_norm_eps": hf.get("layer_norm_eps", 1e-12), "activation": _activation(hf),
+        "position_style": _TEXT_TYPES[mt], "pad_token_id": pad,
+        "bos_token_id": _special(hf, "bos_token_id", 0 if roberta else 101, vocab),
+        "eos_token_id": _special(hf, "eos_token_id", 2 if roberta else 102, vocab),
+        "mask_token_id": _special(hf, "mask_token_id", vocab - 1 if roberta else 103, vocab),
+    }
     kw.update(overrides)
     return TextConfig(**kw)
 
@@ -145,15 +145,15 @@ def vision_config_from_hf(path: str, **overrides) -> VisionConfig:
         raise ValueError(f"model_type={mt!r} in {path}: vision loading supports {list(_VISION_TYPES)}")
     clip = mt != "vit"
     v = _vision_hf(hf)
-    kw = dict(
-        image_size=v.get("image_size", 224), patch_size=v.get("patch_size", 16),
-        layers=v.get("num_hidden_layers", 12), dim=v.get("hidden_size", 768),
-        heads=v.get("num_attention_heads", 12), mlp_dim=v.get("intermediate_size", 3072),
-        channels=v.get("num_channels", 3), layer_norm_eps=v.get("layer_norm_eps", 1e-5 if clip else 1e-12),
-        activation=_activation({"hidden_act": v.get("hidden_act", "quick_gelu" if clip else "gelu")}),
-        pre_layernorm=clip, final_layernorm=True, patch_bias=not clip,
-        qkv_bias=True if clip else v.get("qkv_bias", True),
-    )
+    kw = {
+        "image_size": v.get("image_size", 224), "patch_size": v.get("patch_size", 16),
+        "layers": v.get("num_hidden_layers", 12), "dim": v.get("hidden_size", 768),
+        "heads": v.get("num_attention_heads", 12), "mlp_dim": v.get("intermediate_size", 3072),
+        "channels": v.get("num_channels", 3), "layer_norm_eps": v.get("layer_norm_eps", 1e-5 if clip else 1e-12),
+        "activation": _activation({"hidden_act": v.get("hidden_act", "quick_gelu" if clip else "gelu")}),
+        "pre_layernorm": clip, "final_layernorm": True, "patch_bias": not clip,
+        "qkv_bias": True if clip else v.get("qkv_bias", True),
+    }
     kw.update(overrides)
     return VisionConfig(**kw)
 

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
-from torch import Tensor
+from torch import Tensor, nn
 
 from model.config import TextConfig
 from model.layers import PostLNBlock, no_empty_rows, run_block, text_attention_mask
@@ -55,7 +54,7 @@ class TextEncoder(nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, mask_mode: str = "bidirectional",
                 prefix_len=None, token_type_ids: Tensor | None = None) -> list[Tensor]:
         """input_ids (B, L), attention_mask (B, L) 1=token -> one (B, L, D) per layer."""
-        B, L = input_ids.shape
+        L = input_ids.shape[1]
         is_causal = False
         if mask_mode == "causal" and (attention_mask is None or bool(attention_mask.bool().all())):
             # an unpadded causal batch takes SDPA's is_causal path rather than materialising the (L, L) mask

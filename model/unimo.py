@@ -10,9 +10,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from model.config import ModelConfig
 from model.fusion import CrossModalEncoder

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from model.config import VisionConfig
 from model.layers import PreLNBlock, run_block
@@ -14,7 +13,7 @@ from model.layers import PreLNBlock, run_block
 def interpolate_positions(pos: Tensor, grid_h: int, grid_w: int) -> Tensor:
     """(1, 1+N0, D) learned positions on a square grid -> (1, 1+h*w, D), bicubic on the patch part."""
     n0 = pos.shape[1] - 1
-    g0 = int(round(n0 ** 0.5))
+    g0 = round(n0 ** 0.5)
     if g0 == grid_h == grid_w:
         return pos
     cls, grid = pos[:, :1], pos[:, 1:]

@@ -5,16 +5,20 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from model.config import ModelConfig  # noqa: E402
-from model.hf_loading import (load_text_encoder, load_vision_encoder, text_config_from_hf,  # noqa: E402
-                              vision_config_from_hf)
-from model.unimo import UnimoModel  # noqa: E402
+from model.config import ModelConfig
+from model.hf_loading import (
+    load_text_encoder,
+    load_vision_encoder,
+    text_config_from_hf,
+    vision_config_from_hf,
+)
+from model.unimo import UnimoModel
 
 TOL = 1e-5
-TINY_TEXT = dict(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                 intermediate_size=48, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-TINY_VISION = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                   intermediate_size=48)
+TINY_TEXT = {"vocab_size": 120, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "intermediate_size": 48, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+TINY_VISION = {"image_size": 32, "patch_size": 8, "hidden_size": 32, "num_hidden_layers": 2,
+               "num_attention_heads": 4, "intermediate_size": 48}
 
 
 def _save(hf_model, path, safe=True):
@@ -123,8 +127,9 @@ def test_vit_interpolated_positions_match_hf(tmp_path):
 def test_clip_vision_parity(tmp_path, full_clip):
     vcfg = transformers.CLIPVisionConfig(**TINY_VISION)
     if full_clip:  # a whole CLIPModel folder: the text tower is reported as ignored, not unexpected
-        cfg = transformers.CLIPConfig(text_config=dict(vocab_size=99, hidden_size=32, num_hidden_layers=1,
-                                                       num_attention_heads=4, intermediate_size=48),
+        text = {"vocab_size": 99, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4,
+                "intermediate_size": 48}
+        cfg = transformers.CLIPConfig(text_config=text,
                                       vision_config=vcfg.to_dict(), projection_dim=16)
         hf = _save(transformers.CLIPModel(cfg), tmp_path)
     else:

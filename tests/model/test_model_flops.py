@@ -78,7 +78,7 @@ def test_itm_and_grounding_flops_match_counter():
 
     for neg in (0, 2):
         _close(flops_per_sample(cfg, "pair", seq_len=L, objectives=["itm"], itm_negatives=neg, backward=False),
-               _counted(lambda: itm(1 + neg)))
+               _counted(lambda n=neg: itm(1 + n)))
     with torch.no_grad():
         t, v = itm(1)
     _close(flops_per_sample(cfg, "pair", seq_len=L, objectives=["grounding"], backward=False),
@@ -92,7 +92,7 @@ def test_training_flops_are_three_forwards():
         assert flops_per_sample(cfg, source, seq_len=L) == 3 * fwd > 0
     # the counted backward is ~2x forward (a little less: no gradient for token ids / pixels)
     m = UnimoModel(cfg)
-    ids, mask, px = _inputs(m)
+    ids, mask, _ = _inputs(m)
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as c:
         m.mlm_logits_text(m.encode_text(ids, mask)[-1]).sum().backward()
     fwd = flops_per_sample(cfg, "text", seq_len=L, backward=False) * B

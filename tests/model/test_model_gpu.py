@@ -23,7 +23,7 @@ def _batch(device):
 
 def _step_loss(m, ids, mask, px):
     ts, vs = m.encode_text(ids, mask), m.encode_image(px)
-    t, v = m.fuse(ts, mask, vs)
+    t, _ = m.fuse(ts, mask, vs)
     ti, ii = m.itc_features(ts, vs)
     tc, _ = m.fuse(m.encode_text(ids, mask, "causal"), mask, vs, text_causal=True)
     labels = ids.masked_fill(mask == 0, -100)

@@ -83,7 +83,7 @@ def test_position_interpolation_other_image_size():
     torch.testing.assert_close(interpolate_positions(const, 8, 6), torch.ones(1, 49, 3))
     with torch.no_grad():
         vs = m.encode_image(torch.randn(2, 3, 48, 40))  # non-square works too
-        t, v = m.fuse(m.encode_text(*_batch()[:2]), _batch()[1], vs)
+        _, v = m.fuse(m.encode_text(*_batch()[:2]), _batch()[1], vs)
     assert vs[-1].shape == (2, 1 + 6 * 5, 64) and v.shape == (2, 31, 64)
     assert m.mim_predict(vs[-1]).shape == (2, 30, 192)
     with pytest.raises(ValueError, match="multiple of patch_size"):
@@ -113,7 +113,7 @@ def test_dropout_only_in_training():
     cfg.text.dropout = cfg.vision.dropout = cfg.fusion.dropout = 0.3
     torch.manual_seed(0)
     m = UnimoModel(cfg)
-    ids, mask, px = _batch()
+    ids, mask, _ = _batch()
     m.eval()
     with torch.no_grad():
         a = m.encode_text(ids, mask)[-1]
