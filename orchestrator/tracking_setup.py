@@ -44,8 +44,9 @@ def check_reachable(tracking_uri: str, timeout: float = 5.0) -> None:
 def _unreachable_message(tracking_uri: str, err: Exception) -> str:
     shown = redact(tracking_uri, [])
     return (f"MLflow tracking at {shown} is not reachable or refused the request "
-            f"({type(err).__name__}: {redact(str(err), [])[:200]}). Start it (`unimo mlflow`), set tracking.uri "
-            "to a reachable server, or set tracking.buffer_if_unreachable=true to train on and log later.")
+            f"({type(err).__name__}: {redact(str(err), [])[:200]}). Start it (`unimo mlflow`), set "
+            "tracking.uri to a reachable server, or set tracking.buffer_if_unreachable=true to train on and "
+            "log later.")
 
 
 class RunGone(RuntimeError):
@@ -53,17 +54,17 @@ class RunGone(RuntimeError):
 
 
 def _resume_run(client, cfg: RunConfig, run_id: str, secrets: list[str], id_file: Path) -> None:
-    """A resubmission: counts it, marks the run running again and records the config it was resubmitted with."""
+    """A resubmission: counts it, sets the run running again, records the config it was resubmitted with."""
     try:
         run = client.get_run(run_id)
     except Exception as err:  # noqa: BLE001
         if getattr(err, "error_code", "") != "RESOURCE_DOES_NOT_EXIST":
             raise
-        raise RunGone(f"MLflow run {run_id} recorded in {id_file} does not exist on the tracking server (deleted?); "
-                      f"delete {id_file} to start a new MLflow run for this job") from None
+        raise RunGone(f"MLflow run {run_id} recorded in {id_file} does not exist on the tracking server "
+                      f"(deleted?); delete {id_file} to start a new MLflow run for this job") from None
     if run.info.lifecycle_stage == "deleted":
-        raise RunGone(f"MLflow run {run_id} recorded in {id_file} was deleted; restore it in the MLflow UI or "
-                      f"delete {id_file} to start a new MLflow run for this job")
+        raise RunGone(f"MLflow run {run_id} recorded in {id_file} was deleted; restore it in the MLflow UI "
+                      f"or delete {id_file} to start a new MLflow run for this job")
     restarts = int(run.data.tags.get("unimo.restarts", "0")) + 1
     client.set_tag(run_id, "unimo.restarts", str(restarts))
     client.update_run(run_id, status="RUNNING")
@@ -132,8 +133,9 @@ def finish_run(tracking_uri: str, run_id: str | None, ok: bool, cfg: RunConfig |
         if run_id is None and cfg is not None and run_dir is not None:
             run_id = find_run(client, cfg, str(run_dir))
         if run_id is None:
-            log.warning("no MLflow run to close: the server was never reachable during this job; metrics are "
-                        "kept in %s and go out at the next start of this run", run_dir and run_dir / SPOOL_DIR)
+            log.warning("no MLflow run to close: the server was never reachable during this job; metrics "
+                        "are kept in %s and go out at the next start of this run",
+                        run_dir and run_dir / SPOOL_DIR)
             return None
         if run_dir is not None:
             write_run_id(run_dir, run_id, tracking_uri)
@@ -142,7 +144,7 @@ def finish_run(tracking_uri: str, run_id: str | None, ok: bool, cfg: RunConfig |
             try:
                 log_exported_model(client, run_id, run_dir)
             except Exception as err:  # noqa: BLE001 - the run still gets closed; the CLI export remains
-                log.warning("tracking.log_model: exporting the model failed (%s); `unimo export` it by hand", err)
+                log.warning("tracking.log_model: the export failed (%s); `unimo export` it by hand", err)
         client.set_terminated(run_id, status="FINISHED" if ok else "FAILED")
     except Exception as err:  # noqa: BLE001
         log.warning("could not mark MLflow run %s finished: %s", run_id, err)
@@ -150,7 +152,7 @@ def finish_run(tracking_uri: str, run_id: str | None, ok: bool, cfg: RunConfig |
 
 
 def log_exported_model(client, run_id: str, run_dir: Path) -> None:
-    """tracking.log_model: the newest valid checkpoint, exported as `unimo export` does, into artifacts model/."""
+    """tracking.log_model: the newest valid checkpoint, exported as `unimo export` does, into model/."""
     from trainer.checkpoint import newest_valid
     from trainer.export import export_checkpoint
 

@@ -1,4 +1,4 @@
-"""Per-step metrics beyond the losses: throughput per source (samples, tokens), achieved FLOP/s and MFU, memory."""
+"""Per-step metrics beyond the losses: throughput per source (samples, tokens), FLOP/s and MFU, memory."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import torch
 
 from model.flops import flops_per_sample
 
-# Config objective -> (data source, objective name in model.flops); the two name spaces differ because the config
-# names say which source an objective reads, model.flops names say which head runs.
+# Config objective -> (data source, objective name in model.flops); the two name spaces differ because the
+# config names say which source an objective reads, model.flops names say which head runs.
 FLOPS_OBJECTIVE = {
     "mlm_text": ("text", "mlm"), "lm_text": ("text", "lm"), "mim": ("image", "mim"), "itc": ("pair", "itc"),
     "itm": ("pair", "itm"), "mlm_pair": ("pair", "mlm"), "caption": ("pair", "lm"),
@@ -24,15 +24,16 @@ PEAK_BF16_FLOPS = (
     ("gh200", 989e12), ("h200 nvl", 835e12), ("h200", 989e12), ("h100 nvl", 835e12), ("h100 pcie", 756e12),
     ("h100", 989e12), ("h800", 989e12), ("b200", 2250e12), ("a100", 312e12), ("a800", 312e12),
     ("l40s", 362e12), ("l40", 181e12), ("l4", 121e12),
-    ("a10g", 125e12),  # AWS g5: NVIDIA publishes no A10G sheet; this is the A10's figure that AWS tables reuse
-    ("a10", 125e12), ("a6000", 155e12), ("a40", 150e12), ("rtx 4090", 165e12), ("v100", 125e12), ("t4", 65e12),
+    ("a10g", 125e12),  # AWS g5: NVIDIA publishes no A10G sheet; this is the A10's figure AWS tables reuse
+    ("a10", 125e12), ("a6000", 155e12), ("a40", 150e12), ("rtx 4090", 165e12), ("v100", 125e12),
+    ("t4", 65e12),
 )
 
 GB = 1024 ** 3
 
 
 def peak_bf16_flops(device_name: str) -> float | None:
-    """Peak dense bf16 FLOP/s of a GPU model named as CUDA names it; None when the card is not in the table."""
+    """Peak dense bf16 FLOP/s of a GPU model named as CUDA names it; None for a card not in the table."""
     name = device_name.lower()
     for key, peak in PEAK_BF16_FLOPS:
         if key in name:
@@ -53,12 +54,12 @@ def flops_per_source(cfg: Any, objectives: list[str]) -> dict[str, int]:
             src, obj = FLOPS_OBJECTIVE[name]
             by_source.setdefault(src, []).append(obj)
     m = cfg.model
-    return {src: flops_per_sample(m, src, seq_len=cfg.seq_len, image_size=m.vision.image_size, objectives=objs)
-            for src, objs in by_source.items()}
+    return {src: flops_per_sample(m, src, seq_len=cfg.seq_len, image_size=m.vision.image_size,
+                                  objectives=objs) for src, objs in by_source.items()}
 
 
 def tokens_per_sample(cfg: Any) -> dict[str, int]:
-    """Positions an encoder processes per sample: text padded to seq_len, image patches, or both for a pair."""
+    """Positions the encoders process per sample: text padded to seq_len, image patches, both for a pair."""
     patches = (cfg.model.vision.image_size // cfg.model.vision.patch_size) ** 2
     return {"text": cfg.seq_len, "image": patches, "pair": cfg.seq_len + patches}
 
@@ -80,7 +81,7 @@ def memory_metrics(on_gpu: bool) -> dict[str, float]:
 
 
 def step_metrics(result: Any, cfg: Any, world_size: int) -> dict[str, float]:
-    """Metrics of one optimizer step beyond the losses (``result``: trainer.loop.StepResult, ``cfg``: RunConfig).
+    """Metrics of one optimizer step beyond the losses (``result``: loop.StepResult, ``cfg``: RunConfig).
 
     Throughputs are global (all ranks); ``perf/achieved_tflops`` is per device, and on a GPU in the peak table
     ``perf/mfu`` divides it by the device's dense bf16 peak. Losses name the objectives the step ran, which

@@ -1,9 +1,9 @@
-"""Per-node system metrics: CPU, memory, disk and network via psutil, this job's GPUs via NVML, sampled in a thread.
+"""Per-node system metrics: CPU, memory, disk, network via psutil, this job's GPUs via NVML, in a thread.
 
 psutil and pynvml (nvidia-ml-py) are what MLflow's own system-metrics monitor uses; we sample ourselves rather
-than turn that monitor on because it logs per process (one series per rank, no node name) and watches every GPU
-of the machine, while a job should see its own GPUs only and one series per node. Without a GPU, without NVML,
-or where a counter is unsupported (MIG, some containers) those metrics are simply absent.
+than turn that monitor on because it logs per process (one series per rank, no node name) and watches every
+GPU of the machine, while a job should see its own GPUs only and one series per node. Without a GPU, without
+NVML, or where a counter is unsupported (MIG, some containers) those metrics are simply absent.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ def metric_node_name(host: str) -> str:
 
 
 def gpu_identity(device_index: int, visible_devices: str | None) -> str | None:
-    """How NVML can find the CUDA device ``device_index`` of this process: its UUID when torch knows it, else the
-    CUDA_VISIBLE_DEVICES entry it maps to (an index or UUID), else the index itself; None without CUDA.
+    """How NVML can find the CUDA device ``device_index`` of this process: its UUID when torch knows it, else
+    the CUDA_VISIBLE_DEVICES entry it maps to (an index or UUID), else the index itself; None without CUDA.
 
     ``visible_devices`` is the caller's CUDA_VISIBLE_DEVICES (passed in: library code does not read the env).
     """
@@ -168,7 +168,7 @@ class HostProbe:
 
 class SystemSampler:
     """Samples a node every ``interval`` seconds in a daemon thread and hands ``system/<node>/...`` metrics to
-    ``log(metrics, step)`` with the training step ``step_fn()`` of the moment (so charts line up with the loss)."""
+    ``log(metrics, step)`` with the training step ``step_fn()`` of the moment (lining up with the loss)."""
 
     def __init__(self, node: str, log_fn: Callable[[dict[str, float], int], None], step_fn: Callable[[], int],
                  interval: float = 10.0, gpu_ids: list[str] | None = None, disk_path: str = "/"):

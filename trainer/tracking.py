@@ -3,10 +3,11 @@
 One ``log_metric`` call costs ~50 ms against a server, so the step loop only appends to a queue; a background
 thread sends ``log_batch`` every ``flush_seconds``. When the server is unreachable metrics stay queued and are
 retried with backoff (capped at ``max_backoff``); past ``max_in_memory`` queued metrics, whole chunks move to
-JSONL files in a spool folder, so a long outage costs disk, not memory. Order is kept: chunks leave in the order
-they were filled, whether from memory or disk. At shutdown whatever is still undelivered is written to the spool,
-and the next logger on that spool (the same rank after a restart, or the driver at the next submission) sends it
-first. Delivery is at least once: a batch whose reply was lost may arrive twice; no metric is dropped.
+JSONL files in a spool folder, so a long outage costs disk, not memory. Order is kept: chunks leave in the
+order they were filled, whether from memory or disk. At shutdown whatever is still undelivered is written to
+the spool, and the next logger on that spool (the same rank after a restart, or the driver at the next
+submission) sends it first. Delivery is at least once: a batch whose reply was lost may arrive twice; no
+metric is dropped.
 """
 
 from __future__ import annotations
@@ -33,11 +34,11 @@ MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch call
 RUN_ID_FILE = "mlflow_run.json"
 SPOOL_DIR = "mlflow_spool"
 UPLOAD_NOTE = "upload.json"  # beside a spooled artifact copy: where in the run it goes
-# Config keys never sent to MLflow: credentials must come from the environment, but a user may still paste one.
+# Config keys never sent to MLflow: credentials must come from the environment, but a user may paste one.
 # A key is secret when its last word is one of these (`auth_token`, `secret_access_key`), not when it merely
 # contains one (`tokenizer`, `pad_token_id` are ordinary settings).
-SECRET_MARKERS = ("secret", "password", "passwd", "token", "access_key", "secret_key", "credential", "credentials",
-                  "api_key", "private_key")
+SECRET_MARKERS = ("secret", "password", "passwd", "token", "access_key", "secret_key", "credential",
+                  "credentials", "api_key", "private_key")
 _SECRET_KEY = re.compile(r"(^|[_.-])(" + "|".join(SECRET_MARKERS) + r")$", re.IGNORECASE)
 _BAD_KEY_CHARS = re.compile(r"[^/\w.\- :]")
 _SEGMENT_SEQ = itertools.count()
@@ -47,8 +48,8 @@ _SEGMENT_SEQ = itertools.count()
 
 def metric_key(name: str) -> str:
     """A name MLflow accepts: ``@`` becomes ``_at_`` (``eval/i2t_R@1`` -> ``eval/i2t_R_at_1``), any other
-    character MLflow refuses becomes ``_``. The server rejects a whole batch for one bad name, which would stall
-    every metric queued behind it, so names are made valid when queued."""
+    character MLflow refuses becomes ``_``. The server rejects a whole batch for one bad name, which would
+    stall every metric queued behind it, so names are made valid when queued."""
     key = _BAD_KEY_CHARS.sub("_", name.replace("@", "_at_")).strip("/")
     key = re.sub(r"/+", "/", key)
     if not key or len(key) > 250:
@@ -132,13 +133,13 @@ def _is_request_error(err: Exception) -> bool:
 class MetricLogger:
     """Buffered, asynchronous logging of metrics, tags and artifacts to one MLflow run (see the module doc).
 
-    ``run_id`` may be None with a ``resolve_run(client) -> run id | None`` that finds or creates the run once the
-    server answers (``tracking.buffer_if_unreachable``); until then everything waits in the buffer.
+    ``run_id`` may be None with a ``resolve_run(client) -> run id | None`` that finds or creates the run once
+    the server answers (``tracking.buffer_if_unreachable``); until then everything waits in the buffer.
     """
 
-    def __init__(self, tracking_uri: str, run_id: str | None, flush_seconds: float = 2.0, client: Any = None, *,
-                 spool_dir: str | Path | None = None, max_in_memory: int = 100_000, max_backoff: float = 30.0,
-                 resolve_run: Callable[[Any], str | None] | None = None):
+    def __init__(self, tracking_uri: str, run_id: str | None, flush_seconds: float = 2.0, client: Any = None,
+                 *, spool_dir: str | Path | None = None, max_in_memory: int = 100_000,
+                 max_backoff: float = 30.0, resolve_run: Callable[[Any], str | None] | None = None):
         if client is None:
             from mlflow.tracking import MlflowClient
 
@@ -179,7 +180,7 @@ class MetricLogger:
             self._spool = Path(tempfile.mkdtemp(prefix="unimo-mlflow-spool-"))
         return self._spool
 
-    # ----- producer side (the step loop; never touches the network) ------------------------------------------
+    # ----- producer side (the step loop; never touches the network) ---------------------------------------
     def log(self, metrics: dict[str, float], step: int) -> None:
         """Queues the metrics of one step."""
         ts = int(time.time() * 1000)
@@ -235,7 +236,8 @@ class MetricLogger:
 
     def _queue_upload(self, path: Path, artifact_path: str | None) -> None:
         # The note lets a later logger on this spool upload it if this process ends first.
-        (path.parent / UPLOAD_NOTE).write_text(json.dumps({"file": path.name, "artifact_path": artifact_path}))
+        note = {"file": path.name, "artifact_path": artifact_path}
+        (path.parent / UPLOAD_NOTE).write_text(json.dumps(note))
 
         def upload(client: Any, run_id: str) -> None:
             client.log_artifact(run_id, str(path), artifact_path)
@@ -257,7 +259,7 @@ class MetricLogger:
         with self._lock:
             return len(self._ops)
 
-    # ----- spilling --------------------------------------------------------------------------------------------
+    # ----- spilling ---------------------------------------------------------------------------------------
     def _spill_locked(self, keep_first: bool) -> None:
         """Moves in-memory chunks to disk, oldest first; the chunk being sent stays unless shutting down."""
         for i, chunk in enumerate(self._chunks):
@@ -294,10 +296,10 @@ class MetricLogger:
             except (OSError, ValueError, KeyError):
                 log.warning("skipping an unreadable artifact note %s", note)
         if self._chunks or self._ops:
-            log.info("MLflow: %d metrics and %d artifacts left in %s by an earlier attempt will be sent first",
+            log.info("MLflow: %d metrics and %d artifacts left in %s by an earlier attempt go out first",
                      self._queued, len(self._ops), self._spool)
 
-    # ----- consumer side (the background thread) ---------------------------------------------------------------
+    # ----- consumer side (the background thread) ------------------------------------------------------------
     def _next_batch(self) -> tuple[_Chunk | None, list]:
         with self._lock:
             while self._chunks and not self._closed:
@@ -399,8 +401,8 @@ class MetricLogger:
         except Exception as err:  # noqa: BLE001 - any transport error means "keep and retry"
             self.failures += 1
             if self.failures == 1 or self.failures % 10 == 0:
-                log.warning("MLflow unreachable (%s: %s); %d metrics buffered, will retry", type(err).__name__,
-                            str(err)[:200], self.pending())
+                log.warning("MLflow unreachable (%s: %s); %d metrics buffered, will retry",
+                            type(err).__name__, str(err)[:200], self.pending())
             return False
 
     def _run(self) -> None:
@@ -413,7 +415,7 @@ class MetricLogger:
             ok = self._deliver()
             delay = self._flush_seconds if ok else min(delay * 2, self._max_backoff)
 
-    # ----- shutdown --------------------------------------------------------------------------------------------
+    # ----- shutdown ---------------------------------------------------------------------------------------
     def flush(self, timeout: float = 30.0) -> bool:
         """Delivers everything queued; returns whether it all went within ``timeout``."""
         deadline = time.monotonic() + timeout
@@ -437,8 +439,8 @@ class MetricLogger:
                 self._spill_locked(keep_first=False)
             lost_ops = [what for _, what in self._ops]
         if self._queued:
-            log.error("MLflow: %d metrics not delivered before shutdown are kept in %s and will be sent by the "
-                      "next start of this run", self._queued, self._spool)
+            log.error("MLflow: %d metrics not delivered before shutdown are kept in %s and will be sent by "
+                      "the next start of this run", self._queued, self._spool)
         if lost_ops:
             log.error("MLflow: not applied before shutdown: %s", ", ".join(lost_ops))
         return ok
@@ -451,7 +453,7 @@ def is_secret_key(key: str) -> bool:
 
 
 def secret_values(environ: dict[str, str]) -> list[str]:
-    """Values of environment variables that look like credentials (so they can be scrubbed from what is logged)."""
+    """Values of environment variables that look like credentials (to scrub them from what is logged)."""
     markers = ("SECRET", "TOKEN", "PASSWORD", "ACCESS_KEY", "CREDENTIAL", "API_KEY", "SESSION")
     return [v for k, v in environ.items() if any(m in k.upper() for m in markers) and len(v) >= 8]
 
@@ -482,7 +484,8 @@ def safe_params(cfg: Any, secrets: list[str] | None = None) -> dict[str, str]:
     """The flattened resolved config as MLflow params, minus anything secret."""
     from trainer.config_loader import flatten
 
-    return {k: redact(str(v), secrets or [])[:6000] for k, v in flatten(safe_config(cfg, secrets or [])).items()}
+    secrets = secrets or []
+    return {k: redact(str(v), secrets)[:6000] for k, v in flatten(safe_config(cfg, secrets)).items()}
 
 
 def stage_plan(cfg: Any) -> list[dict]:
@@ -490,8 +493,9 @@ def stage_plan(cfg: Any) -> list[dict]:
     plan, start = [], 0
     for s in cfg.stages:
         plan.append({"name": s.name, "first_step": start + 1, "last_step": start + s.steps, "steps": s.steps,
-                     "objectives": dict(s.objectives), "sources": sorted(s.sources()), "frozen": list(s.frozen),
-                     "lr": s.lr or cfg.optimizer.lr, "warmup_steps": s.warmup_steps})
+                     "objectives": dict(s.objectives), "sources": sorted(s.sources()),
+                     "frozen": list(s.frozen), "lr": s.lr or cfg.optimizer.lr,
+                     "warmup_steps": s.warmup_steps})
         start += s.steps
     return plan
 
@@ -505,7 +509,8 @@ def git_commit() -> str:
         return "unknown"
 
 
-def log_config_artifacts(client: Any, run_id: str, cfg: Any, secrets: list[str], folder: str = "config") -> None:
+def log_config_artifacts(client: Any, run_id: str, cfg: Any, secrets: list[str],
+                         folder: str = "config") -> None:
     client.log_text(run_id, json.dumps(safe_config(cfg, secrets), indent=1), f"{folder}/resolved_config.json")
     client.log_text(run_id, json.dumps(stage_plan(cfg), indent=1), f"{folder}/stage_plan.json")
 
@@ -551,7 +556,7 @@ def local_run_dir(cfg: Any) -> Path | None:
     """The run's storage folder as a worker sees it, when it is an absolute local (or shared) path."""
     storage = cfg.run.storage
     if "://" in storage or not Path(storage).is_absolute():
-        return None  # Ray Train workers run in their own working directory: a relative path would point elsewhere
+        return None  # Ray Train workers run in their own working directory: a relative path points elsewhere
     return Path(storage).resolve() / cfg.run.name
 
 
@@ -583,7 +588,7 @@ def _count_attempt(client: Any, run_id: str) -> None:
 
 
 class RunTracker:
-    """One rank's tracking: rank 0 logs metrics, tags and artifacts; each node's first rank samples the node."""
+    """One rank's tracking: rank 0 logs metrics, tags and artifacts; each node's first rank samples it."""
 
     def __init__(self, metrics: MetricLogger | None = None, sampler: Any = None,
                  node_logger: MetricLogger | None = None):
@@ -656,7 +661,7 @@ def start_tracking(cfg: Any, rank: int, world_size: int, run_id: str | None, tra
 
 
 def _run_resolver(cfg: Any, tracking_uri: str, create: bool) -> Callable[[Any], str | None]:
-    """For a job started while MLflow was unreachable: finds the run (rank 0 also creates it) once it answers."""
+    """For a job started while MLflow was unreachable: finds (rank 0: creates) the run once it answers."""
     run_dir = local_run_dir(cfg)
 
     def resolve(client: Any) -> str | None:

@@ -1,4 +1,4 @@
-"""F7: the MLflow server stops mid-run and comes back on the same port; training goes on and no metric is lost."""
+"""F7: the MLflow server dies mid-run and comes back on the same port; training goes on, no metric is lost."""
 
 from __future__ import annotations
 
@@ -52,7 +52,8 @@ class Server:
                "--artifacts-destination", str(self.workdir / "artifacts"), "--workers", "1"]
         env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true")
         with open(self.workdir / "mlflow-server.log", "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                         start_new_session=True)
         wait_http(f"{self.uri}/health", timeout=120)
         return self
 
@@ -81,7 +82,7 @@ class Outage(threading.Thread):
             wait_for(lambda: len(logged_steps(self.server.uri)) >= 3, 300, "the first steps in MLflow")
             self.server.kill()
             self.down_at = self._newest_checkpoint()
-            wait_for(lambda: self._newest_checkpoint() >= self.down_at + 4, 300, "training to go on meanwhile")
+            wait_for(lambda: self._newest_checkpoint() >= self.down_at + 4, 300, "training to go on")
             self.server.start()
             self.up_at = self._newest_checkpoint()
         except BaseException as err:  # noqa: BLE001 - reported by the test
@@ -98,10 +99,10 @@ def test_metrics_survive_a_tracking_server_outage(synthetic_data, tmp_path):
     outage = Outage(server, storage / "outage")
     try:
         outage.start()
-        argv = ["train", DEBUG_CONFIG, *small_run("outage", storage, str(synthetic_data), steps=STEPS, every=4,
-                                                  extra=[f"tracking.uri={server.uri}", "tracking.experiment=outage",
-                                                         "tracking.flush_seconds=0.5",
-                                                         "tracking.system_metrics_seconds=2"])]
+        extra = [f"tracking.uri={server.uri}", "tracking.experiment=outage", "tracking.flush_seconds=0.5",
+                 "tracking.system_metrics_seconds=2"]
+        argv = ["train", DEBUG_CONFIG,
+                *small_run("outage", storage, str(synthetic_data), steps=STEPS, every=4, extra=extra)]
         try:
             assert main(argv) == 0
         finally:
@@ -127,7 +128,7 @@ def test_metrics_survive_a_tracking_server_outage(synthetic_data, tmp_path):
 
 
 def test_job_started_while_mlflow_is_down_logs_everything_once_it_is_up(synthetic_data, tmp_path):
-    """B13 with tracking.buffer_if_unreachable: the job trains on; rank 0 creates the run when the server answers."""
+    """B13, tracking.buffer_if_unreachable: training goes on; rank 0 creates the run once the server is up."""
     import json
 
     import ray
@@ -146,11 +147,11 @@ def test_job_started_while_mlflow_is_down_logs_everything_once_it_is_up(syntheti
     starter = threading.Thread(target=start_later, daemon=True)
     try:
         starter.start()
+        extra = [f"tracking.uri={server.uri}", "tracking.experiment=late",
+                 "tracking.buffer_if_unreachable=true", "tracking.flush_seconds=0.5",
+                 "tracking.system_metrics_seconds=0"]
         argv = ["train", DEBUG_CONFIG, *small_run("late", storage, str(synthetic_data), steps=steps, every=4,
-                                                  extra=[f"tracking.uri={server.uri}", "tracking.experiment=late",
-                                                         "tracking.buffer_if_unreachable=true",
-                                                         "tracking.flush_seconds=0.5",
-                                                         "tracking.system_metrics_seconds=0"])]
+                                                  extra=extra)]
         try:
             assert main(argv) == 0
         finally:
@@ -160,7 +161,8 @@ def test_job_started_while_mlflow_is_down_logs_everything_once_it_is_up(syntheti
         (run,) = client.search_runs([client.get_experiment_by_name("late").experiment_id])
         run_id = run.info.run_id
         assert json.loads((run_dir / "mlflow_run.json").read_text())["run_id"] == run_id
-        assert sorted(m.step for m in client.get_metric_history(run_id, "loss/total")) == list(range(1, steps + 1))
+        history = client.get_metric_history(run_id, "loss/total")
+        assert sorted(m.step for m in history) == list(range(1, steps + 1))
         assert run.info.status == "FINISHED" and run.data.params["model.flavor"] == "debug"
         assert run.data.tags["unimo.run_name"] == "late"
     finally:

@@ -1,4 +1,4 @@
-"""One MLflow run per job across a resubmission, continuous steps, tags and artifacts, and no secret in any of it."""
+"""One MLflow run per job across a resubmission: continuous steps, tags, artifacts, no secret anywhere."""
 
 from __future__ import annotations
 
@@ -31,7 +31,8 @@ def all_artifacts(client, run_id: str, path: str | None = None) -> list[str]:
     return out
 
 
-def test_resubmitted_job_continues_the_same_run_without_gaps_or_secrets(synthetic_data, tmp_path, monkeypatch):
+def test_resubmitted_job_continues_the_same_run_without_gaps_or_secrets(synthetic_data, tmp_path,
+                                                                        monkeypatch):
     from mlflow.tracking import MlflowClient
 
     for key, value in FAKE_AWS.items():  # credentials in the environment must reach nothing that is logged
@@ -58,7 +59,8 @@ def test_resubmitted_job_continues_the_same_run_without_gaps_or_secrets(syntheti
             assert sorted(m.step for m in client.get_metric_history(run_id, key)) == list(range(1, 11)), key
         assert sorted(m.step for m in client.get_metric_history(run_id, "eval/i2t_R_at_1")) == [6, 10]
         system = [k for k in run.data.metrics if k.startswith("system/")]
-        assert any(k.endswith("/cpu_percent") for k in system) and any(k.endswith("/memory_used_gb") for k in system)
+        assert any(k.endswith("/cpu_percent") for k in system)
+        assert any(k.endswith("/memory_used_gb") for k in system)
 
         tags = run.data.tags
         assert tags["unimo.restarts"] == "1" and tags["unimo.attempts"] == "2"

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from model.flops import flops_per_sample
+from tests.integration.recipes import DEBUG_CONFIG
 from trainer import metrics as M
 from trainer.config import load_config
 from trainer.loop import StepResult
-from tests.integration.recipes import DEBUG_CONFIG
 
 
 @pytest.fixture
@@ -18,8 +18,9 @@ def cfg():
 
 
 def result(**kw) -> StepResult:
-    base = dict(losses={"mlm_text": 2.0, "mim": 1.0, "itc": 3.0}, total=6.0,
-                samples={"text": 8, "image": 8, "pair": 16}, step_time=0.5, data_time=0.1, grad_norm=1.5, lr=1e-3)
+    base = {"losses": {"mlm_text": 2.0, "mim": 1.0, "itc": 3.0}, "total": 6.0,
+            "samples": {"text": 8, "image": 8, "pair": 16}, "step_time": 0.5, "data_time": 0.1,
+            "grad_norm": 1.5, "lr": 1e-3}
     base.update(kw)
     return StepResult(**base)
 
@@ -90,7 +91,7 @@ def test_unknown_gpu_reports_achieved_flops_without_mfu(cfg, monkeypatch):
 
 @pytest.mark.gpu
 def test_mfu_on_this_gpu(cfg):
-    """On a real GPU: the device is in the table (or the test says which one is missing) and memory is read."""
+    """On a real GPU: the device is in the table (else the test names it) and GPU memory is read."""
     name = torch.cuda.get_device_name(0)
     torch.ones(1024, 1024, device="cuda")
     out = M.step_metrics(result(), cfg, world_size=1)

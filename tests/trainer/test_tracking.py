@@ -95,7 +95,8 @@ def test_long_outage_spills_to_disk_with_bounded_memory_then_delivers_everything
 def test_undelivered_at_shutdown_are_spooled_and_sent_first_by_the_next_logger(tmp_path):
     down = FakeClient()
     down.down = True
-    first = MetricLogger("fake://", "run1", flush_seconds=0.01, client=down, max_backoff=0.05, spool_dir=tmp_path)
+    first = MetricLogger("fake://", "run1", flush_seconds=0.01, client=down, max_backoff=0.05,
+                         spool_dir=tmp_path)
     log_steps(first, 1, 40)
     assert not first.close(timeout=0.3)
     assert spooled_segments(tmp_path) and down.metrics == []
@@ -113,7 +114,8 @@ def test_partly_sent_segment_resumes_after_its_sent_marker(tmp_path):
     """A crash after some batches of a spooled segment went out: the next logger sends only the rest."""
     client = FakeClient()
     client.down = True
-    first = MetricLogger("fake://", "run1", flush_seconds=0.01, client=client, max_backoff=0.05, spool_dir=tmp_path)
+    first = MetricLogger("fake://", "run1", flush_seconds=0.01, client=client, max_backoff=0.05,
+                         spool_dir=tmp_path)
     log_steps(first, 1, 700)  # 2100 metrics: three batches of at most 1000
     assert not first.close(timeout=0.2)
     (segment,) = spooled_segments(tmp_path)
@@ -198,7 +200,8 @@ def test_log_returns_quickly_while_the_server_hangs(tmp_path):
 def test_artifacts_not_uploaded_at_shutdown_are_uploaded_by_the_next_logger(tmp_path):
     down = FakeClient()
     down.down = True
-    first = MetricLogger("fake://", "run1", flush_seconds=0.01, client=down, max_backoff=0.05, spool_dir=tmp_path)
+    first = MetricLogger("fake://", "run1", flush_seconds=0.01, client=down, max_backoff=0.05,
+                         spool_dir=tmp_path)
     first.log_text("step 4 manifest", "checkpoints/step_00000004/manifest.json")
     first.log({"loss/total": 1.0}, 4)
     assert not first.close(timeout=0.2)

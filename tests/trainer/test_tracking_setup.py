@@ -1,9 +1,10 @@
-"""The job's single MLflow run: creation, resume, unreachable server at start (B13), no secrets, spool replay."""
+"""The job's one MLflow run: creation, resume, unreachable server at start (B13), no secrets, spool replay."""
 
 from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 
@@ -15,8 +16,8 @@ from trainer.tracking import RUN_ID_FILE, MetricLogger, redact, safe_params, sec
 
 
 def cfg_for(tmp_path, *extra):
-    return load_config(DEBUG_CONFIG, [f"run.storage={tmp_path / 'runs'}", "run.name=job", "tracking.experiment=t",
-                                      *extra])
+    return load_config(DEBUG_CONFIG, [f"run.storage={tmp_path / 'runs'}", "run.name=job",
+                                      "tracking.experiment=t", *extra])
 
 
 def sqlite_uri(tmp_path) -> str:
@@ -57,8 +58,8 @@ def test_one_run_across_resubmissions(tmp_path):
     assert run.data.tags["mlflow.source.git.commit"] and run.data.params["model.flavor"] == "debug"
     files = {f.path for f in client.list_artifacts(first, "config")}
     assert {"config/resolved_config.json", "config/stage_plan.json", "config/restart_1"} <= files
-    plan = json.loads(open(client.download_artifacts(first, "config/restart_1/stage_plan.json", str(tmp_path)))
-                      .read())
+    local = client.download_artifacts(first, "config/restart_1/stage_plan.json", str(tmp_path))
+    plan = json.loads(Path(local).read_text())
     assert plan[0]["name"] == "s" and plan[0]["last_step"] == 9
     assert finish_run(uri, None, True, cfg=cfg, run_dir=run_dir) == first
     assert client.get_run(first).info.status == "FINISHED"
@@ -83,7 +84,8 @@ def test_metrics_spooled_by_an_earlier_attempt_are_replayed_at_the_next_start(tm
         def log_batch(self, *a, **k):
             raise ConnectionError("refused")
 
-    spooled = MetricLogger("x", None, flush_seconds=0.01, client=Down(), spool_dir=run_dir / "mlflow_spool" / "metrics")
+    spooled = MetricLogger("x", None, flush_seconds=0.01, client=Down(),
+                           spool_dir=run_dir / "mlflow_spool" / "metrics")
     for step in range(1, 6):
         spooled.log({"loss/total": step / 10}, step)
     assert not spooled.close(timeout=0.2)
@@ -97,7 +99,7 @@ def test_no_secret_in_params(tmp_path, monkeypatch):
     for k, v in FAKE_AWS.items():
         monkeypatch.setenv(k, v)
     secret = FAKE_AWS["AWS_SECRET_ACCESS_KEY"]
-    cfg = cfg_for(tmp_path, f"tracking.uri=http://user:hunter2pass@mlflow.example:5000",
+    cfg = cfg_for(tmp_path, "tracking.uri=http://user:hunter2pass@mlflow.example:5000",
                   f"data.pair.urls=s3://bucket/{secret}/pairs")
     params = safe_params(cfg, secret_values(dict(__import__("os").environ)))
     blob = json.dumps(params)
@@ -107,14 +109,15 @@ def test_no_secret_in_params(tmp_path, monkeypatch):
 
 
 def test_redact_and_stage_plan(tmp_path):
-    assert redact("s3://AKIA:sec@bucket/x and token-123456789", ["token-123456789"]) == "s3://***@bucket/x and ***"
+    redacted = redact("s3://AKIA:sec@bucket/x and token-123456789", ["token-123456789"])
+    assert redacted == "s3://***@bucket/x and ***"
     plan = stage_plan(cfg_for(tmp_path))
     assert [(p["name"], p["first_step"], p["last_step"]) for p in plan] == [("unimodal", 1, 100),
                                                                            ("crossmodal", 101, 300)]
 
 
 def test_rank0_creates_the_run_late_and_the_driver_finds_it(tmp_path):
-    """B13 buffering: no run at start; rank 0's resolver creates it once the server answers; the driver closes it."""
+    """B13 buffering: no run at start; rank 0 creates it once the server answers; the driver closes it."""
     from mlflow.tracking import MlflowClient
 
     from trainer.tracking import _run_resolver
@@ -133,7 +136,8 @@ def test_rank0_creates_the_run_late_and_the_driver_finds_it(tmp_path):
 
 
 @pytest.mark.parametrize("key, secret", [
-    ("tokenizer", False), ("pad_token_id", False), ("max_tokens", False), ("auth_token", True), ("token", True),
+    ("tokenizer", False), ("pad_token_id", False), ("max_tokens", False), ("auth_token", True),
+    ("token", True),
     ("aws_secret_access_key", True), ("password", True), ("db-password", True), ("api_key", True),
     ("credentials", True), ("secret", True), ("secrets_manager_region", False)])
 def test_secret_keys_are_recognised_by_their_last_word(key, secret):

@@ -1,4 +1,4 @@
-"""System metrics: psutil readings per node, NVML readings of this job's GPUs only (a fake NVML on CPU machines)."""
+"""System metrics: psutil readings per node, NVML readings of this job's GPUs only (fake NVML without GPU)."""
 
 from __future__ import annotations
 
@@ -115,7 +115,8 @@ def test_host_sample_has_cpu_memory_disk_network_under_the_node_prefix(tmp_path)
     time.sleep(0.05)
     out = sampler.sample()
     assert sampler.prefix == "system/worker-1.cluster.local/"
-    for name in ("cpu_percent", "memory_used_gb", "memory_percent", "memory_available_gb", "disk_used_percent"):
+    for name in ("cpu_percent", "memory_used_gb", "memory_percent", "memory_available_gb",
+                 "disk_used_percent"):
         assert f"system/worker-1.cluster.local/{name}" in out, name
     assert all(v >= 0 for v in out.values())
     assert all(metric_key(k) == k for k in out)  # valid MLflow names as they are
