@@ -41,10 +41,10 @@ def test_resubmitted_job_continues_the_same_run_without_gaps_or_secrets(syntheti
     with mlflow_server(tmp_path / "mlflow") as uri:
         tracking = [f"tracking.uri={uri}", "tracking.experiment=resume", "tracking.system_metrics_seconds=1",
                     "tracking.flush_seconds=0.5"]
-        train(small_run("job", storage, str(synthetic_data), steps=6, every=3, extra=tracking))
+        train(small_run("job", storage, str(synthetic_data), steps=6, every=3, extra=tracking, evaluate=True))
         # The same run name with a longer plan: resumes from the step-6 checkpoint and logs steps 7..10.
         train(small_run("job", storage, str(synthetic_data), steps=10, every=5,
-                        extra=[*tracking, "tracking.log_model=true"]))
+                        extra=[*tracking, "tracking.log_model=true"], evaluate=True))
 
         client = MlflowClient(uri)
         runs = client.search_runs([client.get_experiment_by_name("resume").experiment_id])
