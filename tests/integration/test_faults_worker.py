@@ -13,8 +13,7 @@ from tests.orchestrator.faults import differing_tensors, driver, fp32_weights, r
 
 pytestmark = pytest.mark.integration
 
-# Eval off: its metric names (eval/i2t_R@1) are refused by MLflow and the logger then retries them for 60 s at
-# shutdown (reported to the trainer's owner); the faults under test do not involve evaluation.
+# Eval off: the faults under test do not involve it, and it costs time on a 2-core machine.
 NO_EVAL = ["data.eval_pairs=", "scaling.num_workers=2", "scaling.cpus_per_worker=1"]
 
 
