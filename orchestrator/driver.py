@@ -76,11 +76,34 @@ def worker_env(cfg: RunConfig) -> dict[str, str]:
     return env
 
 
+def _absolute(path: str) -> str:
+    """Local paths made absolute (Ray workers do not run in the driver's folder); URLs and "" unchanged."""
+    if not path or "://" in path:
+        return path
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def with_absolute_paths(cfg: RunConfig) -> RunConfig:
+    """A copy of ``cfg`` whose local paths (storage, data, tokenizer, init weights) are absolute."""
+    import copy
+
+    cfg = copy.deepcopy(cfg)
+    cfg.run.storage = _absolute(cfg.run.storage)
+    for source in (cfg.data.text, cfg.data.image, cfg.data.pair):
+        source.urls = _absolute(source.urls)
+    cfg.data.eval_pairs = _absolute(cfg.data.eval_pairs)
+    cfg.data.tokenizer = _absolute(cfg.data.tokenizer)
+    cfg.model.text_init = _absolute(cfg.model.text_init)
+    cfg.model.vision_init = _absolute(cfg.model.vision_init)
+    return cfg
+
+
 def fit(cfg: RunConfig) -> TrainOutcome:
     """Runs the job to completion (resuming the run of the same name if it exists), holding the run lock."""
     from orchestrator.runlock import RunLock
 
     cfg.check_ready_to_train()
+    cfg = with_absolute_paths(cfg)
     run_dir = run_dir_of(cfg)
     # Taken before MLflow or Ray are touched, so a refused second driver changes nothing of the run (B14).
     # Losing the lock to another driver interrupts this one like Ctrl-C: Ray Train then aborts the run.

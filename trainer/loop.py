@@ -368,8 +368,8 @@ class Trainer:
                   flush=True)
             for i, caption in enumerate(captions):
                 print(f"[unimo] eval step {step}: caption of eval image {i}: {caption!r}", flush=True)
-            if captions:
-                self.tracker.log_text("\n".join(captions) + "\n", f"eval/captions_step_{step:08d}.txt")
+            if captions and self.metrics_logger is not None:  # evaluate() may also run outside run()
+                self.metrics_logger.log_text("\n".join(captions) + "\n", f"eval/captions_step_{step:08d}.txt")
         return metrics
 
     def should_checkpoint(self, step: int, due_by_time: bool) -> bool:

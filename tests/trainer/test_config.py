@@ -89,3 +89,19 @@ def test_flatten_for_mlflow_params():
     flat = flatten(to_dict(RunConfig()))
     assert flat["model.fusion.layers"] == RunConfig().model.fusion.layers
     assert isinstance(flat["stages"], str)
+
+
+def test_driver_makes_local_paths_absolute_for_workers(tmp_path, monkeypatch):
+    import os
+
+    from orchestrator.driver import with_absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["run.storage=./runs", "data.pair.urls=data/pairs/shard-{0..3}.tar",
+                             "data.text.urls=s3://bucket/text", "data.tokenizer=~/tok.json"])
+    out = with_absolute_paths(cfg)
+    assert out.run.storage == str(tmp_path / "runs")
+    assert out.data.pair.urls == str(tmp_path / "data/pairs/shard-{0..3}.tar")
+    assert out.data.text.urls == "s3://bucket/text"  # URLs untouched
+    assert out.data.tokenizer == os.path.expanduser("~/tok.json")
+    assert cfg.run.storage == "./runs"  # the caller's config is not changed
