@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=5000)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     p.add_argument("--backend-store-uri", default="sqlite:///runs/mlflow.db")
+    p.add_argument("--workers", type=int, default=1,
+                   help="server worker processes (default 1: enough for one job's batched logging, starts fast)")
     p.add_argument("--artifacts-destination", default="./runs/mlartifacts",
                    help="local folder or s3://bucket/prefix for artifacts")
     return parser
@@ -159,7 +161,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_mlflow(args: argparse.Namespace) -> int:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     argv = [sys.executable, "-m", "mlflow", "server", "--host", args.host, "--port", str(args.port),
-            "--backend-store-uri", args.backend_store_uri, "--artifacts-destination", args.artifacts_destination]
+            "--backend-store-uri", args.backend_store_uri, "--artifacts-destination", args.artifacts_destination,
+            "--workers", str(args.workers)]
     print(f"MLflow UI: http://{args.host}:{args.port}  (tracking.uri=http://{args.host}:{args.port})", flush=True)
     os.execv(sys.executable, argv)
     return 0  # not reached
