@@ -1,4 +1,4 @@
-"""Checkpoint/resume through the real stack: bitwise resume at the same world size, torn checkpoints skipped."""
+"""Checkpoint/resume through the real stack: torn checkpoints skipped, export, elastic resume."""
 
 from __future__ import annotations
 
@@ -27,34 +27,12 @@ def train(argv: list[str]) -> None:
         ray.shutdown()
 
 
-def fp32_weights(step_dir: Path) -> dict[str, torch.Tensor]:
-    """Consolidates the ZeRO-3 shards of a checkpoint with DeepSpeed's own zero_to_fp32."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    return get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag="ds")
-
-
 def step_dirs(storage: Path, name: str) -> list[Path]:
     return sorted((storage / name / "checkpoints").glob("step_*"))
 
 
-def test_resume_is_bitwise_equal_to_an_uninterrupted_run(synthetic_data, tmp_path):
-    storage, data = tmp_path / "runs", str(synthetic_data)
-    tracking = [f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
-    train(small_run("straight", storage, data, steps=8, every=4, extra=CONSTANT_LR + tracking))
-    # The same run in two jobs: 4 steps, then the same name with an 8-step plan resumes at step 4.
-    train(small_run("split", storage, data, steps=4, every=4, extra=CONSTANT_LR + tracking))
-    train(small_run("split", storage, data, steps=8, every=4, extra=CONSTANT_LR + tracking))
-
-    assert [d.name for d in step_dirs(storage, "split")] == ["step_00000004", "step_00000008"]
-    a = fp32_weights(step_dirs(storage, "straight")[-1])
-    b = fp32_weights(step_dirs(storage, "split")[-1])
-    assert a.keys() == b.keys()
-    differing = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not differing, f"{len(differing)} tensors differ after resume, e.g. {differing[:3]}"
-    # and training did change the weights (the comparison is not between two untouched inits)
-    first = fp32_weights(step_dirs(storage, "straight")[0])
-    assert any(not torch.equal(first[k], a[k]) for k in a)
+# Bitwise equality after a resume at the same world size (2 ranks, 20 steps vs 10 + resume + 10) is checked by
+# tests/integration/test_faults_worker.py, where the resume follows a SIGKILLed worker.
 
 
 def test_torn_checkpoint_is_skipped_with_a_warning(synthetic_data, tmp_path, capfd):
@@ -111,18 +89,17 @@ def check_export_matches_zero_to_fp32(step_dir: Path, tmp_path: Path) -> None:
     assert (out / "tokenizer.json").is_file()
 
 
-def test_elastic_resume_two_to_one_to_two(synthetic_data, tmp_path, capfd):
+def test_elastic_resume_one_to_two(synthetic_data, tmp_path, capfd):
+    """1 -> 2 ranks through the universal checkpoint (2 -> 1 is test_faults_node.py's elastic node loss)."""
     storage, data = tmp_path / "runs", str(synthetic_data)
     tracking = [f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
-    train(small_run("elastic", storage, data, steps=4, every=4, extra=CONSTANT_LR + tracking))
-    train(small_run("elastic", storage, data, steps=8, every=4,
+    train(small_run("elastic", storage, data, steps=4, every=4,
                     extra=CONSTANT_LR + tracking + ["scaling.num_workers=1"]))
-    train(small_run("elastic", storage, data, steps=12, every=4, extra=CONSTANT_LR + tracking))
+    train(small_run("elastic", storage, data, steps=8, every=4, extra=CONSTANT_LR + tracking))
     text = capfd.readouterr()
     text = text.out + text.err
-    assert "elastic: saved by 2 ranks, now 1" in text
     assert "elastic: saved by 1 ranks, now 2" in text
     states = [json.loads((d / "trainer_state.json").read_text()) for d in step_dirs(storage, "elastic")]
-    assert [(s["step"], s["world_size"]) for s in states] == [(4, 2), (8, 1), (12, 2)]
+    assert [(s["step"], s["world_size"]) for s in states] == [(4, 1), (8, 2)]
     # the global batch stayed the same: 2 micro-batches per step whatever the world size
     assert all(s["config"]["train"]["global_micro_batches"] == 2 for s in states)
