@@ -7,7 +7,7 @@ captioning decodes a fixed number of steps.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

@@ -13,7 +13,7 @@ returns a zero that depends on their outputs.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

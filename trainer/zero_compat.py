@@ -9,7 +9,7 @@ that EXTERNAL_SUFFIXES lists every one of them.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 from torch.overrides import TorchFunctionMode
@@ -63,9 +63,9 @@ class _ReadTracker(TorchFunctionMode):
         if _is_metadata(func):
             return func(*args, **kwargs)
         for leaf in tree_flatten((args, kwargs))[0]:
-            if isinstance(leaf, nn.Parameter) and id(leaf) in self.owners:
-                if not self.owners[id(leaf)] & set(self.running):
-                    self.outside.add(self.names[id(leaf)])
+            owners = self.owners.get(id(leaf)) if isinstance(leaf, nn.Parameter) else None
+            if owners is not None and not owners & set(self.running):
+                self.outside.add(self.names[id(leaf)])
         return func(*args, **kwargs)
 
 

@@ -49,7 +49,7 @@ def test_rerank_orders_the_top_k_by_the_scorer_and_keeps_the_rest_below():
     pos = torch.zeros(2, 5, dtype=torch.bool)
     pos[0, 2] = True  # inside row 0's ITC top-3
     pos[1, 0] = True  # outside row 1's ITC top-3: re-ranking cannot reach it
-    oracle = lambda q, c: pos[q, c].float()  # noqa: E731
+    oracle = lambda q, c: pos[q, c].float()
     out = rerank_top_k(sim, 3, oracle)
     assert recall_at_k(sim, pos, ks=(1,))[1] == 0.0
     assert recall_at_k(out, pos, ks=(1, 4, 5)) == {1: 0.5, 4: 0.5, 5: 1.0}
@@ -78,7 +78,7 @@ def test_evaluation_runs_the_same_modules_whatever_the_weights():
     traces = []
     for seed in (0, 1):
         model = make_model(seed)
-        traces.append(trace_modules(model, lambda: evaluate(model, ev, rerank_k=2, caption_images=2)))
+        traces.append(trace_modules(model, lambda m=model: evaluate(m, ev, rerank_k=2, caption_images=2)))
     assert traces[0] == traces[1]
     assert any(n.startswith("itm_head") for n in traces[0]) and any(n == "lm_fused_head" for n in traces[0])
 

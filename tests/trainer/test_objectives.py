@@ -12,8 +12,14 @@ from torch import nn
 from model.flavors import get_flavor
 from model.unimo import UnimoModel
 from trainer.config import OBJECTIVE_SOURCES
-from trainer.objectives import (PretrainObjectives, cmcl_global_loss, grounding_contrast, multi_positive_nce,
-                                phrase_masks, sample_negatives)
+from trainer.objectives import (
+    PretrainObjectives,
+    cmcl_global_loss,
+    grounding_contrast,
+    multi_positive_nce,
+    phrase_masks,
+    sample_negatives,
+)
 from trainer.zero_compat import EXTERNAL_SUFFIXES, external_reads
 
 ALL = {name: 1.0 for name in OBJECTIVE_SOURCES}
@@ -75,7 +81,7 @@ def make_batch(B: int = 4, L: int = 12, seed: int = 0, image_ids=None, degenerat
         phrase = torch.zeros_like(phrase)
         neg_kind = torch.full((B,), -1)
         image_ids = torch.zeros(B, dtype=torch.long)
-    pixels = lambda: torch.randn(B, 3, 32, 32, generator=g)  # noqa: E731
+    pixels = lambda: torch.randn(B, 3, 32, 32, generator=g)
     return {
         "text": {"input_ids": text_ids, "attention_mask": text_mask, "mlm_input_ids": text_ids,
                  "mlm_labels": text_labels},
@@ -169,7 +175,7 @@ def test_prefix_lm_sees_no_future_token():
     text = make_batch(B=2, L=12)["text"]
     ids, mask = text["input_ids"].clone(), torch.ones_like(text["input_ids"])
     prefix = torch.tensor([4, 6])
-    logits = lambda x: obj.model.mlm_logits_text(  # noqa: E731
+    logits = lambda x: obj.model.mlm_logits_text(
         obj.model.encode_text(x, mask, mask_mode="prefix", prefix_len=prefix)[-1])
     base = logits(ids)
     j = 8  # a generated (non-prefix) position of both rows
@@ -259,7 +265,7 @@ def test_itm_negatives_come_from_similar_other_images():
     same[2] = True  # row 2: every column shows its own image -> no valid negative
     g = torch.Generator().manual_seed(0)
     picks = torch.stack([sample_negatives(sim, same, g)[0] for _ in range(200)])  # (200, 3)
-    idx, valid = sample_negatives(sim, same, g)
+    _, valid = sample_negatives(sim, same, g)
     assert valid.tolist() == [True, True, False]
     assert (picks[:, 0] == 1).all() and (picks[:, 1] == 0).all()  # the most similar other image, never itself
 

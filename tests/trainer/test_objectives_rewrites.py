@@ -32,7 +32,7 @@ def pair_batches(tmp_path_factory):
 
 def _rows(tok, pair):
     """Per row: (caption words, negative words, extra-positive words, kind, image id)."""
-    words = lambda key, i: re.findall(r"[a-z0-9]+", tok.decode(pair[key][i]))  # noqa: E731
+    words = lambda key, i: re.findall(r"[a-z0-9]+", tok.decode(pair[key][i]))
     for i in range(pair["input_ids"].shape[0]):
         kind = int(pair["neg_kind"][i])
         yield (words("input_ids", i), words("neg_input_ids", i), words("pos_input_ids", i),
