@@ -80,6 +80,12 @@ def verify(root: Path, check_sums: bool = True) -> dict[str, Any]:
     return manifest
 
 
+def step_of(path: Path) -> int:
+    """The step a checkpoint folder is named after (-1 for a name that is not step_XXXXXXXX)."""
+    m = STEP_DIR.match(path.name)
+    return int(m.group(1)) if m else -1
+
+
 @dataclass
 class FoundCheckpoint:
     path: Path

@@ -196,22 +196,30 @@ class Trainer:
 
     # ----- checkpoints ----------------------------------------------------------------------------------------
     def find_checkpoint(self) -> tuple[Path, dict] | None:
-        """The newest valid checkpoint: the one Ray hands back, or an older valid one if that one is torn."""
-        path = self.reporter.latest_checkpoint()
-        if path is None:
-            return None
-        try:
-            ckpt.verify(path)
-        except ckpt.TornCheckpoint as err:
-            log.warning("skipping torn checkpoint: %s", err)
-            found = ckpt.newest_valid(path.parent)
-            if found is None:
-                log.warning("no valid checkpoint left; starting from scratch")
-                return None
-            path = found.path
-        state = ckpt.read_state(path)
-        self._check_compatible(state, path)
-        return path, state
+        """The newest valid checkpoint: Ray's latest, or a newer complete one on disk that Ray did not register
+        (a driver killed between the upload and Ray's bookkeeping), or an older valid one if the newest is torn."""
+        candidates: dict[Path, int] = {}
+        reported = self.reporter.latest_checkpoint()
+        if reported is not None:
+            candidates[reported] = ckpt.step_of(reported)
+        for root in {p for p in (reported.parent if reported else None, self._local_checkpoints_root()) if p}:
+            for found in ckpt.list_step_dirs(root):
+                candidates.setdefault(found.path, found.step)
+        for path in sorted(candidates, key=lambda p: candidates[p], reverse=True):
+            try:
+                ckpt.verify(path)
+            except ckpt.TornCheckpoint as err:
+                log.warning("skipping torn checkpoint: %s", err)
+                continue
+            state = ckpt.read_state(path)
+            self._check_compatible(state, path)
+            return path, state
+        if candidates:
+            log.warning("no valid checkpoint left; starting from scratch")
+        return None
+
+    def _local_checkpoints_root(self) -> Path | None:
+        return self.stop_file.parent / "checkpoints" if self.stop_file is not None else None
 
     def restore(self, found: tuple[Path, dict]) -> None:
         """Loads weights, optimizer, data cursor and RNG; converts the checkpoint if the world size changed."""

@@ -47,12 +47,13 @@ def test_driver_killed_then_rerun_resumes_with_one_mlflow_run(synthetic_data, tm
         wait_for(lambda: registered(run_dir, 10), 180, "the step-10 checkpoint", first)
         _second_driver_is_refused(argv, run_dir, capsys)
         first.kill()
-        resume_step = newest_valid(run_dir / "checkpoints").step
         # The embedded Ray's raylet shares the fate of the driver that started it, so no worker of the dead
         # driver trains on (or writes a checkpoint) beside the next one. (Ray 2.60 leaves its dashboard and
         # runtime-env agents orphaned; they hold no run state and are killed at cleanup.)
         wait_for(lambda: not any(n.startswith(("ray::RayTrainWorker", "ray::TrainController", "raylet"))
                                  for n in first.leftover_names()), 60, "the dead driver's Ray workers to exit")
+        # Read only now: a worker may finish writing a checkpoint in the moment after the driver dies.
+        resume_step = newest_valid(run_dir / "checkpoints").step
     assert 10 <= resume_step < 20
     lock = json.loads((run_dir / "run.lock").read_text())  # left behind by the SIGKILL
 

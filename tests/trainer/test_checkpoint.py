@@ -67,3 +67,8 @@ def test_state_written_atomically(tmp_path):
     ckpt.write_json_atomic(tmp_path / "s.json", {"a": 1})
     assert json.loads((tmp_path / "s.json").read_text()) == {"a": 1}
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_step_of_reads_the_folder_name(tmp_path):
+    assert ckpt.step_of(tmp_path / "step_00000120") == 120
+    assert ckpt.step_of(tmp_path / "checkpoint_2026") == -1
