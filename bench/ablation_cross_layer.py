@@ -41,12 +41,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rerank-k", type=int, default=10)
+    p.add_argument("--steps-scale", type=float, default=learn.STEPS_SCALE, help="as bench/learn.py")
     p.add_argument("overrides", nargs="*", help="dotted config overrides applied to every mode (e.g. the plan)")
     args = p.parse_args(argv)
     urls = learn.synthetic_data(Path(args.data), args.pairs)
     results = {}
     for mode in args.modes.split(","):
-        cfg = learn.build_config(args.config, [*args.overrides, f"model.fusion.cross_layer={mode}"], urls)
+        cfg = learn.build_config(args.config, [*args.overrides, f"model.fusion.cross_layer={mode}"], urls,
+                                 args.steps_scale)
         r = learn.train(cfg, args.minutes, args.threads, rerank_k=args.rerank_k, tag=f"[{mode}] ", clock="cpu",
                         log_every=100)
         r.pop("captions")
