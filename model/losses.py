@@ -1,4 +1,4 @@
-"""Loss maths of every objective; no torch.distributed here: rank and gathered tensors are passed in.
+"""Loss maths of every objective; nothing distributed here: rank and gathered tensors are passed in.
 
 Each loss computes in fp32 (bf16 logsumexp loses too much) and, when a batch has nothing to score (no masked
 token, no masked patch), returns a zero that still depends on its input, so that every rank runs the same
