@@ -48,12 +48,12 @@ def timed(step, batch, steps: int, warmup: int) -> float:
 
 def plain_step_fn(cfg):
     from model.unimo import UnimoModel
-    from trainer.loop import param_groups
+    from trainer.loop import optimizer_groups
     from trainer.objectives import PretrainObjectives
 
     torch.manual_seed(0)
     module = PretrainObjectives(UnimoModel(cfg.model)).cuda()
-    groups = [{k: v for k, v in g.items() if k != "module"} for g in param_groups(module.model, 0.01)]
+    groups = optimizer_groups(module.model, 0.01)
     opt = torch.optim.AdamW(groups, lr=1e-4, fused=True)
 
     def step(batch):
@@ -72,14 +72,14 @@ def zero3_step_fn(cfg):
 
     from model.unimo import UnimoModel
     from trainer.ds_config import build_ds_config
-    from trainer.loop import param_groups
+    from trainer.loop import optimizer_groups
     from trainer.objectives import PretrainObjectives
     from trainer.zero_compat import register_external_parameters
 
     torch.manual_seed(0)
     module = PretrainObjectives(UnimoModel(cfg.model))
     register_external_parameters(module)
-    groups = [{k: v for k, v in g.items() if k != "module"} for g in param_groups(module.model, 0.01)]
+    groups = optimizer_groups(module.model, 0.01)
     opt = torch.optim.AdamW(groups, lr=1e-4, fused=True)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, config=build_ds_config(cfg, 1, True))
 

@@ -51,14 +51,13 @@ class Step:
 
     def __init__(self, cfg):
         from model.unimo import UnimoModel
-        from trainer.loop import param_groups
+        from trainer.loop import optimizer_groups
         from trainer.objectives import PretrainObjectives
 
         torch.manual_seed(0)
         self.cfg = cfg
         self.module = PretrainObjectives(UnimoModel(cfg.model))
-        groups = [{k: v for k, v in g.items() if k != "module"}
-                  for g in param_groups(self.module.model, 0.01)]
+        groups = optimizer_groups(self.module.model, 0.01)
         self.opt = torch.optim.AdamW(groups, lr=1e-4)
         self.weights = cfg.stages[0].objectives
 

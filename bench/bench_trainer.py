@@ -49,12 +49,12 @@ def time_interleaved(steps: dict, batches: list[dict], warmup: int) -> dict[str,
 
 def plain_loop(cfg, weights):
     from model.unimo import UnimoModel
-    from trainer.loop import param_groups
+    from trainer.loop import optimizer_groups
     from trainer.objectives import PretrainObjectives
 
     torch.manual_seed(0)
     module = PretrainObjectives(UnimoModel(cfg.model))
-    groups = [{k: v for k, v in g.items() if k != "module"} for g in param_groups(module.model, 0.01)]
+    groups = optimizer_groups(module.model, 0.01)
     opt = torch.optim.AdamW(groups, lr=1e-4)
 
     def step(b):
@@ -72,14 +72,14 @@ def deepspeed_loop(cfg, weights):
 
     from model.unimo import UnimoModel
     from trainer.ds_config import build_ds_config
-    from trainer.loop import param_groups
+    from trainer.loop import optimizer_groups
     from trainer.objectives import PretrainObjectives
     from trainer.zero_compat import register_external_parameters
 
     torch.manual_seed(0)
     module = PretrainObjectives(UnimoModel(cfg.model))
     register_external_parameters(module)
-    groups = [{k: v for k, v in g.items() if k != "module"} for g in param_groups(module.model, 0.01)]
+    groups = optimizer_groups(module.model, 0.01)
     opt = torch.optim.AdamW(groups, lr=1e-4)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, config=build_ds_config(cfg, 1, False),
                                            dist_init_required=True)

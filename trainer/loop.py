@@ -98,6 +98,11 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
             for (top, decay), ps in sorted(groups.items())]
 
 
+def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """``param_groups`` without the module names, ready for a torch optimizer (benchmarks, tests)."""
+    return [{k: v for k, v in g.items() if k != "module"} for g in param_groups(model, weight_decay)]
+
+
 def move_to(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)

@@ -10,12 +10,7 @@ from trainer import evaluation
 from trainer.evaluation import evaluate, recall_at_k, rerank_top_k, retrieval_metrics, sample_captions
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_eval_set(n_images: int = 6, per_image: int = 2, seed: int = 0) -> dict:

@@ -38,7 +38,7 @@ def test_zero3_bf16_engine_steps_on_one_gpu():
     from model.unimo import UnimoModel
     from trainer.config import load_config
     from trainer.ds_config import build_ds_config
-    from trainer.loop import param_groups
+    from trainer.loop import optimizer_groups
     from trainer.objectives import PretrainObjectives
     from trainer.zero_compat import register_external_parameters
 
@@ -52,7 +52,7 @@ def test_zero3_bf16_engine_steps_on_one_gpu():
     torch.manual_seed(0)
     module = PretrainObjectives(UnimoModel(cfg.model))
     register_external_parameters(module)
-    groups = [{k: v for k, v in g.items() if k != "module"} for g in param_groups(module.model, 0.01)]
+    groups = optimizer_groups(module.model, 0.01)
     opt = torch.optim.AdamW(groups, lr=1e-3, fused=True)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, config=ds_config)
     batch = _batch(cfg, engine.device)

@@ -26,13 +26,7 @@ ALL = {name: 1.0 for name in OBJECTIVE_SOURCES}
 VOCAB_LOW = 5  # ids 0..4 are the specials of the synthetic tokenizer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is faster, and two threads spin badly when the 2-core machine is busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_model(seed: int = 0) -> UnimoModel:
