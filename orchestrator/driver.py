@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from trainer import storage
 from trainer.config import RunConfig
 from trainer.config_loader import to_dict
 from trainer.loop import STOP_FILE
@@ -29,7 +30,7 @@ LOOPBACK_ENV = {
 
 @dataclass
 class TrainOutcome:
-    run_dir: Path
+    run_dir: Path | str  # a local folder, or the run's s3:// URL
     checkpoint: str | None
     tracking_uri: str
     mlflow_run_id: str
@@ -37,10 +38,12 @@ class TrainOutcome:
     stopped_early: bool = False
 
 
-def run_dir_of(cfg: RunConfig) -> Path:
-    if cfg.run.storage.startswith("s3://"):
-        raise NotImplementedError("s3:// run storage is handled by the Ray storage filesystem; use a local or "
-                                  "shared path for run.storage in this version")
+def run_dir_of(cfg: RunConfig) -> Path | str:
+    """The run's folder (local or shared file system) or its ``s3://bucket/prefix/<name>`` URL."""
+    if storage.is_remote(cfg.run.storage):
+        if not cfg.run.storage.startswith("s3://"):
+            raise ValueError(f"run.storage={cfg.run.storage}: use a local or shared folder or s3://bucket/prefix")
+        return storage.join(cfg.run.storage, cfg.run.name)
     return (Path(cfg.run.storage) / cfg.run.name).resolve()
 
 
@@ -105,6 +108,7 @@ def fit(cfg: RunConfig) -> TrainOutcome:
     cfg.check_ready_to_train()
     cfg = with_absolute_paths(cfg)
     run_dir = run_dir_of(cfg)
+    storage.check_writable(str(run_dir))  # endpoint, credentials, bucket: named errors before anything starts
     # Taken before MLflow or Ray are touched, so a refused second driver changes nothing of the run (B14).
     # Losing the lock to another driver interrupts this one like Ctrl-C: Ray Train then aborts the run.
     lock = RunLock(run_dir).acquire().start_heartbeat(on_lost=_thread.interrupt_main)
@@ -115,19 +119,19 @@ def fit(cfg: RunConfig) -> TrainOutcome:
 
 
 @contextlib.contextmanager
-def sigterm_as_exit(run_dir: Path):
+def sigterm_as_exit(run_dir: Path | str):
     """The first SIGTERM (preemption, a pod's termination) asks the workers to checkpoint at the next step and
-    end cleanly (the STOP file the loop polls); a second one unwinds like an exception, so the run lock is
-    released and the MLflow run closed instead of the process vanishing mid-way."""
-    stop_file = run_dir / STOP_FILE
-    stop_file.unlink(missing_ok=True)  # a stale request from an earlier job must not stop this one
+    end cleanly (the STOP file the loop polls, in the run's folder or S3 prefix); a second one unwinds like an
+    exception, so the run lock is released and the MLflow run closed instead of the process vanishing mid-way."""
+    stop_file = storage.join(run_dir, STOP_FILE)
+    storage.delete(stop_file)  # a stale request from an earlier job must not stop this one
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def _exit(signum, frame):
-        if not stop_file.exists():
-            stop_file.write_text(f"SIGTERM at {time.time():.0f}\n")
+        if not storage.exists(stop_file):
+            storage.write_text(stop_file, f"SIGTERM at {time.time():.0f}\n")
             print("[unimo] SIGTERM: the workers save a checkpoint at the next step and stop; send it again to "
                   "abort without saving", file=sys.stderr, flush=True)
             return
@@ -152,26 +156,29 @@ def scaling_config_of(cfg: RunConfig):
                                    placement_strategy=s.placement_strategy)
 
 
-def _fit_locked(cfg: RunConfig, run_dir: Path) -> TrainOutcome:
+def _fit_locked(cfg: RunConfig, run_dir: Path | str) -> TrainOutcome:
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from orchestrator.tracking_setup import default_tracking_uri, ensure_run, finish_run
     from trainer.ray_worker import train_func
 
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if not storage.is_remote(run_dir):
+        run_dir.mkdir(parents=True, exist_ok=True)
     tracking_uri = default_tracking_uri(cfg, run_dir)
     run_id = ensure_run(cfg, tracking_uri, run_dir)
     init_ray(cfg)
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # propagated by Ray Train to its controller
     payload = {"run_config": to_dict(cfg), "mlflow_run_id": run_id, "tracking_uri": tracking_uri,
                "control_dir": str(run_dir)}
+    # Checkpoints go to <run>/checkpoints/step_XXXXXXXX through Ray Train's pyarrow filesystem (S3 or local).
+    storage_path, storage_fs = storage.ray_storage(str(run_dir))
     trainer = TorchTrainer(
         train_func,
         train_loop_config=payload,
         scaling_config=scaling_config_of(cfg),
         run_config=ray.train.RunConfig(
-            name="checkpoints", storage_path=str(run_dir),
+            name="checkpoints", storage_path=storage_path, storage_filesystem=storage_fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
             # With keep_every the rank-0 worker prunes instead (Ray's policy knows only "the last K").
             checkpoint_config=ray.train.CheckpointConfig(
@@ -189,9 +196,12 @@ def _fit_locked(cfg: RunConfig, run_dir: Path) -> TrainOutcome:
             raise result.error
     finally:
         run_id = finish_run(tracking_uri, run_id, ok, cfg=cfg, run_dir=run_dir)  # found if created late (B13)
-    stopped = (run_dir / STOP_FILE).exists() or bool((result.metrics or {}).get("stopped_early"))
-    (run_dir / STOP_FILE).unlink(missing_ok=True)
-    return TrainOutcome(run_dir=run_dir, checkpoint=result.checkpoint.path if result.checkpoint else None,
+    stop_file = storage.join(run_dir, STOP_FILE)
+    stopped = storage.exists(stop_file) or bool((result.metrics or {}).get("stopped_early"))
+    storage.delete(stop_file)
+    checkpoint = storage.url_of_ray_path(result.checkpoint.path, result.checkpoint.filesystem) \
+        if result.checkpoint else None
+    return TrainOutcome(run_dir=run_dir, checkpoint=checkpoint,
                         tracking_uri=tracking_uri, mlflow_run_id=run_id, metrics=dict(result.metrics or {}),
                         stopped_early=stopped)
 

@@ -1,4 +1,9 @@
-"""The run lock: one live driver per run name, held by a heartbeat lock file in <storage>/<run>/run.lock."""
+"""The run lock: one live driver per run name, held by a heartbeat lock file in <storage>/<run>/run.lock.
+
+On a local or shared file system the lock is created with link() (fails if it exists); on ``s3://`` storage it is
+an object written with S3's conditional writes (If-None-Match to create, If-Match on the ETag to heartbeat, take
+over or delete), which S3 applies atomically, so two drivers on different machines cannot both hold a run.
+"""
 
 from __future__ import annotations
 
@@ -74,10 +79,18 @@ def _owner_process_gone(owner: LockOwner) -> bool:
 class RunLock:
     """Exclusive ownership of one run directory; see module docstring and docs/ORCHESTRATION.md."""
 
+    def __new__(cls, run_dir: str | Path, **kwargs):
+        # RunLock("s3://bucket/prefix/run") is the S3 lock: callers need not know where the run lives.
+        if cls is RunLock and str(run_dir).startswith("s3://"):
+            return super().__new__(S3RunLock)
+        return super().__new__(cls)
+
     def __init__(self, run_dir: str | Path, *, stale_after: float = STALE_AFTER_S, heartbeat: float = HEARTBEAT_S,
                  clock: Callable[[], float] = time.time):
+        self.name = str(run_dir).rstrip("/").rsplit("/", 1)[-1]
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / LOCK_FILE
+        self.where = str(self.path)
         self.stale_after = stale_after
         self.heartbeat_s = heartbeat
         self.clock = clock
@@ -90,16 +103,22 @@ class RunLock:
     def read(self) -> LockOwner | None:
         """The current owner; None if there is no lock. An unreadable file (a crash mid-write) gets an owner
         with no pid whose heartbeat is the file's mtime, so it goes stale like any other."""
-        try:
-            text = self.path.read_text()
-            mtime = self.path.stat().st_mtime
-        except FileNotFoundError:
+        loaded = self._load()
+        if loaded is None:
             return None
+        text, mtime = loaded
         try:
             return LockOwner(**json.loads(text))
         except (ValueError, TypeError):
             return LockOwner(token=f"unreadable-{mtime}", host="?", pid=-1, pid_started=0.0, acquired=mtime,
                              heartbeat=mtime)
+
+    def _load(self) -> tuple[str, float] | None:
+        """(text, modification time) of the lock file; None if there is none."""
+        try:
+            return self.path.read_text(), self.path.stat().st_mtime
+        except FileNotFoundError:
+            return None
 
     def stale_reason(self, owner: LockOwner) -> str | None:
         """Why ``owner`` no longer holds the run (None: it is live)."""
@@ -113,7 +132,7 @@ class RunLock:
     # ----- acquiring --------------------------------------------------------------------------------------
     def acquire(self) -> "RunLock":
         """Takes the lock or raises RunLocked naming the owner; a stale lock is taken over with a warning."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._prepare()
         for _ in range(5):
             mine = LockOwner.for_this_process(self.clock())
             if self._create(mine):
@@ -125,13 +144,16 @@ class RunLock:
             reason = self.stale_reason(current)
             if reason is None:
                 raise RunLocked(
-                    f"run {self.run_dir.name} is locked by a live driver ({current.describe(self.clock())}); "
-                    f"lock file {self.path}. Wait for that job to end or stop it (`unimo jobs stop JOB`); a lock "
+                    f"run {self.name} is locked by a live driver ({current.describe(self.clock())}); "
+                    f"lock file {self.where}. Wait for that job to end or stop it (`unimo jobs stop JOB`); a lock "
                     f"whose driver died frees itself after {self.stale_after:.0f}s without heartbeat.")
             if self._take_over(current, mine, reason):
                 self.owner = mine
                 return self
-        raise RunLocked(f"run {self.run_dir.name}: could not take the lock {self.path} (contended); retry")
+        raise RunLocked(f"run {self.name}: could not take the lock {self.where} (contended); retry")
+
+    def _prepare(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
 
     def _create(self, owner: LockOwner) -> bool:
         # Written whole to a private file, then hard-linked into place: link() fails if the lock exists, and
@@ -159,16 +181,21 @@ class RunLock:
             if again is None or again.token != stale.token:
                 return False  # someone else took it over (or released it) meanwhile
             self._write(mine)
-            log.warning("took over the stale lock of run %s (%s; was %s)", self.run_dir.name, reason,
+            log.warning("took over the stale lock of run %s (%s; was %s)", self.name, reason,
                         stale.describe(self.clock()))
             return True
         finally:
             marker.unlink(missing_ok=True)
 
-    def _write(self, owner: LockOwner) -> None:
+    def _write(self, owner: LockOwner) -> bool:
+        """Rewrites the lock we hold (False: it is no longer ours)."""
         tmp = self.path.with_name(f"{LOCK_FILE}.{owner.token}.tmp")
         tmp.write_text(json.dumps(asdict(owner)))
         os.replace(tmp, self.path)
+        return True
+
+    def _remove(self) -> None:
+        self.path.unlink(missing_ok=True)
 
     # ----- holding ----------------------------------------------------------------------------------------
     def refresh(self) -> bool:
@@ -180,7 +207,9 @@ class RunLock:
             self.lost.set()
             return False
         self.owner.heartbeat = self.clock()
-        self._write(self.owner)
+        if not self._write(self.owner):
+            self.lost.set()
+            return False
         return True
 
     def start_heartbeat(self, on_lost: Callable[[], None] | None = None) -> "RunLock":
@@ -188,12 +217,12 @@ class RunLock:
             while not self._stop.wait(self.heartbeat_s):
                 try:
                     ok = self.refresh()
-                except OSError as err:  # storage hiccup: keep trying; staleness needs many missed beats
+                except Exception as err:  # noqa: BLE001 - a storage hiccup (OSError, botocore's errors): keep
+                    # trying; staleness needs many missed beats
                     log.warning("run lock heartbeat failed: %s", err)
                     continue
                 if not ok:
-                    log.error("lost the lock of run %s to another driver; this driver must stop",
-                              self.run_dir.name)
+                    log.error("lost the lock of run %s to another driver; this driver must stop", self.name)
                     if on_lost is not None:
                         on_lost()
                     return
@@ -211,7 +240,7 @@ class RunLock:
             return
         current = self.read()
         if current is not None and current.token == self.owner.token:
-            self.path.unlink(missing_ok=True)
+            self._remove()
         self.owner = None
 
     def __enter__(self) -> "RunLock":
@@ -219,3 +248,77 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+class S3RunLock(RunLock):
+    """The run lock as the object ``<run url>/run.lock``, changed only by conditional writes.
+
+    Every write names what it expects to find (no object, or the ETag last read), so a heartbeat never overwrites
+    a lock another driver has just taken over, and of two drivers taking over one stale lock only one wins.
+    """
+
+    def __init__(self, run_dir: str | Path, **kwargs):
+        super().__init__(Path(self._local_part(str(run_dir))), **kwargs)
+        from urllib.parse import urlparse
+
+        from trainer.storage import join, s3_client
+
+        url = urlparse(str(run_dir))
+        self.bucket, self.key = url.netloc, join(url.path.strip("/"), LOCK_FILE).lstrip("/")
+        self.where = f"s3://{self.bucket}/{self.key}"
+        self._client = s3_client()
+        self._etag: str | None = None  # of the lock object as last read
+
+    @staticmethod
+    def _local_part(url: str) -> str:
+        return url.split("://", 1)[1]  # only for the name in messages; nothing is written locally
+
+    def _prepare(self) -> None:
+        pass  # S3 has no folders to create
+
+    def _load(self) -> tuple[str, float] | None:
+        try:
+            got = self._client.get_object(Bucket=self.bucket, Key=self.key)
+        except self._client.exceptions.NoSuchKey:
+            self._etag = None
+            return None
+        self._etag = got["ETag"]
+        return got["Body"].read().decode(), got["LastModified"].timestamp()
+
+    def _put(self, owner: LockOwner, **condition) -> bool:
+        """One conditional PUT; False when S3 says the condition no longer holds (someone else wrote)."""
+        from botocore.exceptions import ClientError
+
+        try:
+            put = self._client.put_object(Bucket=self.bucket, Key=self.key, Body=json.dumps(asdict(owner)).encode(),
+                                          ContentType="application/json", **condition)
+        except ClientError as err:
+            # 412: the condition failed; 409: a concurrent conditional write to the same key won the race.
+            if err.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
+                return False
+            raise
+        self._etag = put["ETag"]
+        return True
+
+    def _create(self, owner: LockOwner) -> bool:
+        return self._put(owner, IfNoneMatch="*")
+
+    def _take_over(self, stale: LockOwner, mine: LockOwner, reason: str) -> bool:
+        again = self.read()  # also records the ETag that the conditional write below expects
+        if again is None or again.token != stale.token or not self._put(mine, IfMatch=self._etag):
+            return False
+        log.warning("took over the stale lock of run %s (%s; was %s)", self.name, reason,
+                    stale.describe(self.clock()))
+        return True
+
+    def _write(self, owner: LockOwner) -> bool:
+        return self._etag is not None and self._put(owner, IfMatch=self._etag)
+
+    def _remove(self) -> None:
+        from botocore.exceptions import ClientError
+
+        try:
+            self._client.delete_object(Bucket=self.bucket, Key=self.key, IfMatch=self._etag)
+        except ClientError as err:
+            if err.response.get("Error", {}).get("Code") != "PreconditionFailed":  # 412: no longer ours
+                log.warning("could not remove the run lock %s: %s", self.where, err)

@@ -10,6 +10,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from trainer import storage
 from trainer.config import RunConfig
 from trainer.tracking import (RUN_ID_FILE, SECRET_MARKERS, SPOOL_DIR, MetricLogger, create_run, find_run,
                               git_commit, has_spooled, log_config_artifacts, redact, safe_params,
@@ -21,11 +22,26 @@ __all__ = ["RUN_ID_FILE", "SECRET_MARKERS", "default_tracking_uri", "ensure_run"
            "git_commit", "replay_spool", "check_reachable"]
 
 
-def default_tracking_uri(cfg: RunConfig, run_dir: Path | None) -> str:
+def default_tracking_uri(cfg: RunConfig, run_dir: Path | str | None) -> str:
+    """tracking.uri, else a SQLite file beside the run folder (in the working folder for s3:// storage)."""
     if cfg.tracking.uri:
         return cfg.tracking.uri
-    base = run_dir.parent if run_dir is not None else Path.cwd()
+    base = Path(run_dir).parent if run_dir is not None and not storage.is_remote(run_dir) else Path.cwd()
     return f"sqlite:///{(base / 'mlflow.db').resolve()}"
+
+
+def spool_dir(run_dir: Path | str) -> Path:
+    """Where metrics wait during an MLflow outage: in the run folder, or on this machine for s3:// storage (the
+    same folder rank 0 uses when it runs here; trainer.tracking.spool_root)."""
+    if storage.is_remote(run_dir):
+        return Path(tempfile.gettempdir()) / "unimo-mlflow-spool" / storage.name_of(run_dir)
+    return Path(run_dir) / SPOOL_DIR
+
+
+def recorded_run_id(run_dir: Path | str) -> str | None:
+    """The MLflow run id kept in <run>/mlflow_run.json (a local file or an S3 object), if any."""
+    text = storage.read_text(storage.join(run_dir, RUN_ID_FILE))
+    return json.loads(text)["run_id"] if text else None
 
 
 def check_reachable(tracking_uri: str, timeout: float = 5.0) -> None:
@@ -53,7 +69,7 @@ class RunGone(RuntimeError):
     """The run recorded for this job no longer exists on the server (deleted in the UI)."""
 
 
-def _resume_run(client, cfg: RunConfig, run_id: str, secrets: list[str], id_file: Path) -> None:
+def _resume_run(client, cfg: RunConfig, run_id: str, secrets: list[str], id_file: str) -> None:
     """A resubmission: counts it, sets the run running again, records the config it was resubmitted with."""
     try:
         run = client.get_run(run_id)
@@ -72,7 +88,7 @@ def _resume_run(client, cfg: RunConfig, run_id: str, secrets: list[str], id_file
     log_config_artifacts(client, run_id, cfg, secrets, folder=f"config/restart_{restarts}")
 
 
-def ensure_run(cfg: RunConfig, tracking_uri: str, run_dir: Path) -> str | None:
+def ensure_run(cfg: RunConfig, tracking_uri: str, run_dir: Path | str) -> str | None:
     """Returns the MLflow run id of this job, creating the run (params, tags, config) the first time.
 
     Unreachable server: a RuntimeError naming the URI, or None when tracking.buffer_if_unreachable is set
@@ -81,12 +97,11 @@ def ensure_run(cfg: RunConfig, tracking_uri: str, run_dir: Path) -> str | None:
     from mlflow.tracking import MlflowClient
 
     secrets = secret_values(dict(os.environ))
-    id_file = run_dir / RUN_ID_FILE
+    id_file = storage.join(run_dir, RUN_ID_FILE)
     try:
         check_reachable(tracking_uri)
         client = MlflowClient(tracking_uri=tracking_uri)
-        run_id = json.loads(id_file.read_text())["run_id"] if id_file.is_file() else None
-        run_id = run_id or find_run(client, cfg, str(run_dir))
+        run_id = recorded_run_id(run_dir) or find_run(client, cfg, str(run_dir))
         if run_id is not None:
             _resume_run(client, cfg, run_id, secrets, id_file)
         else:
@@ -97,11 +112,11 @@ def ensure_run(cfg: RunConfig, tracking_uri: str, run_dir: Path) -> str | None:
         message = _unreachable_message(tracking_uri, err)
         if cfg.tracking.buffer_if_unreachable:
             log.warning("%s Training on: metrics wait in memory and %s until it answers.", message,
-                        run_dir / SPOOL_DIR)
+                        spool_dir(run_dir))
             return None
         raise RuntimeError(message) from None
     write_run_id(run_dir, run_id, tracking_uri)
-    replay_spool(tracking_uri, run_id, run_dir / SPOOL_DIR)
+    replay_spool(tracking_uri, run_id, spool_dir(run_dir))
     return run_id
 
 
@@ -121,25 +136,25 @@ def replay_spool(tracking_uri: str, run_id: str, spool: Path, timeout: float = 1
 
 
 def finish_run(tracking_uri: str, run_id: str | None, ok: bool, cfg: RunConfig | None = None,
-               run_dir: Path | None = None) -> str | None:
+               run_dir: Path | str | None = None) -> str | None:
     """Marks the run finished or failed; returns its id (found in the run folder when it was created late)."""
     from mlflow.tracking import MlflowClient
 
     try:
         check_reachable(tracking_uri)  # fail in seconds, not after the client's minutes of retries
-        if run_id is None and run_dir is not None and (run_dir / RUN_ID_FILE).is_file():
-            run_id = json.loads((run_dir / RUN_ID_FILE).read_text())["run_id"]
+        if run_id is None and run_dir is not None:
+            run_id = recorded_run_id(run_dir)
         client = MlflowClient(tracking_uri=tracking_uri)
         if run_id is None and cfg is not None and run_dir is not None:
             run_id = find_run(client, cfg, str(run_dir))
         if run_id is None:
             log.warning("no MLflow run to close: the server was never reachable during this job; metrics "
                         "are kept in %s and go out at the next start of this run",
-                        run_dir and run_dir / SPOOL_DIR)
+                        run_dir and spool_dir(run_dir))
             return None
         if run_dir is not None:
             write_run_id(run_dir, run_id, tracking_uri)
-            replay_spool(tracking_uri, run_id, run_dir / SPOOL_DIR, timeout=30.0)
+            replay_spool(tracking_uri, run_id, spool_dir(run_dir), timeout=30.0)
         if ok and cfg is not None and cfg.tracking.log_model and run_dir is not None:
             try:
                 log_exported_model(client, run_id, run_dir)
@@ -151,17 +166,18 @@ def finish_run(tracking_uri: str, run_id: str | None, ok: bool, cfg: RunConfig |
     return run_id
 
 
-def log_exported_model(client, run_id: str, run_dir: Path) -> None:
+def log_exported_model(client, run_id: str, run_dir: Path | str) -> None:
     """tracking.log_model: the newest valid checkpoint, exported as `unimo export` does, into model/."""
     from trainer.checkpoint import newest_valid
     from trainer.export import export_checkpoint
 
-    found = newest_valid(run_dir / "checkpoints")
-    if found is None:
-        log.warning("tracking.log_model: no valid checkpoint under %s to export", run_dir / "checkpoints")
-        return
     with tempfile.TemporaryDirectory(prefix="unimo-export-") as tmp:
+        found = newest_valid(storage.join(run_dir, "checkpoints"), cache_dir=Path(tmp) / "download")
+        if found is None:
+            log.warning("tracking.log_model: no valid checkpoint under %s to export",
+                        storage.join(run_dir, "checkpoints"))
+            return
         out = export_checkpoint(found.path, Path(tmp) / "model")
         client.log_artifacts(run_id, str(out), "model")
     client.set_tag(run_id, "unimo.exported_step", str(found.step))
-    log.info("exported %s into the MLflow run's artifacts model/", found.path)
+    log.info("exported step %d into the MLflow run's artifacts model/", found.step)

@@ -80,36 +80,108 @@ def verify(root: Path, check_sums: bool = True) -> dict[str, Any]:
     return manifest
 
 
-def step_of(path: Path) -> int:
-    """The step a checkpoint folder is named after (-1 for a name that is not step_XXXXXXXX)."""
-    m = STEP_DIR.match(path.name)
+def step_of(path: Path | str) -> int:
+    """The step a checkpoint folder (or s3:// URL) is named after (-1 for a name that is not step_XXXXXXXX)."""
+    m = STEP_DIR.match(str(path).rstrip("/").rsplit("/", 1)[-1])
     return int(m.group(1)) if m else -1
 
 
 @dataclass
 class FoundCheckpoint:
-    path: Path
+    path: Path | str  # a local folder, or an s3:// URL (see trainer/storage.py)
     step: int
 
 
-def list_step_dirs(checkpoints_root: Path) -> list[FoundCheckpoint]:
-    """Step directories under ``checkpoints_root``, newest first."""
-    if not checkpoints_root.is_dir():
-        return []
-    found = []
-    for child in checkpoints_root.iterdir():
-        m = STEP_DIR.match(child.name)
-        if m and child.is_dir():
-            found.append(FoundCheckpoint(child, int(m.group(1))))
+def list_step_dirs(checkpoints_root: Path | str) -> list[FoundCheckpoint]:
+    """Step directories under ``checkpoints_root`` (a local folder or an s3:// prefix), newest first."""
+    from trainer import storage
+
+    if storage.is_remote(checkpoints_root):
+        found = [FoundCheckpoint(storage.join(checkpoints_root, name), int(m.group(1)))
+                 for name in storage.list_names(checkpoints_root) if (m := STEP_DIR.match(name))]
+    else:
+        root = Path(checkpoints_root)
+        found = [FoundCheckpoint(child, int(m.group(1))) for child in (root.iterdir() if root.is_dir() else [])
+                 if (m := STEP_DIR.match(child.name)) and child.is_dir()]
     return sorted(found, key=lambda c: c.step, reverse=True)
 
 
-def newest_valid(checkpoints_root: Path) -> FoundCheckpoint | None:
-    """The newest checkpoint with a valid manifest; torn ones are skipped with a warning naming them."""
+def fetch(location: Path | str, cache_dir: Path, version: str = "") -> Path:
+    """A local folder holding the checkpoint: ``location`` itself when local, else a copy downloaded once per
+    node into ``cache_dir`` (the ranks of a node share it; a file lock lets the first one download).
+
+    ``version`` (the manifest's text) is part of the copy's name: a step folder rewritten on S3 after a torn
+    save is downloaded again rather than served from an old copy.
+    """
+    from filelock import FileLock  # a Ray dependency
+
+    from trainer import storage
+
+    if not storage.is_remote(location):
+        return Path(location)
+    key = hashlib.sha256(f"{location}\n{version}".encode()).hexdigest()[:12]
+    dest = cache_dir / f"{storage.name_of(location)}-{key}"
+    done = dest.with_name(dest.name + ".complete")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(dest) + ".lock"):
+        if not done.exists():
+            import shutil
+
+            shutil.rmtree(dest, ignore_errors=True)  # a copy interrupted by a crash starts over
+            storage.download(str(location), dest)
+            done.touch()
+    return dest
+
+
+def drop_copy(local: Path) -> None:
+    """Deletes a copy made by ``fetch`` (with its markers) once it has been loaded or found torn."""
+    import shutil
+
+    shutil.rmtree(local, ignore_errors=True)
+    for suffix in (".complete", ".lock"):
+        local.with_name(local.name + suffix).unlink(missing_ok=True)
+
+
+def checked_local_copy(location: Path | str, cache_dir: Path) -> Path:
+    """The verified local folder of a checkpoint; raises TornCheckpoint naming ``location`` (the URL, not the
+    copy) when it has no manifest or fails it. Local checkpoints are verified in place."""
+    from trainer import storage
+
+    if not storage.is_remote(location):
+        verify(Path(location))
+        return Path(location)
+    manifest = storage.read_text(storage.join(location, MANIFEST))  # one GET decides before any download
+    if manifest is None:
+        raise TornCheckpoint(f"checkpoint {location} has no {MANIFEST} (save or upload did not finish)")
+    local = fetch(location, cache_dir, version=manifest)
+    try:
+        verify(local)
+    except TornCheckpoint as err:
+        drop_copy(local)
+        raise TornCheckpoint(str(err).replace(str(local), str(location))) from None
+    return local
+
+
+def has_manifest(location: Path | str) -> bool:
+    """Without a manifest a checkpoint is torn or still uploading (one HEAD on S3)."""
+    from trainer import storage
+
+    if storage.is_remote(location):
+        return storage.exists(storage.join(location, MANIFEST))
+    return (Path(location) / MANIFEST).is_file()
+
+
+def newest_valid(checkpoints_root: Path | str, cache_dir: Path | None = None) -> FoundCheckpoint | None:
+    """The newest checkpoint with a valid manifest; torn ones are skipped with a warning naming them.
+
+    On S3 the result's ``path`` is the verified local copy in ``cache_dir`` (a temporary folder by default).
+    """
+    import tempfile
+
+    cache = cache_dir or Path(tempfile.gettempdir()) / "unimo-checkpoint-cache"
     for cand in list_step_dirs(checkpoints_root):
         try:
-            verify(cand.path)
-            return cand
+            return FoundCheckpoint(checked_local_copy(cand.path, cache), cand.step)
         except TornCheckpoint as err:
             log.warning("skipping torn checkpoint: %s", err)
     return None
@@ -139,18 +211,18 @@ def retained_steps(steps: list[int], keep_last: int, keep_every: int) -> set[int
     return newest | periodic
 
 
-def prune(checkpoints_root: Path, keep_last: int, keep_every: int) -> list[Path]:
-    """Deletes complete checkpoints that retention does not keep; returns what it removed.
+def prune(checkpoints_root: Path | str, keep_last: int, keep_every: int) -> list[Path | str]:
+    """Deletes complete checkpoints that retention does not keep (locally or on S3); returns what it removed.
 
     Only folders with a manifest are candidates: one still being uploaded is never touched.
     """
-    complete = [c for c in list_step_dirs(checkpoints_root) if (c.path / MANIFEST).is_file()]
+    from trainer import storage
+
+    complete = [c for c in list_step_dirs(checkpoints_root) if has_manifest(c.path)]
     keep = retained_steps([c.step for c in complete], keep_last, keep_every)
     removed = []
     for cand in complete:
         if cand.step not in keep:
-            import shutil
-
-            shutil.rmtree(cand.path, ignore_errors=True)
+            storage.delete(cand.path)
             removed.append(cand.path)
     return removed

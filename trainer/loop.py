@@ -21,6 +21,7 @@ from typing import Any, Iterator, Protocol
 import torch
 
 from trainer import checkpoint as ckpt
+from trainer import storage
 from trainer.config import RunConfig, StageConfig
 from trainer.config_loader import digest, to_dict
 from trainer.ds_config import build_ds_config, grad_accum_steps
@@ -31,12 +32,14 @@ log = logging.getLogger(__name__)
 
 
 STOP_FILE = "STOP"
+# On S3 the STOP file costs a request: rank 0 looks at most this often (a preemption notice gives ~30 s).
+REMOTE_STOP_POLL_S = 2.0
 
 
 class Reporter(Protocol):
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None, step: int) -> None: ...
 
-    def latest_checkpoint(self) -> Path | None: ...
+    def latest_checkpoint(self) -> Path | str | None: ...
 
 
 @dataclass
@@ -143,8 +146,14 @@ class Trainer:
         self.watchdog = Watchdog(cfg.train.watchdog_seconds, name=f"rank {rank}")
         self.last_result: StepResult | None = None
         self.eval_set: dict | None = None
-        # The driver drops a STOP file here on SIGTERM (preemption); rank 0 looks for it every step.
-        self.stop_file = Path(control_dir) / STOP_FILE if control_dir else None
+        # The run's folder or s3:// prefix: the driver drops a STOP file there on SIGTERM (preemption), rank 0
+        # looks for it every step (every REMOTE_STOP_POLL_S on S3); checkpoints live under checkpoints/.
+        self.run_location = control_dir
+        self.stop_file = storage.join(control_dir, STOP_FILE) if control_dir else None
+        self._stop_seen = False
+        self._stop_polled = float("-inf")
+        self._restored_copy: Path | None = None  # a checkpoint downloaded from S3, deleted once loaded
+        self.restored_from: str | None = None  # where that checkpoint lives (a folder or an s3:// URL)
         self.last_save = time.monotonic()
         self.stopped_early = False
 
@@ -201,30 +210,41 @@ class Trainer:
 
     # ----- checkpoints ----------------------------------------------------------------------------------------
     def find_checkpoint(self) -> tuple[Path, dict] | None:
-        """The newest valid checkpoint: Ray's latest, or a newer complete one on disk that Ray did not register
-        (a driver killed between the upload and Ray's bookkeeping), or an older valid one if the newest is torn."""
-        candidates: dict[Path, int] = {}
+        """The newest valid checkpoint: Ray's latest, or a newer complete one in storage that Ray did not register
+        (a driver killed between the upload and Ray's bookkeeping), or an older valid one if the newest is torn.
+
+        Returns a local folder: a checkpoint on S3 is verified and loaded from a copy downloaded once per node.
+        """
+        candidates: dict[str, int] = {}
         reported = self.reporter.latest_checkpoint()
         if reported is not None:
-            candidates[reported] = ckpt.step_of(reported)
-        for root in {p for p in (reported.parent if reported else None, self._local_checkpoints_root()) if p}:
+            candidates[str(reported)] = ckpt.step_of(reported)
+        roots = {storage.parent_of(reported) if reported is not None else None, self._checkpoints_root()}
+        for root in roots - {None}:
             for found in ckpt.list_step_dirs(root):
-                candidates.setdefault(found.path, found.step)
-        for path in sorted(candidates, key=lambda p: candidates[p], reverse=True):
+                candidates.setdefault(str(found.path), found.step)
+        for location in sorted(candidates, key=lambda p: candidates[p], reverse=True):
             try:
-                ckpt.verify(path)
+                local = ckpt.checked_local_copy(location, self._restore_cache())
             except ckpt.TornCheckpoint as err:
                 log.warning("skipping torn checkpoint: %s", err)
                 continue
-            state = ckpt.read_state(path)
-            self._check_compatible(state, path)
-            return path, state
+            state = ckpt.read_state(local)
+            self._check_compatible(state, location)
+            if storage.is_remote(location):
+                self._restored_copy = local
+                log.info("checkpoint %s verified in the local copy %s", location, local)
+            self.restored_from = location
+            return local, state
         if candidates:
             log.warning("no valid checkpoint left; starting from scratch")
         return None
 
-    def _local_checkpoints_root(self) -> Path | None:
-        return self.stop_file.parent / "checkpoints" if self.stop_file is not None else None
+    def _checkpoints_root(self) -> str | None:
+        return storage.join(self.run_location, "checkpoints") if self.run_location else None
+
+    def _restore_cache(self) -> Path:
+        return Path(tempfile.gettempdir()) / "unimo-checkpoint-cache" / self.cfg.run.name
 
     def restore(self, found: tuple[Path, dict]) -> None:
         """Loads weights, optimizer, data cursor and RNG; converts the checkpoint if the world size changed."""
@@ -239,10 +259,23 @@ class Trainer:
                                  extra=state.get("extra", {}))
         if state["world_size"] == self.world_size:
             _set_rng_state(state["rng"][self.rank])
+        self._drop_restored_copy()
         if self.rank == 0:
             how = "" if state["world_size"] == self.world_size else \
                 f" (elastic: saved by {state['world_size']} ranks, now {self.world_size})"
-            log.info("resumed from %s at step %d%s", found[0], state["step"], how)
+            log.info("resumed from %s at step %d%s", self.restored_from or found[0], state["step"], how)
+
+    def _drop_restored_copy(self) -> None:
+        """Deletes the node's download of an S3 checkpoint once every rank has loaded it (not for local ones)."""
+        import torch.distributed as dist
+
+        if self._restored_copy is None:
+            return
+        if self.world_size > 1:
+            dist.barrier()
+        if self.local_rank == 0:
+            ckpt.drop_copy(self._restored_copy)
+        self._restored_copy = None
 
     def _to_universal(self, path: Path, step: int) -> tuple[Path, str]:
         """Converts a ZeRO checkpoint to DeepSpeed's universal format once per node, then every rank loads it."""
@@ -399,11 +432,26 @@ class Trainer:
         flags = torch.zeros(2)
         if self.rank == 0:
             minutes = self.cfg.checkpoint.every_minutes
-            flags[0] = float(self.stop_file is not None and self.stop_file.exists())
+            flags[0] = float(self.stop_requested())
             flags[1] = float(minutes > 0 and time.monotonic() - self.last_save >= minutes * 60)
         if self.world_size > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         return bool(flags[0]), bool(flags[1])
+
+    def stop_requested(self) -> bool:
+        """Whether the driver has asked for a stop (rank 0 only; a STOP seen once stays seen)."""
+        if self._stop_seen or self.stop_file is None:
+            return self._stop_seen
+        now = time.monotonic()
+        if storage.is_remote(self.stop_file):
+            if now - self._stop_polled < REMOTE_STOP_POLL_S:
+                return False
+            self._stop_polled = now
+        try:
+            self._stop_seen = storage.exists(self.stop_file)
+        except OSError as err:  # an S3 hiccup must not end the run: the next poll asks again
+            log.warning("could not check %s: %s", self.stop_file, err)
+        return self._stop_seen
 
     def checkpoint(self, step: int, metrics: dict[str, float]) -> None:
         self.watchdog.pause()
@@ -414,8 +462,8 @@ class Trainer:
         if not self.cfg.checkpoint.async_upload:
             shutil.rmtree(root, ignore_errors=True)
         keep = self.cfg.checkpoint
-        if keep.keep_every and self.rank == 0 and self.stop_file is not None:
-            ckpt.prune(self.stop_file.parent / "checkpoints", keep.keep_last, keep.keep_every)
+        if keep.keep_every and self.rank == 0 and self.run_location:
+            ckpt.prune(self._checkpoints_root(), keep.keep_last, keep.keep_every)
         self.last_save = time.monotonic()
         self.watchdog.resume()
 

@@ -17,17 +17,16 @@ class RayReporter:
 
         self._train = ray.train
         self.async_upload = async_upload
-        self._restored_dir: Path | None = None
-        self._restored_ctx = None
 
-    def latest_checkpoint(self) -> Path | None:
+    def latest_checkpoint(self) -> str | None:
+        """Where Ray's newest reported checkpoint lives (a local folder or an s3:// URL), not downloaded: the
+        trainer verifies its manifest first and fetches only the checkpoint it will load."""
+        from trainer.storage import url_of_ray_path
+
         checkpoint = self._train.get_checkpoint()
         if checkpoint is None:
             return None
-        # as_directory() downloads a remote checkpoint once; the context stays open until the worker ends.
-        self._restored_ctx = checkpoint.as_directory()
-        self._restored_dir = Path(self._restored_ctx.__enter__())
-        return self._restored_dir
+        return url_of_ray_path(checkpoint.path, checkpoint.filesystem)
 
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None, step: int) -> None:
         from trainer.checkpoint import step_dir_name

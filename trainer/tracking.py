@@ -543,11 +543,12 @@ def create_run(client: Any, cfg: Any, run_dir: str, secrets: list[str], commit: 
     return run_id
 
 
-def write_run_id(run_dir: Path, run_id: str, tracking_uri: str) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / (RUN_ID_FILE + ".tmp")
-    tmp.write_text(json.dumps({"run_id": run_id, "tracking_uri": redact(tracking_uri, [])}))
-    os.replace(tmp, run_dir / RUN_ID_FILE)
+def write_run_id(run_dir: Path | str, run_id: str, tracking_uri: str) -> None:
+    """<run>/mlflow_run.json, in the run's folder or S3 prefix, replaced whole."""
+    from trainer import storage
+
+    storage.write_text(storage.join(run_dir, RUN_ID_FILE),
+                       json.dumps({"run_id": run_id, "tracking_uri": redact(tracking_uri, [])}))
 
 
 # --------------------------------------------------------------------------------- what each rank logs

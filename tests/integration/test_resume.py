@@ -1,9 +1,8 @@
-"""Checkpoint/resume through the real stack: torn checkpoints skipped, export, elastic resume."""
+"""Checkpoint/resume through the real stack: run storage on S3, torn checkpoints skipped, export, elastic resume."""
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -35,28 +34,62 @@ def step_dirs(storage: Path, name: str) -> list[Path]:
 # tests/integration/test_faults_worker.py, where the resume follows a SIGKILLed worker.
 
 
-def test_torn_checkpoint_is_skipped_with_a_warning(synthetic_data, tmp_path, capfd):
-    storage, data = tmp_path / "runs", str(synthetic_data)
+def s3_keys(bucket: str, prefix: str) -> dict[str, int]:
+    """{key: size} of every object under ``prefix``."""
+    import boto3
+
+    pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return {o["Key"]: o["Size"] for page in pages for o in page.get("Contents", [])}
+
+
+def test_s3_storage_checkpoints_torn_skipped_resume_and_export(synthetic_data, tmp_path, capfd):
+    """run.storage on the S3 server (moto on loopback): checkpoints, manifest and run files land in the bucket;
+    a resubmission skips a torn checkpoint (no manifest) and a corrupt one (flipped byte), both named, resumes
+    from the previous valid one in the same MLflow run, and the final checkpoint exports like zero_to_fp32."""
+    import boto3
+
+    from tests.integration.services import s3_server
+    from trainer import storage as run_storage
+
+    data = str(synthetic_data)  # data stays local: this test is about checkpoint storage
     tracking = [f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
-    train(small_run("torn", storage, data, steps=6, every=3, extra=CONSTANT_LR + tracking))
-    dirs = step_dirs(storage, "torn")
-    assert [d.name for d in dirs] == ["step_00000003", "step_00000006"]
-    newest = dirs[-1]
-    # Flip one byte of a shard of the newest checkpoint: its manifest checksum no longer matches.
-    shard = next(p for p in sorted((newest / "ds").iterdir()) if "model_states" in p.name)
-    blob = bytearray(shard.read_bytes())
-    blob[len(blob) // 2] ^= 0xFF
-    shard.write_bytes(bytes(blob))
-    train(small_run("torn", storage, data, steps=8, every=3, extra=CONSTANT_LR + tracking))
-    out = capfd.readouterr()
-    text = out.out + out.err
-    assert "skipping torn checkpoint" in text and "step_00000006" in text
-    assert "resumed from" in text and "step_00000003" in text
-    final = step_dirs(storage, "torn")[-1]
-    state = json.loads((final / "trainer_state.json").read_text())
-    assert state["step"] == 8
-    check_export_matches_zero_to_fp32(final, tmp_path)
-    shutil.rmtree(storage, ignore_errors=True)
+    with s3_server():
+        s3 = boto3.client("s3")
+        s3.create_bucket(Bucket="ckpts")
+        run_url, prefix = "s3://ckpts/runs/s3run", "runs/s3run/"
+        train(small_run("s3run", "s3://ckpts/runs", data, steps=4, every=2, extra=CONSTANT_LR + tracking))
+
+        keys = s3_keys("ckpts", prefix)
+        run_id = json.loads(s3.get_object(Bucket="ckpts", Key=prefix + "mlflow_run.json")["Body"].read())["run_id"]
+        assert prefix + "run.lock" not in keys and prefix + "STOP" not in keys  # released, no stop pending
+        for step in (2, 4):
+            ckpt = f"{prefix}checkpoints/step_{step:08d}/"
+            manifest = json.loads(s3.get_object(Bucket="ckpts", Key=ckpt + "manifest.json")["Body"].read())
+            assert manifest["step"] == step
+            assert {ckpt + rel: meta["size"] for rel, meta in manifest["files"].items()}.items() <= keys.items()
+            assert sum("model_states" in rel for rel in manifest["files"]) == 2  # one ZeRO-3 shard per rank
+
+        # Tear the newest checkpoint (a flipped byte) and leave a newer one without a manifest (a lost upload).
+        newest = f"{prefix}checkpoints/step_00000004/"
+        shard = next(k for k in sorted(keys) if k.startswith(newest) and "model_states" in k)
+        blob = bytearray(s3.get_object(Bucket="ckpts", Key=shard)["Body"].read())
+        blob[len(blob) // 2] ^= 0xFF
+        s3.put_object(Bucket="ckpts", Key=shard, Body=bytes(blob))
+        s3.put_object(Bucket="ckpts", Key=f"{prefix}checkpoints/step_00000005/trainer_state.json", Body=b"{}")
+        capfd.readouterr()
+
+        train(small_run("s3run", "s3://ckpts/runs", data, steps=6, every=2, extra=CONSTANT_LR + tracking))
+        out = capfd.readouterr()
+        text = out.out + out.err
+        assert f"skipping torn checkpoint: checkpoint {run_url}/checkpoints/step_00000005 has no manifest" in text
+        assert f"{run_url}/checkpoints/step_00000004: file ds/" in text and "fails its checksum" in text
+        assert f"resumed from {run_url}/checkpoints/step_00000002 at step 2" in text
+        final = run_storage.join(run_url, "checkpoints", "step_00000006")
+        local = tmp_path / "step_00000006"
+        run_storage.download(final, local)
+        state = json.loads((local / "trainer_state.json").read_text())
+        assert state["step"] == 6 and state["mlflow_run_id"] == run_id  # one MLflow run across both jobs
+    check_export_matches_zero_to_fp32(local, tmp_path)
 
 
 def check_export_matches_zero_to_fp32(step_dir: Path, tmp_path: Path) -> None:
