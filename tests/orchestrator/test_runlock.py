@@ -167,3 +167,84 @@ def test_driver_refuses_a_locked_run_before_touching_it(tmp_path, capsys):
         assert "run busy is locked by a live driver" in capsys.readouterr().err
         assert sorted(p.name for p in run_dir.iterdir()) == [LOCK_FILE]
     assert not (tmp_path / "runs" / "mlflow.db").exists()
+
+
+# ----- the lock on s3:// run storage (moto's S3 server on loopback) ---------------------------------------------
+@pytest.fixture(scope="module")
+def s3_runs():
+    """The URL of a run prefix in a fresh bucket on a loopback S3 server."""
+    import boto3
+
+    from tests.integration.services import s3_server
+
+    with s3_server():
+        boto3.client("s3").create_bucket(Bucket="locks")
+        yield "s3://locks/runs"
+
+
+def _s3_lock_owner(url: str) -> dict | None:
+    from trainer.storage import read_text
+
+    text = read_text(f"{url}/{LOCK_FILE}")
+    return json.loads(text) if text else None
+
+
+def test_s3_lock_refuses_a_second_driver_and_is_released(s3_runs):
+    from orchestrator.runlock import S3RunLock
+
+    url = f"{s3_runs}/one"
+    lock = RunLock(url).acquire()
+    assert isinstance(lock, S3RunLock) and _s3_lock_owner(url)["token"] == lock.owner.token
+    with pytest.raises(RunLocked, match=f"run one is locked by a live driver .*lock file {url}/{LOCK_FILE}"):
+        RunLock(url).acquire()
+    assert _s3_lock_owner(url)["token"] == lock.owner.token  # the refused driver changed nothing
+    lock.release()
+    assert _s3_lock_owner(url) is None
+
+
+def test_s3_lock_stale_takeover_heartbeat_and_loss(s3_runs, caplog):
+    clock = [1000.0]
+    url = f"{s3_runs}/stale"
+    first = RunLock(url, stale_after=60, clock=lambda: clock[0]).acquire()
+    clock[0] += 30
+    assert first.refresh() and _s3_lock_owner(url)["heartbeat"] == 1030.0
+    # A driver on another machine sees no heartbeat for > 60 s and takes over (conditional on the ETag it read).
+    second = RunLock(url, stale_after=60, clock=lambda: clock[0] + 100).acquire()
+    assert "took over the stale lock" in caplog.text
+    assert not first.refresh() and first.lost.is_set()  # the stalled driver's If-Match write is refused
+    first.release()  # must not delete the new owner's lock
+    assert _s3_lock_owner(url)["token"] == second.owner.token
+    second.release()
+    assert _s3_lock_owner(url) is None
+
+
+def test_s3_lock_contenders_one_wins(s3_runs):
+    import concurrent.futures
+
+    url = f"{s3_runs}/race"
+
+    def contend(_):
+        try:
+            return RunLock(url).acquire()
+        except RunLocked:
+            return None
+
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        got = list(pool.map(contend, range(6)))
+    winners = [lock for lock in got if lock is not None]
+    assert len(winners) == 1
+    winners[0].release()
+
+
+def test_train_on_a_missing_bucket_fails_at_start_naming_it(s3_runs, capsys):
+    """B4 for run storage: `unimo train` with run.storage in a bucket that does not exist stops before the lock,
+    MLflow or Ray, naming the URL; no secret in the message."""
+    from orchestrator.cli import main
+    from tests.integration.services import FAKE_AWS
+
+    rc = main(["train", str(ROOT / "configs" / "debug.yaml"), "run.name=r", "run.storage=s3://no-bucket/runs",
+               "data.pair.urls=/nonexistent/p", "data.text.urls=/nonexistent/t", "data.image.urls=/nonexistent/i"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "run.storage s3://no-bucket/runs/r: bucket 'no-bucket' does not exist" in err, err
+    assert FAKE_AWS["AWS_SECRET_ACCESS_KEY"] not in err
