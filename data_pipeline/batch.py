@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,6 +12,26 @@ from .concepts import phrase_spans
 from .masking import mask_units, mlm_mask, patch_mask, sample_rng
 from .rewrite import KINDS, hard_negative
 from .tokenizer import TextTokenizer
+
+# The parts of a batch beyond ids, attention masks, pixels and ids of images, by the objective that reads them
+# (the trainer's objective names). Building only what a run's objectives read is most of the per-sample work
+# saved: rewriting, concept spans and MLM masks cost more than decoding a small image.
+OBJECTIVE_FEATURES = {
+    "mlm_text": {"text_mlm"}, "lm_text": set(), "mim": {"patch_mask"},
+    "itc": {"contrast"}, "itm": set(), "mlm_pair": {"pair_mlm"}, "caption": set(), "grounding": {"phrases"},
+}
+# Object tags as text: no objective reads them yet, so only a caller that names no objectives gets them.
+ALL_FEATURES = frozenset(set().union(*OBJECTIVE_FEATURES.values()) | {"tags"})
+
+
+def features_for(objectives: Iterable[str] | None) -> frozenset:
+    """The batch parts the given objectives read; every part when ``objectives`` is None."""
+    if objectives is None:
+        return ALL_FEATURES
+    unknown = sorted(set(objectives) - set(OBJECTIVE_FEATURES))
+    if unknown:
+        raise ValueError(f"objectives: unknown {unknown}; known: {sorted(OBJECTIVE_FEATURES)}")
+    return frozenset(set().union(*(OBJECTIVE_FEATURES[o] for o in objectives)))
 
 
 @dataclass
@@ -24,6 +45,7 @@ class BatchSpec:
     mlm_probability: float
     mim_mask_ratio: float
     rewrite_weights: tuple = (0.6, 0.2, 0.2)
+    features: frozenset = ALL_FEATURES
 
 
 def pixels_tensor(images: list[np.ndarray]) -> torch.Tensor:
@@ -38,38 +60,42 @@ def _pad(rows: list[list[int]], length: int, value: int) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-def _text_fields(tok: TextTokenizer, spec: BatchSpec, ids, masked, labels, prefix: str = "") -> dict:
-    attn = [[1] * len(r) for r in ids]
+def _ids_fields(tok: TextTokenizer, spec: BatchSpec, ids, prefix: str = "") -> dict:
     return {f"{prefix}input_ids": _pad(ids, spec.seq_len, tok.pad_id),
-            f"{prefix}attention_mask": _pad(attn, spec.seq_len, 0),
-            f"{prefix}mlm_input_ids": _pad(masked, spec.seq_len, tok.pad_id),
-            f"{prefix}mlm_labels": _pad(labels, spec.seq_len, -100)}
+            f"{prefix}attention_mask": _pad([[1] * len(r) for r in ids], spec.seq_len, 0)}
+
+
+def _mlm_fields(tok: TextTokenizer, spec: BatchSpec, masked, labels) -> dict:
+    return {"mlm_input_ids": _pad(masked, spec.seq_len, tok.pad_id), "mlm_labels": _pad(labels, spec.seq_len, -100)}
 
 
 def _mlm(tok: TextTokenizer, spec: BatchSpec, ids, units, rng):
     return mlm_mask(ids, units, rng, spec.mlm_probability, tok.mask_id, tok.vocab_size, tok.special_ids)
 
 
+def _epochs(refs) -> torch.Tensor:
+    return torch.tensor([r[0] for r in refs], dtype=torch.long)
+
+
 def text_batch(refs, items, tok: TextTokenizer, spec: BatchSpec) -> dict:
-    ids, masked, labels = [], [], []
-    for (epoch, shard, ordinal), item in zip(refs, items):
-        rng = sample_rng(spec.seed, "text", epoch, shard, ordinal)
-        m, lab = _mlm(tok, spec, item["ids"], mask_units(item["word_ids"]), rng)
-        ids.append(item["ids"])
-        masked.append(m)
-        labels.append(lab)
-    out = _text_fields(tok, spec, ids, masked, labels)
-    out["epoch"] = torch.tensor([r[0] for r in refs], dtype=torch.long)
+    ids = [item["ids"] for item in items]
+    out = _ids_fields(tok, spec, ids)
+    if "text_mlm" in spec.features:
+        masks = [_mlm(tok, spec, item["ids"], mask_units(item["word_ids"]), sample_rng(spec.seed, "text", e, s, o))
+                 for (e, s, o), item in zip(refs, items)]
+        out.update(_mlm_fields(tok, spec, [m for m, _ in masks], [lab for _, lab in masks]))
+    out["epoch"] = _epochs(refs)
     return out
 
 
 def image_batch(refs, items, spec: BatchSpec) -> dict:
-    n = (spec.image_size // spec.patch_size) ** 2
-    masks = [patch_mask(n, spec.mim_mask_ratio, sample_rng(spec.seed, "image", e, s, o)) for e, s, o in refs]
-    return {"pixels": pixels_tensor([it["pixels"] for it in items]),
-            "patch_mask": torch.from_numpy(np.stack(masks)),
-            "image_ids": torch.tensor([it["image_id"] for it in items], dtype=torch.long),
-            "epoch": torch.tensor([r[0] for r in refs], dtype=torch.long)}
+    out = {"pixels": pixels_tensor([it["pixels"] for it in items]),
+           "image_ids": torch.tensor([it["image_id"] for it in items], dtype=torch.long), "epoch": _epochs(refs)}
+    if "patch_mask" in spec.features:
+        n = (spec.image_size // spec.patch_size) ** 2
+        out["patch_mask"] = torch.from_numpy(np.stack([
+            patch_mask(n, spec.mim_mask_ratio, sample_rng(spec.seed, "image", e, s, o)) for e, s, o in refs]))
+    return out
 
 
 def _phrase_ids(offsets, word_ids, spans) -> list[int]:
@@ -82,40 +108,57 @@ def _phrase_ids(offsets, word_ids, spans) -> list[int]:
     return out
 
 
-def pair_batch(refs, items, tok: TextTokenizer, spec: BatchSpec) -> dict:
-    """Pairs: image, one of its captions (masked for MLM), another caption as an extra positive, a rewritten
-    hard negative, concept phrase ids per token and the object tags as text."""
-    rows = {k: [] for k in ("ids", "masked", "labels", "pos", "neg", "neg_kind", "phrase", "tags")}
-    chosen, spans_of = [], []
+def _choose_captions(refs, items, spec: BatchSpec) -> list[tuple]:
+    """Per pair: (its RNG, the caption to train on, another caption of the image as an extra positive)."""
+    chosen = []
     for (epoch, shard, ordinal), item in zip(refs, items):
         rng = sample_rng(spec.seed, "pair", epoch, shard, ordinal)
         caps = item["captions"]
         c = int(rng.integers(len(caps)))
         p = (c + 1 + int(rng.integers(len(caps) - 1))) % len(caps) if len(caps) > 1 else c
         chosen.append((rng, caps[c], caps[p]))
-        spans_of.append(phrase_spans(caps[c], item["phrases"]))
-    for i, ((rng, caption, positive), item) in enumerate(zip(chosen, items)):
-        enc = tok.encode_words(caption, spec.seq_len)
-        spans = spans_of[i]
-        m, lab = _mlm(tok, spec, enc.ids, mask_units(enc.word_ids, enc.offsets, spans), rng)
-        neg = _negative(i, caption, spans, chosen, spans_of, items, rng, spec, tok)
-        rows["ids"].append(enc.ids)
-        rows["masked"].append(m)
-        rows["labels"].append(lab)
-        rows["pos"].append(tok.encode(positive, spec.seq_len))
-        rows["neg"].append(tok.encode(neg.text if neg else caption, spec.seq_len))
-        rows["neg_kind"].append(KINDS.index(neg.kind.split(":")[0]) if neg else -1)
-        rows["phrase"].append(_phrase_ids(enc.offsets, enc.word_ids, spans))
-        rows["tags"].append(tok.encode(" ".join(item["tags"]), spec.seq_len))
-    out = _text_fields(tok, spec, rows["ids"], rows["masked"], rows["labels"])
+    return chosen
+
+
+def pair_batch(refs, items, tok: TextTokenizer, spec: BatchSpec) -> dict:
+    """Pairs: image and one of its captions; as the objectives need them, the caption masked for MLM, another
+    caption as an extra positive with a rewritten hard negative (CMCL), concept phrase ids per token, and the
+    object tags as text. Each pair's RNG draws its caption, then its MLM mask, then its rewrite."""
+    feats = spec.features
+    chosen = _choose_captions(refs, items, spec)
+    use_spans = bool(feats & {"pair_mlm", "contrast", "phrases"})
+    spans_of = [phrase_spans(caption, item["phrases"]) if use_spans else [] for (_, caption, _), item
+                in zip(chosen, items)]
+    encs = [tok.encode_words(caption, spec.seq_len) for _, caption, _ in chosen]
+    out = _ids_fields(tok, spec, [enc.ids for enc in encs])
     out["pixels"] = pixels_tensor([it["pixels"] for it in items])
     out["image_ids"] = torch.tensor([it["image_id"] for it in items], dtype=torch.long)
-    for name, key in (("pos_", "pos"), ("neg_", "neg"), ("tag_", "tags")):
-        out[f"{name}input_ids"] = _pad(rows[key], spec.seq_len, tok.pad_id)
-        out[f"{name}attention_mask"] = _pad([[1] * len(r) for r in rows[key]], spec.seq_len, 0)
-    out["neg_kind"] = torch.tensor(rows["neg_kind"], dtype=torch.long)  # 0 word, 1 phrase, 2 sentence, -1 none
-    out["phrase_ids"] = _pad(rows["phrase"], spec.seq_len, 0)
-    out["epoch"] = torch.tensor([r[0] for r in refs], dtype=torch.long)
+    if "pair_mlm" in feats:
+        masks = [_mlm(tok, spec, enc.ids, mask_units(enc.word_ids, enc.offsets, spans), rng)
+                 for enc, spans, (rng, _, _) in zip(encs, spans_of, chosen)]
+        out.update(_mlm_fields(tok, spec, [m for m, _ in masks], [lab for _, lab in masks]))
+    if "contrast" in feats:
+        out.update(_contrast_fields(encs, chosen, spans_of, items, tok, spec))
+    if "phrases" in feats:
+        out["phrase_ids"] = _pad([_phrase_ids(enc.offsets, enc.word_ids, spans) for enc, spans
+                                  in zip(encs, spans_of)], spec.seq_len, 0)
+    if "tags" in feats:
+        out.update(_ids_fields(tok, spec, [tok.encode(" ".join(it["tags"]), spec.seq_len) for it in items], "tag_"))
+    out["epoch"] = _epochs(refs)
+    return out
+
+
+def _contrast_fields(encs, chosen, spans_of, items, tok: TextTokenizer, spec: BatchSpec) -> dict:
+    """CMCL: the extra positive and the rewritten hard negative of every caption, and the negative's kind."""
+    pos, neg, kinds = [], [], []
+    for i, (enc, (rng, caption, positive)) in enumerate(zip(encs, chosen)):
+        rewrite = _negative(i, caption, spans_of[i], chosen, spans_of, items, rng, spec, tok)
+        # a caption re-encoded would give the same ids: reuse them (one caption, or no rewrite possible)
+        pos.append(enc.ids if positive == caption else tok.encode(positive, spec.seq_len))
+        neg.append(tok.encode(rewrite.text, spec.seq_len) if rewrite else enc.ids)
+        kinds.append(KINDS.index(rewrite.kind.split(":")[0]) if rewrite else -1)
+    out = {**_ids_fields(tok, spec, pos, "pos_"), **_ids_fields(tok, spec, neg, "neg_")}
+    out["neg_kind"] = torch.tensor(kinds, dtype=torch.long)  # 0 word, 1 phrase, 2 sentence, -1 none
     return out
 
 
@@ -125,4 +168,4 @@ def _negative(i, caption, spans, chosen, spans_of, items, rng, spec: BatchSpec, 
     others = [j for j in range(len(items)) if items[j]["image_id"] != items[i]["image_id"]]
     donors = [chosen[j][1][a:b] for j in others for a, b in spans_of[j]]
     return hard_negative(caption, rng, spans=spans, donors=donors, others=[chosen[j][1] for j in others],
-                         weights=spec.rewrite_weights, known=lambda w: tok.unk_id not in tok.encode_plain(w).ids)
+                         weights=spec.rewrite_weights, known=tok.spells)

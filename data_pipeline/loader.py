@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .batch import BatchSpec, image_batch, pair_batch, pixels_tensor, text_batch
+from .batch import BatchSpec, features_for, image_batch, pair_batch, pixels_tensor, text_batch
 from .config import DataConfig
 from .cursor import VERSION, StreamState, epochs_view, fresh_streams, is_complete, merge_states, redistribute
 from .io import DataSourceError, RetryingReader, RetryPolicy, list_shards, shard_digest
@@ -208,9 +209,13 @@ def _check_same_shards(src: str, saved: dict, shards) -> None:
 
 
 def build_loader(cfg: DataConfig, *, rank: int, world_size: int, seq_len: int, image_size: int,
-                 patch_size: int, state: dict | list | None = None) -> MixedLoader:
+                 patch_size: int, state: dict | list | None = None,
+                 objectives: Iterable[str] | None = None) -> MixedLoader:
     """The loader of one rank. ``state``: a cursor from ``state_dict()`` (merged over ranks), or the list of
-    every rank's ``state_dict()``; same world size resumes exactly, another world size resumes elastically."""
+    every rank's ``state_dict()``; same world size resumes exactly, another world size resumes elastically.
+    ``objectives``: the names of every objective the run trains (e.g. {"itc", "mlm_pair"}); batches then hold
+    only what those read (see batch.OBJECTIVE_FEATURES). None builds every part. The samples and the cursor
+    do not depend on it."""
     _check_args(rank, world_size, seq_len, image_size, patch_size)
     sources = cfg.active_sources()
     if not sources:
@@ -223,7 +228,7 @@ def build_loader(cfg: DataConfig, *, rank: int, world_size: int, seq_len: int, i
                  shards=_list_sources(cfg, sources, world_size * workers),
                  tokenizer_json=tok.to_str() if tok else None,
                  spec=BatchSpec(seq_len, image_size, patch_size, cfg.seed, cfg.mlm_probability,
-                                cfg.mim_mask_ratio, tuple(cfg.rewrite_weights)))
+                                cfg.mim_mask_ratio, tuple(cfg.rewrite_weights), features_for(objectives)))
     if isinstance(state, list):
         state = merge_states(state)
     if state is not None and state.get("seed") != cfg.seed:

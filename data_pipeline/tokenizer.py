@@ -39,6 +39,7 @@ class TextTokenizer:
         self.pad_id, self.unk_id, self.cls_id = ids["pad"], ids["unk"], ids["cls"]
         self.sep_id, self.mask_id = ids["sep"], ids["mask"]
         self.special_ids = frozenset(ids.values())
+        self._spelled: dict[str, bool] = {}
 
     def to_str(self) -> str:
         return self._tok.to_str()
@@ -61,6 +62,14 @@ class TextTokenizer:
 
     def encode(self, text: str, max_len: int) -> list[int]:
         return self.encode_words(text, max_len).ids
+
+    def spells(self, word: str) -> bool:
+        """True when ``word`` tokenizes without [UNK]. Cached: rewriting asks about the same few lexicon words
+        for every caption, and a tokenizer call per word was a tenth of the pipeline's time."""
+        known = self._spelled.get(word)
+        if known is None:
+            known = self._spelled[word] = self.unk_id not in self._tok.encode(word, add_special_tokens=False).ids
+        return known
 
     def decode(self, ids) -> str:
         ids = [int(i) for i in ids]

@@ -205,8 +205,13 @@ class Trainer:
         self.loader = build_loader(self.cfg.data, rank=self.rank, world_size=self.world_size,
                                    seq_len=self.cfg.seq_len,
                                    image_size=m.vision.image_size, patch_size=m.vision.patch_size,
-                                   state=self.progress.data_state)
+                                   state=self.progress.data_state,
+                                   objectives=self._objectives())  # batches hold only what these read
         self.batches: Iterator[dict] = iter(self.loader)
+
+    def _objectives(self) -> set[str]:
+        """Every objective some stage trains: one loader serves the whole plan."""
+        return {name for s in self.cfg.stages for name, w in s.objectives.items() if w > 0}
 
     # ----- checkpoints ----------------------------------------------------------------------------------------
     def find_checkpoint(self) -> tuple[Path, dict] | None:
