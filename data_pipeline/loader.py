@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -67,7 +68,8 @@ class _WorkerStreams(IterableDataset):
                    for src in self.plan.sources}
         try:
             while True:
-                yield self._batch(streams, tok, counters, worker)
+                batch = self._batch(streams, tok, counters, worker)
+                yield _pack(batch) if info else batch
         finally:
             for s in streams.values():
                 s.close()
@@ -89,6 +91,37 @@ class _WorkerStreams(IterableDataset):
         batch["_cursor"] = json.dumps({"worker": worker, "stats": dict(counters),
                                        "streams": {s: st.snapshot() for s, st in streams.items()}})
         return batch
+
+
+_PACK_LIMIT = 1 << 20  # bytes; larger tensors (pixels) travel alone, since joining them would be a copy
+
+
+def _pack(batch: dict) -> dict:
+    """Joins the small tensors of a worker's batch into one flat tensor per dtype.
+
+    The DataLoader hands every tensor to the training process through its own shared-memory file and a
+    socket round trip; for a pair batch's dozen small tensors that was half of the training process's data
+    loading time, more than the copy that joins them."""
+    flat, layout, sizes = {}, [], {}
+    for src, fields in batch.items():
+        if not isinstance(fields, dict):
+            continue
+        for name, t in list(fields.items()):
+            if isinstance(t, torch.Tensor) and t.numel() * t.element_size() <= _PACK_LIMIT:
+                layout.append((src, name, t.dtype, sizes.get(t.dtype, 0), tuple(t.shape)))
+                sizes[t.dtype] = sizes.get(t.dtype, 0) + t.numel()
+                flat.setdefault(t.dtype, []).append(fields.pop(name).reshape(-1))
+    batch["_packed"] = ({dtype: torch.cat(parts) for dtype, parts in flat.items()}, layout)
+    return batch
+
+
+def _unpack(batch: dict) -> None:
+    """Puts back, as views of the flat tensors, what ``_pack`` joined."""
+    if "_packed" not in batch:
+        return
+    flat, layout = batch.pop("_packed")
+    for src, name, dtype, offset, shape in layout:
+        batch[src][name] = flat[dtype][offset:offset + math.prod(shape)].view(shape)
 
 
 class MixedLoader:
@@ -115,6 +148,7 @@ class MixedLoader:
                             num_workers=cfg.num_workers,
                             prefetch_factor=cfg.prefetch_factor if cfg.num_workers else None)
         for batch in loader:
+            _unpack(batch)
             cursor = json.loads(batch.pop("_cursor"))
             worker = cursor["worker"]
             index = str(self._plan.rank * self._plan.workers + worker)

@@ -50,13 +50,16 @@ def stable_id(text: str) -> int:
 
 
 def decode_image(data: bytes, size: int) -> np.ndarray:
-    """(3, size, size) uint8 RGB, resized with PIL bilinear; channels first so batching is one contiguous
-    copy."""
+    """(size, size, 3) uint8 RGB, resized with PIL bilinear. Channels stay last: the batch turns the whole
+    stack to channels-first in the same pass that converts it to float (batch.pixels_tensor)."""
     try:
         img = Image.open(io.BytesIO(data))
         img.draft("RGB", (size, size))  # JPEG: decode at a reduced scale when the file is much larger
-        img = img.convert("RGB").resize((size, size), Image.BILINEAR)
-        return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
+        # convert and resize return copies even when there is nothing to do: skip them then
+        img = img.convert("RGB") if img.mode != "RGB" else img
+        if img.size != (size, size):
+            img = img.resize((size, size), Image.BILINEAR)
+        return np.frombuffer(img.tobytes(), dtype=np.uint8).reshape(size, size, 3)
     except Exception as exc:  # noqa: BLE001 - any decoder failure makes the image unusable
         raise BadSample("bad_image", f"{type(exc).__name__}: {exc}") from None
 
