@@ -9,6 +9,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 from trainer.checkpoint import TornCheckpoint
 from trainer.config_loader import ConfigError
@@ -151,9 +152,18 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from trainer import storage
+    from trainer.checkpoint import checked_local_copy
     from trainer.export import export_checkpoint
 
-    out = export_checkpoint(args.checkpoint, args.out)
+    if not storage.is_remote(args.checkpoint):
+        out = export_checkpoint(args.checkpoint, args.out)
+    else:  # an s3:// checkpoint: verified in a temporary local copy, then exported from it
+        with tempfile.TemporaryDirectory(prefix="unimo-export-") as tmp:
+            local = checked_local_copy(args.checkpoint, Path(tmp))
+            out = export_checkpoint(local, args.out, source=args.checkpoint)
     print(f"exported {args.checkpoint} -> {out}")
     return 0
 

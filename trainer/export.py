@@ -26,8 +26,11 @@ def consolidated_state_dict(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
     return {k[len(MODEL_PREFIX):]: v for k, v in full.items() if k.startswith(MODEL_PREFIX)}
 
 
-def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
-    """Writes model.safetensors, config.json and tokenizer.json into ``out_dir``; returns it."""
+def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, source: str | None = None) -> Path:
+    """Writes model.safetensors, config.json and tokenizer.json into ``out_dir``; returns it.
+
+    ``source``: where the checkpoint lives when ``checkpoint_dir`` is a downloaded copy (an s3:// URL).
+    """
     from safetensors.torch import save_file
 
     src = Path(checkpoint_dir)
@@ -40,7 +43,7 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
     save_file({k: v.contiguous().clone() for k, v in weights.items()}, str(out / WEIGHTS),
               metadata={"step": str(state["step"]), "run": state["config"]["run"]["name"]})
     (out / CONFIG).write_text(json.dumps({"model": state["config"]["model"], "step": state["step"],
-                                          "source_checkpoint": str(src.resolve())}, indent=1))
+                                          "source_checkpoint": source or str(src.resolve())}, indent=1))
     _copy_tokenizer(state["config"]["data"]["tokenizer"], out / "tokenizer.json")
     return out
 

@@ -89,11 +89,12 @@ def test_s3_storage_checkpoints_torn_skipped_resume_and_export(synthetic_data, t
         run_storage.download(final, local)
         state = json.loads((local / "trainer_state.json").read_text())
         assert state["step"] == 6 and state["mlflow_run_id"] == run_id  # one MLflow run across both jobs
-    check_export_matches_zero_to_fp32(local, tmp_path)
+        check_export_matches_zero_to_fp32(local, tmp_path, source=final)  # `unimo export s3://...`
 
 
-def check_export_matches_zero_to_fp32(step_dir: Path, tmp_path: Path) -> None:
-    """`unimo export` equals the zero_to_fp32.py script DeepSpeed ships in the checkpoint, and loads without it."""
+def check_export_matches_zero_to_fp32(step_dir: Path, tmp_path: Path, source: str | None = None) -> None:
+    """`unimo export` (of ``source``, a checkpoint URL, else ``step_dir``) equals the zero_to_fp32.py script
+    DeepSpeed ships in the checkpoint, and loads without it."""
     import os
     import subprocess
     import sys
@@ -104,7 +105,7 @@ def check_export_matches_zero_to_fp32(step_dir: Path, tmp_path: Path) -> None:
     from trainer.export import load_exported
 
     out = tmp_path / "export"
-    assert main(["export", str(step_dir), str(out)]) == 0
+    assert main(["export", source or str(step_dir), str(out)]) == 0
     ref_dir = tmp_path / "zero_to_fp32"
     # (its safetensors mode refuses tied weights, so it writes a torch file here)
     subprocess.run([sys.executable, str(step_dir / "zero_to_fp32.py"), str(step_dir), str(ref_dir), "--tag", "ds"],
