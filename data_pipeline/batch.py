@@ -165,20 +165,18 @@ def _contrast_fields(encs, chosen, spans_of, items, tok: TextTokenizer, spec: Ba
             encoded[text] = tok.encode(text, spec.seq_len)
         return encoded[text]
 
+    image_ids = [it["image_id"] for it in items]
+    captions = [caption for _, caption, _ in chosen]
+    phrases = [[caption[a:b] for a, b in spans] for caption, spans in zip(captions, spans_of)]
     for i, (rng, caption, positive) in enumerate(chosen):
-        rewrite = _negative(i, caption, spans_of[i], chosen, spans_of, items, rng, spec, tok)
+        # phrase- and sentence-level rewrites borrow from the other images of the batch
+        others = [j for j, image in enumerate(image_ids) if image != image_ids[i]]
+        rewrite = hard_negative(caption, rng, spans=spans_of[i], donors=[p for j in others for p in phrases[j]],
+                                others=[captions[j] for j in others], weights=spec.rewrite_weights,
+                                known=tok.spells)  # word-level ones swap in words spelled without [UNK]
         pos.append(ids_of(positive))
         neg.append(ids_of(rewrite.text) if rewrite else ids_of(caption))
         kinds.append(KINDS.index(rewrite.kind.split(":")[0]) if rewrite else -1)
     out = {**_ids_fields(tok, spec, pos, "pos_"), **_ids_fields(tok, spec, neg, "neg_")}
     out["neg_kind"] = torch.tensor(kinds, dtype=torch.long)  # 0 word, 1 phrase, 2 sentence, -1 none
     return out
-
-
-def _negative(i, caption, spans, chosen, spans_of, items, rng, spec: BatchSpec, tok: TextTokenizer):
-    """A rewrite of caption i; phrase- and sentence-level ones borrow from the other images of the batch;
-    word-level ones only swap in words the tokenizer spells without [UNK]."""
-    others = [j for j in range(len(items)) if items[j]["image_id"] != items[i]["image_id"]]
-    donors = [chosen[j][1][a:b] for j in others for a, b in spans_of[j]]
-    return hard_negative(caption, rng, spans=spans, donors=donors, others=[chosen[j][1] for j in others],
-                         weights=spec.rewrite_weights, known=tok.spells)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 
 # Function words: a phrase never starts, ends or continues through one. A fixed list keeps the rule
 # deterministic and free of downloaded models.
@@ -37,14 +38,31 @@ def rule_phrases(text: str) -> list[tuple[int, int]]:
     return spans
 
 
+def _is_word_char(ch: str) -> bool:
+    return ch.isascii() and ch.isalnum()
+
+
+def _whole_word_matches(low: str, phrase: str) -> Iterator[tuple[int, int]]:
+    """Non-overlapping spans of ``phrase`` in ``low`` not touching a letter or digit, scanning left to right.
+    Plain ``str.find``: a regular expression per phrase meant a compile per new phrase of every caption."""
+    start = low.find(phrase)
+    while start >= 0:
+        end = start + len(phrase)
+        if (start == 0 or not _is_word_char(low[start - 1])) and (end == len(low) or not _is_word_char(low[end])):
+            yield start, end
+            start = low.find(phrase, end)
+        else:
+            start = low.find(phrase, start + 1)
+
+
 def locate_phrases(text: str, phrases: list[str]) -> list[tuple[int, int]]:
     """Character spans of the given phrases in ``text`` (case-insensitive, whole words, no overlaps)."""
     low, taken, spans = text.lower(), [], []
     for phrase in sorted({p.strip().lower() for p in phrases if p and p.strip()}, key=len, reverse=True):
-        for m in re.finditer(r"(?<![A-Za-z0-9])" + re.escape(phrase) + r"(?![A-Za-z0-9])", low):
-            if all(m.end() <= a or m.start() >= b for a, b in taken):
-                taken.append(m.span())
-                spans.append(m.span())
+        for span in _whole_word_matches(low, phrase):
+            if all(span[1] <= a or span[0] >= b for a, b in taken):
+                taken.append(span)
+                spans.append(span)
     return sorted(spans)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -119,11 +120,21 @@ def sentence_rewrite(text: str, others: list[str], rng: np.random.Generator) -> 
     return Rewrite(new, "sentence", (0, len(text)), text, new)
 
 
+@lru_cache(maxsize=16)
+def _cdf(weights: tuple) -> list[float]:
+    """The cumulative distribution that ``rng.choice(len(weights), p=...)`` draws from, computed as it does;
+    drawing one ``rng.random()`` against it picks the same kind from the same RNG state, without choice()'s
+    checks of ``p`` that cost more than the rest of a word-level rewrite."""
+    w = np.asarray(weights, dtype=float)
+    cdf = (w / w.sum()).cumsum()
+    cdf /= cdf[-1]
+    return cdf.tolist()
+
+
 def hard_negative(text: str, rng: np.random.Generator, *, spans: list[tuple[int, int]], donors: list[str],
                   others: list[str], weights=(0.6, 0.2, 0.2), known=None) -> Rewrite | None:
     """A hard negative of the kind drawn by ``weights``, falling back to the other kinds when it cannot apply."""
-    w = np.asarray(weights, dtype=float)
-    first = int(rng.choice(3, p=w / w.sum()))
+    first = bisect.bisect_right(_cdf(tuple(weights)), rng.random())
     for kind in [KINDS[first]] + [k for k in KINDS if k != KINDS[first]]:
         if kind == "word":
             out = word_rewrite(text, rng, known=known)

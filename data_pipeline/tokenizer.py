@@ -61,7 +61,9 @@ class TextTokenizer:
                        [(0, 0), *enc.offsets[:n], (0, 0)])
 
     def encode(self, text: str, max_len: int) -> list[int]:
-        return self.encode_words(text, max_len).ids
+        """[CLS] token ids [SEP], truncated to ``max_len`` (ids only: no word ids or offsets to build)."""
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        return [self.cls_id, *ids[:max(0, max_len - 2)], self.sep_id]
 
     def spells(self, word: str) -> bool:
         """True when ``word`` tokenizes without [UNK]. Cached: rewriting asks about the same few lexicon words
