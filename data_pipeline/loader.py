@@ -249,7 +249,7 @@ def build_loader(cfg: DataConfig, *, rank: int, world_size: int, seq_len: int, i
     every rank's ``state_dict()``; same world size resumes exactly, another world size resumes elastically.
     ``objectives``: the names of every objective the run trains (e.g. {"itc", "mlm_pair"}); batches then hold
     only what those read (see batch.OBJECTIVE_FEATURES). None builds every part. The samples and the cursor
-    do not depend on it."""
+    do not depend on it (a pair's rewrite is drawn after its MLM mask: without MLM it is another rewrite)."""
     _check_args(rank, world_size, seq_len, image_size, patch_size)
     sources = cfg.active_sources()
     if not sources:
