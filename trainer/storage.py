@@ -48,9 +48,15 @@ def endpoint_url() -> str | None:
 
 
 def _fs(location: str):
-    from data_pipeline.io import filesystem  # the same s3fs set-up (and retry budget) as the data shards
+    """(fsspec filesystem, path) of a location; s3fs finds credentials the way boto does."""
+    import fsspec
 
-    return filesystem(location)
+    options = {}
+    if location.startswith("s3://") and endpoint_url():
+        # Named explicitly so fsspec's instance cache never hands back a filesystem made for another endpoint
+        # (a process that talks to two S3 servers, or tests that start one per module).
+        options["endpoint_url"] = endpoint_url()
+    return fsspec.core.url_to_fs(location, **options)
 
 
 # ----- small files (the run lock has its own conditional writes, see orchestrator/runlock.py) ---------------------
