@@ -320,5 +320,9 @@ class S3RunLock(RunLock):
         try:
             self._client.delete_object(Bucket=self.bucket, Key=self.key, IfMatch=self._etag)
         except ClientError as err:
-            if err.response.get("Error", {}).get("Code") != "PreconditionFailed":  # 412: no longer ours
+            code = err.response.get("Error", {}).get("Code")
+            if code in ("NotImplemented", "InvalidArgument", "InvalidRequest"):
+                # A server without conditional deletes: release() has just read the lock as ours.
+                self._client.delete_object(Bucket=self.bucket, Key=self.key)
+            elif code != "PreconditionFailed":  # 412: no longer ours, nothing to do
                 log.warning("could not remove the run lock %s: %s", self.where, err)
