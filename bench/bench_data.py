@@ -4,12 +4,14 @@ Three readers of the same pair shards, in the same run:
   raw        boto3 get_object of every shard (bytes only): the ceiling the storage allows;
   reference  the common way: webdataset (s3 opened through fsspec) + PIL decode/resize + normalise + tokenise
              the caption + .batched(), in a DataLoader with the same workers;
-  unimo      data_pipeline.build_loader on the pair source (decode, tokenise, whole-phrase MLM masks, rewritten
-             hard negative, extra positive, concept ids, tags, exact cursor).
+  unimo      data_pipeline.build_loader on the pair source, serving every pair objective (decode, tokenise,
+             whole-phrase MLM masks, rewritten hard negative, extra positive, concept ids, exact cursor).
 Each is timed after a warm-up batch; readers alternate for --repeats rounds and the best round counts, since
-other work on the machine only ever slows a round down.
+other work on the machine only ever slows a round down. Samples per CPU-second of each reader's processes are
+reported too: on a shared machine they move far less than wall-clock rates.
 
     .venv/bin/python bench/bench_data.py [--pairs 2000] [--stored-size 256] [--image-size 128] [--workers 2]
+                                         [--objectives itc,mlm_pair | '']
 """
 
 from __future__ import annotations
@@ -155,7 +157,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batches", type=int, default=60)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--objectives", default=",".join(PAIR_OBJECTIVES),
                    help="comma-separated objectives the unimo batches serve ('' = every batch part)")
     args = p.parse_args(argv)

@@ -50,8 +50,8 @@ def stable_id(text: str) -> int:
 
 
 def decode_image(data: bytes, size: int) -> np.ndarray:
-    """(size, size, 3) uint8 RGB, resized with PIL bilinear. Channels stay last: the batch turns the whole
-    stack to channels-first in the same pass that converts it to float (batch.pixels_tensor)."""
+    """(size, size, 3) uint8 RGB, resized with PIL bilinear. Channels stay last, as PIL hands them out: the
+    batch makes its whole stack channels-first in one copy (batch.pixels_tensor) instead of a copy per image."""
     try:
         img = Image.open(io.BytesIO(data))
         img.draft("RGB", (size, size))  # JPEG: decode at a reduced scale when the file is much larger
