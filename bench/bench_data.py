@@ -147,6 +147,24 @@ def rate(loader, batches: int, batch: int, server_pid: int) -> tuple[float, floa
     return batches * batch / dt, batches * batch / cpu
 
 
+def profile_unimo(urls: dict, args) -> None:
+    """cProfile of unimo's pair loader read in this process (num_workers=0, torch on one thread as in a worker):
+    the per-sample costs by function, without the DataLoader's process boundary."""
+    import cProfile
+    import pstats
+
+    import torch
+
+    torch.set_num_threads(1)
+    args.workers = 0
+    it = iter(unimo_loader(urls, args))
+    next(it)
+    with cProfile.Profile() as prof:
+        for _ in range(args.profile):
+            next(it)
+    pstats.Stats(prof).sort_stats("cumulative").print_stats(40)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--pairs", type=int, default=2000)
@@ -160,6 +178,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--objectives", default=",".join(PAIR_OBJECTIVES),
                    help="comma-separated objectives the unimo batches serve ('' = every batch part)")
+    p.add_argument("--profile", type=int, default=0, metavar="BATCHES",
+                   help="instead of comparing: cProfile unimo's loader in-process over this many batches")
     args = p.parse_args(argv)
 
     server = start_s3()
@@ -174,6 +194,9 @@ def main(argv=None) -> int:
                                        samples_per_shard=args.samples_per_shard, image_size=args.stored_size)
         shards = list_shards(urls["pair"])
         urls["pair_list"] = [u for u, _ in shards]
+        if args.profile:
+            profile_unimo(urls, args)
+            return 0
         results = {"raw": [], "reference": [], "unimo": []}
         per_cpu = {"reference": [], "unimo": []}
         for _ in range(args.repeats):

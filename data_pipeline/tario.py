@@ -4,7 +4,7 @@ We read tars ourselves instead of through webdataset's iterators because the cur
 sample in its shard, and a damaged header must cost one sample, not the rest of the shard; the files are
 plain WebDataset shards, read and written by webdataset and img2dataset alike. Reading parses the 512-byte
 headers directly (ustar, GNU long names, pax paths/sizes) instead of through ``tarfile``: its per-member
-TarInfo objects and 10 KiB stream reads were a fifth of the pipeline's time per sample (a third of it now).
+TarInfo objects and 10 KiB stream reads were a fifth of the pipeline's time per sample (now a third of that).
 """
 
 from __future__ import annotations
