@@ -18,6 +18,7 @@ from model.layers import (
     MLP,
     CrossAttention,
     SelfAttention,
+    dropout,
     no_empty_rows,
     padding_mask,
     run_block,
@@ -134,14 +135,14 @@ class CoAttentionLayer(nn.Module):
         self.ln2 = nn.LayerNorm(d, eps=eps)
         self.mlp = MLP(d, cfg.mlp_dim, cfg.activation)
         self.ln3 = nn.LayerNorm(d, eps=eps)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop_p = cfg.dropout  # applied with layers.dropout (no module)
 
     def forward(self, x: Tensor, mem: Tensor | None, self_mask: Tensor | None = None,
                 mem_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
-        x = self.ln1(x + self.drop(self.self_attn(x, self_mask, is_causal)))  # (B, S, D)
+        x = self.ln1(x + dropout(self.self_attn(x, self_mask, is_causal), self.drop_p, self.training))  # (B, S, D)
         if mem is not None:  # None: this stream must not see the other (image stream while captioning)
-            x = self.ln2(x + self.drop(self.cross_attn(x, mem, mem_mask)))
-        return self.ln3(x + self.drop(self.mlp(x)))
+            x = self.ln2(x + dropout(self.cross_attn(x, mem, mem_mask), self.drop_p, self.training))
+        return self.ln3(x + dropout(self.mlp(x), self.drop_p, self.training))
 
 
 class FusionLayer(nn.Module):

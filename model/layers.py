@@ -75,6 +75,11 @@ def _heads(x: Tensor, heads: int) -> Tensor:
     return x.view(B, L, heads, D // heads).transpose(1, 2)  # (B, L, D) -> (B, H, L, hd)
 
 
+def dropout(x: Tensor, p: float, training: bool) -> Tensor:
+    """Dropout as a function, not a module: under ZeRO-3 every module call costs four Python hooks."""
+    return F.dropout(x, p, training) if training and p > 0 else x
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention with a fused qkv projection (one matmul instead of three)."""
 
@@ -137,11 +142,11 @@ class PostLNBlock(nn.Module):
         self.ln1 = nn.LayerNorm(dim, eps=eps)
         self.mlp = MLP(dim, mlp_dim, activation)
         self.ln2 = nn.LayerNorm(dim, eps=eps)
-        self.drop = nn.Dropout(dropout)
+        self.drop_p = dropout  # applied with layers.dropout (no module)
 
     def forward(self, x: Tensor, mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
-        x = self.ln1(x + self.drop(self.attn(x, mask, is_causal)))  # (B, L, D)
-        return self.ln2(x + self.drop(self.mlp(x)))
+        x = self.ln1(x + dropout(self.attn(x, mask, is_causal), self.drop_p, self.training))  # (B, L, D)
+        return self.ln2(x + dropout(self.mlp(x), self.drop_p, self.training))
 
 
 class PreLNBlock(nn.Module):
@@ -154,11 +159,11 @@ class PreLNBlock(nn.Module):
         self.attn = SelfAttention(dim, heads, dropout, bias=qkv_bias)
         self.ln2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = MLP(dim, mlp_dim, activation)
-        self.drop = nn.Dropout(dropout)
+        self.drop_p = dropout  # applied with layers.dropout (no module)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        x = x + self.drop(self.attn(self.ln1(x), mask))  # (B, N, D)
-        return x + self.drop(self.mlp(self.ln2(x)))
+        x = x + dropout(self.attn(self.ln1(x), mask), self.drop_p, self.training)  # (B, N, D)
+        return x + dropout(self.mlp(self.ln2(x)), self.drop_p, self.training)
 
 
 def run_block(block: nn.Module, checkpointing: bool, *args, **kwargs) -> Tensor:

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from model.config import TextConfig
-from model.layers import PostLNBlock, no_empty_rows, run_block, text_attention_mask
+from model.layers import PostLNBlock, dropout, no_empty_rows, run_block, text_attention_mask
 
 
 class TextEmbeddings(nn.Module):
@@ -19,7 +19,7 @@ class TextEmbeddings(nn.Module):
         self.position = nn.Embedding(cfg.max_positions, cfg.dim)
         self.token_type = nn.Embedding(cfg.type_vocab_size, cfg.dim)
         self.ln = nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop_p = cfg.dropout  # applied with layers.dropout (no module)
 
     def position_ids(self, input_ids: Tensor) -> Tensor:
         if self.cfg.position_style == "roberta":
@@ -37,7 +37,7 @@ class TextEmbeddings(nn.Module):
             x = x + self.token_type.weight[0]
         else:
             x = x + self.token_type(token_type_ids)
-        return self.drop(self.ln(x))
+        return dropout(self.ln(x), self.drop_p, self.training)
 
 
 class TextEncoder(nn.Module):

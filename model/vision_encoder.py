@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.config import VisionConfig
-from model.layers import PreLNBlock, run_block
+from model.layers import PreLNBlock, dropout, run_block
 
 
 def interpolate_positions(pos: Tensor, grid_h: int, grid_w: int) -> Tensor:
@@ -36,7 +36,7 @@ class PatchEmbeddings(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
         self.pos = nn.Parameter(torch.zeros(1, 1 + cfg.num_patches, cfg.dim))
         self.pre_ln = nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps) if cfg.pre_layernorm else None
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop_p = cfg.dropout  # applied with layers.dropout (no module)
 
     def forward(self, pixels: Tensor, patch_mask: Tensor | None = None) -> Tensor:
         P = self.cfg.patch_size
@@ -54,7 +54,7 @@ class PatchEmbeddings(nn.Module):
         x = x + interpolate_positions(self.pos, H // P, W // P)
         if self.pre_ln is not None:
             x = self.pre_ln(x)
-        return self.drop(x)
+        return dropout(x, self.drop_p, self.training)
 
 
 class VisionEncoder(nn.Module):

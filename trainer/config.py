@@ -117,6 +117,10 @@ class DeepSpeedSettings:
     memory_efficient_linear: bool = True  # DeepSpeed's default: re-gathers Linear weights in backward to save memory
     reduce_bucket_size: int = 50_000_000
     overlap_comm: bool = False
+    # Gradient reduction: reduce-scatter (each rank receives its partition) or all-reduce of the contiguous
+    # bucket (each rank keeps its slice). None = reduce-scatter with several ranks, all-reduce with one, where
+    # the scatter's interleaving copy of every gradient buys nothing (bench/bench_trainer.py).
+    reduce_scatter: bool | None = None
 
     def __post_init__(self) -> None:
         _check(self.zero_stage in (0, 1, 2, 3), f"zero_stage must be 0..3, got {self.zero_stage}")

@@ -37,6 +37,7 @@ def build_ds_config(cfg: RunConfig, world_size: int, on_gpu: bool) -> dict[str, 
             "memory_efficient_linear": ds.memory_efficient_linear,
             "reduce_bucket_size": ds.reduce_bucket_size,
             "overlap_comm": ds.overlap_comm,
+            "reduce_scatter": world_size > 1 if ds.reduce_scatter is None else ds.reduce_scatter,
             # Needed so that export and universal checkpoints can rebuild full weights from the shards.
             "stage3_gather_16bit_weights_on_model_save": False,
         })

@@ -26,6 +26,7 @@ from trainer.config import RunConfig, StageConfig
 from trainer.config_loader import digest, to_dict
 from trainer.ds_config import build_ds_config, grad_accum_steps
 from trainer.metrics import step_metrics
+from trainer.optim import build_adamw
 from trainer.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
@@ -88,17 +89,29 @@ def lr_at(cfg: RunConfig, stage: StageConfig, step_in_stage: int) -> float:
     return peak
 
 
+# Parameters whose size is a multiple of this many elements (64 bytes in fp32) keep the alignment of the flat
+# buffer DeepSpeed packs every group's partition into (one after another, in group order).
+ALIGN_ELEMENTS = 16
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Groups by top-level submodule (so a stage can freeze one by setting its LR to 0) and by decay."""
-    groups: dict[tuple[str, bool], list] = {}
+    """Groups by top-level submodule (so a stage can freeze one by setting its LR to 0) and by decay.
+
+    The few parameters whose size is not a multiple of ALIGN_ELEMENTS (a scalar temperature, a 2-way bias,
+    level-mixing logits) go in groups of their own at the end. ZeRO-3 views every weight inside one flat buffer
+    in group order, so a 1-element parameter early on would leave every later weight 4 bytes off a 64-byte
+    boundary: measured 1.5x slower matrix multiplies on CPU (docs/BENCHMARKS.md, trainer section).
+    """
+    groups: dict[tuple[bool, str, bool], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         top = name.split(".")[0]
         decay = p.ndim >= 2 and "embed" not in name  # no decay on biases, norms, embeddings, scales
-        groups.setdefault((top, decay), []).append(p)
+        odd_size = p.numel() % ALIGN_ELEMENTS != 0
+        groups.setdefault((odd_size, top, decay), []).append(p)
     return [{"params": ps, "weight_decay": weight_decay if decay else 0.0, "module": top}
-            for (top, decay), ps in sorted(groups.items())]
+            for (_, top, decay), ps in sorted(groups.items())]
 
 
 def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -175,9 +188,7 @@ class Trainer:
         register_external_parameters(self.module)
         groups = param_groups(model, self.cfg.optimizer.weight_decay)
         self.group_modules = [g.pop("module") for g in groups]
-        opt = self.cfg.optimizer
-        optimizer = torch.optim.AdamW(groups, lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps,
-                                      fused=self.on_gpu)
+        optimizer = build_adamw(groups, self.cfg.optimizer)
         ds_config = build_ds_config(self.cfg, self.world_size, self.on_gpu)
         if universal:
             ds_config.setdefault("checkpoint", {})["load_universal"] = True
