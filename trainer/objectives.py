@@ -151,6 +151,11 @@ def _rows(states: list[Tensor], idx: Tensor | slice) -> list[Tensor]:
     return [s[idx] for s in states]
 
 
+def _cat_rows(blocks: list[list[Tensor]]) -> list[Tensor]:
+    """Per-layer states of several row blocks -> per-layer states of all rows, block after block."""
+    return [torch.cat(layer) for layer in zip(*blocks)]
+
+
 class PretrainObjectives(nn.Module):
     """Computes the weighted objectives of one stage on one mixed micro-batch.
 
@@ -200,38 +205,41 @@ class PretrainObjectives(nn.Module):
         out: dict[str, Tensor] = {}
         B = pair["input_ids"].shape[0]
         image_states = self.model.encode_image(pair["pixels"])
-        text_states, feats = self._encode_pair_texts(pair, image_states, active)
+        text_states, masked_states, feats = self._encode_pair_texts(pair, image_states, active)
         if "itc" in active:
             out["itc"] = self._cmcl(pair, *feats)
-        if active & {"itm", "grounding"}:
-            out.update(self._matching(pair, text_states, image_states, feats[0][:B], feats[3], active))
-        if "mlm_pair" in active:
-            masked_states = self.model.encode_text(pair["mlm_input_ids"], pair["attention_mask"])
-            t_fused, _ = self.model.fuse(masked_states, pair["attention_mask"], image_states)
-            out["mlm_pair"] = losses.mlm_loss(self.model.mlm_logits_fused(t_fused), pair["mlm_labels"])
+        if active & {"itm", "grounding", "mlm_pair"}:
+            txt, img = (feats[0][:B], feats[3]) if feats[0] is not None else (None, None)
+            out.update(self._fused_objectives(pair, text_states, masked_states, image_states, txt, img, active))
         if "caption" in active:
             out["caption"] = self._caption(pair, image_states)
         return out
 
     def _encode_pair_texts(self, pair: dict, image_states: list[Tensor], active: set[str]):
-        """Captions (and, for CMCL, extra positives and rewrites) in ONE text-encoder call.
+        """Captions, and for CMCL the extra positives and rewrites, and for MLM the masked captions, in ONE
+        text-encoder call: one set of larger matrix products, and under ZeRO-3 one set of per-module hooks.
 
-        -> (caption states per layer (B, L, Dt), (caption+positive feats (2B, E), their image ids (2B,),
-        rewrite feats (B, 1, E), image feats (B, E))); the features are None when neither ITC, ITM nor
-        grounding needs them.
+        -> (caption states per layer (B, L, Dt), masked-caption states per layer or None, (caption+positive
+        feats (2B, E), their image ids (2B,), rewrite feats (B, 1, E), image feats (B, E))); the features are
+        None when neither ITC, ITM nor grounding needs them.
         """
         B = pair["input_ids"].shape[0]
-        ids, mask = pair["input_ids"], pair["attention_mask"]
+        ids, mask = [pair["input_ids"]], [pair["attention_mask"]]
         if "itc" in active:
-            ids = torch.cat([ids, pair["pos_input_ids"], pair["neg_input_ids"]])  # (3B, L)
-            mask = torch.cat([mask, pair["pos_attention_mask"], pair["neg_attention_mask"]])
-        states = self.model.encode_text(ids, mask)
+            ids += [pair["pos_input_ids"], pair["neg_input_ids"]]
+            mask += [pair["pos_attention_mask"], pair["neg_attention_mask"]]
+        n_feat = B * len(ids)  # rows that ITC features are taken from
+        if "mlm_pair" in active:
+            ids.append(pair["mlm_input_ids"])
+            mask.append(pair["attention_mask"])
+        states = self.model.encode_text(torch.cat(ids), torch.cat(mask))  # per layer (kB, L, Dt)
+        masked = _rows(states, slice(n_feat, None)) if "mlm_pair" in active else None
         if not active & {"itc", "itm", "grounding"}:
-            return states, (None, None, None, None)
-        txt, img = self.model.itc_features(states, image_states)  # (B or 3B, E), (B, E)
+            return _rows(states, slice(0, B)), masked, (None, None, None, None)
+        txt, img = self.model.itc_features(_rows(states, slice(0, n_feat)), image_states)  # (nB, E), (B, E)
         owner = torch.cat([pair["image_ids"], pair["image_ids"]])  # captions then extra positives
         feats = (txt[:2 * B], owner, txt[2 * B:, None, :], img)
-        return _rows(states, slice(0, B)), feats
+        return _rows(states, slice(0, B)), masked, feats
 
     def _cmcl(self, pair: dict, txt: Tensor, owner: Tensor, neg: Tensor, img: Tensor) -> Tensor:
         B = img.shape[0]
@@ -247,22 +255,31 @@ class PretrainObjectives(nn.Module):
         # logit_scale is read here, outside UnimoModel.forward: trainer/zero_compat.py registers it for ZeRO-3
         return self.model.logit_scale.float().exp().clamp(max=self.model.cfg.max_logit_scale)
 
-    def _matching(self, pair: dict, text_states: list[Tensor], image_states: list[Tensor], txt: Tensor,
-                  img: Tensor, active: set[str]) -> dict[str, Tensor]:
-        """ITM over [positives; text + hard-negative image; hard-negative text + image] in one fusion call,
-        and grounding on the first two blocks (the same text against its image and against a look-alike)."""
-        B, ids = txt.shape[0], pair["image_ids"]
-        same = ids[:, None] == ids[None, :]  # (B, B) columns showing the row's own image
-        sim = self._scale().detach() * txt.detach().float() @ img.detach().float().t()  # (B texts, B images)
-        neg_img, img_ok = sample_negatives(sim, same)  # per text, a hard-negative image
-        neg_txt, txt_ok = sample_negatives(sim.t(), same)  # per image, a hard-negative text
-        mask = pair["attention_mask"]
-        t_states = [torch.cat([s, s, s[neg_txt]]) for s in text_states]  # (3B, L, Dt)
-        v_states = [torch.cat([v, v[neg_img], v]) for v in image_states]  # (3B, 1+N, Dv)
-        t_fused, v_fused = self.model.fuse(t_states, torch.cat([mask, mask, mask[neg_txt]]), v_states)
+    def _fused_objectives(self, pair: dict, text_states: list[Tensor], masked_states: list[Tensor] | None,
+                          image_states: list[Tensor], txt: Tensor | None, img: Tensor | None,
+                          active: set[str]) -> dict[str, Tensor]:
+        """ITM, grounding and image-conditioned MLM from ONE fusion call over the rows each needs:
+        [positives; text + hard-negative image; hard-negative text + image] for ITM (grounding reads the first
+        two blocks: the same text against its image and against a look-alike), then [masked text + image]."""
+        B, mask = pair["attention_mask"].shape[0], pair["attention_mask"]
+        t_blocks, v_blocks, masks = [], [], []
+        if active & {"itm", "grounding"}:
+            ids = pair["image_ids"]
+            same = ids[:, None] == ids[None, :]  # (B, B) columns showing the row's own image
+            sim = self._scale().detach() * txt.detach().float() @ img.detach().float().t()  # (B texts, B images)
+            neg_img, img_ok = sample_negatives(sim, same)  # per text, a hard-negative image
+            neg_txt, txt_ok = sample_negatives(sim.t(), same)  # per image, a hard-negative text
+            t_blocks += [text_states, text_states, _rows(text_states, neg_txt)]
+            v_blocks += [image_states, _rows(image_states, neg_img), image_states]
+            masks += [mask, mask, mask[neg_txt]]
+        if "mlm_pair" in active:
+            t_blocks.append(masked_states)
+            v_blocks.append(image_states)
+            masks.append(mask)
+        t_fused, v_fused = self.model.fuse(_cat_rows(t_blocks), torch.cat(masks), _cat_rows(v_blocks))
         out = {}
         if "itm" in active:
-            logits = self.model.itm_logits(t_fused, v_fused)  # (3B, 2)
+            logits = self.model.itm_logits(t_fused[:3 * B], v_fused[:3 * B])  # (3B, 2)
             labels = torch.cat([torch.ones(B), torch.zeros(2 * B)]).long().to(logits.device)
             keep = torch.cat([torch.ones_like(img_ok), img_ok, txt_ok])
             per_row = F.cross_entropy(logits.float(), labels, reduction="none")
@@ -270,6 +287,8 @@ class PretrainObjectives(nn.Module):
         if "grounding" in active:
             scores = self.model.grounding_scores(t_fused[:2 * B], v_fused[:2 * B])  # (2B, L, N)
             out["grounding"] = grounding_contrast(scores[:B], scores[B:], phrase_masks(pair["phrase_ids"]), img_ok)
+        if "mlm_pair" in active:
+            out["mlm_pair"] = losses.mlm_loss(self.model.mlm_logits_fused(t_fused[-B:]), pair["mlm_labels"])
         return out
 
     def _caption(self, pair: dict, image_states: list[Tensor]) -> Tensor:
