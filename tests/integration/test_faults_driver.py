@@ -17,6 +17,9 @@ from tests.orchestrator.faults import driver, final_state, registered, wait_for
 pytestmark = pytest.mark.integration
 
 NO_EVAL = ["data.eval_pairs=", "scaling.num_workers=2", "scaling.cpus_per_worker=1"]
+# Long enough that the first driver is still training when it is killed: the step-10 checkpoint, then the
+# refused second driver (a few seconds, in which a fast machine trains 10+ debug steps), then the kill.
+STEPS = 40
 
 
 def _second_driver_is_refused(argv: list[str], run_dir: Path, capsys) -> None:
@@ -39,7 +42,7 @@ def test_driver_killed_then_rerun_resumes_with_one_mlflow_run(synthetic_data, tm
 
     storage, data = tmp_path / "runs", str(synthetic_data)
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    argv = ["train", DEBUG_CONFIG, *small_run("f3", storage, data, every=5,
+    argv = ["train", DEBUG_CONFIG, *small_run("f3", storage, data, steps=STEPS, every=5,
                                               extra=NO_EVAL + [f"tracking.uri={tracking}", "tracking.experiment=f3"])]
     run_dir = storage / "f3"
 
@@ -54,7 +57,7 @@ def test_driver_killed_then_rerun_resumes_with_one_mlflow_run(synthetic_data, tm
                                  for n in first.leftover_names()), 60, "the dead driver's Ray workers to exit")
         # Read only now: a worker may finish writing a checkpoint in the moment after the driver dies.
         resume_step = newest_valid(run_dir / "checkpoints").step
-    assert 10 <= resume_step < 20
+    assert 10 <= resume_step < STEPS, f"the first driver finished before it was killed ({resume_step})"
     lock = json.loads((run_dir / "run.lock").read_text())  # left behind by the SIGKILL
 
     t_restart_ms = int(time.time() * 1000)
@@ -66,7 +69,7 @@ def test_driver_killed_then_rerun_resumes_with_one_mlflow_run(synthetic_data, tm
     assert "took over the stale lock" in out and f"pid {lock['pid']}" in out
     assert not (run_dir / "run.lock").exists()  # released at the end
     state = final_state(run_dir)
-    assert state["step"] == 20
+    assert state["step"] == STEPS
 
     client = MlflowClient(tracking_uri=tracking)
     runs = client.search_runs([client.get_experiment_by_name("f3").experiment_id])
@@ -77,4 +80,4 @@ def test_driver_killed_then_rerun_resumes_with_one_mlflow_run(synthetic_data, tm
     # What the second driver logged starts after the checkpoint it resumed from, and reaches the end.
     history = client.get_metric_history(run.info.run_id, "loss/total")
     resumed = sorted(m.step for m in history if m.timestamp >= t_restart_ms)
-    assert resumed and resumed[0] == resume_step + 1 and resumed[-1] == 20, resumed
+    assert resumed and resumed[0] == resume_step + 1 and resumed[-1] == STEPS, resumed
