@@ -66,7 +66,7 @@ def plain_loop(cfg, weights, fused: bool = False):
 
     torch.manual_seed(0)
     module = PretrainObjectives(UnimoModel(cfg.model))
-    groups = optimizer_groups(module.model, 0.01)
+    groups = optimizer_groups(module.model, cfg.optimizer.weight_decay)
     opt = torch.optim.AdamW(groups, lr=cfg.optimizer.lr, fused=fused or None)
 
     def step(b):
@@ -80,7 +80,7 @@ def plain_loop(cfg, weights, fused: bool = False):
 
 
 def deepspeed_loop(cfg, weights):
-    """Our trainer's engine: the DeepSpeed config and optimizer built exactly as trainer/loop.py builds them."""
+    """Our trainer's engine: DeepSpeed config, parameter groups and optimizer from the functions Trainer.build uses."""
     import deepspeed
 
     from model.unimo import UnimoModel
@@ -93,7 +93,7 @@ def deepspeed_loop(cfg, weights):
     torch.manual_seed(0)
     module = PretrainObjectives(UnimoModel(cfg.model))
     register_external_parameters(module)
-    groups = optimizer_groups(module.model, 0.01)
+    groups = optimizer_groups(module.model, cfg.optimizer.weight_decay)
     opt = build_adamw(groups, cfg.optimizer)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, config=build_ds_config(cfg, 1, False),
                                            dist_init_required=True)

@@ -100,7 +100,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     The few parameters whose size is not a multiple of ALIGN_ELEMENTS (a scalar temperature, a 2-way bias,
     level-mixing logits) go in groups of their own at the end. ZeRO-3 views every weight inside one flat buffer
     in group order, so a 1-element parameter early on would leave every later weight 4 bytes off a 64-byte
-    boundary: measured 1.5x slower matrix multiplies on CPU (docs/BENCHMARKS.md, trainer section).
+    boundary (bench/bench_trainer.py on a quiet Xeon: 1.24x -> 1.19x of the plain step, docs/BENCHMARKS.md).
     """
     groups: dict[tuple[bool, str, bool], list] = {}
     for name, p in model.named_parameters():
