@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+from trainer.storage import join, name_of, s3_client
+
 log = logging.getLogger(__name__)
 
 LOCK_FILE = "run.lock"
@@ -87,7 +89,7 @@ class RunLock:
 
     def __init__(self, run_dir: str | Path, *, stale_after: float = STALE_AFTER_S, heartbeat: float = HEARTBEAT_S,
                  clock: Callable[[], float] = time.time):
-        self.name = str(run_dir).rstrip("/").rsplit("/", 1)[-1]
+        self.name = name_of(run_dir)
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / LOCK_FILE
         self.where = str(self.path)
@@ -258,20 +260,14 @@ class S3RunLock(RunLock):
     """
 
     def __init__(self, run_dir: str | Path, **kwargs):
-        super().__init__(Path(self._local_part(str(run_dir))), **kwargs)
+        super().__init__(run_dir, **kwargs)  # run_dir and path are unused here: every access is overridden
         from urllib.parse import urlparse
-
-        from trainer.storage import join, s3_client
 
         url = urlparse(str(run_dir))
         self.bucket, self.key = url.netloc, join(url.path.strip("/"), LOCK_FILE).lstrip("/")
         self.where = f"s3://{self.bucket}/{self.key}"
         self._client = s3_client()
         self._etag: str | None = None  # of the lock object as last read
-
-    @staticmethod
-    def _local_part(url: str) -> str:
-        return url.split("://", 1)[1]  # only for the name in messages; nothing is written locally
 
     def _prepare(self) -> None:
         pass  # S3 has no folders to create
