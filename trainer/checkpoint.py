@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from trainer import storage
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
@@ -82,7 +84,7 @@ def verify(root: Path, check_sums: bool = True) -> dict[str, Any]:
 
 def step_of(path: Path | str) -> int:
     """The step a checkpoint folder (or s3:// URL) is named after (-1 for a name that is not step_XXXXXXXX)."""
-    m = STEP_DIR.match(str(path).rstrip("/").rsplit("/", 1)[-1])
+    m = STEP_DIR.match(storage.name_of(path))
     return int(m.group(1)) if m else -1
 
 
@@ -94,8 +96,6 @@ class FoundCheckpoint:
 
 def list_step_dirs(checkpoints_root: Path | str) -> list[FoundCheckpoint]:
     """Step directories under ``checkpoints_root`` (a local folder or an s3:// prefix), newest first."""
-    from trainer import storage
-
     if storage.is_remote(checkpoints_root):
         found = [FoundCheckpoint(storage.join(checkpoints_root, name), int(m.group(1)))
                  for name in storage.list_names(checkpoints_root) if (m := STEP_DIR.match(name))]
@@ -114,8 +114,6 @@ def fetch(location: Path | str, cache_dir: Path, version: str = "") -> Path:
     save is downloaded again rather than served from an old copy.
     """
     from filelock import FileLock  # a Ray dependency
-
-    from trainer import storage
 
     if not storage.is_remote(location):
         return Path(location)
@@ -145,8 +143,6 @@ def drop_copy(local: Path) -> None:
 def checked_local_copy(location: Path | str, cache_dir: Path) -> Path:
     """The verified local folder of a checkpoint; raises TornCheckpoint naming ``location`` (the URL, not the
     copy) when it has no manifest or fails it. Local checkpoints are verified in place."""
-    from trainer import storage
-
     if not storage.is_remote(location):
         verify(Path(location))
         return Path(location)
@@ -164,8 +160,6 @@ def checked_local_copy(location: Path | str, cache_dir: Path) -> Path:
 
 def has_manifest(location: Path | str) -> bool:
     """Without a manifest a checkpoint is torn or still uploading (one HEAD on S3)."""
-    from trainer import storage
-
     if storage.is_remote(location):
         return storage.exists(storage.join(location, MANIFEST))
     return (Path(location) / MANIFEST).is_file()
@@ -216,8 +210,6 @@ def prune(checkpoints_root: Path | str, keep_last: int, keep_every: int) -> list
 
     Only folders with a manifest are candidates: one still being uploaded is never touched.
     """
-    from trainer import storage
-
     complete = [c for c in list_step_dirs(checkpoints_root) if has_manifest(c.path)]
     keep = retained_steps([c.step for c in complete], keep_last, keep_every)
     removed = []
