@@ -13,8 +13,8 @@ from pathlib import Path
 from trainer import storage
 from trainer.config import RunConfig
 from trainer.tracking import (RUN_ID_FILE, SECRET_MARKERS, SPOOL_DIR, MetricLogger, create_run, find_run,
-                              git_commit, has_spooled, log_config_artifacts, redact, safe_params,
-                              secret_values, write_run_id)
+                              git_commit, has_spooled, log_config_artifacts, machine_spool_dir, redact,
+                              safe_params, secret_values, write_run_id)
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ def spool_dir(run_dir: Path | str) -> Path:
     """Where metrics wait during an MLflow outage: in the run folder, or on this machine for s3:// storage (the
     same folder rank 0 uses when it runs here; trainer.tracking.spool_root)."""
     if storage.is_remote(run_dir):
-        return Path(tempfile.gettempdir()) / "unimo-mlflow-spool" / storage.name_of(run_dir)
+        return machine_spool_dir(storage.name_of(run_dir))
     return Path(run_dir) / SPOOL_DIR
 
 

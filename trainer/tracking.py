@@ -565,7 +565,12 @@ def spool_root(cfg: Any) -> Path:
     run_dir = local_run_dir(cfg)
     if run_dir is not None:
         return run_dir / SPOOL_DIR
-    return Path(tempfile.gettempdir()) / "unimo-mlflow-spool" / cfg.run.name
+    return machine_spool_dir(cfg.run.name)
+
+
+def machine_spool_dir(run_name: str) -> Path:
+    """The spool on this machine, for a run whose storage folder a worker cannot write (s3://, relative)."""
+    return Path(tempfile.gettempdir()) / "unimo-mlflow-spool" / run_name
 
 
 def _peers(rank: int, world_size: int, gpu: str | None) -> list[dict]:
