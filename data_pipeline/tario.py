@@ -58,7 +58,6 @@ class _Chunks:
         return out
 
 
-
 def _number(field: bytes) -> int:
     """A numeric header field: NUL/space-terminated octal, or GNU base-256 when the top bit is set."""
     if field[0] & 0x80:
