@@ -52,6 +52,11 @@ def _fs(location: str):
     import fsspec
 
     options = {}
+    if location.startswith("s3://"):
+        # Run storage has other writers (Ray's pyarrow upload, the driver, other ranks): a cached listing would
+        # hand s3fs an old ETag, which it sends as If-Match, so reading an object rewritten since (a torn step
+        # uploaded again) fails with PreconditionFailed. No listings cache: every read asks the server.
+        options["use_listings_cache"] = False
     if location.startswith("s3://") and endpoint_url():
         # Named explicitly so fsspec's instance cache never hands back a filesystem made for another endpoint
         # (a process that talks to two S3 servers, or tests that start one per module).
@@ -92,7 +97,6 @@ def exists(location: str | Path) -> bool:
     if not is_remote(location):
         return Path(location).exists()
     fs, path = _fs(str(location))
-    fs.invalidate_cache(path)  # another process (the driver) may have just written it
     return fs.exists(path)
 
 
@@ -120,7 +124,6 @@ def list_names(location: str | Path) -> list[str]:
         path = Path(location)
         return sorted(p.name for p in path.iterdir()) if path.is_dir() else []
     fs, path = _fs(str(location))
-    fs.invalidate_cache(path)  # a listing cached by an earlier call would hide new checkpoints
     try:
         return sorted(name_of(p) for p in fs.ls(path, detail=False))
     except FileNotFoundError:
@@ -130,7 +133,6 @@ def list_names(location: str | Path) -> list[str]:
 def download(location: str, dest: Path) -> None:
     """Copies a remote folder tree into the local folder ``dest``."""
     fs, path = _fs(location)
-    fs.invalidate_cache(path)
     dest.mkdir(parents=True, exist_ok=True)
     fs.get(path.rstrip("/") + "/", str(dest) + "/", recursive=True)
 
