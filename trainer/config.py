@@ -114,7 +114,10 @@ class DeepSpeedSettings:
     # DeepSpeed's default (1e9) makes each release scan the rest of the trace: measured 50% of the step of the
     # small flavor on CPU (bench/bench_trainer.py); a shorter window keeps the benefit for adjacent reuse.
     max_reuse_distance: int = 1_000_000
-    memory_efficient_linear: bool = True  # DeepSpeed's default: re-gathers Linear weights in backward to save memory
+    # DeepSpeed's memory-efficient Linear re-gathers each weight in backward instead of keeping it gathered from
+    # the forward. None = on only with several ranks: with one nothing is partitioned, so it saves nothing, and
+    # DeepSpeed installs it by replacing torch.nn.functional.linear for the whole process.
+    memory_efficient_linear: bool | None = None
     reduce_bucket_size: int = 50_000_000
     overlap_comm: bool = False
     # Gradient reduction: reduce-scatter (each rank receives its partition) or all-reduce of the contiguous

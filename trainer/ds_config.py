@@ -34,7 +34,8 @@ def build_ds_config(cfg: RunConfig, world_size: int, on_gpu: bool) -> dict[str, 
             "stage3_max_live_parameters": ds.max_live_parameters,
             "stage3_max_reuse_distance": ds.max_reuse_distance,
             # False keeps native F.linear instead of DeepSpeed's memory-saving autograd function.
-            "memory_efficient_linear": ds.memory_efficient_linear,
+            "memory_efficient_linear": world_size > 1 if ds.memory_efficient_linear is None
+            else ds.memory_efficient_linear,
             "reduce_bucket_size": ds.reduce_bucket_size,
             "overlap_comm": ds.overlap_comm,
             "reduce_scatter": world_size > 1 if ds.reduce_scatter is None else ds.reduce_scatter,

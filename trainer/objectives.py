@@ -170,23 +170,33 @@ class PretrainObjectives(nn.Module):
         self.gather = gather or (identity_gather if world_size == 1 else autograd_all_gather)
 
     def forward(self, batch: dict, weights: dict[str, float]) -> tuple[Tensor, dict[str, Tensor]]:
-        parts: dict[str, Tensor] = {}
         active = {k for k, w in weights.items() if w > 0}  # from the config: the same on every rank
-        if active & set(TEXT_OBJECTIVES):
-            parts.update(self._text_objectives(batch["text"], active))
-        if "mim" in active:
-            parts["mim"] = self._mim(batch["image"])
+        pair_parts: dict[str, Tensor] = {}
+        riders: dict[str, list[Tensor]] = {}
         if active & set(PAIR_OBJECTIVES):
-            parts.update(self._pair_objectives(batch["pair"], active))
+            # Unpaired MLM text and MIM images ride along in the pairs' encoder calls (see _encode_pairs): which
+            # rows join depends only on the weights, so every rank runs the same modules in the same order.
+            text = batch["text"] if "mlm_text" in active else None
+            image = batch["image"] if "mim" in active else None
+            pair_parts, riders = self._pair_objectives(batch["pair"], active, text, image)
+        parts: dict[str, Tensor] = {}
+        if active & set(TEXT_OBJECTIVES):
+            parts.update(self._text_objectives(batch["text"], active, riders.get("text")))
+        if "mim" in active:
+            parts["mim"] = self._mim(batch["image"], riders.get("image"))
+        parts.update(pair_parts)
         total = sum(weights[name] * loss for name, loss in parts.items())
         return total, parts
 
     # ----- unpaired text and images ---------------------------------------------------------------------------
-    def _text_objectives(self, text: dict, active: set[str]) -> dict[str, Tensor]:
+    def _text_objectives(self, text: dict, active: set[str], mlm_states: list[Tensor] | None = None
+                         ) -> dict[str, Tensor]:
+        """mlm_states: the MLM rows' states when they were encoded along with the pairs' texts."""
         out = {}
         if "mlm_text" in active:
-            states = self.model.encode_text(text["mlm_input_ids"], text["attention_mask"])
-            out["mlm_text"] = losses.mlm_loss(self.model.mlm_logits_text(states[-1]), text["mlm_labels"])
+            if mlm_states is None:
+                mlm_states = self.model.encode_text(text["mlm_input_ids"], text["attention_mask"])
+            out["mlm_text"] = losses.mlm_loss(self.model.mlm_logits_text(mlm_states[-1]), text["mlm_labels"])
         if "lm_text" in active:
             ids, mask = text["input_ids"], text["attention_mask"]
             prefix = _prefix_lengths(mask)
@@ -195,17 +205,22 @@ class PretrainObjectives(nn.Module):
             out["lm_text"] = losses.lm_loss(self.model.mlm_logits_text(states[-1]), labels)
         return out
 
-    def _mim(self, image: dict) -> Tensor:
-        states = self.model.encode_image(image["pixels"], image["patch_mask"])
+    def _mim(self, image: dict, states: list[Tensor] | None = None) -> Tensor:
+        """states: the images' states when they were encoded along with the pairs' images."""
+        if states is None:
+            states = self.model.encode_image(image["pixels"], image["patch_mask"])
         pred = self.model.mim_predict(states[-1])
         return losses.mim_loss(pred, image["pixels"], image["patch_mask"], self.model.cfg.vision.patch_size)
 
     # ----- pairs ----------------------------------------------------------------------------------------------
-    def _pair_objectives(self, pair: dict, active: set[str]) -> dict[str, Tensor]:
+    def _pair_objectives(self, pair: dict, active: set[str], text: dict | None = None, image: dict | None = None
+                         ) -> tuple[dict[str, Tensor], dict[str, list[Tensor]]]:
+        """The pair losses, and the per-layer states of the unpaired rows that rode along ("text", "image")."""
         out: dict[str, Tensor] = {}
+        riders: dict[str, list[Tensor]] = {}
         B = pair["input_ids"].shape[0]
-        image_states = self.model.encode_image(pair["pixels"])
-        text_states, masked_states, feats = self._encode_pair_texts(pair, image_states, active)
+        image_states, riders["image"] = self._encode_pair_images(pair, image)
+        text_states, masked_states, feats, riders["text"] = self._encode_pair_texts(pair, image_states, active, text)
         if "itc" in active:
             out["itc"] = self._cmcl(pair, *feats)
         if active & {"itm", "grounding", "mlm_pair"}:
@@ -213,15 +228,32 @@ class PretrainObjectives(nn.Module):
             out.update(self._fused_objectives(pair, text_states, masked_states, image_states, txt, img, active))
         if "caption" in active:
             out["caption"] = self._caption(pair, image_states)
-        return out
+        return out, {k: v for k, v in riders.items() if v is not None}
 
-    def _encode_pair_texts(self, pair: dict, image_states: list[Tensor], active: set[str]):
-        """Captions, and for CMCL the extra positives and rewrites, and for MLM the masked captions, in ONE
-        text-encoder call: one set of larger matrix products, and under ZeRO-3 one set of per-module hooks.
+    def _encode_pair_images(self, pair: dict, image: dict | None) -> tuple[list[Tensor], list[Tensor] | None]:
+        """The pairs' images, and the MIM images (patches masked) when given, in ONE vision-encoder call.
+
+        -> (pair states per layer (B, 1+N, Dv), MIM states per layer or None). Under ZeRO-3 each module call
+        costs Python hooks, and one call over more rows also makes larger matrix products.
+        """
+        if image is None or image["pixels"].shape[1:] != pair["pixels"].shape[1:]:
+            # sizes come from the config (data.image_size), so this choice is the same on every rank
+            return self.model.encode_image(pair["pixels"]), None
+        B = pair["pixels"].shape[0]
+        unmasked = torch.zeros(B, image["patch_mask"].shape[1], dtype=torch.bool, device=pair["pixels"].device)
+        states = self.model.encode_image(torch.cat([pair["pixels"], image["pixels"]]),
+                                         torch.cat([unmasked, image["patch_mask"].bool()]))
+        return _rows(states, slice(0, B)), _rows(states, slice(B, None))
+
+    def _encode_pair_texts(self, pair: dict, image_states: list[Tensor], active: set[str], text: dict | None = None):
+        """Captions, and for CMCL the extra positives and rewrites, for MLM the masked captions, and the unpaired
+        MLM texts when given, in ONE text-encoder call: one set of larger matrix products, and under ZeRO-3 one
+        set of per-module hooks.
 
         -> (caption states per layer (B, L, Dt), masked-caption states per layer or None, (caption+positive
-        feats (2B, E), their image ids (2B,), rewrite feats (B, 1, E), image feats (B, E))); the features are
-        None when neither ITC, ITM nor grounding needs them.
+        feats (2B, E), their image ids (2B,), rewrite feats (B, 1, E), image feats (B, E)), unpaired MLM
+        states per layer (Bt, Lt, Dt) or None); the features are None when neither ITC, ITM nor grounding
+        needs them.
         """
         B = pair["input_ids"].shape[0]
         ids, mask = [pair["input_ids"]], [pair["attention_mask"]]
@@ -232,14 +264,23 @@ class PretrainObjectives(nn.Module):
         if "mlm_pair" in active:
             ids.append(pair["mlm_input_ids"])
             mask.append(pair["attention_mask"])
-        states = self.model.encode_text(torch.cat(ids), torch.cat(mask))  # per layer (kB, L, Dt)
-        masked = _rows(states, slice(n_feat, None)) if "mlm_pair" in active else None
+        n_pair = B * len(ids)
+        if text is not None:
+            ids.append(text["mlm_input_ids"])
+            mask.append(text["attention_mask"])
+        states = self.model.encode_text(*_pad_cat(ids, mask, self.model.cfg.text.pad_token_id))
+        riders = None
+        if text is not None:
+            riders = [s[n_pair:, :text["mlm_input_ids"].shape[1]] for s in states]  # (Bt, Lt, Dt) per layer
+        L = pair["input_ids"].shape[1]
+        states = [s[:n_pair, :L] for s in states]  # per layer (kB, L, Dt)
+        masked = _rows(states, slice(n_feat, n_pair)) if "mlm_pair" in active else None
         if not active & {"itc", "itm", "grounding"}:
-            return _rows(states, slice(0, B)), masked, (None, None, None, None)
+            return _rows(states, slice(0, B)), masked, (None, None, None, None), riders
         txt, img = self.model.itc_features(_rows(states, slice(0, n_feat)), image_states)  # (nB, E), (B, E)
         owner = torch.cat([pair["image_ids"], pair["image_ids"]])  # captions then extra positives
         feats = (txt[:2 * B], owner, txt[2 * B:, None, :], img)
-        return _rows(states, slice(0, B)), masked, feats
+        return _rows(states, slice(0, B)), masked, feats, riders
 
     def _cmcl(self, pair: dict, txt: Tensor, owner: Tensor, neg: Tensor, img: Tensor) -> Tensor:
         B = img.shape[0]
@@ -298,6 +339,14 @@ class PretrainObjectives(nn.Module):
         t_fused, _ = self.model.fuse(states, mask, image_states, text_causal=True)
         labels = torch.where(mask.bool(), ids, torch.full_like(ids, losses.IGNORE_INDEX))
         return losses.lm_loss(self.model.lm_logits_fused(t_fused), labels)
+
+
+def _pad_cat(ids: list[Tensor], masks: list[Tensor], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Row blocks of token ids and masks -> one (sum B, max L) batch; shorter blocks padded (masked out)."""
+    L = max(t.shape[1] for t in ids)
+    ids = [F.pad(t, (0, L - t.shape[1]), value=pad_id) for t in ids]
+    masks = [F.pad(m, (0, L - m.shape[1]), value=0) for m in masks]
+    return torch.cat(ids), torch.cat(masks)
 
 
 def _prefix_lengths(mask: Tensor) -> Tensor:

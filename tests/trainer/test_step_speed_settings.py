@@ -1,5 +1,5 @@
-"""The trainer settings behind the CPU step-time figures: reduction mode per world size, aligned parameter groups,
-the fused optimizer. Each is cheap to get silently wrong and costly when it is (docs/BENCHMARKS.md, trainer)."""
+"""The trainer settings behind the CPU step-time figures: reduction mode and Linear flavour per world size, aligned
+parameter groups, the fused optimizer. Each is cheap to get silently wrong and costly when it is (docs/BENCHMARKS.md, trainer)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,14 @@ def test_reduce_scatter_only_with_several_ranks_unless_set():
     assert build_ds_config(cfg, 2, False)["zero_optimization"]["reduce_scatter"] is True
     forced = load_config(None, ["train.global_micro_batches=2", "deepspeed.reduce_scatter=true"])
     assert build_ds_config(forced, 1, False)["zero_optimization"]["reduce_scatter"] is True
+
+
+def test_memory_efficient_linear_only_with_several_ranks_unless_set():
+    cfg = load_config(None, ["train.global_micro_batches=2"])
+    assert build_ds_config(cfg, 1, False)["zero_optimization"]["memory_efficient_linear"] is False
+    assert build_ds_config(cfg, 2, False)["zero_optimization"]["memory_efficient_linear"] is True
+    forced = load_config(None, ["train.global_micro_batches=2", "deepspeed.memory_efficient_linear=true"])
+    assert build_ds_config(forced, 1, False)["zero_optimization"]["memory_efficient_linear"] is True
 
 
 def _flat_offsets(groups):
