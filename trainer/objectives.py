@@ -174,8 +174,9 @@ class PretrainObjectives(nn.Module):
         pair_parts: dict[str, Tensor] = {}
         riders: dict[str, list[Tensor]] = {}
         if active & set(PAIR_OBJECTIVES):
-            # Unpaired MLM text and MIM images ride along in the pairs' encoder calls (see _encode_pairs): which
-            # rows join depends only on the weights, so every rank runs the same modules in the same order.
+            # Unpaired MLM texts and MIM images ride along in the pairs' encoder calls (_encode_pair_texts and
+            # _encode_pair_images): which rows join depends only on the weights and the config's sizes, so every
+            # rank runs the same modules in the same order.
             text = batch["text"] if "mlm_text" in active else None
             image = batch["image"] if "mim" in active else None
             pair_parts, riders = self._pair_objectives(batch["pair"], active, text, image)
@@ -271,9 +272,8 @@ class PretrainObjectives(nn.Module):
         states = self.model.encode_text(*_pad_cat(ids, mask, self.model.cfg.text.pad_token_id))
         riders = None
         if text is not None:
-            riders = [s[n_pair:, :text["mlm_input_ids"].shape[1]] for s in states]  # (Bt, Lt, Dt) per layer
-        L = pair["input_ids"].shape[1]
-        states = [s[:n_pair, :L] for s in states]  # per layer (kB, L, Dt)
+            riders = _columns(_rows(states, slice(n_pair, None)), text["mlm_input_ids"].shape[1])  # (Bt, Lt, Dt)
+        states = _columns(_rows(states, slice(0, n_pair)), pair["input_ids"].shape[1])  # per layer (kB, L, Dt)
         masked = _rows(states, slice(n_feat, n_pair)) if "mlm_pair" in active else None
         if not active & {"itc", "itm", "grounding"}:
             return _rows(states, slice(0, B)), masked, (None, None, None, None), riders
@@ -339,6 +339,11 @@ class PretrainObjectives(nn.Module):
         t_fused, _ = self.model.fuse(states, mask, image_states, text_causal=True)
         labels = torch.where(mask.bool(), ids, torch.full_like(ids, losses.IGNORE_INDEX))
         return losses.lm_loss(self.model.lm_logits_fused(t_fused), labels)
+
+
+def _columns(states: list[Tensor], length: int) -> list[Tensor]:
+    """Per-layer (B, L', D) states cut back to their block's own length (contiguous: later code views them)."""
+    return [s if s.shape[1] == length else s[:, :length].contiguous() for s in states]
 
 
 def _pad_cat(ids: list[Tensor], masks: list[Tensor], pad_id: int) -> tuple[Tensor, Tensor]:

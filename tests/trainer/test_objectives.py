@@ -139,24 +139,27 @@ def test_same_modules_in_same_order_whatever_the_batch_holds():
     assert torch.isfinite(parts["itc"]) and torch.isfinite(parts["itm"])  # ITM keeps its positive pairs  # one image for all texts: every column is positive, still finite
 
 
-def test_unpaired_rows_ride_along_in_the_pair_encoder_calls_with_unchanged_losses():
+@pytest.mark.parametrize("text_len", [9, 12, 15])
+def test_unpaired_rows_ride_along_in_the_pair_encoder_calls_with_unchanged_losses(text_len):
     """With pair objectives on, the MLM texts and MIM images join the pairs' encoder calls: each encoder runs
-    once per step, and their losses equal those of separate calls (texts shorter than the pairs' included)."""
+    once per step, and their losses equal those of separate calls, whether the unpaired texts are shorter than,
+    as long as or longer than the captions (12 tokens)."""
     obj = PretrainObjectives(make_model()).eval()  # no dropout: both ways must give the same numbers
     batch = make_batch(seed=3)
-    short = make_batch(seed=4, L=9)["text"]  # unpaired texts packed shorter than the captions
-    batch["text"] = short
-    weights = {"mlm_text": 1.0, "mim": 1.0, "itc": 1.0, "mlm_pair": 1.0}
+    batch["text"] = make_batch(seed=4, L=text_len)["text"]
+    weights = {"mlm_text": 1.0, "mim": 1.0, "itc": 1.0, "itm": 1.0, "mlm_pair": 1.0}
     trace = module_trace(obj, batch, weights)
     assert trace.count("model.text") == 1 and trace.count("model.vision") == 1
+    torch.manual_seed(0)  # ITM draws its hard negatives at random: the same draws both ways
     _, parts = obj(batch, weights)
     alone_text = obj._text_objectives(batch["text"], {"mlm_text"})["mlm_text"]
     alone_mim = obj._mim(batch["image"])
     assert parts["mlm_text"] > 0 and parts["mim"] > 0
     torch.testing.assert_close(parts["mlm_text"], alone_text, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(parts["mim"], alone_mim, rtol=1e-5, atol=1e-6)
-    _, pairs_only = obj(batch, {"itc": 1.0, "mlm_pair": 1.0})  # riders leave the pair losses as they were
-    for name in ("itc", "mlm_pair"):
+    torch.manual_seed(0)
+    _, pairs_only = obj(batch, {"itc": 1.0, "itm": 1.0, "mlm_pair": 1.0})  # riders leave the pair losses alone
+    for name in ("itc", "itm", "mlm_pair"):
         torch.testing.assert_close(parts[name], pairs_only[name], rtol=1e-5, atol=1e-6)
 
 
