@@ -22,6 +22,11 @@ def resolve_precision(cfg: RunConfig, on_gpu: bool) -> str:
     return cfg.deepspeed.precision
 
 
+def _unless_set(setting: bool | None, auto: bool) -> bool:
+    """A tri-state setting: the config's True/False, or (None) the value chosen for this world size."""
+    return auto if setting is None else setting
+
+
 def build_ds_config(cfg: RunConfig, world_size: int, on_gpu: bool) -> dict[str, Any]:
     """The dict handed to ``deepspeed.initialize``; the optimizer and scheduler are built by the trainer."""
     ds = cfg.deepspeed
@@ -34,11 +39,10 @@ def build_ds_config(cfg: RunConfig, world_size: int, on_gpu: bool) -> dict[str, 
             "stage3_max_live_parameters": ds.max_live_parameters,
             "stage3_max_reuse_distance": ds.max_reuse_distance,
             # False keeps native F.linear instead of DeepSpeed's memory-saving autograd function.
-            "memory_efficient_linear": world_size > 1 if ds.memory_efficient_linear is None
-            else ds.memory_efficient_linear,
+            "memory_efficient_linear": _unless_set(ds.memory_efficient_linear, world_size > 1),
             "reduce_bucket_size": ds.reduce_bucket_size,
             "overlap_comm": ds.overlap_comm,
-            "reduce_scatter": world_size > 1 if ds.reduce_scatter is None else ds.reduce_scatter,
+            "reduce_scatter": _unless_set(ds.reduce_scatter, world_size > 1),
             # Needed so that export and universal checkpoints can rebuild full weights from the shards.
             "stage3_gather_16bit_weights_on_model_save": False,
         })

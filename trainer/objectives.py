@@ -172,7 +172,7 @@ class PretrainObjectives(nn.Module):
     def forward(self, batch: dict, weights: dict[str, float]) -> tuple[Tensor, dict[str, Tensor]]:
         active = {k for k, w in weights.items() if w > 0}  # from the config: the same on every rank
         pair_parts: dict[str, Tensor] = {}
-        riders: dict[str, list[Tensor]] = {}
+        riders: dict[str, list[Tensor] | None] = {}
         if active & set(PAIR_OBJECTIVES):
             # Unpaired MLM texts and MIM images ride along in the pairs' encoder calls (_encode_pair_texts and
             # _encode_pair_images): which rows join depends only on the weights and the config's sizes, so every
@@ -215,10 +215,11 @@ class PretrainObjectives(nn.Module):
 
     # ----- pairs ----------------------------------------------------------------------------------------------
     def _pair_objectives(self, pair: dict, active: set[str], text: dict | None = None, image: dict | None = None
-                         ) -> tuple[dict[str, Tensor], dict[str, list[Tensor]]]:
-        """The pair losses, and the per-layer states of the unpaired rows that rode along ("text", "image")."""
+                         ) -> tuple[dict[str, Tensor], dict[str, list[Tensor] | None]]:
+        """The pair losses, and the per-layer states of the unpaired rows that rode along ("text", "image"; None
+        for rows that did not)."""
         out: dict[str, Tensor] = {}
-        riders: dict[str, list[Tensor]] = {}
+        riders: dict[str, list[Tensor] | None] = {}
         B = pair["input_ids"].shape[0]
         image_states, riders["image"] = self._encode_pair_images(pair, image)
         text_states, masked_states, feats, riders["text"] = self._encode_pair_texts(pair, image_states, active, text)
@@ -229,7 +230,7 @@ class PretrainObjectives(nn.Module):
             out.update(self._fused_objectives(pair, text_states, masked_states, image_states, txt, img, active))
         if "caption" in active:
             out["caption"] = self._caption(pair, image_states)
-        return out, {k: v for k, v in riders.items() if v is not None}
+        return out, riders
 
     def _encode_pair_images(self, pair: dict, image: dict | None) -> tuple[list[Tensor], list[Tensor] | None]:
         """The pairs' images, and the MIM images (patches masked) when given, in ONE vision-encoder call.

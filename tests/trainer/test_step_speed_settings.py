@@ -3,6 +3,7 @@ parameter groups, the fused optimizer. Each is cheap to get silently wrong and c
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from model.unimo import UnimoModel
@@ -12,20 +13,13 @@ from trainer.loop import ALIGN_ELEMENTS, param_groups
 from trainer.optim import build_adamw
 
 
-def test_reduce_scatter_only_with_several_ranks_unless_set():
+@pytest.mark.parametrize("key", ["reduce_scatter", "memory_efficient_linear"])
+def test_setting_only_with_several_ranks_unless_set(key):
     cfg = load_config(None, ["train.global_micro_batches=2"])
-    assert build_ds_config(cfg, 1, False)["zero_optimization"]["reduce_scatter"] is False
-    assert build_ds_config(cfg, 2, False)["zero_optimization"]["reduce_scatter"] is True
-    forced = load_config(None, ["train.global_micro_batches=2", "deepspeed.reduce_scatter=true"])
-    assert build_ds_config(forced, 1, False)["zero_optimization"]["reduce_scatter"] is True
-
-
-def test_memory_efficient_linear_only_with_several_ranks_unless_set():
-    cfg = load_config(None, ["train.global_micro_batches=2"])
-    assert build_ds_config(cfg, 1, False)["zero_optimization"]["memory_efficient_linear"] is False
-    assert build_ds_config(cfg, 2, False)["zero_optimization"]["memory_efficient_linear"] is True
-    forced = load_config(None, ["train.global_micro_batches=2", "deepspeed.memory_efficient_linear=true"])
-    assert build_ds_config(forced, 1, False)["zero_optimization"]["memory_efficient_linear"] is True
+    assert build_ds_config(cfg, 1, False)["zero_optimization"][key] is False
+    assert build_ds_config(cfg, 2, False)["zero_optimization"][key] is True
+    forced = load_config(None, ["train.global_micro_batches=2", f"deepspeed.{key}=true"])
+    assert build_ds_config(forced, 1, False)["zero_optimization"][key] is True
 
 
 def _flat_offsets(groups):
