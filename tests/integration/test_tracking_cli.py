@@ -17,6 +17,19 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def child_cmdlines(pid: int) -> list[str]:
+    """Command lines of the direct children of process ``pid``."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text()
+            if entry.name.isdigit() and int(stat[stat.rfind(")") + 2:].split()[1]) == pid:
+                out.append((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+        except (OSError, ValueError):
+            continue
+    return out
+
+
 def test_unimo_mlflow_serves_health_and_runs(tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -25,6 +38,7 @@ def test_unimo_mlflow_serves_health_and_runs(tmp_path):
            "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
            "--artifacts-destination", str(tmp_path / "artifacts")]
     env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true")
+    env.pop("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", None)  # the CLI's own default is under test
     with open(tmp_path / "server.log", "wb") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)
@@ -36,6 +50,10 @@ def test_unimo_mlflow_serves_health_and_runs(tmp_path):
         client.log_metric(run.info.run_id, "loss/total", 1.5, step=1)
         assert client.get_run(run.info.run_id).data.metrics == {"loss/total": 1.5}
         assert f"MLflow UI: http://127.0.0.1:{port}" in (tmp_path / "server.log").read_text()
+        # MLflow 3 would have launched its job runner by now (right after spawning the web server); tracking
+        # needs none, so the CLI turns it off.
+        runners = [c for c in child_cmdlines(proc.pid) if "mlflow.server.jobs" in c or "huey" in c]
+        assert not runners, runners
     finally:
         os.killpg(proc.pid, signal.SIGTERM)  # the CLI execs the server: its whole session goes
         try:
