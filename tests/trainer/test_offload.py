@@ -1,0 +1,96 @@
+"""CPU offload of the optimizer (and parameters) under ZeRO-3: the engine builds with the trainer's optimizer and
+trains to the same weights as without offload.
+
+configs/xl.yaml ships with deepspeed.offload_optimizer=true; DeepSpeed refused the trainer's AdamW there until
+ds_config set zero_force_ds_cpu_optimizer=false. Runs in a spawned process (one gloo rank) so that DeepSpeed's
+process group and its process-wide patches stay out of the test process.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+pytest.importorskip("deepspeed")
+STEPS = 2
+VARIANTS = {"none": {}, "optimizer": {"offload_optimizer": True},
+            "optimizer+params": {"offload_optimizer": True, "offload_params": True}}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _final_weights(cfg, batches) -> dict[str, torch.Tensor]:
+    """Builds the engine as Trainer.build does, takes len(batches) steps, returns the full fp32 weights."""
+    import deepspeed
+
+    from tests.trainer.test_objectives import ALL, make_model
+    from trainer.ds_config import build_ds_config
+    from trainer.loop import param_groups
+    from trainer.objectives import PretrainObjectives
+    from trainer.optim import build_adamw
+    from trainer.zero_compat import register_external_parameters
+
+    model = make_model()
+    module = PretrainObjectives(model)
+    register_external_parameters(module)
+    groups = param_groups(model, cfg.optimizer.weight_decay)
+    for g in groups:
+        g.pop("module")
+    engine, *_ = deepspeed.initialize(model=module, optimizer=build_adamw(groups, cfg.optimizer),
+                                      config=build_ds_config(cfg, 1, False), dist_init_required=False)
+    for batch in batches:
+        total, _ = engine(batch, ALL)
+        engine.backward(total)
+        engine.step()
+    params = dict(engine.module.named_parameters())
+    with deepspeed.zero.GatheredParameters(list(params.values())):
+        return {name: p.detach().clone() for name, p in params.items()}
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    import os
+
+    os.environ.update(DS_ACCELERATOR="cpu", LOCAL_RANK="0", RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    import torch.distributed as dist
+
+    from tests.trainer.test_objectives import make_batch
+    from trainer.config import RunConfig
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    batches = [make_batch(seed=20 + i) for i in range(STEPS)]
+    results = {}
+    for name, settings in VARIANTS.items():
+        cfg = RunConfig()
+        cfg.train.global_micro_batches = 1
+        cfg.optimizer.lr = 1e-2  # large enough that a step the optimizer skipped would show
+        for key, value in settings.items():
+            setattr(cfg.deepspeed, key, value)
+        results[name] = _final_weights(cfg, batches)
+    torch.save(results, out)
+    dist.destroy_process_group()
+
+
+def test_offloaded_optimizer_and_params_train_to_the_same_weights(tmp_path):
+    from tests.trainer.test_objectives import make_model
+
+    out = tmp_path / "weights.pt"
+    mp.start_processes(_worker, args=(_free_port(), str(out)), nprocs=1, join=True, start_method="spawn")
+    results = torch.load(out)
+    initial = {f"model.{n}": p for n, p in make_model().named_parameters()}  # the objectives module wraps it
+    reference = results["none"]
+    moved = [n for n, w in reference.items() if not torch.equal(w, initial[n].detach())]
+    assert len(moved) > len(reference) // 2, "the reference run did not train"
+    for name in ("optimizer", "optimizer+params"):
+        got = results[name]
+        assert got.keys() == reference.keys()
+        far = [n for n in reference if not torch.allclose(got[n], reference[n], rtol=1e-4, atol=1e-6)]
+        assert not far, f"offload {name}: {len(far)} weights differ from the run without offload, e.g. {far[:3]}"
