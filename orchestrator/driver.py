@@ -64,8 +64,11 @@ def init_ray(cfg: RunConfig) -> None:
     need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
     # The dashboard serves Ray's state API, which Ray Train's placement-group cleaner polls every second: without
     # it the cleaner logs a warning each time and could not free the workers' resources if the controller died.
-    ray.init(num_cpus=max(need, os.cpu_count() or 1), include_dashboard=True, dashboard_host="127.0.0.1",
-             _node_ip_address="127.0.0.1", runtime_env={"env_vars": worker_env(cfg)}, log_to_driver=True)
+    # address="local": a new embedded instance even where RAY_ADDRESS is set or `ray start` ran on this machine
+    # (ray.init() would join that cluster, and then refuse num_cpus); joining one is scaling.address's job.
+    ray.init(address="local", num_cpus=max(need, os.cpu_count() or 1), include_dashboard=True,
+             dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", runtime_env={"env_vars": worker_env(cfg)},
+             log_to_driver=True)
 
 
 def worker_env(cfg: RunConfig) -> dict[str, str]:

@@ -1,0 +1,46 @@
+"""The embedded Ray of a run with no scaling.address is a new instance on 127.0.0.1, whatever else is running.
+
+ray.init() without an address joins the cluster named by RAY_ADDRESS (or the last `ray start` on the machine),
+and then refuses the num_cpus the driver passes: `unimo train` failed on any machine where a cluster was up.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cluster import local_cluster as lc
+
+ROOT = Path(__file__).resolve().parents[2]
+PROBE = """
+import json, ray
+from orchestrator.driver import init_ray
+from trainer.config import load_config
+init_ray(load_config({config!r}, ["scaling.num_workers=1"]))
+ctx = ray.get_runtime_context()
+print(json.dumps({{"gcs": ctx.gcs_address, "dashboard": ray._private.worker.get_dashboard_url() or ""}}))
+ray.shutdown()
+"""
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(180)
+def test_no_address_starts_an_embedded_ray_even_with_ray_address_set(tmp_path):
+    pytest.importorskip("ray")
+    head = lc.start_head(num_cpus=1)
+    try:
+        env = {**head.client_env(), "RAY_ADDRESS": head.address}
+        probe = PROBE.format(config=str(ROOT / "configs" / "debug.yaml"))
+        done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=150)
+    finally:
+        lc.stop_all(head)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["gcs"].startswith("127.0.0.1:") and got["gcs"] != head.address, (got, head.address)
+    # its dashboard (Ray's state API, which Ray Train polls) listens on loopback too
+    assert got["dashboard"].startswith("127.0.0.1:"), got
