@@ -26,11 +26,13 @@ def test_fires_after_timeout_without_progress():
 
 def test_quiet_while_beating_and_while_paused():
     fired = threading.Event()
-    dog = Watchdog(0.3, on_expire=lambda idle: fired.set())
+    # A 1 s limit against beats every 0.05 s: the suite runs two pytest workers beside Ray clusters, and a
+    # thread of this process may wait a few hundred ms for a core.
+    dog = Watchdog(1.0, on_expire=lambda idle: fired.set())
     dog.start()
     run_for(dog, 1.0, beat_every=0.05)
     dog.pause()
-    run_for(dog, 1.0, beat_every=None)
+    run_for(dog, 2.5, beat_every=None)
     dog.resume()
     run_for(dog, 0.5, beat_every=0.05)
     dog.stop()
