@@ -22,16 +22,16 @@ def test_worker_killed_mid_run_job_completes_with_uninterrupted_weights(syntheti
     t0 = time.monotonic()
     with driver(["train", DEBUG_CONFIG, *small_run("straight", storage, data, extra=NO_EVAL)],
                 tmp_path / "straight.log") as ref:
-        assert ref.wait(timeout=180) == 0, ref.tail()
+        assert ref.wait(timeout=300) == 0, ref.tail()
     t_ref = time.monotonic() - t0
 
     with driver(["train", DEBUG_CONFIG, *small_run("killed", storage, data, extra=NO_EVAL)],
                 tmp_path / "killed.log") as run:
-        wait_for(lambda: registered(storage / "killed", 10), 150, "the step-10 checkpoint", run)
-        workers = wait_for(lambda: len(run.train_workers()) == 2 and run.train_workers(), 30, "2 train workers", run)
+        wait_for(lambda: registered(storage / "killed", 10), 300, "the step-10 checkpoint", run)
+        workers = wait_for(lambda: len(run.train_workers()) == 2 and run.train_workers(), 60, "2 train workers", run)
         victim = workers[-1]
         os.kill(victim.pid, signal.SIGKILL)  # mid-step: steps 11.. are running now
-        assert run.wait(timeout=180) == 0, run.tail()
+        assert run.wait(timeout=360) == 0, run.tail()
         out = run.output()
 
     # The kill was noticed and the group restarted from the step-10 checkpoint, not from scratch.

@@ -95,7 +95,7 @@ def test_submit_logs_status_and_stop(head, synthetic_data, tmp_path, capsys):
     assert rc == 0, err
     long_job = out.strip().splitlines()[0]
     client = jobs.connect(url)
-    wait_for(lambda: "step 2/5000" in client.get_job_logs(long_job), 150, "the long job to train")
+    wait_for(lambda: "step 2/5000" in client.get_job_logs(long_job), 300, "the long job to train")
     assert _train_workers(head.pid)
     rc, out, _ = cli(capsys, "jobs", "stop", long_job, "--wait", "--address", url)
     logs = client.get_job_logs(long_job)

@@ -39,7 +39,7 @@ def test_sigterm_checkpoints_then_resubmission_resumes(synthetic_data, tmp_path)
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     lines: list[str] = []
     try:
-        wait_for_line(proc, "step 3/400", timeout=240, sink=lines)
+        wait_for_line(proc, "step 3/400", timeout=360, sink=lines)
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=240)
     finally:
