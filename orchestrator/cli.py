@@ -171,7 +171,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_mlflow(args: argparse.Namespace) -> int:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     # MLflow 3 starts a pool of job-runner processes (GenAI evaluation, prompt optimisation) with every server;
-    # experiment tracking needs none of them, and on a small head node they cost ~30 s of CPU at start-up.
+    # experiment tracking needs none of them, and on a small head node they cost ~35 s of CPU at start-up.
     # A user who wants them sets MLFLOW_SERVER_ENABLE_JOB_EXECUTION=true.
     os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     argv = [sys.executable, "-m", "mlflow", "server", "--host", args.host, "--port", str(args.port),

@@ -61,13 +61,12 @@ def build_ds_config(cfg: RunConfig, world_size: int, on_gpu: bool) -> dict[str, 
         "steps_per_print": 10**9,  # our own progress output replaces DeepSpeed's
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
+        # Read only with offload_optimizer: DeepSpeed then refuses a client optimizer unless told otherwise, pushing
+        # its own DeepSpeedCPUAdam, a C++ extension compiled on first use on every node (a minute here). torch's
+        # fused AdamW has a vectorised CPU kernel of its own (torch >= 2.4): 27 ms vs DeepSpeedCPUAdam's 30 ms per
+        # step over 48M fp32 parameters on 2 cores (docs/BENCHMARKS.md), so the trainer keeps it there too.
+        "zero_force_ds_cpu_optimizer": False,
     }
-    if ds.offload_optimizer:
-        # DeepSpeed refuses a client optimizer with offload unless told otherwise, pushing its own DeepSpeedCPUAdam,
-        # a C++ extension compiled on first use on every node (a minute here). torch's fused AdamW has a vectorised
-        # CPU kernel of its own (torch >= 2.4): 27 ms vs DeepSpeedCPUAdam's 30 ms per step over 48M fp32 parameters
-        # on 2 cores (docs/BENCHMARKS.md), so the trainer keeps it for the offloaded fp32 partitions too.
-        config["zero_force_ds_cpu_optimizer"] = False
     if resolve_precision(cfg, on_gpu) == "bf16":
         config["bf16"] = {"enabled": True}
     if not on_gpu:

@@ -119,6 +119,29 @@ def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[s
     return [{k: v for k, v in g.items() if k != "module"} for g in param_groups(model, weight_decay)]
 
 
+def build_engine(cfg: RunConfig, module: torch.nn.Module, world_size: int, on_gpu: bool,
+                 universal: bool = False) -> tuple[Any, Any, list[str]]:
+    """The DeepSpeed engine over ``module`` (the objectives module): parameter groups, the fused AdamW and the
+    DeepSpeed config from ``cfg``; ``universal`` sets it to load a universal checkpoint.
+
+    Returns the engine, its optimizer, and each parameter group's top-level module (per-stage learning rates).
+    The process group must exist already (Ray Train's, or the caller's).
+    """
+    import deepspeed
+
+    from trainer.zero_compat import register_external_parameters
+
+    register_external_parameters(module)
+    groups = param_groups(module.model, cfg.optimizer.weight_decay)
+    group_modules = [g.pop("module") for g in groups]
+    ds_config = build_ds_config(cfg, world_size, on_gpu)
+    if universal:
+        ds_config.setdefault("checkpoint", {})["load_universal"] = True
+    engine, optimizer, _, _ = deepspeed.initialize(model=module, optimizer=build_adamw(groups, cfg.optimizer),
+                                                   config=ds_config, dist_init_required=False)
+    return engine, optimizer, group_modules
+
+
 def move_to(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
@@ -173,27 +196,16 @@ class Trainer:
     # ----- building -------------------------------------------------------------------------------------------
     def build(self, universal: bool = False) -> None:
         """Model, objectives module, optimizer and DeepSpeed engine (set to load a universal checkpoint)."""
-        import deepspeed
-
         from data_pipeline.tokenizer import load_tokenizer
         from model.unimo import UnimoModel
         from trainer.objectives import PretrainObjectives
-        from trainer.zero_compat import register_external_parameters
 
         torch.manual_seed(self.cfg.run.seed)  # identical initial weights on every rank
         self.tokenizer = load_tokenizer(self.cfg.data.tokenizer)
         self._check_tokenizer()
-        model = UnimoModel(self.cfg.model)
-        self.module = PretrainObjectives(model, self.rank, self.world_size)
-        register_external_parameters(self.module)
-        groups = param_groups(model, self.cfg.optimizer.weight_decay)
-        self.group_modules = [g.pop("module") for g in groups]
-        optimizer = build_adamw(groups, self.cfg.optimizer)
-        ds_config = build_ds_config(self.cfg, self.world_size, self.on_gpu)
-        if universal:
-            ds_config.setdefault("checkpoint", {})["load_universal"] = True
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=self.module, optimizer=optimizer, config=ds_config, dist_init_required=False)
+        self.module = PretrainObjectives(UnimoModel(self.cfg.model), self.rank, self.world_size)
+        self.engine, self.optimizer, self.group_modules = build_engine(self.cfg, self.module, self.world_size,
+                                                                       self.on_gpu, universal)
 
     def _check_tokenizer(self) -> None:
         text = self.cfg.model.text
@@ -295,12 +307,11 @@ class Trainer:
 
     def _to_universal(self, path: Path, step: int) -> tuple[Path, str]:
         """Converts a ZeRO checkpoint to DeepSpeed's universal format once per node, then every rank loads it."""
+        import hashlib
         import subprocess
         import sys
 
         import torch.distributed as dist
-
-        import hashlib
 
         key = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
         out = Path(tempfile.gettempdir()) / f"unimo-universal-{self.cfg.run.name}-{step}-{key}"

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.integration.services import free_port, wait_http
@@ -15,19 +16,6 @@ from tests.integration.services import free_port, wait_http
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def child_cmdlines(pid: int) -> list[str]:
-    """Command lines of the direct children of process ``pid``."""
-    out = []
-    for entry in Path("/proc").iterdir():
-        try:
-            stat = (entry / "stat").read_text()
-            if entry.name.isdigit() and int(stat[stat.rfind(")") + 2:].split()[1]) == pid:
-                out.append((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
-        except (OSError, ValueError):
-            continue
-    return out
 
 
 def test_unimo_mlflow_serves_health_and_runs(tmp_path):
@@ -52,7 +40,8 @@ def test_unimo_mlflow_serves_health_and_runs(tmp_path):
         assert f"MLflow UI: http://127.0.0.1:{port}" in (tmp_path / "server.log").read_text()
         # MLflow 3 would have launched its job runner by now (right after spawning the web server); tracking
         # needs none, so the CLI turns it off.
-        runners = [c for c in child_cmdlines(proc.pid) if "mlflow.server.jobs" in c or "huey" in c]
+        children = [" ".join(c.cmdline()) for c in psutil.Process(proc.pid).children()]
+        runners = [c for c in children if "mlflow.server.jobs" in c or "huey" in c]
         assert not runners, runners
     finally:
         os.killpg(proc.pid, signal.SIGTERM)  # the CLI execs the server: its whole session goes

@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-import socket
-
 import torch
 import torch.multiprocessing as mp
 
+from tests.integration.services import free_port
 from tests.trainer.test_objectives import make_batch, make_model
 from trainer.objectives import PretrainObjectives
 
 WORLD = 2
 B = 3  # pairs per rank
 TOL = 1e-5
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _global_batch() -> dict:
@@ -85,7 +78,7 @@ def _max_diff(a: dict, b: dict) -> float:
 
 def test_itc_on_two_ranks_equals_one_process_over_the_global_batch(tmp_path):
     torch.set_num_threads(1)
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     ranks = torch.load(tmp_path / "ranks.pt")
     ref_loss, ref_grads = _loss_and_grads(PretrainObjectives(make_model()), _global_batch())
 

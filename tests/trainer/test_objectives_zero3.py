@@ -8,23 +8,17 @@ which the join timeout turns into a failure.
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+from tests.integration.services import free_port
 from tests.trainer.test_objectives import ALL, make_batch, make_model
 
 pytest.importorskip("deepspeed")
 STEPS = 2
 JOIN_TIMEOUT_S = 240
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
@@ -61,7 +55,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
 
 def test_all_objectives_train_under_zero3_with_divergent_batches(tmp_path):
-    ctx = mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=False,
+    ctx = mp.start_processes(_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=False,
                              start_method="spawn")
     deadline = JOIN_TIMEOUT_S
     import time

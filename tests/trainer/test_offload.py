@@ -8,11 +8,11 @@ process group and its process-wide patches stay out of the test process.
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 import torch.multiprocessing as mp
+
+from tests.integration.services import free_port
 
 pytest.importorskip("deepspeed")
 STEPS = 2
@@ -20,31 +20,15 @@ VARIANTS = {"none": {}, "optimizer": {"offload_optimizer": True},
             "optimizer+params": {"offload_optimizer": True, "offload_params": True}}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _final_weights(cfg, batches) -> dict[str, torch.Tensor]:
-    """Builds the engine as Trainer.build does, takes len(batches) steps, returns the full fp32 weights."""
+    """The trainer's engine (trainer.loop.build_engine) after len(batches) steps: its full fp32 weights."""
     import deepspeed
 
     from tests.trainer.test_objectives import ALL, make_model
-    from trainer.ds_config import build_ds_config
-    from trainer.loop import param_groups
+    from trainer.loop import build_engine
     from trainer.objectives import PretrainObjectives
-    from trainer.optim import build_adamw
-    from trainer.zero_compat import register_external_parameters
 
-    model = make_model()
-    module = PretrainObjectives(model)
-    register_external_parameters(module)
-    groups = param_groups(model, cfg.optimizer.weight_decay)
-    for g in groups:
-        g.pop("module")
-    engine, *_ = deepspeed.initialize(model=module, optimizer=build_adamw(groups, cfg.optimizer),
-                                      config=build_ds_config(cfg, 1, False), dist_init_required=False)
+    engine, _, _ = build_engine(cfg, PretrainObjectives(make_model()), world_size=1, on_gpu=False)
     for batch in batches:
         total, _ = engine(batch, ALL)
         engine.backward(total)
@@ -83,7 +67,7 @@ def test_offloaded_optimizer_and_params_train_to_the_same_weights(tmp_path):
     from tests.trainer.test_objectives import make_model
 
     out = tmp_path / "weights.pt"
-    mp.start_processes(_worker, args=(_free_port(), str(out)), nprocs=1, join=True, start_method="spawn")
+    mp.start_processes(_worker, args=(free_port(), str(out)), nprocs=1, join=True, start_method="spawn")
     results = torch.load(out)
     initial = {f"model.{n}": p for n, p in make_model().named_parameters()}  # the objectives module wraps it
     reference = results["none"]
