@@ -103,23 +103,16 @@ def plain_loop(cfg, weights, fused: bool = False):
 
 
 def deepspeed_loop(cfg, weights):
-    """Our trainer's engine: DeepSpeed config, parameter groups and optimizer from the functions Trainer.build uses."""
+    """Our trainer's engine, built by the function Trainer.build uses (trainer.loop.build_engine)."""
     import deepspeed
 
     from model.unimo import UnimoModel
-    from trainer.ds_config import build_ds_config
-    from trainer.loop import optimizer_groups
+    from trainer.loop import build_engine
     from trainer.objectives import PretrainObjectives
-    from trainer.optim import build_adamw
-    from trainer.zero_compat import register_external_parameters
 
+    deepspeed.init_distributed(dist_backend="gloo")  # one rank; Ray Train creates the group in a real run
     torch.manual_seed(0)
-    module = PretrainObjectives(UnimoModel(cfg.model))
-    register_external_parameters(module)
-    groups = optimizer_groups(module.model, cfg.optimizer.weight_decay)
-    opt = build_adamw(groups, cfg.optimizer)
-    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, config=build_ds_config(cfg, 1, False),
-                                           dist_init_required=True)
+    engine, _, _ = build_engine(cfg, PretrainObjectives(UnimoModel(cfg.model)), world_size=1, on_gpu=False)
 
     def step(b):
         total, _ = engine(b, weights)
