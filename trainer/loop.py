@@ -30,6 +30,8 @@ from trainer.optim import build_adamw
 from trainer.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
+# Where a node converts a checkpoint for a new world size (in the temp folder; deleted once loaded).
+UNIVERSAL_PREFIX = "unimo-universal-"
 
 
 STOP_FILE = "STOP"
@@ -278,10 +280,13 @@ class Trainer:
         """Loads weights, optimizer, data cursor and RNG; converts the checkpoint if the world size changed."""
         path, state = found
         tag = "ds"
+        converted = None
         if state["world_size"] != self.world_size:
-            path, tag = self._to_universal(path, state["step"])
+            path, tag = converted = self._to_universal(path, state["step"])
         self.engine.load_checkpoint(str(path), tag=tag, load_module_strict=True, load_optimizer_states=True,
                                     load_lr_scheduler_states=False)
+        if converted is not None:
+            self._drop_universal(converted[0])
         # Every rank's cursor: the loader resumes exactly at the same world size, elastically otherwise.
         self.progress = Progress(step=state["step"], data_state=state["data_states"],
                                  extra=state.get("extra", {}))
@@ -306,7 +311,10 @@ class Trainer:
         self._restored_copy = None
 
     def _to_universal(self, path: Path, step: int) -> tuple[Path, str]:
-        """Converts a ZeRO checkpoint to DeepSpeed's universal format once per node, then every rank loads it."""
+        """Converts a ZeRO checkpoint to DeepSpeed's universal format once per node, then every rank loads it.
+
+        The conversion is as large as the checkpoint; it lives only until every rank has loaded it
+        (`_drop_universal`), and a leftover of a conversion that crashed part-way is removed first, never loaded."""
         import hashlib
         import subprocess
         import sys
@@ -314,8 +322,9 @@ class Trainer:
         import torch.distributed as dist
 
         key = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
-        out = Path(tempfile.gettempdir()) / f"unimo-universal-{self.cfg.run.name}-{step}-{key}"
-        if self.local_rank == 0 and not (out / "ds_universal" / "zero").is_dir():
+        out = Path(tempfile.gettempdir()) / f"{UNIVERSAL_PREFIX}{self.cfg.run.name}-{step}-{key}"
+        if self.local_rank == 0:
+            shutil.rmtree(out, ignore_errors=True)
             cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path / "ds"),
                    "--output_folder", str(out / "ds_universal"), "--num_extract_workers", "1",
                    "--num_merge_workers", "1"]
@@ -325,6 +334,14 @@ class Trainer:
             (out / "latest_universal").write_text("ds_universal")
         dist.barrier()
         return out, "ds_universal"
+
+    def _drop_universal(self, out: Path) -> None:
+        """Deletes the node's universal conversion once every rank on it has loaded it."""
+        import torch.distributed as dist
+
+        dist.barrier()
+        if self.local_rank == 0:
+            shutil.rmtree(out, ignore_errors=True)
 
     def _check_compatible(self, state: dict, path: Path) -> None:
         saved_model = state["config"]["model"]

@@ -124,7 +124,14 @@ def check_export_matches_zero_to_fp32(step_dir: Path, tmp_path: Path, source: st
 
 
 def test_elastic_resume_one_to_two(synthetic_data, tmp_path, capfd):
-    """1 -> 2 ranks through the universal checkpoint (2 -> 1 is test_faults_node.py's elastic node loss)."""
+    """1 -> 2 ranks through the universal checkpoint (2 -> 1 is test_faults_node.py's elastic node loss); the
+    conversion (as large as the checkpoint) is deleted once loaded, not left in the temp folder."""
+    import tempfile
+
+    from trainer.loop import UNIVERSAL_PREFIX
+
+    conversions = lambda: set(Path(tempfile.gettempdir()).glob(f"{UNIVERSAL_PREFIX}elastic-*"))  # noqa: E731
+    before = conversions()
     storage, data = tmp_path / "runs", str(synthetic_data)
     tracking = [f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
     train(small_run("elastic", storage, data, steps=4, every=4,
@@ -133,6 +140,7 @@ def test_elastic_resume_one_to_two(synthetic_data, tmp_path, capfd):
     text = capfd.readouterr()
     text = text.out + text.err
     assert "elastic: saved by 1 ranks, now 2" in text
+    assert conversions() - before == set(), "the universal conversion was left behind"
     states = [json.loads((d / "trainer_state.json").read_text()) for d in step_dirs(storage, "elastic")]
     assert [(s["step"], s["world_size"]) for s in states] == [(4, 1), (8, 2)]
     # the global batch stayed the same: 2 micro-batches per step whatever the world size
