@@ -325,6 +325,9 @@ class Trainer:
         out = Path(tempfile.gettempdir()) / f"{UNIVERSAL_PREFIX}{self.cfg.run.name}-{step}-{key}"
         if self.local_rank == 0:
             shutil.rmtree(out, ignore_errors=True)
+            # progress on long work: the conversion reads and rewrites the whole checkpoint
+            log.info("converting checkpoint %s to DeepSpeed's universal format in %s (world size changed)", path, out)
+            started = time.monotonic()
             cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path / "ds"),
                    "--output_folder", str(out / "ds_universal"), "--num_extract_workers", "1",
                    "--num_merge_workers", "1"]
@@ -332,6 +335,7 @@ class Trainer:
             if done.returncode != 0:
                 raise RuntimeError(f"converting checkpoint {path} for a new world size failed:\n{done.stderr[-2000:]}")
             (out / "latest_universal").write_text("ds_universal")
+            log.info("converted checkpoint %s in %.1f s", path, time.monotonic() - started)
         dist.barrier()
         return out, "ds_universal"
 
