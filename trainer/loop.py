@@ -11,6 +11,7 @@ import io
 import json
 import logging
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -360,6 +361,8 @@ class Trainer:
         """Saves this rank's shards into a fresh local folder; rank 0 adds the state and the manifest."""
         import torch.distributed as dist
 
+        from trainer.tracking import safe_config, secret_values
+
         root = Path(tempfile.mkdtemp(prefix=f"unimo-ckpt-{step}-r{self.rank}-"))
         self.engine.save_checkpoint(str(root), tag="ds", save_latest=True)
         data_state = self.loader.state_dict()
@@ -374,7 +377,9 @@ class Trainer:
                 "data_states": [r["data"] for r in per_rank],
                 "rng": [r["rng"] for r in per_rank],
                 "mlflow_run_id": self.mlflow_run_id,
-                "config": to_dict(self.cfg),
+                # The config without credentials (a URL's user:password, secret keys, the environment's secret
+                # values): a checkpoint is copied, shared and exported, and must not carry them.
+                "config": safe_config(self.cfg, secret_values(dict(os.environ))),
                 "config_digest": digest(to_dict(self.cfg)),
                 "extra": self.progress.extra,
             }
