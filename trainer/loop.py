@@ -145,6 +145,20 @@ def build_engine(cfg: RunConfig, module: torch.nn.Module, world_size: int, on_gp
     return engine, optimizer, group_modules
 
 
+# Why the loader skipped samples (data_pipeline/samples.py, tario.py): one metric each, summed over ranks, so a
+# run that quietly drops a share of its data shows it in MLflow, not only in the workers' warnings.
+SKIP_REASONS = ("bad_image", "bad_text", "bad_json", "missing_field", "empty_text", "corrupt_member",
+                "truncated_shard")
+
+
+def data_counters(stats: dict[str, int]) -> dict[str, int]:
+    """This rank's loader counters since it started, in a fixed order (every rank all-reduces the same vector)."""
+    out = {f"skipped_{r}": int(stats.get(f"skipped_{r}", 0)) for r in SKIP_REASONS}
+    out["skipped_total"] = sum(int(v) for k, v in stats.items() if k.startswith("skipped_"))
+    out["read_retries"] = int(stats.get("read_retries", 0))
+    return out
+
+
 def move_to(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
@@ -434,12 +448,16 @@ class Trainer:
         import torch.distributed as dist
 
         names = sorted(result.losses)
-        vec = torch.tensor([result.losses[n] for n in names] + [result.total], dtype=torch.float64)
+        counts = data_counters(self.loader.stats() if getattr(self, "loader", None) is not None else {})
+        n = len(names) + 1
+        vec = torch.tensor([result.losses[k] for k in names] + [result.total] + list(counts.values()),
+                           dtype=torch.float64)
         if self.world_size > 1:
-            dist.all_reduce(vec)
-            vec /= self.world_size
-        metrics = {f"loss/{n}": float(v) for n, v in zip(names, vec[:-1])}
-        metrics["loss/total"] = float(vec[-1])
+            dist.all_reduce(vec)  # losses are averaged over ranks, data counters summed
+            vec[:n] /= self.world_size
+        metrics = {f"loss/{k}": float(v) for k, v in zip(names, vec[:n - 1])}
+        metrics["loss/total"] = float(vec[n - 1])
+        metrics.update({f"data/{k}": float(v) for k, v in zip(counts, vec[n:])})
         metrics.update(step_metrics(result, self.cfg, self.world_size))
         return metrics
 

@@ -1,0 +1,41 @@
+"""The loader's skip and retry counters reach the step metrics (and so MLflow), summed over ranks (B5-B7, F6)."""
+
+from __future__ import annotations
+
+import torch.distributed as dist
+
+from trainer.config import load_config
+from trainer.loop import StepResult, Trainer
+
+
+class _Loader:
+    def __init__(self, stats):
+        self._stats = stats
+
+    def stats(self):
+        return dict(self._stats)
+
+
+def _metrics(monkeypatch, world_size: int, stats: dict) -> dict:
+    trainer = Trainer(load_config(None, []), rank=0, world_size=world_size, reporter=None)
+    trainer.loader = _Loader(stats)
+    # Every other rank saw the same: the all-reduce (a SUM) multiplies the vector by the world size.
+    monkeypatch.setattr(dist, "all_reduce", lambda vec, *a, **k: vec.mul_(world_size))
+    result = StepResult(losses={"itc": 2.0}, total=2.0, samples={"pair": 4}, step_time=0.1, data_time=0.01)
+    return trainer.reduce_metrics(result)
+
+
+def test_skips_and_retries_are_metrics(monkeypatch):
+    stats = {"skipped_bad_image": 2, "skipped_truncated_shard": 1, "skipped_some_new_reason": 4,
+             "read_retries": 5, "samples_pair": 40, "bytes_read": 1000}
+    m = _metrics(monkeypatch, 1, stats)
+    assert m["data/skipped_bad_image"] == 2 and m["data/skipped_truncated_shard"] == 1
+    assert m["data/skipped_missing_field"] == 0  # every reason is always there: ranks all-reduce one vector
+    assert m["data/skipped_total"] == 7 and m["data/read_retries"] == 5
+    assert m["loss/itc"] == 2.0 and m["loss/total"] == 2.0
+
+
+def test_counters_are_summed_and_losses_averaged_over_ranks(monkeypatch):
+    m = _metrics(monkeypatch, 2, {"skipped_empty_text": 3})
+    assert m["data/skipped_empty_text"] == 6 and m["data/skipped_total"] == 6
+    assert m["loss/itc"] == 2.0 and m["loss/total"] == 2.0
