@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import re
 import types
 import typing
 from typing import Any
@@ -69,6 +70,8 @@ def _convert(value: Any, tp: Any, base: Any, path: str) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _SCIENTIFIC.match(value.strip()):
+            return float(value)  # YAML 1.1 reads 5e-4 (no dot) as a string; for a float field it is a number
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -77,6 +80,9 @@ def _convert(value: Any, tp: Any, base: Any, path: str) -> Any:
     else:
         return value
     raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+_SCIENTIFIC = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 
 def build(cls: type, raw: dict[str, Any], *, base: Any = None, path: str = "") -> Any:

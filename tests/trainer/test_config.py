@@ -47,8 +47,19 @@ def test_flavor_supplies_model_defaults():
 
 def test_int_accepted_for_float_but_not_string():
     assert load_config(None, ["optimizer.lr=1"]).optimizer.lr == 1.0
+    # YAML 1.1 reads 5e-4 (no dot) as a string: a float field takes it as the number it is, in overrides and files
+    assert load_config(None, ["optimizer.lr=5e-4"]).optimizer.lr == 5e-4
+    assert load_config(None, ["optimizer.weight_decay=1E-2"]).optimizer.weight_decay == 0.01
     with pytest.raises(ConfigError, match=r"optimizer\.lr: expected float, got 'fast'"):
         load_config(None, ["optimizer.lr=fast"])
+    with pytest.raises(ConfigError, match=r"train\.log_every: expected int, got '1e3'"):
+        load_config(None, ["train.log_every=1e3"])  # an int field stays strict
+
+
+def test_scientific_float_in_a_config_file(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("optimizer:\n  lr: 3e-4\n")
+    assert load_config(str(path), []).optimizer.lr == 3e-4
 
 
 @pytest.mark.parametrize("override, message", [
