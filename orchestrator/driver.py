@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer import storage
+from trainer import preemption, storage
 from trainer.config import RunConfig
 from trainer.config_loader import to_dict
 from trainer.loop import STOP_FILE
@@ -47,6 +47,12 @@ def run_dir_of(cfg: RunConfig) -> Path | str:
     return (Path(cfg.run.storage) / cfg.run.name).resolve()
 
 
+# Every worker process of the job runs trainer.preemption.install at start: a SIGTERM to a training worker then
+# checkpoints and stops the run instead of killing the worker. (A job-level field: Ray ignores the hook in an
+# actor's own runtime_env; merged with a Jobs API submission's runtime_env.)
+JOB_RUNTIME_ENV = {"worker_process_setup_hook": preemption.SETUP_HOOK}
+
+
 def init_ray(cfg: RunConfig) -> None:
     import ray
 
@@ -54,7 +60,7 @@ def init_ray(cfg: RunConfig) -> None:
         return
     if cfg.scaling.address:
         try:
-            ray.init(address=cfg.scaling.address, log_to_driver=True)
+            ray.init(address=cfg.scaling.address, log_to_driver=True, runtime_env=JOB_RUNTIME_ENV)
         except Exception as err:  # noqa: BLE001
             raise RuntimeError(f"cannot reach the Ray cluster at {cfg.scaling.address} ({err}); check the "
                                "address, that the head is running, and RAY_AUTH_TOKEN for token auth") from None
@@ -67,7 +73,8 @@ def init_ray(cfg: RunConfig) -> None:
     # address="local": a new embedded instance even where RAY_ADDRESS is set or `ray start` ran on this machine
     # (ray.init() would join that cluster, and then refuse num_cpus); joining one is scaling.address's job.
     ray.init(address="local", num_cpus=max(need, os.cpu_count() or 1), include_dashboard=True,
-             dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", runtime_env={"env_vars": worker_env(cfg)},
+             dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
+             runtime_env={**JOB_RUNTIME_ENV, "env_vars": worker_env(cfg)},
              log_to_driver=True)
 
 

@@ -22,6 +22,7 @@ from typing import Any, Iterator, Protocol
 import torch
 
 from trainer import checkpoint as ckpt
+from trainer import preemption
 from trainer import storage
 from trainer.config import RunConfig, StageConfig
 from trainer.config_loader import digest, to_dict
@@ -496,7 +497,8 @@ class Trainer:
     def control_flags(self) -> tuple[bool, bool]:
         """(stop requested, checkpoint due by time), agreed by all ranks with one tiny all-reduce.
 
-        Rank 0's view decides, so every rank stops or saves at the same step (ZeRO-3 saves are collective).
+        Rank 0's view decides (the driver's STOP file, the checkpoint clock), and a SIGTERM to any rank's process
+        requests a stop too; every rank stops or saves at the same step (ZeRO-3 saves are collective).
         """
         import torch.distributed as dist
 
@@ -505,6 +507,8 @@ class Trainer:
             minutes = self.cfg.checkpoint.every_minutes
             flags[0] = float(self.stop_requested())
             flags[1] = float(minutes > 0 and time.monotonic() - self.last_save >= minutes * 60)
+        if preemption.requested():  # a SIGTERM to any rank's process (trainer/preemption.py)
+            flags[0] = 1.0
         if self.world_size > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         return bool(flags[0]), bool(flags[1])
@@ -547,35 +551,41 @@ class Trainer:
         self.build_loader()
         self._start_logging()
         self.watchdog.start()
-        last: dict[str, float] = {}
         total_steps = self.cfg.total_steps
         t_start = time.perf_counter()
         start_step = self.progress.step
         try:
-            for step in range(start_step, total_steps):
-                _, stage, in_stage = stage_at(self.cfg.stages, step)
-                result = self.train_step(stage, in_stage)
-                done = step + 1
-                self.progress.step = done
-                if done % self.cfg.train.log_every == 0 or done == total_steps:
-                    last = self.reduce_metrics(result)
-                    self._log(last, done, stage.name, t_start, start_step)
-                if self.should_evaluate(done):
-                    self.watchdog.pause()
-                    last.update(self.evaluate(done))
-                    self.watchdog.resume()
-                stop, due = self.control_flags()
-                if stop and done < total_steps:
-                    self.stopped_early = True
-                    if self.rank == 0:
-                        print(f"[unimo] stop requested: saving a checkpoint at step {done} and exiting", flush=True)
-                if self.should_checkpoint(done, due or stop):
-                    self.checkpoint(done, last)
-                if self.stopped_early:
-                    break
+            with preemption.training():
+                last = self._step_loop(start_step, total_steps, t_start)
         finally:
             self.watchdog.stop()
             self._stop_logging()
+        return last
+
+    def _step_loop(self, start_step: int, total_steps: int, t_start: float) -> dict[str, float]:
+        """Steps until the plan ends or a stop is requested; checkpoints, logs and evaluates on the way."""
+        last: dict[str, float] = {}
+        for step in range(start_step, total_steps):
+            _, stage, in_stage = stage_at(self.cfg.stages, step)
+            result = self.train_step(stage, in_stage)
+            done = step + 1
+            self.progress.step = done
+            if done % self.cfg.train.log_every == 0 or done == total_steps:
+                last = self.reduce_metrics(result)
+                self._log(last, done, stage.name, t_start, start_step)
+            if self.should_evaluate(done):
+                self.watchdog.pause()
+                last.update(self.evaluate(done))
+                self.watchdog.resume()
+            stop, due = self.control_flags()
+            if stop and done < total_steps:
+                self.stopped_early = True
+                if self.rank == 0:
+                    print(f"[unimo] stop requested: saving a checkpoint at step {done} and exiting", flush=True)
+            if self.should_checkpoint(done, due or stop):
+                self.checkpoint(done, last)
+            if self.stopped_early:
+                break
         return last
 
     # ----- logging --------------------------------------------------------------------------------------------

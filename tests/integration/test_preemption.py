@@ -63,3 +63,36 @@ def test_sigterm_checkpoints_then_resubmission_resumes(synthetic_data, tmp_path)
     assert f"at step {stopped_at}" in done.stdout + done.stderr
     final = sorted((storage / "preempt" / "checkpoints").glob("step_*"))[-1]
     assert json.loads((final / "trainer_state.json").read_text())["step"] == stopped_at + 2
+
+
+def test_sigterm_to_a_worker_checkpoints_and_the_run_stops_cleanly(synthetic_data, tmp_path):
+    """F4 as a node sees it: SIGTERM to one training worker (not the driver). Every rank saves at the same next
+    step, the job ends "stopped on request" with exit 0 (not a failed worker and a restart), and resubmitting the
+    run resumes at that step."""
+    from tests.orchestrator.faults import driver, wait_for
+
+    storage = tmp_path / "runs"
+    tracking = [f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    overrides = ["scaling.num_workers=2", "scaling.cpus_per_worker=1", "scaling.max_failures=0", *tracking]
+    argv = ["train", DEBUG_CONFIG, *small_run("wterm", storage, str(synthetic_data), steps=400, every=1000,
+                                                extra=overrides)]
+    with driver(argv, tmp_path / "wterm.log") as run:
+        wait_for(lambda: "step 3/400" in run.output(), 360, "step 3", run)
+        workers = wait_for(lambda: len(run.train_workers()) == 2 and run.train_workers(), 60, "2 train workers", run)
+        os.kill(workers[-1].pid, signal.SIGTERM)
+        assert run.wait(timeout=240) == 0, run.tail()
+        out = run.output()
+    assert "SIGTERM on worker pid" in out, out[-3000:]
+    assert "run stopped on request" in out, out[-3000:]
+    ckpts = sorted((storage / "wterm" / "checkpoints").glob("step_*"))
+    assert len(ckpts) == 1, ckpts
+    state = json.loads((ckpts[0] / "trainer_state.json").read_text())
+    assert 3 <= state["step"] < 400 and state["world_size"] == 2
+
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    again = [sys.executable, "-m", "orchestrator.cli", "train", DEBUG_CONFIG,
+             *small_run("wterm", storage, str(synthetic_data), steps=state["step"] + 1, every=1000,
+                        extra=overrides)]
+    done = subprocess.run(again, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"at step {state['step']}" in done.stdout + done.stderr
