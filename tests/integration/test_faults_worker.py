@@ -46,3 +46,26 @@ def test_worker_killed_mid_run_job_completes_with_uninterrupted_weights(syntheti
     differing = differing_tensors(ref_w, got_w)
     assert not differing, (f"resume after a worker kill is not bitwise: {len(differing)}/{len(ref_w)} fp32 "
                            f"tensors differ at step 20, e.g. {differing[:3]} (reference run took {t_ref:.0f}s)")
+
+
+def test_a_frozen_rank_hangs_the_collective_and_the_watchdog_restarts_the_job(synthetic_data, tmp_path):
+    """F8: one rank stops making progress inside a step (SIGSTOP: it sleeps forever, its own threads too), so the
+    other waits in an all-reduce that would take gloo's 30-minute timeout to fail. Its watchdog ends it within
+    train.watchdog_seconds with a message naming the limit; Ray Train restarts the group from the step-10
+    checkpoint and the job completes."""
+    storage, data = tmp_path / "runs", str(synthetic_data)
+    limit = 20
+    argv = ["train", DEBUG_CONFIG, *small_run("frozen", storage, data,
+                                              extra=NO_EVAL + [f"train.watchdog_seconds={limit}"])]
+    with driver(argv, tmp_path / "frozen.log") as run:
+        wait_for(lambda: registered(storage / "frozen", 10), 300, "the step-10 checkpoint", run)
+        workers = wait_for(lambda: len(run.train_workers()) == 2 and run.train_workers(), 60, "2 train workers", run)
+        frozen = workers[-1]
+        os.kill(frozen.pid, signal.SIGSTOP)
+        # bounded by the limit plus slack for a loaded machine (the alternative is gloo's 30 minutes)
+        wait_for(lambda: "[unimo watchdog]" in run.output(), limit + 60, "the watchdog", run)
+        assert run.wait(timeout=360) == 0, run.tail()
+        out = run.output()
+    assert f"limit train.watchdog_seconds={limit}" in out
+    assert "resumed from" in out and "at step 10" in out, out[-3000:]
+    assert "step 20/20" in out
