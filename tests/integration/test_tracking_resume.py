@@ -32,7 +32,7 @@ def all_artifacts(client, run_id: str, path: str | None = None) -> list[str]:
 
 
 def test_resubmitted_job_continues_the_same_run_without_gaps_or_secrets(synthetic_data, tmp_path,
-                                                                        monkeypatch):
+                                                                        monkeypatch, capfd):
     from mlflow.tracking import MlflowClient
 
     for key, value in FAKE_AWS.items():  # credentials in the environment must reach nothing that is logged
@@ -82,10 +82,17 @@ def test_resubmitted_job_continues_the_same_run_without_gaps_or_secrets(syntheti
         captions = [f for f in files if f.startswith("eval/captions_step_")]
         assert captions, files  # sample captions of the final evaluations
 
-        # No credential in params, tags, metric names or any artifact's content.
+        # No credential in params, tags, metric names, any artifact's content, the logs (the driver's and, through
+        # Ray's log forwarding, the workers') or any file of the run folder (checkpoints, state, manifests).
         local = Path(client.download_artifacts(run_id, "", str(tmp_path / "downloaded")))
         blobs = [json.dumps({"params": run.data.params, "tags": tags, "metrics": sorted(run.data.metrics)})]
         blobs += [p.read_text(errors="replace") for p in local.rglob("*") if p.is_file()]
+        logs = capfd.readouterr()
+        assert "resumed from" in logs.out + logs.err  # the logs were captured, workers' lines included
+        blobs += [logs.out, logs.err]
+        run_files = [p for p in (storage / "job").rglob("*") if p.is_file()]
+        assert any(p.name == "trainer_state.json" for p in run_files)
+        blobs += [p.read_text(errors="replace") for p in run_files]
         for secret in (FAKE_AWS["AWS_SECRET_ACCESS_KEY"], FAKE_AWS["AWS_ACCESS_KEY_ID"]):
             assert not any(secret in blob for blob in blobs)
         assert run.data.params["model.flavor"] == "debug"
