@@ -184,7 +184,7 @@ def _fit_locked(cfg: RunConfig, run_dir: Path | str) -> TrainOutcome:
     payload = {"run_config": to_dict(cfg), "mlflow_run_id": run_id, "tracking_uri": tracking_uri,
                "control_dir": str(run_dir)}
     # Checkpoints go to <run>/checkpoints/step_XXXXXXXX through Ray Train's pyarrow filesystem (S3 or local).
-    storage_path, storage_fs = storage.ray_storage(str(run_dir))
+    storage_path, storage_fs = storage.ray_storage(str(run_dir), cfg.checkpoint.upload_attempts)
     trainer = TorchTrainer(
         train_func,
         train_loop_config=payload,

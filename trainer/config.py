@@ -160,9 +160,13 @@ class CheckpointConfig:
     keep_last: int = 2
     keep_every: int = 0  # additionally keep every M-th step's checkpoint; 0 = none
     async_upload: bool = True  # upload to storage in the background; the loop only waits for the local save
+    # Tries per S3 request of a checkpoint upload, with the AWS SDK's backoff: 10 bridge an outage of about a
+    # minute and a half (pyarrow's default of 3 gave up after 0.6 s here); then the upload fails, naming the key.
+    upload_attempts: int = 10
 
     def __post_init__(self) -> None:
         _check(self.every_steps >= 0, f"every_steps must be >= 0, got {self.every_steps}")
+        _check(self.upload_attempts >= 1, f"upload_attempts must be >= 1, got {self.upload_attempts}")
         _check(self.every_minutes >= 0, f"every_minutes must be >= 0, got {self.every_minutes}")
         _check(self.keep_last >= 1, f"keep_last must be >= 1, got {self.keep_last}")
         _check(self.keep_every >= 0, f"keep_every must be >= 0, got {self.keep_every}")

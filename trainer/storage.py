@@ -175,24 +175,26 @@ def s3_client():
                                             retries={"max_attempts": 3, "mode": "standard"}))
 
 
-def ray_storage(location: str) -> tuple[str, object | None]:
-    """(storage_path, storage_filesystem) for Ray Train's RunConfig.
+def ray_storage(location: str, attempts: int = 10) -> tuple[str, object | None]:
+    """(storage_path, storage_filesystem) for Ray Train's RunConfig: what checkpoints are uploaded through.
 
     A local path goes as it is. For ``s3://`` an explicit pyarrow S3FileSystem is built, because pyarrow 25 does
     not read AWS_ENDPOINT_URL (checked: it resolves the bucket at *.amazonaws.com); keys stay in the environment,
-    where pyarrow's default credential chain finds them on every worker.
+    where pyarrow's default credential chain finds them on every worker. Each S3 request is tried ``attempts``
+    times (``checkpoint.upload_attempts``) with the AWS SDK's standard backoff.
     """
     if not is_remote(location):
         return location, None
-    import pyarrow.fs
+    from trainer.s3_retry import RetryingS3FileSystem
 
     url = urlparse(location)
+
     options: dict = {"region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"}
     endpoint = endpoint_url()
     if endpoint:
         parsed = urlparse(endpoint)
         options.update(endpoint_override=parsed.netloc + parsed.path.rstrip("/"), scheme=parsed.scheme or "https")
-    return f"{url.netloc}{url.path}".rstrip("/"), pyarrow.fs.S3FileSystem(**options)
+    return f"{url.netloc}{url.path}".rstrip("/"), RetryingS3FileSystem(attempts, **options)
 
 
 def url_of_ray_path(path: str, filesystem) -> str:

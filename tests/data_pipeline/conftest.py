@@ -1,39 +1,14 @@
 """Fixtures of the data pipeline tests: an S3 server (moto) on 127.0.0.1 and small synthetic datasets."""
 
 import logging
-import socket
 
 import pytest
+
+from tests.integration.services import S3Server
 
 logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per S3 request drowns real output
 
 BUCKET = "unimo-test"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class S3Server:
-    """moto's S3 server on 127.0.0.1; stop() and start() again on the same port keep the stored objects."""
-
-    def __init__(self):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._server = None
-
-    def start(self):
-        from moto.server import ThreadedMotoServer
-
-        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
-        self._server.start()
-
-    def stop(self):
-        if self._server is not None:
-            self._server.stop()
-            self._server = None
 
 
 @pytest.fixture(scope="session")

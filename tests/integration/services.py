@@ -36,6 +36,27 @@ def wait_http(url: str, timeout: float = 60.0) -> None:
             time.sleep(0.3)
 
 
+class S3Server:
+    """moto's S3 server on 127.0.0.1; stop() and start() again on the same port keep the stored objects (an
+    outage, for the retry tests)."""
+
+    def __init__(self):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._server = None
+
+    def start(self):
+        from moto.server import ThreadedMotoServer
+
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self._server.start()
+
+    def stop(self):
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+
+
 @contextmanager
 def s3_server():
     """moto's threaded S3 server on 127.0.0.1 with fake credentials in the environment."""
