@@ -62,8 +62,12 @@ def init_ray(cfg: RunConfig) -> None:
         try:
             ray.init(address=cfg.scaling.address, log_to_driver=True, runtime_env=JOB_RUNTIME_ENV)
         except Exception as err:  # noqa: BLE001
-            raise RuntimeError(f"cannot reach the Ray cluster at {cfg.scaling.address} ({err}); check the "
-                               "address, that the head is running, and RAY_AUTH_TOKEN for token auth") from None
+            from trainer.tracking import redact, secret_values
+
+            # Ray's text may echo the address or a token: no secret in an error message (RELIABILITY.md)
+            raise RuntimeError(redact(f"cannot reach the Ray cluster at {cfg.scaling.address} ({err}); check the "
+                                      "address, that the head is running, and RAY_AUTH_TOKEN for token auth",
+                                      secret_values(dict(os.environ)))) from None
         return
     for key, value in LOOPBACK_ENV.items():
         os.environ.setdefault(key, value)

@@ -22,3 +22,23 @@ def test_unreachable_cluster_address_is_named(monkeypatch):
     msg = str(err.value)
     assert "cannot reach the Ray cluster at 10.9.8.7:6379" in msg
     assert "head is running" in msg and "RAY_AUTH_TOKEN" in msg
+
+
+def test_the_error_carries_no_secret(monkeypatch):
+    """Ray's own text can echo credentials (a token in the environment, user:password in an address)."""
+    import ray
+
+    token = "tok-0123456789abcdef"
+    monkeypatch.setenv("RAY_AUTH_TOKEN", token)
+
+    def refuse(*args, **kwargs):
+        raise ConnectionError(f"authentication failed for token {token} at ray://admin:hunter2pass@10.9.8.7:10001")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", refuse)
+    cfg = load_config(None, ["scaling.address=ray://admin:hunter2pass@10.9.8.7:10001"])
+    with pytest.raises(RuntimeError) as err:
+        init_ray(cfg)
+    msg = str(err.value)
+    assert "10.9.8.7:10001" in msg
+    assert token not in msg and "hunter2pass" not in msg
