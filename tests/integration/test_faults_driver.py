@@ -42,7 +42,7 @@ def test_driver_killed_then_rerun_resumes_with_one_mlflow_run(synthetic_data, tm
 
     storage, data = tmp_path / "runs", str(synthetic_data)
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    argv = ["train", DEBUG_CONFIG, *small_run("f3", storage, data, steps=STEPS, every=5,
+    argv = ["train", DEBUG_CONFIG, *small_run("f3", storage, data, steps=STEPS, every=10,
                                               extra=NO_EVAL + [f"tracking.uri={tracking}", "tracking.experiment=f3"])]
     run_dir = storage / "f3"
 

@@ -67,9 +67,9 @@ def test_sigterm_checkpoints_then_resubmission_resumes(synthetic_data, tmp_path)
 
 def test_sigterm_to_a_worker_checkpoints_and_the_run_stops_cleanly(synthetic_data, tmp_path):
     """F4 as a node sees it: SIGTERM to one training worker (not the driver). Every rank saves at the same next
-    step, the job ends "stopped on request" with exit 0 (not a failed worker and a restart), and resubmitting the
-    run resumes at that step."""
-    from tests.orchestrator.faults import driver, wait_for
+    step and the job ends "stopped on request" with exit 0, not as a failed worker (max_failures=0 would fail the
+    job). Resuming from a stop checkpoint is the test above."""
+    from tests.orchestrator.faults import driver, registered, wait_for
 
     storage = tmp_path / "runs"
     tracking = [f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
@@ -88,11 +88,4 @@ def test_sigterm_to_a_worker_checkpoints_and_the_run_stops_cleanly(synthetic_dat
     assert len(ckpts) == 1, ckpts
     state = json.loads((ckpts[0] / "trainer_state.json").read_text())
     assert 3 <= state["step"] < 400 and state["world_size"] == 2
-
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    again = [sys.executable, "-m", "orchestrator.cli", "train", DEBUG_CONFIG,
-             *small_run("wterm", storage, str(synthetic_data), steps=state["step"] + 1, every=1000,
-                        extra=overrides)]
-    done = subprocess.run(again, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert f"at step {state['step']}" in done.stdout + done.stderr
+    assert registered(storage / "wterm", state["step"])  # committed: what a resubmission resumes from
