@@ -81,11 +81,11 @@ def test_pyarrows_default_budget_loses_the_same_upload(server, folder):
 
 
 def test_after_the_budget_the_upload_fails_naming_the_key(server, folder):
+    import pyarrow.fs
+
     path, fs = storage.ray_storage("s3://ckpt/runs/r", attempts=2)
     server.stop()
     try:
-        import pyarrow.fs
-
         with pytest.raises(OSError, match=r"bucket 'ckpt'.*NETWORK_CONNECTION"):
             pyarrow.fs.copy_files(str(folder), f"{path}/step_3", destination_filesystem=pickle.loads(pickle.dumps(fs)))
     finally:
