@@ -141,6 +141,9 @@ class TrainSection:
     eval_samples: int = 100  # held-out pairs used for retrieval (the candidate pool size)
     eval_rerank_k: int = 0  # > 0: also re-rank each query's ITC top-k by the ITM head (eval/itm_* metrics)
     watchdog_seconds: float = 600.0  # a step making no progress this long ends the worker with a message
+    # The same for start-up (engine build, checkpoint restore), evaluation and a checkpoint save: slower than a
+    # step, but a collective hung inside one must still end the worker (trainer/watchdog.py)
+    watchdog_phase_seconds: float = 1800.0
 
     def __post_init__(self) -> None:
         _check(self.global_micro_batches > 0, f"global_micro_batches must be > 0, got {self.global_micro_batches}")
@@ -149,6 +152,7 @@ class TrainSection:
         _check(self.eval_every >= 0, f"eval_every must be >= 0, got {self.eval_every}")
         _check(self.eval_rerank_k >= 0, f"eval_rerank_k must be >= 0, got {self.eval_rerank_k}")
         _check(self.watchdog_seconds > 0, f"watchdog_seconds must be > 0, got {self.watchdog_seconds}")
+        _check(self.watchdog_phase_seconds > 0, f"watchdog_phase_seconds must be > 0, got {self.watchdog_phase_seconds}")
 
 
 @dataclass

@@ -197,7 +197,8 @@ class Trainer:
         self.accum = grad_accum_steps(cfg, world_size)
         self.progress = Progress()
         self.metrics_logger = None
-        self.watchdog = Watchdog(cfg.train.watchdog_seconds, name=f"rank {rank}")
+        self.watchdog = Watchdog(cfg.train.watchdog_seconds, name=f"rank {rank}",
+                                 phase_timeout_s=cfg.train.watchdog_phase_seconds)
         self.last_result: StepResult | None = None
         self.eval_set: dict | None = None
         # The run's folder or s3:// prefix: the driver drops a STOP file there on SIGTERM (preemption), rank 0
@@ -529,7 +530,10 @@ class Trainer:
         return self._stop_seen
 
     def checkpoint(self, step: int, metrics: dict[str, float]) -> None:
-        self.watchdog.pause()
+        with self.watchdog.phase(f"the checkpoint save of step {step}"):
+            self._checkpoint(step, metrics)
+
+    def _checkpoint(self, step: int, metrics: dict[str, float]) -> None:
         root = self.save(step)
         # before the report: with async upload Ray deletes the local folder once it is uploaded
         self.tracker.checkpoint_saved(root, step)  # rank 0 queues its manifest as an artifact
@@ -540,27 +544,28 @@ class Trainer:
         if keep.keep_every and self.rank == 0 and self.run_location:
             ckpt.prune(self._checkpoints_root(), keep.keep_last, keep.keep_every)
         self.last_save = time.monotonic()
-        self.watchdog.resume()
 
     def run(self) -> dict[str, float]:
         """Trains from the restored step to the end of the plan; returns the last logged metrics."""
+        self.watchdog.start()
+        try:
+            with self.watchdog.phase("start-up (engine build, checkpoint restore)"):
+                self._start_up()
+            with preemption.training():
+                last = self._step_loop(self.progress.step, self.cfg.total_steps, time.perf_counter())
+        finally:
+            self.watchdog.stop()
+            self._stop_logging()
+        return last
+
+    def _start_up(self) -> None:
+        """Engine (converting the checkpoint if the world size changed), restore, loader, logging."""
         found = self.find_checkpoint()
         self.build(universal=found is not None and found[1]["world_size"] != self.world_size)
         if found is not None:
             self.restore(found)
         self.build_loader()
         self._start_logging()
-        self.watchdog.start()
-        total_steps = self.cfg.total_steps
-        t_start = time.perf_counter()
-        start_step = self.progress.step
-        try:
-            with preemption.training():
-                last = self._step_loop(start_step, total_steps, t_start)
-        finally:
-            self.watchdog.stop()
-            self._stop_logging()
-        return last
 
     def _step_loop(self, start_step: int, total_steps: int, t_start: float) -> dict[str, float]:
         """Steps until the plan ends or a stop is requested; checkpoints, logs and evaluates on the way."""
@@ -574,9 +579,8 @@ class Trainer:
                 last = self.reduce_metrics(result)
                 self._log(last, done, stage.name, t_start, start_step)
             if self.should_evaluate(done):
-                self.watchdog.pause()
-                last.update(self.evaluate(done))
-                self.watchdog.resume()
+                with self.watchdog.phase(f"the evaluation at step {done}"):
+                    last.update(self.evaluate(done))
             stop, due = self.control_flags()
             if stop and done < total_steps:
                 self.stopped_early = True

@@ -1,9 +1,28 @@
-"""The watchdog fires when beats stop, not while they come or while paused."""
+"""The watchdog fires when beats stop, not while they come; the phases that are not steps (start-up, evaluation,
+a checkpoint save) run under their own, longer limit, not unwatched."""
 
+import subprocess
+import sys
 import threading
 import time
 
+import pytest
+
+from trainer.config import load_config
+from trainer.loop import Trainer
 from trainer.watchdog import Watchdog
+
+
+class Expiry:
+    """on_expire for tests: records why instead of ending the process."""
+
+    def __init__(self):
+        self.fired = threading.Event()
+        self.why = ""
+
+    def __call__(self, idle: float, why: str) -> None:
+        self.why = why
+        self.fired.set()
 
 
 def run_for(dog: Watchdog, seconds: float, beat_every: float | None) -> None:
@@ -17,34 +36,73 @@ def run_for(dog: Watchdog, seconds: float, beat_every: float | None) -> None:
 
 
 def test_fires_after_timeout_without_progress():
-    fired = threading.Event()
-    dog = Watchdog(0.3, on_expire=lambda idle: fired.set())
+    expiry = Expiry()
+    dog = Watchdog(0.3, on_expire=expiry)
     dog.start()
-    assert fired.wait(3.0)
+    assert expiry.fired.wait(3.0)
     dog.stop()
+    assert "a training step" in expiry.why and "train.watchdog_seconds=0" in expiry.why
 
 
-def test_quiet_while_beating_and_while_paused():
-    fired = threading.Event()
+def test_quiet_while_beating_and_inside_a_phase_under_its_limit():
+    expiry = Expiry()
     # A 1 s limit against beats every 0.05 s: the suite runs two pytest workers beside Ray clusters, and a
     # thread of this process may wait a few hundred ms for a core.
-    dog = Watchdog(1.0, on_expire=lambda idle: fired.set())
+    dog = Watchdog(1.0, on_expire=expiry, phase_timeout_s=10.0)
     dog.start()
     run_for(dog, 1.0, beat_every=0.05)
-    dog.pause()
-    run_for(dog, 2.5, beat_every=None)
-    dog.resume()
+    with dog.phase("a checkpoint save"):
+        run_for(dog, 2.5, beat_every=None)  # longer than a step may take, shorter than the phase limit
     run_for(dog, 0.5, beat_every=0.05)
     dog.stop()
-    assert not fired.is_set()
+    assert not expiry.fired.is_set(), expiry.why
 
 
-def test_default_action_names_the_setting(capfd):
-    import subprocess
-    import sys
+def test_a_hung_phase_fires_with_its_name_and_setting():
+    """Before phases, a save or an evaluation paused the watchdog: a collective hung there was never ended."""
+    expiry = Expiry()
+    dog = Watchdog(30.0, on_expire=expiry, phase_timeout_s=0.3)
+    dog.start()
+    with dog.phase("the checkpoint save of step 7"):
+        assert expiry.fired.wait(5.0)
+    dog.stop()
+    assert "the checkpoint save of step 7" in expiry.why and "train.watchdog_phase_seconds" in expiry.why
 
+
+def test_the_step_limit_is_back_after_a_phase_that_raised():
+    expiry = Expiry()
+    dog = Watchdog(0.4, on_expire=expiry, phase_timeout_s=60.0)
+    dog.start()
+    with pytest.raises(OSError):
+        with dog.phase("a checkpoint save"):
+            raise OSError("disk full")
+    assert expiry.fired.wait(5.0)
+    dog.stop()
+    assert "a training step" in expiry.why
+
+
+def test_trainer_checkpoint_runs_under_the_phase_limit(monkeypatch):
+    """Trainer.checkpoint: a save that never returns ends the worker, naming the save and its step."""
+    trainer = Trainer(load_config(None, ["train.watchdog_phase_seconds=0.3"]), rank=0, world_size=1, reporter=None)
+    expiry = Expiry()
+    trainer.watchdog = Watchdog(30.0, on_expire=expiry, phase_timeout_s=trainer.cfg.train.watchdog_phase_seconds)
+    hung = threading.Event()
+    monkeypatch.setattr(trainer, "save", lambda step: hung.wait(5.0) and None)
+    trainer.watchdog.start()
+    worker = threading.Thread(target=lambda: pytest.raises(Exception, trainer.checkpoint, 12, {}), daemon=True)
+    worker.start()
+    try:
+        assert expiry.fired.wait(5.0)
+    finally:
+        hung.set()
+        worker.join(10)
+        trainer.watchdog.stop()
+    assert "the checkpoint save of step 12" in expiry.why
+
+
+def test_default_action_names_the_setting():
     code = ("from trainer.watchdog import Watchdog; import time; d = Watchdog(0.2, name='rank 1'); d.start(); "
             "time.sleep(10)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     assert done.returncode == 70
-    assert "rank 1: no training progress" in done.stderr and "train.watchdog_seconds" in done.stderr
+    assert "rank 1: no progress in a training step" in done.stderr and "train.watchdog_seconds" in done.stderr
