@@ -28,5 +28,14 @@ if ! "$VENV/bin/python" -c "import deepspeed" 2>/dev/null; then
   DS_BUILD_OPS=0 $PIP install -q --no-build-isolation "deepspeed>=0.16"
 fi
 $PIP install -q -e ".[dev]"
+# On a CPU machine DeepSpeed JIT-compiles its shared-memory collective op the first time a process group starts
+# (about 30 s here, cached in ~/.cache/torch_extensions): build it now rather than inside the first training run
+# or test. Not fatal: DeepSpeed would report the same compiler error there.
+"$VENV/bin/python" - <<'PYEOF' >&2 || echo "[setup] warning: could not pre-build DeepSpeed's CPU comm op" >&2
+import torch
+if not torch.cuda.is_available():
+    from deepspeed.comm.torch import build_shm_op
+    build_shm_op()
+PYEOF
 echo "$want" > "$STAMP"
 echo "[setup] done: $VENV" >&2
