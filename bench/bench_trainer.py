@@ -5,7 +5,12 @@ Prints the step-time ratio (target <= 1.15x) against a plain loop with torch's d
 the fused AdamW our trainer uses, and checkpoint save/load times against torch.save/torch.load of the same
 tensors.
 
-    .venv/bin/python bench/bench_trainer.py [--flavor small] [--steps 10] [--geometry shipped|reduced]
+One rank as configs/small.yaml runs it by default: as many intra-op threads as `scaling.cpus_per_worker` (Ray sets
+each worker's OMP_NUM_THREADS to its CPUs) and one micro-batch per optimizer step (the job's global batch of two
+micro-batches over its two workers); `--threads` and `--accumulation` change either.
+
+    .venv/bin/python bench/bench_trainer.py [--flavor small] [--steps 10] [--threads N] [--accumulation N]
+                                            [--geometry shipped|reduced] [config overrides...]
 """
 
 from __future__ import annotations
@@ -52,11 +57,11 @@ def make_batches(cfg, n: int, data_dir: str) -> list[dict]:
 
 def with_native_linear(step):
     """Runs ``step`` with PyTorch's F.linear, whatever DeepSpeed installed (and puts DeepSpeed's back)."""
-    def run(batch):
+    def run(batches):
         installed = torch.nn.functional.linear
         torch.nn.functional.linear = NATIVE_LINEAR
         try:
-            step(batch)
+            step(batches)
         finally:
             torch.nn.functional.linear = installed
 
@@ -69,20 +74,22 @@ def paired_ratio(ours: list[float], base: list[float]) -> float:
     return statistics.median(a / b for a, b in zip(ours, base))
 
 
-def time_interleaved(steps: dict, batches: list[dict], warmup: int) -> dict[str, list[float]]:
-    """Runs each loop's step on the same batch back to back, so load from other processes hits both alike."""
+def time_interleaved(steps: dict, groups: list[list[dict]], warmup: int) -> dict[str, list[float]]:
+    """Runs each loop's optimizer step on the same micro-batches back to back, so load from other processes hits
+    all alike."""
     times: dict[str, list[float]] = {name: [] for name in steps}
-    for i, batch in enumerate(batches):
+    for i, group in enumerate(groups):
         for name, step in steps.items():
             t0 = time.perf_counter()
-            step(batch)
+            step(group)
             if i >= warmup:
                 times[name].append(time.perf_counter() - t0)
     return times
 
 
 def plain_loop(cfg, weights, fused: bool = False):
-    """The baseline: model, objectives, ``torch.optim.AdamW`` (default or fused kernel), grad clipping."""
+    """The baseline: model, objectives, ``torch.optim.AdamW`` (default or fused kernel), grad clipping; gradients
+    accumulated over the micro-batches of one optimizer step."""
     from model.unimo import UnimoModel
     from trainer.loop import optimizer_groups
     from trainer.objectives import PretrainObjectives
@@ -92,9 +99,10 @@ def plain_loop(cfg, weights, fused: bool = False):
     groups = optimizer_groups(module.model, cfg.optimizer.weight_decay)
     opt = torch.optim.AdamW(groups, lr=cfg.optimizer.lr, fused=fused or None)
 
-    def step(b):
-        total, _ = module(b, weights)
-        total.backward()
+    def step(micro_batches):
+        for b in micro_batches:
+            total, _ = module(b, weights)
+            (total / len(micro_batches)).backward()
         torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.optimizer.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -114,10 +122,11 @@ def deepspeed_loop(cfg, weights):
     torch.manual_seed(0)
     engine, _, _ = build_engine(cfg, PretrainObjectives(UnimoModel(cfg.model)), world_size=1, on_gpu=False)
 
-    def step(b):
-        total, _ = engine(b, weights)
-        engine.backward(total)
-        engine.step()
+    def step(micro_batches):
+        for b in micro_batches:  # DeepSpeed scales the loss and steps the optimizer at the last one
+            total, _ = engine(b, weights)
+            engine.backward(total)
+            engine.step()
 
     return step, engine
 
@@ -150,17 +159,22 @@ def main() -> None:
     parser.add_argument("--flavor", default="small")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="intra-op threads for every loop; default: the config's scaling.cpus_per_worker, the "
+                             "threads each Ray worker of the job gets (Ray sets OMP_NUM_THREADS to it)")
+    parser.add_argument("--accumulation", type=int, default=1,
+                        help="micro-batches per optimizer step (1: one rank of configs/small.yaml's two-worker job, "
+                             "2: its whole global batch on one rank)")
     parser.add_argument("--geometry", choices=sorted(GEOMETRIES), default="shipped",
                         help="shipped: configs/small.yaml's model and micro-batch as they are; reduced: BERT's "
                              "30522-token vocabulary and half the micro-batch (the first figures' setting)")
     parser.add_argument("overrides", nargs="*", help="extra config overrides, e.g. deepspeed.overlap_comm=true")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
 
     from trainer.config import load_config
 
-    overrides = [f"model.flavor={args.flavor}", "scaling.num_workers=1", "train.global_micro_batches=1",
+    overrides = [f"model.flavor={args.flavor}", "scaling.num_workers=1",
+                 f"train.global_micro_batches={args.accumulation}",
                  *GEOMETRIES[args.geometry], *args.overrides]
     data_dir = os.path.expanduser("~/.cache/unimo-bench/data")
     overrides += [f"data.{src}.urls={data_dir}/{sub}" for src, sub in
@@ -168,18 +182,22 @@ def main() -> None:
     overrides += [f"data.tokenizer={data_dir}/tokenizer/tokenizer.json", "data.num_workers=0",
                   "model.text.bos_token_id=2", "model.text.eos_token_id=3", "model.text.mask_token_id=4"]
     cfg = load_config(os.path.join(REPO, "configs", "small.yaml"), overrides)
+    # One rank of the job as the config runs it: its threads are the worker's CPUs.
+    threads = args.threads or max(1, int(cfg.scaling.cpus_per_worker))
+    torch.set_num_threads(threads)
     weights = {"mlm_text": 1.0, "mim": 1.0, "itc": 1.0, "itm": 1.0, "mlm_pair": 1.0}
-    batches = make_batches(cfg, args.steps + args.warmup, data_dir)
+    batches = make_batches(cfg, (args.steps + args.warmup) * args.accumulation, data_dir)
+    groups = [batches[i:i + args.accumulation] for i in range(0, len(batches), args.accumulation)]
     n_params = sum(p.numel() for p in __import__("model.unimo", fromlist=["UnimoModel"]).UnimoModel(cfg.model)
                    .parameters())
-    print(f"flavor={args.flavor} geometry={args.geometry} params={n_params / 1e6:.1f}M threads={args.threads} "
-          f"steps={args.steps}")
+    print(f"flavor={args.flavor} geometry={args.geometry} params={n_params / 1e6:.1f}M threads={threads} "
+          f"steps={args.steps} micro-batches/step={args.accumulation}")
     plain_step, module, opt = plain_loop(cfg, weights)
     fused_step, _, _ = plain_loop(cfg, weights, fused=True)
     ds_step, engine = deepspeed_loop(cfg, weights)
     loops = {"plain": with_native_linear(plain_step), "plain_fused": with_native_linear(fused_step),
              "deepspeed": ds_step}
-    times = time_interleaved(loops, batches, args.warmup)
+    times = time_interleaved(loops, groups, args.warmup)
     p, f, d = (statistics.median(times[k]) for k in ("plain", "plain_fused", "deepspeed"))
     print(f"plain PyTorch step, torch.optim.AdamW defaults : median {p * 1000:.0f} ms")
     print(f"plain PyTorch step, AdamW(fused=True)          : median {f * 1000:.0f} ms")

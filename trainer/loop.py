@@ -564,6 +564,11 @@ class Trainer:
         self.build(universal=found is not None and found[1]["world_size"] != self.world_size)
         if found is not None:
             self.restore(found)
+        if self.rank == 0:
+            # On CPU the intra-op threads are the worker's CPUs (Ray sets OMP_NUM_THREADS to
+            # scaling.cpus_per_worker): the first thing to check when steps are slower than expected.
+            print(f"[unimo] {self.world_size} rank(s) on {self.device.type}; rank 0 runs {torch.get_num_threads()} "
+                  f"intra-op thread(s) and {self.accum} micro-batch(es) per optimizer step", flush=True)
         self.build_loader()
         self._start_logging()
 

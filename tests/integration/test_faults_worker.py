@@ -37,6 +37,8 @@ def test_worker_killed_mid_run_job_completes_with_uninterrupted_weights(syntheti
     # The kill was noticed and the group restarted from the step-10 checkpoint, not from scratch.
     assert "resumed from" in out and "at step 10" in out, out[-3000:]
     assert "step 20/20" in out
+    # Each worker computes with the CPUs Ray gave it (bench/bench_trainer.py times one rank at this setting).
+    assert "2 rank(s) on cpu; rank 0 runs 1 intra-op thread(s) and 1 micro-batch(es)" in out, out[-3000:]
     ref_w = fp32_weights(storage / "straight" / "checkpoints" / "step_00000020")
     got_w = fp32_weights(storage / "killed" / "checkpoints" / "step_00000020")
     before = differing_tensors(fp32_weights(storage / "straight" / "checkpoints" / "step_00000010"),
