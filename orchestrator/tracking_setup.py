@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -42,6 +44,35 @@ def recorded_run_id(run_dir: Path | str) -> str | None:
     """The MLflow run id kept in <run>/mlflow_run.json (a local file or an S3 object), if any."""
     text = storage.read_text(storage.join(run_dir, RUN_ID_FILE))
     return json.loads(text)["run_id"] if text else None
+
+
+@contextlib.contextmanager
+def schema_lock(tracking_uri: str):
+    """One process at a time opens a SQLite tracking store for the first time.
+
+    MLflow creates (and migrates) a new SQLite store's tables when a process first opens it; two jobs started
+    together into the same storage share <storage>/mlflow.db and raced there ("table _alembic_tmp_experiments
+    already exists", the second job refused to start). A lock file beside the database serialises that step.
+    """
+    if not tracking_uri.startswith("sqlite:///"):
+        yield
+        return
+    db = Path(tracking_uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{db}.lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def open_client(tracking_uri: str):
+    """An MlflowClient whose store is open (a new SQLite store's tables created under schema_lock)."""
+    from mlflow.tracking import MlflowClient
+
+    with schema_lock(tracking_uri):
+        return MlflowClient(tracking_uri=tracking_uri)  # opening the store creates a new one's tables
 
 
 def check_reachable(tracking_uri: str, timeout: float = 5.0) -> None:
@@ -94,13 +125,11 @@ def ensure_run(cfg: RunConfig, tracking_uri: str, run_dir: Path | str) -> str | 
     Unreachable server: a RuntimeError naming the URI, or None when tracking.buffer_if_unreachable is set
     (rank 0 then creates or finds the run once the server answers; metrics wait in its buffer meanwhile).
     """
-    from mlflow.tracking import MlflowClient
-
     secrets = secret_values(dict(os.environ))
     id_file = storage.join(run_dir, RUN_ID_FILE)
     try:
         check_reachable(tracking_uri)
-        client = MlflowClient(tracking_uri=tracking_uri)
+        client = open_client(tracking_uri)
         run_id = recorded_run_id(run_dir) or find_run(client, cfg, str(run_dir))
         if run_id is not None:
             _resume_run(client, cfg, run_id, secrets, id_file)
@@ -138,13 +167,11 @@ def replay_spool(tracking_uri: str, run_id: str, spool: Path, timeout: float = 1
 def finish_run(tracking_uri: str, run_id: str | None, ok: bool, cfg: RunConfig | None = None,
                run_dir: Path | str | None = None) -> str | None:
     """Marks the run finished or failed; returns its id (found in the run folder when it was created late)."""
-    from mlflow.tracking import MlflowClient
-
     try:
         check_reachable(tracking_uri)  # fail in seconds, not after the client's minutes of retries
         if run_id is None and run_dir is not None:
             run_id = recorded_run_id(run_dir)
-        client = MlflowClient(tracking_uri=tracking_uri)
+        client = open_client(tracking_uri)
         if run_id is None and cfg is not None and run_dir is not None:
             run_id = find_run(client, cfg, str(run_dir))
         if run_id is None:

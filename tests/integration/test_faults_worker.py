@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 
 import pytest
 
@@ -19,20 +18,19 @@ NO_EVAL = ["data.eval_pairs=", "scaling.num_workers=2", "scaling.cpus_per_worker
 
 def test_worker_killed_mid_run_job_completes_with_uninterrupted_weights(synthetic_data, tmp_path):
     storage, data = tmp_path / "runs", str(synthetic_data)
-    t0 = time.monotonic()
+    # The reference runs beside the killed job (each driver has its own local Ray): the outcome does not depend
+    # on timing, and the start-ups overlap (about 40 s less than one after the other, measured).
     with driver(["train", DEBUG_CONFIG, *small_run("straight", storage, data, extra=NO_EVAL)],
-                tmp_path / "straight.log") as ref:
-        assert ref.wait(timeout=300) == 0, ref.tail()
-    t_ref = time.monotonic() - t0
-
-    with driver(["train", DEBUG_CONFIG, *small_run("killed", storage, data, extra=NO_EVAL)],
-                tmp_path / "killed.log") as run:
+                tmp_path / "straight.log") as ref, \
+            driver(["train", DEBUG_CONFIG, *small_run("killed", storage, data, extra=NO_EVAL)],
+                   tmp_path / "killed.log") as run:
         wait_for(lambda: registered(storage / "killed", 10), 300, "the step-10 checkpoint", run)
         workers = wait_for(lambda: len(run.train_workers()) == 2 and run.train_workers(), 60, "2 train workers", run)
         victim = workers[-1]
         os.kill(victim.pid, signal.SIGKILL)  # mid-step: steps 11.. are running now
         assert run.wait(timeout=360) == 0, run.tail()
         out = run.output()
+        assert ref.wait(timeout=300) == 0, ref.tail()
 
     # The kill was noticed and the group restarted from the step-10 checkpoint, not from scratch.
     assert "resumed from" in out and "at step 10" in out, out[-3000:]
@@ -47,7 +45,7 @@ def test_worker_killed_mid_run_job_completes_with_uninterrupted_weights(syntheti
     # Bit for bit (the trainer's promise, issue #6), not approximately: any difference is a resume defect.
     differing = differing_tensors(ref_w, got_w)
     assert not differing, (f"resume after a worker kill is not bitwise: {len(differing)}/{len(ref_w)} fp32 "
-                           f"tensors differ at step 20, e.g. {differing[:3]} (reference run took {t_ref:.0f}s)")
+                           f"tensors differ at step 20, e.g. {differing[:3]}")
 
 
 def test_a_frozen_rank_hangs_the_collective_and_the_watchdog_restarts_the_job(synthetic_data, tmp_path):

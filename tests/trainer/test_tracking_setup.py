@@ -151,3 +151,40 @@ def test_every_ordinary_setting_is_a_param(tmp_path):
 
     cfg = cfg_for(tmp_path)
     assert set(safe_params(cfg)) == set(flatten(to_dict(cfg)))  # nothing of the shipped config is secret
+
+
+JOB_START = """
+import sys, time
+from orchestrator.tracking_setup import default_tracking_uri, ensure_run
+from trainer.config import load_config
+name, storage, start = sys.argv[1], sys.argv[2], float(sys.argv[3])
+cfg = load_config({config!r}, [f"run.storage={{storage}}", f"run.name={{name}}", "tracking.experiment=t"])
+run_dir = f"{{storage}}/{{name}}"
+uri = default_tracking_uri(cfg, run_dir)
+while time.time() < start:  # every job opens the new store at the same moment
+    time.sleep(0.001)
+print("run", ensure_run(cfg, uri, run_dir))
+"""
+
+
+def test_jobs_started_together_share_a_new_sqlite_store(tmp_path):
+    """Three jobs into one storage at once create its default <storage>/mlflow.db together: MLflow's table creation
+    raced ("table _alembic_tmp_tags already exists", failing 3 of 3 processes before schema_lock), so all but the
+    first job refused to start. Each now gets its run."""
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    storage = tmp_path / "runs"
+    code = JOB_START.format(config=DEBUG_CONFIG)
+    start = time.time() + 12  # after the imports of all three
+    procs = [subprocess.Popen([sys.executable, "-c", code, f"job{i}", str(storage), str(start)],
+                              cwd=Path(__file__).resolve().parents[2], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for i in range(3)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0 and "run " in out, err[-2000:]
+    client = MlflowClient(f"sqlite:///{storage / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("t").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["job0", "job1", "job2"]
