@@ -47,6 +47,8 @@ def train_func(payload: dict) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     import ray.train
 
+    _quiet_report_echo()
+
     from trainer.loop import Trainer
 
     ctx = ray.train.get_context()
@@ -55,6 +57,15 @@ def train_func(payload: dict) -> None:
                       mlflow_run_id=payload.get("mlflow_run_id"), tracking_uri=payload.get("tracking_uri", ""),
                       local_rank=ctx.get_local_rank(), control_dir=payload.get("control_dir"))
     trainer.run()
+
+
+def _quiet_report_echo() -> None:
+    """Ray Train logs each report at INFO from every rank with its whole metrics dict ("Reporting training result
+    3: TrainingReport(... 40 metrics ...)"): a screen per checkpoint repeating the trainer's own step line. Its
+    logger is named after its file; warnings and errors still show. Nothing happens if Ray renames it."""
+    for name in list(logging.root.manager.loggerDict):
+        if name.replace("\\", "/").endswith("train/v2/_internal/execution/context.py"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _has_cuda() -> bool:
