@@ -56,8 +56,8 @@ class Watchdog:
         try:
             yield
         finally:
+            self.beat()  # first: the watch thread must not see the step limit against the phase's last beat
             self._current = previous
-            self.beat()
 
     def stop(self) -> None:
         self._stopped.set()
