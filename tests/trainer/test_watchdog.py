@@ -100,6 +100,24 @@ def test_trainer_checkpoint_runs_under_the_phase_limit(monkeypatch):
     assert "the checkpoint save of step 12" in expiry.why
 
 
+def test_trainer_start_up_runs_under_the_phase_limit(monkeypatch):
+    """Trainer.run: a restore that never returns (a hung collective while loading) ends the worker too."""
+    trainer = Trainer(load_config(None, ["train.watchdog_phase_seconds=0.3"]), rank=0, world_size=1, reporter=None)
+    expiry = Expiry()
+    trainer.watchdog = Watchdog(30.0, on_expire=expiry, phase_timeout_s=trainer.cfg.train.watchdog_phase_seconds)
+    hung = threading.Event()
+    monkeypatch.setattr(trainer, "_start_up", lambda: hung.wait(5.0) and None)
+    monkeypatch.setattr(trainer, "_step_loop", lambda *a: {})
+    worker = threading.Thread(target=trainer.run, daemon=True)
+    worker.start()
+    try:
+        assert expiry.fired.wait(5.0)
+    finally:
+        hung.set()
+        worker.join(10)
+    assert "start-up" in expiry.why and "train.watchdog_phase_seconds" in expiry.why
+
+
 def test_default_action_names_the_setting():
     code = ("from trainer.watchdog import Watchdog; import time; d = Watchdog(0.2, name='rank 1'); d.start(); "
             "time.sleep(10)")
