@@ -129,6 +129,17 @@ def _start_time(pid: int) -> str | None:
         return None
 
 
+def _running(pid: int, start: str) -> bool:
+    """Whether ``pid`` is still the process that started at ``start`` and has not exited. A zombie has exited (its
+    reaping is pending, and in a container whose init does not reap, may never come): it holds no port or memory."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return False
+    return len(fields) > 19 and fields[19] == start and fields[0] != "Z"
+
+
 def _descendants(root: int) -> dict[int, str]:
     """pid -> start time of every process below `root` (Linux /proc; empty elsewhere).
 
@@ -152,11 +163,15 @@ def _descendants(root: int) -> dict[int, str]:
     return found
 
 
-def _kill_listed(procs: dict[int, str]) -> None:
+def _kill_listed(procs: dict[int, str], timeout: float = 5.0) -> None:
+    """SIGKILL each listed process still running, then wait (bounded) until none is: a kill is not instant."""
     for pid, start in procs.items():
-        if _start_time(pid) == start:
+        if _running(pid, start):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    while any(_running(pid, start) for pid, start in procs.items()) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def _tail(path: str | Path, lines: int = 40) -> str:

@@ -175,7 +175,7 @@ def test_head_and_worker_on_loopback_then_the_worker_dies(head):
     children = lc._descendants(worker.pid)
     worker.stop()
     assert not worker.running
-    assert not [pid for pid, start in children.items() if lc._start_time(pid) == start], (
+    assert not [pid for pid, start in children.items() if lc._running(pid, start)], (
         "processes left behind"
     )
     dead = lc.wait_for_node_state(head, worker.name, "DEAD", timeout=30)
