@@ -81,40 +81,43 @@ def test_the_step_limit_is_back_after_a_phase_that_raised():
     assert "a training step" in expiry.why
 
 
-def test_trainer_checkpoint_runs_under_the_phase_limit(monkeypatch):
-    """Trainer.checkpoint: a save that never returns ends the worker, naming the save and its step."""
+def watched_trainer() -> tuple[Trainer, Expiry, threading.Event]:
+    """A Trainer whose watchdog records instead of exiting (phase limit 0.3 s), and the event that un-hangs it."""
     trainer = Trainer(load_config(None, ["train.watchdog_phase_seconds=0.3"]), rank=0, world_size=1, reporter=None)
     expiry = Expiry()
     trainer.watchdog = Watchdog(30.0, on_expire=expiry, phase_timeout_s=trainer.cfg.train.watchdog_phase_seconds)
-    hung = threading.Event()
-    monkeypatch.setattr(trainer, "save", lambda step: hung.wait(5.0) and None)
-    trainer.watchdog.start()
-    worker = threading.Thread(target=lambda: pytest.raises(Exception, trainer.checkpoint, 12, {}), daemon=True)
+    return trainer, expiry, threading.Event()
+
+
+def fires_while(target, expiry: Expiry, hung: threading.Event) -> bool:
+    """Runs ``target`` in a thread; whether the watchdog fired while it hung (then releases it)."""
+    worker = threading.Thread(target=target, daemon=True)
     worker.start()
     try:
-        assert expiry.fired.wait(5.0)
+        return expiry.fired.wait(5.0)
     finally:
         hung.set()
         worker.join(10)
+
+
+def test_trainer_checkpoint_runs_under_the_phase_limit(monkeypatch):
+    """Trainer.checkpoint: a save that never returns ends the worker, naming the save and its step."""
+    trainer, expiry, hung = watched_trainer()
+    monkeypatch.setattr(trainer, "save", lambda step: hung.wait(5.0) and None)
+    trainer.watchdog.start()
+    try:
+        assert fires_while(lambda: pytest.raises(Exception, trainer.checkpoint, 12, {}), expiry, hung)
+    finally:
         trainer.watchdog.stop()
     assert "the checkpoint save of step 12" in expiry.why
 
 
 def test_trainer_start_up_runs_under_the_phase_limit(monkeypatch):
     """Trainer.run: a restore that never returns (a hung collective while loading) ends the worker too."""
-    trainer = Trainer(load_config(None, ["train.watchdog_phase_seconds=0.3"]), rank=0, world_size=1, reporter=None)
-    expiry = Expiry()
-    trainer.watchdog = Watchdog(30.0, on_expire=expiry, phase_timeout_s=trainer.cfg.train.watchdog_phase_seconds)
-    hung = threading.Event()
+    trainer, expiry, hung = watched_trainer()
     monkeypatch.setattr(trainer, "_start_up", lambda: hung.wait(5.0) and None)
     monkeypatch.setattr(trainer, "_step_loop", lambda *a: {})
-    worker = threading.Thread(target=trainer.run, daemon=True)
-    worker.start()
-    try:
-        assert expiry.fired.wait(5.0)
-    finally:
-        hung.set()
-        worker.join(10)
+    assert fires_while(trainer.run, expiry, hung)
     assert "start-up" in expiry.why and "train.watchdog_phase_seconds" in expiry.why
 
 
