@@ -1,33 +1,75 @@
 #!/usr/bin/env bash
-# Creates (once) the project's virtual environment in .venv and installs unimo with its dev extra.
-# A second call finds the stamp file and returns at once. CPU machines get the CPU torch wheel;
-# GPU users may pre-install their own CUDA torch build into .venv (or set UNIMO_TORCH_SPEC).
+# Creates (once) the project's virtual environment in .venv from the committed lock (requirements/lock-dev.txt)
+# and installs unimo into it, editable. A second call finds the stamp file and returns at once.
+#
+# Installer: uv (installed with pip when absent; it resolves nothing here, the lock is exact, and installs in
+# seconds); UNIMO_INSTALLER=pip uses pip instead. torch is installed first and apart from the lock: CPU machines
+# get the CPU wheel (UNIMO_TORCH_SPEC, default torch==2.13.0+cpu); a GPU user installs a CUDA build into .venv
+# before running this (or sets UNIMO_TORCH_SPEC and UNIMO_TORCH_INDEX), and it is kept.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${UNIMO_VENV:-.venv}
+LOCK=${UNIMO_LOCK:-requirements/lock-dev.txt}
 STAMP="$VENV/.unimo-installed"
-# The stamp records a hash of pyproject.toml, so a changed dependency list re-installs.
-want=$(sha256sum pyproject.toml | cut -c1-16)
+# The stamp records a hash of the lock and pyproject.toml, so a changed dependency set re-installs.
+want=$(cat "$LOCK" pyproject.toml | sha256sum | cut -c1-16)
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
   exit 0
 fi
+t0=$SECONDS
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
-echo "[setup] installing unimo into $VENV with $($PY --version) (first time: a few minutes)" >&2
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-# pip's notes about this machine's local package mirrors are noise; real errors still show.
-pip_quiet() { "$VENV/bin/python" -m pip "$@" 2> >(grep -v "^WARNING: Location" >&2); }
-PIP=pip_quiet
-$PIP install -q --upgrade pip setuptools wheel
-# torch first, pinned: an unpinned torch would pull a multi-GB CUDA build on a CPU machine.
-if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
-  $PIP install -q "${UNIMO_TORCH_SPEC:-torch==2.13.0}"
+echo "[setup] installing unimo into $VENV with $("$VENV/bin/python" --version) from $LOCK" >&2
+
+# Where torch's CPU wheel comes from: a local wheel folder when the machine has one (pip's find-links here), else
+# PyTorch's CPU index. uv does not read pip's configuration, so both are passed explicitly.
+WHEELS=${UNIMO_WHEELS:-/opt/wheels}
+TORCH_SPEC=${UNIMO_TORCH_SPEC:-torch==2.13.0+cpu}
+TORCH_SRC=()
+if [ -n "${UNIMO_TORCH_INDEX:-}" ]; then
+  TORCH_SRC=(--extra-index-url "$UNIMO_TORCH_INDEX")
+elif [ -d "$WHEELS" ] && ls "$WHEELS"/torch-* >/dev/null 2>&1; then
+  TORCH_SRC=(--find-links "$WHEELS")
+else
+  TORCH_SRC=(--extra-index-url https://download.pytorch.org/whl/cpu)
 fi
-# deepspeed's setup.py imports torch, so it must build against the torch we just installed.
-if ! "$VENV/bin/python" -c "import deepspeed" 2>/dev/null; then
-  DS_BUILD_OPS=0 $PIP install -q --no-build-isolation "deepspeed>=0.16"
+
+installer=${UNIMO_INSTALLER:-uv}
+UV=""
+if [ "$installer" = uv ]; then
+  if command -v uv >/dev/null; then
+    UV=$(command -v uv)
+  else
+    echo "[setup] uv not found: installing it into $VENV with pip" >&2
+    if "$VENV/bin/python" -m pip install -q uv 2> >(grep -v "^WARNING: Location" >&2); then
+      UV="$VENV/bin/uv"
+    else
+      echo "[setup] could not install uv; falling back to pip (slower)" >&2
+      installer=pip
+    fi
+  fi
 fi
-$PIP install -q -e ".[dev]"
+
+if [ "$installer" = uv ]; then
+  uvpip() { "$UV" pip "$@" --python "$VENV/bin/python"; }
+  if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+    uvpip install -q "${TORCH_SRC[@]}" --index-strategy unsafe-best-match "$TORCH_SPEC"
+  fi
+  # --no-deps: the lock is the whole closure but torch (installed above). deepspeed ships as a source package
+  # whose setup imports torch: build it against the torch just installed.
+  DS_BUILD_OPS=0 uvpip install -q --require-hashes --no-deps --no-build-isolation-package deepspeed -r "$LOCK"
+  uvpip install -q --no-deps -e .
+else
+  # pip fallback: the same lock, hash-checked; the machine's pip configuration (indexes, find-links) applies.
+  pip_quiet() { "$VENV/bin/python" -m pip "$@" 2> >(grep -v "^WARNING: Location" >&2); }
+  pip_quiet install -q --upgrade pip setuptools wheel
+  if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+    pip_quiet install -q "${TORCH_SRC[@]}" "$TORCH_SPEC"
+  fi
+  DS_BUILD_OPS=0 pip_quiet install -q --require-hashes --no-deps --no-build-isolation -r "$LOCK"
+  pip_quiet install -q --no-deps --no-build-isolation -e .
+fi
 # On a CPU machine DeepSpeed JIT-compiles its shared-memory collective op the first time a process group starts
 # (about 30 s here, cached in ~/.cache/torch_extensions): build it now rather than inside the first training run
 # or test. Not fatal: DeepSpeed would report the same compiler error there.
@@ -38,4 +80,4 @@ if not torch.cuda.is_available():
     build_shm_op()
 PYEOF
 echo "$want" > "$STAMP"
-echo "[setup] done: $VENV" >&2
+echo "[setup] done: $VENV in $((SECONDS - t0)) s" >&2
