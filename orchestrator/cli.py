@@ -19,18 +19,40 @@ DESCRIPTION = """unimo: distributed pre-training of UNIMO-family vision-language
 
 Common commands:
   unimo demo                         synthetic data -> 2 Ray workers, ZeRO-3 -> checkpoints + MLflow
-  unimo train configs/debug.yaml model.fusion.layers=2 run.name=try1
-  unimo config show configs/debug.yaml            print the resolved config
+  unimo train debug model.fusion.layers=2 run.name=try1    (a shipped config's name, or a YAML file)
+  unimo config list                               the shipped configs
+  unimo config show debug                         print the resolved config
   unimo model info base                           parameters and FLOPs per sample of a flavor
   unimo data shards --help                        write WebDataset shards
   unimo mlflow                                    start a local MLflow tracking server + UI
-  unimo submit configs/base.yaml --address http://HEAD:8265 run.name=b1   run on a Ray cluster (Jobs API)
+  unimo submit base --address http://HEAD:8265 run.name=b1   run on a Ray cluster (Jobs API)
   unimo jobs list|status|logs [--follow]|stop JOB --address http://HEAD:8265
 """
 
 
+def unimo_version() -> str:
+    """The installed distribution's version (a checkout without an install reads pyproject.toml's)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("unimo")
+    except PackageNotFoundError:
+        import re
+
+        text = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
+        match = re.search(r'^version = "([^"]+)"', text, re.M)
+        return match.group(1) if match else "unknown"
+
+
+# -v/--verbose is accepted before and after the subcommand; SUPPRESS keeps a subparser's default from
+# overwriting a -v given before the subcommand.
+VERBOSE = argparse.ArgumentParser(add_help=False)
+VERBOSE.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="YAML run config, e.g. configs/debug.yaml")
+    p.add_argument("config", help="a shipped config's name (debug, small, base, large, xl; `unimo config list`) "
+                                  "or a YAML file, e.g. configs/debug.yaml")
     p.add_argument("overrides", nargs="*", metavar="key.path=value",
                    help="dotted overrides applied on top of the file, e.g. model.fusion.layers=2 run.name=exp1")
 
@@ -39,7 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unimo", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"unimo {unimo_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    add_parser = sub.add_parser
+
+    def add(name, **kwargs):  # every subcommand takes -v too
+        return add_parser(name, parents=[VERBOSE], **kwargs)
+
+    sub.add_parser = add
 
     p = sub.add_parser("train", help="train (or resume) a run on an embedded local Ray or a cluster",
                        description="Train the run named by run.name; if it exists in run.storage, resume it "
@@ -53,17 +82,19 @@ def build_parser() -> argparse.ArgumentParser:
                                    "DeepSpeed ZeRO-3, checkpoints, logs to a local MLflow store, and prints "
                                    "where to look.")
     p.add_argument("--out", default="demo_out", help="folder for the data, checkpoints and MLflow store")
-    p.add_argument("--config", default=None, help="config file (default: configs/debug.yaml)")
+    p.add_argument("--config", default=None, help="config name or file (default: the shipped debug config)")
     p.add_argument("overrides", nargs="*", metavar="key.path=value", help="dotted config overrides")
 
     p = sub.add_parser("config", help="inspect configs")
     csub = p.add_subparsers(dest="config_command", metavar="SUBCOMMAND")
-    show = csub.add_parser("show", help="print the resolved config (defaults <- file <- overrides)")
+    csub.add_parser("list", parents=[VERBOSE], help="the shipped configs, with where they live")
+    show = csub.add_parser("show", parents=[VERBOSE],
+                           help="print the resolved config (defaults <- file <- overrides)")
     _add_config_args(show)
 
     p = sub.add_parser("model", help="model tools")
     msub = p.add_subparsers(dest="model_command", metavar="SUBCOMMAND")
-    info = msub.add_parser("info", help="parameters per part and FLOPs per sample of a flavor")
+    info = msub.add_parser("info", parents=[VERBOSE], help="parameters per part and FLOPs per sample of a flavor")
     info.add_argument("flavor", help="debug, small, base, large or xl")
 
     p = sub.add_parser("data", help="data tools (shards, tokenizer); see `unimo data --help`", add_help=False)
@@ -73,8 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("submit", help="submit a run to a Ray cluster (Jobs API); see `unimo submit --help`",
                        add_help=False)
     p.add_argument("args", nargs=argparse.REMAINDER)
-    p = sub.add_parser("jobs", help="list, status, logs [--follow], stop jobs on a Ray cluster; see `unimo jobs --help`",
-                       add_help=False)
+    p = sub.add_parser("jobs", aliases=["job"], add_help=False,
+                       help="list, status, logs [--follow], stop jobs on a Ray cluster; see `unimo jobs --help`")
     p.add_argument("args", nargs=argparse.REMAINDER)
 
     p = sub.add_parser("export", help="consolidate a checkpoint into safetensors + config + tokenizer",
@@ -116,8 +147,15 @@ def cmd_config(args: argparse.Namespace) -> int:
     from trainer.config import load_config
     from trainer.config_loader import to_dict
 
+    if args.config_command == "list":
+        from trainer import shipped_configs
+
+        folder = shipped_configs.shipped_dir()
+        for name in shipped_configs.shipped_names():
+            print(f"{name:8s} {folder / (name + '.yaml')}")
+        return 0
     if args.config_command != "show":
-        print("usage: unimo config show CONFIG [overrides]", file=sys.stderr)
+        print("usage: unimo config list | unimo config show CONFIG [overrides]", file=sys.stderr)
         return 2
     print(yaml.safe_dump(to_dict(load_config(args.config, args.overrides)), sort_keys=False))
     return 0
@@ -183,12 +221,12 @@ def cmd_mlflow(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "demo": cmd_demo, "config": cmd_config, "model": cmd_model, "data": cmd_data,
-            "mlflow": cmd_mlflow, "submit": cmd_submit, "jobs": cmd_jobs, "export": cmd_export}
+            "mlflow": cmd_mlflow, "submit": cmd_submit, "jobs": cmd_jobs, "job": cmd_jobs, "export": cmd_export}
 
 
 # Commands that parse their own arguments: argparse's REMAINDER drops a leading option (`unimo submit --help`,
 # `unimo jobs list --address ...`), so everything after the command's name is handed over verbatim.
-PASSTHROUGH = ("data", "submit", "jobs")
+PASSTHROUGH = ("data", "submit", "jobs", "job")
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
@@ -196,7 +234,11 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
     first = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
     if first is not None and argv[first] in PASSTHROUGH:
         args = parser.parse_args(argv[:first + 1])
-        args.args = argv[first + 1:]
+        rest = argv[first + 1:]
+        # -v/--verbose after the command is unimo's, as for every other command (these parsers have none).
+        args.args = [a for a in rest if a not in ("-v", "--verbose")]
+        if len(args.args) != len(rest):
+            args.verbose = True
         return args
     return parser.parse_args(argv)
 
@@ -204,7 +246,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parse_args(parser, argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     if not args.command:
         parser.print_help()

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 # Never shipped as working_dir: environments, history, local outputs and caches. Ray's limit on the upload is
 # 100 MiB (after excludes), and none of these are needed to run the code.
@@ -120,9 +119,10 @@ def connect(address: str | None):
 class Submission:
     """What `unimo submit` sends: the entrypoint, its runtime_env and metadata."""
 
-    config: str  # relative to the project root (it travels inside working_dir)
+    config: str  # relative to working_dir (it travels inside it), or a shipped config's name
     overrides: list[str]
     run_name: str
+    working_dir: Path = field(default_factory=Path.cwd)
     python: str = "python"
     env: dict[str, str] = field(default_factory=dict)
     stop_grace_s: int = STOP_GRACE_S
@@ -133,11 +133,11 @@ class Submission:
         return shlex.join([self.python, "-m", "orchestrator.cli", "train", self.config, *self.overrides,
                            "scaling.address=auto"])
 
-    def runtime_env(self, root: Path = PROJECT_ROOT) -> dict:
+    def runtime_env(self) -> dict:
         env = job_env(self.env)
         # Read by the job's supervisor actor, which gets the job's env_vars too.
         env["RAY_JOB_STOP_WAIT_TIME_S"] = str(self.stop_grace_s)
-        return {"working_dir": str(root), "excludes": list(EXCLUDES), "env_vars": env}
+        return {"working_dir": str(self.working_dir), "excludes": list(EXCLUDES), "env_vars": env}
 
     def metadata(self) -> dict[str, str]:
         return {"unimo_run": self.run_name, "unimo_config": self.config}
@@ -172,13 +172,22 @@ def parse_env(items: list[str]) -> dict[str, str]:
     return out
 
 
-def project_relative(config: str, root: Path = PROJECT_ROOT) -> str:
-    path = Path(config).resolve()
+def config_for_job(config: str, working_dir: Path) -> str:
+    """The config as the job names it: a file's path relative to working_dir (the folder that travels to the
+    cluster), or a shipped config's name, which the cluster's unimo resolves itself."""
+    from trainer import shipped_configs
+
+    path = Path(config)
+    if not path.is_file():
+        if shipped_configs.shipped_path(config) is not None:
+            return Path(config).name
+        raise JobsError(f"config {config} not found: give a YAML file inside the working dir or a shipped "
+                        "config's name (`unimo config list`)")
     try:
-        return path.relative_to(root).as_posix()
+        return path.resolve().relative_to(working_dir.resolve()).as_posix()
     except ValueError:
-        raise JobsError(f"config {config} lies outside the project root {root}; only the project travels to the "
-                        "cluster (as working_dir), so put the config under it (e.g. configs/)") from None
+        raise JobsError(f"config {config} lies outside the working dir {working_dir}; only that folder travels to "
+                        "the cluster, so put the config under it or pass --working-dir") from None
 
 
 def _is_relative_local(value: str) -> bool:
@@ -206,15 +215,19 @@ def check_cluster_paths(cfg) -> None:
 
 
 def prepare(config: str, overrides: list[str], python: str = "python",
-            env: dict[str, str] | None = None, stop_grace_s: int = STOP_GRACE_S) -> Submission:
+            env: dict[str, str] | None = None, stop_grace_s: int = STOP_GRACE_S,
+            working_dir: str | Path | None = None) -> Submission:
     """Validates the config here (B1-B4 fail before anything is sent) and builds the submission."""
     from trainer.config import load_config
 
     cfg = load_config(config, overrides)
     cfg.check_ready_to_train()
     check_cluster_paths(cfg)
-    return Submission(config=project_relative(config), overrides=list(overrides), run_name=cfg.run.name,
-                      python=python, env=dict(env or {}), stop_grace_s=stop_grace_s)
+    folder = Path(working_dir) if working_dir is not None else Path.cwd()
+    if not folder.is_dir():
+        raise JobsError(f"--working-dir {folder} is not a folder")
+    return Submission(config=config_for_job(config, folder), overrides=list(overrides), run_name=cfg.run.name,
+                      working_dir=folder.resolve(), python=python, env=dict(env or {}), stop_grace_s=stop_grace_s)
 
 
 def live_jobs_of_run(client, run_name: str) -> list:
@@ -284,14 +297,17 @@ def _add_address(p: argparse.ArgumentParser) -> None:
 
 def submit_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="unimo submit", description="Submit a training run to a Ray cluster through the Jobs API. The project "
-        "folder travels as the job's working_dir; on the cluster the job runs `unimo train CONFIG overrides` "
-        "joined to the cluster. Re-submitting the same run.name resumes the run.")
-    p.add_argument("config", help="YAML run config inside the project, e.g. configs/base.yaml")
+        prog="unimo submit", description="Submit a training run to a Ray cluster through the Jobs API. The working "
+        "dir (default: the current folder, as `ray job submit`) travels to the cluster; there the job runs `unimo "
+        "train CONFIG overrides` joined to the cluster. Re-submitting the same run.name resumes the run.")
+    p.add_argument("config", help="a shipped config's name (e.g. base) or a YAML file inside the working dir")
     p.add_argument("overrides", nargs="*", metavar="key.path=value", help="dotted config overrides")
     _add_address(p)
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment variable for the job (repeatable); credentials are refused")
+    p.add_argument("--working-dir", default=None, metavar="DIR",
+                   help="folder uploaded as the job's working_dir (default: the current folder); code in it "
+                        "takes precedence over the cluster's installed unimo")
     p.add_argument("--python", default="python", help="interpreter on the cluster (default: python)")
     p.add_argument("--stop-grace", type=int, default=STOP_GRACE_S, metavar="SECONDS",
                    help="on `unimo jobs stop`, how long the job may take to checkpoint and exit before it is "
@@ -303,7 +319,7 @@ def submit_parser() -> argparse.ArgumentParser:
 def submit_main(argv: list[str]) -> int:
     args = submit_parser().parse_intermixed_args(argv)
     sub = prepare(args.config, args.overrides, python=args.python, env=parse_env(args.env),
-                  stop_grace_s=args.stop_grace)
+                  stop_grace_s=args.stop_grace, working_dir=args.working_dir)
     address = resolve_address(args.address)
     client = connect(address)
     job_id = submit(client, sub, address)

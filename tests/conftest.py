@@ -12,7 +12,15 @@ os.environ.setdefault("DO_NOT_TRACK", "true")
 os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
 
 
+# Fixtures that start a server: a test that uses one belongs to the integration tier whatever its file says.
+SERVICE_FIXTURES = {"s3_server", "s3_data", "s3_runs"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
     try:
         import torch
 
@@ -25,3 +33,53 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# ---- the unit tier: no service, no subprocess ------------------------------------------------------------------
+# A test without the `integration` (or `gpu`) marker belongs to the fast unit tier, which must not start processes
+# or servers. Rather than trusting the markers, the tier is enforced: while such a test runs (its fixtures
+# included), starting a subprocess, forking, or listening on a socket raises. A test that needs any of them is
+# an integration test and must say so with @pytest.mark.integration.
+
+
+class UnitTierViolation(RuntimeError):
+    """A test outside the integration tier started a process or a server."""
+
+
+def _is_unit(item) -> bool:
+    return not (item.get_closest_marker("integration") or item.get_closest_marker("gpu"))
+
+
+def _refuser(item, what):
+    def refuse(*args, **kwargs):
+        raise UnitTierViolation(f"{item.nodeid}: a unit test {what}. Unit tests start no process or server; "
+                                "mark the test @pytest.mark.integration if it needs one.")
+    return refuse
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    if os.environ.get("UNIMO_UNIT_GUARD", "1") == "0" or not _is_unit(item):
+        yield
+        return
+    import _posixsubprocess
+    import multiprocessing.util
+    import socket
+    import subprocess
+
+    saved = [(subprocess.Popen, "_execute_child", subprocess.Popen._execute_child),
+             (_posixsubprocess, "fork_exec", _posixsubprocess.fork_exec),
+             (multiprocessing.util, "spawnv_passfds", multiprocessing.util.spawnv_passfds),
+             (os, "fork", os.fork), (os, "posix_spawn", os.posix_spawn),
+             (socket.socket, "listen", socket.socket.listen)]
+    subprocess.Popen._execute_child = _refuser(item, "started a subprocess")
+    _posixsubprocess.fork_exec = _refuser(item, "started a subprocess")
+    multiprocessing.util.spawnv_passfds = _refuser(item, "spawned a process")
+    os.fork = _refuser(item, "forked a process")
+    os.posix_spawn = _refuser(item, "spawned a process")
+    socket.socket.listen = _refuser(item, "listened on a socket (a server)")
+    try:
+        yield
+    finally:
+        for owner, name, value in saved:
+            setattr(owner, name, value)

@@ -15,6 +15,7 @@ from model.config import ModelConfig
 from model.flavors import get_flavor
 
 from trainer.config_loader import BASE_HOOKS, ConfigError, build, merge_raw
+from trainer import shipped_configs
 
 # Objective name -> the data source it reads. The trainer's objectives registry implements each one.
 OBJECTIVE_SOURCES = {
@@ -290,9 +291,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Defaults <- YAML file <- dotted overrides; raises ConfigError naming the key on any problem."""
     text = None
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file '{path}' not found (try one of configs/*.yaml)")
+        p = shipped_configs.resolve(path)
+        if p is None:
+            names = ", ".join(shipped_configs.shipped_names()) or "none found"
+            raise ConfigError(f"config file '{path}' not found: give a YAML file's path or a shipped config's "
+                              f"name ({names}; `unimo config list`)")
         text = p.read_text()
     try:
         raw = merge_raw(text, list(overrides or []))

@@ -77,12 +77,17 @@ def _index(instructions, predicate) -> int:
     return next(i for i, ins in enumerate(instructions) if predicate(*ins))
 
 
-def test_installs_deepspeed_without_build_isolation_then_the_project(instructions):
+def test_installs_the_lock_then_the_project_without_dependencies(instructions):
     runs = [(i, a) for i, (k, a) in enumerate(instructions) if k == "RUN"]
-    ds = next(i for i, a in runs if re.search(r"pip install --no-build-isolation [\"']?deepspeed", a))
-    project = next(i for i, a in runs if re.search(r"pip install \.(\s|$|&)", a))
+    lock = next(i for i, a in runs if "-r requirements/lock.txt" in a)
+    args = instructions[lock][1]
+    # the lock is the whole closure but torch (the base image's); deepspeed builds against that torch
+    assert "--no-deps" in args and "--require-hashes" in args and "--no-build-isolation" in args
+    copy_lock = _index(instructions, lambda k, a: k == "COPY" and "requirements/lock.txt" in a)
+    project = next(i for i, a in runs if re.search(r"pip install --no-deps \.(\s|$|&)", a))
     copy_pyproject = _index(instructions, lambda k, a: k == "COPY" and "pyproject.toml" in a)
-    assert ds < project and copy_pyproject < project
+    assert copy_lock < lock < project and copy_pyproject < project
+    assert (ROOT / "requirements" / "lock.txt").is_file()
 
 
 def test_copies_every_installed_package_and_the_configs(instructions):
@@ -99,8 +104,17 @@ def test_runs_as_non_root_with_home_set(instructions):
     assert "HOME=/home/" in envs  # `ray up` assumes /root without it
 
 
-def test_no_entrypoint_and_no_secrets(instructions, no_clear_secrets):
-    assert not any(k == "ENTRYPOINT" for k, _ in instructions), "ray up / KubeRay supply the command"
+def test_entrypoint_runs_unimo_and_passes_other_commands(instructions):
+    entry = [a for k, a in instructions if k == "ENTRYPOINT"]
+    assert entry == ['["unimo-entrypoint"]']
+    assert any(k == "COPY" and a.startswith("cluster/entrypoint.sh ") for k, a in instructions)
+    script = (CLUSTER / "entrypoint.sh").read_text()
+    # `ray up` runs `docker run ... IMAGE bash`: bash must not become `unimo bash`
+    unimo_words = script.split("case", 1)[1].split(")", 1)[0]
+    assert "bash" not in unimo_words and "train" in unimo_words and "exec \"$@\"" in script
+
+
+def test_no_secrets(instructions, no_clear_secrets):
     for keyword, args in instructions:
         if keyword in ("ENV", "ARG"):
             for token in shlex.split(args):

@@ -95,12 +95,14 @@ def test_head_info_client_env_headers_and_state_without_token():
     assert open_head.client_env()["RAY_AUTH_MODE"] == "disabled" and open_head.auth_headers() == {}
 
 
+@pytest.mark.integration
 def test_module_imports_neither_torch_nor_ray():
     code = "import sys, cluster.local_cluster; print(sorted({'torch', 'ray'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
 
+@pytest.mark.integration
 def test_ray_start_wrapper_flips_only_the_cli_view_of_the_loopback_flag():
     # Pins the Ray internals _ray_start.py relies on: a Ray upgrade that moves them fails here, not in a run.
     code = """

@@ -20,7 +20,7 @@ def _batches(urls, objectives, workers, n=4):
             return out, loader.state_dict()
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.integration)])  # 2: worker processes
 def test_objectives_decide_the_parts_not_the_samples(local_data, workers):
     full, full_state = _batches(local_data, None, workers)
     lean, lean_state = _batches(local_data, {"itc", "mlm_pair", "lm_text"}, workers)

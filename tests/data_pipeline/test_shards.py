@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from PIL import Image
 
 from data_pipeline import DataConfig, SourceConfig, build_loader
@@ -102,6 +104,7 @@ def test_cli_text_shards_and_tokenizer_on_s3(s3_server, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["samples"] == 30
 
 
+@pytest.mark.integration
 def test_cli_errors_are_one_line_and_help_works(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["inspect", str(tmp_path / "empty")]) == 2

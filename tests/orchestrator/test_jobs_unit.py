@@ -94,11 +94,30 @@ def test_relative_paths_are_refused_naming_the_keys():
     assert "run.storage=./demo_out/runs" in str(err.value) and "data.pair.urls=" in str(err.value)
 
 
-def test_config_outside_the_project_is_refused(tmp_path):
+def test_config_outside_the_working_dir_is_refused(tmp_path):
     outside = tmp_path / "c.yaml"
     outside.write_text((ROOT / "configs" / "debug.yaml").read_text())
-    with pytest.raises(JobsError, match="outside the project root"):
-        jobs.prepare(str(outside), _overrides(tmp_path))
+    with pytest.raises(JobsError, match="outside the working dir"):
+        jobs.prepare(str(outside), _overrides(tmp_path), working_dir=ROOT)
+
+
+def test_working_dir_defaults_to_the_current_folder_and_carries_its_configs(tmp_path, monkeypatch):
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / "c.yaml").write_text((ROOT / "configs" / "debug.yaml").read_text())
+    monkeypatch.chdir(tmp_path)
+    sub = jobs.prepare("exp/c.yaml", _overrides(tmp_path))
+    assert sub.runtime_env()["working_dir"] == str(tmp_path.resolve()) and sub.config == "exp/c.yaml"
+    assert "train exp/c.yaml" in sub.entrypoint()
+
+
+def test_a_shipped_config_name_travels_as_its_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no configs/ here: the name is resolved by the cluster's installed unimo
+    sub = jobs.prepare("debug", _overrides(tmp_path), working_dir=tmp_path)
+    assert sub.config == "debug" and "train debug " in sub.entrypoint()
+    from trainer.config_loader import ConfigError
+
+    with pytest.raises(ConfigError, match="no_such_config.*not found"):
+        jobs.prepare("no_such_config", _overrides(tmp_path), working_dir=tmp_path)
 
 
 def test_config_errors_surface_before_anything_is_sent(tmp_path):

@@ -75,11 +75,13 @@ def _race(run_dir: Path, n: int = 6) -> list[str]:
     return outcomes
 
 
+@pytest.mark.integration
 def test_concurrent_acquire_exactly_one_wins(tmp_path):
     outcomes = _race(tmp_path / "race")
     assert sorted(outcomes) == ["acquired"] + ["refused"] * 5
 
 
+@pytest.mark.integration
 def test_concurrent_takeover_of_a_stale_lock_exactly_one_wins(tmp_path):
     _foreign_lock(tmp_path / "race", heartbeat_age=3600)
     outcomes = _race(tmp_path / "race")
@@ -100,6 +102,7 @@ def test_stale_lock_of_another_host_is_taken_over_with_a_warning(tmp_path, caplo
     lock.release()
 
 
+@pytest.mark.integration
 def test_lock_of_a_dead_driver_on_this_host_is_taken_over_at_once(tmp_path):
     ctx = mp.get_context("fork")
     p = ctx.Process(target=time.sleep, args=(0,))

@@ -8,6 +8,10 @@ import torch.multiprocessing as mp
 from tests.integration.services import free_port
 from tests.trainer.test_objectives import make_batch, make_model
 from trainer.objectives import PretrainObjectives
+import pytest
+
+# Integration tier: two processes over gloo.
+pytestmark = pytest.mark.integration
 
 WORLD = 2
 B = 3  # pairs per rank

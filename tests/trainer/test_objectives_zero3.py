@@ -16,6 +16,9 @@ import torch.multiprocessing as mp
 from tests.integration.services import free_port
 from tests.trainer.test_objectives import ALL, make_batch, make_model
 
+# Integration tier: two processes running DeepSpeed ZeRO-3 over gloo.
+pytestmark = pytest.mark.integration
+
 pytest.importorskip("deepspeed")
 STEPS = 2
 JOIN_TIMEOUT_S = 240

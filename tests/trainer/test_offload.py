@@ -14,6 +14,9 @@ import torch.multiprocessing as mp
 
 from tests.integration.services import free_port
 
+# Integration tier: DeepSpeed ZeRO-3 engines over gloo.
+pytestmark = pytest.mark.integration
+
 pytest.importorskip("deepspeed")
 STEPS = 2
 VARIANTS = {"none": {}, "optimizer": {"offload_optimizer": True},

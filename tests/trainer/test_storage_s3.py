@@ -13,6 +13,9 @@ from tests.trainer.test_checkpoint import make_checkpoint
 from trainer import checkpoint as ckpt
 from trainer import storage
 
+# Integration tier: moto's S3 server on loopback.
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture(scope="module")
 def bucket():

@@ -42,6 +42,7 @@ def test_unreachable_server_with_buffering_trains_on_without_a_run(tmp_path, cap
     assert uri in caplog.text
 
 
+@pytest.mark.integration
 def test_one_run_across_resubmissions(tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -65,6 +66,7 @@ def test_one_run_across_resubmissions(tmp_path):
     assert client.get_run(first).info.status == "FINISHED"
 
 
+@pytest.mark.integration
 def test_a_deleted_run_is_named_in_the_error(tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -75,6 +77,7 @@ def test_a_deleted_run_is_named_in_the_error(tmp_path):
         ensure_run(cfg_for(tmp_path), uri, run_dir)
 
 
+@pytest.mark.integration
 def test_metrics_spooled_by_an_earlier_attempt_are_replayed_at_the_next_start(tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -116,6 +119,7 @@ def test_redact_and_stage_plan(tmp_path):
                                                                            ("crossmodal", 101, 300)]
 
 
+@pytest.mark.integration
 def test_rank0_creates_the_run_late_and_the_driver_finds_it(tmp_path):
     """B13 buffering: no run at start; rank 0 creates it once the server answers; the driver closes it."""
     from mlflow.tracking import MlflowClient
@@ -167,6 +171,7 @@ print("run", ensure_run(cfg, uri, run_dir))
 """
 
 
+@pytest.mark.integration
 def test_jobs_started_together_share_a_new_sqlite_store(tmp_path):
     """Three jobs into one storage at once create its default <storage>/mlflow.db together: MLflow's table creation
     raced ("table _alembic_tmp_tags already exists", failing 3 of 3 processes before schema_lock), so all but the

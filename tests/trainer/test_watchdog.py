@@ -121,6 +121,7 @@ def test_trainer_start_up_runs_under_the_phase_limit(monkeypatch):
     assert "start-up" in expiry.why and "train.watchdog_phase_seconds" in expiry.why
 
 
+@pytest.mark.integration
 def test_default_action_names_the_setting():
     code = ("from trainer.watchdog import Watchdog; import time; d = Watchdog(0.2, name='rank 1'); d.start(); "
             "time.sleep(10)")

@@ -1,0 +1,173 @@
+"""The data cursor: per-stream reading state, its rank-independent per-epoch view, merging and redistribution.
+
+Every source is read by S = world_size x workers streams. In each epoch the shards are permuted by a seed of
+(seed, source, epoch) and stream i of S reads ``order[i::S]`` in that order, then moves to its share of the next
+epoch (streams of one source may be in different epochs). A stream's state says which shards it still owns
+(``todo``, the ``head`` it is reading, ``open`` ones with items still in its shuffle buffer), which items of
+them were yielded, the buffer's content as item ids and its RNG draw counter. From the states of all streams
+follows the per-epoch view: for each epoch, the finished shards and, for partly read ones, the yielded item
+ordinals. The view is what another world size resumes from; the stream states give an exact resume.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import numpy as np
+
+VERSION = 1
+
+
+def order_seed(seed: int, source: str, epoch: int) -> int:
+    digest = hashlib.blake2b(f"{seed}/{source}/{epoch}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+@lru_cache(maxsize=64)
+def epoch_order(seed: int, source: str, epoch: int, n: int) -> tuple[int, ...]:
+    """The shard order of one epoch of one source."""
+    return tuple(int(i) for i in np.random.default_rng(order_seed(seed, source, epoch)).permutation(n))
+
+
+def planned_share(seed: int, source: str, epoch: int, n: int, streams: int, index: int) -> list[int]:
+    return list(epoch_order(seed, source, epoch, n)[index::streams])
+
+
+def to_ranges(values) -> list[list[int]]:
+    """Sorted ints as inclusive [first, last] runs: item sets stay small in JSON."""
+    out = []
+    for v in sorted(values):
+        if out and v == out[-1][1] + 1:
+            out[-1][1] = v
+        else:
+            out.append([v, v])
+    return out
+
+
+def from_ranges(ranges) -> set[int]:
+    return {v for a, b in ranges for v in range(a, b + 1)}
+
+
+def shard_key(epoch: int, shard: int) -> str:
+    return f"{epoch}:{shard}"
+
+
+def parse_key(key: str) -> tuple[int, int]:
+    e, s = key.split(":")
+    return int(e), int(s)
+
+
+@dataclass
+class StreamState:
+    """Where one stream of one source stands (see the module docstring)."""
+
+    streams: int                   # S of the plan this stream follows for fresh epochs
+    index: int                     # its index in that plan
+    fresh_epoch: int = 0           # its shares of this epoch and later are untouched
+    todo: list = field(default_factory=list)     # [[epoch, shard], ...] owned, not yet opened, in read order
+    head: list | None = None       # [epoch, shard, next ordinal to read]
+    done: dict = field(default_factory=dict)     # "epoch:shard" -> yielded ordinals, for every unfinished shard
+    buffer: list = field(default_factory=list)   # [[epoch, shard, ordinal], ...] in buffer order
+    draws: int = 0                 # shuffle RNG counter
+
+    def to_json(self) -> dict:
+        return {"plan": [self.streams, self.index], "fresh_epoch": self.fresh_epoch,
+                "todo": [list(t) for t in self.todo], "head": list(self.head) if self.head else None,
+                "open": {k: to_ranges(v) for k, v in self.done.items()},
+                "buffer": [list(b) for b in self.buffer], "draws": self.draws}
+
+    @classmethod
+    def from_json(cls, d: dict) -> StreamState:
+        return cls(streams=d["plan"][0], index=d["plan"][1], fresh_epoch=d["fresh_epoch"],
+                   todo=[list(t) for t in d["todo"]], head=list(d["head"]) if d["head"] else None,
+                   done={k: from_ranges(v) for k, v in d["open"].items()},
+                   buffer=[list(b) for b in d["buffer"]], draws=d["draws"])
+
+
+def epochs_view(streams: list[StreamState], seed: int, source: str, n: int) -> dict:
+    """The rank-independent view: {"fresh_from": F, "epochs": {e: {"order_seed", "finished", "partial"}}}.
+
+    Epochs below the lowest listed one are complete; epochs from F on are untouched.
+    """
+    fresh_from = max(st.fresh_epoch for st in streams)
+    remaining: dict[int, dict[int, set]] = {}
+    for st in streams:
+        for key, done in st.done.items():
+            e, s = parse_key(key)
+            remaining.setdefault(e, {})[s] = set(done)
+        for e, s in st.todo + ([st.head[:2]] if st.head else []):
+            remaining.setdefault(e, {}).setdefault(s, set())
+        for e in range(st.fresh_epoch, fresh_from):
+            for s in planned_share(seed, source, e, n, st.streams, st.index):
+                remaining.setdefault(e, {}).setdefault(s, set())
+    epochs = {}
+    for e in sorted(remaining):
+        rem = remaining[e]
+        epochs[str(e)] = {"order_seed": order_seed(seed, source, e),
+                          "finished": sorted(set(range(n)) - set(rem)),
+                          "partial": {str(s): to_ranges(d) for s, d in sorted(rem.items()) if d}}
+    return {"fresh_from": fresh_from, "epochs": epochs}
+
+
+def redistribute(view: dict, seed: int, source: str, n: int, streams: int) -> list[StreamState]:
+    """New stream states for ``streams`` streams that together read exactly what the view says remains."""
+    out = [StreamState(streams=streams, index=i, fresh_epoch=view["fresh_from"]) for i in range(streams)]
+    turn = 0
+    for e in sorted(view["epochs"], key=int):
+        ep = view["epochs"][e]
+        finished = set(ep["finished"])
+        partial = {int(s): from_ranges(r) for s, r in ep["partial"].items()}
+        for s in epoch_order(seed, source, int(e), n):
+            if s in finished:
+                continue
+            st = out[turn % streams]  # round-robin, carried across epochs, keeps stream loads even
+            st.todo.append([int(e), s])
+            if s in partial:
+                st.done[shard_key(int(e), s)] = partial[s]
+            turn += 1
+    return out
+
+
+def fresh_streams(streams: int, indices) -> dict[int, StreamState]:
+    return {i: StreamState(streams=streams, index=i) for i in indices}
+
+
+def merge_states(states: list[dict]) -> dict:
+    """Combine the state_dict() of every rank into one rank-independent cursor (idempotent)."""
+    if isinstance(states, dict):
+        states = [states]
+    if not states:
+        raise ValueError("merge_states needs at least one state")
+    first = states[0]
+    for st in states:
+        if st.get("version") != VERSION:
+            raise ValueError(f"data cursor version {st.get('version')!r} is not {VERSION}")
+        for k in ("world_size", "num_workers", "seed"):
+            if st[k] != first[k]:
+                raise ValueError(f"data cursors disagree on {k}: {st[k]} vs {first[k]}")
+    out = {k: copy.deepcopy(v) for k, v in first.items() if k != "sources"}
+    out["sources"] = {}
+    for name in first["sources"]:
+        src = {k: v for k, v in first["sources"][name].items() if k not in ("streams", "fresh_from", "epochs")}
+        src["streams"] = {}
+        for st in states:
+            src["streams"].update(copy.deepcopy(st["sources"][name]["streams"]))
+        _add_view(src, name, first)
+        out["sources"][name] = src
+    return out
+
+
+def _add_view(src: dict, name: str, state: dict) -> None:
+    expected = state["world_size"] * max(1, state["num_workers"])
+    plans = {tuple(s["plan"]) for s in src["streams"].values()}
+    if len(src["streams"]) == expected and len({p[0] for p in plans}) == 1:
+        view = epochs_view([StreamState.from_json(s) for s in src["streams"].values()], state["seed"], name,
+                           src["num_shards"])
+        src.update(view)
+
+
+def is_complete(src: dict, state: dict) -> bool:
+    return len(src["streams"]) == state["world_size"] * max(1, state["num_workers"])

@@ -1,0 +1,242 @@
+"""Storage access through fsspec: shard listing, clear storage errors, and a shard reader that retries."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+
+import fsspec
+from braceexpand import braceexpand
+
+log = logging.getLogger("unimo.data")
+
+# How boto finds credentials, for error messages (B11). Endpoint and keys come from the environment / profile
+# only, never from our config, so nothing here ever holds or prints a secret.
+CREDENTIALS_HELP = ("credentials are found by boto: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or the "
+                    "default profile in ~/.aws/credentials (AWS_SHARED_CREDENTIALS_FILE), then the container/"
+                    "instance role; the endpoint comes from AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL")
+
+
+class DataSourceError(RuntimeError):
+    """A source cannot be used at all (empty listing, missing bucket, no credentials)."""
+
+
+class DataReadError(RuntimeError):
+    """A read kept failing after the retry budget; the run must stop rather than skip data."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RetryPolicy:
+    retries: int = 8
+    backoff_s: float = 0.5
+    backoff_max_s: float = 20.0
+
+    def delays(self):
+        delay = self.backoff_s
+        for _ in range(self.retries):
+            yield delay
+            delay = min(delay * 2, self.backoff_max_s)
+
+
+def bucket_of(url: str) -> str:
+    return url.split("://", 1)[1].split("/", 1)[0] if "://" in url else ""
+
+
+def filesystem(url: str):
+    """The fsspec filesystem for a URL and the path inside it."""
+    fs, path = fsspec.core.url_to_fs(url, **_storage_options(url))
+    if url.startswith("s3://"):
+        # s3fs retries each call 5 times around botocore's own attempts (seconds of sleeping per read); here
+        # botocore's one retry covers a network blip, and RetryingReader's reopening retry with backoff is what
+        # bridges an outage and sets the total budget (DataConfig.io_retries / io_backoff_*).
+        fs.retries = 1
+    return fs, path
+
+
+def _storage_options(url: str) -> dict:
+    if url.startswith("s3://"):
+        return {"config_kwargs": {"retries": {"max_attempts": 2, "mode": "standard"}}}
+    return {}
+
+
+def storage_error(url: str, exc: BaseException) -> Exception:
+    """Turn a storage exception into an error that names the URL (and never a secret)."""
+    name = type(exc).__name__
+    bucket = bucket_of(url)
+    if name in ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"):
+        return DataSourceError(f"no usable S3 credentials for bucket '{bucket}' ({url}): {CREDENTIALS_HELP}")
+    if isinstance(exc, PermissionError) or "AccessDenied" in str(exc) or "InvalidAccessKeyId" in str(exc) \
+            or "SignatureDoesNotMatch" in str(exc):
+        return DataSourceError(f"S3 refused access to bucket '{bucket}' ({url}): wrong credentials or no "
+                               f"permission; {CREDENTIALS_HELP}")
+    if isinstance(exc, FileNotFoundError):
+        what = f"bucket '{bucket}' does not exist or" if bucket else "path"
+        return DataSourceError(f"{url}: {what} not found")
+    return DataSourceError(f"{url}: {name}: {exc}")
+
+
+def list_shards(url: str) -> list[tuple[str, int]]:
+    """(url, size) of every shard of a source, sorted; raises DataSourceError naming the URL when empty.
+
+    ``url`` is a brace pattern (every expanded shard must exist) or a prefix/folder whose ``.tar`` files are
+    listed recursively.
+    """
+    if not url:
+        raise DataSourceError("empty shard URL")
+    try:
+        shards = call_with_retries(lambda: _list_pattern(url) if "{" in url else _list_prefix(url), url,
+                                   RetryPolicy())
+    except (DataSourceError, DataReadError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - anything else still names the URL
+        raise storage_error(url, exc) from None
+    if not shards:
+        raise DataSourceError(f"no shards (*.tar) found under {url}")
+    return shards
+
+
+def _list_prefix(url: str) -> list[tuple[str, int]]:
+    fs, path = filesystem(url)
+    if fs.isfile(path):
+        return [(url, fs.size(path))]
+    found = fs.find(path, detail=True) if fs.isdir(path) else {}
+    if not found:  # a key prefix such as s3://b/pairs/shard- rather than a folder
+        found = {p: fs.info(p) for p in fs.glob(path.rstrip("/") + "*")}
+    return sorted((_with_scheme(url, p), int(info.get("size") or 0)) for p, info in found.items()
+                  if p.endswith(".tar") and info.get("type", "file") == "file")
+
+
+def _list_pattern(url: str) -> list[tuple[str, int]]:
+    urls = sorted(set(braceexpand(url)))
+    sizes = {}
+    fs, _ = filesystem(urls[0])
+    for parent in sorted({u.rsplit("/", 1)[0] for u in urls}):  # one listing per folder, not per shard
+        for entry in fs.ls(filesystem(parent)[1], detail=True):
+            sizes[_norm(entry["name"])] = int(entry.get("size") or 0)
+    missing = [u for u in urls if _norm(u) not in sizes]
+    if missing:
+        raise DataSourceError(f"{url}: {len(missing)} of {len(urls)} shards do not exist, e.g. {missing[:3]}")
+    return [(u, sizes[_norm(u)]) for u in urls]
+
+
+def _norm(url: str) -> str:
+    return url.split("://", 1)[-1].lstrip("/")
+
+
+def _with_scheme(like: str, path: str) -> str:
+    """A listed path in the same spelling as the URL the user gave (s3://..., file://... or a plain path)."""
+    if "://" in like:
+        return f"{like.split('://', 1)[0]}://{path.lstrip('/') if like.startswith('s3://') else path}"
+    return path
+
+
+def shard_digest(urls: list[str]) -> str:
+    """A short fingerprint of a shard list, so that a cursor is never applied to different data."""
+    names = "\n".join(u.rsplit("/", 1)[-1] for u in urls)
+    return hashlib.blake2b(names.encode(), digest_size=8).hexdigest()
+
+
+_TRANSIENT_MODULES = ("botocore", "aiobotocore", "aiohttp", "urllib3", "s3fs", "fsspec", "asyncio")
+
+
+def _is_transient(exc: BaseException) -> bool:
+    """Errors a later attempt may not see: network and server trouble, not missing objects, refused access,
+    absent credentials or bugs."""
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False
+    if type(exc).__name__ in ("NoCredentialsError", "PartialCredentialsError", "ParamValidationError"):
+        return False
+    if isinstance(exc, (OSError, TimeoutError, EOFError)):
+        return True
+    return type(exc).__module__.split(".")[0] in _TRANSIENT_MODULES
+
+
+def call_with_retries(op: Callable, url: str, policy: RetryPolicy, *, on_failure=None, on_retry=None,
+                      where: Callable[[], str] = lambda: ""):
+    """op() retried with backoff on transient storage errors; permanent ones become errors naming the URL.
+
+    After the budget a DataReadError: the run stops rather than silently skipping data (F6).
+    """
+    errors = []
+    for delay in [*policy.delays(), None]:
+        try:
+            return op()
+        except Exception as exc:
+            if on_failure:
+                on_failure()
+            if not _is_transient(exc):
+                if isinstance(exc, OSError) or type(exc).__name__.endswith("CredentialsError"):
+                    raise storage_error(url, exc) from None
+                raise
+            errors.append(f"{type(exc).__name__}: {exc}")
+            if delay is None:
+                break
+            log.warning("storage call for %s%s failed (%s); retrying in %.1fs", url, where(), errors[-1], delay)
+            if on_retry:
+                on_retry()
+            time.sleep(delay)
+    raise DataReadError(f"could not read {url}{where()} after {len(errors)} attempts: {errors[-1]}")
+
+
+class RetryingReader:
+    """A read-only stream over one shard that reopens at the byte already reached when a read fails.
+
+    botocore retries a single request; a shard is read by many requests over minutes, so a storage outage in
+    the middle needs a reopen at the current offset, with backoff, and after the budget a loud failure.
+    """
+
+    def __init__(self, url: str, policy: RetryPolicy, block_bytes: int = 8 << 20,
+                 on_bytes: Callable[[int], None] | None = None, on_retry: Callable[[], None] | None = None):
+        self.url, self.policy, self.block_bytes = url, policy, block_bytes
+        self.pos = 0
+        self._on_bytes, self._on_retry = on_bytes, on_retry
+        self._f = None
+        self._call(lambda: None)  # open now, so a missing shard fails here
+
+    def _open(self):
+        fs, path = filesystem(self.url)
+        kwargs = {"block_size": self.block_bytes, "cache_type": "readahead"} if self.url.startswith("s3://") \
+            else {}
+        f = fs.open(path, "rb", **kwargs)
+        if self.pos:
+            f.seek(self.pos)
+        return f
+
+    def _call(self, op):
+        def attempt():
+            if self._f is None:
+                self._f = self._open()
+            return op()
+
+        return call_with_retries(attempt, self.url, self.policy, on_failure=self._close_quietly,
+                                 on_retry=self._on_retry, where=lambda: f" at byte {self.pos}")
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._call(lambda: self._f.read(n))
+        self.pos += len(data)
+        if self._on_bytes:
+            self._on_bytes(len(data))
+        return data
+
+    def readable(self) -> bool:
+        return True
+
+    def _close_quietly(self):
+        try:
+            if self._f is not None:
+                self._f.close()
+        except Exception:  # noqa: BLE001 - the handle is broken anyway
+            pass
+        self._f = None
+
+    def close(self):
+        self._close_quietly()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,221 @@
+"""Turning the raw members of a shard into prepared samples of each source (decode, validate, pack text)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from .tario import iter_samples
+from .tokenizer import TextTokenizer
+
+log = logging.getLogger("unimo.data")
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+MAX_TEXT_CHARS = 200_000     # longer texts are cut before tokenizing (B6: huge text is truncated by rule)
+MAX_CAPTION_CHARS = 5_000
+
+
+class BadSample(Exception):
+    """A sample that cannot be used; ``reason`` is the counter it goes to."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(detail or reason)
+        self.reason = reason
+
+
+@dataclass
+class Prep:
+    """What preparing a sample needs besides its bytes."""
+
+    image_size: int
+    seq_len: int
+    tokenizer: TextTokenizer | None
+
+
+def shard_name(url: str) -> str:
+    name = url.rstrip("/").rsplit("/", 1)[-1]
+    return name.removesuffix(".tar")
+
+
+def stable_id(text: str) -> int:
+    """A 63-bit id from a string (for image ids when the metadata has none)."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
+
+
+def decode_image(data: bytes, size: int) -> np.ndarray:
+    """(size, size, 3) uint8 RGB, resized with PIL bilinear. Channels stay last, as PIL hands them out: the
+    batch makes its whole stack channels-first in one copy (batch.pixels_tensor) instead of a copy per image."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.draft("RGB", (size, size))  # JPEG: decode at a reduced scale when the file is much larger
+        # convert and resize return copies even when there is nothing to do: skip them then
+        img = img.convert("RGB") if img.mode != "RGB" else img
+        if img.size != (size, size):
+            img = img.resize((size, size), Image.BILINEAR)
+        return np.frombuffer(img.tobytes(), dtype=np.uint8).reshape(size, size, 3)
+    except Exception as exc:  # noqa: BLE001 - any decoder failure makes the image unusable
+        raise BadSample("bad_image", f"{type(exc).__name__}: {exc}") from None
+
+
+def _text(data: bytes, limit: int) -> str:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadSample("bad_text", str(exc)) from None
+    return text[:limit].strip()
+
+
+def _meta(files: dict) -> dict:
+    if "json" not in files:
+        return {}
+    try:
+        meta = json.loads(files["json"].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise BadSample("bad_json", str(exc)) from None
+    return meta if isinstance(meta, dict) else {}
+
+
+def _image_bytes(files: dict) -> bytes:
+    for ext in IMAGE_EXTS:
+        if ext in files:
+            return files[ext]
+    raise BadSample("missing_field", f"no image member ({'/'.join(IMAGE_EXTS)}); has {sorted(files)}")
+
+
+def _str_list(value) -> list[str]:
+    return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
+
+
+def _image_id(meta: dict, key: str) -> int:
+    value = meta.get("id")
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return stable_id(key)
+
+
+def prepare_image(files: dict, key: str, prep: Prep) -> dict:
+    meta = _meta(files)
+    return {"key": key, "pixels": decode_image(_image_bytes(files), prep.image_size),
+            "image_id": _image_id(meta, key), "tags": _str_list(meta.get("tags"))}
+
+
+def prepare_pair(files: dict, key: str, prep: Prep) -> dict:
+    meta = _meta(files)
+    image = _image_bytes(files)
+    captions = [_text(files["txt"], MAX_CAPTION_CHARS)] if "txt" in files else []
+    captions += [c.strip()[:MAX_CAPTION_CHARS] for c in _str_list(meta.get("captions"))]
+    if isinstance(meta.get("caption"), str):
+        captions.append(meta["caption"].strip()[:MAX_CAPTION_CHARS])
+    if "txt" not in files and "captions" not in meta and "caption" not in meta:
+        raise BadSample("missing_field", f"no text member (txt or json captions); has {sorted(files)}")
+    captions = list(dict.fromkeys(c for c in captions if c))  # unique, first caption first
+    if not captions:
+        raise BadSample("empty_text", "caption is empty")
+    return {"key": key, "pixels": decode_image(image, prep.image_size), "captions": captions,
+            "phrases": _str_list(meta.get("phrases")), "tags": _str_list(meta.get("tags")),
+            "image_id": _image_id(meta, key)}
+
+
+def document_text(files: dict) -> str:
+    if "txt" in files:
+        text = _text(files["txt"], MAX_TEXT_CHARS)
+    elif isinstance(_meta(files).get("text"), str):
+        text = _meta(files)["text"][:MAX_TEXT_CHARS].strip()
+    else:
+        raise BadSample("missing_field", f"no text member (txt or json text); has {sorted(files)}")
+    if not text:
+        raise BadSample("empty_text", "document is empty")
+    return text
+
+
+class Packer:
+    """Packs documents into [CLS] doc [SEP] doc [SEP] ... sequences of exactly seq_len tokens (the last may be
+    shorter); a long document continues in the next sequence. Word ids stay distinct across documents so that
+    whole-word masking never joins two documents' words."""
+
+    def __init__(self, tok: TextTokenizer, seq_len: int):
+        self.tok, self.seq_len = tok, seq_len
+        self._word_base = 0
+        self._reset()
+
+    def _reset(self):
+        self.ids, self.words, self.first_key = [self.tok.cls_id], [-1], None
+
+    def add(self, key: str, text: str) -> Iterator[dict]:
+        enc = self.tok.encode_plain(text)
+        ids = enc.ids + [self.tok.sep_id]
+        words = [w + self._word_base if w >= 0 else -1 for w in enc.word_ids] + [-1]
+        self._word_base += max(enc.word_ids, default=-1) + 1
+        while ids:
+            if self.first_key is None:
+                self.first_key = key
+            room = self.seq_len - len(self.ids)
+            self.ids += ids[:room]
+            self.words += words[:room]
+            ids, words = ids[room:], words[room:]
+            if len(self.ids) >= self.seq_len:
+                yield self._emit()
+
+    def _emit(self) -> dict:
+        out = {"key": self.first_key, "ids": self.ids, "word_ids": self.words}
+        self._reset()
+        return out
+
+    def flush(self) -> Iterator[dict]:
+        if len(self.ids) > 1:
+            yield self._emit()
+
+
+PREPARE = {"image": prepare_image, "pair": prepare_pair}
+
+
+def shard_items(source: str, url: str, stream, prep: Prep, count: Callable[[str], None],
+                wanted: Callable[[int], bool]) -> Iterator[tuple[int, dict | None]]:
+    """(ordinal, item) for every item of one shard, in shard order.
+
+    Images and pairs: one item per tar sample, ordinal = the sample's position in the tar. Text: the packed
+    sequences, ordinal = their position. Items that ``wanted`` rejects come as (ordinal, None), unprepared, so
+    resuming does not decode what it skips. Unusable samples are counted, logged with shard and key, skipped.
+    """
+    name = shard_name(url)
+
+    def issue(reason: str, key: str, detail: str = ""):
+        count(f"skipped_{reason}")
+        log.warning("skipped %s sample: shard=%s key=%s reason=%s %s", source, url, key, reason, detail)
+
+    samples = iter_samples(stream, lambda reason, key: issue(reason, key))
+    if source == "text":
+        yield from _text_items(samples, name, prep, issue)
+        return
+    for ordinal, key, files in samples:
+        if not wanted(ordinal):
+            yield ordinal, None
+            continue
+        try:
+            yield ordinal, PREPARE[source](files, f"{name}/{key}", prep)
+        except BadSample as bad:
+            issue(bad.reason, key, str(bad))
+
+
+def _text_items(samples, name: str, prep: Prep, issue) -> Iterator[tuple[int, dict]]:
+    packer, ordinal = Packer(prep.tokenizer, prep.seq_len), 0
+    for _, key, files in samples:
+        try:
+            text = document_text(files)
+        except BadSample as bad:
+            issue(bad.reason, key, str(bad))
+            continue
+        for item in packer.add(f"{name}/{key}", text):
+            item["key"] = f"{item['key']}#{ordinal}"
+            yield ordinal, item
+            ordinal += 1
+    for item in packer.flush():
+        item["key"] = f"{item['key']}#{ordinal}"
+        yield ordinal, item

@@ -1,0 +1,321 @@
+"""Load local Hugging Face BERT/RoBERTa text and ViT/CLIP-vision weights into UnimoModel's encoders.
+
+A folder holds config.json and model.safetensors (or sharded *.safetensors with an index, or pytorch_model.bin,
+read with torch.load(weights_only=True)). No hub access and no `transformers` import: the key layouts are
+mapped here. Every checkpoint key is accounted for: loaded, known-unused (poolers, NSP heads, CLIP's text tower)
+or unexpected; every encoder parameter is loaded or reported missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from model.config import TextConfig, VisionConfig
+from model.vision_encoder import interpolate_positions
+
+_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+                "gelu_fast": "gelu_tanh", "quick_gelu": "quick_gelu", "relu": "relu"}
+_TEXT_TYPES = {"bert": "absolute", "roberta": "roberta", "xlm-roberta": "roberta"}
+_VISION_TYPES = ("vit", "clip_vision_model", "clip")
+
+
+@dataclass
+class LoadReport:
+    """What a load did, by checkpoint/parameter name."""
+
+    loaded: list[str] = field(default_factory=list)  # our parameter names that were filled
+    missing: list[str] = field(default_factory=list)  # our parameters the checkpoint lacks
+    unexpected: list[str] = field(default_factory=list)  # checkpoint keys we do not understand
+    ignored: list[str] = field(default_factory=list)  # checkpoint keys known to be unused (poolers, ...)
+
+    def check(self, strict: bool, what: str) -> None:
+        if not (self.missing or self.unexpected):
+            return
+        msg = f"{what}: missing weights {self.missing}; unexpected weights {self.unexpected}"
+        if strict:
+            raise ValueError(msg)
+        warnings.warn(msg, stacklevel=3)
+
+
+# ------------------------------------------------------------------------------------------ reading files
+
+def read_config(path: str) -> dict:
+    cfg_file = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_file):
+        raise FileNotFoundError(f"no config.json in {path}")
+    with open(cfg_file) as f:
+        return json.load(f)
+
+
+def _load_file(file: str) -> dict[str, Tensor]:
+    if file.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(file)
+    return torch.load(file, map_location="cpu", weights_only=True)
+
+
+def read_state_dict(path: str) -> dict[str, Tensor]:
+    """All tensors of a local checkpoint folder (single file or index-sharded, safetensors preferred)."""
+    for single, index in (("model.safetensors", "model.safetensors.index.json"),
+                          ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        if os.path.isfile(os.path.join(path, single)):
+            return _load_file(os.path.join(path, single))
+        if os.path.isfile(os.path.join(path, index)):
+            with open(os.path.join(path, index)) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+            sd: dict[str, Tensor] = {}
+            for s in shards:
+                sd.update(_load_file(os.path.join(path, s)))
+            return sd
+    raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin (or their index) in {path}")
+
+
+def _normalise_keys(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    # original TF-converted BERT checkpoints name LayerNorm parameters gamma/beta
+    out = {}
+    for k, v in sd.items():
+        k = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", k)
+        out[re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", k)] = v
+    return out
+
+
+def _strip_prefix(sd: dict[str, Tensor], prefixes: tuple[str, ...], anchor: str) -> dict[str, Tensor]:
+    """Drop a head model's base prefix (`bert.`, `vit.`, `vision_model.`) when `anchor` sits under it."""
+    for p in prefixes:
+        if p + anchor in sd:
+            return {(k.removeprefix(p)): v for k, v in sd.items()}
+    return dict(sd)
+
+
+# -------------------------------------------------------------------------------------- config from folder
+
+def _activation(hf: dict) -> str:
+    act = hf.get("hidden_act", "gelu")
+    if act not in _ACTIVATIONS:
+        raise ValueError(f"hidden_act={act!r} is not supported; known: {sorted(_ACTIVATIONS)}")
+    return _ACTIVATIONS[act]
+
+
+def _special(hf: dict, key: str, default: int, vocab: int) -> int:
+    v = hf.get(key)
+    if v is None or not 0 <= v < vocab:
+        v = default if default < vocab else min(3, vocab - 1)  # tiny test vocabularies
+    return int(v)
+
+
+def text_config_from_hf(path: str, **overrides) -> TextConfig:
+    """TextConfig matching a local BERT/RoBERTa folder's config.json."""
+    hf = read_config(path)
+    mt = hf.get("model_type")
+    if mt not in _TEXT_TYPES:
+        raise ValueError(f"model_type={mt!r} in {path}: text loading supports {sorted(_TEXT_TYPES)}")
+    vocab, roberta = hf["vocab_size"], _TEXT_TYPES[mt] == "roberta"
+    pad = _special(hf, "pad_token_id", 1 if roberta else 0, vocab)
+    kw = {
+        "vocab_size": vocab, "layers": hf["num_hidden_layers"], "dim": hf["hidden_size"],
+        "heads": hf["num_attention_heads"], "mlp_dim": hf["intermediate_size"],
+        "max_positions": hf["max_position_embeddings"], "type_vocab_size": hf.get("type_vocab_size", 2),
+        "layer_norm_eps": hf.get("layer_norm_eps", 1e-12), "activation": _activation(hf),
+        "position_style": _TEXT_TYPES[mt], "pad_token_id": pad,
+        "bos_token_id": _special(hf, "bos_token_id", 0 if roberta else 101, vocab),
+        "eos_token_id": _special(hf, "eos_token_id", 2 if roberta else 102, vocab),
+        "mask_token_id": _special(hf, "mask_token_id", vocab - 1 if roberta else 103, vocab),
+    }
+    kw.update(overrides)
+    return TextConfig(**kw)
+
+
+def _vision_hf(hf: dict) -> dict:
+    return hf["vision_config"] if hf.get("model_type") == "clip" else hf
+
+
+def vision_config_from_hf(path: str, **overrides) -> VisionConfig:
+    """VisionConfig matching a local ViT or CLIP(-vision) folder's config.json."""
+    hf = read_config(path)
+    mt = hf.get("model_type")
+    if mt not in _VISION_TYPES:
+        raise ValueError(f"model_type={mt!r} in {path}: vision loading supports {list(_VISION_TYPES)}")
+    clip = mt != "vit"
+    v = _vision_hf(hf)
+    kw = {
+        "image_size": v.get("image_size", 224), "patch_size": v.get("patch_size", 16),
+        "layers": v.get("num_hidden_layers", 12), "dim": v.get("hidden_size", 768),
+        "heads": v.get("num_attention_heads", 12), "mlp_dim": v.get("intermediate_size", 3072),
+        "channels": v.get("num_channels", 3), "layer_norm_eps": v.get("layer_norm_eps", 1e-5 if clip else 1e-12),
+        "activation": _activation({"hidden_act": v.get("hidden_act", "quick_gelu" if clip else "gelu")}),
+        "pre_layernorm": clip, "final_layernorm": True, "patch_bias": not clip,
+        "qkv_bias": True if clip else v.get("qkv_bias", True),
+    }
+    kw.update(overrides)
+    return VisionConfig(**kw)
+
+
+def _check_config(ours, theirs, fields: tuple[str, ...], what: str) -> None:
+    diff = [f"{f}: model {getattr(ours, f)!r} vs checkpoint {getattr(theirs, f)!r}"
+            for f in fields if getattr(ours, f) != getattr(theirs, f)]
+    if diff:
+        raise ValueError(f"{what}: config does not match the checkpoint ({'; '.join(diff)})")
+
+
+# ------------------------------------------------------------------------------------------ key mappings
+
+def _cat(*keys: str):
+    return (list(keys), lambda ts: torch.cat(ts, dim=0))
+
+
+def _one(key: str, fn=None):
+    return ([key], (lambda ts: ts[0]) if fn is None else (lambda ts: fn(ts[0])))
+
+
+def _linear(ours: str, theirs: str) -> dict:
+    return {f"{ours}.weight": _one(f"{theirs}.weight"), f"{ours}.bias": _one(f"{theirs}.bias")}
+
+
+def _qkv(ours: str, q: str, k: str, v: str, bias: bool = True) -> dict:
+    m = {f"{ours}.weight": _cat(f"{q}.weight", f"{k}.weight", f"{v}.weight")}
+    if bias:
+        m[f"{ours}.bias"] = _cat(f"{q}.bias", f"{k}.bias", f"{v}.bias")
+    return m
+
+
+def _bert_map(layers: int) -> dict:
+    m = {"text.embeddings.word.weight": _one("embeddings.word_embeddings.weight"),
+         "text.embeddings.position.weight": _one("embeddings.position_embeddings.weight"),
+         "text.embeddings.token_type.weight": _one("embeddings.token_type_embeddings.weight"),
+         **_linear("text.embeddings.ln", "embeddings.LayerNorm")}
+    for i in range(layers):
+        o, t = f"text.blocks.{i}", f"encoder.layer.{i}"
+        m.update(_qkv(f"{o}.attn.qkv", *(f"{t}.attention.self.{n}" for n in ("query", "key", "value"))))
+        m.update(_linear(f"{o}.attn.out", f"{t}.attention.output.dense"))
+        m.update(_linear(f"{o}.ln1", f"{t}.attention.output.LayerNorm"))
+        m.update(_linear(f"{o}.mlp.fc1", f"{t}.intermediate.dense"))
+        m.update(_linear(f"{o}.mlp.fc2", f"{t}.output.dense"))
+        m.update(_linear(f"{o}.ln2", f"{t}.output.LayerNorm"))
+    return m
+
+
+def _mlm_head_map(sd: dict) -> dict:
+    """Optional: a *ForMaskedLM / *ForPreTraining checkpoint's MLM transform into our text MLM head."""
+    if "cls.predictions.transform.dense.weight" in sd:
+        return {**_linear("mlm_text_head.dense", "cls.predictions.transform.dense"),
+                **_linear("mlm_text_head.ln", "cls.predictions.transform.LayerNorm"),
+                "mlm_text_head.decoder.bias": _one("cls.predictions.bias")}
+    if "lm_head.dense.weight" in sd:
+        return {**_linear("mlm_text_head.dense", "lm_head.dense"),
+                **_linear("mlm_text_head.ln", "lm_head.layer_norm"),
+                "mlm_text_head.decoder.bias": _one("lm_head.bias")}
+    return {}
+
+
+def _vit_map(layers: int) -> dict:
+    m = {"vision.embeddings.cls": _one("embeddings.cls_token"),
+         "vision.embeddings.pos": _one("embeddings.position_embeddings"),
+         **_linear("vision.embeddings.proj", "embeddings.patch_embeddings.projection"),
+         **_linear("vision.final_ln", "layernorm")}
+    for i in range(layers):
+        o, t = f"vision.blocks.{i}", f"encoder.layer.{i}"
+        m.update(_qkv(f"{o}.attn.qkv", *(f"{t}.attention.attention.{n}" for n in ("query", "key", "value"))))
+        m.update(_linear(f"{o}.attn.out", f"{t}.attention.output.dense"))
+        m.update(_linear(f"{o}.ln1", f"{t}.layernorm_before"))
+        m.update(_linear(f"{o}.ln2", f"{t}.layernorm_after"))
+        m.update(_linear(f"{o}.mlp.fc1", f"{t}.intermediate.dense"))
+        m.update(_linear(f"{o}.mlp.fc2", f"{t}.output.dense"))
+    return m
+
+
+def _clip_map(layers: int) -> dict:
+    m = {"vision.embeddings.cls": _one("embeddings.class_embedding", lambda t: t.reshape(1, 1, -1)),
+         "vision.embeddings.pos": _one("embeddings.position_embedding.weight", lambda t: t[None]),
+         "vision.embeddings.proj.weight": _one("embeddings.patch_embedding.weight"),
+         **_linear("vision.embeddings.pre_ln", "pre_layrnorm"),
+         **_linear("vision.final_ln", "post_layernorm")}
+    for i in range(layers):
+        o, t = f"vision.blocks.{i}", f"encoder.layers.{i}"
+        m.update(_qkv(f"{o}.attn.qkv", *(f"{t}.self_attn.{n}_proj" for n in "qkv")))
+        m.update(_linear(f"{o}.attn.out", f"{t}.self_attn.out_proj"))
+        m.update(_linear(f"{o}.ln1", f"{t}.layer_norm1"))
+        m.update(_linear(f"{o}.ln2", f"{t}.layer_norm2"))
+        m.update(_linear(f"{o}.mlp.fc1", f"{t}.mlp.fc1"))
+        m.update(_linear(f"{o}.mlp.fc2", f"{t}.mlp.fc2"))
+    return m
+
+
+_TEXT_IGNORED = re.compile(r"^(pooler\.|cls\.seq_relationship\.|cls\.predictions\.decoder\.|lm_head\.decoder\."
+                           r"|embeddings\.position_ids$)")
+_VISION_IGNORED = re.compile(r"^(pooler\.|classifier\.|embeddings\.position_ids$)")
+# a full CLIPModel folder also holds the text tower and projections, which the vision encoder does not use
+_CLIP_IGNORED = re.compile(r"^(embeddings\.position_ids$|text_model\.|text_projection\.|visual_projection\."
+                           r"|logit_scale$)")
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+def _apply(model: torch.nn.Module, sd: dict[str, Tensor], mapping: dict, required: set[str],
+           ignored: re.Pattern, fixups: dict | None = None) -> LoadReport:
+    params = dict(model.named_parameters())
+    report, used = LoadReport(), set()
+    for ours, (keys, combine) in mapping.items():
+        if not all(k in sd for k in keys):
+            used.update(k for k in keys if k in sd)  # known keys of an incomplete group are not "unexpected"
+            if ours in required:
+                report.missing.append(f"{ours} (checkpoint keys {[k for k in keys if k not in sd]})")
+            continue
+        value = combine([sd[k] for k in keys])
+        if fixups and ours in fixups:
+            value = fixups[ours](value)
+        p = params[ours]
+        if value.shape != p.shape:
+            raise ValueError(f"{ours}: checkpoint {keys} has shape {tuple(value.shape)}, model {tuple(p.shape)}")
+        with torch.no_grad():
+            p.copy_(value.to(p.dtype))
+        report.loaded.append(ours)
+        used.update(keys)
+    for k in sorted(set(sd) - used):
+        (report.ignored if ignored.match(k) else report.unexpected).append(k)
+    return report
+
+
+def load_text_encoder(model, path: str, strict: bool = True) -> LoadReport:
+    """Fill model.text (and, if present, the text MLM head) from a local BERT/RoBERTa folder."""
+    theirs = text_config_from_hf(path)
+    _check_config(model.cfg.text, theirs, ("vocab_size", "layers", "dim", "heads", "mlp_dim", "max_positions",
+                                           "type_vocab_size", "layer_norm_eps", "activation", "position_style",
+                                           "pad_token_id"), f"text weights from {path}")
+    sd = _normalise_keys(read_state_dict(path))
+    sd = _strip_prefix(sd, ("bert.", "roberta."), "embeddings.word_embeddings.weight")
+    enc = _bert_map(theirs.layers)
+    report = _apply(model, sd, {**enc, **_mlm_head_map(sd)}, set(enc), _TEXT_IGNORED)
+    report.check(strict, f"text weights from {path}")
+    return report
+
+
+def load_vision_encoder(model, path: str, strict: bool = True) -> LoadReport:
+    """Fill model.vision from a local ViT or CLIP(-vision) folder; positions are resized to our image size."""
+    hf = read_config(path)
+    theirs = vision_config_from_hf(path)
+    ours = model.cfg.vision
+    _check_config(ours, theirs, ("patch_size", "layers", "dim", "heads", "mlp_dim", "channels", "layer_norm_eps",
+                                 "activation", "pre_layernorm", "patch_bias", "qkv_bias"),
+                  f"vision weights from {path}")
+    sd = _normalise_keys(read_state_dict(path))
+    clip = hf.get("model_type") != "vit"
+    sd = _strip_prefix(sd, ("vision_model.", "vit."),
+                       "embeddings.class_embedding" if clip else "embeddings.cls_token")
+    mapping = _clip_map(theirs.layers) if clip else _vit_map(theirs.layers)
+    required = set(mapping)
+    if not clip and "embeddings.mask_token" in sd:  # ViT trained with masking (e.g. SimMIM) carries one
+        mapping["vision.embeddings.mask_token"] = _one("embeddings.mask_token")
+    grid = ours.image_size // ours.patch_size
+    fix = {"vision.embeddings.pos": lambda pos: interpolate_positions(pos, grid, grid)}
+    ignored = _CLIP_IGNORED if hf.get("model_type") == "clip" else _VISION_IGNORED
+    report = _apply(model, sd, mapping, required, ignored, fix)
+    report.check(strict, f"vision weights from {path}")
+    return report

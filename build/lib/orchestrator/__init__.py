@@ -1,0 +1,1 @@
+"""unimo orchestrator package."""

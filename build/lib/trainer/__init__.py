@@ -1,0 +1,1 @@
+"""unimo trainer package."""

@@ -1,0 +1,220 @@
+"""Checkpoint directories: DeepSpeed shards + trainer_state.json + a manifest written last.
+
+Only a checkpoint whose manifest lists every file with the right size and checksum counts; anything else is
+torn (a crash during save, a lost upload, a flipped byte) and is skipped with a warning naming it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from trainer import storage
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+STATE = "trainer_state.json"
+STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def describe_files(root: Path, exclude: tuple[str, ...] = (MANIFEST,)) -> dict[str, dict[str, Any]]:
+    """{relative path: {size, sha256}} of every file under ``root`` (what one rank wrote)."""
+    out = {}
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        if path.is_file() and rel not in exclude:
+            out[rel] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+    return out
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def write_manifest(root: Path, files: dict[str, dict[str, Any]], step: int) -> None:
+    write_json_atomic(root / MANIFEST, {"step": step, "files": files})
+
+
+class TornCheckpoint(RuntimeError):
+    """A checkpoint that is incomplete or corrupt."""
+
+
+def verify(root: Path, check_sums: bool = True) -> dict[str, Any]:
+    """Returns the manifest of a complete checkpoint at ``root``; raises TornCheckpoint naming the problem."""
+    manifest_path = root / MANIFEST
+    if not manifest_path.is_file():
+        raise TornCheckpoint(f"checkpoint {root} has no {MANIFEST} (save did not finish)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (ValueError, KeyError) as err:
+        raise TornCheckpoint(f"checkpoint {root}: unreadable {MANIFEST}: {err}") from None
+    for rel, meta in files.items():
+        path = root / rel
+        if not path.is_file():
+            raise TornCheckpoint(f"checkpoint {root}: file {rel} listed in the manifest is missing")
+        if path.stat().st_size != meta["size"]:
+            raise TornCheckpoint(f"checkpoint {root}: file {rel} has size {path.stat().st_size}, "
+                                 f"manifest says {meta['size']}")
+        if check_sums and sha256_file(path) != meta["sha256"]:
+            raise TornCheckpoint(f"checkpoint {root}: file {rel} fails its checksum")
+    return manifest
+
+
+def step_of(path: Path | str) -> int:
+    """The step a checkpoint folder (or s3:// URL) is named after (-1 for a name that is not step_XXXXXXXX)."""
+    m = STEP_DIR.match(storage.name_of(path))
+    return int(m.group(1)) if m else -1
+
+
+@dataclass
+class FoundCheckpoint:
+    path: Path | str  # a local folder, or an s3:// URL (see trainer/storage.py)
+    step: int
+
+
+def list_step_dirs(checkpoints_root: Path | str) -> list[FoundCheckpoint]:
+    """Step directories under ``checkpoints_root`` (a local folder or an s3:// prefix), newest first."""
+    if storage.is_remote(checkpoints_root):
+        found = [FoundCheckpoint(storage.join(checkpoints_root, name), int(m.group(1)))
+                 for name in storage.list_names(checkpoints_root) if (m := STEP_DIR.match(name))]
+    else:
+        root = Path(checkpoints_root)
+        found = [FoundCheckpoint(child, int(m.group(1))) for child in (root.iterdir() if root.is_dir() else [])
+                 if (m := STEP_DIR.match(child.name)) and child.is_dir()]
+    return sorted(found, key=lambda c: c.step, reverse=True)
+
+
+def fetch(location: Path | str, cache_dir: Path, version: str = "") -> Path:
+    """A local folder holding the checkpoint: ``location`` itself when local, else a copy downloaded once per
+    node into ``cache_dir`` (the ranks of a node share it; a file lock lets the first one download).
+
+    ``version`` (the manifest's text) is part of the copy's name: a step folder rewritten on S3 after a torn
+    save is downloaded again rather than served from an old copy.
+    """
+    from filelock import FileLock  # a Ray dependency
+
+    if not storage.is_remote(location):
+        return Path(location)
+    key = hashlib.sha256(f"{location}\n{version}".encode()).hexdigest()[:12]
+    dest = cache_dir / f"{storage.name_of(location)}-{key}"
+    done = dest.with_name(dest.name + ".complete")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(dest) + ".lock"):
+        if not done.exists():
+            import shutil
+
+            shutil.rmtree(dest, ignore_errors=True)  # a copy interrupted by a crash starts over
+            storage.download(str(location), dest)
+            done.touch()
+    return dest
+
+
+def drop_copy(local: Path) -> None:
+    """Deletes a copy made by ``fetch`` (with its markers) once it has been loaded or found torn."""
+    import shutil
+
+    shutil.rmtree(local, ignore_errors=True)
+    for suffix in (".complete", ".lock"):
+        local.with_name(local.name + suffix).unlink(missing_ok=True)
+
+
+def checked_local_copy(location: Path | str, cache_dir: Path) -> Path:
+    """The verified local folder of a checkpoint; raises TornCheckpoint naming ``location`` (the URL, not the
+    copy) when it has no manifest or fails it. Local checkpoints are verified in place."""
+    if not storage.is_remote(location):
+        verify(Path(location))
+        return Path(location)
+    manifest = storage.read_text(storage.join(location, MANIFEST))  # one GET decides before any download
+    if manifest is None:
+        raise TornCheckpoint(f"checkpoint {location} has no {MANIFEST} (save or upload did not finish)")
+    local = fetch(location, cache_dir, version=manifest)
+    try:
+        verify(local)
+    except TornCheckpoint as err:
+        drop_copy(local)
+        raise TornCheckpoint(str(err).replace(str(local), str(location))) from None
+    return local
+
+
+def has_manifest(location: Path | str) -> bool:
+    """Without a manifest a checkpoint is torn or still uploading (one HEAD on S3)."""
+    if storage.is_remote(location):
+        return storage.exists(storage.join(location, MANIFEST))
+    return (Path(location) / MANIFEST).is_file()
+
+
+def newest_valid(checkpoints_root: Path | str, cache_dir: Path | None = None) -> FoundCheckpoint | None:
+    """The newest checkpoint with a valid manifest; torn ones are skipped with a warning naming them.
+
+    On S3 the result's ``path`` is the verified local copy in ``cache_dir`` (a temporary folder by default).
+    """
+    import tempfile
+
+    cache = cache_dir or Path(tempfile.gettempdir()) / "unimo-checkpoint-cache"
+    for cand in list_step_dirs(checkpoints_root):
+        try:
+            return FoundCheckpoint(checked_local_copy(cand.path, cache), cand.step)
+        except TornCheckpoint as err:
+            log.warning("skipping torn checkpoint: %s", err)
+    return None
+
+
+def read_state(root: Path) -> dict[str, Any]:
+    return json.loads((root / STATE).read_text())
+
+
+def config_mismatch(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names of fields whose values differ between two config trees (B8's message)."""
+    diffs = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        name = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += config_mismatch(a, b, name + ".")
+        elif a != b:
+            diffs.append(f"{name}: checkpoint has {a!r}, config has {b!r}")
+    return diffs
+
+
+def retained_steps(steps: list[int], keep_last: int, keep_every: int) -> set[int]:
+    """The steps retention keeps: the newest ``keep_last`` and every ``keep_every``-th."""
+    newest = set(sorted(steps)[-keep_last:]) if keep_last > 0 else set()
+    periodic = {s for s in steps if keep_every > 0 and s % keep_every == 0}
+    return newest | periodic
+
+
+def prune(checkpoints_root: Path | str, keep_last: int, keep_every: int) -> list[Path | str]:
+    """Deletes complete checkpoints that retention does not keep (locally or on S3); returns what it removed.
+
+    Only folders with a manifest are candidates: one still being uploaded is never touched.
+    """
+    complete = [c for c in list_step_dirs(checkpoints_root) if has_manifest(c.path)]
+    keep = retained_steps([c.step for c in complete], keep_last, keep_every)
+    removed = []
+    for cand in complete:
+        if cand.step not in keep:
+            storage.delete(cand.path)
+            removed.append(cand.path)
+    return removed

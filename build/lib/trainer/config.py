@@ -1,0 +1,311 @@
+"""The root of the typed config tree: run, model, data, stages, optimizer, deepspeed, checkpoint, tracking, scaling.
+
+Each component owns its dataclass (model/config.py, data_pipeline/config.py, the trainer's below); this file
+composes them. ``load_config`` reads defaults <- YAML <- dotted overrides and returns a validated ``RunConfig``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from data_pipeline.config import DataConfig
+from model.config import ModelConfig
+from model.flavors import get_flavor
+
+from trainer.config_loader import BASE_HOOKS, ConfigError, build, merge_raw
+from trainer import shipped_configs
+
+# Objective name -> the data source it reads. The trainer's objectives registry implements each one.
+OBJECTIVE_SOURCES = {
+    "mlm_text": "text",  # masked LM on unpaired text (text encoder)
+    "lm_text": "text",  # prefix-LM / seq2seq on unpaired text (text encoder, prefix mask)
+    "mim": "image",  # masked patch regression on unpaired images (vision encoder)
+    "itc": "pair",  # cross-modal contrastive learning over the global batch
+    "itm": "pair",  # image-text matching with hard negatives from ITC similarities
+    "mlm_pair": "pair",  # masked LM conditioned on the image (fusion text stream)
+    "caption": "pair",  # captioning LM (causal fusion text stream)
+    "grounding": "pair",  # phrase <-> patch fine-grained alignment
+}
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+@dataclass
+class RunSection:
+    """Run identity and storage: the same name resumes the same run."""
+
+    name: str = "debug"  # run name; re-running or re-submitting it resumes from its newest valid checkpoint
+    storage: str = "./runs"  # local folder or s3://bucket/prefix holding <name>/checkpoints, the run lock, ...
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", self.name)),
+               f"name must be 1-100 chars of letters, digits, '_', '.', '-', got {self.name!r}")
+        _check(bool(self.storage), "storage must not be empty (a local folder or s3://bucket/prefix)")
+
+
+@dataclass
+class StageConfig:
+    """One stage of the plan: its step budget, objectives with weights, frozen modules and LR."""
+
+    name: str = "crossmodal"
+    steps: int = 100
+    objectives: dict[str, float] = field(default_factory=lambda: {"itc": 1.0, "mlm_pair": 1.0})
+    frozen: list[str] = field(default_factory=list)  # model submodule names kept fixed in this stage
+    lr: float = 0.0  # peak LR of this stage; 0 = optimizer.lr
+    warmup_steps: int = -1  # -1 = optimizer.warmup_steps
+
+    def __post_init__(self) -> None:
+        _check(self.steps > 0, f"stage '{self.name}': steps must be > 0, got {self.steps}")
+        _check(bool(self.objectives), f"stage '{self.name}': objectives must not be empty")
+        for obj, weight in self.objectives.items():
+            if obj not in OBJECTIVE_SOURCES:
+                from trainer.config_loader import _closest
+
+                raise ValueError(f"stage '{self.name}': unknown objective '{obj}'{_closest(obj, list(OBJECTIVE_SOURCES))}")
+            _check(weight >= 0, f"stage '{self.name}': weight of '{obj}' must be >= 0, got {weight}")
+        _check(self.lr >= 0, f"stage '{self.name}': lr must be >= 0, got {self.lr}")
+
+    def sources(self) -> set[str]:
+        return {OBJECTIVE_SOURCES[o] for o, w in self.objectives.items() if w > 0}
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW with warm-up then decay, applied per stage."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    grad_clip: float = 1.0  # 0 disables clipping
+    warmup_steps: int = 10
+    schedule: str = "cosine"  # cosine | linear | constant (after warm-up, within each stage)
+    min_lr_ratio: float = 0.1
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1 and beta2 must lie in [0, 1)")
+        _check(self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip}")
+        _check(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        _check(self.schedule in ("cosine", "linear", "constant"),
+               f"schedule must be cosine, linear or constant, got {self.schedule!r}")
+        _check(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclass
+class DeepSpeedSettings:
+    """ZeRO settings; the DeepSpeed JSON is derived from these (trainer/ds_config.py)."""
+
+    zero_stage: int = 3
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    prefetch_bucket_size: int = 50_000_000
+    param_persistence_threshold: int = 100_000
+    max_live_parameters: int = 1_000_000_000
+    # How far ahead (in parameter elements) ZeRO-3 looks for reuse before releasing a gathered parameter.
+    # DeepSpeed's default (1e9) makes each release scan the rest of the trace: measured 50% of the step of the
+    # small flavor on CPU (bench/bench_trainer.py); a shorter window keeps the benefit for adjacent reuse.
+    max_reuse_distance: int = 1_000_000
+    # DeepSpeed's memory-efficient Linear re-gathers each weight in backward instead of keeping it gathered from
+    # the forward. None = on only with several ranks: with one nothing is partitioned, so it saves nothing, and
+    # DeepSpeed installs it by replacing torch.nn.functional.linear for the whole process.
+    memory_efficient_linear: bool | None = None
+    reduce_bucket_size: int = 50_000_000
+    overlap_comm: bool = False
+    # Gradient reduction: reduce-scatter (each rank receives its partition) or all-reduce of the contiguous
+    # bucket (each rank keeps its slice). None = reduce-scatter with several ranks, all-reduce with one, where
+    # the scatter's interleaving copy of every gradient buys nothing (bench/bench_trainer.py).
+    reduce_scatter: bool | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.zero_stage in (0, 1, 2, 3), f"zero_stage must be 0..3, got {self.zero_stage}")
+        _check(self.precision in ("auto", "fp32", "bf16"), f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+
+
+@dataclass
+class TrainSection:
+    """Batch geometry and loop cadence."""
+
+    global_micro_batches: int = 2  # micro-batches per optimizer step summed over ranks; accum = this / world size
+    seq_len: int = 0  # tokens per text sample (with [CLS]/[SEP]); 0 = the model's position table size
+    log_every: int = 1
+    eval_every: int = 0  # 0 = only at the end
+    eval_samples: int = 100  # held-out pairs used for retrieval (the candidate pool size)
+    eval_rerank_k: int = 0  # > 0: also re-rank each query's ITC top-k by the ITM head (eval/itm_* metrics)
+    watchdog_seconds: float = 600.0  # a step making no progress this long ends the worker with a message
+    # The same for start-up (engine build, checkpoint restore), evaluation and a checkpoint save: slower than a
+    # step, but a collective hung inside one must still end the worker (trainer/watchdog.py)
+    watchdog_phase_seconds: float = 1800.0
+
+    def __post_init__(self) -> None:
+        _check(self.global_micro_batches > 0, f"global_micro_batches must be > 0, got {self.global_micro_batches}")
+        _check(self.seq_len >= 0, f"seq_len must be >= 0, got {self.seq_len}")
+        _check(self.log_every > 0, f"log_every must be > 0, got {self.log_every}")
+        _check(self.eval_every >= 0, f"eval_every must be >= 0, got {self.eval_every}")
+        _check(self.eval_rerank_k >= 0, f"eval_rerank_k must be >= 0, got {self.eval_rerank_k}")
+        _check(self.watchdog_seconds > 0, f"watchdog_seconds must be > 0, got {self.watchdog_seconds}")
+        _check(self.watchdog_phase_seconds > 0, f"watchdog_phase_seconds must be > 0, got {self.watchdog_phase_seconds}")
+
+
+@dataclass
+class CheckpointConfig:
+    """When to save and what to keep."""
+
+    every_steps: int = 50  # 0 = only at the end (and on a stop request)
+    every_minutes: float = 0.0  # also save when this much time passed since the last save; 0 = off
+    keep_last: int = 2
+    keep_every: int = 0  # additionally keep every M-th step's checkpoint; 0 = none
+    async_upload: bool = True  # upload to storage in the background; the loop only waits for the local save
+    # Tries per S3 request of a checkpoint upload, with the AWS SDK's backoff: 10 bridge an outage of about a
+    # minute and a half (pyarrow's default of 3 gave up after 0.6 s here); then the upload fails, naming the key.
+    upload_attempts: int = 10
+
+    def __post_init__(self) -> None:
+        _check(self.every_steps >= 0, f"every_steps must be >= 0, got {self.every_steps}")
+        _check(self.upload_attempts >= 1, f"upload_attempts must be >= 1, got {self.upload_attempts}")
+        _check(self.every_minutes >= 0, f"every_minutes must be >= 0, got {self.every_minutes}")
+        _check(self.keep_last >= 1, f"keep_last must be >= 1, got {self.keep_last}")
+        _check(self.keep_every >= 0, f"keep_every must be >= 0, got {self.keep_every}")
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow tracking: one run per job; rank 0 logs, batched and off the step path."""
+
+    uri: str = ""  # "" = sqlite:///<storage>/mlflow.db (the embedded default); or http://host:5000
+    experiment: str = "unimo"
+    flush_seconds: float = 2.0  # how often the background logger sends a batch
+    # MLflow unreachable at start: False = stop with an error naming the URI; True = train on, buffering metrics
+    # (memory, then <storage>/<run>/mlflow_spool), and create the run once the server answers (docs/TRACKING.md)
+    buffer_if_unreachable: bool = False
+    system_metrics_seconds: float = 10.0  # CPU/memory/disk/network/GPU sampling period per node; 0 = off
+    log_model: bool = False  # at a successful end, export the last checkpoint (`unimo export`) into artifacts model/
+
+    def __post_init__(self) -> None:
+        _check(self.flush_seconds > 0, f"flush_seconds must be > 0, got {self.flush_seconds}")
+        _check(self.system_metrics_seconds >= 0,
+               f"system_metrics_seconds must be >= 0 (0 = off), got {self.system_metrics_seconds}")
+
+
+@dataclass
+class ScalingConfig:
+    """How many Ray Train workers and what each gets; read by the orchestrator."""
+
+    address: str = ""  # Ray cluster address; "" = start an embedded local Ray on 127.0.0.1
+    num_workers: int = 2  # the worker count to run with (the maximum when min_workers is set)
+    min_workers: int = 0  # > 0 and < num_workers: elastic, the job goes on with min..num_workers (Ray Train V2)
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    placement_strategy: str = "PACK"
+    max_failures: int = 3
+
+    def __post_init__(self) -> None:
+        _check(self.num_workers >= 1, f"num_workers must be >= 1, got {self.num_workers}")
+        _check(0 <= self.min_workers <= self.num_workers,
+               f"min_workers must lie in [0, num_workers={self.num_workers}] (0 = fixed size), got {self.min_workers}")
+        _check(self.cpus_per_worker >= 1, f"cpus_per_worker must be >= 1, got {self.cpus_per_worker}")
+        _check(self.placement_strategy in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+               f"placement_strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, got {self.placement_strategy!r}")
+        _check(self.max_failures >= -1, f"max_failures must be >= -1 (-1 = unlimited), got {self.max_failures}")
+
+
+def _default_stages() -> list[StageConfig]:
+    return [
+        # MODEL.md's default plan: text MLM/LM, image MIM and coarse ITC first, then every objective
+        StageConfig(name="unimodal", steps=50, objectives={"mlm_text": 1.0, "lm_text": 1.0, "mim": 1.0, "itc": 1.0}),
+        StageConfig(name="crossmodal", steps=50, objectives={name: 1.0 for name in OBJECTIVE_SOURCES}),
+    ]
+
+
+@dataclass
+class RunConfig:
+    """The whole resolved configuration of a run; saved with the run and every checkpoint."""
+
+    run: RunSection = field(default_factory=RunSection)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    stages: list[StageConfig] = field(default_factory=_default_stages)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    deepspeed: DeepSpeedSettings = field(default_factory=DeepSpeedSettings)
+    train: TrainSection = field(default_factory=TrainSection)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.stages), "stages: the plan needs at least one stage")
+        names = [s.name for s in self.stages]
+        _check(len(set(names)) == len(names), f"stages: stage names must be unique, got {names}")
+        _check(self.train.global_micro_batches % self.scaling.num_workers == 0,
+               f"train.global_micro_batches ({self.train.global_micro_batches}) must be divisible by "
+               f"scaling.num_workers ({self.scaling.num_workers}): the global batch is fixed by the config")
+        # An elastic job may run with any worker count in min..max; each must split the fixed global batch.
+        sizes = range(self.scaling.min_workers or self.scaling.num_workers, self.scaling.num_workers + 1)
+        odd = [w for w in sizes if self.train.global_micro_batches % w]
+        _check(not odd, f"train.global_micro_batches ({self.train.global_micro_batches}) must be divisible by every "
+                        f"worker count of scaling.min_workers..num_workers; not by {odd}")
+
+    def check_ready_to_train(self) -> None:
+        """Checks what only matters once training starts (called before any worker starts)."""
+        for stage in self.stages:
+            for src in sorted(stage.sources()):
+                if not getattr(self.data, src).urls:
+                    raise ConfigError(f"stage '{stage.name}' uses objectives on '{src}' data but data.{src}.urls is "
+                                      f"empty: set data.{src}.urls=... or drop those objectives from the stage")
+
+    @property
+    def seq_len(self) -> int:
+        text = self.model.text
+        usable = text.max_positions - (text.pad_token_id + 1 if text.position_style == "roberta" else 0)
+        return min(self.train.seq_len or usable, usable)
+
+    @property
+    def total_steps(self) -> int:
+        return sum(s.steps for s in self.stages)
+
+
+def _model_base(raw: dict, base: ModelConfig | None) -> ModelConfig:
+    """A model section starts from its flavor's config, so YAML only states what differs."""
+    flavor = raw.get("flavor") if isinstance(raw, dict) else None
+    if flavor is None:
+        return base if base is not None else get_flavor("debug")
+    try:
+        return get_flavor(str(flavor))
+    except (KeyError, ValueError) as err:
+        raise ConfigError(f"model.flavor: {err}") from None
+
+
+BASE_HOOKS[ModelConfig] = _model_base
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Defaults <- YAML file <- dotted overrides; raises ConfigError naming the key on any problem."""
+    text = None
+    if path is not None:
+        p = shipped_configs.resolve(path)
+        if p is None:
+            names = ", ".join(shipped_configs.shipped_names()) or "none found"
+            raise ConfigError(f"config file '{path}' not found: give a YAML file's path or a shipped config's "
+                              f"name ({names}; `unimo config list`)")
+        text = p.read_text()
+    try:
+        raw = merge_raw(text, list(overrides or []))
+    except Exception as err:  # yaml errors carry line numbers; keep them
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"config file '{path}': {err}") from None
+    return build(RunConfig, raw)
+
+
+def config_from_dict(raw: dict) -> RunConfig:
+    """Rebuilds a RunConfig from its ``to_dict`` form (what workers and checkpoints carry)."""
+    return build(RunConfig, raw)

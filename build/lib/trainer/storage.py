@@ -1,0 +1,206 @@
+"""Run storage that is a local (or shared) folder or an ``s3://bucket/prefix``: small files, listing, Ray's filesystem.
+
+Locations are plain strings: an absolute local path or an ``s3://`` URL. Local paths keep the behaviour they always
+had (atomic rename for small files); S3 goes through fsspec/s3fs (endpoint and credentials from the environment, as
+for data shards, see data_pipeline/io.py) and, for Ray Train, a pyarrow S3 filesystem built from the same
+environment. Nothing here takes a credential as an argument, so none can end up in a config, a log or an error.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from urllib.parse import urlparse
+
+ENDPOINT_VARS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+
+
+class StorageError(RuntimeError):
+    """The run storage cannot be used (endpoint unreachable, bucket missing, no credentials)."""
+
+
+def is_remote(location: str | Path) -> bool:
+    return "://" in str(location)
+
+
+def join(base: str | Path, *parts: str) -> str:
+    """``base/part/...`` without doubling slashes; keeps the ``s3://`` spelling (pathlib would eat one slash)."""
+    out = str(base).rstrip("/")
+    for part in parts:
+        out += "/" + part.strip("/")
+    return out
+
+
+def name_of(location: str | Path) -> str:
+    return str(location).rstrip("/").rsplit("/", 1)[-1]
+
+
+def parent_of(location: str | Path) -> str:
+    return str(location).rstrip("/").rsplit("/", 1)[0]
+
+
+def endpoint_url() -> str | None:
+    """The S3 endpoint boto would use (AWS_ENDPOINT_URL_S3 wins over AWS_ENDPOINT_URL); None means AWS itself."""
+    for var in ENDPOINT_VARS:
+        if os.environ.get(var):
+            return os.environ[var]
+    return None
+
+
+def _fs(location: str):
+    """(fsspec filesystem, path) of a location; s3fs finds credentials the way boto does."""
+    import fsspec
+
+    options = {}
+    if location.startswith("s3://"):
+        # Run storage has other writers (Ray's pyarrow upload, the driver, other ranks): a cached listing would
+        # hand s3fs an old ETag, which it sends as If-Match, so reading an object rewritten since (a torn step
+        # uploaded again) fails with PreconditionFailed. No listings cache: every read asks the server.
+        options["use_listings_cache"] = False
+    if location.startswith("s3://") and endpoint_url():
+        # Named explicitly so fsspec's instance cache never hands back a filesystem made for another endpoint
+        # (a process that talks to two S3 servers, or tests that start one per module).
+        options["endpoint_url"] = endpoint_url()
+    return fsspec.core.url_to_fs(location, **options)
+
+
+# ----- small files (the run lock has its own conditional writes, see orchestrator/runlock.py) ---------------------
+def read_text(location: str | Path) -> str | None:
+    """The file's text, or None if it does not exist."""
+    if not is_remote(location):
+        try:
+            return Path(location).read_text()
+        except FileNotFoundError:
+            return None
+    fs, path = _fs(str(location))
+    try:
+        with fs.open(path, "rb") as f:
+            return f.read().decode()
+    except FileNotFoundError:
+        return None
+
+
+def write_text(location: str | Path, text: str) -> None:
+    """Replaces the file whole: a rename locally, one PUT on S3 (an object is never seen half-written)."""
+    if not is_remote(location):
+        path = Path(location)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+        return
+    fs, path = _fs(str(location))
+    fs.pipe_file(path, text.encode())
+
+
+def exists(location: str | Path) -> bool:
+    if not is_remote(location):
+        return Path(location).exists()
+    fs, path = _fs(str(location))
+    return fs.exists(path)
+
+
+def delete(location: str | Path) -> None:
+    """Removes a file or a folder tree; a missing one is not an error."""
+    if not is_remote(location):
+        path = Path(location)
+        if path.is_dir():
+            import shutil
+
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        return
+    fs, path = _fs(str(location))
+    try:
+        fs.rm(path, recursive=True)
+    except FileNotFoundError:
+        pass
+
+
+def list_names(location: str | Path) -> list[str]:
+    """Names directly under a folder or prefix (empty if it does not exist)."""
+    if not is_remote(location):
+        path = Path(location)
+        return sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+    fs, path = _fs(str(location))
+    try:
+        return sorted(name_of(p) for p in fs.ls(path, detail=False))
+    except FileNotFoundError:
+        return []
+
+
+def download(location: str, dest: Path) -> None:
+    """Copies a remote folder tree into the local folder ``dest``."""
+    fs, path = _fs(location)
+    dest.mkdir(parents=True, exist_ok=True)
+    fs.get(path.rstrip("/") + "/", str(dest) + "/", recursive=True)
+
+
+# ----- checks at start, and Ray Train's view of the storage -------------------------------------------------------
+def check_writable(location: str) -> None:
+    """For ``s3://``: the endpoint answers, the credentials work and the bucket exists, else a StorageError that
+    names the URL and what to set. Runs before any worker starts, so a typo costs seconds, not a cluster start."""
+    if not is_remote(location):
+        return
+    if not location.startswith("s3://"):
+        raise StorageError(f"run.storage {location}: only local paths and s3:// URLs are supported")
+    from data_pipeline.io import CREDENTIALS_HELP
+
+    bucket = urlparse(location).netloc
+    endpoint = endpoint_url() or "AWS S3 (no AWS_ENDPOINT_URL set)"
+    try:
+        client = s3_client()
+        client.head_bucket(Bucket=bucket)
+    except Exception as err:  # noqa: BLE001 - every failure is reported the same way, with the URL
+        code = str(getattr(err, "response", {}).get("Error", {}).get("Code", ""))
+        name = type(err).__name__
+        if code in ("404", "NoSuchBucket"):
+            raise StorageError(f"run.storage {location}: bucket '{bucket}' does not exist at {endpoint}; "
+                               "create it first") from None
+        if code in ("403", "AccessDenied") or "Credential" in name:
+            raise StorageError(f"run.storage {location}: S3 refused access to bucket '{bucket}' at {endpoint}; "
+                               f"{CREDENTIALS_HELP}") from None
+        raise StorageError(f"run.storage {location}: cannot reach the S3 endpoint {endpoint} ({name}); set "
+                           "AWS_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3) to a reachable S3 server, or unset it for "
+                           "AWS itself") from None
+
+
+def s3_client():
+    """A boto3 S3 client from the environment, failing fast (the start-up check and the run lock use it)."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client("s3", config=Config(connect_timeout=5, read_timeout=30,
+                                            retries={"max_attempts": 3, "mode": "standard"}))
+
+
+def ray_storage(location: str, attempts: int = 10) -> tuple[str, object | None]:
+    """(storage_path, storage_filesystem) for Ray Train's RunConfig: what checkpoints are uploaded through.
+
+    A local path goes as it is. For ``s3://`` an explicit pyarrow S3FileSystem is built, because pyarrow 25 does
+    not read AWS_ENDPOINT_URL (checked: it resolves the bucket at *.amazonaws.com); keys stay in the environment,
+    where pyarrow's default credential chain finds them on every worker. Each S3 request is tried ``attempts``
+    times (``checkpoint.upload_attempts``) with the AWS SDK's standard backoff.
+    """
+    if not is_remote(location):
+        return location, None
+    from trainer.s3_retry import RetryingS3FileSystem
+
+    url = urlparse(location)
+
+    options: dict = {"region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"}
+    endpoint = endpoint_url()
+    if endpoint:
+        parsed = urlparse(endpoint)
+        options.update(endpoint_override=parsed.netloc + parsed.path.rstrip("/"), scheme=parsed.scheme or "https")
+    return f"{url.netloc}{url.path}".rstrip("/"), RetryingS3FileSystem(attempts, **options)
+
+
+def url_of_ray_path(path: str, filesystem) -> str:
+    """A Ray checkpoint's ``(path, filesystem)`` as one of our locations (``s3://`` URL or local path)."""
+    import pyarrow.fs
+
+    if isinstance(filesystem, pyarrow.fs.S3FileSystem):
+        return "s3://" + path.lstrip("/")
+    return path  # Ray's local filesystem (it wraps pyarrow's in its own class)
