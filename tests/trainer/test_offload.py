@@ -76,8 +76,18 @@ def test_offloaded_optimizer_and_params_train_to_the_same_weights(tmp_path):
     reference = results["none"]
     moved = [n for n, w in reference.items() if not torch.equal(w, initial[n].detach())]
     assert len(moved) > len(reference) // 2, "the reference run did not train"
+    travel = _global_norm({n: reference[n] - initial[n].detach() for n in reference})
     for name in ("optimizer", "optimizer+params"):
         got = results[name]
         assert got.keys() == reference.keys()
-        far = [n for n in reference if not torch.allclose(got[n], reference[n], rtol=1e-4, atol=1e-6)]
-        assert not far, f"offload {name}: {len(far)} weights differ from the run without offload, e.g. {far[:3]}"
+        gap = _global_norm({n: got[n] - reference[n] for n in reference})
+        # Tolerance from the operation, not from float order: each Adam step moves a weight by about lr, so a
+        # skipped or doubled one of the STEPS steps moves the whole model by ~1/STEPS of the reference's travel
+        # (measured 0.46 with the last offloaded step skipped). Summation order only flips Adam's first-step sign for
+        # a few near-zero gradients (seen: 3 weights off by 4e-6); measured here: 1.2e-6 of the travel.
+        assert gap < 0.01 * travel, (f"offload {name}: the weights are {gap / travel:.3f} of the reference's "
+                                     f"travel away from the run without offload (a skipped or repeated step?)")
+
+
+def _global_norm(tensors: dict[str, torch.Tensor]) -> float:
+    return float(torch.sqrt(sum((t.double() ** 2).sum() for t in tensors.values())))
