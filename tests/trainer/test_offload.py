@@ -83,8 +83,8 @@ def test_offloaded_optimizer_and_params_train_to_the_same_weights(tmp_path):
         gap = _global_norm({n: got[n] - reference[n] for n in reference})
         # Tolerance from the operation, not from float order: each Adam step moves a weight by about lr, so a
         # skipped or doubled one of the STEPS steps moves the whole model by ~1/STEPS of the reference's travel
-        # (measured 0.46 with the last offloaded step skipped). Summation order only flips Adam's first-step sign for
-        # a few near-zero gradients (seen: 3 weights off by 4e-6); measured here: 1.2e-6 of the travel.
+        # (measured 0.46 with the last offloaded step skipped). Summation order only flips Adam's first-step
+        # sign for a few near-zero gradients (seen: 3 weights off by 4e-6); measured: 1.2e-6 of the travel.
         assert gap < 0.01 * travel, (f"offload {name}: the weights are {gap / travel:.3f} of the reference's "
                                      f"travel away from the run without offload (a skipped or repeated step?)")
 
