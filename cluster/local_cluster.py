@@ -408,7 +408,15 @@ def wait_for_node_state(head: HeadInfo, name: str, state: str = "ALIVE", timeout
     raise LocalClusterError(f"node {name!r} did not reach {state} in {timeout:g}s; last seen: {last}")
 
 
-def start_head(
+def start_head(*args, **kwargs) -> HeadInfo:
+    """Start a head node on 127.0.0.1 (see _start_head_once); a Ray start-up timeout on a busy machine is logged
+    with the load and retried once (orchestrator/ray_startup.py)."""
+    from orchestrator.ray_startup import with_startup_retry
+
+    return with_startup_retry(lambda: _start_head_once(*args, **kwargs), "the local cluster's head node")
+
+
+def _start_head_once(
     num_cpus: int = 1,
     *,
     num_gpus: int = 0,
@@ -513,7 +521,15 @@ def _dashboard_healthy(head: HeadInfo) -> bool:
         return resp.status == 200
 
 
-def add_worker(
+def add_worker(head: HeadInfo, *args, **kwargs) -> WorkerNode:
+    """Start a worker node that joins `head` (see _add_worker_once); a Ray start-up timeout on a busy machine is
+    logged with the load and retried once."""
+    from orchestrator.ray_startup import with_startup_retry
+
+    return with_startup_retry(lambda: _add_worker_once(head, *args, **kwargs), "a local cluster worker node")
+
+
+def _add_worker_once(
     head: HeadInfo,
     num_cpus: int = 1,
     *,
@@ -572,6 +588,7 @@ def add_worker(
         )
     except BaseException:
         worker.stop()
+        head.workers.remove(worker)  # a retry (add_worker) must not find the failed node in the list
         raise
     return worker
 

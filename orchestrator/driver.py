@@ -76,10 +76,13 @@ def init_ray(cfg: RunConfig) -> None:
     # it the cleaner logs a warning each time and could not free the workers' resources if the controller died.
     # address="local": a new embedded instance even where RAY_ADDRESS is set or `ray start` ran on this machine
     # (ray.init() would join that cluster, and then refuse num_cpus); joining one is scaling.address's job.
-    ray.init(address="local", num_cpus=max(need, os.cpu_count() or 1), include_dashboard=True,
-             dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
-             runtime_env={**JOB_RUNTIME_ENV, "env_vars": worker_env(cfg)},
-             log_to_driver=True)
+    from orchestrator.ray_startup import with_startup_retry
+
+    with_startup_retry(
+        lambda: ray.init(address="local", num_cpus=max(need, os.cpu_count() or 1), include_dashboard=True,
+                         dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
+                         runtime_env={**JOB_RUNTIME_ENV, "env_vars": worker_env(cfg)}, log_to_driver=True),
+        "the embedded Ray", cleanup=ray.shutdown)
 
 
 def worker_env(cfg: RunConfig) -> dict[str, str]:

@@ -12,6 +12,22 @@ os.environ.setdefault("DO_NOT_TRACK", "true")
 os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
 
 
+VERSIONED = ("torch", "deepspeed", "ray", "mlflow", "boto3", "botocore", "s3fs", "moto", "pyarrow", "numpy",
+             "transformers")
+
+
+def pytest_report_header(config):
+    """The environment the tests ran in: a failure report says which releases it was."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def v(name):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "-"
+    return "unimo test environment: " + ", ".join(f"{name} {v(name)}" for name in VERSIONED)
+
+
 # Fixtures that start a server: a test that uses one belongs to the integration tier whatever its file says.
 SERVICE_FIXTURES = {"s3_server", "s3_data", "s3_runs"}
 
