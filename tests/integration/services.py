@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import random
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from contextlib import contextmanager
@@ -18,10 +20,56 @@ FAKE_AWS = {
 }
 
 
+# Ports for the servers the tests start. Not the kernel's pick (bind to port 0): that comes from the ephemeral
+# range, where every outgoing connection also takes its source port, so a port freed here could be taken by a
+# client before the server binds it. Above that range (Linux: 32768-60999) only servers that name their port
+# bind (Ray's worker ports are 10002-19999, cluster/local_cluster.py's blocks 20000-32000). A reservation file per
+# port keeps two pytest workers (or processes) from handing out the same one; reservations older than
+# PORT_LEASE_S are reused.
+PORT_RANGE = (61000, 65500)
+PORT_LEASE_S = 900
+PORT_DIR = Path(tempfile.gettempdir()) / "unimo-test-ports"
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port on 127.0.0.1 that is free now and reserved for this caller among the test processes."""
+    PORT_DIR.mkdir(exist_ok=True)
+    rng = random.Random(os.getpid() ^ time.monotonic_ns())
+    for _ in range(2000):
+        port = rng.randrange(*PORT_RANGE)
+        if not _reserve(port):
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # in use by something outside the tests: keep the reservation, try another
+        return port
+    raise RuntimeError(f"no free port in {PORT_RANGE} (reservations in {PORT_DIR})")
+
+
+def _reserve(port: int) -> bool:
+    path = PORT_DIR / str(port)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        try:
+            if time.time() - path.stat().st_mtime < PORT_LEASE_S:
+                return False
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        return _reserve_once(path)
+    os.close(fd)
+    return True
+
+
+def _reserve_once(path: Path) -> bool:
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        return True
+    except FileExistsError:
+        return False
 
 
 def wait_http(url: str, timeout: float = 60.0) -> None:

@@ -46,7 +46,7 @@ def test_second_acquire_is_refused_naming_the_owner_and_changes_nothing(tmp_path
     assert not (tmp_path / "r1" / LOCK_FILE).exists()
 
 
-def _contender(run_dir: str, barrier, results, hold_s: float) -> None:
+def _contender(run_dir: str, barrier, results, release) -> None:
     barrier.wait()
     try:
         lock = RunLock(run_dir).acquire()
@@ -54,7 +54,7 @@ def _contender(run_dir: str, barrier, results, hold_s: float) -> None:
         results.put("refused")
         return
     results.put("acquired")
-    time.sleep(hold_s)  # keep it while the others try
+    release.wait(60)  # keep it until every other contender has tried (the parent says so), however slow they are
     lock.release()
 
 
@@ -62,12 +62,14 @@ def _race(run_dir: Path, n: int = 6) -> list[str]:
     ctx = mp.get_context("fork")
     barrier = ctx.Barrier(n)
     results = ctx.Queue()
-    procs = [ctx.Process(target=_contender, args=(str(run_dir), barrier, results, 2.0)) for _ in range(n)]
+    release = ctx.Event()
+    procs = [ctx.Process(target=_contender, args=(str(run_dir), barrier, results, release)) for _ in range(n)]
     for p in procs:
         p.start()
     try:
         outcomes = [results.get(timeout=60) for _ in range(n)]
     finally:
+        release.set()
         for p in procs:
             p.join(timeout=30)
             if p.is_alive():
