@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import re
 import time
 from collections.abc import Callable
 
@@ -39,6 +40,18 @@ class RetryPolicy:
         for _ in range(self.retries):
             yield delay
             delay = min(delay * 2, self.backoff_max_s)
+
+
+_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+
+
+def safe_url(url) -> str:
+    """A URL (or list of them) fit for logs, params and errors: no user:password@, no query string (presigned
+    URLs carry their signature there)."""
+    if isinstance(url, (list, tuple)):
+        return "[" + ", ".join(safe_url(u) for u in url) + "]"
+    url = _USERINFO.sub("***@", str(url))
+    return url.split("?", 1)[0] + ("?***" if "?" in url else "")
 
 
 def bucket_of(url: str) -> str:
