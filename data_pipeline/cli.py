@@ -9,7 +9,7 @@ import re
 import sys
 from collections import Counter
 
-from .io import DataSourceError, RetryingReader, RetryPolicy, filesystem, list_shards
+from .io import DataSourceError, RetryingReader, RetryPolicy, filesystem, list_shards, safe_url
 from .tario import iter_samples
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
@@ -106,16 +106,27 @@ def _synthetic(args) -> int:
 
 
 def _inspect(args) -> int:
+    """Counts samples, members and skips of a source's shards; exits 1 when a shard is no readable tar."""
     shards = list_shards(args.url)
     counts: Counter = Counter()
+    unreadable = {}
     for url, _ in shards[:args.max_shards or None]:
+        def issue(reason, key, url=url):
+            counts[f"skipped_{reason}"] += 1
+            if reason in ("not_a_tar", "bad_compression"):
+                unreadable[safe_url(url)] = reason
+
         with RetryingReader(url, RetryPolicy()) as r:
-            for _, _, files in iter_samples(r, lambda reason, key: counts.update([f"skipped_{reason}"])):
+            for _, _, files in iter_samples(r, issue):
                 counts["samples"] += 1
                 counts.update(f"member_{ext}" for ext in files)
-    print(json.dumps({"url": args.url, "shards": len(shards), "bytes": sum(s for _, s in shards),
-                      "read_shards": len(shards[:args.max_shards or None]), **counts}))
-    return 0
+    print(json.dumps({"url": safe_url(args.url), "shards": len(shards), "bytes": sum(s for _, s in shards),
+                      "read_shards": len(shards[:args.max_shards or None]), **counts,
+                      **({"unreadable": unreadable} if unreadable else {})}))
+    for url, reason in unreadable.items():
+        print(f"error: {url}: {reason} (it is not a tar shard{' - e.g. an HTML page' if reason == 'not_a_tar' else ''})",
+              file=sys.stderr)
+    return 1 if unreadable else 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -107,7 +107,7 @@ def list_shards(url: str) -> list[tuple[str, int]]:
     except Exception as exc:  # noqa: BLE001 - anything else still names the URL
         raise storage_error(url, exc) from None
     if not shards:
-        raise DataSourceError(f"no shards (*.tar) found under {url}")
+        raise DataSourceError(f"no shards (*.tar, *.tar.gz, *.tgz, ...) found under {safe_url(url)}")
     return shards
 
 
@@ -118,8 +118,10 @@ def _list_prefix(url: str) -> list[tuple[str, int]]:
     found = fs.find(path, detail=True) if fs.isdir(path) else {}
     if not found:  # a key prefix such as s3://b/pairs/shard- rather than a folder
         found = {p: fs.info(p) for p in fs.glob(path.rstrip("/") + "*")}
+    from .compress import is_shard_name  # .tar, .tar.gz, .tgz, ...
+
     return sorted((_with_scheme(url, p), int(info.get("size") or 0)) for p, info in found.items()
-                  if p.endswith(".tar") and info.get("type", "file") == "file")
+                  if is_shard_name(p) and info.get("type", "file") == "file")
 
 
 def _list_pattern(url: str) -> list[tuple[str, int]]:

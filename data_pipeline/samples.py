@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from .compress import strip_suffix
 from .tario import iter_samples
 from .tokenizer import TextTokenizer
 
@@ -40,8 +41,7 @@ class Prep:
 
 
 def shard_name(url: str) -> str:
-    name = url.rstrip("/").rsplit("/", 1)[-1]
-    return name.removesuffix(".tar")
+    return strip_suffix(url.rstrip("/").rsplit("/", 1)[-1])
 
 
 def stable_id(text: str) -> int:

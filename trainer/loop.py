@@ -149,7 +149,7 @@ def build_engine(cfg: RunConfig, module: torch.nn.Module, world_size: int, on_gp
 # Why the loader skipped samples (data_pipeline/samples.py, tario.py): one metric each, summed over ranks, so a
 # run that quietly drops a share of its data shows it in MLflow, not only in the workers' warnings.
 SKIP_REASONS = ("bad_image", "bad_text", "bad_json", "missing_field", "empty_text", "corrupt_member",
-                "truncated_shard")
+                "truncated_shard", "bad_compression", "not_a_tar")
 
 
 def data_counters(stats: dict[str, int]) -> dict[str, int]:
