@@ -51,6 +51,19 @@ def _parser() -> argparse.ArgumentParser:
                           ("samples-per-shard", 250), ("image-size", 64), ("seed", 0)):
         y.add_argument(f"--{name}", type=int, default=default)
 
+    v = sub.add_parser("preview", help="which corpus the first samples of each modality come from, and the epochs "
+                                       "of each corpus in the configured steps",
+                       description="Runs the loader's plan at world size 1 on the data section of CONFIG (no sample "
+                                   "is decoded). Epochs: steps x train.global_micro_batches x batch_size samples "
+                                   "per modality, shared by weight; epoch sizes counted from sidecars or estimated "
+                                   "from each corpus's first shard.")
+    v.add_argument("config", help="a run config file (only its data, stages and train sections are read)")
+    v.add_argument("--samples", type=int, default=1000, help="samples of each modality to attribute (1000)")
+    v.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the stages' steps; 0 = skip)")
+    v.add_argument("--micro-batches", type=int, default=None,
+                   help="micro-batches per step over all ranks (default: train.global_micro_batches, else 1)")
+    v.add_argument("--json", action="store_true", help="print one object: modality -> corpus -> count")
+
     i = sub.add_parser("inspect", help="list a source's shards and count their samples and skips")
     i.add_argument("url")
     i.add_argument("--max-shards", type=int, default=0, help="read only the first N shards (0 = all)")
@@ -129,13 +142,30 @@ def _inspect(args) -> int:
     return 1 if unreadable else 0
 
 
+def _preview(args) -> int:
+    from .preview import data_config_from_yaml, preview, render
+
+    if args.samples < 1:
+        raise ValueError(f"--samples = {args.samples}: must be >= 1")
+    cfg, tree = data_config_from_yaml(args.config)
+    train = tree.get("train") or {}
+    steps = args.steps
+    if steps is None:
+        steps = sum(int(s.get("steps", 0)) for s in tree.get("stages") or [] if isinstance(s, dict))
+    micro = args.micro_batches or int(train.get("global_micro_batches", 1))
+    result = preview(cfg, args.samples, steps=0 if args.json else steps, micro_batches=micro,
+                     seq_len=train.get("seq_len"))
+    print(json.dumps(result["mix"]) if args.json else render(result, args.samples, steps))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `unimo data ...`; returns the exit status."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         return {"shards": _shards, "tokenizer": _tokenizer, "synthetic": _synthetic,
-                "inspect": _inspect}[args.command](args)
+                "inspect": _inspect, "preview": _preview}[args.command](args)
     except (DataSourceError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
