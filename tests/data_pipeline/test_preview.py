@@ -66,3 +66,22 @@ def test_preview_prints_epochs_per_corpus(config_file, capsys):
     line = next(row for row in out.splitlines() if row.strip().startswith("coco"))
     assert "9.00 epochs of ~40 samples" in line, out
     assert "text: first 100 samples" in out and "sequences" in out
+
+
+def test_the_shipped_unimo_recipe_has_its_corpora_and_weights():
+    from pathlib import Path
+
+    from data_pipeline.accounting import weight_params
+    from trainer.config import load_config
+
+    path = Path(__file__).resolve().parents[2] / "configs" / "unimo_recipe.yaml"
+    data, _ = data_config_from_yaml(str(path))
+    assert load_config(path).data == data  # the typed config tree reads the same data section
+    assert [c.name for c in data.pair.corpora] == ["coco", "vg", "cc3m", "sbu"]
+    assert [c.name for c in data.text.corpora] == ["bookwiki", "openwebtext"]
+    assert [c.name for c in data.image.corpora] == ["openimages", "coco"]
+    assert len(data.pair.corpora[2].urls) == 2  # a corpus may span several folders
+    params = weight_params(data)
+    for modality in ("text", "image", "pair"):
+        shares = [float(v) for k, v in params.items() if k.startswith(f"data.weights.{modality}.")]
+        assert abs(sum(shares) - 1.0) < 1e-6
