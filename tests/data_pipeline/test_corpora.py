@@ -184,3 +184,29 @@ def test_replacing_every_corpus_on_resume_fails_naming_both_lists(two_corpora):
     with pytest.raises(ValueError, match=r"data.text: the data cursor was saved with corpora \['text/big', "
                                          r"'text/small'\], the config has \['text/other_big'"):
         build_loader(renamed, rank=0, world_size=1, state=state, **GEOMETRY)
+
+
+# -- config -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("pair,match", [
+    ({"urls": "a/", "corpora": [{"name": "x", "urls": "b/"}]}, "either urls .* or corpora"),
+    ({"corpora": [{"name": "x", "urls": "b/"}, {"name": "x", "urls": "c/"}]}, "unique"),
+    ({"corpora": [{"name": "x", "urls": "b/", "weight": 0}]}, r"corpora\[x\].weight = 0"),
+    ({"corpora": [{"name": "a b", "urls": "b/"}]}, "corpora.name = 'a b'"),
+    ({"corpora": [{"name": "x", "urls": ""}]}, r"corpora\[x\].urls"),
+])
+def test_corpus_config_errors_name_the_field(pair, match):
+    with pytest.raises(ValueError, match=match):
+        DataConfig(pair=pair)
+
+
+def test_relative_corpus_paths_become_absolute_for_the_workers():
+    from orchestrator.driver import with_absolute_paths
+    from trainer.config import load_config
+
+    cfg = load_config(None, ["data.pair.corpora=[{name: a, urls: rel/a/}, {name: b, urls: [s3://b/x/, rel/b/]}]",
+                             "data.text.urls=rel/text/"])
+    data = with_absolute_paths(cfg).data
+    assert data.pair.corpora[0].urls.startswith("/") and data.pair.corpora[0].urls.endswith("/rel/a")
+    assert data.pair.corpora[1].urls[0] == "s3://b/x/" and data.pair.corpora[1].urls[1].startswith("/")
+    assert data.text.urls.startswith("/")
