@@ -210,3 +210,29 @@ def test_relative_corpus_paths_become_absolute_for_the_workers():
     assert data.pair.corpora[0].urls.startswith("/") and data.pair.corpora[0].urls.endswith("/rel/a")
     assert data.pair.corpora[1].urls[0] == "s3://b/x/" and data.pair.corpora[1].urls[1].startswith("/")
     assert data.text.urls.startswith("/")
+
+
+def test_a_cursor_from_before_corpora_still_resumes_exactly(local_data):
+    """Cursors saved before corpora existed have no mix and a source per modality: the shorthand reads them."""
+    from data_pipeline import SourceConfig
+
+    def cfg():
+        return DataConfig(pair=SourceConfig(local_data["pair"], 4), tokenizer=local_data["tokenizer"],
+                          num_workers=0, shuffle_buffer=8, seed=2)
+
+    full = _keys(build_loader(cfg(), rank=0, world_size=1, **GEOMETRY), 8)
+    first = build_loader(cfg(), rank=0, world_size=1, **GEOMETRY)
+    before = _keys(first, 3)
+    old = first.state_dict()
+    del old["mix"]
+    assert set(old["sources"]) == {"pair"}
+    assert before + _keys(build_loader(cfg(), rank=0, world_size=1, state=old, **GEOMETRY), 5) == full
+
+
+def _keys(loader, n):
+    out = []
+    for i, batch in enumerate(loader):
+        out += batch["keys"]["pair"]
+        if i + 1 == n:
+            break
+    return out
