@@ -1,7 +1,8 @@
 """The data cursor: per-stream reading state, its rank-independent per-epoch view, merging and redistribution.
 
 Every source is read by S = world_size x workers streams. In each epoch the shards are permuted by a seed of
-(seed, source, epoch) and stream i of S reads ``order[i::S]`` in that order, then moves to its share of the next
+(seed, source, epoch) and stream i of S reads ``order[i::S]`` in that order (fewer shards than streams: see
+planned_share), then moves to its share of the next
 epoch (streams of one source may be in different epochs). A stream's state says which shards it still owns
 (``todo``, the ``head`` it is reading, ``open`` ones with items still in its shuffle buffer), which items of
 them were yielded, the buffer's content as item ids and its RNG draw counter. From the states of all streams
@@ -37,7 +38,17 @@ def epoch_order(seed: int, source: str, epoch: int, n: int) -> tuple[int, ...]:
 
 
 def planned_share(seed: int, source: str, epoch: int, n: int, streams: int, index: int) -> list[int]:
-    return list(epoch_order(seed, source, epoch, n)[index::streams])
+    """The shards stream ``index`` of ``streams`` reads in ``epoch``, in order.
+
+    With at least as many shards as streams, stream i reads ``order[i::streams]``. With fewer (a small corpus
+    read by many ranks and workers) the epochs' shards are dealt on where the previous epoch stopped, so every
+    stream gets a shard every few epochs and an epoch may leave a stream empty-handed (it moves to the next).
+    """
+    order = epoch_order(seed, source, epoch, n)
+    if n >= streams:
+        return list(order[index::streams])
+    start = (epoch * n) % streams
+    return [order[j] for j in range(n) if (start + j) % streams == index]
 
 
 def to_ranges(values) -> list[list[int]]:

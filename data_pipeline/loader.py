@@ -22,7 +22,7 @@ from .batch import BatchSpec, features_for, image_batch, pair_batch, pixels_tens
 from .config import SOURCES, Corpus, DataConfig
 from .cursor import (VERSION, StreamState, epochs_view, fresh_streams, is_complete, merge_states, modality_of,
                      redistribute)
-from .io import DataSourceError, RetryingReader, RetryPolicy, list_shards, safe_url, shard_digest
+from .io import DataSourceError, RetryingReader, RetryPolicy, list_shards, shard_digest
 from .mix import Mixer, fresh_mix, reweighted, total_picks, weights_change
 from .samples import Prep, shard_items
 from .stream import SourceStream, StreamContext
@@ -263,13 +263,14 @@ def corpus_shards(corpus: Corpus) -> list[tuple[str, int]]:
 
 
 def _list_sources(corpora: list[Corpus], streams: int) -> dict:
+    """Shards of every corpus. A corpus may have fewer shards than the streams that read it (see
+    cursor.planned_share): its epochs are then read by a few streams at a time."""
     shards = {}
     for c in corpora:
         shards[c.key] = corpus_shards(c)
         if len(shards[c.key]) < streams:
-            raise DataSourceError(f"source {c.key} ({safe_url(c.urls)}) has {len(shards[c.key])} shards, fewer than "
-                                  f"the {streams} streams (world_size x num_workers) that read it: each stream needs "
-                                  f"a shard per epoch; write more, smaller shards or use fewer workers")
+            log.info("source %s has %d shards for %d streams: each epoch is read by %d of them", c.key,
+                     len(shards[c.key]), streams, len(shards[c.key]))
     return shards
 
 

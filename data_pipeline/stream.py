@@ -77,10 +77,11 @@ class SourceStream:
                                   f"{safe_url(self.shards[0][0])}); the warnings name each shard and why it was "
                                   f"skipped (not_a_tar, truncated_shard, ...)")
         self._pulled_since_plan = 0
-        e = self.st.fresh_epoch
-        self.st.todo = [[e, s] for s in planned_share(self.ctx.seed, self.source, e, len(self.shards),
-                                                      self.st.streams, self.st.index)]
-        self.st.fresh_epoch += 1
+        while not self.st.todo:  # fewer shards than streams: some epochs give this stream none (at most S/n)
+            e = self.st.fresh_epoch
+            self.st.todo = [[e, s] for s in planned_share(self.ctx.seed, self.source, e, len(self.shards),
+                                                          self.st.streams, self.st.index)]
+            self.st.fresh_epoch += 1
 
     def _pull(self) -> tuple[list[int], dict]:
         """The next item of this stream's shard sequence that was not yielded before."""

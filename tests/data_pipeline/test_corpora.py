@@ -236,3 +236,36 @@ def _keys(loader, n):
         if i + 1 == n:
             break
     return out
+
+
+# -- fewer shards than streams ------------------------------------------------------------------------------
+
+def _pair_keys(loaders, steps):
+    out = []
+    for ld in loaders:
+        for i, batch in enumerate(ld):
+            out += list(zip(batch["pair"]["epoch"].tolist(), batch["keys"]["pair"]))
+            if i + 1 == steps:
+                break
+    return out
+
+
+@pytest.mark.parametrize("world_before,world_after", [(12, 12), (12, 3), (2, 12)])
+def test_a_corpus_with_fewer_shards_than_streams_is_read_once_per_epoch(local_data, world_before, world_after):
+    """8 shards read by 12 streams (12 ranks of one in-process worker each): every epoch is dealt to 8 of them, the
+    next epoch goes on where it stopped; each epoch still delivers every sample once, across resumes too."""
+    from data_pipeline import SourceConfig
+
+    def loaders(world, state=None):
+        cfg = DataConfig(pair=SourceConfig(local_data["pair"], 2), tokenizer=local_data["tokenizer"],
+                         num_workers=0, shuffle_buffer=1, seed=4)
+        return [build_loader(cfg, rank=r, world_size=world, state=state, **GEOMETRY) for r in range(world)]
+
+    first = loaders(world_before)
+    seen = _pair_keys(first, 60 // world_before)
+    seen += _pair_keys(loaders(world_after, [ld.state_dict() for ld in first]), 240 // world_after)
+    every = {k for _, k in seen}
+    assert len(every) == 80
+    for epoch in (0, 1, 2):
+        got = Counter(k for e, k in seen if e == epoch)
+        assert set(got) == every and max(got.values()) == 1, (epoch, len(got), max(got.values()))
