@@ -12,6 +12,12 @@ reported too: on a shared machine they move far less than wall-clock rates.
 
     .venv/bin/python bench/bench_data.py [--pairs 2000] [--stored-size 256] [--image-size 128] [--workers 2]
                                          [--objectives itc,mlm_pair | '']
+
+With ``--corpora N`` it measures instead what several weighted corpora cost, on the same shards throughout:
+  one        one corpus of all the shards;
+  N corpora  the shards dealt into N corpora with weights 1..N (every sample still decoded the same way);
+  memory     the resident memory (USS) of each DataLoader worker with 1, 2, 4 .. N corpora;
+  gzip       one corpus of the same shards gzipped (.tar.gz) vs plain: samples/s and CPU-seconds per sample.
 """
 
 from __future__ import annotations
@@ -73,11 +79,11 @@ def raw_fetch(urls: list[str], workers: int) -> tuple[float, int]:
     return time.perf_counter() - t0, total
 
 
-def unimo_loader(urls: dict, args):
+def unimo_loader(urls: dict, args, corpora: list | None = None):
     from data_pipeline import DataConfig, SourceConfig, build_loader
 
-    cfg = DataConfig(pair=SourceConfig(urls["pair"], args.batch), tokenizer=urls["tokenizer"],
-                     num_workers=args.workers, shuffle_buffer=64)
+    pair = SourceConfig(corpora=corpora, batch_size=args.batch) if corpora else SourceConfig(urls["pair"], args.batch)
+    cfg = DataConfig(pair=pair, tokenizer=urls["tokenizer"], num_workers=args.workers, shuffle_buffer=64)
     return build_loader(cfg, rank=0, world_size=1, seq_len=args.seq_len, image_size=args.image_size,
                         patch_size=16, objectives=args.objectives.split(",") if args.objectives else None)
 
@@ -147,6 +153,83 @@ def rate(loader, batches: int, batch: int, server_pid: int) -> tuple[float, floa
     return batches * batch / dt, batches * batch / cpu
 
 
+def _worker_uss_mb(skip: int) -> list[float]:
+    """Unique resident memory (MB) of each child process but ``skip``: the DataLoader workers."""
+    import psutil
+
+    out = []
+    for proc in psutil.Process().children(recursive=True):
+        if proc.pid != skip:
+            try:
+                out.append(round(proc.memory_full_info().uss / 1e6, 1))
+            except psutil.NoSuchProcess:
+                pass
+    return out
+
+
+def rate_and_memory(loader, batches: int, batch: int, server_pid: int) -> tuple[float, float, list[float]]:
+    """``rate`` plus the workers' memory at the end of the run (their buffers and open shards filled)."""
+    it = iter(loader)
+    next(it)
+    cpu0, t0 = _cpu_seconds(server_pid), time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    dt, cpu1 = time.perf_counter() - t0, _cpu_seconds(server_pid)
+    mem = _worker_uss_mb(server_pid)
+    del it
+    cpu = sum(cpu1[pid] - cpu0[pid] for pid in cpu1.keys() & cpu0.keys())
+    return batches * batch / dt, batches * batch / cpu, mem
+
+
+def _dealt(shards: list[str], n: int) -> list[dict]:
+    """The shards dealt into n corpora with weights 1..n (so the mix is uneven)."""
+    return [{"name": f"c{i}", "urls": shards[i::n], "weight": float(i + 1)} for i in range(n)]
+
+
+def _gzip_copies(shards: list[str]) -> list[str]:
+    import gzip
+
+    import fsspec
+
+    out = []
+    for url in shards:
+        gz = url.replace("/bench/", "/bench-gz/")[:-4] + ".tar.gz"
+        with fsspec.open(url, "rb") as src, fsspec.open(gz, "wb") as dst:
+            dst.write(gzip.compress(src.read(), compresslevel=6))
+        out.append(gz)
+    return out
+
+
+def corpora_bench(urls: dict, shards: list[str], args, server_pid: int) -> dict:
+    """One corpus vs --corpora weighted corpora of the same shards; worker memory by corpus count; gzip vs plain."""
+    gz = _gzip_copies(shards)
+    counts = sorted({1, *(2 ** k for k in range(1, 8) if 2 ** k < args.corpora), args.corpora})
+    variants = {"one": None, f"{args.corpora}_corpora": _dealt(shards, args.corpora),
+                "gzip_one": [{"name": "gz", "urls": gz, "weight": 1.0}]}
+    wall, per_cpu, memory = {k: [] for k in variants}, {k: [] for k in variants}, {}
+    for _ in range(args.repeats):
+        for name, corpora in variants.items():
+            w, c, _ = rate_and_memory(unimo_loader(urls, args, corpora), args.batches, args.batch, server_pid)
+            wall[name].append(w)
+            per_cpu[name].append(c)
+    for n in counts:
+        _, _, mem = rate_and_memory(unimo_loader(urls, args, _dealt(shards, n) if n > 1 else None), args.batches,
+                                    args.batch, server_pid)
+        memory[n] = mem
+    best = {k: max(v) for k, v in wall.items()}
+    best_cpu = {k: max(v) for k, v in per_cpu.items()}
+    many = f"{args.corpora}_corpora"
+    return {"samples_per_s": {k: round(v, 1) for k, v in best.items()},
+            "samples_per_cpu_s": {k: round(v, 1) for k, v in best_cpu.items()},
+            "all_rounds": {k: [round(x, 1) for x in v] for k, v in wall.items()},
+            "corpora_vs_one": round(best[many] / best["one"], 3),
+            "corpora_vs_one_per_cpu_s": round(best_cpu[many] / best_cpu["one"], 3),
+            "gzip_vs_plain": round(best["gzip_one"] / best["one"], 3),
+            "cpu_ms_per_sample": {"plain": round(1000 / best_cpu["one"], 2),
+                                  "gzip": round(1000 / best_cpu["gzip_one"], 2)},
+            "worker_uss_mb_by_corpora": memory}
+
+
 def profile_unimo(urls: dict, args) -> None:
     """cProfile of unimo's pair loader read in this process (num_workers=0, torch on one thread as in a worker):
     the per-sample costs by function, without the DataLoader's process boundary."""
@@ -178,6 +261,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--objectives", default=",".join(PAIR_OBJECTIVES),
                    help="comma-separated objectives the unimo batches serve ('' = every batch part)")
+    p.add_argument("--corpora", type=int, default=0, metavar="N",
+                   help="instead of comparing: N weighted corpora vs one of the same shards, memory, gzip vs plain")
     p.add_argument("--profile", type=int, default=0, metavar="BATCHES",
                    help="instead of comparing: cProfile unimo's loader in-process over this many batches")
     args = p.parse_args(argv)
@@ -196,6 +281,15 @@ def main(argv=None) -> int:
         urls["pair_list"] = [u for u, _ in shards]
         if args.profile:
             profile_unimo(urls, args)
+            return 0
+        if args.corpora:
+            if len(shards) < args.corpora * max(1, args.workers):
+                raise SystemExit(f"--corpora {args.corpora} needs {args.corpora * max(1, args.workers)} shards "
+                                 f"(every corpus one per worker); lower --samples-per-shard")
+            report = corpora_bench(urls, urls["pair_list"], args, server.pid)
+            report["setup"] = {**vars(args), "shards": len(shards), "cpus": os.cpu_count(),
+                               "load_average": os.getloadavg()}
+            print(json.dumps(report, indent=1))
             return 0
         results = {"raw": [], "reference": [], "unimo": []}
         per_cpu = {"reference": [], "unimo": []}

@@ -89,6 +89,9 @@ def _mlm(tok: TextTokenizer, spec: BatchSpec, ids, units, rng):
     return mlm_mask(ids, units, rng, spec.mlm_probability, tok.mask_id, tok.vocab_size, tok.special_ids)
 
 
+# A ref is [epoch, shard, ordinal, corpus key]: the key salts each sample's RNG, so two corpora's samples at the
+# same position draw different masks (the one-corpus shorthand's key is the modality: "text", "image", "pair").
+
 def _epochs(refs) -> torch.Tensor:
     return torch.tensor([r[0] for r in refs], dtype=torch.long)
 
@@ -97,8 +100,8 @@ def text_batch(refs, items, tok: TextTokenizer, spec: BatchSpec) -> dict:
     ids = [item["ids"] for item in items]
     out = _ids_fields(tok, spec, ids)
     if "text_mlm" in spec.features:
-        masks = [_mlm(tok, spec, item["ids"], mask_units(item["word_ids"]), sample_rng(spec.seed, "text", e, s, o))
-                 for (e, s, o), item in zip(refs, items)]
+        masks = [_mlm(tok, spec, item["ids"], mask_units(item["word_ids"]), sample_rng(spec.seed, key, e, s, o))
+                 for (e, s, o, key), item in zip(refs, items)]
         out.update(_mlm_fields(tok, spec, [m for m, _ in masks], [lab for _, lab in masks]))
     out["epoch"] = _epochs(refs)
     return out
@@ -110,7 +113,7 @@ def image_batch(refs, items, spec: BatchSpec) -> dict:
     if "patch_mask" in spec.features:
         n = (spec.image_size // spec.patch_size) ** 2
         out["patch_mask"] = torch.from_numpy(np.stack([
-            patch_mask(n, spec.mim_mask_ratio, sample_rng(spec.seed, "image", e, s, o)) for e, s, o in refs]))
+            patch_mask(n, spec.mim_mask_ratio, sample_rng(spec.seed, key, e, s, o)) for e, s, o, key in refs]))
     return out
 
 
@@ -127,8 +130,8 @@ def _phrase_ids(offsets, word_ids, spans) -> list[int]:
 def _choose_captions(refs, items, spec: BatchSpec) -> list[tuple]:
     """Per pair: (its RNG, the caption to train on, another caption of the image as an extra positive)."""
     chosen = []
-    for (epoch, shard, ordinal), item in zip(refs, items):
-        rng = sample_rng(spec.seed, "pair", epoch, shard, ordinal)
+    for (epoch, shard, ordinal, key), item in zip(refs, items):
+        rng = sample_rng(spec.seed, key, epoch, shard, ordinal)
         caps = item["captions"]
         c = int(rng.integers(len(caps)))
         p = (c + 1 + int(rng.integers(len(caps) - 1))) % len(caps) if len(caps) > 1 else c

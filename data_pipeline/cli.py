@@ -9,7 +9,7 @@ import re
 import sys
 from collections import Counter
 
-from .io import DataSourceError, RetryingReader, RetryPolicy, filesystem, list_shards
+from .io import DataSourceError, RetryingReader, RetryPolicy, filesystem, list_shards, safe_url
 from .tario import iter_samples
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
@@ -50,6 +50,19 @@ def _parser() -> argparse.ArgumentParser:
     for name, default in (("pairs", 2000), ("text", 2000), ("images", 2000), ("eval", 200),
                           ("samples-per-shard", 250), ("image-size", 64), ("seed", 0)):
         y.add_argument(f"--{name}", type=int, default=default)
+
+    v = sub.add_parser("preview", help="which corpus the first samples of each modality come from, and the epochs "
+                                       "of each corpus in the configured steps",
+                       description="Runs the loader's plan at world size 1 on the data section of CONFIG (no sample "
+                                   "is decoded). Epochs: steps x train.global_micro_batches x batch_size samples "
+                                   "per modality, shared by weight; epoch sizes counted from sidecars or estimated "
+                                   "from each corpus's first shard.")
+    v.add_argument("config", help="a run config file (only its data, stages and train sections are read)")
+    v.add_argument("--samples", type=int, default=1000, help="samples of each modality to attribute (1000)")
+    v.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the stages' steps; 0 = skip)")
+    v.add_argument("--micro-batches", type=int, default=None,
+                   help="micro-batches per step over all ranks (default: train.global_micro_batches, else 1)")
+    v.add_argument("--json", action="store_true", help="print one object: modality -> corpus -> count")
 
     i = sub.add_parser("inspect", help="list a source's shards and count their samples and skips")
     i.add_argument("url")
@@ -106,15 +119,43 @@ def _synthetic(args) -> int:
 
 
 def _inspect(args) -> int:
+    """Counts samples, members and skips of a source's shards; exits 1 when a shard is no readable tar."""
     shards = list_shards(args.url)
     counts: Counter = Counter()
+    unreadable = {}
     for url, _ in shards[:args.max_shards or None]:
+        def issue(reason, key, url=url):
+            counts[f"skipped_{reason}"] += 1
+            if reason in ("not_a_tar", "bad_compression"):
+                unreadable[safe_url(url)] = reason
+
         with RetryingReader(url, RetryPolicy()) as r:
-            for _, _, files in iter_samples(r, lambda reason, key: counts.update([f"skipped_{reason}"])):
+            for _, _, files in iter_samples(r, issue):
                 counts["samples"] += 1
                 counts.update(f"member_{ext}" for ext in files)
-    print(json.dumps({"url": args.url, "shards": len(shards), "bytes": sum(s for _, s in shards),
-                      "read_shards": len(shards[:args.max_shards or None]), **counts}))
+    print(json.dumps({"url": safe_url(args.url), "shards": len(shards), "bytes": sum(s for _, s in shards),
+                      "read_shards": len(shards[:args.max_shards or None]), **counts,
+                      **({"unreadable": unreadable} if unreadable else {})}))
+    for url, reason in unreadable.items():
+        print(f"error: {url}: {reason} (it is not a tar shard{' - e.g. an HTML page' if reason == 'not_a_tar' else ''})",
+              file=sys.stderr)
+    return 1 if unreadable else 0
+
+
+def _preview(args) -> int:
+    from .preview import data_config_from_yaml, preview, render
+
+    if args.samples < 1:
+        raise ValueError(f"--samples = {args.samples}: must be >= 1")
+    cfg, tree = data_config_from_yaml(args.config)
+    train = tree.get("train") or {}
+    steps = args.steps
+    if steps is None:
+        steps = sum(int(s.get("steps", 0)) for s in tree.get("stages") or [] if isinstance(s, dict))
+    micro = args.micro_batches or int(train.get("global_micro_batches", 1))
+    result = preview(cfg, args.samples, steps=0 if args.json else steps, micro_batches=micro,
+                     seq_len=train.get("seq_len"))
+    print(json.dumps(result["mix"]) if args.json else render(result, args.samples, steps))
     return 0
 
 
@@ -124,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         return {"shards": _shards, "tokenizer": _tokenizer, "synthetic": _synthetic,
-                "inspect": _inspect}[args.command](args)
+                "inspect": _inspect, "preview": _preview}[args.command](args)
     except (DataSourceError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

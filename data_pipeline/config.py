@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from typing import Any
 
 SOURCES = ("text", "image", "pair")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")   # corpus names travel into metric names and cursors
 
 
 def _check(ok: bool, name: str, value, rule: str) -> None:
@@ -12,23 +15,80 @@ def _check(ok: bool, name: str, value, rule: str) -> None:
         raise ValueError(f"data.{name} = {value!r}: {rule}")
 
 
-@dataclass
-class SourceConfig:
-    """One stream of shards.
+def _urls_ok(urls) -> bool:
+    return isinstance(urls, str) or (isinstance(urls, (list, tuple)) and all(isinstance(u, str) and u for u in urls))
 
-    urls: a brace pattern ("s3://b/pairs/shard-{000000..000009}.tar") or a prefix/folder whose ``*.tar``
-    files are listed (local path or s3://); "" means the source is unused.
-    batch_size: samples of this source in every micro-batch on every rank; fixed, because ZeRO-3 needs every
-    rank to run the same modules at every step.
+
+@dataclass
+class CorpusConfig:
+    """One corpus of a modality (e.g. COCO among the pair corpora).
+
+    urls: a brace pattern, a folder or key prefix whose shards (.tar, .tar.gz, .tgz, ...) are listed, or a list
+    of them; any fsspec URL (local, s3://, http(s)://, gs://, hf://...).
+    weight: the share of the modality's samples this corpus supplies, relative to the other corpora's weights.
+    A corpus that runs out starts its next epoch at once, so up-weighting a small corpus repeats it.
     """
 
-    urls: str = ""
-    batch_size: int = 8
+    name: str = ""
+    urls: Any = ""
+    weight: float = 1.0
 
     def __post_init__(self):
-        _check(isinstance(self.urls, str), "urls", self.urls, "must be a string")
+        _check(isinstance(self.name, str) and bool(_NAME.match(self.name)), "corpora.name", self.name,
+               "must be a non-empty name of letters, digits, '_', '.' or '-'")
+        _check(_urls_ok(self.urls) and bool(self.urls), f"corpora[{self.name}].urls", self.urls,
+               "must be a non-empty URL string or list of URL strings")
+        _check(isinstance(self.weight, (int, float)) and not isinstance(self.weight, bool) and self.weight > 0,
+               f"corpora[{self.name}].weight", self.weight, "must be a number > 0")
+        self.weight = float(self.weight)
+
+
+@dataclass
+class SourceConfig:
+    """One modality's shards: one corpus (``urls``) or several weighted ones (``corpora``).
+
+    urls: the one-corpus shorthand: a brace pattern ("s3://b/pairs/shard-{000000..000009}.tar"), a prefix or
+    folder whose shards are listed, or a list of them; "" (and no corpora) means the modality is unused.
+    corpora: [{name, urls, weight}, ...]; each sample of the modality comes from one corpus, chosen by weight.
+    batch_size: samples of this modality in every micro-batch on every rank, whatever corpora they come from;
+    fixed, because ZeRO-3 needs every rank to run the same modules at every step.
+    """
+
+    urls: Any = ""
+    batch_size: int = 8
+    corpora: list[CorpusConfig] = field(default_factory=list)
+
+    def __post_init__(self):
+        _check(_urls_ok(self.urls), "urls", self.urls, "must be a string or a list of URL strings")
         _check(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", self.batch_size,
                "must be an integer >= 1")
+        self.corpora = [CorpusConfig(**c) if isinstance(c, dict) else c for c in self.corpora]
+        _check(all(isinstance(c, CorpusConfig) for c in self.corpora), "corpora", self.corpora,
+               "must be a list of {name, urls, weight}")
+        _check(not (self.corpora and self.urls), "urls", self.urls,
+               "give either urls (one corpus) or corpora (several), not both")
+        names = [c.name for c in self.corpora]
+        _check(len(set(names)) == len(names), "corpora", names, "corpus names must be unique")
+
+    def corpus_list(self, modality: str) -> list[Corpus]:
+        """The modality's corpora; the shorthand ``urls`` is one corpus keyed by the modality's name alone,
+        so cursors saved before corpora existed still apply."""
+        if self.corpora:
+            return [Corpus(modality, c.name, f"{modality}/{c.name}", c.urls, c.weight) for c in self.corpora]
+        if self.urls:
+            return [Corpus(modality, modality, modality, self.urls, 1.0)]
+        return []
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A resolved corpus: ``key`` names it in the cursor, the counters and the metrics."""
+
+    modality: str
+    name: str
+    key: str
+    urls: Any
+    weight: float
 
 
 @dataclass
@@ -80,4 +140,18 @@ class DataConfig:
 
     def active_sources(self) -> list[str]:
         """Names of the sources with shards, in the fixed order text, image, pair."""
-        return [name for name in SOURCES if getattr(self, name).urls]
+        return [name for name in SOURCES if getattr(self, name).corpus_list(name)]
+
+    def corpora(self, modality: str) -> list[Corpus]:
+        return getattr(self, modality).corpus_list(modality)
+
+    def map_urls(self, fn) -> None:
+        """Applies ``fn`` to every shard URL of every modality and corpus, in place (e.g. to make paths absolute)."""
+        def each(urls):
+            return [fn(u) for u in urls] if isinstance(urls, (list, tuple)) else fn(urls)
+
+        for name in SOURCES:
+            src = getattr(self, name)
+            src.urls = each(src.urls)
+            for c in src.corpora:
+                c.urls = each(c.urls)

@@ -1,12 +1,17 @@
 """The data cursor: per-stream reading state, its rank-independent per-epoch view, merging and redistribution.
 
 Every source is read by S = world_size x workers streams. In each epoch the shards are permuted by a seed of
-(seed, source, epoch) and stream i of S reads ``order[i::S]`` in that order, then moves to its share of the next
+(seed, source, epoch) and stream i of S reads ``order[i::S]`` in that order (fewer shards than streams: see
+planned_share), then moves to its share of the next
 epoch (streams of one source may be in different epochs). A stream's state says which shards it still owns
 (``todo``, the ``head`` it is reading, ``open`` ones with items still in its shuffle buffer), which items of
 them were yielded, the buffer's content as item ids and its RNG draw counter. From the states of all streams
 follows the per-epoch view: for each epoch, the finished shards and, for partly read ones, the yielded item
 ordinals. The view is what another world size resumes from; the stream states give an exact resume.
+
+A "source" of the cursor is one corpus: the modality's name for the one-corpus shorthand ("pair"), else
+"modality/name" ("pair/coco"); every corpus has its own shards, epochs and streams. ``mix`` holds, per modality,
+the corpus weights (and their history) and each stream's corpus-picking state (see mix.py).
 """
 
 from __future__ import annotations
@@ -33,7 +38,17 @@ def epoch_order(seed: int, source: str, epoch: int, n: int) -> tuple[int, ...]:
 
 
 def planned_share(seed: int, source: str, epoch: int, n: int, streams: int, index: int) -> list[int]:
-    return list(epoch_order(seed, source, epoch, n)[index::streams])
+    """The shards stream ``index`` of ``streams`` reads in ``epoch``, in order.
+
+    With at least as many shards as streams, stream i reads ``order[i::streams]``. With fewer (a small corpus
+    read by many ranks and workers) the epochs' shards are dealt on where the previous epoch stopped, so every
+    stream gets a shard every few epochs and an epoch may leave a stream empty-handed (it moves to the next).
+    """
+    order = epoch_order(seed, source, epoch, n)
+    if n >= streams:
+        return list(order[index::streams])
+    start = (epoch * n) % streams
+    return [order[j] for j in range(n) if (start + j) % streams == index]
 
 
 def to_ranges(values) -> list[list[int]]:
@@ -49,6 +64,11 @@ def to_ranges(values) -> list[list[int]]:
 
 def from_ranges(ranges) -> set[int]:
     return {v for a, b in ranges for v in range(a, b + 1)}
+
+
+def modality_of(source: str) -> str:
+    """The modality of a cursor source key ("pair" or "pair/coco" -> "pair")."""
+    return source.split("/", 1)[0]
 
 
 def shard_key(epoch: int, shard: int) -> str:
@@ -148,7 +168,14 @@ def merge_states(states: list[dict]) -> dict:
         for k in ("world_size", "num_workers", "seed"):
             if st[k] != first[k]:
                 raise ValueError(f"data cursors disagree on {k}: {st[k]} vs {first[k]}")
-    out = {k: copy.deepcopy(v) for k, v in first.items() if k != "sources"}
+    out = {k: copy.deepcopy(v) for k, v in first.items() if k not in ("sources", "mix")}
+    out["mix"] = {}
+    for modality, mix in first.get("mix", {}).items():
+        out["mix"][modality] = {k: copy.deepcopy(v) for k, v in mix.items() if k != "streams"}
+        out["mix"][modality]["streams"] = {}
+        for st in states:
+            out["mix"][modality]["streams"].update(copy.deepcopy(st.get("mix", {}).get(modality, {})
+                                                                 .get("streams", {})))
     out["sources"] = {}
     for name in first["sources"]:
         src = {k: v for k, v in first["sources"][name].items() if k not in ("streams", "fresh_from", "epochs")}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import re
 import time
 from collections.abc import Callable
 
@@ -41,19 +42,52 @@ class RetryPolicy:
             delay = min(delay * 2, self.backoff_max_s)
 
 
+_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+
+
+def safe_url(url) -> str:
+    """A URL (or list of them) fit for logs, params and errors: no user:password@, no query string (presigned
+    URLs carry their signature there)."""
+    if isinstance(url, (list, tuple)):
+        return "[" + ", ".join(safe_url(u) for u in url) + "]"
+    url = _USERINFO.sub("***@", str(url))
+    return url.split("?", 1)[0] + ("?***" if "?" in url else "")
+
+
 def bucket_of(url: str) -> str:
     return url.split("://", 1)[1].split("/", 1)[0] if "://" in url else ""
 
 
 def filesystem(url: str):
-    """The fsspec filesystem for a URL and the path inside it."""
-    fs, path = fsspec.core.url_to_fs(url, **_storage_options(url))
+    """The fsspec filesystem for a URL (any scheme fsspec knows) and the path inside it."""
+    try:
+        fs, path = fsspec.core.url_to_fs(url, **_storage_options(url))
+    except ImportError as exc:
+        raise DataSourceError(_missing_implementation(url, exc)) from None
+    except ValueError as exc:
+        if "protocol not known" not in str(exc).lower():
+            raise
+        raise DataSourceError(f"{safe_url(url)}: no fsspec implementation reads '{_scheme(url)}://' URLs; check "
+                              f"the scheme (file paths, s3://, http(s)://, gs://, hf://, ...)") from None
     if url.startswith("s3://"):
         # s3fs retries each call 5 times around botocore's own attempts (seconds of sleeping per read); here
         # botocore's one retry covers a network blip, and RetryingReader's reopening retry with backoff is what
         # bridges an outage and sets the total budget (DataConfig.io_retries / io_backoff_*).
         fs.retries = 1
     return fs, path
+
+
+def _scheme(url: str) -> str:
+    return url.split("://", 1)[0] if "://" in url else "file"
+
+
+def _missing_implementation(url: str, exc: ImportError) -> str:
+    from fsspec.registry import known_implementations
+
+    known = known_implementations.get(_scheme(url), {})
+    package = known.get("class", "").split(".")[0] or "the fsspec implementation of this scheme"
+    return (f"{safe_url(url)}: reading {_scheme(url)}:// URLs needs the package {package}, which is not "
+            f"installed: pip install {package} ({exc})")
 
 
 def _storage_options(url: str) -> dict:
@@ -66,6 +100,7 @@ def storage_error(url: str, exc: BaseException) -> Exception:
     """Turn a storage exception into an error that names the URL (and never a secret)."""
     name = type(exc).__name__
     bucket = bucket_of(url)
+    url = safe_url(url)
     if name in ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"):
         return DataSourceError(f"no usable S3 credentials for bucket '{bucket}' ({url}): {CREDENTIALS_HELP}")
     if isinstance(exc, PermissionError) or "AccessDenied" in str(exc) or "InvalidAccessKeyId" in str(exc) \
@@ -87,15 +122,55 @@ def list_shards(url: str) -> list[tuple[str, int]]:
     if not url:
         raise DataSourceError("empty shard URL")
     try:
-        shards = call_with_retries(lambda: _list_pattern(url) if "{" in url else _list_prefix(url), url,
-                                   RetryPolicy())
+        shards = call_with_retries(lambda: _list_http(url) if _is_http(url) else _list_pattern(url) if "{" in url
+                                   else _list_prefix(url), url, RetryPolicy())
     except (DataSourceError, DataReadError):
         raise
     except Exception as exc:  # noqa: BLE001 - anything else still names the URL
         raise storage_error(url, exc) from None
     if not shards:
-        raise DataSourceError(f"no shards (*.tar) found under {url}")
+        raise DataSourceError(f"no shards (*.tar, *.tar.gz, *.tgz, ...) found under {safe_url(url)}")
     return shards
+
+
+def _is_http(url: str) -> bool:
+    return url.startswith(("http://", "https://"))
+
+
+def _list_http(url: str) -> list[tuple[str, int]]:
+    """Shards over http(s): a brace pattern, one shard, or a folder URL (ending in /) whose index page links
+    them; sizes come from the server. A bare prefix cannot be listed over http."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .compress import is_shard_name
+
+    fs, _ = filesystem(url)
+    hint = "give the shards as a brace pattern, e.g. .../shard-{000000..000099}.tar"
+    if "{" in url:
+        urls = sorted(set(braceexpand(url)))
+    elif url.endswith("/"):
+        urls = sorted({u for u in fs.ls(url, detail=False) if u.startswith(url) and is_shard_name(u.split("?")[0])})
+        if not urls:
+            raise DataSourceError(f"{safe_url(url)}: the page links no shards (*.tar, *.tar.gz, ...); {hint}")
+    elif is_shard_name(url.split("?")[0]):
+        urls = [url]
+    else:
+        raise DataSourceError(f"{safe_url(url)}: an http(s) prefix cannot be listed; {hint}, or a folder URL "
+                              f"ending in / whose index page links the shards")
+
+    def size(u):
+        try:
+            return fs.info(u).get("size")
+        except FileNotFoundError:
+            return None
+
+    with ThreadPoolExecutor(8) as pool:
+        sizes = list(pool.map(size, urls))
+    missing = [safe_url(u) for u, n in zip(urls, sizes) if n is None]
+    if missing:
+        raise DataSourceError(f"{safe_url(url)}: {len(missing)} of {len(urls)} shards do not exist, e.g. "
+                              f"{missing[:3]}")
+    return [(u, int(n)) for u, n in zip(urls, sizes)]
 
 
 def _list_prefix(url: str) -> list[tuple[str, int]]:
@@ -105,8 +180,10 @@ def _list_prefix(url: str) -> list[tuple[str, int]]:
     found = fs.find(path, detail=True) if fs.isdir(path) else {}
     if not found:  # a key prefix such as s3://b/pairs/shard- rather than a folder
         found = {p: fs.info(p) for p in fs.glob(path.rstrip("/") + "*")}
+    from .compress import is_shard_name  # .tar, .tar.gz, .tgz, ...
+
     return sorted((_with_scheme(url, p), int(info.get("size") or 0)) for p, info in found.items()
-                  if p.endswith(".tar") and info.get("type", "file") == "file")
+                  if is_shard_name(p) and info.get("type", "file") == "file")
 
 
 def _list_pattern(url: str) -> list[tuple[str, int]]:
@@ -151,6 +228,9 @@ def _is_transient(exc: BaseException) -> bool:
         return False
     if isinstance(exc, (OSError, TimeoutError, EOFError)):
         return True
+    status = getattr(exc, "status", None)  # an HTTP error answer: 4xx (but timeouts and throttling) is final
+    if isinstance(status, int) and 400 <= status < 500 and status not in (408, 429):
+        return False
     return type(exc).__module__.split(".")[0] in _TRANSIENT_MODULES
 
 
@@ -174,11 +254,20 @@ def call_with_retries(op: Callable, url: str, policy: RetryPolicy, *, on_failure
             errors.append(f"{type(exc).__name__}: {exc}")
             if delay is None:
                 break
-            log.warning("storage call for %s%s failed (%s); retrying in %.1fs", url, where(), errors[-1], delay)
+            log.warning("storage call for %s%s failed (%s); retrying in %.1fs", safe_url(url), where(), errors[-1],
+                        delay)
             if on_retry:
                 on_retry()
             time.sleep(delay)
-    raise DataReadError(f"could not read {url}{where()} after {len(errors)} attempts: {errors[-1]}")
+    raise DataReadError(f"could not read {safe_url(url)}{where()} after {len(errors)} attempts: {errors[-1]}")
+
+
+def _skip(f, n: int) -> None:
+    while n > 0:
+        got = len(f.read(min(n, 1 << 20)))
+        if not got:
+            raise EOFError(f"the stream ended {n} bytes before the position to resume from")
+        n -= got
 
 
 class RetryingReader:
@@ -198,11 +287,14 @@ class RetryingReader:
 
     def _open(self):
         fs, path = filesystem(self.url)
-        kwargs = {"block_size": self.block_bytes, "cache_type": "readahead"} if self.url.startswith("s3://") \
-            else {}
+        ranged = self.url.startswith("s3://") or _is_http(self.url)  # blocks of ranged GETs, read ahead
+        kwargs = {"block_size": self.block_bytes, "cache_type": "readahead"} if ranged else {}
         f = fs.open(path, "rb", **kwargs)
         if self.pos:
-            f.seek(self.pos)
+            if getattr(f, "seekable", lambda: True)():
+                f.seek(self.pos)
+            else:  # an http server without range requests: read up to where we were
+                _skip(f, self.pos)
         return f
 
     def _call(self, op):

@@ -7,6 +7,7 @@ the plain DataLoader plus a cursor riding on each batch gives both.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -18,9 +19,11 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .batch import BatchSpec, features_for, image_batch, pair_batch, pixels_tensor, text_batch
-from .config import DataConfig
-from .cursor import VERSION, StreamState, epochs_view, fresh_streams, is_complete, merge_states, redistribute
+from .config import SOURCES, Corpus, DataConfig
+from .cursor import (VERSION, StreamState, epochs_view, fresh_streams, is_complete, merge_states, modality_of,
+                     redistribute)
 from .io import DataSourceError, RetryingReader, RetryPolicy, list_shards, shard_digest
+from .mix import Mixer, fresh_mix, reweighted, total_picks, weights_change
 from .samples import Prep, shard_items
 from .stream import SourceStream, StreamContext
 from .tokenizer import TextTokenizer, load_tokenizer
@@ -37,18 +40,37 @@ class _Plan:
     cfg: DataConfig
     rank: int
     workers: int                  # logical workers per rank (num_workers, at least 1)
-    sources: list[str]
-    shards: dict                  # source -> [(url, size), ...]
+    sources: list[str]            # the active modalities, in the order text, image, pair
+    corpora: dict                 # modality -> [Corpus, ...]
+    shards: dict                  # corpus key -> [(url, size), ...]
     tokenizer_json: str | None
     spec: BatchSpec
+
+    def weights(self, modality: str) -> dict[str, float]:
+        return {c.key: c.weight for c in self.corpora[modality]}
+
+
+def buffer_share(buffer: int, share: float) -> int:
+    """A corpus's shuffle buffer: its weight's share of data.shuffle_buffer (at least 1), so that the samples a
+    worker holds stay bounded by the buffer plus one per corpus, however many corpora there are."""
+    return max(1, round(buffer * share))
+
+
+def _counting(counters: Counter, key: str):
+    """The count callback of one corpus's stream: totals as before, and skips per corpus too."""
+    def count(name: str, n: int) -> None:
+        counters[name] += n
+        if name.startswith("skipped_"):
+            counters[f"corpus/{key}/{name}"] += n
+    return count
 
 
 class _WorkerStreams(IterableDataset):
     """Runs inside each DataLoader worker: yields whole mixed micro-batches with the worker's cursor attached."""
 
-    def __init__(self, plan: _Plan, states: dict, first_worker: int):
+    def __init__(self, plan: _Plan, states: dict, mix: dict, first_worker: int):
         super().__init__()
-        self.plan, self.states, self.first_worker = plan, states, first_worker
+        self.plan, self.states, self.mix, self.first_worker = plan, states, mix, first_worker
 
     def __iter__(self):
         info = get_worker_info()
@@ -63,21 +85,35 @@ class _WorkerStreams(IterableDataset):
                             retry=RetryPolicy(cfg.io_retries, cfg.io_backoff_s, cfg.io_backoff_max_s),
                             block_bytes=cfg.read_block_bytes,
                             count=lambda name, n: counters.update({name: n}))
-        streams = {src: SourceStream(src, self.plan.shards[src],
-                                     StreamState.from_json(self.states[src][str(stream_index)]), ctx)
-                   for src in self.plan.sources}
+        streams, mixers = {}, {}
+        for src in self.plan.sources:
+            weights = self.plan.weights(src)
+            total = sum(weights.values())
+            for c in self.plan.corpora[src]:
+                own = dataclasses.replace(ctx, buffer_size=buffer_share(cfg.shuffle_buffer, c.weight / total),
+                                          count=_counting(counters, c.key))
+                streams[c.key] = SourceStream(c.key, self.plan.shards[c.key],
+                                              StreamState.from_json(self.states[c.key][str(stream_index)]), own)
+            mixers[src] = Mixer(weights, self.mix[src][str(stream_index)])
         try:
             while True:
-                batch = self._batch(streams, tok, counters, worker)
+                batch = self._batch(streams, mixers, tok, counters, worker)
                 yield _pack(batch) if info else batch
         finally:
             for s in streams.values():
                 s.close()
 
-    def _batch(self, streams, tok, counters, worker) -> dict:
-        batch, keys = {}, {}
-        for src, stream in streams.items():
-            refs, items = stream.take(getattr(self.plan.cfg, src).batch_size)
+    def _batch(self, streams, mixers, tok, counters, worker) -> dict:
+        batch, keys, corpus_of = {}, {}, {}
+        for src, mixer in mixers.items():
+            refs, items = [], []
+            for _ in range(getattr(self.plan.cfg, src).batch_size):
+                corpus = mixer.pick()
+                (ref,), (item,) = streams[corpus].take(1)
+                refs.append([*ref, corpus])
+                items.append(item)
+                counters[f"corpus/{corpus}/samples"] += 1
+                counters[f"corpus/{corpus}/epoch"] = max(counters[f"corpus/{corpus}/epoch"], ref[0])
             if src == "text":
                 batch[src] = text_batch(refs, items, tok, self.plan.spec)
             elif src == "image":
@@ -85,11 +121,14 @@ class _WorkerStreams(IterableDataset):
             else:
                 batch[src] = pair_batch(refs, items, tok, self.plan.spec)
             keys[src] = [it["key"] for it in items]
+            corpus_of[src] = [ref[3] for ref in refs]
             counters[f"samples_{src}"] += len(items)
         batch["keys"] = keys
+        batch["corpus"] = corpus_of   # per modality, the corpus key of every sample
         # One JSON string: DataLoader would otherwise walk every list of the cursor converting it.
         batch["_cursor"] = json.dumps({"worker": worker, "stats": dict(counters),
-                                       "streams": {s: st.snapshot() for s, st in streams.items()}})
+                                       "streams": {s: st.snapshot() for s, st in streams.items()},
+                                       "mix": {m: mx.snapshot() for m, mx in mixers.items()}})
         return batch
 
 
@@ -125,15 +164,17 @@ def _unpack(batch: dict) -> None:
 
 
 class MixedLoader:
-    """Infinite iterator of micro-batches {"text", "image", "pair", "keys"} for one rank.
+    """Infinite iterator of micro-batches {"text", "image", "pair", "keys", "corpus"} for one rank.
 
     ``state_dict()`` is the cursor of the batches handed out so far (not of what workers prefetched); gather
     it from every rank and pass the list (or ``merge_states`` of it) back as ``state`` to resume.
     """
 
-    def __init__(self, plan: _Plan, world_size: int, states: dict, next_worker: int):
+    def __init__(self, plan: _Plan, world_size: int, states: dict, mix: dict, mix_meta: dict, next_worker: int):
         self._plan, self._world_size = plan, world_size
-        self._states = states                 # source -> {str(stream index): stream state json}
+        self._states = states                 # corpus key -> {str(stream index): stream state json}
+        self._mix = mix                       # modality -> {str(stream index): mix state}
+        self._mix_meta = mix_meta             # modality -> {"weights", "history", "base_picks"}
         self._next_worker = next_worker
         self._worker_stats: dict[int, dict] = {}
         self._base_stats: Counter = Counter()
@@ -141,10 +182,10 @@ class MixedLoader:
     def __iter__(self):
         # Counters of an earlier iteration's workers are kept; the new workers count from zero.
         for stats in self._worker_stats.values():
-            self._base_stats.update(stats)
+            _add_stats(self._base_stats, stats)
         self._worker_stats = {}
         cfg = self._plan.cfg
-        loader = DataLoader(_WorkerStreams(self._plan, self._states, self._next_worker), batch_size=None,
+        loader = DataLoader(_WorkerStreams(self._plan, self._states, self._mix, self._next_worker), batch_size=None,
                             num_workers=cfg.num_workers,
                             prefetch_factor=cfg.prefetch_factor if cfg.num_workers else None)
         for batch in loader:
@@ -154,26 +195,49 @@ class MixedLoader:
             index = str(self._plan.rank * self._plan.workers + worker)
             for src, st in cursor["streams"].items():
                 self._states[src][index] = st
+            for modality, st in cursor["mix"].items():
+                self._mix[modality][index] = st
             self._worker_stats[worker] = cursor["stats"]
             self._next_worker = (worker + 1) % self._plan.workers
             yield batch
 
     def state_dict(self) -> dict:
         state = {"version": VERSION, "world_size": self._world_size, "num_workers": self._plan.workers,
-                 "seed": self._plan.cfg.seed, "next_worker": self._next_worker, "sources": {}}
+                 "seed": self._plan.cfg.seed, "next_worker": self._next_worker, "sources": {}, "mix": {}}
         for src in self._plan.sources:
-            urls = [u for u, _ in self._plan.shards[src]]
-            state["sources"][src] = {"num_shards": len(urls), "digest": shard_digest(urls),
-                                     "streams": {k: v for k, v in self._states[src].items()}}
-            if src == "text":  # text items are packed sequences: their ordinals depend on seq_len
-                state["sources"][src]["seq_len"] = self._plan.spec.seq_len
+            for c in self._plan.corpora[src]:
+                urls = [u for u, _ in self._plan.shards[c.key]]
+                state["sources"][c.key] = {"num_shards": len(urls), "digest": shard_digest(urls),
+                                           "streams": {k: v for k, v in self._states[c.key].items()}}
+                if src == "text":  # text items are packed sequences: their ordinals depend on seq_len
+                    state["sources"][c.key]["seq_len"] = self._plan.spec.seq_len
+            state["mix"][src] = {**self._mix_meta[src], "streams": dict(self._mix[src])}
         return merge_states([state])
 
     def stats(self) -> dict[str, int]:
+        """Counters summed over this rank's workers; per corpus: corpus/<key>/samples, .../skipped_<reason>
+        and .../epoch (the highest epoch a sample was drawn from, over the workers)."""
         total = Counter(self._base_stats)
         for stats in self._worker_stats.values():
-            total.update(stats)
+            _add_stats(total, stats)
         return dict(total)
+
+    def corpus_keys(self) -> list[str]:
+        """Every corpus's key, in the same order on every rank."""
+        return [c.key for src in self._plan.sources for c in self._plan.corpora[src]]
+
+    def corpus_weights(self) -> dict[str, float]:
+        """Configured weight of each corpus, normalised within its modality."""
+        out = {}
+        for src in self._plan.sources:
+            total = sum(self._plan.weights(src).values())
+            out.update({k: w / total for k, w in self._plan.weights(src).items()})
+        return out
+
+
+def _add_stats(total: Counter, stats: dict) -> None:
+    for k, v in stats.items():
+        total[k] = max(total[k], v) if k.endswith("/epoch") else total[k] + v
 
 
 def _check_args(rank: int, world_size: int, seq_len: int, image_size: int, patch_size: int) -> None:
@@ -189,49 +253,100 @@ def _check_args(rank: int, world_size: int, seq_len: int, image_size: int, patch
         raise ValueError(f"image_size = {image_size}: must be a multiple of patch_size = {patch_size}")
 
 
-def _list_sources(cfg: DataConfig, sources: list[str], streams: int) -> dict:
+def corpus_shards(corpus: Corpus) -> list[tuple[str, int]]:
+    """(url, size) of a corpus's shards: each of its URLs listed in turn, a shard named twice counted once."""
+    found: dict[str, int] = {}
+    for url in corpus.urls if isinstance(corpus.urls, (list, tuple)) else [corpus.urls]:
+        for shard, size in list_shards(url):
+            found.setdefault(shard, size)
+    return list(found.items())
+
+
+def _list_sources(corpora: list[Corpus], streams: int) -> dict:
+    """Shards of every corpus. A corpus may have fewer shards than the streams that read it (see
+    cursor.planned_share): its epochs are then read by a few streams at a time."""
     shards = {}
-    for src in sources:
-        url = getattr(cfg, src).urls
-        shards[src] = list_shards(url)
-        if len(shards[src]) < streams:
-            raise DataSourceError(f"source {src} ({url}) has {len(shards[src])} shards, fewer than the "
-                                  f"{streams} streams (world_size x num_workers) that read it: each stream needs "
-                                  f"a shard per epoch; write more, smaller shards or use fewer workers")
+    for c in corpora:
+        shards[c.key] = corpus_shards(c)
+        if len(shards[c.key]) < streams:
+            log.info("source %s has %d shards for %d streams: each epoch is read by %d of them", c.key,
+                     len(shards[c.key]), streams, len(shards[c.key]))
     return shards
 
 
-def _initial_states(state: dict | None, plan: _Plan, world_size: int) -> tuple[dict, int]:
-    """Per source, the states of this rank's streams: exact when the world matches, else redistributed."""
+def _initial_states(state: dict | None, plan: _Plan, world_size: int) -> tuple[dict, dict, dict, int]:
+    """Per corpus, the states of this rank's streams (exact when the world matches, else redistributed); per
+    modality, their corpus-picking states and the weights' history; the next worker."""
     streams = world_size * plan.workers
     mine = range(plan.rank * plan.workers, (plan.rank + 1) * plan.workers)
     out, next_worker = {}, 0
     exact = bool(state) and state["world_size"] == world_size and state["num_workers"] == plan.workers
     if exact:
         next_worker = state["next_worker"]
-    for src in plan.sources:
-        saved = (state or {}).get("sources", {}).get(src)
+    saved_sources = (state or {}).get("sources", {})
+    _check_corpora_kept(saved_sources, plan)
+    for c in (c for src in plan.sources for c in plan.corpora[src]):
+        saved = saved_sources.get(c.key)
         if saved is None:
-            out[src] = {str(i): st.to_json() for i, st in fresh_streams(streams, mine).items()}
+            out[c.key] = {str(i): st.to_json() for i, st in fresh_streams(streams, mine).items()}
             continue
-        _check_same_shards(src, saved, plan.shards[src])
+        _check_same_shards(c.key, saved, plan.shards[c.key])
         if saved.get("seq_len", plan.spec.seq_len) != plan.spec.seq_len:
-            raise ValueError(f"seq_len = {plan.spec.seq_len}: the data cursor of source {src} counts sequences "
+            raise ValueError(f"seq_len = {plan.spec.seq_len}: the data cursor of source {c.key} counts sequences "
                              f"packed to {saved['seq_len']} tokens; resume with the same seq_len")
         if exact and all(str(i) in saved["streams"] for i in mine):
-            out[src] = {str(i): saved["streams"][str(i)] for i in mine}
+            out[c.key] = {str(i): saved["streams"][str(i)] for i in mine}
             continue
         view = saved if "epochs" in saved else None
         if view is None:
             if not is_complete(saved, state):
-                raise ValueError(f"data cursor of source {src} holds {len(saved['streams'])} of the "
+                raise ValueError(f"data cursor of source {c.key} holds {len(saved['streams'])} of the "
                                  f"{state['world_size'] * state['num_workers']} streams it was saved with: pass "
                                  f"the state_dict() of every rank (a list, or merge_states of it)")
             view = epochs_view([StreamState.from_json(s) for s in saved["streams"].values()], state["seed"],
-                               src, saved["num_shards"])
-        new = redistribute(view, plan.cfg.seed, src, len(plan.shards[src]), streams)
-        out[src] = {str(i): new[i].to_json() for i in mine}
-    return out, next_worker
+                               c.key, saved["num_shards"])
+        new = redistribute(view, plan.cfg.seed, c.key, len(plan.shards[c.key]), streams)
+        out[c.key] = {str(i): new[i].to_json() for i in mine}
+    mix, meta = _initial_mix(state, plan, streams, mine, exact)
+    return out, mix, meta, next_worker
+
+
+def _check_corpora_kept(saved_sources: dict, plan: _Plan) -> None:
+    """Corpora added or removed on resume are logged; a modality none of whose saved corpora is kept fails,
+    since its data would silently start over."""
+    for src in [m for m in SOURCES if m in plan.sources or any(modality_of(k) == m for k in saved_sources)]:
+        before = sorted(k for k in saved_sources if modality_of(k) == src)
+        now = sorted(c.key for c in plan.corpora.get(src, []))
+        if before == now or not before:
+            continue
+        if not now:
+            log.warning("data.%s: the data cursor has corpora %s, the config none: the modality is not read", src,
+                        before)
+            continue
+        if not set(before) & set(now):
+            raise ValueError(f"data.{src}: the data cursor was saved with corpora {before}, the config has {now}: "
+                             f"no corpus is kept, so the {src} data would silently start over; keep at least one "
+                             f"corpus under its name (the shorthand data.{src}.urls is the corpus '{src}') or "
+                             f"start a new run")
+        log.warning("data.%s: corpora changed on resume: kept %s continue; added %s start at epoch 0; removed "
+                    "%s are dropped from the cursor", src, sorted(set(before) & set(now)),
+                    sorted(set(now) - set(before)), sorted(set(before) - set(now)))
+
+
+def _initial_mix(state: dict | None, plan: _Plan, streams: int, mine, exact: bool) -> tuple[dict, dict]:
+    mix, meta = {}, {}
+    for src in plan.sources:
+        weights = plan.weights(src)
+        saved = (state or {}).get("mix", {}).get(src)
+        history = weights_change(src, saved, weights)
+        if exact and saved and all(str(i) in saved["streams"] for i in mine):
+            mix[src] = {str(i): reweighted(saved["streams"][str(i)], weights) for i in mine}
+            base = saved.get("base_picks", 0)
+        else:  # a new world size: new streams pick afresh (each corpus's own cursor keeps exactly-once)
+            mix[src] = {str(i): fresh_mix(plan.cfg.seed, src, streams, i, weights) for i in mine}
+            base = total_picks(saved) if saved else 0
+        meta[src] = {"weights": weights, "history": history, "base_picks": base}
+    return mix, meta
 
 
 def _check_same_shards(src: str, saved: dict, shards) -> None:
@@ -253,13 +368,15 @@ def build_loader(cfg: DataConfig, *, rank: int, world_size: int, seq_len: int, i
     _check_args(rank, world_size, seq_len, image_size, patch_size)
     sources = cfg.active_sources()
     if not sources:
-        raise ValueError("data: no source has urls (set data.text.urls, data.image.urls or data.pair.urls)")
+        raise ValueError("data: no source has urls (set data.text.urls, data.image.urls or data.pair.urls, or "
+                         "their corpora)")
     workers = max(1, cfg.num_workers)
     tok = None
     if {"text", "pair"} & set(sources) or cfg.tokenizer:
         tok = load_tokenizer(cfg.tokenizer)
-    plan = _Plan(cfg=cfg, rank=rank, workers=workers, sources=sources,
-                 shards=_list_sources(cfg, sources, world_size * workers),
+    corpora = {src: cfg.corpora(src) for src in sources}
+    plan = _Plan(cfg=cfg, rank=rank, workers=workers, sources=sources, corpora=corpora,
+                 shards=_list_sources([c for src in sources for c in corpora[src]], world_size * workers),
                  tokenizer_json=tok.to_str() if tok else None,
                  spec=BatchSpec(seq_len, image_size, patch_size, cfg.seed, cfg.mlm_probability,
                                 cfg.mim_mask_ratio, tuple(cfg.rewrite_weights), features_for(objectives)))
@@ -270,8 +387,8 @@ def build_loader(cfg: DataConfig, *, rank: int, world_size: int, seq_len: int, i
         # repeat shards.
         raise ValueError(f"data.seed = {cfg.seed}: the data cursor was saved with seed {state.get('seed')}; "
                          f"resume with the same seed")
-    states, next_worker = _initial_states(state, plan, world_size)
-    return MixedLoader(plan, world_size, states, next_worker)
+    states, mix, mix_meta, next_worker = _initial_states(state, plan, world_size)
+    return MixedLoader(plan, world_size, states, mix, mix_meta, next_worker)
 
 
 def build_eval_pairs(url: str, *, seq_len: int, image_size: int, tokenizer, limit: int | None = None) -> dict:

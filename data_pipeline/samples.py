@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from .compress import strip_suffix
+from .io import safe_url
 from .tario import iter_samples
 from .tokenizer import TextTokenizer
 
@@ -40,8 +42,7 @@ class Prep:
 
 
 def shard_name(url: str) -> str:
-    name = url.rstrip("/").rsplit("/", 1)[-1]
-    return name.removesuffix(".tar")
+    return strip_suffix(url.rstrip("/").rsplit("/", 1)[-1])
 
 
 def stable_id(text: str) -> int:
@@ -188,7 +189,7 @@ def shard_items(source: str, url: str, stream, prep: Prep, count: Callable[[str]
 
     def issue(reason: str, key: str, detail: str = ""):
         count(f"skipped_{reason}")
-        log.warning("skipped %s sample: shard=%s key=%s reason=%s %s", source, url, key, reason, detail)
+        log.warning("skipped %s sample: shard=%s key=%s reason=%s %s", source, safe_url(url), key, reason, detail)
 
     samples = iter_samples(stream, lambda reason, key: issue(reason, key))
     if source == "text":

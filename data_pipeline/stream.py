@@ -7,8 +7,8 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .cursor import StreamState, order_seed, parse_key, planned_share, shard_key
-from .io import DataSourceError, RetryingReader, RetryPolicy
+from .cursor import StreamState, modality_of, order_seed, parse_key, planned_share, shard_key
+from .io import DataSourceError, RetryingReader, RetryPolicy, safe_url
 from .samples import Prep, shard_items
 
 _MASK64 = (1 << 64) - 1
@@ -54,7 +54,7 @@ class SourceStream:
         reader = RetryingReader(url, self.ctx.retry, self.ctx.block_bytes,
                                 on_bytes=lambda n: self.ctx.count("bytes_read", n),
                                 on_retry=lambda: self.ctx.count("read_retries", 1))
-        return reader, shard_items(self.source, url, reader, self.ctx.prep,
+        return reader, shard_items(modality_of(self.source), url, reader, self.ctx.prep,
                                    lambda name: self.ctx.count(name, 1), wanted)
 
     def _start_head(self, epoch: int, shard: int, pos: int, also: set[int]):
@@ -72,13 +72,16 @@ class SourceStream:
     def _plan_epoch(self):
         self._empty_plans = self._empty_plans + 1 if self._pulled_since_plan == 0 else 0
         if self._empty_plans >= 2:
-            raise DataSourceError(f"source {self.source}: no usable sample in two whole epochs of this stream's "
-                                  f"shards; see the skipped_* counters and warnings")
+            raise DataSourceError(f"source {self.source}: no usable sample (no readable shard) in two whole epochs "
+                                  f"of this stream's shares of its {len(self.shards)} shards (e.g. "
+                                  f"{safe_url(self.shards[0][0])}); the warnings name each shard and why it was "
+                                  f"skipped (not_a_tar, truncated_shard, ...)")
         self._pulled_since_plan = 0
-        e = self.st.fresh_epoch
-        self.st.todo = [[e, s] for s in planned_share(self.ctx.seed, self.source, e, len(self.shards),
-                                                      self.st.streams, self.st.index)]
-        self.st.fresh_epoch += 1
+        while not self.st.todo:  # fewer shards than streams: some epochs give this stream none (at most S/n)
+            e = self.st.fresh_epoch
+            self.st.todo = [[e, s] for s in planned_share(self.ctx.seed, self.source, e, len(self.shards),
+                                                          self.st.streams, self.st.index)]
+            self.st.fresh_epoch += 1
 
     def _pull(self) -> tuple[list[int], dict]:
         """The next item of this stream's shard sequence that was not yielded before."""

@@ -14,11 +14,17 @@ import re
 import tarfile
 from collections.abc import Callable, Iterator
 
+from .compress import BadCompression, decompressed
+
 BLOCK = 512
 CHUNK = 256 * 1024            # bytes pulled from the stream per read: few, large reads of the shard
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's rule: the key ends at the first dot
 _ZERO_BLOCK = bytes(BLOCK)
 _FILE_TYPES = (b"0", b"\0", b"7")   # regular file (old and new flag), contiguous file
+
+
+class NotATar(Exception):
+    """The stream holds no tar header at all (e.g. an HTML error page served instead of the shard)."""
 
 
 class TruncatedShard(Exception):
@@ -39,6 +45,7 @@ class _Chunks:
 
     def __init__(self, stream):
         self._stream, self._buf, self._pos = stream, b"", 0
+        self.total, self.first = 0, b""   # bytes handed out; the start of the first non-header block
 
     def read(self, n: int) -> bytes:
         """``n`` bytes; fewer only at the end of the stream."""
@@ -55,6 +62,7 @@ class _Chunks:
             self._buf, self._pos, end = b"".join(parts), 0, n
         out = self._buf[self._pos:end]
         self._pos = end
+        self.total += len(out)
         return out
 
 
@@ -116,13 +124,16 @@ def iter_members(stream, on_corrupt: Callable[[], None]) -> Iterator[tuple[str, 
 
     A block that is not a valid header is skipped, block by block, up to the next valid header, and
     ``on_corrupt()`` is called once for that gap; zero blocks (end markers, concatenated tars) are skipped.
-    Raises TruncatedShard when the stream ends inside a header or inside a member's data.
+    Raises TruncatedShard when the stream ends inside a header or inside a member's data, and NotATar when it
+    ends without one valid header in non-zero data.
     """
     src = _Chunks(stream)
-    long_name, pax, in_gap = None, {}, False
+    long_name, pax, in_gap, tar, data_seen = None, {}, False, False, False
     while True:
         header = src.read(BLOCK)
         if len(header) < BLOCK:
+            if not tar and (data_seen or header.strip(b"\0")):
+                raise NotATar(f"no tar header in {src.total} bytes; it starts {src.first or header[:24]!r}")
             if header:
                 raise TruncatedShard(f"unexpected end of data: a header of {len(header)} bytes")
             return
@@ -130,8 +141,12 @@ def iter_members(stream, on_corrupt: Callable[[], None]) -> Iterator[tuple[str, 
             continue
         size = _header_size(header)
         if size is None:
+            if not tar and not data_seen:
+                src.first = header[:24]
+            data_seen = True
             in_gap, long_name, pax = True, None, {}  # extensions belonged to a member that is lost
             continue
+        tar = True
         if in_gap:
             on_corrupt()
             in_gap = False
@@ -163,13 +178,16 @@ def iter_samples(stream, on_issue: Callable[[str, str], None]) -> Iterator[tuple
     """Yield (ordinal, key, {ext: bytes}) for each group of consecutive members sharing a key.
 
     ``on_issue(reason, key)`` is called for a corrupt member header (the bytes up to the next valid header
-    are skipped) and for a truncated shard (the sample being read is dropped and the shard ends).
+    are skipped), for a truncated shard (the sample being read is dropped and the shard ends), for damaged
+    compressed data ("bad_compression", likewise) and for a stream that is no tar at all ("not_a_tar": an HTML
+    page, say). The stream may be compressed (gzip, bz2, xz, zstd): it is recognised by its first bytes.
     """
     ordinal, key, files = 0, None, {}
 
     def corrupt():
         on_issue("corrupt_member", key or "?")
 
+    stream, _ = decompressed(stream, getattr(stream, "url", ""))
     try:
         for name, data in iter_members(stream, corrupt):
             parts = split_key(name)
@@ -187,6 +205,12 @@ def iter_samples(stream, on_issue: Callable[[str, str], None]) -> Iterator[tuple
             key = cut[0]
         on_issue("truncated_shard", f"{key or '?'} ({exc})")
         return  # the sample in progress may miss members: dropped
+    except BadCompression as exc:
+        on_issue("bad_compression", f"{key or '?'} ({exc})")
+        return
+    except NotATar as exc:
+        on_issue("not_a_tar", f"? ({exc})")
+        return
     if key is not None:
         yield ordinal, key, files
 

@@ -24,6 +24,7 @@ Common commands:
   unimo config show debug                         print the resolved config
   unimo model info base                           parameters and FLOPs per sample of a flavor
   unimo data shards --help                        write WebDataset shards
+  unimo data preview configs/unimo_recipe.yaml    corpus shares of the first samples, epochs per corpus
   unimo mlflow                                    start a local MLflow tracking server + UI
   unimo submit base --address http://HEAD:8265 run.name=b1   run on a Ray cluster (Jobs API)
   unimo jobs list|status|logs [--follow]|stop JOB --address http://HEAD:8265

@@ -111,8 +111,7 @@ def with_absolute_paths(cfg: RunConfig) -> RunConfig:
 
     cfg = copy.deepcopy(cfg)
     cfg.run.storage = _absolute(cfg.run.storage)
-    for source in (cfg.data.text, cfg.data.image, cfg.data.pair):
-        source.urls = _absolute(source.urls)
+    cfg.data.map_urls(_absolute)  # every modality's urls and its corpora's
     cfg.data.eval_pairs = _absolute(cfg.data.eval_pairs)
     cfg.data.tokenizer = _absolute(cfg.data.tokenizer)
     cfg.model.text_init = _absolute(cfg.model.text_init)

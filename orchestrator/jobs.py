@@ -198,8 +198,12 @@ def check_cluster_paths(cfg) -> None:
     """Relative local paths would resolve inside the job's temporary copy of the project on the cluster, where
     checkpoints would be lost and data is absent: demand shared absolute paths or s3:// URLs up front."""
     d = cfg.data
-    values = {"run.storage": cfg.run.storage, "data.text.urls": d.text.urls, "data.image.urls": d.image.urls,
-              "data.pair.urls": d.pair.urls, "data.eval_pairs": d.eval_pairs, "data.tokenizer": d.tokenizer}
+    values = {"run.storage": cfg.run.storage, "data.eval_pairs": d.eval_pairs, "data.tokenizer": d.tokenizer}
+    for modality in ("text", "image", "pair"):  # every corpus's URLs (the shorthand is data.<modality>.urls)
+        for c in d.corpora(modality):
+            name = f"data.{modality}.urls" if c.key == modality else f"data.{modality}.corpora.{c.name}.urls"
+            many = isinstance(c.urls, (list, tuple))
+            values.update({f"{name}[{i}]" if many else name: u for i, u in enumerate(c.urls if many else [c.urls])})
     from trainer.config_loader import flatten, to_dict
 
     leaking = [k for k, v in flatten(to_dict(cfg)).items() if isinstance(v, str) and URL_PASSWORD.search(v)]

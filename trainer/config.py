@@ -258,7 +258,7 @@ class RunConfig:
         """Checks what only matters once training starts (called before any worker starts)."""
         for stage in self.stages:
             for src in sorted(stage.sources()):
-                if not getattr(self.data, src).urls:
+                if not self.data.corpora(src):
                     raise ConfigError(f"stage '{stage.name}' uses objectives on '{src}' data but data.{src}.urls is "
                                       f"empty: set data.{src}.urls=... or drop those objectives from the stage")
 

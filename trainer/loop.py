@@ -21,6 +21,7 @@ from typing import Any, Iterator, Protocol
 
 import torch
 
+from data_pipeline.accounting import corpus_counters, corpus_metrics
 from trainer import checkpoint as ckpt
 from trainer import preemption
 from trainer import storage
@@ -149,7 +150,7 @@ def build_engine(cfg: RunConfig, module: torch.nn.Module, world_size: int, on_gp
 # Why the loader skipped samples (data_pipeline/samples.py, tario.py): one metric each, summed over ranks, so a
 # run that quietly drops a share of its data shows it in MLflow, not only in the workers' warnings.
 SKIP_REASONS = ("bad_image", "bad_text", "bad_json", "missing_field", "empty_text", "corrupt_member",
-                "truncated_shard")
+                "truncated_shard", "bad_compression", "not_a_tar")
 
 
 def data_counters(stats: dict[str, int]) -> dict[str, int]:
@@ -450,7 +451,10 @@ class Trainer:
         import torch.distributed as dist
 
         names = sorted(result.losses)
-        counts = data_counters(self.loader.stats() if getattr(self, "loader", None) is not None else {})
+        loader = getattr(self, "loader", None)
+        counts = data_counters(loader.stats() if loader is not None else {})
+        weights = loader.corpus_weights() if hasattr(loader, "corpus_weights") else {}
+        counts.update(corpus_counters(loader.stats(), list(weights), SKIP_REASONS) if weights else {})
         n = len(names) + 1
         vec = torch.tensor([result.losses[k] for k in names] + [result.total] + list(counts.values()),
                            dtype=torch.float64)
@@ -460,6 +464,7 @@ class Trainer:
         metrics = {f"loss/{k}": float(v) for k, v in zip(names, vec[:n - 1])}
         metrics["loss/total"] = float(vec[n - 1])
         metrics.update({f"data/{k}": float(v) for k, v in zip(counts, vec[n:])})
+        metrics.update(corpus_metrics(metrics, self.world_size, weights))  # per corpus: share next to weight
         metrics.update(step_metrics(result, self.cfg, self.world_size))
         return metrics
 

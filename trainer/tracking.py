@@ -482,10 +482,12 @@ def safe_config(cfg: Any, secrets: list[str]) -> dict:
 
 def safe_params(cfg: Any, secrets: list[str] | None = None) -> dict[str, str]:
     """The flattened resolved config as MLflow params, minus anything secret."""
+    from data_pipeline.accounting import weight_params
     from trainer.config_loader import flatten
 
     secrets = secrets or []
-    return {k: redact(str(v), secrets)[:6000] for k, v in flatten(safe_config(cfg, secrets)).items()}
+    params = {k: redact(str(v), secrets)[:6000] for k, v in flatten(safe_config(cfg, secrets)).items()}
+    return {**params, **(weight_params(cfg.data) if hasattr(cfg, "data") else {})}
 
 
 def stage_plan(cfg: Any) -> list[dict]:

@@ -130,12 +130,6 @@ def test_unusable_shard_urls_fail_at_start_naming_the_url(tmp_path, s3_data, mak
     assert url in str(err.value)
 
 
-def test_too_few_shards_for_the_streams_is_an_error(local_data):
-    cfg = DataConfig(pair=SourceConfig(local_data["pair"], 2), tokenizer=local_data["tokenizer"], num_workers=3)
-    with pytest.raises(DataSourceError, match="fewer than the 12 streams"):
-        build_loader(cfg, rank=0, world_size=4, **GEOMETRY)
-
-
 def test_missing_credentials_name_the_bucket_and_hide_secrets(s3_data, monkeypatch, tmp_path):
     import s3fs
 

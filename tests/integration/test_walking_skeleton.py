@@ -21,7 +21,11 @@ def test_train_two_zero3_workers_from_s3_into_mlflow(synthetic_data, tmp_path):
     with s3_server(), mlflow_server(tmp_path / "mlflow") as tracking_uri:
         upload_folder(synthetic_data, "unimo-data", "demo")
         s3 = "s3://unimo-data/demo"
+        # pairs as two weighted corpora (2 shards each, one per rank's stream): the mix reaches MLflow per corpus
+        corpora = (f"data.pair.corpora=[{{name: a, urls: '{s3}/pairs/shard-{{000000..000001}}.tar', weight: 1}}, "
+                   f"{{name: b, urls: '{s3}/pairs/shard-{{000002..000003}}.tar', weight: 3}}]")
         argv = ["train", DEBUG_CONFIG, "run.name=skeleton", f"run.storage={tmp_path / 'runs'}", *data_overrides(s3),
+                "data.pair.urls=", corpora,
                 "stages=[{name: unimodal, steps: 10, objectives: {mlm_text: 1, mim: 1, itc: 1}},"
                 " {name: crossmodal, steps: 20, objectives: {itc: 1, mlm_pair: 1}}]",
                 "optimizer.warmup_steps=5", "train.log_every=1", "checkpoint.every_steps=15",
@@ -54,6 +58,10 @@ def test_train_two_zero3_workers_from_s3_into_mlflow(synthetic_data, tmp_path):
         assert sum(itc[-5:]) / 5 < sum(itc[:5]) / 5, itc
         params = run.data.params
         assert params["model.flavor"] == "debug"
+        assert params["data.weights.pair.a"] == "0.25" and params["data.weights.pair.b"] == "0.75"
+        metrics = run.data.metrics
+        assert metrics["data/corpus/pair/a/share"] == 0.25 and metrics["data/corpus/pair/a/weight"] == 0.25
+        assert metrics["data/corpus/pair/b/samples"] == 3 * metrics["data/corpus/pair/a/samples"] > 0
         # No credential reaches MLflow params or tags.
         blob = json.dumps({"params": params, "tags": run.data.tags})
         assert FAKE_AWS["AWS_SECRET_ACCESS_KEY"] not in blob and FAKE_AWS["AWS_ACCESS_KEY_ID"] not in blob

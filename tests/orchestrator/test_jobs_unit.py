@@ -192,3 +192,10 @@ def test_submit_and_jobs_help_work_with_options_anywhere(capsys):
             main(argv)
         assert ex.value.code == 0
     assert "--follow" in capsys.readouterr().out
+
+
+def test_relative_corpus_paths_are_refused_naming_the_corpus(tmp_path):
+    corpora = "data.pair.corpora=[{name: coco, urls: s3://b/coco/}, {name: sbu, urls: [/abs/sbu/, rel/sbu/]}]"
+    with pytest.raises(JobsError) as err:
+        jobs.prepare(str(ROOT / "configs" / "debug.yaml"), _overrides(tmp_path) + ["data.pair.urls=", corpora])
+    assert "data.pair.corpora.sbu.urls[1]=rel/sbu/" in str(err.value) and "coco" not in str(err.value)

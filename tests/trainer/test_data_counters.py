@@ -39,3 +39,34 @@ def test_counters_are_summed_and_losses_averaged_over_ranks(monkeypatch):
     m = _metrics(monkeypatch, 2, {"skipped_empty_text": 3})
     assert m["data/skipped_empty_text"] == 6 and m["data/skipped_total"] == 6
     assert m["loss/itc"] == 2.0 and m["loss/total"] == 2.0
+
+
+class _CorporaLoader(_Loader):
+    def corpus_weights(self):
+        return {"pair/coco": 0.25, "pair/vg": 0.75, "text": 1.0}
+
+
+def test_per_corpus_samples_epochs_skips_and_shares_are_metrics(monkeypatch):
+    trainer = Trainer(load_config(None, []), rank=0, world_size=2, reporter=None)
+    trainer.loader = _CorporaLoader({"corpus/pair/coco/samples": 30, "corpus/pair/vg/samples": 90,
+                                     "corpus/pair/vg/epoch": 3, "corpus/text/samples": 8,
+                                     "corpus/pair/coco/skipped_not_a_tar": 1, "skipped_not_a_tar": 1})
+    monkeypatch.setattr(dist, "all_reduce", lambda vec, *a, **k: vec.mul_(2))
+    m = trainer.reduce_metrics(StepResult(losses={"itc": 1.0}, total=1.0, samples={"pair": 4}, step_time=0.1,
+                                          data_time=0.01))
+    assert m["data/corpus/pair/coco/samples"] == 60 and m["data/corpus/pair/vg/samples"] == 180
+    assert m["data/corpus/pair/vg/epoch"] == 3  # the mean over ranks, not their sum
+    assert m["data/corpus/pair/coco/share"] == 0.25 and m["data/corpus/pair/coco/weight"] == 0.25
+    assert m["data/corpus/text/share"] == 1.0
+    assert m["data/corpus/pair/coco/skipped_not_a_tar"] == 2 and m["data/skipped_not_a_tar"] == 2
+    assert m["data/corpus/pair/vg/skipped_bad_image"] == 0  # every name on every rank: one all-reduce vector
+
+
+def test_corpus_weights_are_run_params():
+    from trainer.tracking import safe_params
+
+    cfg = load_config(None, ["data.pair.corpora=[{name: coco, urls: s3://b/coco/, weight: 1}, "
+                             "{name: sbu, urls: 'http://u:pw@h/sbu/', weight: 3}]"])
+    params = safe_params(cfg, [])
+    assert params["data.weights.pair.coco"] == "0.25" and params["data.weights.pair.sbu"] == "0.75"
+    assert "pw@" not in params["data.pair.corpora"]
