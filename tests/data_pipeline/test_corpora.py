@@ -90,6 +90,7 @@ def test_batches_carry_the_configured_shares(two_corpora):
 
 # -- resume -------------------------------------------------------------------------------------------------
 
+@pytest.mark.integration  # DataLoader worker processes
 def test_same_world_size_resume_with_two_corpora_is_exact(two_corpora):
     cfg = _cfg(two_corpora, {"big": 2.0, "small": 1.0})
     total, cut = 10, 5  # an odd cut: the resumed DataLoader must start with worker 1
@@ -130,6 +131,7 @@ def _check_exactly_once(seen_parts, corpus_keys, epochs=(0, 1)):
                 assert got == want, (corpus, epoch, got - want, want - got)
 
 
+@pytest.mark.integration  # DataLoader worker processes
 @pytest.mark.parametrize("world_before,world_after", [(2, 1), (1, 2)])
 def test_other_world_size_sees_every_sample_of_each_corpus_epoch_once(two_corpora, corpus_keys, world_before,
                                                                       world_after):
@@ -142,6 +144,7 @@ def test_other_world_size_sees_every_sample_of_each_corpus_epoch_once(two_corpor
     _check_exactly_once(seen, corpus_keys)
 
 
+@pytest.mark.integration  # DataLoader worker processes
 def test_new_weights_on_resume_are_used_logged_and_recorded(two_corpora, corpus_keys, caplog):
     first = _loaders(_cfg(two_corpora), 2)
     seen = [_take(ld, 8)[0] for ld in first]
@@ -160,6 +163,7 @@ def test_new_weights_on_resume_are_used_logged_and_recorded(two_corpora, corpus_
     _check_exactly_once(seen + [p for p, _ in after], corpus_keys, epochs=(0,))
 
 
+@pytest.mark.integration  # DataLoader worker processes
 def test_a_removed_corpus_leaves_the_kept_one_to_continue(two_corpora, corpus_keys, caplog):
     first = _loaders(_cfg(two_corpora), 1)
     seen = [_take(ld, 10)[0] for ld in first]

@@ -12,6 +12,9 @@ from data_pipeline import DataConfig, SourceConfig, build_loader
 from data_pipeline.io import DataReadError, DataSourceError, RetryingReader, RetryPolicy, list_shards
 from data_pipeline.tario import iter_samples
 
+# Integration tier: an HTTP server on 127.0.0.1.
+pytestmark = pytest.mark.integration
+
 HTML = b"<!DOCTYPE html><html><body><h1>Sign in</h1></body></html>\n" * 30
 
 

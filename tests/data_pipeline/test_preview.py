@@ -45,6 +45,7 @@ def test_preview_json_shares_follow_the_weights(config_file, capsys):
             assert abs(counts[src][name] / 400 - w / total) <= 0.05, (src, name, counts[src])
 
 
+@pytest.mark.integration  # DataLoader worker processes
 def test_preview_counts_are_what_the_loader_delivers(config_file, capsys):
     main(["preview", config_file, "--samples", "96", "--json"])
     counts = json.loads(capsys.readouterr().out)
