@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="a checkpoint folder, e.g. runs/exp1/checkpoints/step_00000300")
     p.add_argument("out", help="output folder")
 
+    from orchestrator.eval_cli import add_parser as add_eval_parser
+
+    add_eval_parser(sub)
+
     p = sub.add_parser("mlflow", help="start a local MLflow tracking server (SQLite backend) on 127.0.0.1")
     p.add_argument("--port", type=int, default=5000)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
@@ -168,6 +172,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from orchestrator.eval_cli import main as eval_main
+
+    return eval_main(args)
+
+
 def cmd_mlflow(args: argparse.Namespace) -> int:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     # MLflow 3 starts a pool of job-runner processes (GenAI evaluation, prompt optimisation) with every server;
@@ -183,7 +193,8 @@ def cmd_mlflow(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "demo": cmd_demo, "config": cmd_config, "model": cmd_model, "data": cmd_data,
-            "mlflow": cmd_mlflow, "submit": cmd_submit, "jobs": cmd_jobs, "export": cmd_export}
+            "mlflow": cmd_mlflow, "submit": cmd_submit, "jobs": cmd_jobs, "export": cmd_export,
+            "eval": cmd_eval}
 
 
 # Commands that parse their own arguments: argparse's REMAINDER drops a leading option (`unimo submit --help`,

@@ -7,6 +7,7 @@ would reconstruct; loading needs only model/ and safetensors.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -58,17 +59,65 @@ def _copy_tokenizer(url: str, dest: Path) -> None:
         dest.write_bytes(f.read())
 
 
-def load_exported(out_dir: str | Path):
-    """Rebuilds the UnimoModel of an export (plain PyTorch, strict load)."""
-    from safetensors.torch import load_file
-
+def model_from_config(raw_model: dict, weights: dict[str, torch.Tensor]):
+    """A UnimoModel built from a saved model section (checkpoint or export) with ``weights`` loaded strictly."""
     from model.config import ModelConfig
     from model.unimo import UnimoModel
     from trainer.config import _model_base  # the flavor-aware model section builder
     from trainer.config_loader import build
 
-    raw = json.loads((Path(out_dir) / CONFIG).read_text())["model"]
-    cfg = build(ModelConfig, raw, base=_model_base(raw, None), path="model")
+    cfg = build(ModelConfig, raw_model, base=_model_base(raw_model, None), path="model")
     model = UnimoModel(cfg)
-    model.load_state_dict(load_file(str(Path(out_dir) / WEIGHTS)), strict=True)
+    model.load_state_dict(weights, strict=True)
     return model
+
+
+def is_export(folder: str | Path) -> bool:
+    """True for an `unimo export` folder (config.json + model.safetensors, no checkpoint manifest)."""
+    f = Path(folder)
+    return (f / WEIGHTS).is_file() and (f / CONFIG).is_file() and not (f / ckpt.MANIFEST).is_file()
+
+
+def load_exported(out_dir: str | Path):
+    """Rebuilds the UnimoModel of an export (plain PyTorch, strict load)."""
+    from safetensors.torch import load_file
+
+    raw = json.loads((Path(out_dir) / CONFIG).read_text())["model"]
+    return model_from_config(raw, load_file(str(Path(out_dir) / WEIGHTS)))
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to evaluate, and where it came from."""
+
+    model: object  # UnimoModel
+    step: int
+    tokenizer: str  # tokenizer.json path or URL ("" when the source names none)
+    source: str  # the folder or URL it was loaded from
+    kind: str  # "checkpoint" or "export"
+    state: dict = field(default_factory=dict)  # trainer_state.json of a checkpoint (config, mlflow_run_id)
+    config: dict = field(default_factory=dict)  # config.json of an export
+
+
+def load_model(folder: str | Path, source: str | None = None) -> LoadedModel:
+    """The model of a local checkpoint folder (verified, consolidated from its ZeRO-3 shards) or export folder.
+
+    ``source``: where the folder came from when it is a downloaded copy (an s3:// URL).
+    """
+    f = Path(folder)
+    if is_export(f):
+        cfg = json.loads((f / CONFIG).read_text())
+        tok = f / "tokenizer.json"
+        return LoadedModel(load_exported(f), int(cfg.get("step", 0)), str(tok) if tok.is_file() else "",
+                           source or str(f), "export", config=cfg)
+    if not f.is_dir():
+        raise FileNotFoundError(f"{folder}: no such folder (give a checkpoint folder, e.g. "
+                                f"runs/exp1/checkpoints/step_00000300, or an `unimo export` folder)")
+    if not (f / ckpt.MANIFEST).is_file():
+        raise ValueError(f"{folder} is neither a checkpoint (no {ckpt.MANIFEST}) nor an `unimo export` folder "
+                         f"(no {WEIGHTS} + {CONFIG})")
+    ckpt.verify(f)  # never evaluate a torn checkpoint
+    state = ckpt.read_state(f)
+    model = model_from_config(state["config"]["model"], consolidated_state_dict(f))
+    return LoadedModel(model, int(state["step"]), state["config"]["data"].get("tokenizer", ""), source or str(f),
+                       "checkpoint", state=state)
