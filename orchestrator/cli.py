@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "loadable with trainer.export.load_exported without DeepSpeed.")
     p.add_argument("checkpoint", help="a checkpoint folder, e.g. runs/exp1/checkpoints/step_00000300")
     p.add_argument("out", help="output folder")
+    p.add_argument("--format", choices=("unimo", "hf"), default="unimo",
+                   help="hf: also OUT/text (a BERT/RoBERTa folder + tokenizer) and OUT/vision (a ViT/CLIP-vision "
+                        "folder + image processor) that transformers' AutoModel loads")
 
     from orchestrator.eval_cli import add_parser as add_eval_parser
 
@@ -163,11 +166,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     from trainer.export import export_checkpoint
 
     if not storage.is_remote(args.checkpoint):
-        out = export_checkpoint(args.checkpoint, args.out)
+        out = export_checkpoint(args.checkpoint, args.out, fmt=args.format)
     else:  # an s3:// checkpoint: verified in a temporary local copy, then exported from it
         with tempfile.TemporaryDirectory(prefix="unimo-export-") as tmp:
             local = checked_local_copy(args.checkpoint, Path(tmp))
-            out = export_checkpoint(local, args.out, source=args.checkpoint)
+            out = export_checkpoint(local, args.out, source=args.checkpoint, fmt=args.format)
     print(f"exported {args.checkpoint} -> {out}")
     return 0
 

@@ -1,4 +1,5 @@
-"""`unimo export`: a checkpoint's ZeRO-3 shards -> one safetensors file + config + tokenizer, no DeepSpeed needed.
+"""`unimo export`: a checkpoint's ZeRO-3 shards -> one safetensors file + config + tokenizer, no DeepSpeed needed;
+with ``--format hf`` also the text tower as a BERT/RoBERTa folder and the vision tower as a ViT/CLIP-vision folder.
 
 Consolidation uses DeepSpeed's own zero_to_fp32 reader, so the exported weights are exactly what DeepSpeed
 would reconstruct; loading needs only model/ and safetensors.
@@ -17,6 +18,7 @@ from trainer import checkpoint as ckpt
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 MODEL_PREFIX = "model."  # the objectives module wraps the model as `.model`
+FORMATS = ("unimo", "hf")  # hf: also the towers as Hugging Face folders (text/, vision/)
 
 
 def consolidated_state_dict(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
@@ -27,11 +29,15 @@ def consolidated_state_dict(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
     return {k[len(MODEL_PREFIX):]: v for k, v in full.items() if k.startswith(MODEL_PREFIX)}
 
 
-def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, source: str | None = None) -> Path:
+def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, source: str | None = None,
+                      fmt: str = "unimo") -> Path:
     """Writes model.safetensors, config.json and tokenizer.json into ``out_dir``; returns it.
 
     ``source``: where the checkpoint lives when ``checkpoint_dir`` is a downloaded copy (an s3:// URL).
+    ``fmt="hf"`` also writes the towers as Hugging Face folders (see write_hf_towers).
     """
+    if fmt not in FORMATS:
+        raise ValueError(f"export format {fmt!r}: must be one of {list(FORMATS)}")
     from safetensors.torch import save_file
 
     src = Path(checkpoint_dir)
@@ -46,7 +52,41 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, source: s
     (out / CONFIG).write_text(json.dumps({"model": state["config"]["model"], "step": state["step"],
                                           "source_checkpoint": source or str(src.resolve())}, indent=1))
     _copy_tokenizer(state["config"]["data"]["tokenizer"], out / "tokenizer.json")
+    if fmt == "hf":
+        write_hf_towers(model_from_config(state["config"]["model"], weights), out)
     return out
+
+
+def write_hf_towers(model, out: Path) -> tuple[Path, Path]:
+    """<out>/text: the text tower as a BERT (or RoBERTa) folder with its tokenizer; <out>/vision: the vision
+    tower as a ViT (or CLIP-vision) folder with its image processor. `transformers.AutoModel`,
+    `AutoTokenizer` and `AutoImageProcessor` load them; the tokenizer adds [CLS] ... [SEP] as training did."""
+    from model.hf_loading import save_text_encoder, save_vision_encoder
+
+    text, vision = out / "text", out / "vision"
+    save_text_encoder(model, str(text))
+    save_vision_encoder(model, str(vision))
+    if (out / "tokenizer.json").is_file():
+        _write_hf_tokenizer(out / "tokenizer.json", text, model.cfg.text)
+    return text, vision
+
+
+def _write_hf_tokenizer(src: Path, dest: Path, text_cfg) -> None:
+    from tokenizers import Tokenizer, processors
+
+    tok = Tokenizer.from_file(str(src))
+    names = {role: tok.id_to_token(getattr(text_cfg, f"{role}_token_id")) for role in ("pad", "bos", "eos", "mask")}
+    if tok.post_processor is None:  # ours add [CLS]/[SEP] by hand; transformers users get them from the file
+        cls, sep = names["bos"], names["eos"]
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} $B:1 {sep}:1",
+            special_tokens=[(cls, text_cfg.bos_token_id), (sep, text_cfg.eos_token_id)])
+    tok.save(str(dest / "tokenizer.json"))
+    unk = next((n for n in ("[UNK]", "<unk>") if tok.token_to_id(n) is not None), None)
+    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": text_cfg.max_seq_len,
+           "pad_token": names["pad"], "cls_token": names["bos"], "sep_token": names["eos"],
+           "mask_token": names["mask"], **({"unk_token": unk} if unk else {})}
+    (dest / "tokenizer_config.json").write_text(json.dumps(cfg, indent=1))
 
 
 def _copy_tokenizer(url: str, dest: Path) -> None:

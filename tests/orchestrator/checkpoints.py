@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+STEP = 7  # the step of the checkpoint the orchestrator tests share
 _CHILD = r"""
 import json, os, shutil, sys
 from pathlib import Path
@@ -46,7 +46,7 @@ dist.destroy_process_group()
 """
 
 
-def write_checkpoint(run_dir: Path, tokenizer: str, step: int = 7, run_id: str | None = None,
+def write_checkpoint(run_dir: Path, tokenizer: str, step: int = STEP, run_id: str | None = None,
                      overrides: tuple[str, ...] = ()) -> Path:
     """<run_dir>/checkpoints/step_<step>: a verified DeepSpeed ZeRO-3 checkpoint of the debug flavor."""
     from trainer import checkpoint as ckpt
@@ -65,9 +65,4 @@ def write_checkpoint(run_dir: Path, tokenizer: str, step: int = 7, run_id: str |
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     pg.unlink(missing_ok=True)
     ckpt.verify(dest)
-    return dest
-
-
-def copy_run(src: Path, dest: Path) -> Path:
-    shutil.copytree(src, dest)
     return dest

@@ -11,32 +11,12 @@ import pytest
 import torch
 
 from orchestrator.cli import main
-from tests.orchestrator.checkpoints import write_checkpoint
+from tests.orchestrator.checkpoints import STEP
 from trainer import evaluation
 from trainer.checkpoint import MANIFEST
 
 pytest.importorskip("deepspeed")
-STEP = 7
 RETRIEVAL = [f"eval/{d}_R@{k}" for d in ("i2t", "t2i", "itm_i2t", "itm_t2i") for k in (1, 5, 10)]
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """Synthetic eval shards + tokenizer, an MLflow run (SQLite store) and a checkpoint that run made."""
-    from data_pipeline.synthetic import write_synthetic_dataset
-    from orchestrator.tracking_setup import open_client
-
-    root = tmp_path_factory.mktemp("eval")
-    urls = write_synthetic_dataset(str(root / "data"), n_pairs=0, n_text=0, n_images=0, n_eval=24,
-                                   samples_per_shard=12)
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    client = open_client(uri)
-    run_id = client.create_run(client.create_experiment("unimo")).info.run_id
-    ckpt = write_checkpoint(root / "runs" / "exp1", urls["tokenizer"], step=STEP, run_id=run_id)
-    classes = root / "classes.txt"
-    classes.write_text("# the shapes of the synthetic world\ncircle\nsquare\ntriangle: a picture of a triangle\n")
-    return {"data": str(root / "data" / "eval"), "ckpt": ckpt, "uri": uri, "run_id": run_id,
-            "classes": str(classes), "root": root}
 
 
 def run_json(capsys, *argv) -> dict:
