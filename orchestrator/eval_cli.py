@@ -304,15 +304,14 @@ def log_to_mlflow(args: argparse.Namespace, loaded, result: EvalResult, table: s
     from mlflow.entities import Metric
 
     from orchestrator.tracking_setup import open_client
-    from trainer.tracking import metric_key
+    from trainer.tracking import metric_key, training_experiment
 
     uri = _tracking_uri(args, loaded)
     client = open_client(uri)
     run_id = loaded.state.get("mlflow_run_id") if loaded.kind == "checkpoint" else None
     created = run_id is None
     if created:
-        exp = client.get_experiment_by_name(args.experiment)
-        exp_id = exp.experiment_id if exp else client.create_experiment(args.experiment)
+        exp_id = training_experiment(client, args.experiment)
         run_id = client.create_run(exp_id, run_name=f"eval-{Path(str(loaded.source).rstrip('/')).name}",
                                    tags={"unimo.eval_of": str(loaded.source), "unimo.kind": loaded.kind,
                                          "unimo.step": str(loaded.step)}).info.run_id

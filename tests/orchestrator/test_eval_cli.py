@@ -93,7 +93,9 @@ def test_eval_mlflow_logs_to_the_run_that_made_the_checkpoint_at_its_step(world,
     assert main(["export", str(world["ckpt"]), str(out)]) == 0
     assert main(["eval", str(out), "--data", world["data"], "--mlflow", "--tracking-uri", world["uri"],
                  "--experiment", "offline", "--captions", "0"]) == 0
-    runs = client.search_runs([client.get_experiment_by_name("offline").experiment_id])
+    experiment = client.get_experiment_by_name("offline")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # MLflow's model-training view
+    runs = client.search_runs([experiment.experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert runs[0].data.tags["unimo.eval_of"] == str(out) and runs[0].data.tags["unimo.step"] == str(STEP)
     assert [h.step for h in client.get_metric_history(runs[0].info.run_id, "offline_eval/t2i_R_at_5")] == [STEP]
