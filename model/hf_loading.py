@@ -441,3 +441,47 @@ def save_vision_encoder(model, path: str) -> str:
     with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
         json.dump(pre, f, indent=1)
     return path
+
+
+# ------------------------------------------------------------------------------ shaping towers from folders
+# model.text_init / model.vision_init name the folders; the towers take their shapes from the folders'
+# config.json, so a config states only the folder. A value the config states explicitly must agree.
+
+TEXT_SHAPE_FIELDS = ("vocab_size", "layers", "dim", "heads", "mlp_dim", "max_positions", "type_vocab_size",
+                     "layer_norm_eps", "activation", "position_style", "pad_token_id")
+VISION_SHAPE_FIELDS = ("patch_size", "layers", "dim", "heads", "mlp_dim", "channels", "layer_norm_eps",
+                       "activation", "pre_layernorm", "final_layernorm", "patch_bias", "qkv_bias")
+
+
+def _conflicts(section: str, explicit: dict, folder_cfg, fields: tuple[str, ...], path: str) -> None:
+    bad = [f"{section}.{k}={explicit[k]!r} (the folder has {getattr(folder_cfg, k)!r})"
+           for k in fields if k in explicit and explicit[k] != getattr(folder_cfg, k)]
+    if bad:
+        init = "text_init" if section.endswith("text") else "vision_init"
+        raise ValueError(f"{', '.join(bad)} conflict with model.{init}={path}: the tower's shape comes from "
+                         f"the folder's config.json; drop these settings or use another folder")
+
+
+def shaped_text_config(path: str, explicit: dict) -> TextConfig:
+    """The text tower of a BERT/RoBERTa folder; ``explicit``: the model.text keys the config states."""
+    hf = read_config(path)
+    if hf.get("model_type") == "clip":
+        raise ValueError(f"model.text_init={path} is a CLIP folder: CLIP's text tower (causal, pre-LN) has no "
+                         f"equivalent in the BERT-layout text encoder; use it as model.vision_init and give "
+                         f"text_init a BERT/RoBERTa folder")
+    cfg = text_config_from_hf(path)
+    _conflicts("model.text", explicit, cfg, TEXT_SHAPE_FIELDS, path)
+    return cfg
+
+
+def shaped_vision_config(path: str, explicit: dict) -> VisionConfig:
+    """The vision tower of a ViT/CLIP folder; an explicit image_size is kept (positions are interpolated)."""
+    cfg = vision_config_from_hf(path, **{k: explicit[k] for k in ("image_size", "dropout") if k in explicit})
+    _conflicts("model.vision", explicit, cfg, VISION_SHAPE_FIELDS, path)
+    return cfg
+
+
+def folder_tokenizer(path: str) -> str:
+    """The tokenizer.json of a Hugging Face folder, or "" when it has none."""
+    f = os.path.join(path, "tokenizer.json")
+    return f if os.path.isfile(f) else ""
