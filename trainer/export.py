@@ -40,20 +40,29 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, source: s
         raise ValueError(f"export format {fmt!r}: must be one of {list(FORMATS)}")
     from safetensors.torch import save_file
 
+    from trainer.progress import Progress
+
     src = Path(checkpoint_dir)
-    ckpt.verify(src)  # never export a torn checkpoint
-    state = ckpt.read_state(src)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    weights = consolidated_state_dict(src)
-    # Tied weights share storage; safetensors stores each name on its own, so give each its own copy.
-    save_file({k: v.contiguous().clone() for k, v in weights.items()}, str(out / WEIGHTS),
-              metadata={"step": str(state["step"]), "run": state["config"]["run"]["name"]})
-    (out / CONFIG).write_text(json.dumps({"model": state["config"]["model"], "step": state["step"],
-                                          "source_checkpoint": source or str(src.resolve())}, indent=1))
-    _copy_tokenizer(state["config"]["data"]["tokenizer"], out / "tokenizer.json")
-    if fmt == "hf":
-        write_hf_towers(model_from_config(state["config"]["model"], weights), out)
+    # stages: verify (checksums), consolidate, write weights, config + tokenizer, [the Hugging Face towers]
+    with Progress(5 if fmt == "hf" else 4, f"export {src.name}", "stages") as bar:
+        ckpt.verify(src)  # never export a torn checkpoint
+        state = ckpt.read_state(src)
+        bar.update()
+        weights = consolidated_state_dict(src)
+        bar.update()
+        out.mkdir(parents=True, exist_ok=True)
+        # Tied weights share storage; safetensors stores each name on its own, so give each its own copy.
+        save_file({k: v.contiguous().clone() for k, v in weights.items()}, str(out / WEIGHTS),
+                  metadata={"step": str(state["step"]), "run": state["config"]["run"]["name"]})
+        bar.update()
+        (out / CONFIG).write_text(json.dumps({"model": state["config"]["model"], "step": state["step"],
+                                              "source_checkpoint": source or str(src.resolve())}, indent=1))
+        _copy_tokenizer(state["config"]["data"]["tokenizer"], out / "tokenizer.json")
+        bar.update()
+        if fmt == "hf":
+            write_hf_towers(model_from_config(state["config"]["model"], weights), out)
+            bar.update()
     return out
 
 

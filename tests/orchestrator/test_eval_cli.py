@@ -101,6 +101,19 @@ def test_eval_mlflow_logs_to_the_run_that_made_the_checkpoint_at_its_step(world,
     assert [h.step for h in client.get_metric_history(runs[0].info.run_id, "offline_eval/t2i_R_at_5")] == [STEP]
 
 
+def test_eval_of_a_checkpoint_and_data_on_s3_equals_the_local_eval(world, capsys):
+    from tests.integration.services import s3_server, upload_folder
+
+    local = run_json(capsys, world["ckpt"], "--data", world["data"], "--captions", 1)
+    with s3_server():
+        upload_folder(world["ckpt"], "ckpts", "runs/exp1/checkpoints/" + world["ckpt"].name)
+        upload_folder(Path(world["data"]), "data", "eval")
+        remote = run_json(capsys, f"s3://ckpts/runs/exp1/checkpoints/{world['ckpt'].name}", "--data", "s3://data/eval",
+                          "--captions", 1)
+    assert remote["source"].startswith("s3://ckpts/") and remote["step"] == STEP
+    assert remote["metrics"] == pytest.approx(local["metrics"]) and remote["captions"] == local["captions"]
+
+
 def test_eval_refuses_a_torn_checkpoint_and_a_missing_tokenizer(world, capsys, tmp_path):
     torn = tmp_path / "step_torn"
     shutil.copytree(world["ckpt"], torn)
