@@ -20,8 +20,11 @@ RETRIEVAL = [f"eval/{d}_R@{k}" for d in ("i2t", "t2i", "itm_i2t", "itm_t2i") for
 
 
 def run_json(capsys, *argv) -> dict:
-    assert main(["eval", *map(str, argv), "--json"]) == 0
-    return json.loads(capsys.readouterr().out)
+    rc = main(["eval", *map(str, argv), "--json"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err[-3000:]
+    assert out.out.lstrip().startswith("{"), out.out[:2000]
+    return json.loads(out.out)
 
 
 def test_eval_checkpoint_reports_what_trainer_evaluation_computes(world, capsys):
@@ -106,6 +109,7 @@ def test_eval_of_a_checkpoint_and_data_on_s3_equals_the_local_eval(world, capsys
 
     local = run_json(capsys, world["ckpt"], "--data", world["data"], "--captions", 1)
     with s3_server():
+        capsys.readouterr()  # moto's start-up line on stdout is not the command's
         upload_folder(world["ckpt"], "ckpts", "runs/exp1/checkpoints/" + world["ckpt"].name)
         upload_folder(Path(world["data"]), "data", "eval")
         remote = run_json(capsys, f"s3://ckpts/runs/exp1/checkpoints/{world['ckpt'].name}", "--data", "s3://data/eval",
