@@ -334,8 +334,8 @@ def log_to_mlflow(args: argparse.Namespace, loaded, result: EvalResult, table: s
 def main(args: argparse.Namespace) -> int:
     import torch
 
-    torch.set_grad_enabled(False)
-    with _loaded(args.source) as loaded:
+    # a scope, not torch.set_grad_enabled(False): main() also runs inside other processes (tests, notebooks)
+    with torch.no_grad(), _loaded(args.source) as loaded:
         result = run_eval(args, loaded)
         table = format_table(result, args.rerank)
         if args.mlflow:

@@ -119,10 +119,10 @@ def retrieval_metrics(model: UnimoModel, eval_set: dict, rerank_k: int = 0,
     return out
 
 
-def retrieval_work(eval_set: dict, rerank_k: int = 0, encoded: bool = False) -> int:
+def retrieval_work(eval_set: dict, rerank_k: int = 0) -> int:
     """How many progress units retrieval_metrics reports: texts + images encoded, pairs the ITM head scores."""
     n_text, n_img = eval_set["input_ids"].shape[0], eval_set["pixels"].shape[0]
-    work = 0 if encoded else n_text + n_img
+    work = n_text + n_img
     if rerank_k > 0:
         work += n_img * min(rerank_k, n_text) + n_text * min(rerank_k, n_img)
     return work
