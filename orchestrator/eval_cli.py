@@ -197,7 +197,7 @@ def run_eval(args: argparse.Namespace, loaded) -> EvalResult:
     from data_pipeline.loader import build_eval_pairs
     from data_pipeline.tokenizer import load_tokenizer
     from trainer import evaluation as ev
-    from trainer.progress import Progress
+    from data_pipeline.progress import Progress
 
     model = loaded.model.eval()
     tokenizer = load_tokenizer(_tokenizer_path(args, loaded))

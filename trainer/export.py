@@ -40,7 +40,7 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, source: s
         raise ValueError(f"export format {fmt!r}: must be one of {list(FORMATS)}")
     from safetensors.torch import save_file
 
-    from trainer.progress import Progress
+    from data_pipeline.progress import Progress
 
     src = Path(checkpoint_dir)
     out = Path(out_dir)

@@ -128,13 +128,3 @@ def test_eval_refuses_a_torn_checkpoint_and_a_missing_tokenizer(world, capsys, t
     err = capsys.readouterr().err
     assert "no.json" in err and "--tokenizer" in err
 
-
-def test_progress_bar_is_quiet_when_stderr_is_not_a_terminal(capsys):
-    from trainer.progress import Progress
-
-    with Progress(10, "work") as bar:
-        bar.update(10)
-    with Progress(3, "shown", enabled=True) as bar:  # forced on: a bar with its total
-        bar.update(3)
-    err = capsys.readouterr().err
-    assert "work" not in err and "shown" in err and "/3" in err

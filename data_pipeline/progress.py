@@ -1,4 +1,4 @@
-"""Progress bars for long command-line steps (eval, export, checkpoint downloads): totals, rate and ETA.
+"""Progress bars for long command-line steps (shard writing, export, eval): totals, rate and ETA.
 
 tqdm when it is installed, else a plain line on stderr rewritten in place. Quiet when stderr is not a terminal
 (logs, CI, Ray workers), so piped output and log files hold no bar noise.
@@ -35,6 +35,10 @@ class _Plain:
         sys.stderr.write("\r" + text)
         sys.stderr.flush()
 
+    def write(self, line: str) -> None:
+        sys.stderr.write("\r" + line + "\n")
+        self._draw(time.monotonic())
+
     def close(self) -> None:
         sys.stderr.write("\n")
         sys.stderr.flush()
@@ -42,6 +46,9 @@ class _Plain:
 
 class _Quiet:
     def update(self, n: int = 1) -> None: ...
+
+    def write(self, line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
 
     def close(self) -> None: ...
 
@@ -64,6 +71,13 @@ class Progress:
 
     def update(self, n: int = 1) -> None:
         self._bar.update(n)
+
+    def write(self, line: str) -> None:
+        """A log line on stderr that does not tear the bar (printed plainly when there is no bar)."""
+        if isinstance(self._bar, (_Plain, _Quiet)):
+            self._bar.write(line)
+        else:
+            self._bar.write(line, file=sys.stderr)  # tqdm's class-level write, which defaults to stdout
 
     def close(self) -> None:
         self._bar.close()
