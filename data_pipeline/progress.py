@@ -65,9 +65,19 @@ class Progress:
                 from tqdm import tqdm
 
                 self._bar = tqdm(total=total, desc=desc, unit=unit, unit_scale=unit_scale, file=sys.stderr,
-                                 leave=False, dynamic_ncols=True)
+                                 leave=True, dynamic_ncols=True)  # the final state stays: totals, time
             except ImportError:
                 self._bar = _Plain(total, desc, unit)
+
+    @property
+    def shown(self) -> bool:
+        """Whether a bar is drawn (callers skip work only a bar needs, such as counting a total)."""
+        return not isinstance(self._bar, _Quiet)
+
+    def set_total(self, total: int) -> None:
+        self._bar.total = total
+        if hasattr(self._bar, "refresh"):
+            self._bar.refresh()
 
     def update(self, n: int = 1) -> None:
         self._bar.update(n)
