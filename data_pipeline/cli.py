@@ -71,13 +71,22 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _shards(args) -> int:
+    from .progress import Progress
     from .shards import input_samples, write_shards
 
     samples = input_samples(args.inputs, args.format, args.root, args.resize or None)
-    summary = write_shards(samples, args.out, shard_bytes=args.shard_size, max_samples=args.max_samples,
-                           prefix=args.prefix, progress=lambda line: print(line, file=sys.stderr))
+    # the inputs stream (their count is unknown up front): the bar shows inputs read and their rate
+    with Progress(None, "shards", "inputs") as bar:
+        summary = write_shards(_counted(samples, bar.update), args.out, shard_bytes=args.shard_size,
+                               max_samples=args.max_samples, prefix=args.prefix, progress=bar.write)
     print(json.dumps(summary.to_json()))
     return 0
+
+
+def _counted(items, tick):
+    for item in items:
+        tick(1)
+        yield item
 
 
 def _texts_of(inputs):
@@ -109,11 +118,14 @@ def _tokenizer(args) -> int:
 
 
 def _synthetic(args) -> int:
+    from .progress import Progress
     from .synthetic import write_synthetic_dataset
 
-    urls = write_synthetic_dataset(args.out, n_pairs=args.pairs, n_text=args.text, n_images=args.images,
-                                   n_eval=args.eval, samples_per_shard=args.samples_per_shard,
-                                   image_size=args.image_size, seed=args.seed)
+    total = sum(max(0, n) for n in (args.pairs, args.text, args.images, args.eval))
+    with Progress(total, "synthetic data", "samples") as bar:
+        urls = write_synthetic_dataset(args.out, n_pairs=args.pairs, n_text=args.text, n_images=args.images,
+                                       n_eval=args.eval, samples_per_shard=args.samples_per_shard,
+                                       image_size=args.image_size, seed=args.seed, progress=bar.update)
     print(json.dumps(urls))
     return 0
 

@@ -121,7 +121,7 @@ def _text_sample(i: int, rng, image_size: int, base_id: int) -> tuple[dict[str, 
 
 
 def _write_split(out: str, folder: str, make, n: int, per_shard: int, image_size: int, seed: int,
-                 split: str) -> tuple[str, list[str]]:
+                 split: str, progress=None) -> tuple[str, list[str]]:
     rng = np.random.default_rng([seed, _SPLITS[split]])
     fs, root = filesystem(out.rstrip("/") + "/" + folder)
     fs.makedirs(root, exist_ok=True)
@@ -133,17 +133,20 @@ def _write_split(out: str, folder: str, make, n: int, per_shard: int, image_size
                 files, sample_texts = make(i, rng, image_size, _SPLITS[split] * 10_000_000)
                 writer.write(f"{i:09d}", files)
                 texts.extend(sample_texts)
+                if progress is not None:
+                    progress(1)
             writer.close()
     url = out.rstrip("/") + f"/{folder}/shard-{{{0:06d}..{n_shards - 1:06d}}}.tar"
     return url, texts
 
 
 def write_synthetic_dataset(out: str, *, n_pairs=2000, n_text=2000, n_images=2000, n_eval=200,
-                            samples_per_shard=250, image_size=64, seed=0) -> dict[str, str]:
+                            samples_per_shard=250, image_size=64, seed=0, progress=None) -> dict[str, str]:
     """Write pairs, unpaired text, unpaired images, held-out pairs and a tokenizer under ``out``.
 
     Returns {"pair", "text", "image", "eval": brace-pattern URLs, "tokenizer": tokenizer.json path}.
-    Deterministic for a seed; ``out`` is a local folder or s3://bucket/prefix.
+    Deterministic for a seed; ``out`` is a local folder or s3://bucket/prefix. ``progress(n)`` is told of
+    every n samples written (of n_pairs + n_text + n_images + n_eval).
     """
     urls, corpus = {}, []
     for split, folder, make, n in (("pair", "pairs", _pair_sample, n_pairs), ("text", "text", _text_sample, n_text),
@@ -151,7 +154,8 @@ def write_synthetic_dataset(out: str, *, n_pairs=2000, n_text=2000, n_images=200
                                    ("eval", "eval", _pair_sample, n_eval)):
         if n <= 0:
             continue
-        urls[split], texts = _write_split(out, folder, make, n, samples_per_shard, image_size, seed, split)
+        urls[split], texts = _write_split(out, folder, make, n, samples_per_shard, image_size, seed, split,
+                                          progress)
         corpus.extend(texts)
     # Every word of the world is in the corpus, so the vocabulary stays far below the debug model's 1024.
     tok = train_tokenizer(corpus or ["empty"], vocab_size=1000)

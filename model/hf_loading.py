@@ -319,3 +319,169 @@ def load_vision_encoder(model, path: str, strict: bool = True) -> LoadReport:
     report = _apply(model, sd, mapping, required, ignored, fix)
     report.check(strict, f"vision weights from {path}")
     return report
+
+
+# ------------------------------------------------------------------------------------------------ saving
+# The inverse of the loading maps: our towers written as Hugging Face folders (config.json + model.safetensors)
+# that `transformers` loads as BertModel / RobertaModel, ViTModel or CLIPVisionModel.
+
+_HF_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "quick_gelu": "quick_gelu", "relu": "relu"}
+_NOT_EXPORTED = re.compile(r"^vision\.embeddings\.mask_token$")  # MIM's [MASK] patch: no field in ViT/CLIP
+
+
+def text_hf_config(cfg: TextConfig) -> dict:
+    """config.json of the text tower: BERT for absolute positions, RoBERTa for fairseq-style ones."""
+    roberta = cfg.position_style == "roberta"
+    return {
+        "model_type": "roberta" if roberta else "bert", "architectures": ["RobertaModel" if roberta else "BertModel"],
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "num_hidden_layers": cfg.layers,
+        "num_attention_heads": cfg.heads, "intermediate_size": cfg.mlp_dim,
+        "hidden_act": _HF_ACTIVATIONS[cfg.activation], "max_position_embeddings": cfg.max_positions,
+        "type_vocab_size": cfg.type_vocab_size, "layer_norm_eps": cfg.layer_norm_eps,
+        "hidden_dropout_prob": cfg.dropout, "attention_probs_dropout_prob": cfg.dropout,
+        "position_embedding_type": "absolute", "pad_token_id": cfg.pad_token_id, "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_id, "mask_token_id": cfg.mask_token_id,
+    }
+
+
+def _vision_kind(cfg: VisionConfig) -> str:
+    if not cfg.final_layernorm:
+        raise ValueError("model.vision.final_layernorm=false has no transformers equivalent (ViT and CLIP both "
+                         "end with a LayerNorm): the vision tower cannot be exported as a Hugging Face folder")
+    if not cfg.pre_layernorm and cfg.patch_bias:
+        return "vit"
+    if cfg.pre_layernorm and not cfg.patch_bias and cfg.qkv_bias:
+        return "clip"
+    raise ValueError(f"model.vision (pre_layernorm={cfg.pre_layernorm}, patch_bias={cfg.patch_bias}, "
+                     f"qkv_bias={cfg.qkv_bias}) is neither ViT's layout (no pre-LN, patch bias) nor CLIP's "
+                     f"(pre-LN, no patch bias, qkv bias): no transformers class loads it")
+
+
+def vision_hf_config(cfg: VisionConfig) -> dict:
+    """config.json of the vision tower: ViT, or CLIP-vision for CLIP's layout."""
+    common = {"image_size": cfg.image_size, "patch_size": cfg.patch_size, "num_channels": cfg.channels,
+              "hidden_size": cfg.dim, "num_hidden_layers": cfg.layers, "num_attention_heads": cfg.heads,
+              "intermediate_size": cfg.mlp_dim, "hidden_act": _HF_ACTIVATIONS[cfg.activation],
+              "layer_norm_eps": cfg.layer_norm_eps}
+    if _vision_kind(cfg) == "clip":
+        return {"model_type": "clip_vision_model", "architectures": ["CLIPVisionModel"], **common,
+                "attention_dropout": cfg.dropout}
+    return {"model_type": "vit", "architectures": ["ViTModel"], **common, "qkv_bias": cfg.qkv_bias,
+            "hidden_dropout_prob": cfg.dropout, "attention_probs_dropout_prob": cfg.dropout}
+
+
+def _invert(params: dict[str, Tensor], mapping: dict, reshape: dict[str, tuple] | None = None) -> dict[str, Tensor]:
+    """Our parameters -> checkpoint keys: a concatenated group (q, k, v) is split back in equal parts."""
+    out = {}
+    for ours, (keys, _) in mapping.items():
+        if ours not in params:
+            continue
+        value = params[ours].detach().to("cpu", torch.float32)
+        parts = value.chunk(len(keys), dim=0) if len(keys) > 1 else (value,)
+        for key, part in zip(keys, parts):
+            out[key] = part.reshape(reshape[key]) if reshape and key in reshape else part
+    return {k: v.contiguous().clone() for k, v in out.items()}  # own storage each (tied/viewed weights)
+
+
+def text_state_dict_to_hf(model) -> dict[str, Tensor]:
+    """model.text as BertModel/RobertaModel keys (the encoder; the MLM head stays ours)."""
+    params = dict(model.named_parameters())
+    mapping = _bert_map(model.cfg.text.layers)
+    left = sorted(n for n in params if n.startswith("text.") and n not in mapping)
+    if left:
+        raise ValueError(f"text parameters with no Hugging Face key: {left}")
+    return _invert(params, mapping)
+
+
+def vision_state_dict_to_hf(model) -> dict[str, Tensor]:
+    """model.vision as ViTModel or CLIPVisionModel keys."""
+    cfg = model.cfg.vision
+    params = dict(model.named_parameters())
+    unmapped = [n for n in params if n.startswith("vision.") and not _NOT_EXPORTED.match(n)]
+    if _vision_kind(cfg) == "vit":
+        mapping, prefix, reshape = _vit_map(cfg.layers), "", None
+    else:
+        n = cfg.num_patches + 1
+        mapping, prefix = _clip_map(cfg.layers), "vision_model."
+        reshape = {"embeddings.class_embedding": (cfg.dim,), "embeddings.position_embedding.weight": (n, cfg.dim)}
+    out = _invert(params, mapping, reshape)
+    left = sorted(set(unmapped) - set(mapping))
+    if left:
+        raise ValueError(f"vision parameters with no Hugging Face key: {left}")
+    return {prefix + k: v for k, v in out.items()}
+
+
+def _save_folder(path: str, config: dict, state: dict[str, Tensor]) -> str:
+    from safetensors.torch import save_file
+
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f, indent=1)
+    save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    return path
+
+
+def save_text_encoder(model, path: str) -> str:
+    """Writes the text tower as a BERT/RoBERTa folder (config.json, model.safetensors); returns ``path``."""
+    return _save_folder(path, text_hf_config(model.cfg.text), text_state_dict_to_hf(model))
+
+
+def save_vision_encoder(model, path: str) -> str:
+    """Writes the vision tower as a ViT or CLIP-vision folder (config.json, model.safetensors, and the
+    preprocessor_config.json of the pipeline's resize and (x/255 - 0.5)/0.5 normalisation); returns ``path``."""
+    cfg = model.cfg.vision
+    _save_folder(path, vision_hf_config(cfg), vision_state_dict_to_hf(model))
+    clip = _vision_kind(cfg) == "clip"
+    size = {"shortest_edge": cfg.image_size} if clip else {"height": cfg.image_size, "width": cfg.image_size}
+    pre = {"image_processor_type": "CLIPImageProcessor" if clip else "ViTImageProcessor", "do_resize": True,
+           "size": size, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+           "image_mean": [0.5] * cfg.channels, "image_std": [0.5] * cfg.channels}
+    if clip:
+        pre.update(do_center_crop=True, crop_size={"height": cfg.image_size, "width": cfg.image_size})
+    with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
+        json.dump(pre, f, indent=1)
+    return path
+
+
+# ------------------------------------------------------------------------------ shaping towers from folders
+# model.text_init / model.vision_init name the folders; the towers take their shapes from the folders'
+# config.json, so a config states only the folder. A value the config states explicitly must agree.
+
+TEXT_SHAPE_FIELDS = ("vocab_size", "layers", "dim", "heads", "mlp_dim", "max_positions", "type_vocab_size",
+                     "layer_norm_eps", "activation", "position_style", "pad_token_id")
+VISION_SHAPE_FIELDS = ("patch_size", "layers", "dim", "heads", "mlp_dim", "channels", "layer_norm_eps",
+                       "activation", "pre_layernorm", "final_layernorm", "patch_bias", "qkv_bias")
+
+
+def _conflicts(section: str, explicit: dict, folder_cfg, fields: tuple[str, ...], path: str) -> None:
+    bad = [f"{section}.{k}={explicit[k]!r} (the folder has {getattr(folder_cfg, k)!r})"
+           for k in fields if k in explicit and explicit[k] != getattr(folder_cfg, k)]
+    if bad:
+        init = "text_init" if section.endswith("text") else "vision_init"
+        raise ValueError(f"{', '.join(bad)} conflict with model.{init}={path}: the tower's shape comes from "
+                         f"the folder's config.json; drop these settings or use another folder")
+
+
+def shaped_text_config(path: str, explicit: dict) -> TextConfig:
+    """The text tower of a BERT/RoBERTa folder; ``explicit``: the model.text keys the config states."""
+    hf = read_config(path)
+    if hf.get("model_type") == "clip":
+        raise ValueError(f"model.text_init={path} is a CLIP folder: CLIP's text tower (causal, pre-LN) has no "
+                         f"equivalent in the BERT-layout text encoder; use it as model.vision_init and give "
+                         f"text_init a BERT/RoBERTa folder")
+    cfg = text_config_from_hf(path)
+    _conflicts("model.text", explicit, cfg, TEXT_SHAPE_FIELDS, path)
+    return cfg
+
+
+def shaped_vision_config(path: str, explicit: dict) -> VisionConfig:
+    """The vision tower of a ViT/CLIP folder; an explicit image_size is kept (positions are interpolated)."""
+    cfg = vision_config_from_hf(path, **{k: explicit[k] for k in ("image_size", "dropout") if k in explicit})
+    _conflicts("model.vision", explicit, cfg, VISION_SHAPE_FIELDS, path)
+    return cfg
+
+
+def folder_tokenizer(path: str) -> str:
+    """The tokenizer.json of a Hugging Face folder, or "" when it has none."""
+    f = os.path.join(path, "tokenizer.json")
+    return f if os.path.isfile(f) else ""

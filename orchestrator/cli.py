@@ -115,6 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "loadable with trainer.export.load_exported without DeepSpeed.")
     p.add_argument("checkpoint", help="a checkpoint folder, e.g. runs/exp1/checkpoints/step_00000300")
     p.add_argument("out", help="output folder")
+    p.add_argument("--format", choices=("unimo", "hf"), default="unimo",
+                   help="hf: also OUT/text (a BERT/RoBERTa folder + tokenizer) and OUT/vision (a ViT/CLIP-vision "
+                        "folder + image processor) that transformers' AutoModel loads")
+
+    from orchestrator.eval_cli import add_parser as add_eval_parser
+
+    add_eval_parser(sub)
 
     p = sub.add_parser("mlflow", help="start a local MLflow tracking server (SQLite backend) on 127.0.0.1")
     p.add_argument("--port", type=int, default=5000)
@@ -198,13 +205,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     from trainer.export import export_checkpoint
 
     if not storage.is_remote(args.checkpoint):
-        out = export_checkpoint(args.checkpoint, args.out)
+        out = export_checkpoint(args.checkpoint, args.out, fmt=args.format)
     else:  # an s3:// checkpoint: verified in a temporary local copy, then exported from it
         with tempfile.TemporaryDirectory(prefix="unimo-export-") as tmp:
             local = checked_local_copy(args.checkpoint, Path(tmp))
-            out = export_checkpoint(local, args.out, source=args.checkpoint)
+            out = export_checkpoint(local, args.out, source=args.checkpoint, fmt=args.format)
     print(f"exported {args.checkpoint} -> {out}")
     return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from orchestrator.eval_cli import main as eval_main
+
+    return eval_main(args)
 
 
 def cmd_mlflow(args: argparse.Namespace) -> int:
@@ -222,7 +235,8 @@ def cmd_mlflow(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "demo": cmd_demo, "config": cmd_config, "model": cmd_model, "data": cmd_data,
-            "mlflow": cmd_mlflow, "submit": cmd_submit, "jobs": cmd_jobs, "job": cmd_jobs, "export": cmd_export}
+            "mlflow": cmd_mlflow, "submit": cmd_submit, "jobs": cmd_jobs, "job": cmd_jobs, "export": cmd_export,
+            "eval": cmd_eval}
 
 
 # Commands that parse their own arguments: argparse's REMAINDER drops a leading option (`unimo submit --help`,

@@ -274,14 +274,90 @@ class RunConfig:
 
 
 def _model_base(raw: dict, base: ModelConfig | None) -> ModelConfig:
-    """A model section starts from its flavor's config, so YAML only states what differs."""
+    """A model section starts from its flavor's config, so YAML only states what differs; towers initialised
+    from Hugging Face folders (text_init, vision_init) take their shapes from those folders."""
     flavor = raw.get("flavor") if isinstance(raw, dict) else None
     if flavor is None:
-        return base if base is not None else get_flavor("debug")
+        out = base if base is not None else get_flavor("debug")
+    else:
+        try:
+            out = get_flavor(str(flavor))
+        except (KeyError, ValueError) as err:
+            raise ConfigError(f"model.flavor: {err}") from None
+    return _shaped_by_init(raw, out)
+
+
+def _shaped_by_init(raw: dict, base: ModelConfig) -> ModelConfig:
+    from dataclasses import replace
+
+    from model import hf_loading
+
+    if not isinstance(raw, dict) or not (raw.get("text_init") or raw.get("vision_init")):
+        return base
+    text, vision = base.text, base.vision
     try:
-        return get_flavor(str(flavor))
-    except (KeyError, ValueError) as err:
-        raise ConfigError(f"model.flavor: {err}") from None
+        if raw.get("text_init"):
+            text = hf_loading.shaped_text_config(str(raw["text_init"]), raw.get("text") or {})
+        if raw.get("vision_init"):
+            vision = hf_loading.shaped_vision_config(str(raw["vision_init"]), raw.get("vision") or {})
+    except (OSError, ValueError, KeyError) as err:
+        raise ConfigError(str(err)) from None
+    return replace(base, text=text, vision=vision)
+
+
+# model.text special ids <- the tokenizer's roles: [PAD]/<pad>, [CLS]/<s>, [SEP]/</s>, [MASK]/<mask>
+_SPECIAL_ROLES = {"pad_token_id": "pad_id", "bos_token_id": "cls_id", "eos_token_id": "sep_id",
+                  "mask_token_id": "mask_id"}
+
+
+def _tokenizer_if_readable(url: str):
+    """The tokenizer of a local file or folder, or None (remote, not written yet, unreadable). A remote one is
+    not read here: loading a config must not wait on storage; the trainer checks the ids when it loads it."""
+    from data_pipeline.tokenizer import TextTokenizer
+
+    path = Path(url).expanduser()
+    if "://" in url:
+        return None
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    try:
+        return TextTokenizer.from_str(path.read_text(encoding="utf-8"))
+    except Exception:  # noqa: BLE001 - missing or not a tokenizer: the trainer reads it again and says why
+        return None
+
+
+def _adopt_tokenizer(cfg: RunConfig, raw: dict) -> RunConfig:
+    """The text tower's special-token ids come from the run's tokenizer file (the text_init folder's when
+    data.tokenizer is empty); ids the config states must agree with it. A tokenizer that cannot be read yet
+    leaves the ids as configured (remote files are not read here): the trainer checks them when it loads it."""
+    from model.hf_loading import folder_tokenizer
+
+    model_raw = raw.get("model") if isinstance(raw.get("model"), dict) else {}
+    folder_tok = folder_tokenizer(cfg.model.text_init) if cfg.model.text_init else ""
+    if folder_tok and not cfg.data.tokenizer:
+        cfg.data.tokenizer = folder_tok
+    elif folder_tok and Path(cfg.data.tokenizer).is_file() and \
+            Path(cfg.data.tokenizer).read_bytes() != Path(folder_tok).read_bytes():
+        raise ConfigError(f"data.tokenizer={cfg.data.tokenizer} differs from model.text_init's tokenizer "
+                          f"{folder_tok}: the pretrained text tower needs its own; drop data.tokenizer")
+    if not cfg.data.tokenizer:
+        return cfg
+    tok = _tokenizer_if_readable(cfg.data.tokenizer)
+    if tok is None:
+        return cfg
+    explicit = model_raw.get("text") if isinstance(model_raw.get("text"), dict) else {}
+    wrong = [f"model.text.{k}={explicit[k]} (tokenizer: {getattr(tok, role)})"
+             for k, role in _SPECIAL_ROLES.items() if k in explicit and explicit[k] != getattr(tok, role)]
+    if wrong:
+        raise ConfigError(f"{', '.join(wrong)} disagree with the tokenizer {cfg.data.tokenizer}: special-token "
+                          f"ids come from the tokenizer file; drop these settings")
+    for k, role in _SPECIAL_ROLES.items():
+        setattr(cfg.model.text, k, getattr(tok, role))
+    try:
+        cfg.model.text.__post_init__()  # the ids must fit the vocabulary
+    except ValueError as err:
+        raise ConfigError(f"model.text with the ids of tokenizer {cfg.data.tokenizer}: {err}") from None
+    return cfg
 
 
 BASE_HOOKS[ModelConfig] = _model_base
@@ -303,7 +379,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if isinstance(err, ConfigError):
             raise
         raise ConfigError(f"config file '{path}': {err}") from None
-    return build(RunConfig, raw)
+    return _adopt_tokenizer(build(RunConfig, raw), raw)
 
 
 def config_from_dict(raw: dict) -> RunConfig:

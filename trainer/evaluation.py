@@ -1,4 +1,5 @@
-"""Evaluation during training: image<->text retrieval on held-out pairs (ITC, optionally ITM re-ranked), captions.
+"""Evaluation of a model: image<->text retrieval on held-out pairs (ITC, optionally ITM re-ranked), zero-shot
+classification from class prompts, sample captions. Used during training and by `unimo eval`.
 
 Every rank runs evaluation (ZeRO-3 gathers need all ranks), so the modules run here and their count depend only
 on the held-out set's size and the config, never on scores: the re-ranker scores a fixed k candidates per query,
@@ -27,8 +28,12 @@ def recall_at_k(sim: Tensor, positives: Tensor, ks: tuple[int, ...] = (1, 5, 10)
 
 
 @torch.no_grad()
-def encode_eval_set(model: UnimoModel, eval_set: dict, batch_size: int = 64) -> tuple[Tensor, Tensor]:
-    """ITC features of every text (T, E) and every image (N, E) of the held-out set."""
+def encode_eval_set(model: UnimoModel, eval_set: dict, batch_size: int = 64,
+                    progress: Callable[[int], None] | None = None) -> tuple[Tensor, Tensor]:
+    """ITC features of every text (T, E) and every image (N, E) of the held-out set.
+
+    ``progress(n)`` is told after each batch how many texts and images it encoded (progress bars).
+    """
     was_training = model.training
     model.eval()
     txt_feats, img_feats = [], []
@@ -48,13 +53,15 @@ def encode_eval_set(model: UnimoModel, eval_set: dict, batch_size: int = 64) -> 
             txt_feats.append(txt.float())
         if i < n_img:
             img_feats.append(img.float())
+        if progress is not None:
+            progress(min(batch_size, max(n_text - i, 0)) + min(batch_size, max(n_img - i, 0)))
     model.train(was_training)
     return torch.cat(txt_feats), torch.cat(img_feats)
 
 
 @torch.no_grad()
 def itm_scores(model: UnimoModel, eval_set: dict, image_rows: Tensor, text_rows: Tensor,
-               batch_size: int = 64) -> Tensor:
+               batch_size: int = 64, progress: Callable[[int], None] | None = None) -> Tensor:
     """ITM match margin (logit[match] - logit[no match]) of each (image, text) pair: rows (M,) -> (M,)."""
     was_training = model.training
     model.eval()
@@ -66,6 +73,8 @@ def itm_scores(model: UnimoModel, eval_set: dict, image_rows: Tensor, text_rows:
         v_states = model.encode_image(eval_set["pixels"][im])
         logits = model.itm_logits(*model.fuse(t_states, mask, v_states)).float()  # (b, 2)
         out.append(logits[:, 1] - logits[:, 0])
+        if progress is not None:
+            progress(im.shape[0])
     model.train(was_training)
     return torch.cat(out)
 
@@ -85,24 +94,86 @@ def rerank_top_k(sim: Tensor, k: int, score: Callable[[Tensor, Tensor], Tensor])
     return out
 
 
-def retrieval_metrics(model: UnimoModel, eval_set: dict, rerank_k: int = 0) -> dict[str, float]:
+def retrieval_metrics(model: UnimoModel, eval_set: dict, rerank_k: int = 0,
+                      progress: Callable[[int], None] | None = None,
+                      features: tuple[Tensor, Tensor] | None = None) -> dict[str, float]:
     """R@1/5/10 image->text and text->image over the whole held-out set (each image among N, each text among T).
 
     rerank_k > 0 adds eval/itm_{i2t,t2i}_R@k: the ITC top-k of each query re-ordered by the ITM head.
+    ``features``: the set's (text, image) ITC features when already encoded; ``progress(n)`` counts the texts
+    and images encoded and the pairs the ITM head scored (retrieval_work gives the total).
     """
-    txt, img = encode_eval_set(model, eval_set)
+    txt, img = features if features is not None else encode_eval_set(model, eval_set, progress=progress)
     owner = eval_set["text_image_index"]  # (T,) image row of each caption
     sim = img @ txt.T  # (N, T)
     positives = owner[None, :] == torch.arange(img.shape[0], device=owner.device)[:, None]  # (N, T)
     out = {f"eval/i2t_R@{k}": v for k, v in recall_at_k(sim, positives).items()}
     out.update({f"eval/t2i_R@{k}": v for k, v in recall_at_k(sim.T, positives.T).items()})
     if rerank_k > 0:
-        i2t = rerank_top_k(sim, rerank_k, lambda im, tx: itm_scores(model, eval_set, im, tx))
-        t2i = rerank_top_k(sim.T, rerank_k, lambda tx, im: itm_scores(model, eval_set, im, tx))
+        i2t = rerank_top_k(sim, rerank_k, lambda im, tx: itm_scores(model, eval_set, im, tx, progress=progress))
+        t2i = rerank_top_k(sim.T, rerank_k,
+                           lambda tx, im: itm_scores(model, eval_set, im, tx, progress=progress))
         out.update({f"eval/itm_i2t_R@{k}": v for k, v in recall_at_k(i2t, positives).items()})
         out.update({f"eval/itm_t2i_R@{k}": v for k, v in recall_at_k(t2i, positives.T).items()})
     out["eval/candidates"] = float(img.shape[0])
     return out
+
+
+def retrieval_work(eval_set: dict, rerank_k: int = 0) -> int:
+    """How many progress units retrieval_metrics reports: texts + images encoded, pairs the ITM head scores."""
+    n_text, n_img = eval_set["input_ids"].shape[0], eval_set["pixels"].shape[0]
+    work = n_text + n_img
+    if rerank_k > 0:
+        work += n_img * min(rerank_k, n_text) + n_text * min(rerank_k, n_img)
+    return work
+
+
+def top_k_accuracy(sim: Tensor, labels: Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[int, float]:
+    """sim (N, C) class scores, labels (N, C) bool (an image may carry several true classes) -> {k: fraction of
+    images with a true class among their k best}. Images without any true class must be dropped beforehand."""
+    out = {}
+    for k in ks:
+        top = sim.topk(min(k, sim.shape[1]), dim=1).indices  # (N, k)
+        out[k] = float(labels.gather(1, top).any(dim=1).float().mean())
+    return out
+
+
+def class_embeddings(prompt_feats: Tensor, prompt_class: Tensor, n_classes: int) -> Tensor:
+    """Mean of each class's L2-normalised prompt features, normalised again: (P, E), (P,) -> (C, E)."""
+    sums = torch.zeros(n_classes, prompt_feats.shape[1], dtype=prompt_feats.dtype, device=prompt_feats.device)
+    sums.index_add_(0, prompt_class, prompt_feats)
+    return torch.nn.functional.normalize(sums, dim=-1)
+
+
+def zero_shot_metrics(image_feats: Tensor, prompt_feats: Tensor, prompt_class: Tensor, labels: Tensor,
+                      ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
+    """Zero-shot classification by ITC similarity to class prompts.
+
+    image_feats (N, E) and prompt_feats (P, E) are ITC features, prompt_class (P,) the class of each prompt,
+    labels (N, C) bool the true classes of each image. Images with no true class are left out and counted.
+    """
+    classes = class_embeddings(prompt_feats, prompt_class, labels.shape[1])
+    keep = labels.any(dim=1)
+    out = {"eval/zeroshot_classes": float(labels.shape[1]), "eval/zeroshot_images": float(keep.sum()),
+           "eval/zeroshot_unlabelled": float((~keep).sum())}
+    if keep.any():
+        sim = image_feats[keep] @ classes.T
+        out.update({f"eval/zeroshot_top{k}": v for k, v in top_k_accuracy(sim, labels[keep], ks).items()})
+    return out
+
+
+@torch.no_grad()
+def encode_texts(model: UnimoModel, input_ids: Tensor, attention_mask: Tensor, batch_size: int = 64) -> Tensor:
+    """ITC features (T, E) of tokenised texts (class prompts)."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for i in range(0, input_ids.shape[0], batch_size):
+        final = model.encode_text(input_ids[i:i + batch_size], attention_mask[i:i + batch_size])[-1]
+        # the text half of UnimoModel.itc_features: projected, normalised final [CLS]
+        out.append(torch.nn.functional.normalize(model.text_proj(final[:, 0]), dim=-1).float())
+    model.train(was_training)
+    return torch.cat(out)
 
 
 def sample_captions(model: UnimoModel, pixels: Tensor, max_new_tokens: int = CAPTION_TOKENS,

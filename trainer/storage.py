@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 from urllib.parse import urlparse
 
+from fsspec.callbacks import Callback
+
 ENDPOINT_VARS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 
 
@@ -130,11 +132,39 @@ def list_names(location: str | Path) -> list[str]:
         return []
 
 
-def download(location: str, dest: Path) -> None:
-    """Copies a remote folder tree into the local folder ``dest``."""
+def download(location: str, dest: Path, progress: bool | None = None) -> None:
+    """Copies a remote folder tree into the local folder ``dest``.
+
+    ``progress``: a bar of bytes downloaded, with the total and ETA, on stderr; None = when stderr is a
+    terminal (never on Ray workers, whose output is a log).
+    """
+    from data_pipeline.progress import Progress
+
     fs, path = _fs(location)
     dest.mkdir(parents=True, exist_ok=True)
-    fs.get(path.rstrip("/") + "/", str(dest) + "/", recursive=True)
+    src, to = path.rstrip("/") + "/", str(dest) + "/"
+    bar = Progress(None, f"download {name_of(location)}", "B", enabled=progress, unit_scale=True)
+    if not bar.shown:
+        fs.get(src, to, recursive=True)
+        return
+    with bar:
+        bar.set_total(int(fs.du(path)))  # one listing, only when someone watches
+        fs.get(src, to, recursive=True, callback=_ByteCallback(bar.update))
+
+
+class _ByteCallback(Callback):
+    """Counts the bytes of every file of a recursive get (fsspec hands each file a child callback)."""
+
+    def __init__(self, tick, child: bool = False):
+        super().__init__()
+        self._tick, self._child = tick, child
+
+    def branched(self, path_1, path_2, **kwargs):
+        return _ByteCallback(self._tick, child=True)
+
+    def relative_update(self, inc=1):
+        if self._child:  # the parent counts files, not bytes
+            self._tick(inc)
 
 
 # ----- checks at start, and Ray Train's view of the storage -------------------------------------------------------

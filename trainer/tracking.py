@@ -528,12 +528,27 @@ def find_run(client: Any, cfg: Any, run_dir: str) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
+# MLflow 3's UI opens an experiment in the view this tag names; without it, it may infer the GenAI (traces) view.
+# "custom_model_development" is its model-training view (runs, metrics, artifacts).
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+
+
+def training_experiment(client: Any, name: str) -> str:
+    """The id of experiment ``name``, created if needed, tagged to open in MLflow's model-training view (an
+    experiment that already names its kind keeps it)."""
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+    if EXPERIMENT_KIND_TAG not in (exp.tags or {}):
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return exp.experiment_id
+
+
 def create_run(client: Any, cfg: Any, run_dir: str, secrets: list[str], commit: str | None = None) -> str:
     """Creates the job's run with tags, params (the flattened config, no secrets) and config artifacts."""
     from mlflow.entities import Param
 
-    exp = client.get_experiment_by_name(cfg.tracking.experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(cfg.tracking.experiment)
+    exp_id = training_experiment(client, cfg.tracking.experiment)
     tags = {"unimo.run_name": cfg.run.name, "unimo.run_dir": run_dir, "unimo.flavor": cfg.model.flavor,
             "unimo.world_size": str(cfg.scaling.num_workers), "unimo.restarts": "0",
             "mlflow.source.git.commit": commit or git_commit()}

@@ -62,7 +62,7 @@ def test_retrieval_with_itm_reranking_reports_both(monkeypatch):
             assert 0.0 <= both[f"eval/itm_{d}_R@{k}"] <= 1.0
     # with k = all candidates and an oracle ITM, re-ranked R@1 is perfect: the scores really drive the order
     truth = ev["text_image_index"]
-    monkeypatch.setattr(evaluation, "itm_scores", lambda m, e, im, tx: (truth[tx] == im).float())
+    monkeypatch.setattr(evaluation, "itm_scores", lambda m, e, im, tx, **kw: (truth[tx] == im).float())
     oracle = retrieval_metrics(model, ev, rerank_k=ev["input_ids"].shape[0])
     assert oracle["eval/itm_i2t_R@1"] == 1.0 and oracle["eval/itm_t2i_R@1"] == 1.0
 
@@ -99,3 +99,38 @@ def test_real_captions_have_the_asked_length_at_most():
     ev = make_eval_set()
     _, caps = evaluate(model, ev, caption_images=3)
     assert len(caps) == 3 and all(isinstance(c, list) and len(c) <= evaluation.CAPTION_TOKENS for c in caps)
+
+
+def test_top_k_accuracy_counts_any_true_class_among_the_k_best():
+    sim = torch.tensor([[0.9, 0.5, 0.1], [0.1, 0.2, 0.7], [0.3, 0.8, 0.6]])
+    labels = torch.tensor([[1, 0, 0], [1, 0, 0], [0, 0, 1]], dtype=torch.bool)
+    acc = evaluation.top_k_accuracy(sim, labels, ks=(1, 2, 5))  # k beyond the class count means every class
+    assert acc == {1: pytest.approx(1 / 3), 2: pytest.approx(2 / 3), 5: 1.0}
+
+
+def test_zero_shot_metrics_average_prompts_per_class_and_leave_unlabelled_images_out():
+    # class 0 has two prompts whose mean points along x; class 1's single prompt along y
+    prompts = torch.nn.functional.normalize(torch.tensor([[1.0, 0.3], [1.0, -0.3], [0.0, 1.0]]), dim=-1)
+    prompt_class = torch.tensor([0, 0, 1])
+    images = torch.nn.functional.normalize(torch.tensor([[1.0, 0.1], [0.1, 1.0], [1.0, 0.0]]), dim=-1)
+    labels = torch.tensor([[1, 0], [0, 1], [0, 0]], dtype=torch.bool)  # the third image has no class
+    m = evaluation.zero_shot_metrics(images, prompts, prompt_class, labels)
+    assert m["eval/zeroshot_top1"] == 1.0 and m["eval/zeroshot_top5"] == 1.0
+    assert m["eval/zeroshot_images"] == 2 and m["eval/zeroshot_unlabelled"] == 1
+    wrong = evaluation.zero_shot_metrics(images, prompts, prompt_class, labels.flip(1))
+    assert wrong["eval/zeroshot_top1"] == 0.0
+
+
+def test_encode_texts_equals_the_text_half_of_itc_features(one_thread):
+    model = make_model().eval()
+    es = make_eval_set()
+    txt, _ = evaluation.encode_eval_set(model, es, batch_size=4)
+    assert torch.allclose(evaluation.encode_texts(model, es["input_ids"], es["attention_mask"], 5), txt, atol=1e-6)
+
+
+def test_progress_counts_every_item_retrieval_metrics_works_through():
+    model = make_model().eval()
+    es = make_eval_set()
+    seen = []
+    retrieval_metrics(model, es, rerank_k=3, progress=seen.append)
+    assert sum(seen) == evaluation.retrieval_work(es, rerank_k=3) == 12 + 6 + 6 * 3 + 12 * 3

@@ -119,3 +119,26 @@ def test_join_keeps_the_url_spelling():
     assert storage.join("s3://b/p/", "run", "/STOP") == "s3://b/p/run/STOP"
     assert storage.parent_of("s3://b/p/run/checkpoints/step_00000001") == "s3://b/p/run/checkpoints"
     assert ckpt.step_of("s3://b/p/run/checkpoints/step_00000012/") == 12
+
+
+def test_download_shows_bytes_of_the_total_only_when_asked(tmp_path, capsys):
+    """A checkpoint download from S3 draws a bar of bytes (total and ETA) on a terminal, nothing elsewhere."""
+    import boto3
+
+    from tests.integration.services import s3_server
+    from trainer import storage
+
+    with s3_server():
+        capsys.readouterr()  # moto's start-up line
+        s3 = boto3.client("s3")
+        s3.create_bucket(Bucket="dlbucket")
+        s3.put_object(Bucket="dlbucket", Key="ckpt/a.bin", Body=b"x" * 3000)
+        s3.put_object(Bucket="dlbucket", Key="ckpt/ds/b.bin", Body=b"y" * 2000)
+        storage.download("s3://dlbucket/ckpt", tmp_path / "quiet")  # captured stderr is not a terminal
+        assert capsys.readouterr().err == ""
+        storage.download("s3://dlbucket/ckpt", tmp_path / "shown", progress=True)
+        err = capsys.readouterr().err
+    assert "download ckpt" in err and "5.00k/5.00k" in err  # every byte of both files, of the listed total
+    for copy in ("quiet", "shown"):
+        assert (tmp_path / copy / "a.bin").read_bytes() == b"x" * 3000
+        assert (tmp_path / copy / "ds" / "b.bin").read_bytes() == b"y" * 2000

@@ -212,3 +212,21 @@ def test_artifacts_not_uploaded_at_shutdown_are_uploaded_by_the_next_logger(tmp_
     assert up.artifacts == [("manifest.json", "checkpoints/step_00000004", "step 4 manifest")]
     assert received(up) == [("loss/total", 1.0, 4)]
     assert not list((tmp_path / "artifacts").iterdir())
+
+
+def test_training_experiments_open_in_mlflows_model_training_view(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from trainer.config import load_config
+    from trainer.tracking import EXPERIMENT_KIND_TAG, create_run, training_experiment
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = create_run(client, load_config(None, ["tracking.experiment=fresh"]), str(tmp_path), [], commit="x")
+    exp = client.get_experiment(client.get_run(run_id).info.experiment_id)
+    assert exp.tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
+    older = client.create_experiment("older")  # made before the tag existed: tagged on the next run
+    assert training_experiment(client, "older") == older
+    assert client.get_experiment(older).tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
+    chosen = client.create_experiment("chosen", tags={EXPERIMENT_KIND_TAG: "genai_development"})
+    training_experiment(client, "chosen")  # a kind someone set on purpose stays
+    assert client.get_experiment(chosen).tags[EXPERIMENT_KIND_TAG] == "genai_development"
