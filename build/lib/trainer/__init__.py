@@ -1,1 +1,0 @@
-"""unimo trainer package."""
