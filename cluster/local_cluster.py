@@ -23,7 +23,7 @@ from pathlib import Path
 
 LOOPBACK = "127.0.0.1"
 
-# Set on every node this module starts (see DESIGN.md, "Known facts of this environment").
+# Set on every node this module starts (see docs/CLUSTER.md, "Several Ray nodes on one machine").
 NODE_ENV = {
     # Without it Ray rewrites 127.0.0.1 to the machine's external address, and traffic leaves loopback.
     # (It also makes Ray's CLI refuse worker nodes; _ray_start.py works around that.)

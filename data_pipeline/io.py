@@ -14,7 +14,7 @@ from braceexpand import braceexpand
 
 log = logging.getLogger("unimo.data")
 
-# How boto finds credentials, for error messages (B11). Endpoint and keys come from the environment / profile
+# Credentials as boto finds them (docs/RELIABILITY.md, 'Credentials and secrets'): from the env / profile
 # only, never from our config, so nothing here ever holds or prints a secret.
 CREDENTIALS_HELP = ("credentials are found by boto: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or the "
                     "default profile in ~/.aws/credentials (AWS_SHARED_CREDENTIALS_FILE), then the container/"
@@ -238,7 +238,7 @@ def call_with_retries(op: Callable, url: str, policy: RetryPolicy, *, on_failure
                       where: Callable[[], str] = lambda: ""):
     """op() retried with backoff on transient storage errors; permanent ones become errors naming the URL.
 
-    After the budget a DataReadError: the run stops rather than silently skipping data (F6).
+    After the budget a DataReadError: the run stops, never skips data (docs/RELIABILITY.md, 'S3 outage').
     """
     errors = []
     for delay in [*policy.delays(), None]:

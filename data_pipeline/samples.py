@@ -20,7 +20,7 @@ from .tokenizer import TextTokenizer
 log = logging.getLogger("unimo.data")
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-MAX_TEXT_CHARS = 200_000     # longer texts are cut before tokenizing (B6: huge text is truncated by rule)
+MAX_TEXT_CHARS = 200_000     # longer texts are cut before tokenizing (a huge text is truncated by rule)
 MAX_CAPTION_CHARS = 5_000
 
 

@@ -122,7 +122,7 @@ class VisionConfig:
 
 @dataclass
 class FusionConfig:
-    """Two-stream co-attention encoder with cross-layer interaction (MODEL.md)."""
+    """Two-stream co-attention encoder with cross-layer interaction (docs/MODEL.md)."""
 
     layers: int = 2
     dim: int = 64

@@ -1,6 +1,6 @@
 """Cross-modal encoder: two co-attention streams with cross-layer (multi-level) inputs and cross-level attention.
 
-Fusion layer k of a stream reads x_k = LN(x_{k-1} + sum_l alpha_{k,l} P_l(U_l)) (MODEL.md), where U_l are the
+Fusion layer k of a stream reads x_k = LN(x_{k-1} + sum_l alpha_{k,l} P_l(U_l)) (docs/MODEL.md): U_l are the
 top `levels` unimodal layers of its own modality and P_l = Linear(LN(U_l)). The modes differ only in alpha:
 `none` (only the last unimodal layer, into layer 1), `bridge` (one fixed layer each), `adaptive` (softmax of
 learned logits) and `gated` (token-wise softmax over levels of a learned score of [x_{k-1}; P_l U_l]).

@@ -64,7 +64,7 @@ def init_ray(cfg: RunConfig) -> None:
         except Exception as err:  # noqa: BLE001
             from trainer.tracking import redact, secret_values
 
-            # Ray's text may echo the address or a token: no secret in an error message (RELIABILITY.md)
+            # Ray's text may echo the address or a token: no secret in an error message (docs/RELIABILITY.md)
             raise RuntimeError(redact(f"cannot reach the Ray cluster at {cfg.scaling.address} ({err}); check the "
                                       "address, that the head is running, and RAY_AUTH_TOKEN for token auth",
                                       secret_values(dict(os.environ)))) from None
@@ -127,7 +127,7 @@ def fit(cfg: RunConfig) -> TrainOutcome:
     cfg = with_absolute_paths(cfg)
     run_dir = run_dir_of(cfg)
     storage.check_writable(str(run_dir))  # endpoint, credentials, bucket: named errors before anything starts
-    # Taken before MLflow or Ray are touched, so a refused second driver changes nothing of the run (B14).
+    # Taken before MLflow or Ray are touched: a refused second driver changes nothing (docs/RELIABILITY.md).
     # Losing the lock to another driver interrupts this one like Ctrl-C: Ray Train then aborts the run.
     lock = RunLock(run_dir).acquire().start_heartbeat(on_lost=_thread.interrupt_main)
     try:
@@ -213,7 +213,7 @@ def _fit_locked(cfg: RunConfig, run_dir: Path | str) -> TrainOutcome:
         if result.error is not None:
             raise result.error
     finally:
-        run_id = finish_run(tracking_uri, run_id, ok, cfg=cfg, run_dir=run_dir)  # found if created late (B13)
+        run_id = finish_run(tracking_uri, run_id, ok, cfg=cfg, run_dir=run_dir)  # found if created late
     stop_file = storage.join(run_dir, STOP_FILE)
     stopped = storage.exists(stop_file) or bool((result.metrics or {}).get("stopped_early"))
     storage.delete(stop_file)

@@ -88,7 +88,7 @@ def _probe(address: str, timeout: float = 5.0) -> None:
 
 
 def connect(address: str | None):
-    """A JobSubmissionClient for the cluster, sending the cluster token; errors name the address (B12)."""
+    """A JobSubmissionClient for the cluster, sending the cluster token; errors name the address."""
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
@@ -221,7 +221,7 @@ def check_cluster_paths(cfg) -> None:
 def prepare(config: str, overrides: list[str], python: str = "python",
             env: dict[str, str] | None = None, stop_grace_s: int = STOP_GRACE_S,
             working_dir: str | Path | None = None) -> Submission:
-    """Validates the config here (B1-B4 fail before anything is sent) and builds the submission."""
+    """Validates the config here (config errors fail before anything is sent) and builds the submission."""
     from trainer.config import load_config
 
     cfg = load_config(config, overrides)
@@ -240,7 +240,7 @@ def live_jobs_of_run(client, run_name: str) -> list:
 
 
 def submit(client, sub: Submission, address: str = "") -> str:
-    """Submits the run and returns its job id; refuses when a live job of the same run exists (B14)."""
+    """Submits the run and returns its job id; refuses when a live job of the same run exists."""
     live = live_jobs_of_run(client, sub.run_name)
     if live:
         ids = ", ".join(f"{j.submission_id} ({j.status})" for j in live)

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 LOCK_FILE = "run.lock"
 # A driver refreshes its lock this often; a lock whose heartbeat is older than STALE_AFTER_S belongs to a
-# driver that died on another machine (F3). On the same machine a dead pid frees the lock at once.
+# driver that died on another machine (docs/RELIABILITY.md). On the same machine a dead pid frees it at once.
 HEARTBEAT_S = 10.0
 STALE_AFTER_S = 60.0
 

@@ -1,4 +1,4 @@
-"""The dependency direction of DESIGN.md: orchestrator -> trainer -> (model, data_pipeline); model is plain torch."""
+"""Layering (docs/ARCHITECTURE.md): orchestrator -> trainer -> (model, data_pipeline); model: plain torch."""
 
 import ast
 from pathlib import Path

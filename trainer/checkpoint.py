@@ -186,7 +186,7 @@ def read_state(root: Path) -> dict[str, Any]:
 
 
 def config_mismatch(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
-    """Dotted names of fields whose values differ between two config trees (B8's message)."""
+    """Dotted names of fields whose values differ between two config trees (for the resume error)."""
     diffs = []
     for key in sorted(set(saved) | set(current)):
         a, b = saved.get(key), current.get(key)

@@ -220,7 +220,7 @@ class ScalingConfig:
 
 def _default_stages() -> list[StageConfig]:
     return [
-        # MODEL.md's default plan: text MLM/LM, image MIM and coarse ITC first, then every objective
+        # The default plan (docs/MODEL.md): text MLM/LM, image MIM and coarse ITC first, then every objective
         StageConfig(name="unimodal", steps=50, objectives={"mlm_text": 1.0, "lm_text": 1.0, "mim": 1.0, "itc": 1.0}),
         StageConfig(name="crossmodal", steps=50, objectives={name: 1.0 for name in OBJECTIVE_SOURCES}),
     ]

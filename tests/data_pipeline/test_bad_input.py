@@ -1,4 +1,4 @@
-"""Bad shards and bad sources: skipped-and-counted samples (B5-B7), clear start-up errors (B4, B11)."""
+"""Bad shards and bad sources: skipped-and-counted samples, clear start-up errors (docs/RELIABILITY.md)."""
 
 import io
 import json

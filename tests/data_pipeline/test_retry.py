@@ -1,4 +1,4 @@
-"""S3 outages during reads (F6): reads retry with backoff and continue; after the budget, a clear error."""
+"""S3 outages during reads: reads retry with backoff and continue; after the budget, a clear error."""
 
 import os
 import threading

@@ -1,6 +1,6 @@
-"""F3: the driver SIGKILLed mid-run; the same command resumes from the newest valid checkpoint, one MLflow run.
+"""Driver kill: SIGKILLed mid-run; the same command resumes from the newest valid checkpoint, one MLflow run.
 
-B14 on the way: while the first driver lives, a second `unimo train` of the same run is refused and changes nothing.
+Also: while the first driver lives, a second `unimo train` of the same run is refused and changes nothing.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""F2: a node of a 2-node local Ray cluster is lost mid-run; the job goes on and every sample is seen exactly once.
+"""Node loss: a node of a 2-node local Ray cluster is lost mid-run; the job goes on, every sample seen once.
 
 Fixed size: the job waits for the node (or another) to come back, then resumes from the last checkpoint.
 Elastic (scaling.min_workers=1): the job goes on with the workers left, at a smaller world size.

@@ -1,4 +1,4 @@
-"""F1: a training worker SIGKILLed mid-run; the job completes with the weights of an uninterrupted run."""
+"""Worker kill: a worker SIGKILLed mid-run; the job completes with the weights of an uninterrupted run."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def test_worker_killed_mid_run_job_completes_with_uninterrupted_weights(syntheti
 
 
 def test_a_frozen_rank_hangs_the_collective_and_the_watchdog_restarts_the_job(synthetic_data, tmp_path):
-    """F8: one rank stops making progress inside a step (SIGSTOP: it sleeps forever, its own threads too), so the
+    """Hung rank: a rank stops making progress in a step (SIGSTOP: it sleeps forever, its threads too), so the
     other waits in an all-reduce that would take gloo's 30-minute timeout to fail. Its watchdog ends it within
     train.watchdog_seconds with a message naming the limit; Ray Train restarts the group from the step-10
     checkpoint and the job completes."""

@@ -1,4 +1,4 @@
-"""`unimo submit` / `unimo jobs` against a local head through the Ray Jobs API with token auth (and B12, B14)."""
+"""`unimo submit` / `unimo jobs` against a local head via the Ray Jobs API with token auth (and errors)."""
 
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def test_submit_logs_status_and_stop(head, synthetic_data, tmp_path, capsys):
     job = out.strip().splitlines()[0]
     assert job.startswith("unimo-viajobs-")
 
-    # B14 at the front door: the same run cannot be submitted again while its job lives.
+    # Two drivers for one run, at the front door: the same run cannot be submitted again while its job lives.
     rc, _, err = cli(capsys, "submit", DEBUG_CONFIG, *common, *small_run("viajobs", storage, data, extra=NO_EVAL))
     assert rc == 1 and f"already has a live job on {url}: {job}" in err
 
@@ -89,7 +89,7 @@ def test_submit_logs_status_and_stop(head, synthetic_data, tmp_path, capsys):
     assert state["step"] == 20 and not (storage / "viajobs" / "run.lock").exists()
 
     # A long job is stopped while it trains: it checkpoints at the next step and ends STOPPED, its workers go,
-    # its run lock is free, so resubmitting the run resumes there (F4 through the Jobs API).
+    # its run lock is free, so resubmitting the run resumes there (preemption through the Jobs API).
     rc, out, err = cli(capsys, "submit", DEBUG_CONFIG, *common,
                        *small_run("long", storage, data, steps=5000, every=0, extra=NO_EVAL))
     assert rc == 0, err

@@ -1,4 +1,4 @@
-"""F4: SIGTERM to the job saves a checkpoint at the next step and exits cleanly; re-running resumes there."""
+"""Preemption: SIGTERM to the job saves a checkpoint at the next step, exits cleanly; a rerun resumes it."""
 
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def test_sigterm_checkpoints_then_resubmission_resumes(synthetic_data, tmp_path)
 
 
 def test_sigterm_to_a_worker_checkpoints_and_the_run_stops_cleanly(synthetic_data, tmp_path):
-    """F4 as a node sees it: SIGTERM to one training worker (not the driver). Every rank saves at the same next
+    """Preemption as a node sees it: SIGTERM to one worker (not the driver). Every rank saves at the same next
     step and the job ends "stopped on request" with exit 0, not as a failed worker (max_failures=0 would fail the
     job). Resuming from a stop checkpoint is the test above."""
     from tests.orchestrator.faults import driver, registered, wait_for

@@ -1,4 +1,4 @@
-"""F7: the MLflow server dies mid-run and comes back on the same port; training goes on, no metric is lost."""
+"""MLflow outage: the server dies mid-run, comes back on the same port; training goes on, no metric lost."""
 
 from __future__ import annotations
 
@@ -128,7 +128,7 @@ def test_metrics_survive_a_tracking_server_outage(synthetic_data, tmp_path):
 
 
 def test_job_started_while_mlflow_is_down_logs_everything_once_it_is_up(synthetic_data, tmp_path):
-    """B13, tracking.buffer_if_unreachable: training goes on; rank 0 creates the run once the server is up."""
+    """tracking.buffer_if_unreachable: training goes on; rank 0 creates the run once the server is up."""
     import json
 
     import ray

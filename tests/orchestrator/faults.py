@@ -17,7 +17,7 @@ import psutil
 
 ROOT = Path(__file__).resolve().parents[2]
 SNAPSHOT = "checkpoint_manager_snapshot.json"
-# Keeps every service on loopback and quiet (DESIGN.md, "Known facts"); DS on CPU.
+# Keeps every service on loopback and quiet (docs/CLUSTER.md, "Several Ray nodes on one machine"); DS on CPU.
 QUIET_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
              "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "DS_ACCELERATOR": "cpu",
              "PYTHONUNBUFFERED": "1", "RAY_DEDUP_LOGS": "0"}
@@ -74,7 +74,7 @@ class Driver:
             raise AssertionError(f"driver did not finish within {timeout:.0f}s; log tail:\n{self.tail()}") from None
 
     def kill(self) -> None:
-        """SIGKILL the driver only (F3): what Ray does with its orphans is part of what is tested."""
+        """SIGKILL the driver only: what Ray does with its orphans is part of what is tested."""
         self.snapshot()
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.proc.pid, signal.SIGKILL)

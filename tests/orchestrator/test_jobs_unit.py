@@ -1,4 +1,4 @@
-"""Unit tests of `unimo submit` / `unimo jobs` without a cluster: runtime_env, entrypoint, secrets, B12 errors."""
+"""Unit tests of `unimo submit` / `unimo jobs` without a cluster: runtime_env, entrypoint, secrets, errors."""
 
 from __future__ import annotations
 

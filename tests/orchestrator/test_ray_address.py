@@ -1,4 +1,4 @@
-"""B12 for `unimo train`: a scaling.address that cannot be joined is an error naming it and what to check."""
+"""`unimo train`: a scaling.address that cannot be joined is an error naming it and what to check."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Unit tests of the run lock (B14): one live driver per run, stale locks of dead drivers taken over (F3)."""
+"""Unit tests of the run lock: one live driver per run, stale locks of dead drivers taken over."""
 
 from __future__ import annotations
 
@@ -242,7 +242,7 @@ def test_s3_lock_contenders_one_wins(s3_runs):
 
 
 def test_train_on_a_missing_bucket_fails_at_start_naming_it(s3_runs, capsys):
-    """B4 for run storage: `unimo train` with run.storage in a bucket that does not exist stops before the lock,
+    """Run storage: `unimo train` with run.storage in a bucket that does not exist stops before the lock,
     MLflow or Ray, naming the URL; no secret in the message."""
     from orchestrator.cli import main
     from tests.integration.services import FAKE_AWS

@@ -1,4 +1,4 @@
-"""What Trainer.save writes into trainer_state.json (no secret) and how find_checkpoint refuses another model (B8).
+"""What Trainer.save writes into trainer_state.json (no secret) and how find_checkpoint refuses another model.
 
 No DeepSpeed here: a stand-in engine writes one shard file, and a 1-rank gloo group serves the all-gather."""
 

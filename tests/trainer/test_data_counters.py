@@ -1,4 +1,4 @@
-"""The loader's skip and retry counters reach the step metrics (and so MLflow), summed over ranks (B5-B7, F6)."""
+"""The loader's skip and retry counters reach the step metrics (and so MLflow), summed over ranks."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The job's one MLflow run: creation, resume, unreachable server at start (B13), no secrets, spool replay."""
+"""The job's one MLflow run: creation, resume, unreachable server at start, no secrets, spool replay."""
 
 from __future__ import annotations
 
@@ -121,7 +121,7 @@ def test_redact_and_stage_plan(tmp_path):
 
 @pytest.mark.integration
 def test_rank0_creates_the_run_late_and_the_driver_finds_it(tmp_path):
-    """B13 buffering: no run at start; rank 0 creates it once the server answers; the driver closes it."""
+    """Buffering: no run at start; rank 0 creates it once the server answers; the driver closes it."""
     from mlflow.tracking import MlflowClient
 
     from trainer.tracking import _run_resolver

@@ -1,4 +1,4 @@
-"""F6 for checkpoint uploads: the filesystem Ray Train uploads through retries an S3 outage, keeps its retry budget
+"""S3 outage in checkpoint uploads: the filesystem Ray Train uploads through retries, keeps its retry budget
 across the pickle that carries it to the workers, and after the budget fails naming the key and bucket.
 
 The S3 server is moto's on loopback (real HTTP through pyarrow's AWS SDK), stopped and started again on the same
