@@ -8,6 +8,7 @@ DeepSpeed again would take minutes); unimo itself comes only from the wheel, whi
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -31,8 +32,12 @@ def run(cmd, cwd, env, timeout=120):
 def installed(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("wheel")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    # built from a copy: setuptools writes build/ and *.egg-info into the tree it builds
+    src = tmp / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".venv*", ".git", "build", "demo_out", "runs", "*.egg-info",
+                                                             "__pycache__", ".pytest_cache", ".ruff_cache"))
     run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp / "dist"),
-         str(ROOT)], cwd=tmp, env=env, timeout=300)
+         str(src)], cwd=tmp, env=env, timeout=300)
     wheel = next((tmp / "dist").glob("unimo-*.whl"))
     venv = tmp / "venv"
     run([sys.executable, "-m", "venv", str(venv)], cwd=tmp, env=env)
