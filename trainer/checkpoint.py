@@ -205,13 +205,19 @@ def retained_steps(steps: list[int], keep_last: int, keep_every: int) -> set[int
     return newest | periodic
 
 
-def prune(checkpoints_root: Path | str, keep_last: int, keep_every: int) -> list[Path | str]:
+def prune(checkpoints_root: Path | str, keep_last: int, keep_every: int,
+          pending: int | None = None) -> list[Path | str]:
     """Deletes complete checkpoints that retention does not keep (locally or on S3); returns what it removed.
 
-    Only folders with a manifest are candidates: one still being uploaded is never touched.
+    Only folders with a manifest are candidates: one still being uploaded is never touched. ``pending`` is the
+    step just handed to the (background) upload: it counts as the newest for retention, and until it is complete
+    the newest complete checkpoint is kept as well, so a failed upload never leaves the run without one.
     """
-    complete = [c for c in list_step_dirs(checkpoints_root) if has_manifest(c.path)]
-    keep = retained_steps([c.step for c in complete], keep_last, keep_every)
+    complete = [c for c in list_step_dirs(checkpoints_root) if has_manifest(c.path) and c.step != pending]
+    steps = [c.step for c in complete]
+    keep = retained_steps(steps + ([pending] if pending is not None else []), keep_last, keep_every)
+    if pending is not None and steps:
+        keep.add(max(steps))
     removed = []
     for cand in complete:
         if cand.step not in keep:
