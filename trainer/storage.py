@@ -124,7 +124,11 @@ def move(src: str | Path, dst: str | Path) -> None:
         os.replace(src, dst)
         return
     fs, path = _fs(str(src))
-    fs.mv(path, _fs(str(dst))[1], recursive=True)
+    target = _fs(str(dst))[1].rstrip("/")
+    path = path.rstrip("/")
+    for key in fs.find(path):  # objects only: S3 has no folders to copy (s3fs's own mv tries and fails)
+        fs.copy(key, target + key[len(path):])
+    fs.rm(path, recursive=True)
 
 
 def list_names(location: str | Path) -> list[str]:
