@@ -72,6 +72,7 @@ def test_checkpoint_state_holds_no_secret(tmp_path, monkeypatch, one_rank_group)
     state = json.loads(text)
     assert state["config"]["tracking"]["uri"] == "http://***@mlflow.example:5000"
     assert state["config"]["model"]["flavor"] == "debug"  # what resume and export read is all there
+    assert state["schema"] == ckpt.SCHEMA_VERSION
 
 
 def test_resume_with_another_model_config_names_the_fields(tmp_path, one_rank_group):
@@ -126,3 +127,35 @@ def test_retention_counts_the_checkpoint_still_uploading(tmp_path, one_rank_grou
     assert sorted(Path(p).name for p in removed) == ["step_00000002", "step_00000004"]
     assert [c.step for c in ckpt.list_step_dirs(run / "checkpoints")] == [6]
     assert manager.prune(pending=None) == []
+
+
+class _FailingEngine:
+    def save_checkpoint(self, root: str, tag: str, save_latest: bool) -> None:
+        (Path(root) / tag).mkdir(parents=True)
+        (Path(root) / tag / "part.pt").write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+
+def test_no_space_is_named_before_saving_and_partial_saves_never_stay(tmp_path, monkeypatch, one_rank_group):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    manager = _manager([], tmp_path / "run")
+    leftover = tmp_path / "tmp" / f"{manager._save_prefix()}7-r0-abcd"  # a job that died mid-save
+    leftover.mkdir()
+    other_run = tmp_path / "tmp" / "unimo-ckpt-other-12345678-7-r0-abcd"
+    other_run.mkdir()
+    manager.load(lambda universal: None)  # no checkpoint: starts from scratch, and tidies the node
+    assert not leftover.exists() and other_run.exists()
+
+    with pytest.raises(OSError, match="No space left"):
+        manager.save_local(3, _FailingEngine(), _Loader(), {})
+    assert sorted(p.name for p in (tmp_path / "tmp").iterdir()) == [other_run.name]  # the partial one is gone
+
+    root = manager.save_local(4, _Engine(), _Loader(), {})
+    assert manager.last_size == sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+    manager.last_size = 1 << 60  # the last checkpoint was larger than this disk
+    with pytest.raises(OSError, match=rf"not enough free space in {tmp_path / 'tmp'} for rank 0's checkpoint "
+                                      rf"save of step 5: it needs about {1 << 60} bytes"):
+        manager.save_local(5, _Engine(), _Loader(), {})

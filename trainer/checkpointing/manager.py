@@ -28,6 +28,22 @@ from trainer.config_loader import digest, to_dict
 
 log = logging.getLogger(__name__)
 
+# Each rank saves into <temp folder>/unimo-ckpt-<run>-<key>-<step>-r<rank>-XXXX before the upload (key: the run's
+# storage); a folder of a job that died is removed when the next job of the run starts on that node.
+SAVE_PREFIX = "unimo-ckpt-"
+
+
+class NoSpaceForCheckpoint(OSError):
+    """The local disk cannot hold the next checkpoint."""
+
+
+def free_bytes(folder: Path) -> int:
+    return shutil.disk_usage(folder).free
+
+
+def folder_bytes(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
 
 class Reporter(Protocol):
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None, step: int) -> None: ...
@@ -88,6 +104,9 @@ class CheckpointManager:
         self.tracker: Any = None  # the RunTracker, once tracking has started (``attach``)
         self.last_save = time.monotonic()
         self._torn: list[tuple[int, str]] = []  # (step, location) of torn candidates ``find`` skipped
+        # Bytes this rank's last local save took (or its share of the restored checkpoint): the next save needs
+        # about as much free space. None until one is known.
+        self.last_size: int | None = None
         self._notes: list[tuple[int, str]] = []  # what rank 0 moved aside, for the tracker
 
     @property
@@ -99,6 +118,8 @@ class CheckpointManager:
     def load(self, build: Callable[[bool], Any]) -> Progress:
         """Restores the newest valid checkpoint into the engine ``build(universal)`` returns; the progress to go on
         from (step 0 without one). ``universal`` is true when the checkpoint was saved by another world size."""
+        if self.local_rank == 0:
+            self._remove_leftover_saves()
         found = self.find()
         self._agree(found)
         engine = build(found is not None and found.state["world_size"] != self.world_size)
@@ -140,13 +161,26 @@ class CheckpointManager:
             log.warning("no valid checkpoint left; starting from scratch")
         return None
 
+    def _save_prefix(self) -> str:
+        import hashlib
+
+        key = hashlib.sha256(str(self.run_location).encode()).hexdigest()[:8]
+        return f"{SAVE_PREFIX}{self.cfg.run.name}-{key}-"
+
+    def _remove_leftover_saves(self) -> None:
+        """Local save folders of this run left by a job that died (a save cut short, an upload never done)."""
+        for leftover in Path(tempfile.gettempdir()).glob(self._save_prefix() + "*"):
+            log.info("removing %s, a local checkpoint save left by an earlier job", leftover)
+            shutil.rmtree(leftover, ignore_errors=True)
+
     def _restore_cache(self) -> Path:
         return Path(tempfile.gettempdir()) / "unimo-checkpoint-cache" / self.cfg.run.name
 
     def _check_compatible(self, state: dict, path: str) -> None:
         saved_model = state["config"]["model"]
         current = to_dict(self.cfg)["model"]
-        diffs = ckpt.config_mismatch(saved_model, current, "model.")
+        # fields added to the model config after the checkpoint was written count only if set off their default
+        diffs = ckpt.config_mismatch(saved_model, current, "model.", defaults=to_dict(type(self.cfg.model)()))
         diffs = [d for d in diffs if not d.startswith("model.activation_checkpointing")]
         if diffs:
             raise ValueError(f"checkpoint {path} was saved with another model config: " + "; ".join(diffs)
@@ -170,6 +204,9 @@ class CheckpointManager:
         """Loads weights, optimizer, data cursor and RNG; converts the checkpoint if the world size changed."""
         state = found.state
         same_world = state["world_size"] == self.world_size
+        # this rank's share of the checkpoint: about what its next save needs on the local disk
+        manifest = ckpt.verify(found.local, check_sums=False)
+        self.last_size = sum(f["size"] for f in manifest["files"].values()) // max(1, state["world_size"])
         path, tag = found.local, "ds"
         if not same_world:
             path, tag = to_universal(found.local, state["step"], self.cfg.run.name, self.local_rank)
@@ -240,18 +277,42 @@ class CheckpointManager:
 
     def save_local(self, step: int, engine: Any, loader: Any, extra: dict) -> Path:
         """Saves this rank's shards into a fresh local folder; rank 0 adds the state and the manifest."""
+        self._check_free_space(step)
+        root = Path(tempfile.mkdtemp(prefix=f"{self._save_prefix()}{step}-r{self.rank}-"))
+        try:
+            self._write(root, step, engine, loader, extra)
+        except BaseException:
+            shutil.rmtree(root, ignore_errors=True)  # a partial save is never left behind (nor uploaded)
+            raise
+        self.last_size = folder_bytes(root)
+        return root
+
+    def _check_free_space(self, step: int) -> None:
+        """A save that cannot fit fails before it starts, naming the folder and the bytes, not half-way in
+        DeepSpeed with a bare ENOSPC."""
+        folder = Path(tempfile.gettempdir())
+        if self.last_size is None:
+            return
+        free = free_bytes(folder)
+        if free < self.last_size:
+            raise NoSpaceForCheckpoint(
+                f"not enough free space in {folder} for rank {self.rank}'s checkpoint save of step {step}: it needs "
+                f"about {self.last_size} bytes (the size of the last checkpoint), {free} are free; free space "
+                "there or point TMPDIR at a larger disk")
+
+    def _write(self, root: Path, step: int, engine: Any, loader: Any, extra: dict) -> None:
         import torch.distributed as dist
 
         from trainer.loop import stage_at
         from trainer.tracking import safe_config, secret_values
 
-        root = Path(tempfile.mkdtemp(prefix=f"unimo-ckpt-{step}-r{self.rank}-"))
         engine.save_checkpoint(str(root), tag="ds", save_latest=True)
         per_rank = [None] * self.world_size
         dist.all_gather_object(per_rank, {"data": loader.state_dict(), "rng": rng_state(),
                                           "files": ckpt.describe_files(root)})
         if self.rank == 0:
             state = {
+                "schema": ckpt.SCHEMA_VERSION,
                 "step": step,
                 "stage": stage_at(self.cfg.stages, max(step - 1, 0))[1].name,
                 "world_size": self.world_size,
@@ -271,7 +332,6 @@ class CheckpointManager:
             files[ckpt.STATE] = {"size": (root / ckpt.STATE).stat().st_size,
                                  "sha256": ckpt.sha256_file(root / ckpt.STATE)}
             ckpt.write_manifest(root, files, step)  # written last: it is what makes the checkpoint count
-        return root
 
     def prune(self, pending: int | None = None) -> list:
         """Retention (rank 0): the newest ``checkpoint.keep_last`` and every ``keep_every``-th step are kept."""
