@@ -1,5 +1,7 @@
-"""The step loop that runs on every rank: build, restore, train stage by stage, report, checkpoint.
+"""The step loop that runs on every rank: build, train stage by stage, log, evaluate, checkpoint when due.
 
+Checkpoints (find, verify, restore, save, prune, RNG) are trainer/checkpointing's CheckpointManager, which the
+loop calls at start (``load``) and when a checkpoint is due (``save``); the engine is built by trainer/engine.py.
 Ray-specific calls are behind the small ``Reporter`` interface (trainer/ray_worker.py implements it), so the loop
 is plain DeepSpeed + torch.distributed code.
 """
