@@ -35,6 +35,7 @@ def reconcile_ray_snapshot(checkpoints_root: str) -> list[str]:
         snap = json.loads(text)
         results = list(snap["checkpoint_results"])
         indices = list(snap["checkpoint_report_indices"])
+        names = [r["checkpoint_dir_name"] for r in results]
     except (ValueError, KeyError, TypeError) as err:
         from trainer.checkpointing.manager import aside_name
 
@@ -46,8 +47,8 @@ def reconcile_ray_snapshot(checkpoints_root: str) -> list[str]:
 
     # Each folder once (its last report: the metrics of the folder as it is now), only folders that exist.
     kept: dict[str, tuple[dict, int]] = {}
-    for result, index in zip(results, indices):
-        kept[result["checkpoint_dir_name"]] = (result, index)
+    for name, result, index in zip(names, results, indices):
+        kept[name] = (result, index)
     gone = sorted(name for name in kept if name not in on_disk)
     if gone:
         changes.append(f"dropped {len(gone)} reference(s) to folders no longer there ({', '.join(gone)}: pruned "
