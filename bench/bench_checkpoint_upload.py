@@ -71,10 +71,10 @@ def timed_worker(payload: dict) -> None:
             return out
         return run
 
-    save, report = trainer.save, trainer.reporter.report
+    save, report = trainer.checkpoints.save_local, trainer.reporter.report
     watchers: list[threading.Thread] = []
     trainer.train_step = timed("steps", trainer.train_step)
-    trainer.save = timed("save", save)
+    trainer.checkpoints.save_local = timed("save", save)
 
     def report_and_watch(metrics, checkpoint_dir, step):
         timed("report", report)(metrics, checkpoint_dir, step)

@@ -179,6 +179,7 @@ def _fit_locked(cfg: RunConfig, run_dir: Path | str) -> TrainOutcome:
     from ray.train.torch import TorchTrainer
 
     from orchestrator.tracking_setup import default_tracking_uri, ensure_run, finish_run
+    from trainer.checkpointing.records import reconcile_run
     from trainer.ray_worker import train_func
 
     if not storage.is_remote(run_dir):
@@ -191,6 +192,7 @@ def _fit_locked(cfg: RunConfig, run_dir: Path | str) -> TrainOutcome:
                "control_dir": str(run_dir)}
     # Checkpoints go to <run>/checkpoints/step_XXXXXXXX through Ray Train's pyarrow filesystem (S3 or local).
     storage_path, storage_fs = storage.ray_storage(str(run_dir), cfg.checkpoint.upload_attempts)
+    reconcile_run(str(run_dir), "start")  # Ray refuses a run whose snapshot names a folder that is gone
     trainer = TorchTrainer(
         train_func,
         train_loop_config=payload,
@@ -198,9 +200,9 @@ def _fit_locked(cfg: RunConfig, run_dir: Path | str) -> TrainOutcome:
         run_config=ray.train.RunConfig(
             name="checkpoints", storage_path=storage_path, storage_filesystem=storage_fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
-            # With keep_every the rank-0 worker prunes instead (Ray's policy knows only "the last K").
-            checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=None if cfg.checkpoint.keep_every else cfg.checkpoint.keep_last),
+            # Ray keeps every folder: the rank-0 CheckpointManager alone decides what is kept and deletes the rest
+            # (two owners deleted each other's folders: a step saved again after a torn one shares its path).
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None),
             worker_runtime_env={"env_vars": worker_env(cfg)},
         ),
     )
@@ -213,6 +215,7 @@ def _fit_locked(cfg: RunConfig, run_dir: Path | str) -> TrainOutcome:
         if result.error is not None:
             raise result.error
     finally:
+        reconcile_run(str(run_dir), "end")  # folders pruned or moved aside during the job
         run_id = finish_run(tracking_uri, run_id, ok, cfg=cfg, run_dir=run_dir)  # found if created late
     stop_file = storage.join(run_dir, STOP_FILE)
     stopped = storage.exists(stop_file) or bool((result.metrics or {}).get("stopped_early"))

@@ -21,6 +21,9 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 STATE = "trainer_state.json"
+# The layout version written into manifest.json and trainer_state.json. Older checkpoints load through
+# ``migrate_state``; a newer one (written by a later unimo) is refused with a message, never misread.
+SCHEMA_VERSION = 1
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
@@ -53,11 +56,44 @@ def write_json_atomic(path: Path, payload: Any) -> None:
 
 
 def write_manifest(root: Path, files: dict[str, dict[str, Any]], step: int) -> None:
-    write_json_atomic(root / MANIFEST, {"step": step, "files": files})
+    write_json_atomic(root / MANIFEST, {"schema": SCHEMA_VERSION, "step": step, "files": files})
 
 
 class TornCheckpoint(RuntimeError):
     """A checkpoint that is incomplete or corrupt."""
+
+
+class NewerCheckpoint(ValueError):
+    """A checkpoint written by a later unimo, in a layout this one does not know."""
+
+
+def check_schema(payload: dict[str, Any], where: Path | str) -> int:
+    """The payload's schema version (0 before versions were written); a newer one than ours is an error."""
+    version = int(payload.get("schema", 0))
+    if version > SCHEMA_VERSION:
+        raise NewerCheckpoint(f"{where} has checkpoint schema {version}, but this unimo reads schema "
+                              f"{SCHEMA_VERSION} and older; resume or export it with a newer unimo")
+    return version
+
+
+def _v0_to_v1(state: dict[str, Any]) -> dict[str, Any]:
+    """Schema 0 (no version field) had no ``extra`` in some early checkpoints; everything else is the same."""
+    state.setdefault("extra", {})
+    return state
+
+
+# MIGRATIONS[v] turns a schema-v trainer state into schema v+1.
+MIGRATIONS = {0: _v0_to_v1}
+
+
+def migrate_state(state: dict[str, Any], where: Path | str) -> dict[str, Any]:
+    """A trainer state of any schema up to ours, brought to ours one step at a time."""
+    version = check_schema(state, where)
+    while version < SCHEMA_VERSION:
+        state = MIGRATIONS[version](state)
+        version += 1
+    state["schema"] = SCHEMA_VERSION
+    return state
 
 
 def verify(root: Path, check_sums: bool = True) -> dict[str, Any]:
@@ -70,6 +106,7 @@ def verify(root: Path, check_sums: bool = True) -> dict[str, Any]:
         files = manifest["files"]
     except (ValueError, KeyError) as err:
         raise TornCheckpoint(f"checkpoint {root}: unreadable {MANIFEST}: {err}") from None
+    check_schema(manifest, manifest_path)
     for rel, meta in files.items():
         path = root / rel
         if not path.is_file():
@@ -182,17 +219,26 @@ def newest_valid(checkpoints_root: Path | str, cache_dir: Path | None = None) ->
 
 
 def read_state(root: Path) -> dict[str, Any]:
-    return json.loads((root / STATE).read_text())
+    """The trainer state of a checkpoint, migrated to the current schema."""
+    return migrate_state(json.loads((root / STATE).read_text()), root / STATE)
 
 
-def config_mismatch(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
-    """Dotted names of fields whose values differ between two config trees (for the resume error)."""
+def config_mismatch(saved: dict[str, Any], current: dict[str, Any], prefix: str = "",
+                    defaults: dict[str, Any] | None = None) -> list[str]:
+    """Dotted names of fields whose values differ between two config trees (the resume error).
+
+    With ``defaults`` (the tree of default values), a field the saved tree lacks and the current one holds at
+    its default is no difference: it was added to the config after the checkpoint was written."""
     diffs = []
+    defaults = defaults or {}
     for key in sorted(set(saved) | set(current)):
         a, b = saved.get(key), current.get(key)
         name = f"{prefix}{key}"
+        if key not in saved and key in defaults and b == defaults[key]:
+            continue
         if isinstance(a, dict) and isinstance(b, dict):
-            diffs += config_mismatch(a, b, name + ".")
+            sub = defaults.get(key)
+            diffs += config_mismatch(a, b, name + ".", sub if isinstance(sub, dict) else None)
         elif a != b:
             diffs.append(f"{name}: checkpoint has {a!r}, config has {b!r}")
     return diffs
@@ -205,13 +251,19 @@ def retained_steps(steps: list[int], keep_last: int, keep_every: int) -> set[int
     return newest | periodic
 
 
-def prune(checkpoints_root: Path | str, keep_last: int, keep_every: int) -> list[Path | str]:
+def prune(checkpoints_root: Path | str, keep_last: int, keep_every: int,
+          pending: int | None = None) -> list[Path | str]:
     """Deletes complete checkpoints that retention does not keep (locally or on S3); returns what it removed.
 
-    Only folders with a manifest are candidates: one still being uploaded is never touched.
+    Only folders with a manifest are candidates: one still being uploaded is never touched. ``pending`` is the
+    step just handed to the (background) upload: it counts as the newest for retention, and until it is complete
+    the newest complete checkpoint is kept as well, so a failed upload never leaves the run without one.
     """
-    complete = [c for c in list_step_dirs(checkpoints_root) if has_manifest(c.path)]
-    keep = retained_steps([c.step for c in complete], keep_last, keep_every)
+    complete = [c for c in list_step_dirs(checkpoints_root) if has_manifest(c.path) and c.step != pending]
+    steps = [c.step for c in complete]
+    keep = retained_steps(steps + ([pending] if pending is not None else []), keep_last, keep_every)
+    if pending is not None and steps:
+        keep.add(max(steps))
     removed = []
     for cand in complete:
         if cand.step not in keep:

@@ -1,51 +1,33 @@
-"""The step loop that runs on every rank: build, restore, train stage by stage, report, checkpoint.
+"""The step loop that runs on every rank: build, train stage by stage, log, evaluate, checkpoint when due.
 
+Checkpoints (find, verify, restore, save, prune, RNG) are trainer/checkpointing's CheckpointManager, which the
+loop calls at start (``load``) and when a checkpoint is due (``save``); the engine is built by trainer/engine.py.
 Ray-specific calls are behind the small ``Reporter`` interface (trainer/ray_worker.py implements it), so the loop
 is plain DeepSpeed + torch.distributed code.
 """
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import logging
 import math
-import os
-import shutil
-import tempfile
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Iterator, Protocol
+from dataclasses import dataclass
+from typing import Any, Iterator
 
 import torch
 
 from data_pipeline.accounting import corpus_counters, corpus_metrics
-from trainer import checkpoint as ckpt
 from trainer import preemption
-from trainer import storage
+from trainer.checkpointing import STOP_FILE, CheckpointManager, Progress, StopFile
+from trainer.checkpointing.manager import Reporter
 from trainer.config import RunConfig, StageConfig
-from trainer.config_loader import digest, to_dict
-from trainer.ds_config import build_ds_config, grad_accum_steps
+from trainer.ds_config import grad_accum_steps
+from trainer.engine import ALIGN_ELEMENTS, build_engine, optimizer_groups, param_groups
 from trainer.metrics import step_metrics
-from trainer.optim import build_adamw
 from trainer.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
-# Where a node converts a checkpoint for a new world size (in the temp folder; deleted once loaded).
-UNIVERSAL_PREFIX = "unimo-universal-"
-
-
-STOP_FILE = "STOP"
-# On S3 the STOP file costs a request: rank 0 looks at most this often (a preemption notice gives ~30 s).
-REMOTE_STOP_POLL_S = 2.0
-
-
-class Reporter(Protocol):
-    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None, step: int) -> None: ...
-
-    def latest_checkpoint(self) -> Path | str | None: ...
 
 
 @dataclass
@@ -57,15 +39,6 @@ class StepResult:
     data_time: float
     grad_norm: float = float("nan")
     lr: float = 0.0
-
-
-@dataclass
-class Progress:
-    """What is restored from a checkpoint and saved into the next one."""
-
-    step: int = 0
-    data_state: dict | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def stage_at(stages: list[StageConfig], step: int) -> tuple[int, StageConfig, int]:
@@ -94,59 +67,6 @@ def lr_at(cfg: RunConfig, stage: StageConfig, step_in_stage: int) -> float:
     return peak
 
 
-# Parameters whose size is a multiple of this many elements (64 bytes in fp32) keep the alignment of the flat
-# buffer DeepSpeed packs every group's partition into (one after another, in group order).
-ALIGN_ELEMENTS = 16
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Groups by top-level submodule (so a stage can freeze one by setting its LR to 0) and by decay.
-
-    The few parameters whose size is not a multiple of ALIGN_ELEMENTS (a scalar temperature, a 2-way bias,
-    level-mixing logits) go in groups of their own at the end. ZeRO-3 views every weight inside one flat buffer
-    in group order, so a 1-element parameter early on would leave every later weight 4 bytes off a 64-byte
-    boundary (bench/bench_trainer.py on a quiet Xeon: 1.24x -> 1.19x of the plain step, docs/BENCHMARKS.md).
-    """
-    groups: dict[tuple[bool, str, bool], list] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        top = name.split(".")[0]
-        decay = p.ndim >= 2 and "embed" not in name  # no decay on biases, norms, embeddings, scales
-        odd_size = p.numel() % ALIGN_ELEMENTS != 0
-        groups.setdefault((odd_size, top, decay), []).append(p)
-    return [{"params": ps, "weight_decay": weight_decay if decay else 0.0, "module": top}
-            for (_, top, decay), ps in sorted(groups.items())]
-
-
-def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """``param_groups`` without the module names, ready for a torch optimizer (benchmarks, tests)."""
-    return [{k: v for k, v in g.items() if k != "module"} for g in param_groups(model, weight_decay)]
-
-
-def build_engine(cfg: RunConfig, module: torch.nn.Module, world_size: int, on_gpu: bool,
-                 universal: bool = False) -> tuple[Any, Any, list[str]]:
-    """The DeepSpeed engine over ``module`` (the objectives module): parameter groups, the fused AdamW and the
-    DeepSpeed config from ``cfg``; ``universal`` sets it to load a universal checkpoint.
-
-    Returns the engine, its optimizer, and each parameter group's top-level module (per-stage learning rates).
-    The process group must exist already (Ray Train's, or the caller's).
-    """
-    import deepspeed
-
-    from trainer.zero_compat import register_external_parameters
-
-    register_external_parameters(module)
-    groups = param_groups(module.model, cfg.optimizer.weight_decay)
-    group_modules = [g.pop("module") for g in groups]
-    ds_config = build_ds_config(cfg, world_size, on_gpu)
-    if universal:
-        ds_config.setdefault("checkpoint", {})["load_universal"] = True
-    engine, optimizer, _, _ = deepspeed.initialize(model=module, optimizer=build_adamw(groups, cfg.optimizer),
-                                                   config=ds_config, dist_init_required=False)
-    return engine, optimizer, group_modules
-
-
 # Why the loader skipped samples (data_pipeline/samples.py, tario.py): one metric each, summed over ranks, so a
 # run that quietly drops a share of its data shows it in MLflow, not only in the workers' warnings.
 SKIP_REASONS = ("bad_image", "bad_text", "bad_json", "missing_field", "empty_text", "corrupt_member",
@@ -167,17 +87,6 @@ def move_to(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, dict):
         return {k: move_to(v, device) for k, v in batch.items()}
     return batch
-
-
-def _rng_state() -> str:
-    buf = io.BytesIO()
-    torch.save({"cpu": torch.get_rng_state()}, buf)
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-def _set_rng_state(blob: str) -> None:
-    state = torch.load(io.BytesIO(base64.b64decode(blob)), weights_only=True)
-    torch.set_rng_state(state["cpu"])
 
 
 class Trainer:
@@ -202,19 +111,24 @@ class Trainer:
                                  phase_timeout_s=cfg.train.watchdog_phase_seconds)
         self.last_result: StepResult | None = None
         self.eval_set: dict | None = None
-        # The run's folder or s3:// prefix: the driver drops a STOP file there on SIGTERM (preemption), rank 0
-        # looks for it every step (every REMOTE_STOP_POLL_S on S3); checkpoints live under checkpoints/.
-        self.run_location = control_dir
-        self.stop_file = storage.join(control_dir, STOP_FILE) if control_dir else None
-        self._stop_seen = False
-        self._stop_polled = float("-inf")
-        self._restored_copy: Path | None = None  # a checkpoint downloaded from S3, deleted once loaded
-        self.restored_from: str | None = None  # where that checkpoint lives (a folder or an s3:// URL)
-        self.last_save = time.monotonic()
+        # Set by build() and build_loader() (the engine needs the checkpoint's world size first), by tracking at start.
+        self.tokenizer: Any = None
+        self.module: Any = None
+        self.engine: Any = None
+        self.optimizer: Any = None
+        self.group_modules: list[str] = []
+        self.loader: Any = None
+        self.batches: Iterator[dict] = iter(())
+        self.tracker: Any = None
+        # The run's folder or s3:// prefix (control_dir): checkpoints live under checkpoints/, and the driver drops
+        # a STOP file there on SIGTERM (preemption), which rank 0 polls.
+        self.checkpoints = CheckpointManager(cfg, rank, world_size, reporter, run_location=control_dir,
+                                             local_rank=self.local_rank, mlflow_run_id=mlflow_run_id)
+        self.stop = StopFile(control_dir)
         self.stopped_early = False
 
     # ----- building -------------------------------------------------------------------------------------------
-    def build(self, universal: bool = False) -> None:
+    def build(self, universal: bool = False) -> Any:
         """Model, objectives module, optimizer and DeepSpeed engine (set to load a universal checkpoint)."""
         from data_pipeline.tokenizer import load_tokenizer
         from model.unimo import UnimoModel
@@ -226,6 +140,7 @@ class Trainer:
         self.module = PretrainObjectives(UnimoModel(self.cfg.model), self.rank, self.world_size)
         self.engine, self.optimizer, self.group_modules = build_engine(self.cfg, self.module, self.world_size,
                                                                        self.on_gpu, universal)
+        return self.engine
 
     def _check_tokenizer(self) -> None:
         text = self.cfg.model.text
@@ -250,164 +165,11 @@ class Trainer:
                                    image_size=m.vision.image_size, patch_size=m.vision.patch_size,
                                    state=self.progress.data_state,
                                    objectives=self._objectives())  # batches hold only what these read
-        self.batches: Iterator[dict] = iter(self.loader)
+        self.batches = iter(self.loader)
 
     def _objectives(self) -> set[str]:
         """Every objective some stage trains: one loader serves the whole plan."""
         return {name for s in self.cfg.stages for name, w in s.objectives.items() if w > 0}
-
-    # ----- checkpoints ----------------------------------------------------------------------------------------
-    def find_checkpoint(self) -> tuple[Path, dict] | None:
-        """The newest valid checkpoint: Ray's latest, or a newer complete one in storage that Ray did not register
-        (a driver killed between the upload and Ray's bookkeeping), or an older valid one if the newest is torn.
-
-        Returns a local folder: a checkpoint on S3 is verified and loaded from a copy downloaded once per node.
-        """
-        candidates: dict[str, int] = {}
-        reported = self.reporter.latest_checkpoint()
-        if reported is not None:
-            candidates[str(reported)] = ckpt.step_of(reported)
-        roots = {storage.parent_of(reported) if reported is not None else None, self._checkpoints_root()}
-        for root in roots - {None}:
-            for found in ckpt.list_step_dirs(root):
-                candidates.setdefault(str(found.path), found.step)
-        for location in sorted(candidates, key=lambda p: candidates[p], reverse=True):
-            try:
-                local = ckpt.checked_local_copy(location, self._restore_cache())
-            except ckpt.TornCheckpoint as err:
-                log.warning("skipping torn checkpoint: %s", err)
-                continue
-            state = ckpt.read_state(local)
-            self._check_compatible(state, location)
-            if storage.is_remote(location):
-                self._restored_copy = local
-                log.info("checkpoint %s verified in the local copy %s", location, local)
-            self.restored_from = location
-            return local, state
-        if candidates:
-            log.warning("no valid checkpoint left; starting from scratch")
-        return None
-
-    def _checkpoints_root(self) -> str | None:
-        return storage.join(self.run_location, "checkpoints") if self.run_location else None
-
-    def _restore_cache(self) -> Path:
-        return Path(tempfile.gettempdir()) / "unimo-checkpoint-cache" / self.cfg.run.name
-
-    def restore(self, found: tuple[Path, dict]) -> None:
-        """Loads weights, optimizer, data cursor and RNG; converts the checkpoint if the world size changed."""
-        path, state = found
-        tag = "ds"
-        converted = None
-        if state["world_size"] != self.world_size:
-            path, tag = converted = self._to_universal(path, state["step"])
-        self.engine.load_checkpoint(str(path), tag=tag, load_module_strict=True, load_optimizer_states=True,
-                                    load_lr_scheduler_states=False)
-        if converted is not None:
-            self._drop_universal(converted[0])
-        # Every rank's cursor: the loader resumes exactly at the same world size, elastically otherwise.
-        self.progress = Progress(step=state["step"], data_state=state["data_states"],
-                                 extra=state.get("extra", {}))
-        if state["world_size"] == self.world_size:
-            _set_rng_state(state["rng"][self.rank])
-        self._drop_restored_copy()
-        if self.rank == 0:
-            how = "" if state["world_size"] == self.world_size else \
-                f" (elastic: saved by {state['world_size']} ranks, now {self.world_size})"
-            log.info("resumed from %s at step %d%s", self.restored_from or found[0], state["step"], how)
-
-    def _drop_restored_copy(self) -> None:
-        """Deletes the node's download of an S3 checkpoint once every rank has loaded it (not for local ones)."""
-        import torch.distributed as dist
-
-        if self._restored_copy is None:
-            return
-        if self.world_size > 1:
-            dist.barrier()
-        if self.local_rank == 0:
-            ckpt.drop_copy(self._restored_copy)
-        self._restored_copy = None
-
-    def _to_universal(self, path: Path, step: int) -> tuple[Path, str]:
-        """Converts a ZeRO checkpoint to DeepSpeed's universal format once per node, then every rank loads it.
-
-        The conversion is as large as the checkpoint; it lives only until every rank has loaded it
-        (`_drop_universal`), and a leftover of a conversion that crashed part-way is removed first, never loaded."""
-        import hashlib
-        import subprocess
-        import sys
-
-        import torch.distributed as dist
-
-        key = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
-        out = Path(tempfile.gettempdir()) / f"{UNIVERSAL_PREFIX}{self.cfg.run.name}-{step}-{key}"
-        if self.local_rank == 0:
-            shutil.rmtree(out, ignore_errors=True)
-            # progress on long work: the conversion reads and rewrites the whole checkpoint
-            log.info("converting checkpoint %s to DeepSpeed's universal format in %s (world size changed)", path, out)
-            started = time.monotonic()
-            cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path / "ds"),
-                   "--output_folder", str(out / "ds_universal"), "--num_extract_workers", "1",
-                   "--num_merge_workers", "1"]
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            if done.returncode != 0:
-                raise RuntimeError(f"converting checkpoint {path} for a new world size failed:\n{done.stderr[-2000:]}")
-            (out / "latest_universal").write_text("ds_universal")
-            log.info("converted checkpoint %s in %.1f s", path, time.monotonic() - started)
-        dist.barrier()
-        return out, "ds_universal"
-
-    def _drop_universal(self, out: Path) -> None:
-        """Deletes the node's universal conversion once every rank on it has loaded it."""
-        import torch.distributed as dist
-
-        dist.barrier()
-        if self.local_rank == 0:
-            shutil.rmtree(out, ignore_errors=True)
-
-    def _check_compatible(self, state: dict, path: Path) -> None:
-        saved_model = state["config"]["model"]
-        current = to_dict(self.cfg)["model"]
-        diffs = ckpt.config_mismatch(saved_model, current, "model.")
-        diffs = [d for d in diffs if not d.startswith("model.activation_checkpointing")]
-        if diffs:
-            raise ValueError(f"checkpoint {path} was saved with another model config: " + "; ".join(diffs)
-                             + ". Use the original config or start a new run name.")
-
-    def save(self, step: int) -> Path:
-        """Saves this rank's shards into a fresh local folder; rank 0 adds the state and the manifest."""
-        import torch.distributed as dist
-
-        from trainer.tracking import safe_config, secret_values
-
-        root = Path(tempfile.mkdtemp(prefix=f"unimo-ckpt-{step}-r{self.rank}-"))
-        self.engine.save_checkpoint(str(root), tag="ds", save_latest=True)
-        data_state = self.loader.state_dict()
-        per_rank = [None] * self.world_size
-        dist.all_gather_object(per_rank, {"data": data_state, "rng": _rng_state(),
-                                          "files": ckpt.describe_files(root)})
-        if self.rank == 0:
-            state = {
-                "step": step,
-                "stage": stage_at(self.cfg.stages, max(step - 1, 0))[1].name,
-                "world_size": self.world_size,
-                "data_states": [r["data"] for r in per_rank],
-                "rng": [r["rng"] for r in per_rank],
-                "mlflow_run_id": self.mlflow_run_id,
-                # The config without credentials (a URL's user:password, secret keys, the environment's secret
-                # values): a checkpoint is copied, shared and exported, and must not carry them.
-                "config": safe_config(self.cfg, secret_values(dict(os.environ))),
-                "config_digest": digest(to_dict(self.cfg)),
-                "extra": self.progress.extra,
-            }
-            ckpt.write_json_atomic(root / ckpt.STATE, state)
-            files = {}
-            for r in per_rank:
-                files.update(r["files"])
-            files[ckpt.STATE] = {"size": (root / ckpt.STATE).stat().st_size,
-                                 "sha256": ckpt.sha256_file(root / ckpt.STATE)}
-            ckpt.write_manifest(root, files, step)  # written last: it is what makes the checkpoint count
-        return root
 
     # ----- the loop -------------------------------------------------------------------------------------------
     def forward_backward(self, batch: dict, weights: dict[str, float]) -> tuple[float, dict[str, float]]:
@@ -451,7 +213,7 @@ class Trainer:
         import torch.distributed as dist
 
         names = sorted(result.losses)
-        loader = getattr(self, "loader", None)
+        loader = self.loader
         counts = data_counters(loader.stats() if loader is not None else {})
         weights = loader.corpus_weights() if hasattr(loader, "corpus_weights") else {}
         counts.update(corpus_counters(loader.stats(), list(weights), SKIP_REASONS) if weights else {})
@@ -510,45 +272,18 @@ class Trainer:
 
         flags = torch.zeros(2)
         if self.rank == 0:
-            minutes = self.cfg.checkpoint.every_minutes
-            flags[0] = float(self.stop_requested())
-            flags[1] = float(minutes > 0 and time.monotonic() - self.last_save >= minutes * 60)
+            flags[0] = float(self.stop.requested())
+            flags[1] = float(self.checkpoints.due_by_time())
         if preemption.requested():  # a SIGTERM to any rank's process (trainer/preemption.py)
             flags[0] = 1.0
         if self.world_size > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         return bool(flags[0]), bool(flags[1])
 
-    def stop_requested(self) -> bool:
-        """Whether the driver has asked for a stop (rank 0 only; a STOP seen once stays seen)."""
-        if self._stop_seen or self.stop_file is None:
-            return self._stop_seen
-        now = time.monotonic()
-        if storage.is_remote(self.stop_file):
-            if now - self._stop_polled < REMOTE_STOP_POLL_S:
-                return False
-            self._stop_polled = now
-        try:
-            self._stop_seen = storage.exists(self.stop_file)
-        except OSError as err:  # an S3 hiccup must not end the run: the next poll asks again
-            log.warning("could not check %s: %s", self.stop_file, err)
-        return self._stop_seen
-
     def checkpoint(self, step: int, metrics: dict[str, float]) -> None:
         with self.watchdog.phase(f"the checkpoint save of step {step}"):
-            self._checkpoint(step, metrics)
-
-    def _checkpoint(self, step: int, metrics: dict[str, float]) -> None:
-        root = self.save(step)
-        # before the report: with async upload Ray deletes the local folder once it is uploaded
-        self.tracker.checkpoint_saved(root, step)  # rank 0 queues its manifest as an artifact
-        self.reporter.report({"step": step, "stopped_early": float(self.stopped_early), **metrics}, root, step)
-        if not self.cfg.checkpoint.async_upload:
-            shutil.rmtree(root, ignore_errors=True)
-        keep = self.cfg.checkpoint
-        if keep.keep_every and self.rank == 0 and self.run_location:
-            ckpt.prune(self._checkpoints_root(), keep.keep_last, keep.keep_every)
-        self.last_save = time.monotonic()
+            self.checkpoints.save(step, self.engine, self.loader, self.progress.extra,
+                                  {"step": step, "stopped_early": float(self.stopped_early), **metrics})
 
     def run(self) -> dict[str, float]:
         """Trains from the restored step to the end of the plan; returns the last logged metrics."""
@@ -565,10 +300,7 @@ class Trainer:
 
     def _start_up(self) -> None:
         """Engine (converting the checkpoint if the world size changed), restore, loader, logging."""
-        found = self.find_checkpoint()
-        self.build(universal=found is not None and found[1]["world_size"] != self.world_size)
-        if found is not None:
-            self.restore(found)
+        self.progress = self.checkpoints.load(self.build)
         if self.rank == 0:
             # On CPU the intra-op threads are the worker's CPUs (Ray sets OMP_NUM_THREADS to
             # scaling.cpus_per_worker): the first thing to check when steps are slower than expected.
@@ -610,9 +342,10 @@ class Trainer:
         self.tracker = start_tracking(self.cfg, self.rank, self.world_size, self.mlflow_run_id, self.tracking_uri,
                                       step_fn=lambda: self.progress.step)
         self.metrics_logger = self.tracker.metrics
+        self.checkpoints.attach(self.tracker)
 
     def _stop_logging(self) -> None:
-        if getattr(self, "tracker", None) is not None:
+        if self.tracker is not None:
             self.tracker.close()
 
     def _log(self, metrics: dict[str, float], step: int, stage: str, t_start: float, start_step: int) -> None:
@@ -632,4 +365,6 @@ def summarize(metrics: dict[str, float]) -> str:
     return json.dumps({k: round(v, 4) for k, v in metrics.items() if k.startswith("loss/")})
 
 
-__all__ = ["Trainer", "Reporter", "stage_at", "lr_at", "summarize"]
+# (build_engine and the parameter groups live in trainer/engine.py; benchmarks and tests import them from here)
+__all__ = ["Trainer", "Reporter", "Progress", "STOP_FILE", "stage_at", "lr_at", "summarize", "ALIGN_ELEMENTS",
+           "build_engine", "optimizer_groups", "param_groups"]

@@ -120,6 +120,19 @@ def delete(location: str | Path) -> None:
         pass
 
 
+def move(src: str | Path, dst: str | Path) -> None:
+    """Renames a folder tree: one rename locally; on S3 a server-side copy of every object, then a delete."""
+    if not is_remote(src):
+        os.replace(src, dst)
+        return
+    fs, path = _fs(str(src))
+    target = _fs(str(dst))[1].rstrip("/")
+    path = path.rstrip("/")
+    for key in fs.find(path):  # objects only: S3 has no folders to copy (s3fs's own mv tries and fails)
+        fs.copy(key, target + key[len(path):])
+    fs.rm(path, recursive=True)
+
+
 def list_names(location: str | Path) -> list[str]:
     """Names directly under a folder or prefix (empty if it does not exist)."""
     if not is_remote(location):

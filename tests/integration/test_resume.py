@@ -128,7 +128,7 @@ def test_elastic_resume_one_to_two(synthetic_data, tmp_path, capfd):
     conversion (as large as the checkpoint) is deleted once loaded, not left in the temp folder."""
     import tempfile
 
-    from trainer.loop import UNIVERSAL_PREFIX
+    from trainer.checkpointing import UNIVERSAL_PREFIX
 
     conversions = lambda: set(Path(tempfile.gettempdir()).glob(f"{UNIVERSAL_PREFIX}elastic-*"))  # noqa: E731
     before = conversions()

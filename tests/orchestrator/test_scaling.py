@@ -66,6 +66,7 @@ def test_fit_hands_ray_the_failure_policy_and_run_storage_and_holds_the_lock(tmp
     driver.fit(cfg)
     rc = seen["run_config"]
     assert rc.failure_config.max_failures == 7
+    assert rc.checkpoint_config.num_to_keep is None  # the CheckpointManager alone prunes (issue #27)
     assert rc.name == "checkpoints" and Path(rc.storage_path) == (tmp_path / "runs" / "r1").resolve()
     assert seen["scaling_config"].num_workers == 2
     assert seen["locked_during_fit"] and not (tmp_path / "runs" / "r1" / "run.lock").exists()

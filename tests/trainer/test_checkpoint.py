@@ -72,3 +72,33 @@ def test_state_written_atomically(tmp_path):
 def test_step_of_reads_the_folder_name(tmp_path):
     assert ckpt.step_of(tmp_path / "step_00000120") == 120
     assert ckpt.step_of(tmp_path / "checkpoint_2026") == -1
+
+
+def test_schema_versions_old_migrates_newer_refused(tmp_path):
+    d = make_checkpoint(tmp_path, 10)
+    assert json.loads((d / "manifest.json").read_text())["schema"] == ckpt.SCHEMA_VERSION
+    old = {"step": 10, "world_size": 2}  # schema 0: written before versions (and without "extra")
+    (d / "trainer_state.json").write_text(json.dumps(old))
+    state = ckpt.read_state(d)
+    assert state["schema"] == ckpt.SCHEMA_VERSION and state["extra"] == {} and state["step"] == 10
+
+    (d / "trainer_state.json").write_text(json.dumps({**old, "schema": ckpt.SCHEMA_VERSION + 1}))
+    with pytest.raises(ckpt.NewerCheckpoint, match=f"has checkpoint schema {ckpt.SCHEMA_VERSION + 1}, but this "
+                       f"unimo reads schema {ckpt.SCHEMA_VERSION} and older; resume or export it with a newer unimo") \
+            as err:
+        ckpt.read_state(d)
+    assert str(d / "trainer_state.json") in str(err.value)
+    manifest = json.loads((d / "manifest.json").read_text())
+    ckpt.write_json_atomic(d / "manifest.json", {**manifest, "schema": ckpt.SCHEMA_VERSION + 1})
+    with pytest.raises(ckpt.NewerCheckpoint, match="this unimo reads schema"):
+        ckpt.verify(d)  # refused, not skipped as torn
+
+
+def test_config_fields_added_later_at_their_default_are_no_mismatch():
+    saved = {"text": {"layers": 2}, "flavor": "debug"}
+    defaults = {"text": {"layers": 2, "rope": False}, "flavor": "debug", "new_block": {"size": 4}}
+    same = {"text": {"layers": 2, "rope": False}, "flavor": "debug", "new_block": {"size": 4}}
+    assert ckpt.config_mismatch(saved, same, "model.", defaults) == []
+    changed = {"text": {"layers": 2, "rope": True}, "flavor": "debug", "new_block": {"size": 4}}
+    assert ckpt.config_mismatch(saved, changed, "model.", defaults) == \
+        ["model.text.rope: checkpoint has None, config has True"]

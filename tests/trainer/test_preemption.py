@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import types
 
 import pytest
 
@@ -51,10 +50,21 @@ def test_sigterm_outside_the_step_loop_goes_to_ray(installed):
 
 def test_any_rank_s_sigterm_is_a_stop_in_the_control_flags(monkeypatch):
     """Rank 1 (which does not read the driver's STOP file) still raises the stop flag the ranks all-reduce."""
+    from trainer.config import load_config
     from trainer.loop import Trainer
 
-    rank1 = types.SimpleNamespace(rank=1, world_size=1, stop_requested=lambda: False,
-                                  cfg=types.SimpleNamespace(checkpoint=types.SimpleNamespace(every_minutes=0)))
-    assert Trainer.control_flags(rank1) == (False, False)
+    rank1 = Trainer(load_config(None, []), rank=1, world_size=1, reporter=None)
+    assert rank1.control_flags() == (False, False)
     monkeypatch.setattr(preemption, "requested", lambda: True)
-    assert Trainer.control_flags(rank1) == (True, False)
+    assert rank1.control_flags() == (True, False)
+
+
+def test_rank0_reads_the_stop_file(tmp_path):
+    from trainer.checkpointing import STOP_FILE
+    from trainer.config import load_config
+    from trainer.loop import Trainer
+
+    rank0 = Trainer(load_config(None, []), rank=0, world_size=1, reporter=None, control_dir=str(tmp_path))
+    assert rank0.control_flags() == (False, False)
+    (tmp_path / STOP_FILE).write_text("SIGTERM\n")
+    assert rank0.control_flags() == (True, False)

@@ -142,3 +142,29 @@ def test_download_shows_bytes_of_the_total_only_when_asked(tmp_path, capsys):
     for copy in ("quiet", "shown"):
         assert (tmp_path / copy / "a.bin").read_bytes() == b"x" * 3000
         assert (tmp_path / copy / "ds" / "b.bin").read_bytes() == b"y" * 2000
+
+
+def test_a_torn_step_folder_is_moved_aside_and_the_run_snapshot_reconciled_on_s3(bucket, tmp_path):
+    """What a resume from an older checkpoint does on S3: the torn folder is kept under a name that is no step
+    folder (a server-side copy, then a delete) and Ray's run snapshot forgets it."""
+    import json
+
+    from trainer.checkpointing.manager import aside_name
+    from trainer.checkpointing.records import SNAPSHOT, reconcile_ray_snapshot
+
+    root = "s3://unit/aside/run/checkpoints"
+    for step in (10, 20):
+        make_checkpoint(tmp_path / "src", step)
+    upload(tmp_path / "src", root)
+    snapshot = {"checkpoint_results": [{"version": 0, "checkpoint_dir_name": n, "metrics": {}}
+                                       for n in ("step_00000010", "step_00000020")],
+                "checkpoint_report_indices": [0, 1], "current_report_index": 2,
+                "latest_checkpoint_result": {"version": 0, "checkpoint_dir_name": "step_00000020", "metrics": {}}}
+    storage.write_text(f"{root}/{SNAPSHOT}", json.dumps(snapshot))
+    dest = f"{root}/{aside_name(f'{root}/step_00000020', 'torn')}"
+    storage.move(f"{root}/step_00000020", dest)
+    assert [c.step for c in ckpt.list_step_dirs(root)] == [10]
+    assert storage.exists(f"{dest}/manifest.json") and storage.exists(f"{dest}/ds/zero_pp_rank_0_model_states.pt")
+    assert reconcile_ray_snapshot(root) and reconcile_ray_snapshot(root) == []
+    snapshot = json.loads(storage.read_text(f"{root}/{SNAPSHOT}"))
+    assert snapshot["latest_checkpoint_result"]["checkpoint_dir_name"] == "step_00000010"

@@ -103,10 +103,10 @@ def fires_while(target, expiry: Expiry, hung: threading.Event) -> bool:
 def test_trainer_checkpoint_runs_under_the_phase_limit(monkeypatch):
     """Trainer.checkpoint: a save that never returns ends the worker, naming the save and its step."""
     trainer, expiry, hung = watched_trainer()
-    monkeypatch.setattr(trainer, "save", lambda step: hung.wait(5.0) and None)
+    monkeypatch.setattr(trainer.checkpoints, "save", lambda step, *a: hung.wait(5.0) and None)
     trainer.watchdog.start()
     try:
-        assert fires_while(lambda: pytest.raises(Exception, trainer.checkpoint, 12, {}), expiry, hung)
+        assert fires_while(lambda: trainer.checkpoint(12, {}), expiry, hung)
     finally:
         trainer.watchdog.stop()
     assert "the checkpoint save of step 12" in expiry.why
@@ -115,9 +115,13 @@ def test_trainer_checkpoint_runs_under_the_phase_limit(monkeypatch):
 def test_trainer_start_up_runs_under_the_phase_limit(monkeypatch):
     """Trainer.run: a restore that never returns (a hung collective while loading) ends the worker too."""
     trainer, expiry, hung = watched_trainer()
-    monkeypatch.setattr(trainer, "_start_up", lambda: hung.wait(5.0) and None)
-    monkeypatch.setattr(trainer, "_step_loop", lambda *a: {})
-    assert fires_while(trainer.run, expiry, hung)
+
+    def hung_load(build):
+        hung.wait(5.0)
+        raise RuntimeError("released by the test")  # the run ends here, before any engine is built
+
+    monkeypatch.setattr(trainer.checkpoints, "load", hung_load)
+    assert fires_while(lambda: pytest.raises(RuntimeError, trainer.run), expiry, hung)
     assert "start-up" in expiry.why and "train.watchdog_phase_seconds" in expiry.why
 
 

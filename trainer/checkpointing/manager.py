@@ -1,0 +1,342 @@
+"""One rank's checkpoint lifecycle: find, verify, restore (converting for another world size), save, report, prune.
+
+The Trainer calls ``load(build)`` once at start and ``save(step, ...)`` when a checkpoint is due. This class is the
+one owner of the run's ``checkpoints/`` folders: Ray Train only uploads what it is given (its own retention is off,
+see orchestrator/driver.py), rank 0 here decides what is kept, deletes the rest, and moves a torn checkpoint newer
+than the one resumed from aside, so the same step can be saved again into a fresh folder.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import torch
+
+from trainer import checkpoint as ckpt
+from trainer import storage
+from trainer.checkpointing.universal import drop_universal, to_universal
+from trainer.config_loader import digest, to_dict
+
+log = logging.getLogger(__name__)
+
+# Each rank saves into <temp folder>/unimo-ckpt-<run>-<key>-<step>-r<rank>-XXXX before the upload (key: the run's
+# storage); a folder of a job that died is removed when the next job of the run starts on that node.
+SAVE_PREFIX = "unimo-ckpt-"
+
+
+class NoSpaceForCheckpoint(OSError):
+    """The local disk cannot hold the next checkpoint."""
+
+
+def free_bytes(folder: Path) -> int:
+    return shutil.disk_usage(folder).free
+
+
+def folder_bytes(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+class Reporter(Protocol):
+    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None, step: int) -> None: ...
+
+    def latest_checkpoint(self) -> Path | str | None: ...
+
+
+@dataclass
+class Progress:
+    """What is restored from a checkpoint and saved into the next one."""
+
+    step: int = 0
+    data_state: list | None = None  # every rank's loader cursor
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class Found:
+    """A verified checkpoint: its local folder (a download for S3), where it lives, and its trainer state."""
+
+    local: Path
+    location: str
+    state: dict
+
+
+def rng_state() -> str:
+    buf = io.BytesIO()
+    torch.save({"cpu": torch.get_rng_state()}, buf)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def set_rng_state(blob: str) -> None:
+    state = torch.load(io.BytesIO(base64.b64decode(blob)), weights_only=True)
+    torch.set_rng_state(state["cpu"])
+
+
+def aside_name(location: str | Path, why: str) -> str:
+    """Where a step folder that cannot be loaded is kept for forensics: ``step_00000020.torn-20261206T065242Z``.
+
+    Not a step folder name, so no listing, retention or resume ever takes it for a checkpoint."""
+    return f"{storage.name_of(location)}.{why}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+
+
+class CheckpointManager:
+    """Checkpoints of one rank; rank 0 writes the trainer state and the manifest and owns retention."""
+
+    def __init__(self, cfg: Any, rank: int, world_size: int, reporter: Reporter | None,
+                 run_location: str | None = None, local_rank: int | None = None,
+                 mlflow_run_id: str | None = None):
+        self.cfg = cfg
+        self.rank = rank
+        self.world_size = world_size
+        self.local_rank = rank if local_rank is None else local_rank
+        self.reporter = reporter
+        self.run_location = run_location  # the run's folder or s3:// prefix; checkpoints live under checkpoints/
+        self.mlflow_run_id = mlflow_run_id
+        self.restored_from: str | None = None  # where the restored checkpoint lives (a folder or an s3:// URL)
+        self.tracker: Any = None  # the RunTracker, once tracking has started (``attach``)
+        self.last_save = time.monotonic()
+        self._torn: list[tuple[int, str]] = []  # (step, location) of torn candidates ``find`` skipped
+        # Bytes this rank's last local save took (or its share of the restored checkpoint): the next save needs
+        # about as much free space. None until one is known.
+        self.last_size: int | None = None
+        self._notes: list[tuple[int, str]] = []  # what rank 0 moved aside, for the tracker
+
+    @property
+    def root(self) -> str | None:
+        """The run's checkpoints folder (or s3:// prefix); None for a Trainer without run storage."""
+        return storage.join(self.run_location, "checkpoints") if self.run_location else None
+
+    # ----- start: find, agree, restore, tidy --------------------------------------------------------------------
+    def load(self, build: Callable[[bool], Any]) -> Progress:
+        """Restores the newest valid checkpoint into the engine ``build(universal)`` returns; the progress to go on
+        from (step 0 without one). ``universal`` is true when the checkpoint was saved by another world size."""
+        if self.local_rank == 0:
+            self._remove_leftover_saves()
+        found = self.find()
+        self._agree(found)
+        engine = build(found is not None and found.state["world_size"] != self.world_size)
+        progress = self._restore(engine, found) if found is not None else Progress()
+        if self.rank == 0 and self.root:
+            self._set_aside_torn(after=progress.step)
+            self.prune()
+        return progress
+
+    def find(self) -> Found | None:
+        """The newest valid checkpoint: Ray's latest, or a newer complete one in storage that Ray did not register
+        (a driver killed between the upload and Ray's bookkeeping), or an older valid one if the newest is torn.
+
+        A checkpoint on S3 is verified and loaded from a copy downloaded once per node.
+        """
+        candidates: dict[str, int] = {}
+        reported = self.reporter.latest_checkpoint() if self.reporter is not None else None
+        if reported is not None:
+            candidates[str(reported)] = ckpt.step_of(reported)
+        roots = {storage.parent_of(reported) if reported is not None else None, self.root}
+        for root in roots - {None}:
+            for found in ckpt.list_step_dirs(root):
+                candidates.setdefault(str(found.path), found.step)
+        self._torn = []
+        for location in sorted(candidates, key=lambda p: candidates[p], reverse=True):
+            try:
+                local = ckpt.checked_local_copy(location, self._restore_cache())
+            except ckpt.TornCheckpoint as err:
+                log.warning("skipping torn checkpoint: %s", err)
+                self._torn.append((candidates[location], location))
+                continue
+            state = ckpt.read_state(local)
+            self._check_compatible(state, location)
+            if storage.is_remote(location):
+                log.info("checkpoint %s verified in the local copy %s", location, local)
+            self.restored_from = location
+            return Found(local, location, state)
+        if candidates:
+            log.warning("no valid checkpoint left; starting from scratch")
+        return None
+
+    def _save_prefix(self) -> str:
+        import hashlib
+
+        key = hashlib.sha256(str(self.run_location).encode()).hexdigest()[:8]
+        return f"{SAVE_PREFIX}{self.cfg.run.name}-{key}-"
+
+    def _remove_leftover_saves(self) -> None:
+        """Local save folders of this run left by a job that died (a save cut short, an upload never done)."""
+        for leftover in Path(tempfile.gettempdir()).glob(self._save_prefix() + "*"):
+            log.info("removing %s, a local checkpoint save left by an earlier job", leftover)
+            shutil.rmtree(leftover, ignore_errors=True)
+
+    def _restore_cache(self) -> Path:
+        return Path(tempfile.gettempdir()) / "unimo-checkpoint-cache" / self.cfg.run.name
+
+    def _check_compatible(self, state: dict, path: str) -> None:
+        saved_model = state["config"]["model"]
+        current = to_dict(self.cfg)["model"]
+        # fields added to the model config after the checkpoint was written count only if set off their default
+        diffs = ckpt.config_mismatch(saved_model, current, "model.", defaults=to_dict(type(self.cfg.model)()))
+        diffs = [d for d in diffs if not d.startswith("model.activation_checkpointing")]
+        if diffs:
+            raise ValueError(f"checkpoint {path} was saved with another model config: " + "; ".join(diffs)
+                             + ". Use the original config or start a new run name.")
+
+    def _agree(self, found: Found | None) -> None:
+        """Every rank chose the same checkpoint (each verifies on its own node); also the point after which rank 0
+        may move the torn ones aside, since no rank reads them any more."""
+        if self.world_size == 1:
+            return
+        import torch.distributed as dist
+
+        mine = found.state["step"] if found is not None else -1
+        steps: list = [None] * self.world_size
+        dist.all_gather_object(steps, mine)
+        if len(set(steps)) > 1:
+            raise RuntimeError(f"the ranks chose different checkpoints to resume from (steps by rank: {steps}); "
+                               f"check that every node sees the same {self.root}")
+
+    def _restore(self, engine: Any, found: Found) -> Progress:
+        """Loads weights, optimizer, data cursor and RNG; converts the checkpoint if the world size changed."""
+        state = found.state
+        same_world = state["world_size"] == self.world_size
+        # this rank's share of the checkpoint: about what its next save needs on the local disk
+        manifest = ckpt.verify(found.local, check_sums=False)
+        self.last_size = sum(f["size"] for f in manifest["files"].values()) // max(1, state["world_size"])
+        path, tag = found.local, "ds"
+        if not same_world:
+            path, tag = to_universal(found.local, state["step"], self.cfg.run.name, self.local_rank)
+        engine.load_checkpoint(str(path), tag=tag, load_module_strict=True, load_optimizer_states=True,
+                               load_lr_scheduler_states=False)
+        if not same_world:
+            drop_universal(path, self.local_rank)
+        if same_world:
+            set_rng_state(state["rng"][self.rank])
+        self._drop_restored_copy(found)
+        if self.rank == 0:
+            how = "" if same_world else f" (elastic: saved by {state['world_size']} ranks, now {self.world_size})"
+            log.info("resumed from %s at step %d%s", found.location, state["step"], how)
+        # Every rank's cursor: the loader resumes exactly at the same world size, elastically otherwise.
+        return Progress(step=state["step"], data_state=state["data_states"], extra=state.get("extra", {}))
+
+    def _drop_restored_copy(self, found: Found) -> None:
+        """Deletes the node's download of an S3 checkpoint once every rank has loaded it (not for local ones)."""
+        if not storage.is_remote(found.location):
+            return
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+        if self.local_rank == 0:
+            ckpt.drop_copy(found.local)
+
+    def _set_aside_torn(self, after: int) -> None:
+        """Moves torn step folders newer than the resumed step aside (rank 0): the steps are trained and saved
+        again into fresh folders, and the torn files stay for forensics under a name that says why."""
+        for step, location in self._torn:
+            if step <= after or storage.parent_of(location) != self.root.rstrip("/"):
+                continue  # older than the resumed one (never read again), or not in this run's folder
+            if not storage.exists(location):
+                continue  # Ray's record of a folder already gone (or the same folder spelled twice)
+            dest = storage.join(self.root, aside_name(location, "torn"))
+            storage.move(location, dest)
+            log.warning("moved the torn checkpoint %s aside to %s (resuming from step %d)", location, dest, after)
+            self._notes.append((step, f"checkpoint {location} was torn and moved aside to {dest}; the run "
+                                      f"resumed from step {after} and saves this step again\n"))
+        self._torn = []
+
+    def attach(self, tracker: Any) -> None:
+        """Tracking has started: its record of a checkpoint moved aside says so (next to that step's manifest)."""
+        self.tracker = tracker
+        for step, note in self._notes:
+            tracker.log_text(note, f"checkpoints/{ckpt.step_dir_name(step)}/moved_aside.txt")
+        self._notes = []
+
+    # ----- saving ----------------------------------------------------------------------------------------------
+    def due_by_time(self) -> bool:
+        minutes = self.cfg.checkpoint.every_minutes
+        return minutes > 0 and time.monotonic() - self.last_save >= minutes * 60
+
+    def save(self, step: int, engine: Any, loader: Any, extra: dict, metrics: dict[str, float]) -> Path:
+        """Saves, records and reports the checkpoint of ``step`` (``metrics`` go with the report), then prunes."""
+        root = self.save_local(step, engine, loader, extra)
+        if self.tracker is not None:
+            self.tracker.checkpoint_saved(root, step)  # rank 0 queues its manifest as an artifact
+        # (the manifest is read before the report: with async upload Ray deletes the local folder once uploaded)
+        self.reporter.report(metrics, root, step)
+        if not self.cfg.checkpoint.async_upload:
+            shutil.rmtree(root, ignore_errors=True)
+        if self.rank == 0 and self.root:
+            self.prune(pending=step if self.cfg.checkpoint.async_upload else None)
+        self.last_save = time.monotonic()
+        return root
+
+    def save_local(self, step: int, engine: Any, loader: Any, extra: dict) -> Path:
+        """Saves this rank's shards into a fresh local folder; rank 0 adds the state and the manifest."""
+        self._check_free_space(step)
+        root = Path(tempfile.mkdtemp(prefix=f"{self._save_prefix()}{step}-r{self.rank}-"))
+        try:
+            self._write(root, step, engine, loader, extra)
+        except BaseException:
+            shutil.rmtree(root, ignore_errors=True)  # a partial save is never left behind (nor uploaded)
+            raise
+        self.last_size = folder_bytes(root)
+        return root
+
+    def _check_free_space(self, step: int) -> None:
+        """A save that cannot fit fails before it starts, naming the folder and the bytes, not half-way in
+        DeepSpeed with a bare ENOSPC."""
+        folder = Path(tempfile.gettempdir())
+        if self.last_size is None:
+            return
+        free = free_bytes(folder)
+        if free < self.last_size:
+            raise NoSpaceForCheckpoint(
+                f"not enough free space in {folder} for rank {self.rank}'s checkpoint save of step {step}: it needs "
+                f"about {self.last_size} bytes (the size of the last checkpoint), {free} are free; free space "
+                "there or point TMPDIR at a larger disk")
+
+    def _write(self, root: Path, step: int, engine: Any, loader: Any, extra: dict) -> None:
+        import torch.distributed as dist
+
+        from trainer.loop import stage_at
+        from trainer.tracking import safe_config, secret_values
+
+        engine.save_checkpoint(str(root), tag="ds", save_latest=True)
+        per_rank = [None] * self.world_size
+        dist.all_gather_object(per_rank, {"data": loader.state_dict(), "rng": rng_state(),
+                                          "files": ckpt.describe_files(root)})
+        if self.rank == 0:
+            state = {
+                "schema": ckpt.SCHEMA_VERSION,
+                "step": step,
+                "stage": stage_at(self.cfg.stages, max(step - 1, 0))[1].name,
+                "world_size": self.world_size,
+                "data_states": [r["data"] for r in per_rank],
+                "rng": [r["rng"] for r in per_rank],
+                "mlflow_run_id": self.mlflow_run_id,
+                # The config without credentials (a URL's user:password, secret keys, the environment's secret
+                # values): a checkpoint is copied, shared and exported, and must not carry them.
+                "config": safe_config(self.cfg, secret_values(dict(os.environ))),
+                "config_digest": digest(to_dict(self.cfg)),
+                "extra": extra,
+            }
+            ckpt.write_json_atomic(root / ckpt.STATE, state)
+            files = {}
+            for r in per_rank:
+                files.update(r["files"])
+            files[ckpt.STATE] = {"size": (root / ckpt.STATE).stat().st_size,
+                                 "sha256": ckpt.sha256_file(root / ckpt.STATE)}
+            ckpt.write_manifest(root, files, step)  # written last: it is what makes the checkpoint count
+
+    def prune(self, pending: int | None = None) -> list:
+        """Retention (rank 0): the newest ``checkpoint.keep_last`` and every ``keep_every``-th step are kept."""
+        keep = self.cfg.checkpoint
+        removed = ckpt.prune(self.root, keep.keep_last, keep.keep_every, pending=pending)
+        if removed:
+            log.info("retention removed %s", ", ".join(storage.name_of(p) for p in removed))
+        return removed

@@ -1,0 +1,54 @@
+"""Converting a ZeRO checkpoint for another world size (DeepSpeed's universal format), once per node."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# Where a node converts a checkpoint for a new world size (in the temp folder; deleted once loaded).
+UNIVERSAL_PREFIX = "unimo-universal-"
+
+
+def to_universal(path: Path, step: int, run_name: str, local_rank: int) -> tuple[Path, str]:
+    """Converts the checkpoint at ``path`` in a subprocess on the node's first rank; every rank then loads it.
+
+    Returns (folder, tag) for ``engine.load_checkpoint``. The conversion is as large as the checkpoint; it lives
+    only until every rank has loaded it (``drop_universal``), and a leftover of a conversion that crashed part-way
+    is removed first, never loaded.
+    """
+    import torch.distributed as dist
+
+    key = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
+    out = Path(tempfile.gettempdir()) / f"{UNIVERSAL_PREFIX}{run_name}-{step}-{key}"
+    if local_rank == 0:
+        shutil.rmtree(out, ignore_errors=True)
+        # progress on long work: the conversion reads and rewrites the whole checkpoint
+        log.info("converting checkpoint %s to DeepSpeed's universal format in %s (world size changed)", path, out)
+        started = time.monotonic()
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path / "ds"),
+               "--output_folder", str(out / "ds_universal"), "--num_extract_workers", "1",
+               "--num_merge_workers", "1"]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"converting checkpoint {path} for a new world size failed:\n{done.stderr[-2000:]}")
+        (out / "latest_universal").write_text("ds_universal")
+        log.info("converted checkpoint %s in %.1f s", path, time.monotonic() - started)
+    dist.barrier()
+    return out, "ds_universal"
+
+
+def drop_universal(out: Path, local_rank: int) -> None:
+    """Deletes the node's universal conversion once every rank on it has loaded it."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    if local_rank == 0:
+        shutil.rmtree(out, ignore_errors=True)
