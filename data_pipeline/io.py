@@ -11,6 +11,8 @@ from collections.abc import Callable
 import fsspec
 from braceexpand import braceexpand
 
+from .errors import TransientError, UserError
+
 log = logging.getLogger("unimo.data")
 
 # How boto finds credentials, for error messages (B11). Endpoint and keys come from the environment / profile
@@ -20,12 +22,13 @@ CREDENTIALS_HELP = ("credentials are found by boto: AWS_ACCESS_KEY_ID/AWS_SECRET
                     "instance role; the endpoint comes from AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL")
 
 
-class DataSourceError(RuntimeError):
-    """A source cannot be used at all (empty listing, missing bucket, no credentials)."""
+class DataSourceError(UserError):
+    """A source cannot be used at all (empty listing, missing bucket, no credentials): the user's to fix."""
 
 
-class DataReadError(RuntimeError):
-    """A read kept failing after the retry budget; the run must stop rather than skip data."""
+class DataReadError(TransientError):
+    """A read kept failing after the retry budget; the run must stop rather than skip data (a restart may
+    succeed once the storage is back)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +42,21 @@ class RetryPolicy:
         for _ in range(self.retries):
             yield delay
             delay = min(delay * 2, self.backoff_max_s)
+
+
+_default_policy = RetryPolicy()
+
+
+def set_default_policy(policy: RetryPolicy) -> None:
+    """The retries of storage calls made without an explicit policy in this process (tokenizer, listings).
+    A training worker sets data.io_retries here, so that no call of the run retries longer than the config
+    says; tools keep the built-in default."""
+    global _default_policy
+    _default_policy = policy
+
+
+def default_policy() -> RetryPolicy:
+    return _default_policy
 
 
 def bucket_of(url: str) -> str:
@@ -78,17 +96,18 @@ def storage_error(url: str, exc: BaseException) -> Exception:
     return DataSourceError(f"{url}: {name}: {exc}")
 
 
-def list_shards(url: str) -> list[tuple[str, int]]:
+def list_shards(url: str, policy: RetryPolicy | None = None) -> list[tuple[str, int]]:
     """(url, size) of every shard of a source, sorted; raises DataSourceError naming the URL when empty.
 
     ``url`` is a brace pattern (every expanded shard must exist) or a prefix/folder whose ``.tar`` files are
-    listed recursively.
+    listed recursively. ``policy``: the retries of the listing (the run passes data.io_retries and its backoff,
+    which bound every storage call; the default suits one-off tools).
     """
     if not url:
         raise DataSourceError("empty shard URL")
     try:
         shards = call_with_retries(lambda: _list_pattern(url) if "{" in url else _list_prefix(url), url,
-                                   RetryPolicy())
+                                   policy or default_policy())
     except (DataSourceError, DataReadError):
         raise
     except Exception as exc:  # noqa: BLE001 - anything else still names the URL

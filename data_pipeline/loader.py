@@ -189,11 +189,16 @@ def _check_args(rank: int, world_size: int, seq_len: int, image_size: int, patch
         raise ValueError(f"image_size = {image_size}: must be a multiple of patch_size = {patch_size}")
 
 
+def io_policy(cfg: DataConfig) -> RetryPolicy:
+    """The retries of every storage call of a run: data.io_retries with its backoff (listing included)."""
+    return RetryPolicy(cfg.io_retries, cfg.io_backoff_s, cfg.io_backoff_max_s)
+
+
 def _list_sources(cfg: DataConfig, sources: list[str], streams: int) -> dict:
     shards = {}
     for src in sources:
         url = getattr(cfg, src).urls
-        shards[src] = list_shards(url)
+        shards[src] = list_shards(url, io_policy(cfg))
         if len(shards[src]) < streams:
             raise DataSourceError(f"source {src} ({url}) has {len(shards[src])} shards, fewer than the "
                                   f"{streams} streams (world_size x num_workers) that read it: each stream needs "
@@ -257,7 +262,7 @@ def build_loader(cfg: DataConfig, *, rank: int, world_size: int, seq_len: int, i
     workers = max(1, cfg.num_workers)
     tok = None
     if {"text", "pair"} & set(sources) or cfg.tokenizer:
-        tok = load_tokenizer(cfg.tokenizer)
+        tok = load_tokenizer(cfg.tokenizer, io_policy(cfg))
     plan = _Plan(cfg=cfg, rank=rank, workers=workers, sources=sources,
                  shards=_list_sources(cfg, sources, world_size * workers),
                  tokenizer_json=tok.to_str() if tok else None,
