@@ -205,14 +205,37 @@ def check_cluster_paths(cfg) -> None:
                         "s3:// URLs.")
 
 
+def preflight_here(cfg) -> None:
+    """The pre-flight of `unimo check` on this machine, where it can see the run's storage and data: shared
+    folders that exist here, or s3://. The cluster's resources are checked by the job itself, and a tracking
+    server this machine cannot reach is only a warning (the cluster may reach it). Paths absent here are left
+    to the job, which runs the whole pre-flight before its workers start."""
+    from orchestrator.preflight import missing_local_paths, run_preflight
+
+    absent = missing_local_paths(cfg)
+    if absent:
+        print(f"# pre-flight left to the cluster: not on this machine: {', '.join(absent)}", file=sys.stderr)
+        return
+    started = time.monotonic()
+    report = run_preflight(cfg, tracking="warn", resources=False)
+    for check in report.warnings:
+        print(f"# pre-flight warning: {check.name}: {check.detail}", file=sys.stderr)
+    print(f"# pre-flight: {len(report.checks)} checks passed here in {time.monotonic() - started:.1f} s",
+          file=sys.stderr)
+
+
 def prepare(config: str, overrides: list[str], python: str = "python",
-            env: dict[str, str] | None = None, stop_grace_s: int = STOP_GRACE_S) -> Submission:
-    """Validates the config here (B1-B4 fail before anything is sent) and builds the submission."""
+            env: dict[str, str] | None = None, stop_grace_s: int = STOP_GRACE_S,
+            preflight: bool = True) -> Submission:
+    """Validates the config here (B1-B4 and the pre-flight fail before anything is sent) and builds the
+    submission."""
     from trainer.config import load_config
 
     cfg = load_config(config, overrides)
     cfg.check_ready_to_train()
     check_cluster_paths(cfg)
+    if preflight:
+        preflight_here(cfg)
     return Submission(config=project_relative(config), overrides=list(overrides), run_name=cfg.run.name,
                       python=python, env=dict(env or {}), stop_grace_s=stop_grace_s)
 

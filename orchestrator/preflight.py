@@ -99,10 +99,13 @@ def check_plan(cfg: RunConfig) -> str:
 def check_storage(run_dir: str) -> str:
     """The run's folder or prefix takes a small object, which is then removed."""
     probe = storage.join(run_dir, f"{PROBE_PREFIX}{os.getpid()}-{secrets.token_hex(4)}")
+    created = _missing_folders(run_dir)
     try:
         storage.check_writable(run_dir)
         storage.write_text(probe, "unimo pre-flight probe; safe to delete\n")
         storage.delete(probe)
+        for folder in created:  # a check leaves nothing behind, not even the folders it made
+            os.rmdir(folder)
     except storage.StorageError as err:
         raise UserError(str(err)) from None
     except PermissionError as err:
@@ -112,6 +115,19 @@ def check_storage(run_dir: str) -> str:
         raise UserError(f"run.storage: cannot write a probe object under {run_dir} "
                         f"({type(err).__name__}: {err}); check the path, the bucket and its permissions") from None
     return f"{run_dir} is writable (probe object written and removed)"
+
+
+def _missing_folders(location: str) -> list[str]:
+    """The local folders that writing into ``location`` creates, deepest first (none for s3://)."""
+    from pathlib import Path
+
+    if storage.is_remote(location):
+        return []
+    out, path = [], Path(location)
+    while not path.exists() and path != path.parent:
+        out.append(str(path))
+        path = path.parent
+    return out
 
 
 def check_tracking(cfg: RunConfig, run_dir: str) -> str | tuple[str, str]:
@@ -296,9 +312,12 @@ def _sources(cfg: RunConfig) -> Iterator[tuple[str, str, str]]:
 
 
 def run_preflight(cfg: RunConfig, *, on_check: Callable[[Check], None] | None = None,
-                  tracking: bool = True, resources: bool = True) -> Report:
+                  tracking: bool | str = True, resources: bool = True) -> Report:
     """Runs every check (local paths are made absolute as the driver does); raises PreflightError on the first
-    error, after ``on_check`` has seen its row. Returns the report when all pass (warnings included)."""
+    error, after ``on_check`` has seen its row. Returns the report when all pass (warnings included).
+
+    ``tracking``: True checks the server, "warn" turns its failure into a warning (a submitting machine may not
+    reach a server the cluster reaches), False skips it. ``resources``: check GPUs/CPUs of this machine."""
     from data_pipeline.loader import io_policy
     from orchestrator.driver import run_dir_of, with_absolute_paths
 
@@ -308,7 +327,9 @@ def run_preflight(cfg: RunConfig, *, on_check: Callable[[Check], None] | None = 
     runner.run("stages", lambda: check_plan(cfg))
     run_dir = str(run_dir_of(cfg))
     runner.run("run.storage", lambda: check_storage(run_dir))
-    if tracking:
+    if tracking == "warn":
+        runner.run("tracking.uri", lambda: _as_warning(lambda: check_tracking(cfg, run_dir)))
+    elif tracking:
         runner.run("tracking.uri", lambda: check_tracking(cfg, run_dir))
     tok_box: list = [None]
     if cfg.data.tokenizer or {"text", "pair"} & set(cfg.data.active_sources()):
@@ -330,6 +351,26 @@ def run_preflight(cfg: RunConfig, *, on_check: Callable[[Check], None] | None = 
 
 
 TABLE_HEADER = f"{'STATUS':6s} {'CHECK':<22s} {'TIME':>6s}  DETAIL"
+
+
+def _as_warning(check: Callable[[], str | tuple[str, str]]) -> str | tuple[str, str]:
+    try:
+        return check()
+    except UserError as err:
+        return "warn", str(err)
+
+
+def missing_local_paths(cfg: RunConfig) -> list[str]:
+    """Local paths of the config that do not exist on this machine (they may on a cluster's shared storage)."""
+    from pathlib import Path
+
+    d = cfg.data
+    paths = {"run.storage": cfg.run.storage, "data.text.urls": d.text.urls, "data.image.urls": d.image.urls,
+             "data.pair.urls": d.pair.urls, "data.eval_pairs": d.eval_pairs, "data.tokenizer": d.tokenizer}
+    here = {k: v for k, v in paths.items() if v and "://" not in v and "{" not in v}
+    # run.storage may not exist yet: the run creates it, so its parent is what must be here
+    return [f"{k}={v}" for k, v in here.items()
+            if not (Path(os.path.expanduser(v)).parent if k == "run.storage" else Path(os.path.expanduser(v))).exists()]
 
 
 def print_check(check: Check, out=None) -> None:

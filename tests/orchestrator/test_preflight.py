@@ -42,7 +42,7 @@ def test_a_good_config_passes_and_leaves_no_probe(data, tmp_path):
     assert names == ["stages", "run.storage", "tracking.uri", "data.tokenizer", "data.text.urls", "data.image.urls",
                      "data.pair.urls", "data.eval_pairs", "checkpoint (resume)", "scaling"]
     assert report.ok and not report.warnings
-    assert not [p for p in (tmp_path / "runs").rglob("*") if ".unimo-preflight-" in p.name]
+    assert not (tmp_path / "runs").exists()  # the probe and the folders made for it are removed
 
 
 def test_missing_data_folder_is_named(data, tmp_path):
@@ -161,3 +161,16 @@ def test_cli_check_prints_the_table_and_exits_1_at_the_first_error(data, tmp_pat
     captured = capsys.readouterr()
     assert "ERROR  data.text.urls" in captured.out and "data.image.urls" not in captured.out
     assert "unimo: error: data.text.urls:" in captured.err
+
+
+def test_submit_runs_the_preflight_where_the_data_is(data, tmp_path, capsys):
+    from orchestrator import jobs
+
+    base = [f"run.storage={tmp_path / 'runs'}", *data_overrides(str(data))]
+    with pytest.raises(PreflightError, match="fewer than the 6 streams"):
+        jobs.prepare(DEBUG_CONFIG, [*base, "data.num_workers=3"])
+    jobs.prepare(DEBUG_CONFIG, base)
+    assert "# pre-flight: 9 checks passed here" in capsys.readouterr().err
+    # folders this machine does not have may be on the cluster's shared storage: the job checks them there
+    jobs.prepare(DEBUG_CONFIG, [*base, f"data.pair.urls={tmp_path / 'on-the-cluster'}"])
+    assert "pre-flight left to the cluster: not on this machine: data.pair.urls=" in capsys.readouterr().err
