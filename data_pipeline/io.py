@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import os
 import time
 from collections.abc import Callable
 
@@ -76,7 +77,13 @@ def filesystem(url: str):
 
 def _storage_options(url: str) -> dict:
     if url.startswith("s3://"):
-        return {"config_kwargs": {"retries": {"max_attempts": 2, "mode": "standard"}}}
+        options = {"config_kwargs": {"retries": {"max_attempts": 2, "mode": "standard"}}}
+        # Named explicitly so fsspec's instance cache never hands back a filesystem made for another endpoint
+        # (the environment changed since: a test's S3 server, or a process that talks to two).
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            options["endpoint_url"] = endpoint
+        return options
     return {}
 
 
@@ -113,7 +120,8 @@ def list_shards(url: str, policy: RetryPolicy | None = None) -> list[tuple[str, 
     except Exception as exc:  # noqa: BLE001 - anything else still names the URL
         raise storage_error(url, exc) from None
     if not shards:
-        raise DataSourceError(f"no shards (*.tar) found under {url}")
+        raise DataSourceError(f"no shards (*.tar) found under {url}: point it at a folder or prefix holding "
+                              "WebDataset .tar shards, or a brace pattern (`unimo data shards` writes them)")
     return shards
 
 

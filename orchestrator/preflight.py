@@ -156,7 +156,13 @@ def check_tokenizer(cfg: RunConfig, policy) -> tuple[str, object]:
     """Loads the tokenizer and compares it with model.text (the same rules the trainer applies)."""
     from data_pipeline.tokenizer import load_tokenizer
 
-    tok = load_tokenizer(cfg.data.tokenizer, policy)
+    try:
+        tok = load_tokenizer(cfg.data.tokenizer, policy)
+    except TransientError as err:
+        raise UserError(f"{err}; {_storage_hint()}") from None
+    except UserError as err:
+        raise UserError(f"{err}; give a tokenizer.json (or a folder holding one), e.g. written by "
+                        "`unimo data tokenizer`") from None
     text = cfg.model.text
     if tok.vocab_size > text.vocab_size:
         raise UserError(f"data.tokenizer={cfg.data.tokenizer} has {tok.vocab_size} tokens but "
@@ -192,7 +198,10 @@ def check_source(cfg: RunConfig, key: str, url: str, source: str, tok, policy, s
                  shards_out: dict) -> str:
     from data_pipeline.io import list_shards
 
-    shards = list_shards(url, policy)
+    try:
+        shards = list_shards(url, policy)
+    except TransientError as err:
+        raise UserError(f"{err}; {_storage_hint()}") from None
     shards_out[source] = shards
     if streams and len(shards) < streams:
         raise UserError(f"{key}={url} has {len(shards)} shards, fewer than the {streams} streams that read it "
@@ -202,6 +211,12 @@ def check_source(cfg: RunConfig, key: str, url: str, source: str, tok, policy, s
     first_item(source, shards[0][0], cfg, tok, policy)
     size = sum(s for _, s in shards)
     return f"{len(shards)} shards, {size / 1e6:.1f} MB; first sample of {shards[0][0].rsplit('/', 1)[-1]} read"
+
+
+def _storage_hint() -> str:
+    endpoint = storage.endpoint_url() or "AWS S3"
+    return (f"check that the storage is up (S3 endpoint: {endpoint}, from AWS_ENDPOINT_URL) and reachable from "
+            "here, or raise data.io_retries / data.io_backoff_max_s to ride out an outage")
 
 
 def newest_checkpoint_state(run_dir: str) -> tuple[str, dict] | None:
