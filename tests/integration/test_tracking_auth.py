@@ -58,7 +58,7 @@ def basic_auth_proxy(upstream: str):
             self.wfile.write(data)
             conn.close()
 
-        do_GET = do_POST = do_PATCH = do_DELETE = _forward
+        do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _forward
 
         def log_message(self, *args):
             pass
