@@ -216,8 +216,9 @@ def cmd_mlflow(args: argparse.Namespace) -> int:
     return 0  # not reached
 
 
-COMMANDS = {"train": cmd_train, "check": cmd_check, "demo": cmd_demo, "config": cmd_config, "model": cmd_model, "data": cmd_data,
+COMMANDS = {"train": cmd_train, "demo": cmd_demo, "config": cmd_config, "model": cmd_model, "data": cmd_data,
             "mlflow": cmd_mlflow, "submit": cmd_submit, "jobs": cmd_jobs, "export": cmd_export}
+COMMANDS["check"] = cmd_check
 
 
 # Commands that parse their own arguments: argparse's REMAINDER drops a leading option (`unimo submit --help`,

@@ -73,9 +73,11 @@ class _Runner:
         try:
             out = fn()
             status, detail = out if isinstance(out, tuple) else ("ok", out or "")
-        except (UserError, ConfigError, ValueError, OSError, TransientError) as err:
-            self._add(Check(name, "error", str(err), time.monotonic() - t0))
-            raise PreflightError(f"{name}: {err}" if not str(err).startswith(name) else str(err)) from None
+        except Exception as err:  # noqa: BLE001 - every failure becomes the check's row and one paragraph
+            text = str(err) if isinstance(err, (UserError, ConfigError, ValueError, OSError, TransientError)) \
+                else f"{type(err).__name__}: {err}"
+            self._add(Check(name, "error", text, time.monotonic() - t0))
+            raise PreflightError(text if text.startswith(name) else f"{name}: {text}") from None
         self._add(Check(name, status, detail, time.monotonic() - t0))
 
     def _add(self, check: Check) -> None:
