@@ -286,7 +286,16 @@ def failed_run_error(err: BaseException, run_dir: Path | str, cfg: RunConfig) ->
     if user is not None:
         return UserError(f"{str(user).strip()}{where}")
     failures = getattr(err, "worker_failures", None) or {}
-    causes = failures.values() if failures else [getattr(err, "controller_failure", err)]
+    controller = getattr(err, "controller_failure", None)
+    if not failures and "WorkerGroupStartup" in type(controller).__name__:
+        from orchestrator.preflight import CLUSTER_WAIT_ENV, cluster_wait_s
+
+        s = cfg.scaling
+        return RuntimeError(f"scaling: the worker group ({s.min_workers or s.num_workers} x {s.cpus_per_worker} CPU"
+                            f"{' + 1 GPU' if s.use_gpu else ''}) could not be started within {CLUSTER_WAIT_ENV}="
+                            f"{cluster_wait_s():.0f} s: the cluster lacks the resources ({_last_line(controller)}); "
+                            f"add nodes or lower scaling.num_workers / cpus_per_worker{where}")
+    causes = failures.values() if failures else [controller or err]
     firsts = sorted({_last_line(e) for e in causes})
     return RuntimeError(f"training failed (the worker group was retried up to scaling.max_failures="
                         f"{cfg.scaling.max_failures} times): {'; '.join(firsts)}{where}")

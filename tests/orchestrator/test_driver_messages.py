@@ -73,3 +73,13 @@ def test_credentials_for_the_tracking_probe():
     _, headers = split_credentials("http://host", environ={"MLFLOW_TRACKING_USERNAME": "u",
                                                             "MLFLOW_TRACKING_PASSWORD": "p"})
     assert headers == {"Authorization": "Basic dTpw"}
+
+
+def test_a_worker_group_that_cannot_be_placed_names_the_resources(tmp_path):
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+    from ray.train.v2.api.exceptions import ControllerError
+
+    cfg = load_config(DEBUG_CONFIG, ["run.name=r1", "scaling.num_workers=2", "scaling.cpus_per_worker=4"])
+    out = str(driver.failed_run_error(ControllerError(WorkerGroupStartupTimeoutError(2)), tmp_path, cfg))
+    assert out.startswith("scaling: the worker group (2 x 4 CPU) could not be started within UNIMO_CLUSTER_WAIT_S=")
+    assert "add nodes or lower scaling.num_workers" in out
