@@ -95,7 +95,7 @@ def test_sigterm_during_a_storage_retry_loop_stops_without_a_new_worker_group(sy
         with driver(argv, tmp_path / "stuck.log", env) as run:
             wait_for(lambda: "[unimo] pre-flight:" in run.output(), 300, "the pre-flight to pass", run)
             s3.stop()  # the workers will find the storage down when they list the shards
-            wait_for(lambda: "retrying in" in run.output(), 300, "a storage retry in a worker", run)
+            wait_for(lambda: "retrying in" in run.output(), 600, "a storage retry in a worker", run)
             os.kill(run.proc.pid, signal.SIGTERM)
             assert run.wait(timeout=300) == 1
             out = run.output()
