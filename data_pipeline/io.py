@@ -5,12 +5,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import os
 import re
 import time
 from collections.abc import Callable
 
 import fsspec
 from braceexpand import braceexpand
+
+from .errors import TransientError, UserError
 
 log = logging.getLogger("unimo.data")
 
@@ -21,12 +24,13 @@ CREDENTIALS_HELP = ("credentials are found by boto: AWS_ACCESS_KEY_ID/AWS_SECRET
                     "instance role; the endpoint comes from AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL")
 
 
-class DataSourceError(RuntimeError):
-    """A source cannot be used at all (empty listing, missing bucket, no credentials)."""
+class DataSourceError(UserError):
+    """A source cannot be used at all (empty listing, missing bucket, no credentials): the user's to fix."""
 
 
-class DataReadError(RuntimeError):
-    """A read kept failing after the retry budget; the run must stop rather than skip data."""
+class DataReadError(TransientError):
+    """A read kept failing after the retry budget; the run must stop rather than skip data (a restart may
+    succeed once the storage is back)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +56,21 @@ def safe_url(url) -> str:
         return "[" + ", ".join(safe_url(u) for u in url) + "]"
     url = _USERINFO.sub("***@", str(url))
     return url.split("?", 1)[0] + ("?***" if "?" in url else "")
+
+
+_default_policy = RetryPolicy()
+
+
+def set_default_policy(policy: RetryPolicy) -> None:
+    """The retries of storage calls made without an explicit policy in this process (tokenizer, listings).
+    A training worker sets data.io_retries here, so that no call of the run retries longer than the config
+    says; tools keep the built-in default."""
+    global _default_policy
+    _default_policy = policy
+
+
+def default_policy() -> RetryPolicy:
+    return _default_policy
 
 
 def bucket_of(url: str) -> str:
@@ -92,7 +111,13 @@ def _missing_implementation(url: str, exc: ImportError) -> str:
 
 def _storage_options(url: str) -> dict:
     if url.startswith("s3://"):
-        return {"config_kwargs": {"retries": {"max_attempts": 2, "mode": "standard"}}}
+        options = {"config_kwargs": {"retries": {"max_attempts": 2, "mode": "standard"}}}
+        # Named explicitly so fsspec's instance cache never hands back a filesystem made for another endpoint
+        # (the environment changed since: a test's S3 server, or a process that talks to two).
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            options["endpoint_url"] = endpoint
+        return options
     return {}
 
 
@@ -113,23 +138,26 @@ def storage_error(url: str, exc: BaseException) -> Exception:
     return DataSourceError(f"{url}: {name}: {exc}")
 
 
-def list_shards(url: str) -> list[tuple[str, int]]:
+def list_shards(url: str, policy: RetryPolicy | None = None) -> list[tuple[str, int]]:
     """(url, size) of every shard of a source, sorted; raises DataSourceError naming the URL when empty.
 
     ``url`` is a brace pattern (every expanded shard must exist) or a prefix/folder whose ``.tar`` files are
-    listed recursively.
+    listed recursively. ``policy``: the retries of the listing (the run passes data.io_retries and its backoff,
+    which bound every storage call; the default suits one-off tools).
     """
     if not url:
         raise DataSourceError("empty shard URL")
     try:
         shards = call_with_retries(lambda: _list_http(url) if _is_http(url) else _list_pattern(url) if "{" in url
-                                   else _list_prefix(url), url, RetryPolicy())
+                                   else _list_prefix(url), url, policy or default_policy())
     except (DataSourceError, DataReadError):
         raise
     except Exception as exc:  # noqa: BLE001 - anything else still names the URL
         raise storage_error(url, exc) from None
     if not shards:
-        raise DataSourceError(f"no shards (*.tar, *.tar.gz, *.tgz, ...) found under {safe_url(url)}")
+        raise DataSourceError(f"no shards (*.tar, *.tar.gz, *.tgz, ...) found under {safe_url(url)}: point it at a "
+                              "folder or prefix holding WebDataset shards, or a brace pattern (`unimo data shards` "
+                              "writes them)")
     return shards
 
 

@@ -253,21 +253,26 @@ def _check_args(rank: int, world_size: int, seq_len: int, image_size: int, patch
         raise ValueError(f"image_size = {image_size}: must be a multiple of patch_size = {patch_size}")
 
 
-def corpus_shards(corpus: Corpus) -> list[tuple[str, int]]:
+def io_policy(cfg: DataConfig) -> RetryPolicy:
+    """The retries of every storage call of a run: data.io_retries with its backoff (listing included)."""
+    return RetryPolicy(cfg.io_retries, cfg.io_backoff_s, cfg.io_backoff_max_s)
+
+
+def corpus_shards(corpus: Corpus, policy: RetryPolicy | None = None) -> list[tuple[str, int]]:
     """(url, size) of a corpus's shards: each of its URLs listed in turn, a shard named twice counted once."""
     found: dict[str, int] = {}
     for url in corpus.urls if isinstance(corpus.urls, (list, tuple)) else [corpus.urls]:
-        for shard, size in list_shards(url):
+        for shard, size in list_shards(url, policy):
             found.setdefault(shard, size)
     return list(found.items())
 
 
-def _list_sources(corpora: list[Corpus], streams: int) -> dict:
+def _list_sources(corpora: list[Corpus], streams: int, policy: RetryPolicy | None = None) -> dict:
     """Shards of every corpus. A corpus may have fewer shards than the streams that read it (see
     cursor.planned_share): its epochs are then read by a few streams at a time."""
     shards = {}
     for c in corpora:
-        shards[c.key] = corpus_shards(c)
+        shards[c.key] = corpus_shards(c, policy)
         if len(shards[c.key]) < streams:
             log.info("source %s has %d shards for %d streams: each epoch is read by %d of them", c.key,
                      len(shards[c.key]), streams, len(shards[c.key]))
@@ -373,10 +378,11 @@ def build_loader(cfg: DataConfig, *, rank: int, world_size: int, seq_len: int, i
     workers = max(1, cfg.num_workers)
     tok = None
     if {"text", "pair"} & set(sources) or cfg.tokenizer:
-        tok = load_tokenizer(cfg.tokenizer)
+        tok = load_tokenizer(cfg.tokenizer, io_policy(cfg))
     corpora = {src: cfg.corpora(src) for src in sources}
     plan = _Plan(cfg=cfg, rank=rank, workers=workers, sources=sources, corpora=corpora,
-                 shards=_list_sources([c for src in sources for c in corpora[src]], world_size * workers),
+                 shards=_list_sources([c for src in sources for c in corpora[src]], world_size * workers,
+                                      io_policy(cfg)),
                  tokenizer_json=tok.to_str() if tok else None,
                  spec=BatchSpec(seq_len, image_size, patch_size, cfg.seed, cfg.mlm_probability,
                                 cfg.mim_mask_ratio, tuple(cfg.rewrite_weights), features_for(objectives)))

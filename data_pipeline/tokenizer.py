@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-from .io import DataReadError, DataSourceError, RetryPolicy, call_with_retries, filesystem, storage_error
+from .io import (DataReadError, DataSourceError, RetryPolicy, call_with_retries, default_policy, filesystem,
+                 storage_error)
 
 SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # ids 0..4 in tokenizers we train
 # Names of each special token in BERT-style and RoBERTa-style tokenizer.json files.
@@ -81,7 +82,7 @@ class TextTokenizer:
         return [self._tok.token_to_id(w) for w in words]
 
 
-def _read_text(path: str) -> str:
+def _read_text(path: str, policy: RetryPolicy | None = None) -> str:
     def read():
         fs, p = filesystem(path)
         if fs.isdir(p):
@@ -90,18 +91,19 @@ def _read_text(path: str) -> str:
             return f.read()
 
     try:
-        return call_with_retries(read, path, RetryPolicy())
+        return call_with_retries(read, path, policy or default_policy())
     except (DataSourceError, DataReadError):
         raise
     except Exception as exc:  # noqa: BLE001 - anything else still names the path
         raise storage_error(path, exc) from None
 
 
-def load_tokenizer(path: str) -> TextTokenizer:
-    """Load a tokenizer.json file, or a folder holding one, from a local path or s3://."""
+def load_tokenizer(path: str, policy: RetryPolicy | None = None) -> TextTokenizer:
+    """Load a tokenizer.json file, or a folder holding one, from a local path or s3:// (``policy``: the retries
+    of the read; a run passes data.io_retries)."""
     if not path:
         raise ValueError("data.tokenizer is empty: give a tokenizer.json path or a folder holding one")
-    return TextTokenizer.from_str(_read_text(path))
+    return TextTokenizer.from_str(_read_text(path, policy))
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 1000, kind: str = "wordpiece") -> TextTokenizer:

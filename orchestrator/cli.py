@@ -22,6 +22,7 @@ Common commands:
   unimo train debug model.fusion.layers=2 run.name=try1    (a shipped config's name, or a YAML file)
   unimo config list                               the shipped configs
   unimo config show debug                         print the resolved config
+  unimo check debug run.name=try1                 pre-flight: data, tokenizer, storage, tracking in seconds
   unimo model info base                           parameters and FLOPs per sample of a flavor
   unimo data shards --help                        write WebDataset shards
   unimo data preview configs/unimo_recipe.yaml    corpus shares of the first samples, epochs per corpus
@@ -74,7 +75,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train (or resume) a run on an embedded local Ray or a cluster",
                        description="Train the run named by run.name; if it exists in run.storage, resume it "
                                    "from its newest valid checkpoint. Without scaling.address an embedded "
-                                   "Ray on 127.0.0.1 is started.")
+                                   "Ray on 127.0.0.1 is started. The pre-flight checks of `unimo check` run "
+                                   "first.")
+    _add_config_args(p)
+    p.add_argument("--dry-run", action="store_true",
+                   help="run the pre-flight checks only (as `unimo check`), start nothing")
+
+    p = sub.add_parser("check", help="pre-flight: check a run's config, data, tokenizer, storage, tracking",
+                       description="Checks in seconds, before any worker starts, what a run would otherwise "
+                                   "find out late: data sources list their shards and read a first sample, "
+                                   "shards against streams, the tokenizer against the model, run storage "
+                                   "writable, tracking reachable with its credentials, a resumed checkpoint "
+                                   "against the config, GPUs. Prints a table; exits 1 at the first error.")
     _add_config_args(p)
 
     p = sub.add_parser("demo", help="end-to-end demo on a synthetic captioned data set",
@@ -138,8 +150,30 @@ def cmd_train(args: argparse.Namespace) -> int:
     from orchestrator.driver import fit, print_summary
     from trainer.config import load_config
 
+    if args.dry_run:
+        return cmd_check(args)
     cfg = load_config(args.config, args.overrides)
     print_summary(fit(cfg))
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """The pre-flight table; the first error ends it (rc 1) with its one-paragraph message."""
+    import time
+
+    from orchestrator.preflight import TABLE_HEADER, PreflightError, print_check, run_preflight
+    from trainer.config import load_config
+
+    started = time.monotonic()
+    cfg = load_config(args.config, args.overrides)
+    print(TABLE_HEADER, flush=True)
+    try:
+        report = run_preflight(cfg, on_check=print_check)
+    except PreflightError as err:
+        print(f"unimo check: FAILED after {time.monotonic() - started:.1f} s\nunimo: error: {err}", file=sys.stderr)
+        return 1
+    warned = f", {len(report.warnings)} warning(s)" if report.warnings else ""
+    print(f"unimo check: {len(report.checks)} checks passed{warned} in {time.monotonic() - started:.1f} s")
     return 0
 
 
@@ -237,6 +271,7 @@ def cmd_mlflow(args: argparse.Namespace) -> int:
 COMMANDS = {"train": cmd_train, "demo": cmd_demo, "config": cmd_config, "model": cmd_model, "data": cmd_data,
             "mlflow": cmd_mlflow, "submit": cmd_submit, "jobs": cmd_jobs, "job": cmd_jobs, "export": cmd_export,
             "eval": cmd_eval}
+COMMANDS["check"] = cmd_check
 
 
 # Commands that parse their own arguments: argparse's REMAINDER drops a leading option (`unimo submit --help`,

@@ -119,11 +119,18 @@ def with_absolute_paths(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
-def fit(cfg: RunConfig) -> TrainOutcome:
-    """Runs the job to completion (resuming the run of the same name if it exists), holding the run lock."""
+def fit(cfg: RunConfig, preflight: bool = True) -> TrainOutcome:
+    """Runs the job to completion (resuming the run of the same name if it exists), holding the run lock.
+
+    ``preflight``: run every check of orchestrator/preflight.py first (seconds), so a mistake in the inputs
+    is reported before Ray or a worker starts; False only for tests that need a mistake to reach a worker.
+    """
     from orchestrator.runlock import RunLock
 
-    cfg.check_ready_to_train()
+    if preflight:
+        run_preflight_quietly(cfg)
+    else:
+        cfg.check_ready_to_train()
     cfg = with_absolute_paths(cfg)
     run_dir = run_dir_of(cfg)
     storage.check_writable(str(run_dir))  # endpoint, credentials, bucket: named errors before anything starts
@@ -136,30 +143,83 @@ def fit(cfg: RunConfig) -> TrainOutcome:
         lock.release()
 
 
+def run_preflight_quietly(cfg: RunConfig) -> None:
+    """The pre-flight before a run: one line when it passes (plus its warnings); PreflightError otherwise."""
+    from orchestrator.preflight import run_preflight
+
+    started = time.monotonic()
+    report = run_preflight(cfg)
+    for check in report.warnings:
+        print(f"[unimo] pre-flight warning: {check.name}: {check.detail}", file=sys.stderr, flush=True)
+    print(f"[unimo] pre-flight: {len(report.checks)} checks passed in {time.monotonic() - started:.1f} s "
+          "(`unimo check` prints them)", flush=True)
+
+
+# How long a stop (the first SIGTERM) may take to reach a step boundary and save before the run is ended without
+# a new checkpoint: below `unimo jobs stop`'s grace (300 s), so the driver ends itself with a message rather than
+# being killed. A worker stuck in a storage retry loop or a hung step never reaches a boundary.
+STOP_GRACE_ENV = "UNIMO_STOP_GRACE_S"
+DEFAULT_STOP_GRACE_S = 240.0
+
+
+def stop_grace_s() -> float:
+    return float(os.environ.get(STOP_GRACE_ENV, DEFAULT_STOP_GRACE_S))
+
+
+class StopTimedOut(RuntimeError):
+    """A requested stop did not reach a step boundary in time: the run ended without a new checkpoint."""
+
+
+class _StopState:
+    """What the SIGTERM handler did: when a stop was asked for, and whether its grace ran out."""
+
+    def __init__(self) -> None:
+        self.requested_at: float | None = None
+        self.timed_out = False
+        self.timer: threading.Timer | None = None
+
+    def expire(self) -> None:
+        self.timed_out = True
+        print(f"[unimo] the workers did not reach a step boundary within {stop_grace_s():.0f} s of the stop "
+              f"request ({STOP_GRACE_ENV}); ending the run without a new checkpoint", file=sys.stderr, flush=True)
+        # As a Ctrl-C: Ray Train's handler aborts the controller and its workers (no new worker group).
+        _thread.interrupt_main()
+
+
 @contextlib.contextmanager
-def sigterm_as_exit(run_dir: Path | str):
+def sigterm_as_exit(run_dir: Path | str, state: _StopState | None = None):
     """The first SIGTERM (preemption, a pod's termination) asks the workers to checkpoint at the next step and
-    end cleanly (the STOP file the loop polls, in the run's folder or S3 prefix); a second one unwinds like an
-    exception, so the run lock is released and the MLflow run closed instead of the process vanishing mid-way."""
+    end cleanly (the STOP file the loop polls, in the run's folder or S3 prefix); if they do not within
+    stop_grace_s(), or at a second SIGTERM, the run unwinds like an exception, so the run lock is released and
+    the MLflow run closed instead of the process vanishing mid-way. No worker group starts after the first
+    (the failure policy sees the STOP file)."""
     stop_file = storage.join(run_dir, STOP_FILE)
     storage.delete(stop_file)  # a stale request from an earlier job must not stop this one
+    state = state or _StopState()
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield state
         return
 
     def _exit(signum, frame):
-        if not storage.exists(stop_file):
+        if state.requested_at is None:
+            state.requested_at = time.monotonic()
             storage.write_text(stop_file, f"SIGTERM at {time.time():.0f}\n")
-            print("[unimo] SIGTERM: the workers save a checkpoint at the next step and stop; send it again to "
-                  "abort without saving", file=sys.stderr, flush=True)
+            state.timer = threading.Timer(stop_grace_s(), state.expire)
+            state.timer.daemon = True
+            state.timer.start()
+            print(f"[unimo] SIGTERM: the workers save a checkpoint at the next step and stop (within "
+                  f"{stop_grace_s():.0f} s, else the run ends without one); send it again to abort without "
+                  "saving", file=sys.stderr, flush=True)
             return
         raise SystemExit(128 + signum)
 
     previous = signal.signal(signal.SIGTERM, _exit)
     try:
-        yield
+        yield state
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if state.timer is not None:
+            state.timer.cancel()
 
 
 def scaling_config_of(cfg: RunConfig):
@@ -174,10 +234,87 @@ def scaling_config_of(cfg: RunConfig):
                                    placement_strategy=s.placement_strategy)
 
 
+def failure_config_of(cfg: RunConfig):
+    """Ray Train's FailureConfig: scaling.max_failures for worker-group failures (user errors are never retried,
+    see orchestrator/failure_policy.py), and a worker group that cannot be placed (Ray retries its start every
+    RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, 60 s, without end by default) given up after the cluster wait."""
+    import math
+
+    import ray.train
+    from ray.train.v2._internal.constants import (DEFAULT_WORKER_GROUP_START_TIMEOUT_S,
+                                                  WORKER_GROUP_START_TIMEOUT_S_ENV_VAR)
+
+    from orchestrator.preflight import cluster_wait_s
+
+    start_s = float(os.environ.get(WORKER_GROUP_START_TIMEOUT_S_ENV_VAR, DEFAULT_WORKER_GROUP_START_TIMEOUT_S))
+    return ray.train.FailureConfig(max_failures=cfg.scaling.max_failures,
+                                   controller_failure_limit=max(1, math.ceil(cluster_wait_s() / start_s)))
+
+
+def error_log_path(run_dir: Path | str, run_name: str) -> Path:
+    """Where a failed run's full error goes: the run's folder, or this machine's cache for s3:// storage."""
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "unimo" / run_name \
+        if storage.is_remote(run_dir) else Path(run_dir)
+    return base / "logs" / f"error-{time.strftime('%Y%m%d-%H%M%S')}.log"
+
+
+def write_error_log(run_dir: Path | str, run_name: str, err: BaseException, detail: str = "") -> Path | None:
+    """The full error (every worker's traceback; ``detail``: where a worker raised it) in a file; the console
+    gets one paragraph naming it."""
+    import traceback
+
+    from trainer.tracking import redact, secret_values
+
+    path = error_log_path(run_dir, run_name)
+    text = "".join(traceback.format_exception(err)) + (f"\n--- where it was raised ---\n{detail}" if detail else "")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(redact(text, secret_values(dict(os.environ))))
+    except OSError as log_err:
+        log.warning("could not write the error log %s: %s", path, log_err)
+        return None
+    return path
+
+
+def failed_run_error(err: BaseException, run_dir: Path | str, cfg: RunConfig) -> Exception:
+    """One short paragraph for a failed fit: a user error's own message, or the first line of each distinct
+    worker failure; both name the log file holding the tracebacks."""
+    from data_pipeline.errors import UserError
+    from orchestrator.failure_policy import user_error_of
+
+    user = user_error_of(err)
+    path = write_error_log(run_dir, cfg.run.name, err, getattr(user, "detail", "") or "")
+    where = f" (full traceback: {path})" if path else ""
+    if user is not None:
+        return UserError(f"{str(user).strip()}{where}")
+    failures = getattr(err, "worker_failures", None) or {}
+    controller = getattr(err, "controller_failure", None)
+    if not failures and "WorkerGroupStartup" in type(controller).__name__:
+        from orchestrator.preflight import CLUSTER_WAIT_ENV, cluster_wait_s
+
+        s = cfg.scaling
+        return RuntimeError(f"scaling: the worker group ({s.min_workers or s.num_workers} x {s.cpus_per_worker} CPU"
+                            f"{' + 1 GPU' if s.use_gpu else ''}) could not be started within {CLUSTER_WAIT_ENV}="
+                            f"{cluster_wait_s():.0f} s: the cluster lacks the resources ({_last_line(controller)}); "
+                            f"add nodes or lower scaling.num_workers / cpus_per_worker{where}")
+    causes = failures.values() if failures else [controller or err]
+    firsts = sorted({_last_line(e) for e in causes})
+    return RuntimeError(f"training failed (the worker group was retried up to scaling.max_failures="
+                        f"{cfg.scaling.max_failures} times): {'; '.join(firsts)}{where}")
+
+
+def _last_line(err: BaseException) -> str:
+    """The line of a traceback text that says what happened (its last), or the exception's name."""
+    lines = [line for line in str(err).strip().splitlines() if line.strip()]
+    return (lines[-1] if lines else type(err).__name__)[:300]
+
+
 def _fit_locked(cfg: RunConfig, run_dir: Path | str) -> TrainOutcome:
     import ray.train
-    from ray.train.torch import TorchTrainer
+    from ray.train.v2.api.exceptions import TrainingFailedError
 
+    from orchestrator.failure_policy import GuardedTorchTrainer
+    from orchestrator.preflight import check_cluster
     from orchestrator.tracking_setup import default_tracking_uri, ensure_run, finish_run
     from trainer.checkpointing.records import reconcile_run
     from trainer.ray_worker import train_func
@@ -187,19 +324,24 @@ def _fit_locked(cfg: RunConfig, run_dir: Path | str) -> TrainOutcome:
     tracking_uri = default_tracking_uri(cfg, run_dir)
     run_id = ensure_run(cfg, tracking_uri, run_dir)
     init_ray(cfg)
+    shortage = check_cluster(cfg)  # an error for the embedded Ray; a warning with a wait limit on a cluster
+    if shortage:
+        print(f"[unimo] {shortage}", file=sys.stderr, flush=True)
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # propagated by Ray Train to its controller
     payload = {"run_config": to_dict(cfg), "mlflow_run_id": run_id, "tracking_uri": tracking_uri,
                "control_dir": str(run_dir)}
     # Checkpoints go to <run>/checkpoints/step_XXXXXXXX through Ray Train's pyarrow filesystem (S3 or local).
     storage_path, storage_fs = storage.ray_storage(str(run_dir), cfg.checkpoint.upload_attempts)
     reconcile_run(str(run_dir), "start")  # Ray refuses a run whose snapshot names a folder that is gone
-    trainer = TorchTrainer(
+    stop_file = storage.join(run_dir, STOP_FILE)
+    trainer = GuardedTorchTrainer(
         train_func,
+        stop_file=stop_file,
         train_loop_config=payload,
         scaling_config=scaling_config_of(cfg),
         run_config=ray.train.RunConfig(
             name="checkpoints", storage_path=storage_path, storage_filesystem=storage_fs,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
+            failure_config=failure_config_of(cfg),
             # Ray keeps every folder: the rank-0 CheckpointManager alone decides what is kept and deletes the rest
             # (two owners deleted each other's folders: a step saved again after a torn one shares its path).
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None),
@@ -207,17 +349,26 @@ def _fit_locked(cfg: RunConfig, run_dir: Path | str) -> TrainOutcome:
         ),
     )
     ok = False
+    stop = _StopState()
     try:
         # Installed after ray.init, which sets its own (aborting) SIGTERM handler in this process.
-        with sigterm_as_exit(run_dir):
-            result = trainer.fit()
+        with sigterm_as_exit(run_dir, stop):
+            try:
+                result = trainer.fit()
+            except TrainingFailedError as err:
+                raise failed_run_error(err, run_dir, cfg) from None
+            except (KeyboardInterrupt, SystemExit, Exception):
+                if stop.timed_out:
+                    raise StopTimedOut(_stop_timed_out_message(run_dir)) from None
+                raise
         ok = result.error is None
         if result.error is not None:
-            raise result.error
+            raise failed_run_error(result.error, run_dir, cfg)
     finally:
         reconcile_run(str(run_dir), "end")  # folders pruned or moved aside during the job
         run_id = finish_run(tracking_uri, run_id, ok, cfg=cfg, run_dir=run_dir)  # found if created late
-    stop_file = storage.join(run_dir, STOP_FILE)
+        if stop.requested_at is not None and not ok:
+            storage.delete(stop_file)  # the request is served: it must not stop the next job of this run
     stopped = storage.exists(stop_file) or bool((result.metrics or {}).get("stopped_early"))
     storage.delete(stop_file)
     checkpoint = storage.url_of_ray_path(result.checkpoint.path, result.checkpoint.filesystem) \
@@ -225,6 +376,32 @@ def _fit_locked(cfg: RunConfig, run_dir: Path | str) -> TrainOutcome:
     return TrainOutcome(run_dir=run_dir, checkpoint=checkpoint,
                         tracking_uri=tracking_uri, mlflow_run_id=run_id, metrics=dict(result.metrics or {}),
                         stopped_early=stopped)
+
+
+def _stop_timed_out_message(run_dir: Path | str) -> str:
+    from trainer import checkpoint as ckpt
+
+    try:
+        found = next(iter(c for c in ckpt.list_step_dirs(storage.join(run_dir, "checkpoints"))
+                          if ckpt.has_manifest(c.path)), None)
+    except OSError:
+        found = None
+    resume = f"resumes from {found.path} (step {found.step})" if found else "starts from scratch (no checkpoint yet)"
+    return (f"stopped on request WITHOUT a new checkpoint: the workers did not reach a step boundary within "
+            f"{stop_grace_s():.0f} s (stuck retrying storage, or a hung step; set {STOP_GRACE_ENV} to wait "
+            f"longer). Running the same command {resume}.")
+
+
+def tracking_hint(tracking_uri: str) -> list[str]:
+    """Where to look at the run: a tracking server is its own UI; a local store needs `mlflow ui`."""
+    if tracking_uri.startswith(("http://", "https://")):
+        from orchestrator.tracking_setup import tracking_secrets
+        from trainer.tracking import redact
+
+        return [f"MLflow UI         : {redact(tracking_uri, tracking_secrets(tracking_uri))}"]
+    mlflow_bin = Path(sys.executable).with_name("mlflow")
+    return [f"open the MLflow UI: {mlflow_bin} ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000",
+            "                   then browse http://127.0.0.1:5000"]
 
 
 def print_summary(out: TrainOutcome) -> None:
@@ -237,6 +414,5 @@ def print_summary(out: TrainOutcome) -> None:
     print(f"final losses      : {losses}")
     print(f"checkpoint        : {out.checkpoint}")
     print(f"MLflow run id     : {out.mlflow_run_id}")
-    mlflow_bin = Path(sys.executable).with_name("mlflow")
-    print(f"open the MLflow UI: {mlflow_bin} ui --backend-store-uri {out.tracking_uri} --host 127.0.0.1 --port 5000")
-    print("                   then browse http://127.0.0.1:5000")
+    for line in tracking_hint(out.tracking_uri):
+        print(line)

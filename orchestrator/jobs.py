@@ -218,10 +218,30 @@ def check_cluster_paths(cfg) -> None:
                         "s3:// URLs.")
 
 
+def preflight_here(cfg) -> None:
+    """The pre-flight of `unimo check` on this machine, where it can see the run's storage and data: shared
+    folders that exist here, or s3://. The cluster's resources are checked by the job itself, and a tracking
+    server this machine cannot reach is only a warning (the cluster may reach it). Paths absent here are left
+    to the job, which runs the whole pre-flight before its workers start."""
+    from orchestrator.preflight import missing_local_paths, run_preflight
+
+    absent = missing_local_paths(cfg)
+    if absent:
+        print(f"# pre-flight left to the cluster: not on this machine: {', '.join(absent)}", file=sys.stderr)
+        return
+    started = time.monotonic()
+    report = run_preflight(cfg, tracking="warn", resources=False)
+    for check in report.warnings:
+        print(f"# pre-flight warning: {check.name}: {check.detail}", file=sys.stderr)
+    print(f"# pre-flight: {len(report.checks)} checks passed here in {time.monotonic() - started:.1f} s",
+          file=sys.stderr)
+
+
 def prepare(config: str, overrides: list[str], python: str = "python",
             env: dict[str, str] | None = None, stop_grace_s: int = STOP_GRACE_S,
-            working_dir: str | Path | None = None) -> Submission:
-    """Validates the config here (config errors fail before anything is sent) and builds the submission."""
+            working_dir: str | Path | None = None, preflight: bool = True) -> Submission:
+    """Validates the config here (config errors and the pre-flight fail before anything is sent) and builds the
+    submission."""
     from trainer.config import load_config
 
     cfg = load_config(config, overrides)
@@ -230,6 +250,8 @@ def prepare(config: str, overrides: list[str], python: str = "python",
     folder = Path(working_dir) if working_dir is not None else Path.cwd()
     if not folder.is_dir():
         raise JobsError(f"--working-dir {folder} is not a folder")
+    if preflight:
+        preflight_here(cfg)
     return Submission(config=config_for_job(config, folder), overrides=list(overrides), run_name=cfg.run.name,
                       working_dir=folder.resolve(), python=python, env=dict(env or {}), stop_grace_s=stop_grace_s)
 

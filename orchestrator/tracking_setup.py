@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import fcntl
 import json
@@ -9,9 +10,11 @@ import logging
 import os
 import tempfile
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from data_pipeline.errors import UserError
 from trainer import storage
 from trainer.config import RunConfig
 from trainer.tracking import (RUN_ID_FILE, SECRET_MARKERS, SPOOL_DIR, MetricLogger, create_run, find_run,
@@ -21,7 +24,7 @@ from trainer.tracking import (RUN_ID_FILE, SECRET_MARKERS, SPOOL_DIR, MetricLogg
 log = logging.getLogger(__name__)
 
 __all__ = ["RUN_ID_FILE", "SECRET_MARKERS", "default_tracking_uri", "ensure_run", "finish_run", "safe_params",
-           "git_commit", "replay_spool", "check_reachable"]
+           "git_commit", "replay_spool", "check_reachable", "split_credentials", "TrackingAuthError"]
 
 
 def default_tracking_uri(cfg: RunConfig, run_dir: Path | str | None) -> str:
@@ -75,23 +78,75 @@ def open_client(tracking_uri: str):
         return MlflowClient(tracking_uri=tracking_uri)  # opening the store creates a new one's tables
 
 
-def check_reachable(tracking_uri: str, timeout: float = 5.0) -> None:
-    """Raises OSError when an http(s) tracking server does not answer at all (any HTTP status is an answer).
+def split_credentials(tracking_uri: str, environ: dict[str, str] | None = None) -> tuple[str, dict[str, str]]:
+    """(the URI without user-info, the HTTP headers that authenticate like MLflow's client does).
+
+    MLflow's client reads MLFLOW_TRACKING_USERNAME/PASSWORD (basic auth) or MLFLOW_TRACKING_TOKEN (bearer), and
+    requests turns ``http://user:password@host`` into basic auth; urllib does neither (it took
+    ``user:password@host`` for a host name: "Name or service not known").
+    """
+    env = os.environ if environ is None else environ
+    parts = urllib.parse.urlsplit(tracking_uri)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    bare = urllib.parse.urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+    user, password = env.get("MLFLOW_TRACKING_USERNAME"), env.get("MLFLOW_TRACKING_PASSWORD")
+    if not (user and password) and parts.username:
+        user, password = urllib.parse.unquote(parts.username), urllib.parse.unquote(parts.password or "")
+    headers = {}
+    if user:
+        headers["Authorization"] = "Basic " + base64.b64encode(f"{user}:{password or ''}".encode()).decode()
+    elif env.get("MLFLOW_TRACKING_TOKEN"):
+        headers["Authorization"] = "Bearer " + env["MLFLOW_TRACKING_TOKEN"]
+    return bare, headers
+
+
+def tracking_secrets(tracking_uri: str) -> list[str]:
+    """Every secret a tracking message could echo: the environment's, and the URI's password."""
+    parts = urllib.parse.urlsplit(tracking_uri)
+    extra = [p for p in (parts.password, urllib.parse.unquote(parts.password or "")) if p]
+    return secret_values(dict(os.environ)) + extra
+
+
+class TrackingAuthError(UserError):
+    """The tracking server answered but refused the credentials (or their absence)."""
+
+
+def check_reachable(tracking_uri: str, timeout: float = 5.0, experiment: str = "unimo") -> None:
+    """Raises OSError when an http(s) tracking server does not answer at all, TrackingAuthError when it refuses
+    the credentials (HTTP 401/403 on an authenticated API call). Any other answer counts as reachable.
 
     MLflow's client retries a refused connection for ~4 minutes before failing; this probe fails in seconds.
+    Credentials come from the URI's user-info, MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN.
     """
     if not tracking_uri.startswith(("http://", "https://")):
         return
+    bare, headers = split_credentials(tracking_uri)
+    base = bare.rstrip("/")
     try:
-        urllib.request.urlopen(tracking_uri.rstrip("/") + "/health", timeout=timeout).close()
+        urllib.request.urlopen(urllib.request.Request(base + "/health", headers=headers), timeout=timeout).close()
     except urllib.error.HTTPError:
-        return  # it answered (a proxy or an auth layer may refuse /health)
+        pass  # it answered (a proxy or an auth layer may refuse /health)
+    query = urllib.parse.urlencode({"experiment_name": experiment})
+    try:
+        urllib.request.urlopen(urllib.request.Request(
+            f"{base}/api/2.0/mlflow/experiments/get-by-name?{query}", headers=headers), timeout=timeout).close()
+    except urllib.error.HTTPError as err:
+        if err.code in (401, 403):
+            how = "were refused" if headers else "are missing"
+            raise TrackingAuthError(
+                f"tracking.uri={redact(tracking_uri, tracking_secrets(tracking_uri))}: the MLflow server answered "
+                f"HTTP {err.code}: its credentials {how}. Set MLFLOW_TRACKING_USERNAME and "
+                "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the environment, or put "
+                "user:password@ in tracking.uri for a local run.") from None
 
 
 def _unreachable_message(tracking_uri: str, err: Exception) -> str:
-    shown = redact(tracking_uri, [])
+    secrets = tracking_secrets(tracking_uri)
+    shown = redact(tracking_uri, secrets)
     return (f"MLflow tracking at {shown} is not reachable or refused the request "
-            f"({type(err).__name__}: {redact(str(err), [])[:200]}). Start it (`unimo mlflow`), set "
+            f"({type(err).__name__}: {redact(str(err), secrets)[:200]}). Start it (`unimo mlflow`), set "
             "tracking.uri to a reachable server, or set tracking.buffer_if_unreachable=true to train on and "
             "log later.")
 
@@ -128,14 +183,14 @@ def ensure_run(cfg: RunConfig, tracking_uri: str, run_dir: Path | str) -> str | 
     secrets = secret_values(dict(os.environ))
     id_file = storage.join(run_dir, RUN_ID_FILE)
     try:
-        check_reachable(tracking_uri)
+        check_reachable(tracking_uri, experiment=cfg.tracking.experiment)
         client = open_client(tracking_uri)
         run_id = recorded_run_id(run_dir) or find_run(client, cfg, str(run_dir))
         if run_id is not None:
             _resume_run(client, cfg, run_id, secrets, id_file)
         else:
             run_id = create_run(client, cfg, str(run_dir), secrets, commit=git_commit())
-    except RunGone:
+    except (RunGone, TrackingAuthError):
         raise
     except Exception as err:  # noqa: BLE001 - every other failure means "the tracking server is not usable"
         message = _unreachable_message(tracking_uri, err)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+import traceback
 from pathlib import Path
 
+from data_pipeline.errors import UserError
 from trainer.config import config_from_dict
 
 
@@ -49,14 +51,24 @@ def train_func(payload: dict) -> None:
 
     _quiet_report_echo()
 
+    from data_pipeline.io import set_default_policy
+    from data_pipeline.loader import io_policy
     from trainer.loop import Trainer
 
     ctx = ray.train.get_context()
     cfg = config_from_dict(payload["run_config"])
+    # data.io_retries bounds every storage call of this process, also those made without an explicit policy
+    set_default_policy(io_policy(cfg.data))
     trainer = Trainer(cfg, rank=ctx.get_world_rank(), world_size=ctx.get_world_size(), reporter=RayReporter(cfg.checkpoint.async_upload),
                       mlflow_run_id=payload.get("mlflow_run_id"), tracking_uri=payload.get("tracking_uri", ""),
                       local_rank=ctx.get_local_rank(), control_dir=payload.get("control_dir"))
-    trainer.run()
+    try:
+        trainer.run()
+    except UserError as err:
+        # The driver's failure policy ends the job on it (no retry) and prints its message; the traceback rides
+        # along for the run's error log, and what Ray prints from here is this frame, not the whole stack.
+        err.detail = traceback.format_exc()
+        raise err.with_traceback(None) from None
 
 
 def _quiet_report_echo() -> None:

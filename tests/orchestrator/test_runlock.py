@@ -161,13 +161,17 @@ def test_heartbeat_thread_keeps_the_lock_fresh(tmp_path):
 
 def test_driver_refuses_a_locked_run_before_touching_it(tmp_path, capsys):
     """`unimo train` on a run held by a live driver: refused, no MLflow run, no checkpoints, no Ray."""
+    from data_pipeline.synthetic import write_synthetic_dataset
     from orchestrator.cli import main
 
+    data = write_synthetic_dataset(str(tmp_path / "data"), n_pairs=20, n_text=20, n_images=20, n_eval=10,
+                                   samples_per_shard=10)  # real inputs: the pre-flight passes, the lock refuses
     run_dir = tmp_path / "runs" / "busy"
     with RunLock(run_dir):
         rc = main(["train", str(ROOT / "configs" / "debug.yaml"), "run.name=busy", f"run.storage={tmp_path / 'runs'}",
-                   "data.pair.urls=/nonexistent/p", "data.text.urls=/nonexistent/t",
-                   "data.image.urls=/nonexistent/i"])
+                   f"data.pair.urls={data['pair']}", f"data.text.urls={data['text']}",
+                   f"data.image.urls={data['image']}", f"data.eval_pairs={data['eval']}",
+                   f"data.tokenizer={data['tokenizer']}", "tracking.uri=" + f"sqlite:///{tmp_path / 'other.db'}"])
         assert rc == 1
         assert "run busy is locked by a live driver" in capsys.readouterr().err
         assert sorted(p.name for p in run_dir.iterdir()) == [LOCK_FILE]

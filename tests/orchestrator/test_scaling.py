@@ -43,8 +43,8 @@ def test_elastic_range_must_split_the_global_batch():
 
 
 def test_fit_hands_ray_the_failure_policy_and_run_storage_and_holds_the_lock(tmp_path, monkeypatch):
-    import ray.train.torch
-
+    import orchestrator.failure_policy as policy
+    import orchestrator.preflight as preflight
     import orchestrator.tracking_setup as tracking
 
     seen = {}
@@ -57,16 +57,21 @@ def test_fit_hands_ray_the_failure_policy_and_run_storage_and_holds_the_lock(tmp
             seen["locked_during_fit"] = (tmp_path / "runs" / "r1" / "run.lock").exists()
             return SimpleNamespace(error=None, checkpoint=None, metrics={"step": 1})
 
-    monkeypatch.setattr(ray.train.torch, "TorchTrainer", FakeTrainer)
+    monkeypatch.setattr(policy, "GuardedTorchTrainer", FakeTrainer)
     monkeypatch.setattr(driver, "init_ray", lambda cfg: None)
+    monkeypatch.setattr(preflight, "check_cluster", lambda cfg: None)
     monkeypatch.setattr(tracking, "ensure_run", lambda *a, **k: "rid")
     monkeypatch.setattr(tracking, "finish_run", lambda *a, **k: "rid")
     cfg = load_config(DEBUG, ["run.name=r1", f"run.storage={tmp_path / 'runs'}", "scaling.max_failures=7",
                               "data.pair.urls=/x", "data.text.urls=/x", "data.image.urls=/x"])
-    driver.fit(cfg)
+    driver.fit(cfg, preflight=False)  # the data paths are fake
     rc = seen["run_config"]
     assert rc.failure_config.max_failures == 7
     assert rc.checkpoint_config.num_to_keep is None  # the CheckpointManager alone prunes (issue #27)
+    # a worker group that cannot be placed is not retried without end (Ray's default), and after a stop
+    # request no group starts again (the policy reads the STOP file)
+    assert rc.failure_config.controller_failure_limit == 5
+    assert seen["stop_file"] == str((tmp_path / "runs" / "r1" / "STOP").resolve())
     assert rc.name == "checkpoints" and Path(rc.storage_path) == (tmp_path / "runs" / "r1").resolve()
     assert seen["scaling_config"].num_workers == 2
     assert seen["locked_during_fit"] and not (tmp_path / "runs" / "r1" / "run.lock").exists()

@@ -1,0 +1,85 @@
+"""What the driver tells a person (issue #26): one paragraph for a failed run with the log that holds the
+tracebacks, the tracking server's URL (not `mlflow ui`) for a server, and a stop that cannot reach a step
+boundary ends the run, saying so."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+from ray.train.v2.api.exceptions import WorkerGroupError
+
+from data_pipeline.errors import UserError
+from data_pipeline.io import DataReadError, DataSourceError
+from orchestrator import driver
+from orchestrator.tracking_setup import split_credentials
+from tests.integration.recipes import DEBUG_CONFIG
+from trainer.config import load_config
+
+
+def test_the_summary_names_a_tracking_server_and_mlflow_ui_only_for_a_local_store():
+    server = driver.tracking_hint("http://alice:s3cr3t-pass@mlflow.example:5000")
+    assert server == ["MLflow UI         : http://***@mlflow.example:5000"]
+    local = "\n".join(driver.tracking_hint("sqlite:////runs/mlflow.db"))
+    assert "ui --backend-store-uri sqlite:////runs/mlflow.db" in local
+
+
+def test_a_user_error_from_a_worker_is_its_own_paragraph_and_names_the_log(tmp_path):
+    cfg = load_config(DEBUG_CONFIG, ["run.name=r1"])
+    err = DataSourceError("no shards (*.tar) found under /data/pairs: point it at ...")
+    err.detail = "Traceback (most recent call last):\n  File loader.py ...\nDataSourceError: no shards"
+    out = driver.failed_run_error(WorkerGroupError("ray's text", {0: err, 1: RuntimeError("gloo")}), tmp_path, cfg)
+    assert isinstance(out, UserError)
+    text, log = str(out).split(" (full traceback: ")
+    assert text == "no shards (*.tar) found under /data/pairs: point it at ..."
+    logged = open(log.rstrip(")")).read()
+    assert "File loader.py" in logged and log.startswith(str(tmp_path / "logs" / "error-"))
+
+
+def test_other_failures_are_summed_up_by_their_last_lines(tmp_path):
+    cfg = load_config(DEBUG_CONFIG, ["run.name=r1", "scaling.max_failures=2"])
+    err = WorkerGroupError("...", {0: DataReadError("could not read s3://b/x after 9 attempts"),
+                                   1: RuntimeError("Traceback ...\n  File x\nRuntimeError: gloo reset")})
+    out = str(driver.failed_run_error(err, tmp_path, cfg))
+    assert out.startswith("training failed (the worker group was retried up to scaling.max_failures=2 times): ")
+    assert "could not read s3://b/x after 9 attempts" in out and "RuntimeError: gloo reset" in out
+    assert "(full traceback: " in out
+
+
+def test_a_stop_that_reaches_no_step_boundary_ends_the_run(tmp_path, monkeypatch):
+    """The first SIGTERM writes the STOP file and starts the grace; when it runs out the main thread is
+    interrupted (as by Ctrl-C, which Ray Train turns into an abort of its workers)."""
+    monkeypatch.setenv(driver.STOP_GRACE_ENV, "0.5")
+    with pytest.raises(KeyboardInterrupt):
+        with driver.sigterm_as_exit(tmp_path) as state:
+            os.kill(os.getpid(), signal.SIGTERM)
+            while not state.timed_out:  # the driver would be inside trainer.fit() here
+                time.sleep(0.05)
+            while True:  # the interrupt arrives at the next bytecode boundary
+                time.sleep(0.05)
+    assert state.requested_at is not None and state.timed_out
+    assert (tmp_path / "STOP").read_text().startswith("SIGTERM")
+    message = driver._stop_timed_out_message(tmp_path)
+    assert "WITHOUT a new checkpoint" in message and "starts from scratch" in message
+
+
+def test_credentials_for_the_tracking_probe():
+    bare, headers = split_credentials("http://alice:p%40ss@host:5000/prefix", environ={})
+    assert bare == "http://host:5000/prefix" and headers["Authorization"] == "Basic YWxpY2U6cEBzcw=="
+    _, headers = split_credentials("http://host:5000", environ={"MLFLOW_TRACKING_TOKEN": "tok"})
+    assert headers == {"Authorization": "Bearer tok"}
+    _, headers = split_credentials("http://host", environ={"MLFLOW_TRACKING_USERNAME": "u",
+                                                            "MLFLOW_TRACKING_PASSWORD": "p"})
+    assert headers == {"Authorization": "Basic dTpw"}
+
+
+def test_a_worker_group_that_cannot_be_placed_names_the_resources(tmp_path):
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+    from ray.train.v2.api.exceptions import ControllerError
+
+    cfg = load_config(DEBUG_CONFIG, ["run.name=r1", "scaling.num_workers=2", "scaling.cpus_per_worker=4"])
+    out = str(driver.failed_run_error(ControllerError(WorkerGroupStartupTimeoutError(2)), tmp_path, cfg))
+    assert out.startswith("scaling: the worker group (2 x 4 CPU) could not be started within UNIMO_CLUSTER_WAIT_S=")
+    assert "add nodes or lower scaling.num_workers" in out
