@@ -87,7 +87,8 @@ def init_ray(cfg: RunConfig) -> None:
 
 def worker_env(cfg: RunConfig) -> dict[str, str]:
     env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION",
-                                      "AWS_REGION", "AWS_PROFILE", "MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK")
+                                      "AWS_REGION", "AWS_PROFILE", "MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK",
+                                      "UNIMO_FAULT_GATE", "UNIMO_FAULT_GATE_TIMEOUT_S")  # the last two: fault tests
            if k in os.environ}
     if not cfg.scaling.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -18,7 +19,7 @@ from typing import Any, Iterator
 import torch
 
 from data_pipeline.accounting import corpus_counters, corpus_metrics
-from trainer import preemption
+from trainer import fault_gate, preemption
 from trainer.checkpointing import STOP_FILE, CheckpointManager, Progress, StopFile
 from trainer.checkpointing.manager import Reporter
 from trainer.config import RunConfig, StageConfig
@@ -312,7 +313,11 @@ class Trainer:
     def _step_loop(self, start_step: int, total_steps: int, t_start: float) -> dict[str, float]:
         """Steps until the plan ends or a stop is requested; checkpoints, logs and evaluates on the way."""
         last: dict[str, float] = {}
+        gate = fault_gate.parse(os.environ.get(fault_gate.ENV))  # set only by fault tests
         for step in range(start_step, total_steps):
+            if gate is not None and gate[0] == step + 1:
+                with self.watchdog.phase(f"the fault gate before step {step + 1}"):
+                    fault_gate.wait_at(step + 1, self.rank)
             _, stage, in_stage = stage_at(self.cfg.stages, step)
             result = self.train_step(stage, in_stage)
             done = step + 1
