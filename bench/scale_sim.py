@@ -602,6 +602,22 @@ def checkpoint_part(quick: bool) -> dict:
     return {"layout": rows, "requests": requests}
 
 
+def planning_cost() -> list[tuple[int, int, float]]:
+    """cursor.epochs_view over streams lagging up to three epochs on a corpus with fewer shards than streams (the
+    merge's planning of each stream's untouched shares): (streams, shards, seconds)."""
+    from data_pipeline.cursor import epochs_view
+
+    out = []
+    for streams, n in ((256, 200), (1024, 800), (4096, 2000)):
+        states = [StreamState(streams=streams, index=i, fresh_epoch=0 if i % 2 else 3) for i in range(streams)]
+        epochs_view(states, 0, "pair/coco", n)  # epoch orders cached, as in a merge after reading
+        t0 = time.perf_counter()
+        epochs_view(states, 0, "pair/coco", n)
+        out.append((streams, n, time.perf_counter() - t0))
+        print(f"  {streams:>5} streams over {n:>5} shards: epochs_view {out[-1][2] * 1000:8.1f} ms")
+    return out
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="8 and 64 ranks, 10,000 shards (CI-sized)")
@@ -613,6 +629,8 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     shards = args.shards or (10_000 if args.quick else 100_000)
     if not args.skip_cursor:
+        print("planning a small corpus's epochs for every stream (cursor.planned_share, shards < streams):")
+        planning_cost()
         cursor_part(args.quick, shards, args.steps, args.worlds)
     if not args.skip_checkpoint:
         checkpoint_part(args.quick)

@@ -20,3 +20,20 @@ def test_world_size_changes_keep_every_sample_exactly_once():
     check_exactly_once(merged, listing, drawn)
     total = sum(n for shards in listing.values() for _, n in shards)
     assert sum(len(o) for (_, e, _), o in drawn.seen.items() if e == 0) == total
+
+
+def test_planned_share_deals_an_epoch_from_where_the_last_one_stopped():
+    """The rule planned_share computes directly (one shard at most when shards < streams): shard j of an epoch's
+    order goes to stream (epoch x n + j) mod streams; with shards >= streams, stream i reads order[i::streams]."""
+    from data_pipeline.cursor import epoch_order, planned_share
+
+    for n in range(1, 24):
+        for streams in range(1, 30):
+            for epoch in range(4):
+                order = epoch_order(7, "pair/coco", epoch, n)
+                for index in range(streams):
+                    if n >= streams:
+                        want = list(order[index::streams])
+                    else:
+                        want = [order[j] for j in range(n) if (epoch * n + j) % streams == index]
+                    assert planned_share(7, "pair/coco", epoch, n, streams, index) == want
