@@ -22,10 +22,20 @@ Only the simulation's bookkeeping is shortened: ``shard_digest`` (O(shards), ide
 per-corpus ``redistribute`` (O(shards + streams), identical on every rank: each real rank computes it once, in
 parallel) are memoised while the other ranks are built; the timed rank runs them unmemoised.
 
-Part 2 (checkpoint layout): see ``checkpoint_part`` below.
+``--xl-cursor`` runs the same at configs/xl.yaml's data settings (shuffle_buffer 2000, 6 workers) at 8 and 16
+ranks and fits a line to 1,024 ranks (filling 2,000-sample buffers of thousands of streams is beyond this machine).
 
-    python bench/scale_sim.py            # world sizes 8, 64, 256, 1024 and the checkpoint part
-    python bench/scale_sim.py --quick    # 8 and 64 ranks, 10,000 shards: a CI-sized run
+Part 2 (checkpoint layout, ``checkpoint_part``): the xl flavor's ZeRO-3 shards per rank (parameter tensors counted
+on the meta device, partitioned as DeepSpeed pads them), the manifest's build and verification over the real file
+layout of N ranks with tiny files (per-file cost) and sha256 over a sample file (per-byte cost, extrapolated: a
+49 GiB checkpoint is not written), and the S3 requests of a save (pyarrow upload, as Ray Train's), a prune and a
+resume (checkpoint.prune / newest_valid) counted on moto's S3 server on 127.0.0.1.
+
+Part 3 (``capacity``): the capacity model of docs/SCALE.md computed from part 2's figures and stated bandwidths,
+S3 per-prefix limits and node MTBF.
+
+    python bench/scale_sim.py            # 8, 64, 256, 1,024 ranks (~15 min on the shared 2-core VM)
+    python bench/scale_sim.py --quick    # 8 and 64 ranks, 10,000 shards: a CI-sized run (~2 min there)
 """
 
 from __future__ import annotations
