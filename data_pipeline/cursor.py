@@ -47,8 +47,10 @@ def planned_share(seed: int, source: str, epoch: int, n: int, streams: int, inde
     order = epoch_order(seed, source, epoch, n)
     if n >= streams:
         return list(order[index::streams])
-    start = (epoch * n) % streams
-    return [order[j] for j in range(n) if (start + j) % streams == index]
+    # Shard j of the epoch goes to stream (start + j) % streams; with n < streams at most one j is this
+    # stream's, found directly: scanning all n per stream made planning every stream's epoch O(streams x n).
+    j = (index - (epoch * n) % streams) % streams
+    return [order[j]] if j < n else []
 
 
 def to_ranges(values) -> list[list[int]]:

@@ -1,0 +1,739 @@
+"""Beyond this machine, by simulation: the data cursor at 8-1,024 ranks, and the checkpoint layout's costs.
+
+Part 1 (data cursor). The real plan and cursor code of data_pipeline (loader._initial_states, MixedLoader's
+state_dict, cursor.merge_states / redistribute, stream.SourceStream, mix.Mixer) runs every rank of a world in
+this one process, without torch.distributed, DataLoader processes or tar files. The seam: a corpus's listing is
+``[(url, size), ...]`` (loader.corpus_shards) and a stream reads a shard only through ``SourceStream._open``;
+here the listing is synthetic (100,000 shards over text, image and two pair corpora, the size field holding the
+shard's sample count) and ``_open`` yields the shard's ordinals instead of reading a tar. Each simulated rank
+draws its micro-batches as ``_WorkerStreams._batch`` does (per modality, the mixer picks a corpus, the corpus's
+stream takes one sample; workers take turns) and writes the worker's cursor back into its MixedLoader as
+``MixedLoader.__iter__`` does. A run: W ranks x 4 workers for some steps, save (every rank's state_dict()),
+merge, resume at 3/4 W, run, save, resume at W, run, save (and 64 -> 8). After each save the merged cursor is
+checked against every sample key drawn so far: no key twice, and each drawn (corpus, epoch, shard) is exactly
+what the cursor's per-epoch view says was yielded (finished shards wholly, partial shards the listed ordinals).
+
+Per world size it prints the cursor's size (every rank's state as trainer_state.json's data_states holds them,
+and merged), and the time and tracemalloc peak of one rank's save (state_dict), of the merge of all ranks' states
+(what every rank does on resume) and of one rank's redistribution to the new world size (loader._initial_states),
+with each figure's growth exponent against the previous world size (1 = linear in ranks).
+
+Only the simulation's bookkeeping is shortened: ``shard_digest`` (O(shards), identical on every rank) and the
+per-corpus ``redistribute`` (O(shards + streams), identical on every rank: each real rank computes it once, in
+parallel) are memoised while the other ranks are built; the timed rank runs them unmemoised.
+
+``--xl-cursor`` runs the same at configs/xl.yaml's data settings (shuffle_buffer 2000, 6 workers) at 8 and 16
+ranks and fits a line to 1,024 ranks (filling 2,000-sample buffers of thousands of streams is beyond this machine).
+
+Part 2 (checkpoint layout, ``checkpoint_part``): the xl flavor's ZeRO-3 shards per rank (parameter tensors counted
+on the meta device, partitioned as DeepSpeed pads them), the manifest's build and verification over the real file
+layout of N ranks with tiny files (per-file cost) and sha256 over a sample file (per-byte cost, extrapolated: a
+49 GiB checkpoint is not written), and the S3 requests of a save (pyarrow upload, as Ray Train's), a prune and a
+resume (checkpoint.prune / newest_valid) counted on moto's S3 server on 127.0.0.1.
+
+Part 3 (``capacity``): the capacity model of docs/SCALE.md computed from part 2's figures and stated bandwidths,
+S3 per-prefix limits and node MTBF.
+
+    python bench/scale_sim.py            # 8, 64, 256, 1,024 ranks (~15 min on the shared 2-core VM)
+    python bench/scale_sim.py --quick    # 8 and 64 ranks, 10,000 shards: a CI-sized run (~2 min there)
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import sys
+import time
+import tracemalloc
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from data_pipeline import loader as loader_mod  # noqa: E402
+from data_pipeline.batch import BatchSpec  # noqa: E402
+from data_pipeline.config import CorpusConfig, DataConfig, SourceConfig  # noqa: E402
+from data_pipeline.cursor import StreamState, from_ranges, merge_states  # noqa: E402
+from data_pipeline.loader import MixedLoader, _initial_states, _Plan, buffer_share  # noqa: E402
+from data_pipeline.mix import Mixer  # noqa: E402
+from data_pipeline.stream import SourceStream, StreamContext  # noqa: E402
+
+WORKERS = 4
+
+
+# ------------------------------------------------------------------------------------------ synthetic listing
+def synthetic_config(seed: int = 0, buffer: int = 64, batch: int = 8, workers: int = WORKERS,
+                     pair_batch: int | None = None) -> DataConfig:
+    """Text, image and two weighted pair corpora (a large web one and a small COCO-like one)."""
+    return DataConfig(text=SourceConfig(urls="sim://text", batch_size=batch),
+                      image=SourceConfig(urls="sim://image", batch_size=batch),
+                      pair=SourceConfig(batch_size=pair_batch or batch, corpora=[
+                          CorpusConfig(name="web", urls="sim://pair/web", weight=4.0),
+                          CorpusConfig(name="coco", urls="sim://pair/coco", weight=1.0)]),
+                      num_workers=workers, shuffle_buffer=buffer, seed=seed)
+
+
+# Shares of the shard total per corpus: the COCO-like corpus has fewer shards than 1,024 x 4 streams, so the
+# fewer-shards-than-streams plan (cursor.planned_share) is exercised too.
+SHARE = {"text": 0.45, "image": 0.3, "pair/web": 0.23, "pair/coco": 0.02}
+
+
+def synthetic_listing(total_shards: int, min_samples: int = 2, max_samples: int = 16,
+                      seed: int = 0) -> dict[str, list[tuple[str, int]]]:
+    """corpus key -> [(url, samples in the shard)]: the listing loader.corpus_shards would return, with the
+    size field carrying the sample count (nothing is written)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for key, share in SHARE.items():
+        n = max(1, round(total_shards * share))
+        counts = rng.integers(min_samples, max_samples + 1, size=n)
+        out[key] = [(f"sim://{key}/shard-{i:06d}.tar", int(c)) for i, c in enumerate(counts)]
+    return out
+
+
+class _NoReader:
+    def close(self):
+        pass
+
+
+class SimStream(SourceStream):
+    """A real SourceStream whose shards are read from the synthetic listing instead of tar files."""
+
+    def _open(self, shard: int, wanted):
+        self.ctx.count("shards_opened", 1)
+        n, key = self.shards[shard][1], self.source
+
+        def items():
+            for ordinal in range(n):
+                yield ordinal, ({"key": f"{key}/{shard}/{ordinal}"} if wanted(ordinal) else None)
+        return _NoReader(), items()
+
+
+# ------------------------------------------------------------------------------------------ simulated ranks
+def make_plan(cfg: DataConfig, listing: dict, rank: int) -> _Plan:
+    sources = cfg.active_sources()
+    return _Plan(cfg=cfg, rank=rank, workers=max(1, cfg.num_workers), sources=sources,
+                 corpora={s: cfg.corpora(s) for s in sources}, shards=listing, tokenizer_json=None,
+                 spec=BatchSpec(32, 32, 8, cfg.seed, 0.15, 0.5))
+
+
+@dataclass
+class Drawn:
+    """Every sample drawn so far: (corpus, epoch, shard) -> ordinals; a key drawn twice is an error at once."""
+
+    seen: dict = field(default_factory=dict)
+    count: int = 0
+
+    def add(self, corpus: str, ref: list, key: str) -> None:
+        e, s, o = ref
+        if key != f"{corpus}/{s}/{o}":
+            raise AssertionError(f"sample {key} came with the reference {corpus} {ref}")
+        got = self.seen.setdefault((corpus, e, s), set())
+        if o in got:
+            raise AssertionError(f"sample {key} of epoch {e} drawn twice")
+        got.add(o)
+        self.count += 1
+
+
+class SimRank:
+    """One rank: its MixedLoader (the cursor) and, per worker, the streams a DataLoader worker would hold."""
+
+    def __init__(self, plan: _Plan, world: int, state: dict | None):
+        self.plan = plan
+        states, mix, meta, next_worker = _initial_states(state, plan, world)
+        self.loader = MixedLoader(plan, world, states, mix, meta, next_worker)
+        self._workers: dict[int, tuple[dict, dict]] = {}
+
+    def _worker(self, worker: int) -> tuple[dict, dict]:
+        """Streams and mixers of a worker, built from the cursor as _WorkerStreams.__iter__ builds them."""
+        if worker not in self._workers:
+            plan, cfg, index = self.plan, self.plan.cfg, str(self.plan.rank * self.plan.workers + worker)
+            streams, mixers = {}, {}
+            for src in plan.sources:
+                weights = plan.weights(src)
+                total = sum(weights.values())
+                for c in plan.corpora[src]:
+                    ctx = StreamContext(seed=cfg.seed, buffer_size=buffer_share(cfg.shuffle_buffer, c.weight / total),
+                                        prep=None, retry=None, block_bytes=0, count=lambda name, n: None)
+                    streams[c.key] = SimStream(c.key, plan.shards[c.key],
+                                               StreamState.from_json(self.loader._states[c.key][index]), ctx)
+                mixers[src] = Mixer(weights, self.loader._mix[src][index])
+            self._workers[worker] = (streams, mixers)
+        return self._workers[worker]
+
+    def step(self, drawn: Drawn) -> None:
+        """One micro-batch from the next worker; its cursor goes back into the loader as MixedLoader does."""
+        ld, plan = self.loader, self.plan
+        worker = ld._next_worker
+        streams, mixers = self._worker(worker)
+        for src, mixer in mixers.items():
+            for _ in range(getattr(plan.cfg, src).batch_size):
+                corpus = mixer.pick()
+                (ref,), (item,) = streams[corpus].take(1)
+                drawn.add(corpus, ref, item["key"])
+        index = str(plan.rank * plan.workers + worker)
+        for key, st in streams.items():
+            ld._states[key][index] = st.snapshot()
+        for modality, mx in mixers.items():
+            ld._mix[modality][index] = mx.snapshot()
+        ld._next_worker = (worker + 1) % plan.workers
+
+
+@contextmanager
+def memoised_shared_work():
+    """While the other ranks are built or saved, compute the rank-independent parts once (see the docstring)."""
+    digest, redistribute = loader_mod.shard_digest, loader_mod.redistribute
+    digests, plans = {}, {}
+
+    def digest_once(urls):
+        key = (len(urls), urls[0] if urls else "", urls[-1] if urls else "")
+        if key not in digests:
+            digests[key] = digest(urls)
+        return digests[key]
+
+    def redistribute_once(view, seed, source, n, streams):
+        key = (id(view), seed, source, n, streams)
+        if key not in plans:
+            plans[key] = (view, redistribute(view, seed, source, n, streams))  # view kept: its id stays unique
+        return plans[key][1]
+
+    loader_mod.shard_digest, loader_mod.redistribute = digest_once, redistribute_once
+    try:
+        yield
+    finally:
+        loader_mod.shard_digest, loader_mod.redistribute = digest, redistribute
+
+
+def measured(fn, with_memory: bool = True):
+    """(result, seconds, peak bytes of Python allocations or None): timed once plain, once under tracemalloc.
+
+    The simulation's own heap (every rank's streams, every drawn key) is frozen out of the cyclic GC first: a
+    real rank holds one rank's objects, and collections scanning the other ranks' would bill the measured
+    operation for the simulation's size."""
+    gc.collect()
+    gc.freeze()
+    try:
+        t0 = time.perf_counter()
+        out = fn()
+        seconds = time.perf_counter() - t0
+        peak = None
+        if with_memory:
+            tracemalloc.start()
+            fn()
+            peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+    finally:
+        gc.unfreeze()
+    return out, seconds, peak
+
+
+# ------------------------------------------------------------------------------------------ exactly-once check
+def check_exactly_once(merged: dict, listing: dict, drawn: Drawn) -> int:
+    """The merged cursor's per-epoch view against every sample drawn: for each corpus and epoch, a shard the view
+    calls finished was drawn wholly, a partial shard exactly in the listed ordinals, an unfinished shard in none;
+    epochs below the view's lowest are wholly drawn, epochs from ``fresh_from`` not at all. Returns the number of
+    samples it accounted for; raises AssertionError naming the first mismatch."""
+    by_corpus: dict[str, dict[int, dict[int, set]]] = {}
+    for (corpus, e, s), ords in drawn.seen.items():
+        by_corpus.setdefault(corpus, {}).setdefault(e, {})[s] = ords
+    accounted = 0
+    for corpus, shards in listing.items():
+        src = merged["sources"][corpus]
+        n, views = len(shards), src["epochs"]
+        lowest = min((int(e) for e in views), default=src["fresh_from"])
+        for e, got in by_corpus.get(corpus, {}).items():
+            if e >= src["fresh_from"]:
+                raise AssertionError(f"{corpus}: epoch {e} drawn from, but the cursor says it is untouched")
+            if e < lowest or str(e) not in views:  # the view lists only the epochs with something left
+                finished, partial = range(n), {}
+            else:
+                finished = views[str(e)]["finished"]
+                partial = {int(s): from_ranges(r) for s, r in views[str(e)]["partial"].items()}
+            for s in finished:
+                if got.get(s, set()) != set(range(shards[s][1])):
+                    raise AssertionError(f"{corpus} epoch {e}: shard {s} is finished in the cursor, but "
+                                         f"{len(got.get(s, ()))} of its {shards[s][1]} samples were drawn")
+            for s, ords in got.items():
+                if s in partial and ords != partial[s]:
+                    raise AssertionError(f"{corpus} epoch {e}: shard {s} drew {sorted(ords)}, the cursor lists "
+                                         f"{sorted(partial[s])}")
+                if s not in partial and len(ords) != shards[s][1]:
+                    raise AssertionError(f"{corpus} epoch {e}: shard {s} drew {len(ords)} samples the cursor "
+                                         f"does not record")
+                accounted += len(ords)
+    if accounted != drawn.count:
+        raise AssertionError(f"{drawn.count} samples drawn, {accounted} accounted for by the cursor")
+    return accounted
+
+
+# ------------------------------------------------------------------------------------------ one world
+def build_world(cfg: DataConfig, listing: dict, world: int, state: dict | None,
+                measure: bool = True) -> tuple[list[SimRank], dict]:
+    """Every rank of a world resumed from ``state``; rank 0 timed alone (its _initial_states is the per-rank
+    cost of a resume: redistribution to this world size when it differs from the saved one)."""
+    plan0 = make_plan(cfg, listing, 0)
+    if state is not None and measure:
+        _, seconds, peak = measured(lambda: _initial_states(state, plan0, world))
+    else:
+        seconds = peak = None
+    with memoised_shared_work():
+        ranks = [SimRank(make_plan(cfg, listing, r), world, state) for r in range(world)]
+    return ranks, {"resume_rank_s": seconds, "resume_rank_peak": peak}
+
+
+def save_world(ranks: list[SimRank], measure: bool = True) -> tuple[list[dict], dict, dict]:
+    """Every rank's state_dict (rank 0 timed alone), then the merge of all of them, timed."""
+    save_s = save_peak = None
+    if measure:
+        _, save_s, save_peak = measured(lambda: ranks[0].loader.state_dict())
+    with memoised_shared_work():
+        states = [r.loader.state_dict() for r in ranks]
+    merged, merge_s, merge_peak = measured(lambda: merge_states(states), with_memory=measure)
+    figures = {"world": len(ranks), "save_rank_s": save_s, "save_rank_peak": save_peak,
+               "merge_s": merge_s, "merge_peak": merge_peak,
+               "rank_bytes": len(json.dumps(states[0])),
+               "all_ranks_bytes": len(json.dumps(states)), "merged_bytes": len(json.dumps(merged))}
+    return states, merged, figures
+
+
+def epoch_drawn_whole(listing: dict, drawn: Drawn, epoch: int = 0) -> bool:
+    """Whether every sample of ``epoch`` of every corpus has been drawn (each once: Drawn refuses repeats)."""
+    return all(len(drawn.seen.get((key, epoch, s), ())) == n for key, shards in listing.items()
+               for s, (_, n) in enumerate(shards))
+
+
+def run_steps(ranks: list[SimRank], steps: int, drawn: Drawn) -> float:
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        for r in ranks:
+            r.step(drawn)
+    return time.perf_counter() - t0
+
+
+def simulate(worlds: list[int], cfg: DataConfig, listing: dict, steps: int, drawn: Drawn | None = None,
+             log=print, measure: bool = True) -> list[dict]:
+    """Start at worlds[0], then resume at each next world size; after each save check exactly-once.
+    Returns one figures dict per save (the last one also holds the merged ``cursor``)."""
+    drawn = drawn or Drawn()
+    state, out = None, []
+    for i, world in enumerate(worlds):
+        ranks, resume = build_world(cfg, listing, world, state, measure)
+        step_s = run_steps(ranks, steps, drawn)
+        _, state, figures = save_world(ranks, measure)
+        accounted = check_exactly_once(state, listing, drawn)
+        figures.update(resume, from_world=worlds[i - 1] if i else None, steps=steps, step_s=step_s,
+                       samples=accounted)
+        out.append(figures)
+        log(_row(figures))
+        del ranks
+    out[-1]["cursor"] = state  # the merged cursor of the last save, to resume from
+    return out
+
+
+def _mb(n) -> str:
+    return "-" if n is None else f"{n / 2 ** 20:8.2f}"
+
+
+def _s(x) -> str:
+    return "-" if x is None else f"{x * 1000:8.1f}"
+
+
+HEADER = (f"{'world':>9} {'steps':>5} {'samples':>9} {'rank KB':>8} {'all MB':>8} {'merged MB':>9} "
+          f"{'save ms':>8} {'save MB':>8} {'merge ms':>8} {'merge MB':>8} {'resume ms':>9} {'resume MB':>9} "
+          f"{'run s':>6}")
+
+
+def _row(f: dict) -> str:
+    world = f"{f['from_world']}->{f['world']}" if f["from_world"] else str(f["world"])
+    return (f"{world:>9} {f['steps']:>5} {f['samples']:>9} {f['rank_bytes'] / 1024:8.1f} "
+            f"{_mb(f['all_ranks_bytes'])} {_mb(f['merged_bytes']):>9} {_s(f['save_rank_s'])} "
+            f"{_mb(f['save_rank_peak'])} {_s(f['merge_s'])} {_mb(f['merge_peak'])} "
+            f"{_s(f['resume_rank_s']):>9} {_mb(f['resume_rank_peak']):>9} {f['step_s']:6.1f}")
+
+
+def growth(rows: list[dict], keys=("all_ranks_bytes", "merged_bytes", "save_rank_s", "merge_s", "merge_peak",
+                                    "resume_rank_s", "resume_rank_peak")) -> list[str]:
+    """Per figure, the exponent k of figure ~ world^k between consecutive world sizes (1 = linear)."""
+    lines = []
+    for a, b in zip(rows, rows[1:]):
+        ratio = math.log(b["world"] / a["world"])
+        parts = []
+        for k in keys:
+            if a.get(k) and b.get(k):
+                parts.append(f"{k}={math.log(b[k] / a[k]) / ratio:.2f}")
+        lines.append(f"  {a['world']:>5} -> {b['world']:<5} " + " ".join(parts))
+    return lines
+
+
+def cursor_part(quick: bool, total_shards: int, steps: int, worlds: list[int] | None = None) -> dict:
+    cfg = synthetic_config()
+    listing = synthetic_listing(total_shards)
+    print(f"data cursor: {total_shards:,} shards ({', '.join(f'{k} {len(v):,}' for k, v in listing.items())}), "
+          f"{WORKERS} workers/rank, shuffle_buffer {cfg.shuffle_buffer}, batch 8 per modality, {steps} steps "
+          f"per phase")
+    print(HEADER)
+    worlds = worlds or ([8, 64] if quick else [8, 64, 256, 1024])
+    results = {}
+    fresh = []
+    for w in worlds:
+        rows = simulate([w, w * 3 // 4, w], cfg, listing, steps)
+        results[w] = rows
+        fresh.append(rows[0])
+    if 64 in worlds:
+        results["64->8"] = simulate([64, 8], cfg, listing, steps)
+    print("growth with the world size, fresh saves (exponent k of figure ~ ranks^k; 1 = linear):")
+    for line in growth(fresh):
+        print(line)
+    resumed = [results[w][1] for w in worlds]
+    print("growth, elastic resumes (3/4 W):")
+    for line in growth(resumed):
+        print(line)
+    return results
+
+
+# ------------------------------------------------------------------------------------------ part 2: checkpoints
+GIB = 2 ** 30
+ADAM_BYTES = 12          # per parameter in a ZeRO-3 optimizer shard: fp32 master weight, exp_avg, exp_avg_sq
+
+
+def xl_partition(world: int) -> dict:
+    """Bytes per rank of the xl flavor's ZeRO-3 checkpoint: every parameter tensor is split into ``world``
+    equal, padded parts (DeepSpeed's partitioning), and each rank's optimizer shard holds ADAM_BYTES per element
+    of its parts. The model_states files of ZeRO-3 hold parameter shapes and buffers, not weights."""
+    import torch
+
+    from model.flavors import get_flavor
+    from model.unimo import UnimoModel
+
+    with torch.device("meta"):
+        numels = [p.numel() for p in UnimoModel(get_flavor("xl")).parameters()]
+    per_rank = sum(-(-n // world) for n in numels)
+    return {"params": sum(numels), "tensors": len(numels), "elements_per_rank": per_rank,
+            "optim_bytes_per_rank": ADAM_BYTES * per_rank}
+
+
+class RequestCounter:
+    """Counts the S3 requests moto's server handles, by kind, from the request lines werkzeug logs."""
+
+    KINDS = ("PUT object", "PUT part", "POST create-multipart", "POST complete-multipart", "POST delete-objects",
+             "DELETE object", "GET list", "GET object", "HEAD")
+
+    def __init__(self):
+        import logging
+
+        self.lines: list[str] = []
+        self._logger = logging.getLogger("werkzeug")
+        self._handler = logging.Handler(logging.INFO)
+        self._handler.emit = lambda record: self.lines.append(record.getMessage())
+        self._logger.addHandler(self._handler)
+        self._logger.setLevel(logging.INFO)
+        self._logger.propagate = False
+
+    def take(self) -> dict[str, int]:
+        """Counts since the last call."""
+        import re
+
+        out = dict.fromkeys(self.KINDS, 0)
+        for line in self.lines:
+            m = re.search(r'"([A-Z]+) (\S+) HTTP', line)
+            if not m:
+                continue
+            method, target = m.groups()
+            query = target.split("?", 1)[1] if "?" in target else ""
+            if method == "PUT":
+                kind = "PUT part" if "partNumber=" in query else "PUT object"
+            elif method == "POST":
+                kind = ("POST create-multipart" if query.startswith("uploads") else
+                        "POST complete-multipart" if "uploadId=" in query else "POST delete-objects")
+            elif method == "GET":
+                kind = "GET list" if ("list-type" in query or "prefix=" in query or "delimiter" in query
+                                      or target.rstrip("/").count("/") <= 1) else "GET object"
+            else:
+                kind = "HEAD" if method == "HEAD" else "DELETE object"
+            out[kind] += 1
+        self.lines.clear()
+        out["total"] = sum(out.values())
+        return out
+
+
+def write_layout(root: Path, world: int, rank: int, payload: int = 64) -> None:
+    """What rank ``rank`` of ``world`` writes into its checkpoint folder, as tiny files (names as DeepSpeed's
+    ZeRO-3 save names them; rank 0 adds DeepSpeed's own files and the trainer state)."""
+    ds = root / "ds"
+    ds.mkdir(parents=True, exist_ok=True)
+    for kind in ("model", "optim"):
+        prefix = "bf16_" if kind == "optim" else ""
+        (ds / f"{prefix}zero_pp_rank_{rank}_mp_rank_00_{kind}_states.pt").write_bytes(b"x" * payload)
+    if rank == 0:
+        for name in ("latest", "zero_to_fp32.py"):
+            (root / name).write_bytes(b"x" * payload)
+        (root / "trainer_state.json").write_text("{}")
+
+
+def hash_rate(sample_mib: int = 64) -> float:
+    """Bytes per second of the manifest's sha256 (checkpoint.sha256_file) over a sample file."""
+    import os
+    import tempfile
+
+    from trainer.checkpoint import sha256_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "sample"
+        path.write_bytes(os.urandom(sample_mib * 2 ** 20))
+        sha256_file(path)  # page cache warm, as a checkpoint just written is
+        best = math.inf
+        for _ in range(3):  # best of three: the machine is shared
+            t0 = time.perf_counter()
+            sha256_file(path)
+            best = min(best, time.perf_counter() - t0)
+        return sample_mib * 2 ** 20 / best
+
+
+def manifest_figures(world: int) -> dict:
+    """describe_files + write_manifest + verify over the file layout of ``world`` ranks (tiny files: the per-file
+    cost; the per-byte cost is hash_rate's)."""
+    import tempfile
+
+    from trainer.checkpoint import MANIFEST, describe_files, verify, write_manifest
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        for r in range(world):
+            write_layout(root, world, r)
+        t0 = time.perf_counter()
+        files = describe_files(root)
+        write_manifest(root, files, 100)
+        build = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        verify(root, check_sums=True)
+        check = time.perf_counter() - t0
+        return {"files": len(files) + 1, "manifest_bytes": (root / MANIFEST).stat().st_size,
+                "build_s": build, "verify_s": check}
+
+
+def s3_requests(worlds: list[int], multipart_mib: int = 24) -> dict:
+    """Requests of a save (every rank uploads its folder through the pyarrow S3 filesystem Ray Train is given),
+    a prune (checkpoint.prune, keep_last=1, of two checkpoints) and a resume (checkpoint.newest_valid: list,
+    manifest, download, verify) against moto's S3 server on loopback; plus one multipart upload's parts."""
+    import os
+    import tempfile
+
+    import pyarrow.fs
+
+    from tests.integration.services import FAKE_AWS, S3Server
+    from trainer import checkpoint as ckpt
+    from trainer import storage
+
+    server = S3Server()
+    server.start()
+    counter = RequestCounter()
+    old = {k: os.environ.get(k) for k in [*FAKE_AWS, "AWS_ENDPOINT_URL"]}
+    os.environ.update(FAKE_AWS)
+    os.environ["AWS_ENDPOINT_URL"] = server.url
+    out = {}
+    try:
+        storage.s3_client().create_bucket(Bucket="scale")
+        path_root, fs = storage.ray_storage("s3://scale/run")
+        with tempfile.TemporaryDirectory() as tmp:
+            big = Path(tmp) / "big"
+            big.mkdir()
+            (big / "one.pt").write_bytes(os.urandom(multipart_mib * 2 ** 20))
+            counter.take()
+            pyarrow.fs.copy_files(str(big), f"{path_root}/multipart", destination_filesystem=fs)
+            out["multipart"] = {"mib": multipart_mib, **counter.take()}
+        for world in worlds:
+            run = f"run{world}"
+            with tempfile.TemporaryDirectory() as tmp:
+                roots = []
+                for r in range(world):
+                    roots.append(Path(tmp) / f"rank{r}")
+                    write_layout(roots[-1], world, r)
+                files = {}
+                for root in roots:
+                    files.update(ckpt.describe_files(root))
+                ckpt.write_manifest(roots[0], files, 0)
+                counter.take()
+                t0 = time.perf_counter()
+                for step in (100, 200):
+                    for root in roots:
+                        pyarrow.fs.copy_files(str(root), f"scale/{run}/checkpoints/{ckpt.step_dir_name(step)}",
+                                              destination_filesystem=fs)
+                    if step == 100:
+                        save = counter.take()
+                        save_s = time.perf_counter() - t0
+                counter.take()
+                removed = ckpt.prune(f"s3://scale/{run}/checkpoints", keep_last=1, keep_every=0)
+                prune = counter.take()
+                assert len(removed) == 1, removed
+                found = ckpt.newest_valid(f"s3://scale/{run}/checkpoints", cache_dir=Path(tmp) / "cache")
+                resume = counter.take()
+                assert found is not None and found.step == 200, found
+            out[world] = {"save": save, "prune": prune, "resume": resume, "save_s_loopback": save_s}
+            print(f"  {world:>5} ranks: save {save['total']:>6} requests ({_kinds(save)}), prune {prune['total']:>5} "
+                  f"({_kinds(prune)}), resume {resume['total']:>6} ({_kinds(resume)})", flush=True)
+    finally:
+        server.stop()
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return out
+
+
+def _kinds(c: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in c.items() if v and k in RequestCounter.KINDS)
+
+
+def checkpoint_part(quick: bool) -> dict:
+    worlds = [8, 64] if quick else [8, 64, 256, 1024]
+    rate = hash_rate(16 if quick else 64)
+    print(f"checkpoint layout (xl flavor, ZeRO-3); sha256 over a warm sample file: {rate / 2 ** 20:.0f} MiB/s")
+    print(f"{'ranks':>6} {'GiB/rank':>9} {'files':>6} {'manifest KB':>11} {'build ms':>9} {'verify ms':>9} "
+          f"{'hash/rank s':>11} {'verify-all s':>12}")
+    rows = {}
+    for w in worlds:
+        part = xl_partition(w)
+        m = manifest_figures(w)
+        per_rank_hash = part["optim_bytes_per_rank"] / rate          # each rank describes its own files
+        verify_all = part["optim_bytes_per_rank"] * w / rate         # resume: a node verifies the whole checkpoint
+        rows[w] = {**part, **m, "hash_rate": rate, "hash_rank_s": per_rank_hash, "verify_all_s": verify_all}
+        print(f"{w:>6} {part['optim_bytes_per_rank'] / GIB:9.3f} {m['files']:>6} {m['manifest_bytes'] / 1024:11.1f} "
+              f"{m['build_s'] * 1000:9.1f} {m['verify_s'] * 1000:9.1f} {per_rank_hash:11.2f} {verify_all:12.1f}")
+    print(f"  xl: {rows[worlds[0]]['params']:,} parameters in {rows[worlds[0]]['tensors']} tensors; hash columns "
+          f"extrapolated from the sample's rate (not written: {ADAM_BYTES} B/parameter would be "
+          f"{ADAM_BYTES * rows[worlds[0]]['params'] / GIB:.0f} GiB)")
+    print("S3 requests against moto on 127.0.0.1 (tiny files; large files add parts, see multipart):")
+    requests = s3_requests(worlds)
+    mp = requests["multipart"]
+    print(f"  one {mp['mib']} MiB file: {mp['total']} requests ({_kinds(mp)})")
+    print_capacity(capacity(rows, requests))
+    return {"layout": rows, "requests": requests}
+
+
+# ------------------------------------------------------------------------------------------ part 3: capacity
+GPUS_PER_NODE = 8
+PART_BYTES = 10 * 2 ** 20      # Arrow's S3 multipart part (a 24 MiB upload took 3 parts: see s3_requests)
+PUT_LIMIT, GET_LIMIT = 3500, 5500   # S3 requests per second per partitioned prefix (AWS's documented rates)
+
+
+def capacity(layout: dict, requests: dict, node_gbps=(1.25, 5.0), disk_gbps: float = 2.0,
+             node_mtbf_h: float = 5000.0) -> list[dict]:
+    """The xl flavor's checkpoint capacity model per world size from the measured layout and request counts:
+    upload and download times at each stated node-to-S3 bandwidth (GB/s), the request floors against S3's
+    per-prefix limits, resume verification at the measured hash rate, and the Young/Daly interval
+    sqrt(2 x blocking save x MTBF of the job) for a node MTBF (the job fails when any of its nodes does)."""
+    rows = []
+    for world, lay in layout.items():
+        nodes = max(1, world // GPUS_PER_NODE)
+        rank_bytes = lay["optim_bytes_per_rank"]
+        node_bytes = rank_bytes * min(world, GPUS_PER_NODE)
+        total = rank_bytes * world
+        req = requests.get(world)
+        tiny = req["save"] if req else None
+        # Measured per rank with tiny files (each a 3-request multipart); a real shard adds its extra parts.
+        extra_parts = world * (math.ceil(rank_bytes / PART_BYTES) - 1)
+        writes = (tiny["total"] - tiny["HEAD"] + extra_parts) if tiny else None
+        files = lay["files"]
+        gets = nodes * (req["resume"]["GET object"] + req["resume"]["GET list"] + req["resume"]["HEAD"]) if req \
+            else None
+        local_save = node_bytes / (disk_gbps * 1e9)
+        hash_s = rank_bytes / lay["hash_rate"]
+        blocking = local_save + hash_s
+        mtbf_job = node_mtbf_h * 3600 / nodes
+        rows.append({
+            "world": world, "nodes": nodes, "rank_gib": rank_bytes / GIB, "node_gib": node_bytes / GIB,
+            "files": files, "upload_s": [node_bytes / (b * 1e9) for b in node_gbps],
+            "save_writes": writes, "put_floor_s": writes / PUT_LIMIT if writes else None,
+            "download_s": [total / (b * 1e9) for b in node_gbps], "resume_gets": gets,
+            "get_floor_s": gets / GET_LIMIT if gets else None, "egress_tb": total * nodes / 1e12,
+            "verify_s": total / lay["hash_rate"], "blocking_save_s": blocking, "mtbf_job_h": mtbf_job / 3600,
+            "young_daly_s": math.sqrt(2 * blocking * mtbf_job)})
+    return rows
+
+
+def print_capacity(rows: list[dict], node_gbps=(1.25, 5.0)) -> None:
+    bw = "/".join(f"{b:g}" for b in node_gbps)
+    print(f"capacity model, xl (node = {GPUS_PER_NODE} GPUs; S3 at {bw} GB/s per node; local disk 2 GB/s; "
+          f"node MTBF 5,000 h):")
+    print(f"{'ranks':>6} {'GiB/rank':>8} {'GiB/node':>8} {'upload s':>13} {'save PUT/POST':>13} {'PUT floor s':>11} "
+          f"{'resume GETs':>11} {'GET floor s':>11} {'download s':>13} {'egress TB':>9} {'verify s':>8} "
+          f"{'blocking s':>10} {'Young/Daly':>10}")
+    for r in rows:
+        up = "/".join(f"{x:.1f}" for x in r["upload_s"])
+        down = "/".join(f"{x:.1f}" for x in r["download_s"])
+        fmt = (lambda x, spec: "-" if x is None else format(x, spec))
+        print(f"{r['world']:>6} {r['rank_gib']:8.3f} {r['node_gib']:8.2f} {up:>13} {fmt(r['save_writes'], ','):>13} "
+              f"{fmt(r['put_floor_s'], '.2f'):>11} {fmt(r['resume_gets'], ','):>11} {fmt(r['get_floor_s'], '.1f'):>11} "
+              f"{down:>13} {r['egress_tb']:9.2f} {r['verify_s']:8.0f} {r['blocking_save_s']:10.1f} "
+              f"{r['young_daly_s'] / 60:8.0f} m")
+
+
+def planning_cost() -> list[tuple[int, int, float]]:
+    """cursor.epochs_view over streams lagging up to three epochs on a corpus with fewer shards than streams (the
+    merge's planning of each stream's untouched shares): (streams, shards, seconds)."""
+    from data_pipeline.cursor import epochs_view
+
+    out = []
+    for streams, n in ((256, 200), (1024, 800), (4096, 2000)):
+        states = [StreamState(streams=streams, index=i, fresh_epoch=0 if i % 2 else 3) for i in range(streams)]
+        epochs_view(states, 0, "pair/coco", n)  # epoch orders cached, as in a merge after reading
+        t0 = time.perf_counter()
+        epochs_view(states, 0, "pair/coco", n)
+        out.append((streams, n, time.perf_counter() - t0))
+        print(f"  {streams:>5} streams over {n:>5} shards: epochs_view {out[-1][2] * 1000:8.1f} ms")
+    return out
+
+
+def xl_cursor(worlds=(8, 16), steps: int = 6) -> list[dict]:
+    """The cursor with configs/xl.yaml's data settings (shuffle_buffer 2000, 6 workers, batches 32/32/64) over
+    shards of 500-1,500 samples, at small world sizes only (filling 2,000-sample buffers for thousands of streams
+    is beyond this machine); per-rank figures are then extrapolated linearly (part 1 measures the growth)."""
+    cfg = synthetic_config(buffer=2000, batch=32, pair_batch=64, workers=6)
+    listing = synthetic_listing(100_000, min_samples=500, max_samples=1500)
+    print("data cursor with configs/xl.yaml's data settings (shuffle_buffer 2000, 6 workers/rank):")
+    print(HEADER)
+    rows = []
+    for world in worlds:
+        rows.extend(simulate([world], cfg, listing, steps))
+    a, b = rows[0], rows[-1]
+
+    def fit(key, world):  # the straight line through the two measured world sizes
+        slope = (b[key] - a[key]) / (b["world"] - a["world"])
+        return b[key] + slope * (world - b["world"])
+    for world in (64, 256, 1024):
+        print(f"  extrapolated to {world:>5} ranks: trainer_state data_states {fit('all_ranks_bytes', world) / 2 ** 20:6.0f}"
+              f" MB, merge on every rank {fit('merge_s', world):6.1f} s, merge peak "
+              f"{fit('merge_peak', world) / 2 ** 30:5.2f} GiB")
+    return rows
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="8 and 64 ranks, 10,000 shards (CI-sized)")
+    p.add_argument("--shards", type=int, default=None, help="total shards (default 100,000; quick 10,000)")
+    p.add_argument("--steps", type=int, default=8, help="micro-batches per rank per phase")
+    p.add_argument("--worlds", type=int, nargs="*", default=None, help="world sizes of the cursor part")
+    p.add_argument("--skip-cursor", action="store_true")
+    p.add_argument("--skip-checkpoint", action="store_true")
+    p.add_argument("--xl-cursor", action="store_true", help="also the cursor at configs/xl.yaml's data settings")
+    args = p.parse_args(argv)
+    shards = args.shards or (10_000 if args.quick else 100_000)
+    if not args.skip_cursor:
+        print("planning a small corpus's epochs for every stream (cursor.planned_share, shards < streams):")
+        planning_cost()
+        cursor_part(args.quick, shards, args.steps, args.worlds)
+    if args.xl_cursor:
+        xl_cursor()
+    if not args.skip_checkpoint:
+        checkpoint_part(args.quick)
+
+
+if __name__ == "__main__":
+    main()
