@@ -75,6 +75,8 @@ fi
 # or test. Not fatal: DeepSpeed would report the same compiler error there.
 "$VENV/bin/python" - <<'PYEOF' >&2 || echo "[setup] warning: could not pre-build DeepSpeed's CPU comm op" >&2
 import torch
+from trainer import ds_extensions
+ds_extensions.prepare()  # into this environment's own folder, where the trainer looks (trainer/ds_extensions.py)
 if not torch.cuda.is_available():
     from deepspeed.comm.torch import build_shm_op
     build_shm_op()

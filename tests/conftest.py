@@ -10,6 +10,9 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 # The MLflow servers the integration tests start need no job runners (as `unimo mlflow`, see orchestrator/cli.py).
 os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+# DeepSpeed's op builds in this environment's own folder, as the trainer and scripts/setup_env.sh use it (tests
+# that start DeepSpeed without the trainer's engine builder get it too; see trainer/ds_extensions.py).
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(__import__("sys").prefix, "torch_extensions"))
 
 
 VERSIONED = ("torch", "deepspeed", "ray", "mlflow", "boto3", "botocore", "s3fs", "moto", "pyarrow", "numpy",

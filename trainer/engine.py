@@ -51,7 +51,10 @@ def build_engine(cfg: RunConfig, module: torch.nn.Module, world_size: int, on_gp
     """
     import deepspeed
 
+    from trainer import ds_extensions
     from trainer.zero_compat import register_external_parameters
+
+    ds_extensions.prepare()  # this environment's op builds; a lock left by a killed build would hang us
 
     register_external_parameters(module)
     groups = param_groups(module.model, cfg.optimizer.weight_decay)
