@@ -30,6 +30,13 @@ from trainer.ds_config import build_ds_config, grad_accum_steps
 from trainer.metrics import step_metrics
 from trainer.optim import build_adamw
 from trainer.watchdog import Watchdog
+from trainer.zero_stage import (
+    announce,
+    group_settings_kept,
+    make_loadable_under_any_stage,
+    needs_universal,
+    resolve_zero_stage,
+)
 
 log = logging.getLogger(__name__)
 # Where a node converts a checkpoint for a new world size (in the temp folder; deleted once loaded).
@@ -133,9 +140,12 @@ def build_engine(cfg: RunConfig, module: torch.nn.Module, world_size: int, on_gp
     """
     import deepspeed
 
+    from model.layers import compile_blocks
     from trainer.zero_compat import register_external_parameters
 
     register_external_parameters(module)
+    if cfg.train.compile:
+        compile_blocks(module.model)  # in place: names, hooks and checkpoints unchanged
     groups = param_groups(module.model, cfg.optimizer.weight_decay)
     group_modules = [g.pop("module") for g in groups]
     ds_config = build_ds_config(cfg, world_size, on_gpu)
@@ -298,10 +308,11 @@ class Trainer:
         path, state = found
         tag = "ds"
         converted = None
-        if state["world_size"] != self.world_size:
+        if needs_universal(found, self.cfg, self.world_size, self.on_gpu):  # another world size or ZeRO stage
             path, tag = converted = self._to_universal(path, state["step"])
-        self.engine.load_checkpoint(str(path), tag=tag, load_module_strict=True, load_optimizer_states=True,
-                                    load_lr_scheduler_states=False)
+        with group_settings_kept(self.optimizer):  # DeepSpeed's stage-3 universal load overwrites them
+            self.engine.load_checkpoint(str(path), tag=tag, load_module_strict=True, load_optimizer_states=True,
+                                        load_lr_scheduler_states=False)
         if converted is not None:
             self._drop_universal(converted[0])
         # Every rank's cursor: the loader resumes exactly at the same world size, elastically otherwise.
@@ -347,11 +358,12 @@ class Trainer:
             started = time.monotonic()
             cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path / "ds"),
                    "--output_folder", str(out / "ds_universal"), "--num_extract_workers", "1",
-                   "--num_merge_workers", "1"]
+                   "--num_merge_workers", "1", "--inject_missing_state"]  # stages 1-2 lack the version info
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode != 0:
                 raise RuntimeError(f"converting checkpoint {path} for a new world size failed:\n{done.stderr[-2000:]}")
             (out / "latest_universal").write_text("ds_universal")
+            make_loadable_under_any_stage(out / "ds_universal")  # also under another ZeRO stage
             log.info("converted checkpoint %s in %.1f s", path, time.monotonic() - started)
         dist.barrier()
         return out, "ds_universal"
@@ -561,7 +573,7 @@ class Trainer:
     def _start_up(self) -> None:
         """Engine (converting the checkpoint if the world size changed), restore, loader, logging."""
         found = self.find_checkpoint()
-        self.build(universal=found is not None and found[1]["world_size"] != self.world_size)
+        self.build(universal=found is not None and needs_universal(found, self.cfg, self.world_size, self.on_gpu))
         if found is not None:
             self.restore(found)
         if self.rank == 0:
@@ -605,6 +617,7 @@ class Trainer:
         self.tracker = start_tracking(self.cfg, self.rank, self.world_size, self.mlflow_run_id, self.tracking_uri,
                                       step_fn=lambda: self.progress.step)
         self.metrics_logger = self.tracker.metrics
+        announce(resolve_zero_stage(self.cfg, self.world_size, self.on_gpu), self.rank, self.metrics_logger)
 
     def _stop_logging(self) -> None:
         if getattr(self, "tracker", None) is not None:
