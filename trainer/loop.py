@@ -32,10 +32,10 @@ from trainer.optim import build_adamw
 from trainer.watchdog import Watchdog
 from trainer.zero_stage import (
     announce,
-    group_settings_kept,
     make_loadable_under_any_stage,
     needs_universal,
     resolve_zero_stage,
+    universal_load_fixed,
 )
 
 log = logging.getLogger(__name__)
@@ -310,7 +310,7 @@ class Trainer:
         converted = None
         if needs_universal(found, self.cfg, self.world_size, self.on_gpu):  # another world size or ZeRO stage
             path, tag = converted = self._to_universal(path, state["step"])
-        with group_settings_kept(self.optimizer):  # DeepSpeed's stage-3 universal load overwrites them
+        with universal_load_fixed(self.optimizer):  # two slips of DeepSpeed's stage-3 universal load
             self.engine.load_checkpoint(str(path), tag=tag, load_module_strict=True, load_optimizer_states=True,
                                         load_lr_scheduler_states=False)
         if converted is not None:

@@ -201,17 +201,23 @@ def make_loadable_under_any_stage(universal_tag_dir: Path) -> None:
 
 
 @contextlib.contextmanager
-def group_settings_kept(optimizer):
-    """Keeps each parameter group's settings (weight decay, betas, eps) through a checkpoint load.
+def universal_load_fixed(optimizer):
+    """Undoes two slips of DeepSpeed's stage-3 universal load (a resume under stage 3 from another world size
+    or stage), around ``engine.load_checkpoint``.
 
-    DeepSpeed's stage-3 universal load gives every group the settings of the checkpoint's first group, so after
-    a resume under stage 3 from another world size or stage every group would take group 0's weight decay
-    (0 here: biases and norms). The settings come from this run's config anyway; the LR is set every step.
+    It gives every parameter group the settings of the checkpoint's first group (here weight decay 0, that of
+    biases and norms): each group's own settings are put back (they come from this run's config anyway; the LR
+    is set every step). And it hands every sub-group the same Adam step tensor, which the fused AdamW then
+    increments in place once per sub-group, so the bias correction ran ahead: each gets its own copy.
     """
     kept = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     yield
     for group, settings in zip(optimizer.param_groups, kept):
         group.update(settings)
+    inner = getattr(optimizer, "optimizer", optimizer)  # the torch optimizer inside DeepSpeed's
+    for state in inner.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
 
 
 def announce(choice: ZeroChoice, rank: int, metrics_logger) -> None:

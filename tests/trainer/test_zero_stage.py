@@ -185,3 +185,10 @@ def test_checkpoint_resumes_under_another_stage(tmp_path, saved, resumed):
     assert not far, f"{len(far)} weights differ from the uninterrupted run, e.g. {far[:3]}"
     moved = [k for k in first["final"] if not torch.equal(first["final"][k], first["saved"][k])]
     assert len(moved) > len(first["final"]) // 2, "the steps after the save did not train"
+
+
+def test_autocast_precision_and_compile_settings():
+    cfg = load_config(None, ["deepspeed.precision=autocast", "train.compile=true"])
+    ds = build_ds_config(cfg, 1, on_gpu=True)
+    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"} and "bf16" not in ds
+    assert cfg.train.compile is True
