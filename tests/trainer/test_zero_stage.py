@@ -188,7 +188,37 @@ def test_checkpoint_resumes_under_another_stage(tmp_path, saved, resumed):
 
 
 def test_autocast_precision_and_compile_settings():
-    cfg = load_config(None, ["deepspeed.precision=autocast", "train.compile=true"])
+    cfg = load_config(None, ["deepspeed.precision=autocast", "train.compile=true", "deepspeed.zero_stage=1"])
     ds = build_ds_config(cfg, 1, on_gpu=True)
     assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"} and "bf16" not in ds
     assert cfg.train.compile is True
+
+
+def test_choice_is_printed_and_logged_as_mlflow_params(capsys):
+    from trainer.zero_stage import ZeroChoice, announce
+
+    class Client:  # the two MLflow client calls announce makes
+        def __init__(self):
+            self.params, self.tags = {}, {}
+
+        def log_batch(self, run_id, params):
+            self.params.update({p.key: p.value for p in params})
+
+        def set_tag(self, run_id, key, value):
+            self.tags[key] = value
+
+    class Logger:  # trainer.tracking.MetricLogger.call runs fn(client, run_id) on its thread
+        def __init__(self):
+            self.client = Client()
+
+        def call(self, fn, what):
+            fn(self.client, "run-1")
+
+    logger = Logger()
+    announce(ZeroChoice(1, "stage 1 fits: 0.1 GiB/rank"), rank=0, metrics_logger=logger)
+    assert "[unimo] ZeRO stage 1: stage 1 fits: 0.1 GiB/rank" in capsys.readouterr().out
+    assert logger.client.params == {"deepspeed.zero_stage_chosen": "1",
+                                    "deepspeed.zero_stage_reason": "stage 1 fits: 0.1 GiB/rank"}
+    assert logger.client.tags == {"unimo.zero_stage": "1"}
+    announce(ZeroChoice(3, "x"), rank=1, metrics_logger=logger)  # only rank 0 speaks
+    assert capsys.readouterr().out == "" and logger.client.tags == {"unimo.zero_stage": "1"}
