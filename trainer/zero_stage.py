@@ -13,10 +13,11 @@ offload (offload_params needs it; offload_optimizer is set where memory is short
 states do not fit otherwise (xl, large on small GPUs). Else the cheapest stage that fits, 1 before 2 (stage 2
 adds per-parameter gradient hooks and bucket copies on the step's path).
 
-Never stage 0, even on one rank, where it would be cheapest: a stage-0 checkpoint has no ZeRO layout, so
+Never stage 0, even on one rank, where it is cheapest: a stage-0 checkpoint has no ZeRO layout, so
 DeepSpeed's universal conversion, which a resume at another world size or under another stage goes through,
-cannot read it, and on one rank stage 1 partitions nothing, so it costs only one gradient copy per step into
-its flat buffer (bench/bench_host_overhead.py measures it). An explicit 0 is honoured.
+cannot read it. The price, measured by bench/bench_host_overhead.py at near-zero compute: stage 1's per-parameter
+copies in and out of its flat buffer (7-24k more ops per step than the plain loop, stage 0 1.6-6.7k;
+docs/BENCHMARKS.md). An explicit 0 is honoured.
 """
 
 from __future__ import annotations
