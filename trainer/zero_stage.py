@@ -16,7 +16,7 @@ adds per-parameter gradient hooks and bucket copies on the step's path).
 Never stage 0, even on one rank, where it is cheapest: a stage-0 checkpoint has no ZeRO layout, so
 DeepSpeed's universal conversion, which a resume at another world size or under another stage goes through,
 cannot read it. The price, measured by bench/bench_host_overhead.py at near-zero compute: stage 1's per-parameter
-copies in and out of its flat buffer (7-24k more ops per step than the plain loop, stage 0 1.6-6.7k;
+copies in and out of its flat buffer (7-37k more ops per step than the plain loop, stage 0 1.6-10.7k;
 docs/BENCHMARKS.md). An explicit 0 is honoured.
 """
 
