@@ -35,7 +35,9 @@ def zero3_sizes(cfg: RunConfig) -> dict[str, int]:
     2^25 elements (each bucket costs passes over it, and on CPU smaller buckets measured slower: 2M elements 1.20x
     vs 50M 1.14x of the plain step, docs/BENCHMARKS.md); a fixed 5e7 is four blocks of large but one of xl.
     Persistence: parameters under 16 h elements (biases, norms, scales: every 1-D tensor of a block) stay
-    gathered, so the module hooks only fetch weight matrices. Floors keep tiny widths from many small ops.
+    gathered, so the module hooks only fetch weight matrices; at least DeepSpeed's 1e5, the value every ZeRO-3
+    test so far ran with (below it the debug flavor's weights would be partitioned too). Floors keep tiny widths
+    from many small ops.
     """
     ds, m = cfg.deepspeed, cfg.model
     h = max(m.text.dim, m.vision.dim, m.fusion.dim)
@@ -43,7 +45,7 @@ def zero3_sizes(cfg: RunConfig) -> dict[str, int]:
     return {
         "prefetch_bucket_size": ds.prefetch_bucket_size or max(2 * block, 1 << 22),
         "reduce_bucket_size": ds.reduce_bucket_size or max(4 * block, 1 << 25),
-        "param_persistence_threshold": ds.param_persistence_threshold or max(16 * h, 1 << 12),
+        "param_persistence_threshold": ds.param_persistence_threshold or max(16 * h, 100_000),
     }
 
 

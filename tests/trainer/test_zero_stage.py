@@ -67,7 +67,9 @@ def test_shipped_configs_resolve_on_cpu():
 def test_zero3_sizes_follow_the_hidden_size_unless_set():
     small = zero3_sizes(load_config(None, ["model.flavor=large"]))
     xl = zero3_sizes(load_config(None, ["model.flavor=xl"]))
-    assert small["param_persistence_threshold"] == 16 * 1024 and xl["param_persistence_threshold"] == 16 * 2048
+    assert small["param_persistence_threshold"] == 100_000  # DeepSpeed's default is the floor
+    wide = zero3_sizes(load_config(None, ["model.flavor=xl", "model.text.dim=8192"]))
+    assert wide["param_persistence_threshold"] == 16 * 8192
     assert xl["reduce_bucket_size"] == 4 * 12 * 2048**2 > small["reduce_bucket_size"]
     set_ = load_config(None, ["deepspeed.zero_stage=3", "deepspeed.reduce_bucket_size=123"])
     assert build_ds_config(set_, 1, False)["zero_optimization"]["reduce_bucket_size"] == 123
