@@ -173,7 +173,8 @@ def main() -> None:
 
     from trainer.config import load_config
 
-    overrides = [f"model.flavor={args.flavor}", "scaling.num_workers=1",
+    # ZeRO-3 as this bench has always measured it (the default is now auto, which takes stage 1 here)
+    overrides = [f"model.flavor={args.flavor}", "scaling.num_workers=1", "deepspeed.zero_stage=3",
                  f"train.global_micro_batches={args.accumulation}",
                  *GEOMETRIES[args.geometry], *args.overrides]
     data_dir = os.path.expanduser("~/.cache/unimo-bench/data")

@@ -126,6 +126,8 @@ class CrossLevelMemory(nn.Module):
 class CoAttentionLayer(nn.Module):
     """One stream of a fusion layer: self-attn, cross-attn to the other stream, MLP; post-LN as METER/BERT."""
 
+    compile_unit = True  # compiled by layers.compile_blocks (train.compile)
+
     def __init__(self, cfg: FusionConfig):
         super().__init__()
         d, eps = cfg.dim, cfg.layer_norm_eps

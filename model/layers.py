@@ -136,6 +136,8 @@ class MLP(nn.Module):
 class PostLNBlock(nn.Module):
     """BERT block: x = LN(x + attn(x)); x = LN(x + mlp(x)) (post-LN, so BERT/RoBERTa weights load as is)."""
 
+    compile_unit = True  # compiled by compile_blocks (train.compile)
+
     def __init__(self, dim: int, heads: int, mlp_dim: int, eps: float, dropout: float, activation: str):
         super().__init__()
         self.attn = SelfAttention(dim, heads, dropout)
@@ -152,6 +154,8 @@ class PostLNBlock(nn.Module):
 class PreLNBlock(nn.Module):
     """ViT/CLIP block: x = x + attn(LN(x)); x = x + mlp(LN(x))."""
 
+    compile_unit = True
+
     def __init__(self, dim: int, heads: int, mlp_dim: int, eps: float, dropout: float, activation: str,
                  qkv_bias: bool = True):
         super().__init__()
@@ -164,6 +168,23 @@ class PreLNBlock(nn.Module):
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         x = x + dropout(self.attn(self.ln1(x), mask), self.drop_p, self.training)  # (B, N, D)
         return x + dropout(self.mlp(self.ln2(x)), self.drop_p, self.training)
+
+
+def compile_blocks(root: nn.Module, **options) -> int:
+    """Compiles (torch.compile, in place) every transformer block under ``root``: the encoders' blocks and
+    the fusion streams' layers (modules whose class sets ``compile_unit``); returns how many.
+
+    Blocks, not the whole model: the model's forward branches on data (which objectives, padding or not) and
+    calls the text encoder several times per step, which would break or re-trace one big graph, while a block's
+    forward is the same few ops every call. In place (``nn.Module.compile``) keeps parameter names, the module
+    tree and its hooks (checkpoints, ZeRO-3) as they are.
+    """
+    n = 0
+    for module in root.modules():
+        if getattr(type(module), "compile_unit", False):
+            module.compile(**options)
+            n += 1
+    return n
 
 
 def run_block(block: nn.Module, checkpointing: bool, *args, **kwargs) -> Tensor:

@@ -104,12 +104,20 @@ class OptimizerConfig:
 class DeepSpeedSettings:
     """ZeRO settings; the DeepSpeed JSON is derived from these (trainer/ds_config.py)."""
 
-    zero_stage: int = 3
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    # 0..3, or auto: stage 1, 2 or 3 from the parameter count, world size, precision, offload and device memory
+    # (trainer/zero_stage.py; the choice and its reason are printed at start and logged as MLflow params)
+    zero_stage: str = "auto"
+    # auto: the share of a device's memory that model states (weights, gradients, optimizer) may take; the rest
+    # is left to activations, communication buffers and fragmentation
+    auto_memory_fraction: float = 0.5
+    # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 (bf16 weights, fp32 master copy in the optimizer) |
+    # autocast (fp32 weights, matmuls and attention in bf16 under torch.autocast: DeepSpeed's torch_autocast)
+    precision: str = "auto"
     offload_optimizer: bool = False
     offload_params: bool = False
-    prefetch_bucket_size: int = 50_000_000
-    param_persistence_threshold: int = 100_000
+    # ZeRO-3 sizes in elements; 0 = derived from the hidden size (trainer/ds_config.py: zero3_sizes)
+    prefetch_bucket_size: int = 0
+    param_persistence_threshold: int = 0
     max_live_parameters: int = 1_000_000_000
     # How far ahead (in parameter elements) ZeRO-3 looks for reuse before releasing a gathered parameter.
     # DeepSpeed's default (1e9) makes each release scan the rest of the trace: measured 50% of the step of the
@@ -119,7 +127,7 @@ class DeepSpeedSettings:
     # the forward. None = on only with several ranks: with one nothing is partitioned, so it saves nothing, and
     # DeepSpeed installs it by replacing torch.nn.functional.linear for the whole process.
     memory_efficient_linear: bool | None = None
-    reduce_bucket_size: int = 50_000_000
+    reduce_bucket_size: int = 0  # 0 = four transformer blocks' gradients (zero3_sizes)
     overlap_comm: bool = False
     # Gradient reduction: reduce-scatter (each rank receives its partition) or all-reduce of the contiguous
     # bucket (each rank keeps its slice). None = reduce-scatter with several ranks, all-reduce with one, where
@@ -127,8 +135,13 @@ class DeepSpeedSettings:
     reduce_scatter: bool | None = None
 
     def __post_init__(self) -> None:
-        _check(self.zero_stage in (0, 1, 2, 3), f"zero_stage must be 0..3, got {self.zero_stage}")
-        _check(self.precision in ("auto", "fp32", "bf16"), f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+        self.zero_stage = str(self.zero_stage)  # YAML's 3 and a test's DeepSpeedSettings(zero_stage=3) alike
+        _check(self.zero_stage in ("auto", "0", "1", "2", "3"),
+               f"zero_stage must be auto or 0..3, got {self.zero_stage!r}")
+        _check(0 < self.auto_memory_fraction <= 1,
+               f"auto_memory_fraction must lie in (0, 1], got {self.auto_memory_fraction}")
+        _check(self.precision in ("auto", "fp32", "bf16", "autocast"),
+               f"precision must be auto, fp32, bf16 or autocast, got {self.precision!r}")
 
 
 @dataclass
@@ -141,6 +154,9 @@ class TrainSection:
     eval_every: int = 0  # 0 = only at the end
     eval_samples: int = 100  # held-out pairs used for retrieval (the candidate pool size)
     eval_rerank_k: int = 0  # > 0: also re-rank each query's ITC top-k by the ITM head (eval/itm_* metrics)
+    # torch.compile every encoder block and fusion stream layer (model/layers.py: compile_blocks): fewer kernel
+    # launches and fused element-wise ops on GPU; the first steps pay the compilation (seconds per block shape)
+    compile: bool = False
     watchdog_seconds: float = 600.0  # a step making no progress this long ends the worker with a message
     # The same for start-up (engine build, checkpoint restore), evaluation and a checkpoint save: slower than a
     # step, but a collective hung inside one must still end the worker (trainer/watchdog.py)

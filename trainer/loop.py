@@ -27,6 +27,7 @@ from trainer.ds_config import grad_accum_steps
 from trainer.engine import ALIGN_ELEMENTS, build_engine, optimizer_groups, param_groups
 from trainer.metrics import step_metrics
 from trainer.watchdog import Watchdog
+from trainer.zero_stage import announce, resolve_zero_stage
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,8 @@ class Trainer:
         # The run's folder or s3:// prefix (control_dir): checkpoints live under checkpoints/, and the driver drops
         # a STOP file there on SIGTERM (preemption), which rank 0 polls.
         self.checkpoints = CheckpointManager(cfg, rank, world_size, reporter, run_location=control_dir,
-                                             local_rank=self.local_rank, mlflow_run_id=mlflow_run_id)
+                                             local_rank=self.local_rank, mlflow_run_id=mlflow_run_id,
+                                             on_gpu=torch.cuda.is_available())
         self.stop = StopFile(control_dir)
         self.stopped_early = False
 
@@ -348,6 +350,7 @@ class Trainer:
                                       step_fn=lambda: self.progress.step)
         self.metrics_logger = self.tracker.metrics
         self.checkpoints.attach(self.tracker)
+        announce(resolve_zero_stage(self.cfg, self.world_size, self.on_gpu), self.rank, self.metrics_logger)
 
     def _stop_logging(self) -> None:
         if self.tracker is not None:

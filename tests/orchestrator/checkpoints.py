@@ -38,7 +38,7 @@ trainer = Trainer(load_config(None, args["overrides"]), rank=0, world_size=1, re
                   mlflow_run_id=args["run_id"])
 trainer.build()
 trainer.loader = Loader()
-root = trainer.save(args["step"])
+root = trainer.checkpoints.save_local(args["step"], trainer.engine, trainer.loader, trainer.progress.extra)
 dest = Path(args["dest"])
 dest.parent.mkdir(parents=True, exist_ok=True)
 shutil.move(str(root), dest)

@@ -40,6 +40,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     cfg = RunConfig()
     cfg.train.global_micro_batches = 2
+    cfg.deepspeed.zero_stage = "3"  # this test is about ZeRO-3 (auto would take stage 1 here)
     module = PretrainObjectives(make_model(), rank=rank, world_size=2)
     assert register_external_parameters(module) == 2
     optimizer = torch.optim.AdamW(module.parameters(), lr=1e-3)

@@ -59,6 +59,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         cfg = RunConfig()
         cfg.train.global_micro_batches = 1
         cfg.optimizer.lr = 1e-2  # large enough that a step the optimizer skipped would show
+        cfg.deepspeed.zero_stage = "3"  # every variant under ZeRO-3 (auto would take stage 1 without offload)
         for key, value in settings.items():
             setattr(cfg.deepspeed, key, value)
         results[name] = _final_weights(cfg, batches)

@@ -15,10 +15,10 @@ from trainer.optim import build_adamw
 
 @pytest.mark.parametrize("key", ["reduce_scatter", "memory_efficient_linear"])
 def test_setting_only_with_several_ranks_unless_set(key):
-    cfg = load_config(None, ["train.global_micro_batches=2"])
+    cfg = load_config(None, ["train.global_micro_batches=2", "deepspeed.zero_stage=3"])  # ZeRO-3 settings
     assert build_ds_config(cfg, 1, False)["zero_optimization"][key] is False
     assert build_ds_config(cfg, 2, False)["zero_optimization"][key] is True
-    forced = load_config(None, ["train.global_micro_batches=2", f"deepspeed.{key}=true"])
+    forced = load_config(None, ["train.global_micro_batches=2", "deepspeed.zero_stage=3", f"deepspeed.{key}=true"])
     assert build_ds_config(forced, 1, False)["zero_optimization"][key] is True
 
 

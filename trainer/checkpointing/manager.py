@@ -25,6 +25,7 @@ from trainer import checkpoint as ckpt
 from trainer import storage
 from trainer.checkpointing.universal import drop_universal, to_universal
 from trainer.config_loader import digest, to_dict
+from trainer.zero_stage import needs_universal, universal_load_fixed
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +93,9 @@ class CheckpointManager:
 
     def __init__(self, cfg: Any, rank: int, world_size: int, reporter: Reporter | None,
                  run_location: str | None = None, local_rank: int | None = None,
-                 mlflow_run_id: str | None = None):
+                 mlflow_run_id: str | None = None, on_gpu: bool = False):
         self.cfg = cfg
+        self.on_gpu = on_gpu  # the ZeRO stage `auto` resolves to depends on the device (trainer/zero_stage.py)
         self.rank = rank
         self.world_size = world_size
         self.local_rank = rank if local_rank is None else local_rank
@@ -117,17 +119,21 @@ class CheckpointManager:
     # ----- start: find, agree, restore, tidy --------------------------------------------------------------------
     def load(self, build: Callable[[bool], Any]) -> Progress:
         """Restores the newest valid checkpoint into the engine ``build(universal)`` returns; the progress to go on
-        from (step 0 without one). ``universal`` is true when the checkpoint was saved by another world size."""
+        from (step 0 without one). ``universal`` is true when the checkpoint was saved by another world size or
+        under a ZeRO stage whose layout this run's stage cannot load directly."""
         if self.local_rank == 0:
             self._remove_leftover_saves()
         found = self.find()
         self._agree(found)
-        engine = build(found is not None and found.state["world_size"] != self.world_size)
+        engine = build(found is not None and self._needs_universal(found))
         progress = self._restore(engine, found) if found is not None else Progress()
         if self.rank == 0 and self.root:
             self._set_aside_torn(after=progress.step)
             self.prune()
         return progress
+
+    def _needs_universal(self, found: Found) -> bool:
+        return needs_universal((found.local, found.state), self.cfg, self.world_size, self.on_gpu)
 
     def find(self) -> Found | None:
         """The newest valid checkpoint: Ray's latest, or a newer complete one in storage that Ray did not register
@@ -204,15 +210,17 @@ class CheckpointManager:
         """Loads weights, optimizer, data cursor and RNG; converts the checkpoint if the world size changed."""
         state = found.state
         same_world = state["world_size"] == self.world_size
+        universal = self._needs_universal(found)  # another world size or ZeRO stage
         # this rank's share of the checkpoint: about what its next save needs on the local disk
         manifest = ckpt.verify(found.local, check_sums=False)
         self.last_size = sum(f["size"] for f in manifest["files"].values()) // max(1, state["world_size"])
         path, tag = found.local, "ds"
-        if not same_world:
+        if universal:
             path, tag = to_universal(found.local, state["step"], self.cfg.run.name, self.local_rank)
-        engine.load_checkpoint(str(path), tag=tag, load_module_strict=True, load_optimizer_states=True,
-                               load_lr_scheduler_states=False)
-        if not same_world:
+        with universal_load_fixed(getattr(engine, "optimizer", None)):  # two slips of DeepSpeed's stage-3 load
+            engine.load_checkpoint(str(path), tag=tag, load_module_strict=True, load_optimizer_states=True,
+                                   load_lr_scheduler_states=False)
+        if universal:
             drop_universal(path, self.local_rank)
         if same_world:
             set_rng_state(state["rng"][self.rank])

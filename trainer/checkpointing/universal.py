@@ -11,6 +11,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from trainer.zero_stage import make_loadable_under_any_stage
+
 log = logging.getLogger(__name__)
 
 # Where a node converts a checkpoint for a new world size (in the temp folder; deleted once loaded).
@@ -35,11 +37,12 @@ def to_universal(path: Path, step: int, run_name: str, local_rank: int) -> tuple
         started = time.monotonic()
         cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path / "ds"),
                "--output_folder", str(out / "ds_universal"), "--num_extract_workers", "1",
-               "--num_merge_workers", "1"]
+               "--num_merge_workers", "1", "--inject_missing_state"]  # stages 1-2 lack the version info
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"converting checkpoint {path} for a new world size failed:\n{done.stderr[-2000:]}")
         (out / "latest_universal").write_text("ds_universal")
+        make_loadable_under_any_stage(out / "ds_universal")  # also under another ZeRO stage
         log.info("converted checkpoint %s in %.1f s", path, time.monotonic() - started)
     dist.barrier()
     return out, "ds_universal"

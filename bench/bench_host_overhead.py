@@ -1,0 +1,156 @@
+"""Host work per training step: each flavor's module structure at a tiny width, so compute is near zero and what
+is left is what bounds a GPU step from the host side (Python, dispatch, hooks, optimizer bookkeeping).
+
+For each flavor: the plain PyTorch loop (fused AdamW, grad clipping) and the trainer's engine (trainer.loop.
+build_engine, one gloo rank) at ZeRO stage 0, 1, 2, 3 and `auto`, same batches, interleaved step by step; ms/step,
+the paired ratio to the plain loop, and per step the aten ops (torch profiler) and module calls (a global forward
+hook). Targets, same run: `auto` <= 1.2x plain, ZeRO-3 forced <= 2x plain.
+
+    python bench/bench_host_overhead.py [--flavors debug small base large xl] [--steps 6] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import time
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import torch
+
+WEIGHTS = {"mlm_text": 1.0, "mim": 1.0, "itc": 1.0, "itm": 1.0, "mlm_pair": 1.0}
+# Every flavor's depth (layers, levels, heads' structure) at this width: kernels take microseconds.
+TINY = ["model.{p}.dim=32", "model.{p}.heads=2", "model.{p}.mlp_dim=64"]
+TINY_REST = ["model.embed_dim=32", "model.text.vocab_size=512", "model.vision.image_size=32",
+             "model.vision.patch_size=16", "model.text.max_positions=64", "model.text.bos_token_id=2",
+             "model.text.eos_token_id=3", "model.text.mask_token_id=4", "model.text_init=", "model.vision_init="]
+STAGES = ("0", "1", "2", "3", "auto")
+
+
+def tiny_config(flavor: str, stage: str):
+    from trainer.config import load_config
+
+    overrides = [f"model.flavor={flavor}", "scaling.num_workers=1", "train.global_micro_batches=1",
+                 f"deepspeed.zero_stage={stage}", "deepspeed.precision=fp32"]
+    overrides += [o.format(p=p) for p in ("text", "vision", "fusion") for o in TINY] + TINY_REST
+    return load_config(None, overrides)
+
+
+def plain_loop(cfg):
+    from model.unimo import UnimoModel
+    from trainer.loop import optimizer_groups
+    from trainer.objectives import PretrainObjectives
+    from trainer.optim import build_adamw
+
+    torch.manual_seed(0)
+    module = PretrainObjectives(UnimoModel(cfg.model))
+    opt = build_adamw(optimizer_groups(module.model, cfg.optimizer.weight_decay), cfg.optimizer)
+
+    def step(batch):
+        total, _ = module(batch, WEIGHTS)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.optimizer.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def engine_loop(cfg):
+    from model.unimo import UnimoModel
+    from trainer.loop import build_engine
+    from trainer.objectives import PretrainObjectives
+    from trainer.zero_stage import resolve_zero_stage
+
+    torch.manual_seed(0)
+    engine, _, _ = build_engine(cfg, PretrainObjectives(UnimoModel(cfg.model)), world_size=1, on_gpu=False)
+
+    def step(batch):
+        total, _ = engine(batch, WEIGHTS)
+        engine.backward(total)
+        engine.step()
+
+    return step, resolve_zero_stage(cfg, 1, False)
+
+
+def counts_per_step(step, batch) -> tuple[int, int]:
+    """(aten ops, module calls) of one step."""
+    calls = [0]
+
+    def hook(module, args, output) -> None:
+        calls[0] += 1
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            step(batch)
+    finally:
+        handle.remove()
+    ops = sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
+    return ops, calls[0]
+
+
+def bench_flavor(flavor: str, steps: int, warmup: int) -> list[dict]:
+    from trainer.fake_batch import random_batch
+
+    loops = {"plain": plain_loop(tiny_config(flavor, "auto"))}
+    chosen = {}
+    for stage in STAGES:
+        loops[f"zero{stage}"], chosen[stage] = engine_loop(tiny_config(flavor, stage))
+    cfg = tiny_config(flavor, "auto")
+    batches = [random_batch(cfg, b=4, seq_len=16, seed=i) for i in range(steps + warmup)]
+    times = {name: [] for name in loops}
+    for i, batch in enumerate(batches):  # interleaved: a busy spell of the shared machine hits all alike
+        for name, step in loops.items():
+            t0 = time.perf_counter()
+            step(batch)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    rows = []
+    for name, step in loops.items():
+        ops, calls = counts_per_step(step, batches[0])
+        paired = statistics.median(a / b for a, b in zip(times[name], times["plain"]))
+        note = f"auto -> stage {chosen['auto'].stage}" if name == "zeroauto" else ""
+        rows.append({"flavor": flavor, "loop": name, "ms": 1000 * statistics.median(times[name]), "ratio": paired,
+                     "ops": ops, "calls": calls, "note": note})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--flavors", nargs="+", default=["debug", "small", "base", "large", "xl"])
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    print(f"tiny width (dim 32), {args.threads} thread(s), {args.steps} timed steps after {args.warmup}; "
+          "ratio = median of step-by-step ratios to the plain loop")
+    print("| flavor | loop | ms/step | x plain | aten ops/step | module calls/step | |")
+    print("|---|---|---|---|---|---|---|")
+    verdicts = []
+    for flavor in args.flavors:
+        for r in bench_flavor(flavor, args.steps, args.warmup):
+            print(f"| {r['flavor']} | {r['loop']} | {r['ms']:.1f} | {r['ratio']:.2f}x | {r['ops']} | {r['calls']} | "
+                  f"{r['note']} |", flush=True)
+            if r["loop"] == "zeroauto":
+                verdicts.append(f"{flavor}: auto {r['ratio']:.2f}x (target <= 1.2x) "
+                                f"{'met' if r['ratio'] <= 1.2 else 'MISSED'}")
+            if r["loop"] == "zero3":
+                verdicts.append(f"{flavor}: ZeRO-3 {r['ratio']:.2f}x (target <= 2x) "
+                                f"{'met' if r['ratio'] <= 2.0 else 'MISSED'}")
+    print("\n".join(verdicts))
+
+
+if __name__ == "__main__":
+    main()

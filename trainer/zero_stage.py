@@ -1,0 +1,244 @@
+"""Chooses the ZeRO stage for ``deepspeed.zero_stage: auto`` and tells when a checkpoint needs converting.
+
+The choice weighs the model states each rank holds (weights, gradients, fp32 master weights and Adam moments)
+against a fraction of the device's memory (``deepspeed.auto_memory_fraction``; the rest is left to
+activations, communication buffers and allocator fragmentation):
+
+    stage 1: (w + g) P + 12 P / N      stage 2: w P + (g + 12) P / N      stage 3: (w + g + 12) P / N
+
+with P parameters, N ranks, w = g = 2 bytes in bf16 and 4 in fp32 (DeepSpeed keeps an fp32 master copy in
+both). Stage 3 gathers every weight before each use and re-partitions it after: on one H100 the ZeRO-3 step
+of ``base`` took 4.2x the plain loop's, all host work. So it is chosen only where it is needed: with any
+offload (offload_params needs it; offload_optimizer is set where memory is short, as for xl) or where the
+states do not fit otherwise (xl, large on small GPUs). Else the cheapest stage that fits, 1 before 2 (stage 2
+adds per-parameter gradient hooks and bucket copies on the step's path).
+
+Never stage 0, even on one rank, where it is cheapest: a stage-0 checkpoint has no ZeRO layout, so
+DeepSpeed's universal conversion, which a resume at another world size or under another stage goes through,
+cannot read it. The price, measured by bench/bench_host_overhead.py at near-zero compute: stage 1's per-parameter
+copies in and out of its flat buffer (7-37k more ops per step than the plain loop, stage 0 1.6-10.7k;
+docs/BENCHMARKS.md). An explicit 0 is honoured.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from trainer.config import RunConfig
+from trainer.config_loader import to_dict
+
+MASTER_AND_ADAM_BYTES = 12  # fp32 master weights + Adam's two fp32 moments, per parameter
+
+
+@dataclass(frozen=True)
+class ZeroChoice:
+    """The stage a run uses and why (printed at start, logged as MLflow params)."""
+
+    stage: int
+    reason: str
+
+
+@functools.lru_cache(maxsize=8)
+def _count_params(model_json: str) -> int:
+    """Parameters of the model config (built on the meta device: no memory, well under a second for xl)."""
+    from model.config import ModelConfig
+    from model.unimo import UnimoModel
+    from trainer.config_loader import build
+
+    with torch.device("meta"):
+        model = UnimoModel(build(ModelConfig, json.loads(model_json)))
+    return sum(p.numel() for p in model.parameters())
+
+
+def parameter_count(cfg: RunConfig) -> int:
+    return _count_params(json.dumps(to_dict(cfg)["model"], sort_keys=True))
+
+
+def state_bytes_per_rank(params: int, world_size: int, stage: int, bf16: bool,
+                         offload_optimizer: bool = False, offload_params: bool = False) -> float:
+    """Bytes of model states one rank keeps on its device under ``stage`` (the formulas of the file's docstring)."""
+    w = g = 2 if bf16 else 4
+    opt = 0 if offload_optimizer else MASTER_AND_ADAM_BYTES
+    n = world_size
+    if stage == 0:
+        return float((w + g + opt) * params)
+    if stage == 1:
+        return (w + g) * params + opt * params / n
+    if stage == 2:
+        return w * params + (g + opt) * params / n
+    return (0 if offload_params else (w + g) * params / n) + opt * params / n
+
+
+def device_memory_bytes(on_gpu: bool) -> int:
+    """Memory of this rank's device: the GPU's, or on CPU the host's split over the ranks of the node."""
+    if on_gpu:
+        return int(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return total // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def _agreed_minimum(value: int, on_gpu: bool) -> int:
+    """The smallest value over the ranks, so that every rank picks the same stage (a mixed fleet would hang)."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu and dist.get_backend() == "nccl" \
+        else torch.device("cpu")
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def choose_stage(params: int, world_size: int, bf16: bool, device_bytes: int, fraction: float,
+                 offload_optimizer: bool = False, offload_params: bool = False) -> ZeroChoice:
+    """The ``auto`` rule, as a pure function of what it depends on."""
+    budget = fraction * device_bytes
+    need = {s: state_bytes_per_rank(params, world_size, s, bf16, offload_optimizer, offload_params)
+            for s in (1, 2, 3)}
+    facts = (f"{params / 1e6:.0f}M params, {world_size} rank(s), {'bf16' if bf16 else 'fp32'}, budget "
+             f"{_gib(budget)} = {fraction:g} x {_gib(device_bytes)}")
+    if offload_optimizer or offload_params:
+        what = "offload_params" if offload_params else "offload_optimizer"
+        return ZeroChoice(3, f"{what} is set (stage 3 partitions the weights too); "
+                             f"{_gib(need[3])}/rank; {facts}")
+    for stage in (1, 2):
+        if need[stage] <= budget:
+            return ZeroChoice(stage, f"stage {stage} fits: {_gib(need[stage])}/rank of model states; {facts}")
+    if need[3] <= budget:
+        return ZeroChoice(3, f"only stage 3 fits: {_gib(need[3])}/rank (stage 2: {_gib(need[2])}); {facts}")
+    return ZeroChoice(3, f"does not fit even at stage 3 ({_gib(need[3])}/rank); set "
+                         f"deepspeed.offload_optimizer=true or add ranks; {facts}")
+
+
+def resolve_zero_stage(cfg: RunConfig, world_size: int, on_gpu: bool) -> ZeroChoice:
+    """The stage this run uses: the config's 0..3, or the ``auto`` choice (the same on every rank)."""
+    ds = cfg.deepspeed
+    if ds.zero_stage != "auto":
+        return ZeroChoice(int(ds.zero_stage), "set in the config (deepspeed.zero_stage)")
+    from trainer.ds_config import resolve_precision
+
+    memory = _agreed_minimum(device_memory_bytes(on_gpu), on_gpu)
+    return choose_stage(parameter_count(cfg), world_size, resolve_precision(cfg, on_gpu) == "bf16", memory,
+                        ds.auto_memory_fraction, ds.offload_optimizer, ds.offload_params)
+
+
+# ---------------------------------------------------------------------------------------- checkpoints
+
+def saved_zero_stage(checkpoint: Path, tag: str = "ds") -> int:
+    """The stage family a checkpoint folder was written under, from its file names: 3, 1 (stages 1 and 2 share
+    one layout and load into each other) or 0 (no ZeRO optimizer files)."""
+    folder = Path(checkpoint) / tag
+    names = [p.name for p in folder.iterdir()] if folder.is_dir() else []
+    if any(n.startswith("zero_pp_rank_") and n.endswith("_model_states.pt") for n in names):
+        return 3
+    if any(n.endswith("optim_states.pt") for n in names):
+        return 1
+    return 0
+
+
+def _family(stage: int) -> int:
+    return 1 if stage in (1, 2) else stage
+
+
+def needs_universal(found: tuple[Path, dict], cfg: RunConfig, world_size: int, on_gpu: bool) -> bool:
+    """Whether the checkpoint ``found`` (folder, trainer state) must go through DeepSpeed's universal format:
+    saved by another world size, or under a stage whose layout this run's stage cannot load directly."""
+    path, state = found
+    if state["world_size"] != world_size:
+        return True
+    return _family(saved_zero_stage(path)) != _family(resolve_zero_stage(cfg, world_size, on_gpu).stage)
+
+
+def make_loadable_under_any_stage(universal_tag_dir: Path) -> None:
+    """Completes a universal checkpoint converted from one ZeRO stage so that an engine of another loads it.
+
+    A universal load takes each weight and its Adam moments from zero/<name>/, but it also reads what only the
+    source stage's conversion writes: the model-states file under its own stage's name (for metadata only),
+    and in zero/optimizer_state.pt the DeepSpeed version (stages 1-2) or the base optimizer's step and groups
+    (stage 3); stages 1-2 read Adam's step from zero/<name>/step.pt and each state as {"param": tensor}, which
+    only their conversion writes.
+    Each missing piece is derived from the one present; nothing present is changed.
+    """
+    import shutil
+
+    import deepspeed
+
+    folder = Path(universal_tag_dir)
+    flat, z3 = folder / "mp_rank_00_model_states.pt", folder / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    if flat.is_file() and not z3.exists():
+        shutil.copyfile(flat, z3)
+    elif z3.is_file() and not flat.exists():
+        shutil.copyfile(z3, flat)
+    state_path = folder / "zero" / "optimizer_state.pt"
+    sd = torch.load(state_path, weights_only=False)
+    param_dirs = [d for d in (folder / "zero").iterdir() if d.is_dir()]
+    steps = [d / "step.pt" for d in param_dirs]
+    if "optimizer_state_dict" in sd:  # converted from stage 3: bare tensors, no step files
+        step = sd["optimizer_state_dict"]["state"][0]["step"]
+        for path in steps:
+            if not path.exists():
+                torch.save(step, path)
+        for path in (f for d in param_dirs for f in d.glob("*.pt") if f.name != "step.pt"):
+            value = torch.load(path, weights_only=False)
+            if torch.is_tensor(value):  # stages 1-2 read {"param": tensor}; stage 3 reads either
+                torch.save({"param": value}, path)
+    else:  # converted from stage 1 or 2
+        step = next((torch.load(p, weights_only=False) for p in steps if p.is_file()), 0)
+        sd["optimizer_state_dict"] = {"state": {0: {"step": step}}, "param_groups": sd["param_groups"]}
+    sd.setdefault("ds_version", deepspeed.__version__)
+    torch.save(sd, state_path)
+
+
+@contextlib.contextmanager
+def universal_load_fixed(optimizer):
+    """Undoes two slips of DeepSpeed's stage-3 universal load (a resume under stage 3 from another world size
+    or stage), around ``engine.load_checkpoint``.
+
+    It gives every parameter group the settings of the checkpoint's first group (here weight decay 0, that of
+    biases and norms): each group's own settings are put back (they come from this run's config anyway; the LR
+    is set every step). And it hands every sub-group the same Adam step tensor, which the fused AdamW then
+    increments in place once per sub-group, so the bias correction ran ahead: each gets its own copy.
+    """
+    kept = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    yield
+    for group, settings in zip(optimizer.param_groups, kept):
+        group.update(settings)
+    inner = getattr(optimizer, "optimizer", optimizer)  # the torch optimizer inside DeepSpeed's
+    for state in inner.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+
+
+def announce(choice: ZeroChoice, rank: int, metrics_logger) -> None:
+    """Prints the choice (rank 0) and logs it as MLflow params, plus a tag that a resume may update."""
+    if rank != 0:
+        return
+    print(f"[unimo] ZeRO stage {choice.stage}: {choice.reason}", flush=True)
+    if metrics_logger is None:
+        return
+
+    def log(client, run_id: str) -> None:
+        from mlflow.entities import Param
+        from mlflow.exceptions import MlflowException
+
+        try:
+            client.log_batch(run_id, params=[Param("deepspeed.zero_stage_chosen", str(choice.stage)),
+                                             Param("deepspeed.zero_stage_reason", choice.reason[:500])])
+        except MlflowException as err:  # a resume under another stage: params are immutable, the tag tells
+            if err.error_code != "INVALID_PARAMETER_VALUE":
+                raise
+        client.set_tag(run_id, "unimo.zero_stage", str(choice.stage))
+
+    metrics_logger.call(log, "ZeRO stage params")
