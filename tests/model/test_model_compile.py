@@ -3,6 +3,7 @@ compile_blocks), and a compiled block computes what the eager one does, forward 
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from model.flavors import get_flavor
@@ -21,6 +22,7 @@ def test_compile_blocks_compiles_every_block_in_place():
     assert [n for n, _ in model.named_parameters()] == names  # checkpoints keep their keys
 
 
+@pytest.mark.integration  # inductor runs a C++ compiler
 def test_compiled_block_matches_eager(padded: bool = True):  # one case: inductor takes a minute here
     torch.manual_seed(0)
     block = PostLNBlock(32, 4, 64, 1e-12, 0.0, "gelu")

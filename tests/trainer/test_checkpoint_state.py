@@ -92,6 +92,7 @@ class _RecordingEngine:
         self.loaded.append(Path(path).name)
 
 
+@pytest.mark.integration  # the universal conversion runs in a subprocess
 def test_a_torn_newest_is_moved_aside_and_the_older_one_restored(tmp_path, one_rank_group, caplog):
     """The same step is then saved again into a fresh folder; retention (keep_last=2) sees only real ones."""
     run = _saved_run(tmp_path, [], steps=(2, 4, 6))

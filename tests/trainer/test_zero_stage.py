@@ -170,6 +170,7 @@ def _spawn(tmp_path: Path, stage: int, resume: bool) -> dict:
     return torch.load(out)
 
 
+@pytest.mark.integration  # two ranks over gloo in spawned processes
 @pytest.mark.parametrize("saved, resumed", [(3, 1), (1, 3)])
 def test_checkpoint_resumes_under_another_stage(tmp_path, saved, resumed):
     """Saved at step 2 under one stage, resumed under the other through the universal checkpoint: the weights
