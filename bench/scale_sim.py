@@ -708,7 +708,8 @@ def xl_cursor(worlds=(8, 16), steps: int = 6) -> list[dict]:
         slope = (b[key] - a[key]) / (b["world"] - a["world"])
         return b[key] + slope * (world - b["world"])
     for world in (64, 256, 1024):
-        print(f"  extrapolated to {world:>5} ranks: trainer_state data_states {fit('all_ranks_bytes', world) / 2 ** 20:6.0f}"
+        states_mb = fit('all_ranks_bytes', world) / 2 ** 20
+        print(f"  extrapolated to {world:>5} ranks: trainer_state data_states {states_mb:6.0f}"
               f" MB, merge on every rank {fit('merge_s', world):6.1f} s, merge peak "
               f"{fit('merge_peak', world) / 2 ** 30:5.2f} GiB")
     return rows

@@ -149,7 +149,8 @@ def _inspect(args) -> int:
                       "read_shards": len(shards[:args.max_shards or None]), **counts,
                       **({"unreadable": unreadable} if unreadable else {})}))
     for url, reason in unreadable.items():
-        print(f"error: {url}: {reason} (it is not a tar shard{' - e.g. an HTML page' if reason == 'not_a_tar' else ''})",
+        example = " - e.g. an HTML page" if reason == "not_a_tar" else ""
+        print(f"error: {url}: {reason} (it is not a tar shard{example})",
               file=sys.stderr)
     return 1 if unreadable else 0
 

@@ -127,6 +127,7 @@ def decompressed(stream, url: str = "") -> tuple[object, str | None]:
     try:
         import zstandard
     except ImportError:
-        raise MissingDecompressor(f"{safe_url(url) if url else 'a shard'} is zstd-compressed, and the zstandard package is not "
+        what = safe_url(url) if url else "a shard"
+        raise MissingDecompressor(f"{what} is zstd-compressed, and the zstandard package is not "
                                   f"installed: pip install zstandard, or recompress the shards with gzip") from None
     return _Decompressed(zstandard.ZstdDecompressor().stream_reader(src, read_across_frames=True), kind), kind

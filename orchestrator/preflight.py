@@ -257,7 +257,8 @@ def check_resume(cfg: RunConfig, run_dir: str, shards: dict) -> str:
         if src in shards:
             digest = shard_digest([u for u, _ in shards[src]])
             if saved.get("num_shards") != len(shards[src]) or saved.get("digest") != digest:
-                raise UserError(f"{_corpus_setting(cfg, src)}: checkpoint {where} read {saved.get('num_shards')} shards, the "
+                setting = _corpus_setting(cfg, src)
+                raise UserError(f"{setting}: checkpoint {where} read {saved.get('num_shards')} shards, the "
                                 f"source now lists {len(shards[src])} (other shards): the data cursor cannot be "
                                 "applied to them; point it at the original shards or start a new run name")
     return f"resumes {where} (step {state.get('step')}, world size {state.get('world_size')}): config matches"

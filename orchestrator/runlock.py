@@ -50,7 +50,8 @@ class LockOwner:
                    pid_started=process_start_time(os.getpid()) or 0.0, acquired=now, heartbeat=now)
 
     def describe(self, now: float) -> str:
-        return (f"host {self.host}, pid {self.pid}, since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(self.acquired))}, "
+        since = time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(self.acquired))
+        return (f"host {self.host}, pid {self.pid}, since {since}, "
                 f"last heartbeat {now - self.heartbeat:.0f}s ago")
 
 

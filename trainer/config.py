@@ -67,7 +67,8 @@ class StageConfig:
             if obj not in OBJECTIVE_SOURCES:
                 from trainer.config_loader import _closest
 
-                raise ValueError(f"stage '{self.name}': unknown objective '{obj}'{_closest(obj, list(OBJECTIVE_SOURCES))}")
+                hint = _closest(obj, list(OBJECTIVE_SOURCES))
+                raise ValueError(f"stage '{self.name}': unknown objective '{obj}'{hint}")
             _check(weight >= 0, f"stage '{self.name}': weight of '{obj}' must be >= 0, got {weight}")
         _check(self.lr >= 0, f"stage '{self.name}': lr must be >= 0, got {self.lr}")
 
@@ -169,7 +170,8 @@ class TrainSection:
         _check(self.eval_every >= 0, f"eval_every must be >= 0, got {self.eval_every}")
         _check(self.eval_rerank_k >= 0, f"eval_rerank_k must be >= 0, got {self.eval_rerank_k}")
         _check(self.watchdog_seconds > 0, f"watchdog_seconds must be > 0, got {self.watchdog_seconds}")
-        _check(self.watchdog_phase_seconds > 0, f"watchdog_phase_seconds must be > 0, got {self.watchdog_phase_seconds}")
+        _check(self.watchdog_phase_seconds > 0,
+               f"watchdog_phase_seconds must be > 0, got {self.watchdog_phase_seconds}")
 
 
 @dataclass
@@ -230,7 +232,8 @@ class ScalingConfig:
                f"min_workers must lie in [0, num_workers={self.num_workers}] (0 = fixed size), got {self.min_workers}")
         _check(self.cpus_per_worker >= 1, f"cpus_per_worker must be >= 1, got {self.cpus_per_worker}")
         _check(self.placement_strategy in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
-               f"placement_strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, got {self.placement_strategy!r}")
+               "placement_strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, "
+               f"got {self.placement_strategy!r}")
         _check(self.max_failures >= -1, f"max_failures must be >= -1 (-1 = unlimited), got {self.max_failures}")
 
 

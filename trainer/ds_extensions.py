@@ -41,7 +41,8 @@ def _compiler_running() -> bool:
     return False
 
 
-def clear_stale_build_locks(root: str | Path, now: float | None = None, compiler_running=_compiler_running) -> list[Path]:
+def clear_stale_build_locks(root: str | Path, now: float | None = None,
+                            compiler_running=_compiler_running) -> list[Path]:
     """Removes ``<root>/*/*/lock`` files older than STALE_LOCK_S when no compiler runs; returns what it removed."""
     now = time.time() if now is None else now
     old = [p for p in Path(root).glob("*/*/lock") if now - p.stat().st_mtime > STALE_LOCK_S]

@@ -59,7 +59,8 @@ def train_func(payload: dict) -> None:
     cfg = config_from_dict(payload["run_config"])
     # data.io_retries bounds every storage call of this process, also those made without an explicit policy
     set_default_policy(io_policy(cfg.data))
-    trainer = Trainer(cfg, rank=ctx.get_world_rank(), world_size=ctx.get_world_size(), reporter=RayReporter(cfg.checkpoint.async_upload),
+    trainer = Trainer(cfg, rank=ctx.get_world_rank(), world_size=ctx.get_world_size(),
+                      reporter=RayReporter(cfg.checkpoint.async_upload),
                       mlflow_run_id=payload.get("mlflow_run_id"), tracking_uri=payload.get("tracking_uri", ""),
                       local_rank=ctx.get_local_rank(), control_dir=payload.get("control_dir"))
     try:

@@ -34,8 +34,9 @@ def installed(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     # built from a copy: setuptools writes build/ and *.egg-info into the tree it builds
     src = tmp / "src"
-    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".venv*", ".git", "build", "demo_out", "runs", "*.egg-info",
-                                                             "__pycache__", ".pytest_cache", ".ruff_cache"))
+    skip = shutil.ignore_patterns(".venv*", ".git", "build", "demo_out", "runs", "*.egg-info", "__pycache__",
+                                  ".pytest_cache", ".ruff_cache")
+    shutil.copytree(ROOT, src, ignore=skip)
     run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp / "dist"),
          str(src)], cwd=tmp, env=env, timeout=300)
     wheel = next((tmp / "dist").glob("unimo-*.whl"))

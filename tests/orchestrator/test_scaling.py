@@ -16,7 +16,8 @@ DEBUG = str(ROOT / "configs" / "debug.yaml")
 
 
 def test_fixed_size_scaling():
-    cfg = load_config(DEBUG, ["scaling.num_workers=2", "scaling.cpus_per_worker=3", "scaling.placement_strategy=SPREAD"])
+    cfg = load_config(DEBUG, ["scaling.num_workers=2", "scaling.cpus_per_worker=3",
+                              "scaling.placement_strategy=SPREAD"])
     sc = driver.scaling_config_of(cfg)
     assert sc.num_workers == 2 and not sc.elasticity_enabled
     assert sc.resources_per_worker == {"CPU": 3} and sc.placement_strategy == "SPREAD" and not sc.use_gpu

@@ -10,7 +10,8 @@ from trainer import checkpoint as ckpt
 def make_checkpoint(root, step, files=None):
     d = root / ckpt.step_dir_name(step)
     (d / "ds").mkdir(parents=True)
-    for name, data in (files or {"ds/zero_pp_rank_0_model_states.pt": b"abc" * 100, "trainer_state.json": b"{}"}).items():
+    files = files or {"ds/zero_pp_rank_0_model_states.pt": b"abc" * 100, "trainer_state.json": b"{}"}
+    for name, data in files.items():
         (d / name).write_bytes(data)
     ckpt.write_manifest(d, ckpt.describe_files(d), step)
     return d

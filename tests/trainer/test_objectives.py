@@ -136,7 +136,8 @@ def test_same_modules_in_same_order_whatever_the_batch_holds():
     _, parts = obj(make_batch(seed=2, degenerate=True), ALL)
     for name in ("mlm_text", "mim", "mlm_pair", "grounding"):
         assert parts[name].item() == 0.0 and parts[name].requires_grad, name
-    assert torch.isfinite(parts["itc"]) and torch.isfinite(parts["itm"])  # ITM keeps its positive pairs  # one image for all texts: every column is positive, still finite
+    # ITM keeps its positive pairs; one image for all texts: every column is positive, still finite
+    assert torch.isfinite(parts["itc"]) and torch.isfinite(parts["itm"])
 
 
 @pytest.mark.parametrize("text_len", [9, 12, 15])

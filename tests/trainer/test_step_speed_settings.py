@@ -1,5 +1,6 @@
 """The trainer settings behind the CPU step-time figures: reduction mode and Linear flavour per world size, aligned
-parameter groups, the fused optimizer. Each is cheap to get silently wrong and costly when it is (docs/BENCHMARKS.md, trainer)."""
+parameter groups, the fused optimizer. Each is cheap to get silently wrong and costly when it is
+(docs/BENCHMARKS.md, trainer)."""
 
 from __future__ import annotations
 
