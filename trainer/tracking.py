@@ -459,8 +459,10 @@ def secret_values(environ: dict[str, str]) -> list[str]:
 
 
 def redact(text: str, secrets: list[str]) -> str:
-    """Removes known secret values and URL user-info (``scheme://user:pass@host``) from a string."""
+    """Removes known secret values, URL user-info (``scheme://user:pass@host``) and URL query strings (a presigned
+    or token-bearing URL carries its credential there, e.g. ``https://host/shard.tar?X-Amz-Signature=...``)."""
     text = re.sub(r"(\w+://)[^/@\s]+@", r"\1***@", text)
+    text = re.sub(r"(\w+://[^\s?'\"]*)\?[^\s'\"\],]+", r"\1?***", text)
     for secret in secrets:
         text = text.replace(secret, "***")
     return text
