@@ -54,7 +54,7 @@ def test_missing_data_is_refused_before_ray_starts(synthetic_data, tmp_path):
     with driver(argv, tmp_path / "nodata.log") as run:
         assert run.wait(timeout=300) == 1
         out = run.output()
-    assert f"unimo: error: data.pair.urls: no shards (*.tar) found under {missing}" in out, out[-3000:]
+    assert f"unimo: error: data.pair.urls: no shards (*.tar, *.tar.gz, *.tgz, ...) found under {missing}" in out, out[-3000:]
     assert "Started a local Ray instance" not in out and GROUP_START not in out, out[-3000:]
 
 
@@ -71,7 +71,7 @@ def test_a_user_error_in_a_worker_ends_the_job_at_its_first_worker_group(synthet
     assert out.count(GROUP_START) == 1, out[-4000:]
     assert "RETRY" not in out, out[-4000:]
     last = [line for line in out.splitlines() if line.startswith("unimo: error:")][-1]
-    assert last.startswith(f"unimo: error: no shards (*.tar) found under {missing}: point it at") and \
+    assert last.startswith(f"unimo: error: no shards (*.tar, *.tar.gz, *.tgz, ...) found under {missing}: point it at") and \
         "(full traceback: " in last, last
     log = Path(last.split("(full traceback: ")[1].rstrip(")"))
     assert log.is_file() and "Traceback" in log.read_text() and log.is_relative_to(tmp_path / "runs" / "gone")
