@@ -71,8 +71,8 @@ def test_a_user_error_in_a_worker_ends_the_job_at_its_first_worker_group(synthet
     assert out.count(GROUP_START) == 1, out[-4000:]
     assert "RETRY" not in out, out[-4000:]
     last = [line for line in out.splitlines() if line.startswith("unimo: error:")][-1]
-    assert last.startswith(f"unimo: error: no shards (*.tar, *.tar.gz, *.tgz, ...) found under {missing}: point it at") and \
-        "(full traceback: " in last, last
+    expected = f"unimo: error: no shards (*.tar, *.tar.gz, *.tgz, ...) found under {missing}: point it at"
+    assert last.startswith(expected) and "(full traceback: " in last, last
     log = Path(last.split("(full traceback: ")[1].rstrip(")"))
     assert log.is_file() and "Traceback" in log.read_text() and log.is_relative_to(tmp_path / "runs" / "gone")
 

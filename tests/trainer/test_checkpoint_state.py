@@ -100,7 +100,8 @@ def test_a_torn_newest_is_moved_aside_and_the_older_one_restored(tmp_path, one_r
     (checkpoints / "step_00000006" / ckpt.MANIFEST).unlink()  # step 6: a kill during its save
     shard = checkpoints / "step_00000004" / "ds" / "zero_pp_rank_0_mp_rank_00_model_states.pt"
     shard.write_bytes(b"w")  # step 4: truncated
-    manager = _manager(["checkpoint.keep_last=1"], run)
+    # the fake engine writes a ZeRO-3 layout: resumed under stage 3, no conversion (trainer/zero_stage.py)
+    manager = _manager(["checkpoint.keep_last=1", "deepspeed.zero_stage=3"], run)
     engine = _RecordingEngine()
     progress = manager.load(lambda universal: engine)
     assert progress.step == 2 and engine.loaded == ["step_00000002"]
