@@ -54,7 +54,8 @@ def test_missing_data_is_refused_before_ray_starts(synthetic_data, tmp_path):
     with driver(argv, tmp_path / "nodata.log") as run:
         assert run.wait(timeout=300) == 1
         out = run.output()
-    assert f"unimo: error: data.pair.urls: no shards (*.tar, *.tar.gz, *.tgz, ...) found under {missing}" in out, out[-3000:]
+    expected = f"unimo: error: data.pair.urls: no shards (*.tar, *.tar.gz, *.tgz, ...) found under {missing}"
+    assert expected in out, out[-3000:]
     assert "Started a local Ray instance" not in out and GROUP_START not in out, out[-3000:]
 
 

@@ -9,6 +9,7 @@ than the one resumed from aside, so the same step can be saved again into a fres
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import logging
 import os
@@ -217,7 +218,8 @@ class CheckpointManager:
         path, tag = found.local, "ds"
         if universal:
             path, tag = to_universal(found.local, state["step"], self.cfg.run.name, self.local_rank)
-        with universal_load_fixed(getattr(engine, "optimizer", None)):  # two slips of DeepSpeed's stage-3 load
+        # two slips of DeepSpeed's stage-3 universal load, undone afterwards (trainer/zero_stage.py)
+        with universal_load_fixed(engine.optimizer) if universal else contextlib.nullcontext():
             engine.load_checkpoint(str(path), tag=tag, load_module_strict=True, load_optimizer_states=True,
                                    load_lr_scheduler_states=False)
         if universal:
