@@ -5,6 +5,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_USAGE_STATS_ENABLED=0 MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=true
-# Two pytest workers: an integration test leaves a third of the 2 cores idle (process start-ups, polling), and the
-# suite's wall time is 16.5-19 minutes here (408 tests). UNIMO_TEST_WORKERS=0 runs everything in one process.
-exec .venv/bin/python -m pytest -n "${UNIMO_TEST_WORKERS:-2}" "$@"
+# Two pytest workers; --dist worksteal: an idle worker takes tests queued on the other, so the long integration
+# tests at the end do not run one after the other on one worker (with the default scheduling one worker ran the
+# last ~40 tests alone). UNIMO_TEST_WORKERS=0 runs everything in one process.
+if [ "${UNIMO_TEST_WORKERS:-2}" = 0 ]; then
+  exec .venv/bin/python -m pytest "$@"
+fi
+exec .venv/bin/python -m pytest -n "${UNIMO_TEST_WORKERS:-2}" --dist worksteal "$@"
