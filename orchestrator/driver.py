@@ -127,7 +127,9 @@ def fit(cfg: RunConfig, preflight: bool = True) -> TrainOutcome:
     is reported before Ray or a worker starts; False only for tests that need a mistake to reach a worker.
     """
     from orchestrator.runlock import RunLock
+    from trainer.config import adopt_remote_tokenizer_ids
 
+    cfg = adopt_remote_tokenizer_ids(cfg)  # a local tokenizer's ids were taken when the config was loaded
     if preflight:
         run_preflight_quietly(cfg)
     else:

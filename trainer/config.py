@@ -345,6 +345,19 @@ def _tokenizer_if_readable(url: str):
         return None
 
 
+def adopt_remote_tokenizer_ids(cfg: RunConfig) -> RunConfig:
+    """The special-token ids of a tokenizer on remote storage (s3://, http...), which loading the config does not
+    read: the driver calls this before its pre-flight, so the workers get the ids the tokenizer holds."""
+    if not cfg.data.tokenizer or "://" not in cfg.data.tokenizer:
+        return cfg
+    from data_pipeline.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(cfg.data.tokenizer)
+    for k, role in _SPECIAL_ROLES.items():
+        setattr(cfg.model.text, k, getattr(tok, role))
+    return cfg
+
+
 def _adopt_tokenizer(cfg: RunConfig, raw: dict) -> RunConfig:
     """The text tower's special-token ids come from the run's tokenizer file (the text_init folder's when
     data.tokenizer is empty); ids the config states must agree with it. A tokenizer that cannot be read yet

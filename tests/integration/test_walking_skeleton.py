@@ -12,8 +12,6 @@ from tests.integration.services import FAKE_AWS, mlflow_server, s3_server, uploa
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.xfail(strict=False, reason="failed once in the session's last verification run (3 pytest workers on 2 "
-                   "cores, after the merges), cause not seen before the session ended; see the session note")
 def test_train_two_zero3_workers_from_s3_into_mlflow(synthetic_data, tmp_path):
     import ray
     from mlflow.tracking import MlflowClient
