@@ -161,17 +161,12 @@ def check_tokenizer(cfg: RunConfig, policy) -> tuple[str, object]:
     except UserError as err:
         raise UserError(f"{err}; give a tokenizer.json (or a folder holding one), e.g. written by "
                         "`unimo data tokenizer`") from None
+    from trainer.config import tokenizer_mismatch
+
+    problem = tokenizer_mismatch(cfg, tok)
+    if problem:
+        raise UserError(problem)
     text = cfg.model.text
-    if tok.vocab_size > text.vocab_size:
-        raise UserError(f"data.tokenizer={cfg.data.tokenizer} has {tok.vocab_size} tokens but "
-                        f"model.text.vocab_size={text.vocab_size}; raise model.text.vocab_size")
-    expected = {"pad_token_id": tok.pad_id, "bos_token_id": tok.cls_id, "eos_token_id": tok.sep_id,
-                "mask_token_id": tok.mask_id}
-    wrong = [f"model.text.{k}={getattr(text, k)} (tokenizer: {v})" for k, v in expected.items()
-             if getattr(text, k) != v]
-    if wrong:
-        raise UserError(f"model special-token ids do not match the tokenizer {cfg.data.tokenizer}: "
-                        f"{', '.join(wrong)}; set them in the config")
     return f"{tok.vocab_size} tokens (model: {text.vocab_size}), special ids match", tok
 
 

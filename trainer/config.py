@@ -345,6 +345,21 @@ def _tokenizer_if_readable(url: str):
         return None
 
 
+def tokenizer_mismatch(cfg: RunConfig, tok) -> str | None:
+    """Why the tokenizer ``tok`` does not fit model.text (vocabulary or special ids), or None: one rule for the
+    pre-flight (orchestrator/preflight.py) and the trainer (trainer/loop.py)."""
+    text = cfg.model.text
+    if tok.vocab_size > text.vocab_size:
+        return (f"data.tokenizer={cfg.data.tokenizer} has {tok.vocab_size} tokens but "
+                f"model.text.vocab_size={text.vocab_size}; raise model.text.vocab_size")
+    wrong = [f"model.text.{k}={getattr(text, k)} (tokenizer: {getattr(tok, role)})"
+             for k, role in _SPECIAL_ROLES.items() if getattr(text, k) != getattr(tok, role)]
+    if wrong:
+        return (f"model special-token ids do not match the tokenizer {cfg.data.tokenizer}: "
+                f"{', '.join(wrong)}; set them in the config")
+    return None
+
+
 def adopt_remote_tokenizer_ids(cfg: RunConfig) -> RunConfig:
     """The special-token ids of a tokenizer on remote storage (s3://, http...), which loading the config does not
     read: the driver calls this before its pre-flight, so the workers get the ids the tokenizer holds."""

@@ -146,18 +146,11 @@ class Trainer:
         return self.engine
 
     def _check_tokenizer(self) -> None:
-        text = self.cfg.model.text
-        tok = self.tokenizer
-        if tok.vocab_size > text.vocab_size:
-            raise ValueError(f"tokenizer {self.cfg.data.tokenizer} has {tok.vocab_size} tokens but "
-                             f"model.text.vocab_size={text.vocab_size}; raise model.text.vocab_size")
-        expected = {"pad_token_id": tok.pad_id, "bos_token_id": tok.cls_id, "eos_token_id": tok.sep_id,
-                    "mask_token_id": tok.mask_id}
-        wrong = [f"model.text.{k}={getattr(text, k)} (tokenizer: {v})" for k, v in expected.items()
-                 if getattr(text, k) != v]
-        if wrong:
-            raise ValueError("model special-token ids do not match the tokenizer "
-                             f"{self.cfg.data.tokenizer}: {', '.join(wrong)}; set them in the config")
+        from trainer.config import tokenizer_mismatch
+
+        problem = tokenizer_mismatch(self.cfg, self.tokenizer)
+        if problem:
+            raise ValueError(problem)
 
     def build_loader(self) -> None:
         from data_pipeline.loader import build_loader
