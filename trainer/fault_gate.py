@@ -2,8 +2,9 @@
 the test controls rather than racing the run ("kill a worker after checkpoint 10" misses on a fast machine: the
 run may be over by then).
 
-``UNIMO_FAULT_GATE=STEP:FOLDER`` (set by a test; forwarded to the workers by the driver): before running step
-STEP, each rank writes ``FOLDER/reached-rank<R>`` and waits until ``FOLDER/open`` exists, then goes on. The test
+``UNIMO_FAULT_GATE=STEP:FOLDER[,STEP:FOLDER...]`` (set by a test; forwarded to the workers by the driver): before
+running step STEP, each rank writes ``FOLDER/reached-rank<R>`` and waits until ``FOLDER/open`` exists, then goes on
+(several gates let a test act twice at steps it controls, e.g. stop a service and later bring it back). The test
 waits for the ``reached`` file (an event), injects its fault, and opens the gate; a restarted worker group that
 comes back to STEP finds it open. Unset, it costs one dictionary lookup per step. The wait is bounded
 (``UNIMO_FAULT_GATE_TIMEOUT_S``, default 600 s) so a forgotten gate ends in a named error, not a hang.
@@ -19,21 +20,24 @@ ENV = "UNIMO_FAULT_GATE"
 TIMEOUT_ENV = "UNIMO_FAULT_GATE_TIMEOUT_S"
 
 
-def parse(value: str | None) -> tuple[int, Path] | None:
-    if not value:
-        return None
-    step, sep, folder = value.partition(":")
-    if not sep or not step.strip().isdigit() or not folder:
-        raise ValueError(f"{ENV}={value!r}: expected STEP:FOLDER, e.g. 11:/tmp/gate")
-    return int(step), Path(folder)
+def parse(value: str | None) -> dict[int, Path]:
+    """The gates named by the setting, by step (empty when unset)."""
+    gates: dict[int, Path] = {}
+    for item in (value or "").split(","):
+        if not item.strip():
+            continue
+        step, sep, folder = item.strip().partition(":")
+        if not sep or not step.strip().isdigit() or not folder:
+            raise ValueError(f"{ENV}={value!r}: expected STEP:FOLDER[,STEP:FOLDER...], e.g. 11:/tmp/gate")
+        gates[int(step)] = Path(folder)
+    return gates
 
 
 def wait_at(step: int, rank: int, environ: dict[str, str] | None = None, poll_s: float = 0.05) -> None:
     """Holds rank ``rank`` before ``step`` while the gate named by the environment is closed."""
-    gate = parse((os.environ if environ is None else environ).get(ENV))
-    if gate is None or gate[0] != step:
+    folder = parse((os.environ if environ is None else environ).get(ENV)).get(step)
+    if folder is None:
         return
-    folder = gate[1]
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"reached-rank{rank}").write_text(f"{os.getpid()}\n")
     limit = float((os.environ if environ is None else environ).get(TIMEOUT_ENV, "600"))

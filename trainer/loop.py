@@ -308,9 +308,9 @@ class Trainer:
     def _step_loop(self, start_step: int, total_steps: int, t_start: float) -> dict[str, float]:
         """Steps until the plan ends or a stop is requested; checkpoints, logs and evaluates on the way."""
         last: dict[str, float] = {}
-        gate = fault_gate.parse(os.environ.get(fault_gate.ENV))  # set only by fault tests
+        gates = fault_gate.parse(os.environ.get(fault_gate.ENV))  # set only by fault tests
         for step in range(start_step, total_steps):
-            if gate is not None and gate[0] == step + 1:
+            if step + 1 in gates:
                 with self.watchdog.phase(f"the fault gate before step {step + 1}"):
                     fault_gate.wait_at(step + 1, self.rank)
             _, stage, in_stage = stage_at(self.cfg.stages, step)

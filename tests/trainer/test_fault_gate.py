@@ -41,6 +41,17 @@ def test_a_forgotten_gate_is_a_named_error(tmp_path):
         fault_gate.wait_at(3, 0, environ=env)
 
 
+def test_several_gates_each_hold_their_own_step(tmp_path):
+    env = {fault_gate.ENV: f"3:{tmp_path / 'a'},9:{tmp_path / 'b'}"}
+    assert fault_gate.parse(env[fault_gate.ENV]) == {3: tmp_path / "a", 9: tmp_path / "b"}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "open").touch()
+    fault_gate.wait_at(3, 0, environ=env)  # open: passes
+    with pytest.raises(TimeoutError, match="before step 9"):  # the other one is still closed
+        fault_gate.wait_at(9, 0, environ={**env, fault_gate.TIMEOUT_ENV: "0.05"})
+    assert (tmp_path / "b" / "reached-rank0").exists()
+
+
 def test_a_malformed_setting_is_named():
     with pytest.raises(ValueError, match="STEP:FOLDER"):
         fault_gate.parse("eleven")
