@@ -63,11 +63,17 @@ def test_a_frozen_rank_hangs_the_collective_and_the_watchdog_restarts_the_job(sy
     limit = 20
     argv = ["train", DEBUG_CONFIG, *small_run("frozen", storage, data,
                                               extra=NO_EVAL + [f"train.watchdog_seconds={limit}"])]
-    with driver(argv, tmp_path / "frozen.log") as run:
+    # Both ranks hold before step 12 (trainer/fault_gate.py) while one is frozen: the run cannot be over, or not
+    # yet at its step-10 checkpoint, however fast the machine; the other rank then enters step 12 alone.
+    gate = tmp_path / "gate"
+    with driver(argv, tmp_path / "frozen.log", env={"UNIMO_FAULT_GATE": f"12:{gate}"}) as run:
+        wait_for(lambda: all((gate / f"reached-rank{r}").exists() for r in (0, 1)), 600, "both ranks at step 12",
+                 run)
         wait_for(lambda: registered(storage / "frozen", 10), 300, "the step-10 checkpoint", run)
         workers = wait_for(lambda: len(run.train_workers()) == 2 and run.train_workers(), 60, "2 train workers", run)
         frozen = workers[-1]
         os.kill(frozen.pid, signal.SIGSTOP)
+        (gate / "open").touch()  # the live rank goes on into step 12 and waits there for the frozen one
         # bounded by the limit plus slack for a loaded machine (the alternative is gloo's 30 minutes)
         wait_for(lambda: "[unimo watchdog]" in run.output(), limit + 60, "the watchdog", run)
         assert run.wait(timeout=360) == 0, run.tail()
