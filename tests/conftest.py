@@ -37,7 +37,9 @@ SERVICE_FIXTURES = {"s3_server", "s3_data", "s3_runs"}
 
 # The files whose tests take longest (measured with --durations on 2 cores: 50-250 s each), longest first. They run
 # first: with two pytest workers, a long test that starts last runs alone while the other worker idles (the
-# suite's last 3% of tests took 6 of its 16 minutes). Only whole files move, so module fixtures stay together.
+# suite's last 3% of tests took 6 of its 16 minutes). scripts/test.sh deals tests out with xdist's `--dist load`
+# (round robin, in this order), so both workers start on long ones and the short ones fill the end. Only whole
+# files move, so module fixtures stay together.
 LONGEST_FIRST = tuple(f"integration/{name}.py" for name in (
     "test_faults_worker", "test_faults_node", "test_preemption", "test_resume", "test_tracking_outage",
     "test_resume_older", "test_tracking_resume", "test_jobs_api", "test_faults_driver", "test_fail_fast",
@@ -47,7 +49,8 @@ LONGEST_FIRST = tuple(f"integration/{name}.py" for name in (
 
 def _longest_first(items) -> None:
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(f"{item.path.parent.name}/{item.path.name}", len(LONGEST_FIRST)))  # stable: file order otherwise kept
+    # stable: the collection's order is kept otherwise
+    items.sort(key=lambda item: rank.get(f"{item.path.parent.name}/{item.path.name}", len(LONGEST_FIRST)))
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
@@ -129,10 +132,15 @@ def pytest_runtest_logfinish(nodeid, location):
     _timeline("end", nodeid)
 
 
+_WORKER: list[str] = []  # this pytest worker's name, read once (a test may change os.environ)
+
+
 def _timeline(event: str, nodeid: str) -> None:
     path = os.environ.get("UNIMO_TEST_TIMELINE")
     if path:
         import time
 
+        if not _WORKER:
+            _WORKER.append(os.environ.get("PYTEST_XDIST_WORKER", "main"))
         with open(path, "a") as f:
-            f.write(f"{time.time():.1f} {os.environ.get('PYTEST_XDIST_WORKER', 'main')} {event} {nodeid}\n")
+            f.write(f"{time.time():.1f} {_WORKER[0]} {event} {nodeid}\n")

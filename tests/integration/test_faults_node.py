@@ -48,19 +48,24 @@ def _check_exactly_once(argv: list[str], run_dir: Path, data: Path) -> dict:
     return state
 
 
-def _lose_node_after_first_checkpoint(head, run, run_dir: Path) -> None:
+def _lose_node_after_first_checkpoint(head, run, run_dir: Path, gate: Path) -> None:
+    """Both ranks are held before step 12 (trainer/fault_gate.py) while the node goes: the run can be neither
+    over nor short of its step-10 checkpoint, however fast the machine."""
+    wait_for(lambda: all((gate / f"reached-rank{r}").exists() for r in (0, 1)), 600, "both ranks at step 12", run)
     wait_for(lambda: registered(run_dir, 10), 300, "the step-10 checkpoint", run)
     node = next(w for w in head.workers if w.name == NODE)
     node.stop()  # its raylet exits (SIGTERM) and takes its training worker with it
     wait_for_node_state(head, NODE, "DEAD", timeout=30)
+    (gate / "open").touch()  # the restarted group passes step 12
 
 
 def test_node_lost_job_waits_for_it_and_completes_exactly_once(two_nodes, synthetic_data, tmp_path):
     head, storage = two_nodes, tmp_path / "runs"
     argv = ["train", DEBUG_CONFIG, *small_run("f2", storage, str(synthetic_data),
                                               extra=NO_EVAL + [f"scaling.address={head.address}"])]
-    with driver(argv, tmp_path / "f2.log", env=head.client_env()) as run:
-        _lose_node_after_first_checkpoint(head, run, storage / "f2")
+    gate = tmp_path / "gate"
+    with driver(argv, tmp_path / "f2.log", env={**head.client_env(), "UNIMO_FAULT_GATE": f"12:{gate}"}) as run:
+        _lose_node_after_first_checkpoint(head, run, storage / "f2", gate)
         time.sleep(5)  # the job now waits: 2 workers of 1 CPU do not fit on the head alone
         assert run.proc.poll() is None, run.tail()
         add_worker(head, 1, name=NODE)  # the node comes back
@@ -78,9 +83,10 @@ def test_node_lost_elastic_job_goes_on_with_fewer_workers(two_nodes, synthetic_d
     # Ray 2.60's elastic policy first retries at the old size (its view of the cluster lags the node loss) and
     # only shrinks once that start times out; a shorter timeout than the default 60 s keeps the test short (45 s: a
     # healthy start must still fit while the other pytest worker loads the same 2 cores).
-    env = {**head.client_env(), "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "45"}
+    gate = tmp_path / "gate"
+    env = {**head.client_env(), "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "45", "UNIMO_FAULT_GATE": f"12:{gate}"}
     with driver(argv, tmp_path / "f2e.log", env=env) as run:
-        _lose_node_after_first_checkpoint(head, run, storage / "f2e")
+        _lose_node_after_first_checkpoint(head, run, storage / "f2e", gate)
         code = run.wait(timeout=360)
         out = run.output()
     assert code == 0, out[-4000:]
