@@ -217,10 +217,14 @@ def sigterm_as_exit(run_dir: Path | str, state: _StopState | None = None):
         raise SystemExit(128 + signum)
 
     previous = signal.signal(signal.SIGTERM, _exit)
+    # Ray Train's fit() installs a SIGINT handler that aborts its controller and leaves it there: in a process
+    # that goes on (a notebook, a test, a second job) a later Ctrl-C would call a controller that is gone.
+    previous_int = signal.getsignal(signal.SIGINT)
     try:
         yield state
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
         if state.timer is not None:
             state.timer.cancel()
 

@@ -5,12 +5,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_USAGE_STATS_ENABLED=0 MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=true
-# Two pytest workers, dealt one test at a time (--dist load --maxschedchunk 1) in the order tests/conftest.py
-# gives: the longest test files first, so both workers start on long tests and short ones fill the end. (xdist's
-# default hands each worker a quarter of its share at once, and worksteal splits the list in halves: either way
-# one worker got every long test and ran them one after the other.) UNIMO_TEST_WORKERS=0 runs everything in one
-# process.
+# Two pytest workers; --dist worksteal: an idle worker takes tests queued on the other, so the long integration
+# tests at the end do not run one after the other on one worker (with the default scheduling one worker ran the
+# last ~40 tests alone). UNIMO_TEST_WORKERS=0 runs everything in one process.
 if [ "${UNIMO_TEST_WORKERS:-2}" = 0 ]; then
   exec .venv/bin/python -m pytest "$@"
 fi
-exec .venv/bin/python -m pytest -n "${UNIMO_TEST_WORKERS:-2}" --dist load --maxschedchunk 1 "$@"
+exec .venv/bin/python -m pytest -n "${UNIMO_TEST_WORKERS:-2}" --dist worksteal "$@"

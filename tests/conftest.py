@@ -35,30 +35,11 @@ def pytest_report_header(config):
 SERVICE_FIXTURES = {"s3_server", "s3_data", "s3_runs"}
 
 
-# The files whose tests take longest (measured with --durations on 2 cores: 50-250 s each), longest first. They run
-# first: with two pytest workers, a long test that starts last runs alone while the other worker idles (the
-# suite's last 3% of tests took 6 of its 16 minutes). scripts/test.sh deals tests out with xdist's `--dist load`
-# (round robin, in this order), so both workers start on long ones and the short ones fill the end. Only whole
-# files move, so module fixtures stay together.
-LONGEST_FIRST = tuple(f"integration/{name}.py" for name in (
-    "test_faults_worker", "test_faults_node", "test_preemption", "test_resume", "test_tracking_outage",
-    "test_resume_older", "test_tracking_resume", "test_jobs_api", "test_faults_driver", "test_fail_fast",
-    "test_walking_skeleton", "test_wheel")) + ("trainer/test_zero_stage.py", "trainer/test_tracking_setup.py",
-                                               "integration/test_tracking_auth.py", "cluster/test_local_cluster.py")
-
-
-def _longest_first(items) -> None:
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    # stable: the collection's order is kept otherwise
-    items.sort(key=lambda item: rank.get(f"{item.path.parent.name}/{item.path.name}", len(LONGEST_FIRST)))
-
-
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.integration)
-    _longest_first(items)
     try:
         import torch
 

@@ -83,3 +83,11 @@ def test_a_worker_group_that_cannot_be_placed_names_the_resources(tmp_path):
     out = str(driver.failed_run_error(ControllerError(WorkerGroupStartupTimeoutError(2)), tmp_path, cfg))
     assert out.startswith("scaling: the worker group (2 x 4 CPU) could not be started within UNIMO_CLUSTER_WAIT_S=")
     assert "add nodes or lower scaling.num_workers" in out
+
+
+def test_the_job_leaves_the_signal_handlers_as_it_found_them(tmp_path):
+    """Ray Train's fit() sets a SIGINT handler of its own: it must not outlive the job in a process that goes on."""
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with driver.sigterm_as_exit(tmp_path):
+        signal.signal(signal.SIGINT, lambda *_: None)  # as trainer.fit() does
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
