@@ -129,6 +129,7 @@ class Trainer:
                                              on_gpu=torch.cuda.is_available())
         self.stop = StopFile(control_dir)
         self.stopped_early = False
+        self._sent_data: dict[str, float] = {}  # data/* values last sent to MLflow (_changed_data_counters)
 
     # ----- building -------------------------------------------------------------------------------------------
     def build(self, universal: bool = False) -> Any:
@@ -353,13 +354,28 @@ class Trainer:
         if self.rank != 0:
             return
         if self.metrics_logger is not None:
-            self.metrics_logger.log(metrics, step)
+            self.metrics_logger.log(self._changed_data_counters(metrics), step)
         elapsed = time.perf_counter() - t_start
         rate = (step - start_step) / max(elapsed, 1e-9)
         eta = (self.cfg.total_steps - step) / max(rate, 1e-9)
         losses = " ".join(f"{k.split('/')[1]}={v:.3f}" for k, v in metrics.items() if k.startswith("loss/"))
         print(f"[unimo] stage={stage} step {step}/{self.cfg.total_steps} {losses} "
               f"lr={metrics['lr']:.2e} {rate:.2f} steps/s eta {eta:.0f}s", flush=True)
+
+
+    def _changed_data_counters(self, metrics: dict[str, float]) -> dict[str, float]:
+        """The step's metrics with each ``data/*`` value kept only when it changed since this attempt last logged it
+        (the first log has them all). The loader's counters are zero in a healthy run; logged at every step, a
+        dozen flat zero charts filled the top of MLflow's metric page (its sections sort by name), above the
+        losses. A counter that moves is logged at each step it moves, so its chart and latest value stay exact."""
+        sent, out = self._sent_data, {}
+        for key, value in metrics.items():
+            if key.startswith("data/"):
+                if sent.get(key) == value:
+                    continue
+                sent[key] = value
+            out[key] = value
+        return out
 
 
 def summarize(metrics: dict[str, float]) -> str:

@@ -70,3 +70,24 @@ def test_corpus_weights_are_run_params():
     params = safe_params(cfg, [])
     assert params["data.weights.pair.coco"] == "0.25" and params["data.weights.pair.sbu"] == "0.75"
     assert "pw@" not in params["data.pair.corpora"]
+
+
+class _Logger:
+    def __init__(self):
+        self.sent: list[tuple[int, dict]] = []
+
+    def log(self, metrics, step):
+        self.sent.append((step, dict(metrics)))
+
+
+def test_data_counters_go_to_mlflow_when_they_change(capsys):
+    trainer = Trainer(load_config(None, []), rank=0, world_size=1, reporter=None)
+    trainer.metrics_logger = _Logger()
+    base = {"loss/total": 2.0, "lr": 1e-3}
+    for step, skipped in ((1, 0.0), (2, 0.0), (3, 2.0), (4, 2.0)):
+        trainer._log({**base, "data/skipped_total": skipped, "data/read_retries": 0.0}, step, "main", 0.0, 0)
+    sent = dict(trainer.metrics_logger.sent)
+    assert all("loss/total" in m for m in sent.values())  # the rest goes every time
+    assert [s for s, m in sent.items() if "data/skipped_total" in m] == [1, 3]  # the first log, then a change
+    assert [s for s, m in sent.items() if "data/read_retries" in m] == [1]
+    assert sent[3]["data/skipped_total"] == 2.0
