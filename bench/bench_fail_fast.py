@@ -35,7 +35,6 @@ def mistakes(data: Path, refused: str) -> list[tuple[str, list[str], dict[str, s
         ("MLflow refuses connections", [f"tracking.uri={refused}"], {}),
         ("tokenizer path missing", [f"data.tokenizer={data}/nope/tokenizer.json"], {}),
         ("data folder missing", [f"data.pair.urls={data}/nope"], {}),
-        ("fewer shards than streams", ["data.num_workers=3"], {}),
         ("S3 refuses, io_retries=1", ["data.pair.urls=s3://bucket/pairs", "data.io_retries=1"], s3),
     ]
 
