@@ -90,8 +90,8 @@ def filesystem(url: str):
                               f"the scheme (file paths, s3://, http(s)://, gs://, hf://, ...)") from None
     if url.startswith("s3://"):
         # s3fs retries each call 5 times around botocore's own attempts (seconds of sleeping per read); here
-        # botocore's one retry covers a network blip, and RetryingReader's reopening retry with backoff is what
-        # bridges an outage and sets the total budget (DataConfig.io_retries / io_backoff_*).
+        # each request is tried once, and RetryingReader's reopening retry / call_with_retries with backoff is
+        # what bridges a blip or an outage and sets the total budget (DataConfig.io_retries / io_backoff_*).
         fs.retries = 1
     return fs, path
 
@@ -111,7 +111,10 @@ def _missing_implementation(url: str, exc: ImportError) -> str:
 
 def _storage_options(url: str) -> dict:
     if url.startswith("s3://"):
-        options = {"config_kwargs": {"retries": {"max_attempts": 2, "mode": "standard"}}}
+        # One attempt per request: data.io_retries is the budget. botocore's `max_attempts: 2` meant 3 attempts
+        # (it counts retries) with sleeps of up to 1 s, for each of a listing's 2 requests: 3.4 s per listing
+        # attempt against a refused endpoint, and the pre-flight's answer took 9.6 s with data.io_retries=1.
+        options = {"config_kwargs": {"retries": {"total_max_attempts": 1, "mode": "standard"}}}
         # Named explicitly so fsspec's instance cache never hands back a filesystem made for another endpoint
         # (the environment changed since: a test's S3 server, or a process that talks to two).
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
