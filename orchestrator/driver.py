@@ -322,14 +322,14 @@ def _fit_locked(cfg: RunConfig, run_dir: Path | str) -> TrainOutcome:
 
     from orchestrator.failure_policy import GuardedTorchTrainer
     from orchestrator.preflight import check_cluster
-    from orchestrator.tracking_setup import default_tracking_uri, ensure_run, finish_run
+    from orchestrator.tracking_setup import default_tracking_uri, finish_run
     from trainer.checkpointing.records import reconcile_run
     from trainer.ray_worker import train_func
 
     if not storage.is_remote(run_dir):
         run_dir.mkdir(parents=True, exist_ok=True)
     tracking_uri = default_tracking_uri(cfg, run_dir)
-    run_id = _run_and_ray(cfg, tracking_uri, run_dir, ensure_run)
+    run_id = _run_and_ray(cfg, tracking_uri, run_dir)
     shortage = check_cluster(cfg)  # an error for the embedded Ray; a warning with a wait limit on a cluster
     if shortage:
         print(f"[unimo] {shortage}", file=sys.stderr, flush=True)
@@ -384,13 +384,15 @@ def _fit_locked(cfg: RunConfig, run_dir: Path | str) -> TrainOutcome:
                         stopped_early=stopped)
 
 
-def _run_and_ray(cfg: RunConfig, tracking_uri: str, run_dir: Path | str, ensure_run) -> str | None:
+def _run_and_ray(cfg: RunConfig, tracking_uri: str, run_dir: Path | str) -> str | None:
     """The job's MLflow run and Ray, side by side: they are independent and each takes seconds (MLflow's import, a
     new SQLite store's schema, server round trips; Ray's processes). Measured on 2 cores: 3.2 s and 3.7 s one after
     the other. Ray starts in this (the main) thread, where it installs its signal handlers. A tracking error is
     reported first: it is the one the user can act on (a Ray that started ends with this process, as after any
     failed job)."""
     from concurrent.futures import ThreadPoolExecutor
+
+    from orchestrator.tracking_setup import ensure_run
 
     with ThreadPoolExecutor(1, thread_name_prefix="unimo-mlflow-run") as pool:
         pending = pool.submit(ensure_run, cfg, tracking_uri, run_dir)

@@ -14,16 +14,17 @@ BROWSER=$(command -v chromium || command -v chromium-browser || command -v googl
 [ -n "$BROWSER" ] || { echo "no chromium found: apt-get install chromium" >&2; exit 2; }
 PORT=$(.venv/bin/python -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
 URL="http://127.0.0.1:$PORT"
+LOG=$(mktemp)
 export MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=true MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false
 .venv/bin/mlflow server --backend-store-uri "$STORE" --host 127.0.0.1 --port "$PORT" --workers 1 \
-  > "$PREFIX-server.log" 2>&1 &
+  > "$LOG" 2>&1 &
 SERVER=$!
-trap 'kill $SERVER 2>/dev/null || true; rm -f "$PREFIX-server.log"' EXIT
+trap 'kill $SERVER 2>/dev/null || true; rm -f "$LOG"' EXIT
 for _ in $(seq 1 120); do
   curl -fs "$URL/health" >/dev/null 2>&1 && break
   sleep 0.5
 done
-curl -fs "$URL/health" >/dev/null || { echo "MLflow did not answer at $URL" >&2; cat "$PREFIX-server.log" >&2; exit 1; }
+curl -fs "$URL/health" >/dev/null || { echo "MLflow did not answer at $URL" >&2; cat "$LOG" >&2; exit 1; }
 read -r EXP RUN < <(.venv/bin/python - "$URL" <<'EOF'
 import sys
 from mlflow.tracking import MlflowClient

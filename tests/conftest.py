@@ -105,6 +105,13 @@ def pytest_runtest_protocol(item, nextitem):
 
 
 # ---- a timeline of the run (UNIMO_TEST_TIMELINE=FILE): when each test started and ended, on which worker ---------
+_TIMELINE_HERE: list[bool] = []  # False in xdist's controller: its workers write the lines
+
+
+def pytest_configure(config):
+    _TIMELINE_HERE.append(not (getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput")))
+
+
 def pytest_runtest_logstart(nodeid, location):
     _timeline("start", nodeid)
 
@@ -118,7 +125,7 @@ _WORKER: list[str] = []  # this pytest worker's name, read once (a test may chan
 
 def _timeline(event: str, nodeid: str) -> None:
     path = os.environ.get("UNIMO_TEST_TIMELINE")
-    if path:
+    if path and _TIMELINE_HERE and _TIMELINE_HERE[0]:
         import time
 
         if not _WORKER:

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 ENV = "UNIMO_FAULT_GATE"
+OPEN = "open"
 TIMEOUT_ENV = "UNIMO_FAULT_GATE_TIMEOUT_S"
 
 
@@ -39,10 +40,26 @@ def wait_at(step: int, rank: int, environ: dict[str, str] | None = None, poll_s:
     if folder is None:
         return
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"reached-rank{rank}").write_text(f"{os.getpid()}\n")
+    (folder / _reached_name(rank)).write_text(f"{os.getpid()}\n")
     limit = float((os.environ if environ is None else environ).get(TIMEOUT_ENV, "600"))
     deadline = time.monotonic() + limit
-    while not (folder / "open").exists():
+    while not (folder / OPEN).exists():
         if time.monotonic() > deadline:
             raise TimeoutError(f"fault gate before step {step} ({folder}) was not opened within {limit:g} s")
         time.sleep(poll_s)
+
+
+# ----- the test's side ------------------------------------------------------------------------------------------
+def _reached_name(rank: int) -> str:
+    return f"reached-rank{rank}"
+
+
+def reached(folder: Path, ranks: tuple[int, ...] = (0, 1)) -> bool:
+    """Whether every rank of ``ranks`` is held at the gate in ``folder``."""
+    return all((Path(folder) / _reached_name(r)).exists() for r in ranks)
+
+
+def release(folder: Path) -> None:
+    """Opens the gate in ``folder``: held ranks go on, and ranks that come to it later pass."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    (Path(folder) / OPEN).touch()

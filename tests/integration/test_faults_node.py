@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from cluster.local_cluster import add_worker, start_head, stop_all, wait_for_node_state
+from trainer import fault_gate
 from tests.integration.recipes import DEBUG_CONFIG, small_run
 from tests.orchestrator.faults import consumed, driver, final_state, registered, shard_sizes, wait_for
 from trainer.config import load_config
@@ -51,12 +52,12 @@ def _check_exactly_once(argv: list[str], run_dir: Path, data: Path) -> dict:
 def _lose_node_after_first_checkpoint(head, run, run_dir: Path, gate: Path) -> None:
     """Both ranks are held before step 12 (trainer/fault_gate.py) while the node goes: the run can be neither
     over nor short of its step-10 checkpoint, however fast the machine."""
-    wait_for(lambda: all((gate / f"reached-rank{r}").exists() for r in (0, 1)), 600, "both ranks at step 12", run)
+    wait_for(lambda: fault_gate.reached(gate), 600, "both ranks at step 12", run)
     wait_for(lambda: registered(run_dir, 10), 300, "the step-10 checkpoint", run)
     node = next(w for w in head.workers if w.name == NODE)
     node.stop()  # its raylet exits (SIGTERM) and takes its training worker with it
     wait_for_node_state(head, NODE, "DEAD", timeout=30)
-    (gate / "open").touch()  # the restarted group passes step 12
+    fault_gate.release(gate)  # the restarted group passes step 12
 
 
 def test_node_lost_job_waits_for_it_and_completes_exactly_once(two_nodes, synthetic_data, tmp_path):

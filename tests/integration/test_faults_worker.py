@@ -7,6 +7,7 @@ import signal
 
 import pytest
 
+from trainer import fault_gate
 from tests.integration.recipes import DEBUG_CONFIG, small_run
 from tests.orchestrator.faults import differing_tensors, driver, fp32_weights, registered, wait_for
 
@@ -27,13 +28,13 @@ def test_worker_killed_mid_run_job_completes_with_uninterrupted_weights(syntheti
                 tmp_path / "straight.log") as ref, \
             driver(["train", DEBUG_CONFIG, *small_run("killed", storage, data, extra=NO_EVAL)],
                    tmp_path / "killed.log", env={"UNIMO_FAULT_GATE": f"12:{gate}"}) as run:
-        wait_for(lambda: all((gate / f"reached-rank{r}").exists() for r in (0, 1)), 600, "both ranks at step 12",
+        wait_for(lambda: fault_gate.reached(gate), 600, "both ranks at step 12",
                  run)
         wait_for(lambda: registered(storage / "killed", 10), 300, "the step-10 checkpoint", run)
         workers = wait_for(lambda: len(run.train_workers()) == 2 and run.train_workers(), 60, "2 train workers", run)
         victim = workers[-1]
         os.kill(victim.pid, signal.SIGKILL)  # between steps 11 and 12: step 11 is lost, step 10 is saved
-        (gate / "open").touch()  # the restarted group passes step 12
+        fault_gate.release(gate)  # the restarted group passes step 12
         assert run.wait(timeout=360) == 0, run.tail()
         out = run.output()
         assert ref.wait(timeout=300) == 0, ref.tail()
@@ -67,13 +68,13 @@ def test_a_frozen_rank_hangs_the_collective_and_the_watchdog_restarts_the_job(sy
     # yet at its step-10 checkpoint, however fast the machine; the other rank then enters step 12 alone.
     gate = tmp_path / "gate"
     with driver(argv, tmp_path / "frozen.log", env={"UNIMO_FAULT_GATE": f"12:{gate}"}) as run:
-        wait_for(lambda: all((gate / f"reached-rank{r}").exists() for r in (0, 1)), 600, "both ranks at step 12",
+        wait_for(lambda: fault_gate.reached(gate), 600, "both ranks at step 12",
                  run)
         wait_for(lambda: registered(storage / "frozen", 10), 300, "the step-10 checkpoint", run)
         workers = wait_for(lambda: len(run.train_workers()) == 2 and run.train_workers(), 60, "2 train workers", run)
         frozen = workers[-1]
         os.kill(frozen.pid, signal.SIGSTOP)
-        (gate / "open").touch()  # the live rank goes on into step 12 and waits there for the frozen one
+        fault_gate.release(gate)  # the live rank goes on into step 12 and waits there for the frozen one
         # bounded by the limit plus slack for a loaded machine (the alternative is gloo's 30 minutes)
         wait_for(lambda: "[unimo watchdog]" in run.output(), limit + 60, "the watchdog", run)
         assert run.wait(timeout=360) == 0, run.tail()

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from trainer import fault_gate
+
 from tests.integration.recipes import DEBUG_CONFIG, small_run
 from tests.integration.services import free_port, wait_http
 
@@ -67,11 +69,10 @@ class Server:
 def open_gate_when_reached(gate: Path, action) -> None:
     """Waits until rank 0 is held at ``gate`` (trainer/fault_gate.py), runs ``action``, then lets it go on."""
     try:
-        wait_for(lambda: (gate / "reached-rank0").exists(), 600, f"rank 0 at the gate {gate.name}")
+        wait_for(lambda: fault_gate.reached(gate, ranks=(0,)), 600, f"rank 0 at the gate {gate.name}")
         action()
     finally:  # opened even when the action failed: the run ends and the test reports the error
-        gate.mkdir(parents=True, exist_ok=True)
-        (gate / "open").touch()
+        fault_gate.release(gate)
 
 
 class Outage(threading.Thread):
@@ -104,8 +105,7 @@ class Outage(threading.Thread):
             open_gate_when_reached(self.gates / "up", self._restart)
         except BaseException as err:  # noqa: BLE001 - reported by the test
             self.error = err
-            (self.gates / "up").mkdir(parents=True, exist_ok=True)  # let the run end now, not at the gate's timeout
-            (self.gates / "up" / "open").touch()
+            fault_gate.release(self.gates / "up")  # let the run end now, not at the gate's timeout
 
 
 def test_metrics_survive_a_tracking_server_outage(synthetic_data, tmp_path, monkeypatch):

@@ -29,7 +29,7 @@ def test_the_gate_holds_until_opened_and_says_it_was_reached(tmp_path):
             break
         threading.Event().wait(0.01)
     assert reached.exists() and not passed.is_set()
-    (tmp_path / "open").touch()
+    fault_gate.release(tmp_path)
     t.join(30)
     assert passed.is_set()
     fault_gate.wait_at(11, 0, environ=env)  # a restarted group finds it open
@@ -44,12 +44,11 @@ def test_a_forgotten_gate_is_a_named_error(tmp_path):
 def test_several_gates_each_hold_their_own_step(tmp_path):
     env = {fault_gate.ENV: f"3:{tmp_path / 'a'},9:{tmp_path / 'b'}"}
     assert fault_gate.parse(env[fault_gate.ENV]) == {3: tmp_path / "a", 9: tmp_path / "b"}
-    (tmp_path / "a").mkdir()
-    (tmp_path / "a" / "open").touch()
+    fault_gate.release(tmp_path / "a")
     fault_gate.wait_at(3, 0, environ=env)  # open: passes
     with pytest.raises(TimeoutError, match="before step 9"):  # the other one is still closed
         fault_gate.wait_at(9, 0, environ={**env, fault_gate.TIMEOUT_ENV: "0.05"})
-    assert (tmp_path / "b" / "reached-rank0").exists()
+    assert fault_gate.reached(tmp_path / "b", ranks=(0,))
 
 
 def test_a_malformed_setting_is_named():
