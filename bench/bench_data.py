@@ -271,7 +271,7 @@ def main(argv=None) -> int:
     try:
         import boto3
 
-        from data_pipeline.io import list_shards
+        from data_pipeline.storage_io import list_shards
         from data_pipeline.synthetic import write_synthetic_dataset
 
         boto3.client("s3").create_bucket(Bucket=BUCKET)

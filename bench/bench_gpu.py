@@ -26,7 +26,7 @@ WEIGHTS = {"mlm_text": 1.0, "mim": 1.0, "itc": 1.0, "mlm_pair": 1.0}
 
 
 def make_batch(cfg, b: int, L: int, device) -> dict:
-    from trainer.fake_batch import random_batch
+    from tests.fake_batch import random_batch
 
     return random_batch(cfg, b=b, seq_len=L, device=device)
 

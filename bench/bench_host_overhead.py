@@ -94,7 +94,7 @@ def counts_per_step(step, batch) -> tuple[int, int]:
 
 
 def bench_flavor(flavor: str, steps: int, warmup: int) -> list[dict]:
-    from trainer.fake_batch import random_batch
+    from tests.fake_batch import random_batch
 
     loops = {"plain": plain_loop(tiny_config(flavor, "auto"))}
     chosen = {}

@@ -81,7 +81,7 @@ def run(rounds: int, block: int, flush_seconds: float) -> dict:
 
     from tests.integration.services import mlflow_server
     from trainer.metrics import step_metrics
-    from trainer.tracking import MetricLogger
+    from trainer.metric_logger import MetricLogger
 
     work = Path(tempfile.mkdtemp(prefix="unimo-bench-logging-"))
     cfg = load_debug_config(work / "data")

@@ -2,7 +2,7 @@
 
 from .config import DataConfig, SourceConfig
 from .cursor import merge_states
-from .io import DataReadError, DataSourceError
+from .storage_io import DataReadError, DataSourceError
 from .loader import MixedLoader, build_eval_pairs, build_loader
 from .synthetic import write_synthetic_dataset
 from .tokenizer import load_tokenizer

@@ -9,8 +9,8 @@ import re
 import sys
 from collections import Counter
 
-from .io import DataSourceError, RetryingReader, RetryPolicy, filesystem, list_shards, safe_url
-from .tario import iter_samples
+from .storage_io import DataSourceError, RetryingReader, RetryPolicy, filesystem, list_shards, safe_url
+from .webdataset_tar import iter_samples
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
@@ -72,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _shards(args) -> int:
     from .progress import Progress
-    from .shards import input_samples, write_shards
+    from .shard_writer import input_samples, write_shards
 
     samples = input_samples(args.inputs, args.format, args.root, args.resize or None)
     # the inputs stream (their count is unknown up front): the bar shows inputs read and their rate

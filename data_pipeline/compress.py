@@ -12,7 +12,7 @@ import gzip
 import lzma
 import zlib
 
-from .io import DataSourceError, safe_url
+from .storage_io import DataSourceError, safe_url
 
 # Names a shard may have; the content decides how it is read, not the name.
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".tar.zst", ".tzst")

@@ -22,7 +22,7 @@ from .batch import BatchSpec, features_for, image_batch, pair_batch, pixels_tens
 from .config import SOURCES, Corpus, DataConfig
 from .cursor import (VERSION, StreamState, epochs_view, fresh_streams, is_complete, merge_states, modality_of,
                      redistribute)
-from .io import DataSourceError, RetryingReader, RetryPolicy, list_shards, shard_digest
+from .storage_io import DataSourceError, RetryingReader, RetryPolicy, list_shards, shard_digest
 from .mix import Mixer, fresh_mix, reweighted, total_picks, weights_change
 from .samples import Prep, shard_items
 from .stream import SourceStream, StreamContext

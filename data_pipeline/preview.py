@@ -14,10 +14,10 @@ from collections import Counter
 
 from .batch import BatchSpec
 from .config import DataConfig
-from .io import RetryingReader, RetryPolicy, filesystem
+from .storage_io import RetryingReader, RetryPolicy, filesystem
 from .mix import Mixer
 from .samples import Prep, shard_items
-from .tario import iter_samples
+from .webdataset_tar import iter_samples
 
 
 def data_config_from_yaml(path: str) -> tuple[DataConfig, dict]:

@@ -13,8 +13,8 @@ import numpy as np
 from PIL import Image
 
 from .compress import strip_suffix
-from .io import safe_url
-from .tario import iter_samples
+from .storage_io import safe_url
+from .webdataset_tar import iter_samples
 from .tokenizer import TextTokenizer
 
 log = logging.getLogger("unimo.data")
@@ -25,7 +25,8 @@ MAX_CAPTION_CHARS = 5_000
 
 
 class BadSample(Exception):
-    """A sample that cannot be used; ``reason`` is the counter it goes to."""
+    """A sample that cannot be used, met while writing shards or while reading them; ``reason`` is the counter it
+    goes to (a counted, logged skip, never a silent one)."""
 
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(detail or reason)

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .cursor import StreamState, modality_of, order_seed, parse_key, planned_share, shard_key
-from .io import DataSourceError, RetryingReader, RetryPolicy, safe_url
+from .storage_io import DataSourceError, RetryingReader, RetryPolicy, safe_url
 from .samples import Prep, shard_items
 
 _MASK64 = (1 << 64) - 1

@@ -8,8 +8,8 @@ import json
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .io import filesystem
-from .tario import TarWriter
+from .storage_io import filesystem
+from .webdataset_tar import TarWriter
 from .tokenizer import save_tokenizer, train_tokenizer
 
 PALETTE = {"red": (220, 40, 40), "blue": (40, 70, 220), "green": (40, 170, 60), "yellow": (235, 210, 40),

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-from .io import (DataReadError, DataSourceError, RetryPolicy, call_with_retries, default_policy, filesystem,
+from .storage_io import (DataReadError, DataSourceError, RetryPolicy, call_with_retries, default_policy, filesystem,
                  storage_error)
 
 SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # ids 0..4 in tokenizers we train

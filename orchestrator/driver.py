@@ -62,7 +62,7 @@ def init_ray(cfg: RunConfig) -> None:
         try:
             ray.init(address=cfg.scaling.address, log_to_driver=True, runtime_env=JOB_RUNTIME_ENV)
         except Exception as err:  # noqa: BLE001
-            from trainer.tracking import redact, secret_values
+            from trainer.redaction import redact, secret_values
 
             # Ray's text may echo the address or a token: no secret in an error message (docs/RELIABILITY.md)
             raise RuntimeError(redact(f"cannot reach the Ray cluster at {cfg.scaling.address} ({err}); check the "
@@ -270,7 +270,7 @@ def write_error_log(run_dir: Path | str, run_name: str, err: BaseException, deta
     gets one paragraph naming it."""
     import traceback
 
-    from trainer.tracking import redact, secret_values
+    from trainer.redaction import redact, secret_values
 
     path = error_log_path(run_dir, run_name)
     text = "".join(traceback.format_exception(err)) + (f"\n--- where it was raised ---\n{detail}" if detail else "")
@@ -422,7 +422,7 @@ def tracking_hint(tracking_uri: str) -> list[str]:
     """Where to look at the run: a tracking server is its own UI; a local store needs `mlflow ui`."""
     if tracking_uri.startswith(("http://", "https://")):
         from orchestrator.tracking_setup import tracking_secrets
-        from trainer.tracking import redact
+        from trainer.redaction import redact
 
         return [f"MLflow UI         : {redact(tracking_uri, tracking_secrets(tracking_uri))}"]
     mlflow_bin = Path(sys.executable).with_name("mlflow")

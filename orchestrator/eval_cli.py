@@ -132,9 +132,9 @@ def read_classes(path: str, templates: list[str] | None) -> dict[str, list[str]]
 
 def sample_field(url: str, name: str) -> dict[str, object]:
     """{sample key (as build_eval_pairs spells it): value of json field ``name``} over the shards of ``url``."""
-    from data_pipeline.io import RetryingReader, RetryPolicy, list_shards
+    from data_pipeline.storage_io import RetryingReader, RetryPolicy, list_shards
     from data_pipeline.samples import shard_name
-    from data_pipeline.tario import iter_samples
+    from data_pipeline.webdataset_tar import iter_samples
 
     out = {}
     for shard_url, _ in list_shards(url):
@@ -280,7 +280,7 @@ def _tracking_uri(args: argparse.Namespace, loaded) -> str:
     import os
 
     from trainer import storage
-    from trainer.tracking import RUN_ID_FILE
+    from trainer.run_identity import RUN_ID_FILE
 
     if args.tracking_uri:
         return args.tracking_uri
@@ -304,7 +304,8 @@ def log_to_mlflow(args: argparse.Namespace, loaded, result: EvalResult, table: s
     from mlflow.entities import Metric
 
     from orchestrator.tracking_setup import open_client
-    from trainer.tracking import metric_key, training_experiment
+    from trainer.metric_logger import metric_key
+    from trainer.run_identity import training_experiment
 
     uri = _tracking_uri(args, loaded)
     client = open_client(uri)

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
+from trainer.redaction import is_secret_env_name
+
 
 # Never shipped as working_dir: environments, history, local outputs and caches. Ray's limit on the upload is
 # 100 MiB (after excludes), and none of these are needed to run the code.
@@ -22,11 +24,6 @@ EXCLUDES = [".venv", ".git", "/runs", "/demo_out", "mlruns", "mlartifacts", "__p
             ".pytest_cache", ".ruff_cache", ".mypy_cache", "*.egg-info", "*.db"]
 # Forwarded from the submitting shell when set: switches, never credentials.
 FORWARDED_ENV = ("MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK")
-# runtime_env is stored in the cluster's job table and shown by the dashboard and `ray job` to anyone who can
-# reach them, so nothing that looks like a credential may go there: the cluster's own environment or
-# instance role provides credentials (see docs/ORCHESTRATION.md).
-SECRET_MARKERS = ("SECRET", "TOKEN", "PASSWORD", "PASSWD", "CREDENTIAL", "ACCESS_KEY", "API_KEY", "PRIVATE_KEY",
-                  "SESSION")
 # user:password@ in a URL (an MLflow or S3 endpoint): it would travel in the entrypoint, which the job table shows.
 URL_PASSWORD = re.compile(r"://[^/\s:@]+:[^/\s@]+@")
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
@@ -143,18 +140,15 @@ class Submission:
         return {"unimo_run": self.run_name, "unimo_config": self.config}
 
 
-def is_secret_name(name: str) -> bool:
-    upper = name.upper()
-    return any(marker in upper for marker in SECRET_MARKERS)
-
-
 def job_env(extra: dict[str, str], environ: dict[str, str] | None = None) -> dict[str, str]:
     """env_vars of the job: forwarded switches + the user's --env; anything credential-like is refused."""
     environ = os.environ if environ is None else environ
     env = {k: environ[k] for k in FORWARDED_ENV if k in environ}
     env["PYTHONUNBUFFERED"] = "1"  # progress lines reach `unimo jobs logs --follow` as they are printed
     for key, value in extra.items():
-        if is_secret_name(key):
+        # runtime_env is stored in the cluster's job table and shown by the dashboard and `ray job` to anyone who
+        # can reach them: the cluster's own environment or instance role provides credentials.
+        if is_secret_env_name(key):
             raise JobsError(f"refusing to put {key} into the job's runtime_env: it is stored in the cluster's job "
                             "table and shown by the dashboard to anyone who can reach it. Give the cluster its "
                             "credentials through its own environment or instance role (docs/ORCHESTRATION.md).")

@@ -133,7 +133,7 @@ def check_tracking(cfg: RunConfig, run_dir: str) -> str | tuple[str, str]:
 
     from orchestrator.tracking_setup import (_unreachable_message, check_reachable, default_tracking_uri,
                                              tracking_secrets)
-    from trainer.tracking import redact
+    from trainer.redaction import redact
 
     uri = default_tracking_uri(cfg, run_dir if storage.is_remote(run_dir) else Path(run_dir))
     if not uri.startswith(("http://", "https://")):
@@ -174,7 +174,7 @@ def first_item(source: str, shard_url: str, cfg: RunConfig, tok, policy) -> dict
     """The first usable item of a shard, prepared as the loader would (image decoded, text tokenized)."""
     from collections import Counter
 
-    from data_pipeline.io import RetryingReader
+    from data_pipeline.storage_io import RetryingReader
     from data_pipeline.samples import Prep, shard_items
 
     prep = Prep(cfg.model.vision.image_size, cfg.seq_len, tok)
@@ -190,7 +190,7 @@ def first_item(source: str, shard_url: str, cfg: RunConfig, tok, policy) -> dict
 def check_source(cfg: RunConfig, key: str, source_of, source: str, tok, policy, shards_out: dict) -> str:
     """Lists a corpus's (or the eval pairs') shards within data.io_retries and reads its first sample. A corpus
     may have fewer shards than the streams that read it (its epochs are then read by a few streams at a time)."""
-    from data_pipeline.io import list_shards
+    from data_pipeline.storage_io import list_shards
     from data_pipeline.loader import corpus_shards
 
     try:
@@ -229,7 +229,7 @@ def newest_checkpoint_state(run_dir: str) -> tuple[str, dict] | None:
 
 def check_resume(cfg: RunConfig, run_dir: str, shards: dict) -> str:
     """On resume: the checkpoint's model config and data cursor fit this config (else a worker would fail)."""
-    from data_pipeline.io import shard_digest
+    from data_pipeline.storage_io import shard_digest
     from trainer import checkpoint as ckpt
 
     found = newest_checkpoint_state(run_dir)

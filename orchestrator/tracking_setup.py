@@ -1,4 +1,6 @@
-"""Finds or creates the job's single MLflow run; its id lives in the run's storage so restarts reuse it."""
+"""The driver's side of MLflow: is the server reachable, the job's one run found or created before the workers
+start (with trainer/run_identity.py, which rank 0 also uses when the server was down at submission), spooled
+metrics replayed, the run closed at the end. Its id lives in the run's storage so restarts reuse it."""
 
 from __future__ import annotations
 
@@ -17,14 +19,15 @@ from pathlib import Path
 from data_pipeline.errors import UserError
 from trainer import storage
 from trainer.config import RunConfig
-from trainer.tracking import (RUN_ID_FILE, SECRET_MARKERS, SPOOL_DIR, MetricLogger, create_run, find_run,
-                              git_commit, has_spooled, log_config_artifacts, machine_spool_dir, redact,
-                              safe_params, secret_values, write_run_id)
+from trainer.metric_logger import SPOOL_DIR, MetricLogger, has_spooled
+from trainer.redaction import redact, secret_values
+from trainer.run_identity import RUN_ID_FILE, create_run, find_run, git_commit, log_config_artifacts, write_run_id
+from trainer.tracking import machine_spool_dir
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RUN_ID_FILE", "SECRET_MARKERS", "default_tracking_uri", "ensure_run", "finish_run", "safe_params",
-           "git_commit", "replay_spool", "check_reachable", "split_credentials", "TrackingAuthError"]
+__all__ = ["default_tracking_uri", "ensure_run", "finish_run", "replay_spool", "check_reachable", "split_credentials",
+           "TrackingAuthError"]
 
 
 def default_tracking_uri(cfg: RunConfig, run_dir: Path | str | None) -> str:

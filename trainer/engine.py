@@ -52,7 +52,7 @@ def build_engine(cfg: RunConfig, module: torch.nn.Module, world_size: int, on_gp
     import deepspeed
 
     from trainer import ds_extensions
-    from trainer.zero_compat import register_external_parameters
+    from trainer.zero3_external_params import register_external_parameters
 
     ds_extensions.prepare()  # this environment's op builds; a lock left by a killed build would hang us
 

@@ -69,7 +69,7 @@ def lr_at(cfg: RunConfig, stage: StageConfig, step_in_stage: int) -> float:
     return peak
 
 
-# Why the loader skipped samples (data_pipeline/samples.py, tario.py): one metric each, summed over ranks, so a
+# Why the loader skipped samples (data_pipeline/samples.py, webdataset_tar.py): one metric each, summed over ranks, so a
 # run that quietly drops a share of its data shows it in MLflow, not only in the workers' warnings.
 SKIP_REASONS = ("bad_image", "bad_text", "bad_json", "missing_field", "empty_text", "corrupt_member",
                 "truncated_shard", "bad_compression", "not_a_tar")

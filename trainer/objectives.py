@@ -294,7 +294,7 @@ class PretrainObjectives(nn.Module):
                                 neg_valid, self._scale())
 
     def _scale(self) -> Tensor:
-        # logit_scale is read here, outside UnimoModel.forward: trainer/zero_compat.py registers it for ZeRO-3
+        # logit_scale is read here, outside UnimoModel.forward: trainer/zero3_external_params.py registers it for ZeRO-3
         return self.model.logit_scale.float().exp().clamp(max=self.model.cfg.max_logit_scale)
 
     def _fused_objectives(self, pair: dict, text_states: list[Tensor], masked_states: list[Tensor] | None,

@@ -51,7 +51,7 @@ def train_func(payload: dict) -> None:
 
     _quiet_report_echo()
 
-    from data_pipeline.io import set_default_policy
+    from data_pipeline.storage_io import set_default_policy
     from data_pipeline.loader import io_policy
     from trainer.loop import Trainer
 

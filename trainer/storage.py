@@ -2,7 +2,7 @@
 
 Locations are plain strings: an absolute local path or an ``s3://`` URL. Local paths keep the behaviour they always
 had (atomic rename for small files); S3 goes through fsspec/s3fs (endpoint and credentials from the environment, as
-for data shards, see data_pipeline/io.py) and, for Ray Train, a pyarrow S3 filesystem built from the same
+for data shards, see data_pipeline/storage_io.py) and, for Ray Train, a pyarrow S3 filesystem built from the same
 environment. Nothing here takes a credential as an argument, so none can end up in a config, a log or an error.
 """
 
@@ -188,7 +188,7 @@ def check_writable(location: str) -> None:
         return
     if not location.startswith("s3://"):
         raise StorageError(f"run.storage {location}: only local paths and s3:// URLs are supported")
-    from data_pipeline.io import CREDENTIALS_HELP
+    from data_pipeline.storage_io import CREDENTIALS_HELP
 
     bucket = urlparse(location).netloc
     endpoint = endpoint_url() or "AWS S3 (no AWS_ENDPOINT_URL set)"

@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from data_pipeline import DataConfig, DataSourceError, SourceConfig, build_loader
-from data_pipeline.io import list_shards
-from data_pipeline.tario import TarWriter
+from data_pipeline.storage_io import list_shards
+from data_pipeline.webdataset_tar import TarWriter
 
 from .conftest import BUCKET
 

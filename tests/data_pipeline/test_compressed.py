@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from data_pipeline import DataConfig, SourceConfig, build_loader
-from data_pipeline.io import DataSourceError, RetryingReader, RetryPolicy, list_shards
-from data_pipeline.tario import iter_samples
+from data_pipeline.storage_io import DataSourceError, RetryingReader, RetryPolicy, list_shards
+from data_pipeline.webdataset_tar import iter_samples
 
 GEOMETRY = dict(seq_len=16, image_size=16, patch_size=8)
 HTML = b"<!DOCTYPE html><html><head><title>404 Not Found</title></head><body>gone</body></html>\n" * 20

@@ -132,7 +132,7 @@ def test_resume_rereads_only_open_shards(s3_data, all_keys, monkeypatch, tmp_pat
         for url in reread:
             if f"/{s}/" in url or f"/{s}s/" in url:
                 assert url.rsplit("/", 1)[-1][:-4] not in finished, f"finished shard {url} was read again"
-        from data_pipeline.io import list_shards
+        from data_pipeline.storage_io import list_shards
 
         sizes.update(dict(list_shards(s3_data[s])))
     assert reread and n_finished >= 4, "the cut should fall after some finished and some open shards"

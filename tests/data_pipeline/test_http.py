@@ -9,8 +9,8 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from data_pipeline import DataConfig, SourceConfig, build_loader
-from data_pipeline.io import DataReadError, DataSourceError, RetryingReader, RetryPolicy, list_shards
-from data_pipeline.tario import iter_samples
+from data_pipeline.storage_io import DataReadError, DataSourceError, RetryingReader, RetryPolicy, list_shards
+from data_pipeline.webdataset_tar import iter_samples
 
 # Integration tier: an HTTP server on 127.0.0.1.
 pytestmark = pytest.mark.integration

@@ -7,7 +7,7 @@ import time
 import boto3
 import pytest
 
-from data_pipeline.io import DataReadError, RetryingReader, RetryPolicy
+from data_pipeline.storage_io import DataReadError, RetryingReader, RetryPolicy
 
 from .conftest import BUCKET
 
@@ -51,7 +51,7 @@ def test_read_fails_loudly_after_the_retry_budget(s3_server, s3_object):
 def test_shard_listing_at_start_waits_out_an_outage(s3_server, s3_data):
     import s3fs
 
-    from data_pipeline.io import list_shards
+    from data_pipeline.storage_io import list_shards
 
     s3fs.S3FileSystem.clear_instance_cache()  # no listing cached from earlier tests: this one must ask S3
     s3_server.stop()

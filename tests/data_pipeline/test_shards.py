@@ -10,8 +10,8 @@ from PIL import Image
 
 from data_pipeline import DataConfig, SourceConfig, build_loader
 from data_pipeline.cli import main
-from data_pipeline.io import list_shards
-from data_pipeline.shards import input_samples, write_shards
+from data_pipeline.storage_io import list_shards
+from data_pipeline.shard_writer import input_samples, write_shards
 
 from .conftest import BUCKET
 

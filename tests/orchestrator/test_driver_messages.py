@@ -12,7 +12,7 @@ import pytest
 from ray.train.v2.api.exceptions import WorkerGroupError
 
 from data_pipeline.errors import UserError
-from data_pipeline.io import DataReadError, DataSourceError
+from data_pipeline.storage_io import DataReadError, DataSourceError
 from orchestrator import driver
 from orchestrator.tracking_setup import split_credentials
 from tests.integration.recipes import DEBUG_CONFIG

@@ -10,7 +10,7 @@ from ray.train.v2._internal.execution.failure_handling import FailureDecision
 from ray.train.v2.api.exceptions import ControllerError, WorkerGroupError
 
 from data_pipeline.errors import TransientError, UserError
-from data_pipeline.io import DataReadError, DataSourceError
+from data_pipeline.storage_io import DataReadError, DataSourceError
 from orchestrator.failure_policy import UserErrorFailurePolicy, user_error_of
 
 

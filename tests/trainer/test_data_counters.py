@@ -63,7 +63,7 @@ def test_per_corpus_samples_epochs_skips_and_shares_are_metrics(monkeypatch):
 
 
 def test_corpus_weights_are_run_params():
-    from trainer.tracking import safe_params
+    from trainer.redaction import safe_params
 
     cfg = load_config(None, ["data.pair.corpora=[{name: coco, urls: s3://b/coco/, weight: 1}, "
                              "{name: sbu, urls: 'http://u:pw@h/sbu/', weight: 3}]"])

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.gpu
 
 
 def _batch(cfg, device):
-    from trainer.fake_batch import random_batch
+    from tests.fake_batch import random_batch
 
     return random_batch(cfg, b=4, seq_len=16, device=device)
 
@@ -40,7 +40,7 @@ def test_zero3_bf16_engine_steps_on_one_gpu():
     from trainer.ds_config import build_ds_config
     from trainer.loop import optimizer_groups
     from trainer.objectives import PretrainObjectives
-    from trainer.zero_compat import register_external_parameters
+    from trainer.zero3_external_params import register_external_parameters
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -20,7 +20,7 @@ from trainer.objectives import (
     phrase_masks,
     sample_negatives,
 )
-from trainer.zero_compat import EXTERNAL_SUFFIXES, external_reads
+from trainer.zero3_external_params import EXTERNAL_SUFFIXES, external_reads
 
 ALL = {name: 1.0 for name in OBJECTIVE_SOURCES}
 VOCAB_LOW = 5  # ids 0..4 are the specials of the synthetic tokenizer

@@ -34,7 +34,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     from trainer.config import RunConfig
     from trainer.ds_config import build_ds_config
     from trainer.objectives import PretrainObjectives
-    from trainer.zero_compat import register_external_parameters
+    from trainer.zero3_external_params import register_external_parameters
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from trainer.tracking import MetricLogger, metric_key, spooled_segments
+from trainer.metric_logger import MetricLogger, metric_key, spooled_segments
 
 
 class FakeClient:
@@ -218,7 +218,7 @@ def test_training_experiments_open_in_mlflows_model_training_view(tmp_path):
     from mlflow.tracking import MlflowClient
 
     from trainer.config import load_config
-    from trainer.tracking import EXPERIMENT_KIND_TAG, create_run, training_experiment
+    from trainer.run_identity import EXPERIMENT_KIND_TAG, create_run, training_experiment
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     run_id = create_run(client, load_config(None, ["tracking.experiment=fresh"]), str(tmp_path), [], commit="x")

@@ -12,7 +12,9 @@ from orchestrator.tracking_setup import RunGone, ensure_run, finish_run
 from tests.integration.recipes import DEBUG_CONFIG
 from tests.integration.services import FAKE_AWS, free_port
 from trainer.config import load_config
-from trainer.tracking import RUN_ID_FILE, MetricLogger, redact, safe_params, secret_values, stage_plan
+from trainer.metric_logger import MetricLogger
+from trainer.redaction import redact, safe_params, secret_values
+from trainer.run_identity import RUN_ID_FILE, stage_plan
 
 
 def cfg_for(tmp_path, *extra):
@@ -124,15 +126,15 @@ def test_rank0_creates_the_run_late_and_the_driver_finds_it(tmp_path):
     """Buffering: no run at start; rank 0 creates it once the server answers; the driver closes it."""
     from mlflow.tracking import MlflowClient
 
-    from trainer.tracking import _run_resolver
+    from trainer.run_identity import run_resolver
 
     uri, cfg = sqlite_uri(tmp_path), cfg_for(tmp_path, "tracking.buffer_if_unreachable=true")
     run_dir = tmp_path / "runs" / "job"
     client = MlflowClient(uri)
-    assert _run_resolver(cfg, uri, create=False)(client) is None  # another node's sampler waits for rank 0
-    run_id = _run_resolver(cfg, uri, create=True)(client)
+    assert run_resolver(cfg, uri, create=False)(client) is None  # another node's sampler waits for rank 0
+    run_id = run_resolver(cfg, uri, create=True)(client)
     assert json.loads((run_dir / RUN_ID_FILE).read_text())["run_id"] == run_id
-    assert _run_resolver(cfg, uri, create=False)(client) == run_id
+    assert run_resolver(cfg, uri, create=False)(client) == run_id
     assert client.get_run(run_id).data.params["model.flavor"] == "debug"
     (run_dir / RUN_ID_FILE).unlink()
     assert finish_run(uri, None, True, cfg=cfg, run_dir=run_dir) == run_id  # found by name and folder
@@ -145,7 +147,7 @@ def test_rank0_creates_the_run_late_and_the_driver_finds_it(tmp_path):
     ("aws_secret_access_key", True), ("password", True), ("db-password", True), ("api_key", True),
     ("credentials", True), ("secret", True), ("secrets_manager_region", False)])
 def test_secret_keys_are_recognised_by_their_last_word(key, secret):
-    from trainer.tracking import is_secret_key
+    from trainer.redaction import is_secret_key
 
     assert is_secret_key(key) is secret
 

@@ -10,7 +10,7 @@ from collections import namedtuple
 import pytest
 
 from trainer.system_metrics import GpuProbe, SystemSampler, gpu_identity, metric_node_name
-from trainer.tracking import metric_key
+from trainer.metric_logger import metric_key
 
 Mem = namedtuple("Mem", "total used free")
 Util = namedtuple("Util", "gpu memory")

@@ -213,7 +213,7 @@ def test_choice_is_printed_and_logged_as_mlflow_params(capsys):
         def set_tag(self, run_id, key, value):
             self.tags[key] = value
 
-    class Logger:  # trainer.tracking.MetricLogger.call runs fn(client, run_id) on its thread
+    class Logger:  # trainer.metric_logger.MetricLogger.call runs fn(client, run_id) on its thread
         def __init__(self):
             self.client = Client()
 

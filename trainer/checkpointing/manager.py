@@ -314,7 +314,7 @@ class CheckpointManager:
         import torch.distributed as dist
 
         from trainer.loop import stage_at
-        from trainer.tracking import safe_config, secret_values
+        from trainer.redaction import safe_config, secret_values
 
         engine.save_checkpoint(str(root), tag="ds", save_latest=True)
         per_rank = [None] * self.world_size

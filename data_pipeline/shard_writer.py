@@ -18,19 +18,13 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from .io import filesystem, storage_error
-from .samples import IMAGE_EXTS
-from .tario import TarWriter
+from .storage_io import filesystem, storage_error
+from .samples import IMAGE_EXTS, BadSample
+from .webdataset_tar import TarWriter
 
 log = logging.getLogger("unimo.data")
 
 _IMAGE_SUFFIXES = IMAGE_EXTS + ("bmp", "gif", "tif", "tiff")
-
-
-class SkipSample(Exception):
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(detail or reason)
-        self.reason = reason
 
 
 @dataclass
@@ -62,7 +56,7 @@ def _read_bytes(url: str) -> bytes:
         with fs.open(path, "rb") as f:
             return f.read()
     except FileNotFoundError:
-        raise SkipSample("missing_file", url) from None
+        raise BadSample("missing_file", url) from None
     except Exception as exc:  # noqa: BLE001 - any other storage failure stops the run, naming the input
         raise storage_error(url, exc) from None
 
@@ -80,7 +74,7 @@ def _checked_image(data: bytes, resize: int | None) -> tuple[str, bytes]:
         fmt = (img.format or "").lower()
         img.load()
     except Exception as exc:  # noqa: BLE001 - any decoder failure makes the image unusable
-        raise SkipSample("bad_image", f"{type(exc).__name__}: {exc}") from None
+        raise BadSample("bad_image", f"{type(exc).__name__}: {exc}") from None
     ext = {"jpeg": "jpg", "mpo": "jpg"}.get(fmt, fmt)
     if ext in IMAGE_EXTS and not (resize and max(img.size) > resize):
         return ext, data
@@ -100,7 +94,7 @@ def _sample_files(image_url: str | None, captions: list[str], meta: dict, resize
     if captions is not None:
         captions = [c.strip() for c in captions if isinstance(c, str) and c.strip()]
         if not captions:
-            raise SkipSample("empty_text", "no non-empty caption")
+            raise BadSample("empty_text", "no non-empty caption")
         files["txt"] = captions[0].encode()
         if len(captions) > 1:
             meta = {**meta, "captions": captions}
@@ -138,7 +132,7 @@ def _manifest_files(row: dict, root: str, resize) -> dict:
     caption = next((str(row[c] or "") for c in _TEXT_COLS if c in row), None)
     captions = row.get("captions") if isinstance(row.get("captions"), list) else None
     if image is None and caption is None and not captions:
-        raise SkipSample("missing_field", "row has no image and no text column")
+        raise BadSample("missing_field", "row has no image and no text column")
     meta = {k: row[k] for k in ("phrases", "tags", "id") if k in row and row[k] not in (None, "")}
     texts = None if caption is None and captions is None else [caption] * (caption is not None) + (captions or [])
     if image is None:  # a text-only manifest: documents
@@ -190,7 +184,7 @@ def text_samples(urls: list[str]) -> Iterator[Raw]:
 
 def _doc(text) -> dict:
     if not isinstance(text, str) or not text.strip():
-        raise SkipSample("empty_text", "empty document")
+        raise BadSample("empty_text", "empty document")
     return {"txt": text.strip().encode()}
 
 
@@ -292,7 +286,7 @@ def _write_one(fs, root, out, prefix, index, pending, it, shard_bytes, max_sampl
                 writer.write(f"{i:09d}", files)
                 n += 1
                 size += sum(512 + -(-len(v) // 512) * 512 for v in files.values())
-            except SkipSample as skip:
+            except BadSample as skip:
                 skipped[skip.reason] += 1
                 log.warning("skipped input %s: %s (%s)", raw.source, skip.reason, skip)
             pending = next(it, None)

@@ -5,7 +5,7 @@ import tarfile
 
 import pytest
 
-from data_pipeline.tario import iter_members, iter_samples
+from data_pipeline.webdataset_tar import iter_members, iter_samples
 
 
 def _tar(members, fmt=tarfile.PAX_FORMAT) -> bytes:
