@@ -5,24 +5,16 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-import os
 import re
 import time
 from collections.abc import Callable
 
-import fsspec
 from braceexpand import braceexpand
 
 from .errors import TransientError, UserError
+from .filesystems import CREDENTIALS_HELP, fsspec_filesystem
 
 log = logging.getLogger("unimo.data")
-
-# Credentials as boto finds them (docs/RELIABILITY.md, 'Credentials and secrets'): from the env / profile
-# only, never from our config, so nothing here ever holds or prints a secret.
-CREDENTIALS_HELP = ("credentials are found by boto: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or the "
-                    "default profile in ~/.aws/credentials (AWS_SHARED_CREDENTIALS_FILE), then the container/"
-                    "instance role; the endpoint comes from AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL")
-
 
 class DataSourceError(UserError):
     """A source cannot be used at all (empty listing, missing bucket, no credentials): the user's to fix."""
@@ -80,7 +72,7 @@ def bucket_of(url: str) -> str:
 def filesystem(url: str):
     """The fsspec filesystem for a URL (any scheme fsspec knows) and the path inside it."""
     try:
-        fs, path = fsspec.core.url_to_fs(url, **_storage_options(url))
+        fs, path = fsspec_filesystem(url, one_attempt=True)
     except ImportError as exc:
         raise DataSourceError(_missing_implementation(url, exc)) from None
     except ValueError as exc:
@@ -88,11 +80,6 @@ def filesystem(url: str):
             raise
         raise DataSourceError(f"{safe_url(url)}: no fsspec implementation reads '{_scheme(url)}://' URLs; check "
                               f"the scheme (file paths, s3://, http(s)://, gs://, hf://, ...)") from None
-    if url.startswith("s3://"):
-        # s3fs retries each call 5 times around botocore's own attempts (seconds of sleeping per read); here
-        # each request is tried once, and RetryingReader's reopening retry / call_with_retries with backoff is
-        # what bridges a blip or an outage and sets the total budget (DataConfig.io_retries / io_backoff_*).
-        fs.retries = 1
     return fs, path
 
 
@@ -107,21 +94,6 @@ def _missing_implementation(url: str, exc: ImportError) -> str:
     package = known.get("class", "").split(".")[0] or "the fsspec implementation of this scheme"
     return (f"{safe_url(url)}: reading {_scheme(url)}:// URLs needs the package {package}, which is not "
             f"installed: pip install {package} ({exc})")
-
-
-def _storage_options(url: str) -> dict:
-    if url.startswith("s3://"):
-        # One attempt per request: data.io_retries is the budget. botocore's `max_attempts: 2` meant 3 attempts
-        # (it counts retries) with sleeps of up to 1 s, for each of a listing's 2 requests: 3.4 s per listing
-        # attempt against a refused endpoint, and the pre-flight's answer took 9.6 s with data.io_retries=1.
-        options = {"config_kwargs": {"retries": {"total_max_attempts": 1, "mode": "standard"}}}
-        # Named explicitly so fsspec's instance cache never hands back a filesystem made for another endpoint
-        # (the environment changed since: a test's S3 server, or a process that talks to two).
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        if endpoint:
-            options["endpoint_url"] = endpoint
-        return options
-    return {}
 
 
 def storage_error(url: str, exc: BaseException) -> Exception:

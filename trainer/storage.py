@@ -2,8 +2,9 @@
 
 Locations are plain strings: an absolute local path or an ``s3://`` URL. Local paths keep the behaviour they always
 had (atomic rename for small files); S3 goes through fsspec/s3fs (endpoint and credentials from the environment, as
-for data shards, see data_pipeline/storage_io.py) and, for Ray Train, a pyarrow S3 filesystem built from the same
-environment. Nothing here takes a credential as an argument, so none can end up in a config, a log or an error.
+for data shards) and, for Ray Train, a pyarrow S3 filesystem built from the same environment; every client and its
+retry policy is built in data_pipeline/filesystems.py. Nothing here takes a credential as an argument, so none
+can end up in a config, a log or an error.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from urllib.parse import urlparse
 
 from fsspec.callbacks import Callback
 
-ENDPOINT_VARS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+# endpoint_url and s3_client are used by callers of this module too (the pre-flight, the S3 run lock)
+from data_pipeline.filesystems import (CREDENTIALS_HELP, endpoint_url, fsspec_filesystem, s3_client,  # noqa: F401
+                                       upload_filesystem)
 
 
 class StorageError(RuntimeError):
@@ -41,29 +44,10 @@ def parent_of(location: str | Path) -> str:
     return str(location).rstrip("/").rsplit("/", 1)[0]
 
 
-def endpoint_url() -> str | None:
-    """The S3 endpoint boto would use (AWS_ENDPOINT_URL_S3 wins over AWS_ENDPOINT_URL); None means AWS itself."""
-    for var in ENDPOINT_VARS:
-        if os.environ.get(var):
-            return os.environ[var]
-    return None
-
-
 def _fs(location: str):
-    """(fsspec filesystem, path) of a location; s3fs finds credentials the way boto does."""
-    import fsspec
-
-    options = {}
-    if location.startswith("s3://"):
-        # Run storage has other writers (Ray's pyarrow upload, the driver, other ranks): a cached listing would
-        # hand s3fs an old ETag, which it sends as If-Match, so reading an object rewritten since (a torn step
-        # uploaded again) fails with PreconditionFailed. No listings cache: every read asks the server.
-        options["use_listings_cache"] = False
-    if location.startswith("s3://") and endpoint_url():
-        # Named explicitly so fsspec's instance cache never hands back a filesystem made for another endpoint
-        # (a process that talks to two S3 servers, or tests that start one per module).
-        options["endpoint_url"] = endpoint_url()
-    return fsspec.core.url_to_fs(location, **options)
+    """(fsspec filesystem, path) of a location: s3fs's own retries, no listings cache (other writers change the
+    run folder: Ray's upload, the driver, other ranks)."""
+    return fsspec_filesystem(location, one_attempt=False, listings_cache=False)
 
 
 # ----- small files (the run lock has its own conditional writes, see orchestrator/runlock.py) ---------------------
@@ -188,8 +172,6 @@ def check_writable(location: str) -> None:
         return
     if not location.startswith("s3://"):
         raise StorageError(f"run.storage {location}: only local paths and s3:// URLs are supported")
-    from data_pipeline.storage_io import CREDENTIALS_HELP
-
     bucket = urlparse(location).netloc
     endpoint = endpoint_url() or "AWS S3 (no AWS_ENDPOINT_URL set)"
     try:
@@ -209,15 +191,6 @@ def check_writable(location: str) -> None:
                            "AWS itself") from None
 
 
-def s3_client():
-    """A boto3 S3 client from the environment, failing fast (the start-up check and the run lock use it)."""
-    import boto3
-    from botocore.config import Config
-
-    return boto3.client("s3", config=Config(connect_timeout=5, read_timeout=30,
-                                            retries={"max_attempts": 3, "mode": "standard"}))
-
-
 def ray_storage(location: str, attempts: int = 10) -> tuple[str, object | None]:
     """(storage_path, storage_filesystem) for Ray Train's RunConfig: what checkpoints are uploaded through.
 
@@ -228,16 +201,7 @@ def ray_storage(location: str, attempts: int = 10) -> tuple[str, object | None]:
     """
     if not is_remote(location):
         return location, None
-    from trainer.s3_retry import RetryingS3FileSystem
-
-    url = urlparse(location)
-
-    options: dict = {"region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"}
-    endpoint = endpoint_url()
-    if endpoint:
-        parsed = urlparse(endpoint)
-        options.update(endpoint_override=parsed.netloc + parsed.path.rstrip("/"), scheme=parsed.scheme or "https")
-    return f"{url.netloc}{url.path}".rstrip("/"), RetryingS3FileSystem(attempts, **options)
+    return upload_filesystem(location, attempts)
 
 
 def url_of_ray_path(path: str, filesystem) -> str:
