@@ -9,18 +9,17 @@ import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
+from model.objective_registry import OBJECTIVES
+
 from .concepts import phrase_spans
 from .masking import mask_units, mlm_mask, patch_mask, sample_rng
 from .rewrite import KINDS, hard_negative
 from .tokenizer import TextTokenizer
 
 # The parts of a batch beyond ids, attention masks, pixels and ids of images, by the objective that reads them
-# (the trainer's objective names). Building only what a run's objectives read is most of the per-sample work
+# (model/objective_registry.py). Building only what a run's objectives read is most of the per-sample work
 # saved: rewriting, concept spans and MLM masks cost more than decoding a small image.
-OBJECTIVE_FEATURES = {
-    "mlm_text": {"text_mlm"}, "lm_text": set(), "mim": {"patch_mask"},
-    "itc": {"contrast"}, "itm": set(), "mlm_pair": {"pair_mlm"}, "caption": set(), "grounding": {"phrases"},
-}
+OBJECTIVE_FEATURES = {name: set(o.batch_parts) for name, o in OBJECTIVES.items()}
 # Object tags as text: no objective reads them yet, so only a caller that names no objectives gets them.
 ALL_FEATURES = frozenset(set().union(*OBJECTIVE_FEATURES.values()) | {"tags"})
 

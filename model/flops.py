@@ -14,9 +14,10 @@ import torch
 
 from model.config import FusionConfig, ModelConfig
 from model.fusion import used_levels
+from model.objective_registry import SOURCES, heads_of
 
-SOURCES = ("text", "image", "pair")
-OBJECTIVES = {"text": ("mlm", "lm"), "image": ("mim",), "pair": ("itc", "itm", "mlm", "lm", "grounding")}
+# The heads each source's objectives run (model/objective_registry.py declares which objective runs which).
+OBJECTIVES = {source: heads_of(source) for source in SOURCES}
 DEFAULT_OBJECTIVES = {"text": ("mlm",), "image": ("mim",), "pair": ("itc", "itm", "mlm")}
 
 

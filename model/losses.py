@@ -31,56 +31,50 @@ def patchify(pixels: Tensor, patch_size: int) -> Tensor:
     return x.reshape(B, h * w, P * P * C)
 
 
-def _symmetric_ce(t2i: Tensor, i2t: Tensor, targets: Tensor) -> Tensor:
-    return 0.5 * (F.cross_entropy(t2i, targets) + F.cross_entropy(i2t, targets))
+def multi_positive_nce(logits: Tensor, pos: Tensor) -> Tensor:
+    """UNIMO's CMCL term per row: -log(sum over positives / sum over all columns), averaged over rows.
 
-
-def itc_loss(txt_local: Tensor, img_local: Tensor, txt_all: Tensor, img_all: Tensor, logit_scale: Tensor,
-             rank: int, max_scale: float = 100.0) -> Tensor:
-    """Symmetric InfoNCE: this rank's B rows against all world*B columns of the other modality.
-
-    txt_local/img_local (B, E) and txt_all/img_all (W*B, E) are L2-normalised; row i's positive is column
-    rank*B + i. logit_scale is the log-scale parameter; exp is clamped at max_scale as in CLIP. For gradients to
-    reach other ranks' features, the caller gathers with autograd (or puts its local rows into the gather).
+    logits (R, C) with -inf for excluded columns; pos (R, C) bool with at least one positive per row.
     """
-    scale = logit_scale.float().exp().clamp(max=max_scale)
-    B = txt_local.shape[0]
-    targets = torch.arange(B, device=txt_local.device) + rank * B
-    t2i = scale * txt_local.float() @ img_all.float().t()  # (B, W*B)
-    i2t = scale * img_local.float() @ txt_all.float().t()
-    return _symmetric_ce(t2i, i2t, targets)
-
-
-def _multi_positive_nce(logits: Tensor, pos: Tensor) -> Tensor:
-    """-log(sum over positives / sum over all), averaged over rows; pos (B, C) bool with >= 1 per row."""
-    lse_all = torch.logsumexp(logits, dim=-1)
+    lse_all = torch.logsumexp(logits, dim=-1)  # (R,)
     lse_pos = torch.logsumexp(logits.masked_fill(~pos, float("-inf")), dim=-1)
     return (lse_all - lse_pos).mean()
 
 
-def cmcl_loss(txt_local: Tensor, img_local: Tensor, txt_all: Tensor, img_all: Tensor, logit_scale: Tensor,
-              rank: int, hard_neg_txt: Tensor | None = None, pos_mask: Tensor | None = None,
-              max_scale: float = 100.0) -> Tensor:
-    """UNIMO's CMCL: ITC plus rewritten hard-negative texts and extra positives.
+def cmcl_loss(txt_local: Tensor, txt_owner: Tensor, img_local: Tensor, img_ids: Tensor,
+              txt_all: Tensor, txt_owner_all: Tensor, img_all: Tensor, img_ids_all: Tensor,
+              neg_txt: Tensor, neg_valid: Tensor, scale: Tensor) -> Tensor:
+    """Symmetric multi-positive InfoNCE of this rank's rows against the global batch's columns.
 
-    hard_neg_txt (B, K, E): rewrites of each image's caption, extra columns for that image only (i2t side).
-    pos_mask (B, W*B) bool: extra positives (e.g. other captions of the same image); the diagonal
-    rank*B + i is always positive. Without both, this equals itc_loss.
+    txt_local (T, E), txt_owner (T,): this rank's texts (captions and extra positive captions) and the image
+    id each describes; img_local (B, E), img_ids (B,). *_all: the same gathered over ranks (columns).
+    neg_txt (B, K, E): rewritten hard negatives, extra columns of their own image's row only (a rewrite of
+    caption i may well describe image j, e.g. a sentence-level rewrite IS another image's caption);
+    neg_valid (B, K) False where no rewrite applied (then the "negative" is the caption itself).
+    All features L2-normalised; scale = exp(logit_scale), already clamped.
     """
+    t2i = scale * txt_local.float() @ img_all.float().t()  # (T, W*B)
+    t2i_pos = txt_owner[:, None] == img_ids_all[None, :]
+    i2t = scale * img_local.float() @ txt_all.float().t()  # (B, W*T)
+    i2t_pos = img_ids[:, None] == txt_owner_all[None, :]
+    neg = scale * torch.einsum("be,bke->bk", img_local.float(), neg_txt.float())  # (B, K)
+    neg = neg.masked_fill(~neg_valid, float("-inf"))
+    i2t = torch.cat([i2t, neg], dim=1)  # (B, W*T + K)
+    i2t_pos = torch.cat([i2t_pos, torch.zeros_like(neg_valid)], dim=1)
+    return 0.5 * (multi_positive_nce(t2i, t2i_pos) + multi_positive_nce(i2t, i2t_pos))
+
+def itc_loss(txt_local: Tensor, img_local: Tensor, txt_all: Tensor, img_all: Tensor, logit_scale: Tensor,
+             rank: int, max_scale: float = 100.0) -> Tensor:
+    """CLIP's symmetric InfoNCE, the plain case of ``cmcl_loss``: one caption per image, no rewrites; row i's
+    positive is column rank*B + i of the gathered (W*B, E) features. ``logit_scale`` is the log-scale parameter,
+    clamped at ``max_scale`` after exp as in CLIP. For model tests and one-process uses."""
+    B = txt_local.shape[0]
+    ids_all = torch.arange(img_all.shape[0], device=txt_local.device)
+    ids = ids_all[rank * B:(rank + 1) * B]
+    no_rewrite = txt_local.new_zeros(B, 1, txt_local.shape[-1])
     scale = logit_scale.float().exp().clamp(max=max_scale)
-    B, device = txt_local.shape[0], txt_local.device
-    pos = torch.zeros(B, img_all.shape[0], dtype=torch.bool, device=device)
-    pos[torch.arange(B, device=device), torch.arange(B, device=device) + rank * B] = True
-    if pos_mask is not None:
-        pos = pos | pos_mask.bool()
-    t2i = scale * txt_local.float() @ img_all.float().t()  # (B, W*B)
-    i2t = scale * img_local.float() @ txt_all.float().t()
-    i2t_pos = pos
-    if hard_neg_txt is not None:
-        neg = scale * torch.einsum("be,bke->bk", img_local.float(), hard_neg_txt.float())  # (B, K)
-        i2t = torch.cat([i2t, neg], dim=1)
-        i2t_pos = torch.cat([pos, torch.zeros_like(neg, dtype=torch.bool)], dim=1)
-    return 0.5 * (_multi_positive_nce(t2i, pos) + _multi_positive_nce(i2t, i2t_pos))
+    return cmcl_loss(txt_local, ids, img_local, ids, txt_all, ids_all, img_all, ids_all, no_rewrite,
+                     torch.zeros(B, 1, dtype=torch.bool, device=txt_local.device), scale)
 
 
 def mlm_loss(logits: Tensor, labels: Tensor) -> Tensor:
@@ -95,9 +89,16 @@ def lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
     return mlm_loss(logits[:, :-1], labels[:, 1:])
 
 
-def itm_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """(B, 2) logits, (B,) labels: 1 = matching pair."""
-    return F.cross_entropy(logits.float(), labels.long())
+def masked_mean(per_row: Tensor, keep: Tensor, anchor: Tensor) -> Tensor:
+    """Mean of per_row over keep; a zero still tied to ``anchor``'s graph when nothing is kept."""
+    keep = keep.float()
+    return (per_row * keep).sum() / keep.sum().clamp(min=1.0) + anchor.float().sum() * 0.0
+
+
+def itm_loss(logits: Tensor, labels: Tensor, keep: Tensor | None = None) -> Tensor:
+    """(R, 2) logits, (R,) labels (1 = matching pair); ``keep`` (R,) drops rows without a usable negative."""
+    per_row = F.cross_entropy(logits.float(), labels.long(), reduction="none")
+    return masked_mean(per_row, torch.ones_like(per_row) if keep is None else keep, logits)
 
 
 def mim_loss(pred: Tensor, pixels: Tensor, patch_mask: Tensor, patch_size: int, eps: float = 1e-6) -> Tensor:
@@ -122,26 +123,18 @@ def phrase_patch_scores(scores: Tensor, phrase_mask: Tensor) -> tuple[Tensor, Te
     return (m @ scores) / count.clamp(min=1)[..., None], count > 0
 
 
-def grounding_loss(scores: Tensor, phrase_mask: Tensor, labels: Tensor | None = None,
-                   patch_targets: Tensor | None = None) -> Tensor:
-    """Phrase-patch alignment (MVP's fine-grained level), without boxes unless patch targets are given.
+def grounding_contrast(scores_pos: Tensor, scores_neg: Tensor, phrase_mask: Tensor, neg_valid: Tensor) -> Tensor:
+    """Phrase<->patch alignment without boxes, contrastive over images.
 
-    scores (B, L, N) token-to-patch; phrase_mask (B, P, L) marks each phrase's tokens.
-    - patch_targets (B, P, N) >= 0 (e.g. from tag boxes): cross-entropy of each phrase over the patches.
-    - else weak supervision (multiple-instance): a phrase's image score is the soft max over patches
-      (logsumexp - log N), trained with BCE against labels (B,): 1 for matched pairs, 0 for ITM negatives.
+    scores_* (B, L, N): token-to-patch scores of text b fused with its own image (pos) and with a hard-negative
+    image (neg). A phrase's score for an image is a soft max over that image's patches of the phrase-pooled
+    scores (multiple-instance: some patch must show it); cross-entropy picks the paired image over the negative.
     """
-    ps, valid = phrase_patch_scores(scores.float(), phrase_mask)
-    if not bool(valid.any()):
-        return _zero(scores)
-    if patch_targets is not None:
-        t = patch_targets.float()
-        t = t / t.sum(-1, keepdim=True).clamp(min=1e-12)
-        per_phrase = -(t * ps.log_softmax(-1)).sum(-1)  # (B, P)
-        keep = valid & (patch_targets.sum(-1) > 0)
-        return _zero(scores) if not bool(keep.any()) else per_phrase[keep].mean()
-    if labels is None:
-        raise ValueError("grounding_loss without patch_targets needs labels (1 = matched pair, 0 = negative)")
-    image_score = torch.logsumexp(ps, dim=-1) - math.log(ps.shape[-1])  # (B, P)
-    y = labels.float()[:, None].expand_as(image_score)
-    return F.binary_cross_entropy_with_logits(image_score[valid], y[valid])
+    ps_pos, valid = phrase_patch_scores(scores_pos.float(), phrase_mask)  # (B, P, N), (B, P)
+    ps_neg, _ = phrase_patch_scores(scores_neg.float(), phrase_mask)
+    log_n = math.log(scores_pos.shape[-1])
+    s_pos = torch.logsumexp(ps_pos, dim=-1) - log_n  # (B, P)
+    s_neg = torch.logsumexp(ps_neg, dim=-1) - log_n
+    per_phrase = -torch.stack([s_pos, s_neg], dim=-1).log_softmax(-1)[..., 0]  # (B, P)
+    keep = valid & neg_valid[:, None]
+    return masked_mean(per_phrase, keep, per_phrase)

@@ -264,5 +264,27 @@ def log_exported_model(client, run_id: str, run_dir: Path | str) -> None:
             return
         out = export_checkpoint(found.path, Path(tmp) / "model")
         client.log_artifacts(run_id, str(out), "model")
+        model_id = register_logged_model(client, run_id, out, found.step)
     client.set_tag(run_id, "unimo.exported_step", str(found.step))
-    log.info("exported step %d into the MLflow run's artifacts model/", found.step)
+    log.info("exported step %d into the MLflow run's artifacts model/ and as logged model %s", found.step, model_id)
+
+
+def register_logged_model(client, run_id: str, export_dir: Path, step: int) -> str:
+    """The export as an MLflow logged model of the run (MLflow 3: listed on the run's page and the experiment's
+    Models tab, with its own artifacts), an output of the run at ``step``; returns the model id."""
+    from mlflow.entities import LoggedModelOutput
+
+    run = client.get_run(run_id)
+    tags = {k: v for k, v in run.data.tags.items() if k in ("unimo.flavor", "unimo.run_name")}
+    model = client.create_logged_model(run.info.experiment_id, name=run.info.run_name or "unimo",
+                                       source_run_id=run_id, model_type="unimo",
+                                       tags={**tags, "unimo.step": str(step)})
+    try:
+        client.log_model_artifacts(model.model_id, str(export_dir))
+    except Exception:
+        client.finalize_logged_model(model.model_id, "FAILED")
+        raise
+    client.finalize_logged_model(model.model_id, "READY")
+    client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step)])
+    client.set_tag(run_id, "unimo.logged_model_id", model.model_id)
+    return model.model_id

@@ -13,21 +13,10 @@ from pathlib import Path
 from data_pipeline.config import DataConfig
 from model.config import ModelConfig
 from model.flavors import get_flavor
+from model.objective_registry import OBJECTIVES
 
 from trainer.config_loader import BASE_HOOKS, ConfigError, build, merge_raw
 from trainer import shipped_configs
-
-# Objective name -> the data source it reads. The trainer's objectives registry implements each one.
-OBJECTIVE_SOURCES = {
-    "mlm_text": "text",  # masked LM on unpaired text (text encoder)
-    "lm_text": "text",  # prefix-LM / seq2seq on unpaired text (text encoder, prefix mask)
-    "mim": "image",  # masked patch regression on unpaired images (vision encoder)
-    "itc": "pair",  # cross-modal contrastive learning over the global batch
-    "itm": "pair",  # image-text matching with hard negatives from ITC similarities
-    "mlm_pair": "pair",  # masked LM conditioned on the image (fusion text stream)
-    "caption": "pair",  # captioning LM (causal fusion text stream)
-    "grounding": "pair",  # phrase <-> patch fine-grained alignment
-}
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -64,16 +53,16 @@ class StageConfig:
         _check(self.steps > 0, f"stage '{self.name}': steps must be > 0, got {self.steps}")
         _check(bool(self.objectives), f"stage '{self.name}': objectives must not be empty")
         for obj, weight in self.objectives.items():
-            if obj not in OBJECTIVE_SOURCES:
+            if obj not in OBJECTIVES:
                 from trainer.config_loader import _closest
 
-                hint = _closest(obj, list(OBJECTIVE_SOURCES))
+                hint = _closest(obj, list(OBJECTIVES))
                 raise ValueError(f"stage '{self.name}': unknown objective '{obj}'{hint}")
             _check(weight >= 0, f"stage '{self.name}': weight of '{obj}' must be >= 0, got {weight}")
         _check(self.lr >= 0, f"stage '{self.name}': lr must be >= 0, got {self.lr}")
 
     def sources(self) -> set[str]:
-        return {OBJECTIVE_SOURCES[o] for o, w in self.objectives.items() if w > 0}
+        return {OBJECTIVES[o].source for o, w in self.objectives.items() if w > 0}
 
 
 @dataclass
@@ -206,7 +195,8 @@ class TrackingConfig:
     # (memory, then <storage>/<run>/mlflow_spool), and create the run once the server answers (docs/TRACKING.md)
     buffer_if_unreachable: bool = False
     system_metrics_seconds: float = 10.0  # CPU/memory/disk/network/GPU sampling period per node; 0 = off
-    log_model: bool = False  # at a successful end, export the last checkpoint (`unimo export`) into artifacts model/
+    log_model: bool = False  # at a successful end, export the last checkpoint (`unimo export`) into artifacts
+    # model/ and register it as an MLflow logged model of the run
 
     def __post_init__(self) -> None:
         _check(self.flush_seconds > 0, f"flush_seconds must be > 0, got {self.flush_seconds}")
@@ -241,7 +231,7 @@ def _default_stages() -> list[StageConfig]:
     return [
         # The default plan (docs/MODEL.md): text MLM/LM, image MIM and coarse ITC first, then every objective
         StageConfig(name="unimodal", steps=50, objectives={"mlm_text": 1.0, "lm_text": 1.0, "mim": 1.0, "itc": 1.0}),
-        StageConfig(name="crossmodal", steps=50, objectives={name: 1.0 for name in OBJECTIVE_SOURCES}),
+        StageConfig(name="crossmodal", steps=50, objectives={name: 1.0 for name in OBJECTIVES}),
     ]
 
 

@@ -19,6 +19,7 @@ from typing import Any, Iterator
 import torch
 
 from data_pipeline.accounting import corpus_counters, corpus_metrics
+from model.objective_registry import OBJECTIVES
 from trainer import fault_gate, preemption
 from trainer.checkpointing import STOP_FILE, CheckpointManager, Progress, StopFile
 from trainer.checkpointing.manager import Reporter
@@ -220,7 +221,7 @@ class Trainer:
         if self.world_size > 1:
             dist.all_reduce(vec)  # losses are averaged over ranks, data counters summed
             vec[:n] /= self.world_size
-        metrics = {f"loss/{k}": float(v) for k, v in zip(names, vec[:n - 1])}
+        metrics = {OBJECTIVES[k].metric: float(v) for k, v in zip(names, vec[:n - 1])}
         metrics["loss/total"] = float(vec[n - 1])
         metrics.update({f"data/{k}": float(v) for k, v in zip(counts, vec[n:])})
         metrics.update(corpus_metrics(metrics, self.world_size, weights))  # per corpus: share next to weight

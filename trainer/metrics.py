@@ -8,14 +8,8 @@ from typing import Any
 import torch
 
 from model.flops import flops_per_sample
+from model.objective_registry import OBJECTIVES
 
-# Config objective -> (data source, objective name in model.flops); the two name spaces differ because the
-# config names say which source an objective reads, model.flops names say which head runs.
-FLOPS_OBJECTIVE = {
-    "mlm_text": ("text", "mlm"), "lm_text": ("text", "lm"), "mim": ("image", "mim"), "itc": ("pair", "itc"),
-    "itm": ("pair", "itm"), "mlm_pair": ("pair", "mlm"), "caption": ("pair", "lm"),
-    "grounding": ("pair", "grounding"),
-}
 
 # Dense (no 2:4 sparsity) bf16 tensor-core peaks from NVIDIA's datasheets, in FLOP/s per GPU. Matched as
 # lower-case substrings of torch.cuda.get_device_name(), first match wins, so variants come before families.
@@ -50,9 +44,8 @@ def flops_per_source(cfg: Any, objectives: list[str]) -> dict[str, int]:
     """Training FLOPs (forward + backward) per sample of each source, for the objectives a step ran."""
     by_source: dict[str, list[str]] = {}
     for name in objectives:
-        if name in FLOPS_OBJECTIVE:
-            src, obj = FLOPS_OBJECTIVE[name]
-            by_source.setdefault(src, []).append(obj)
+        if name in OBJECTIVES:
+            by_source.setdefault(OBJECTIVES[name].source, []).append(OBJECTIVES[name].head)
     m = cfg.model
     return {src: flops_per_sample(m, src, seq_len=cfg.seq_len, image_size=m.vision.image_size,
                                   objectives=objs) for src, objs in by_source.items()}

@@ -1,8 +1,8 @@
 """The pre-training objectives as one nn.Module whose forward returns every enabled loss.
 
-DeepSpeed wraps this module, so that ZeRO-3 gathers parameters inside a single forward call. Per-token maths
-(MLM, LM, MIM, ITM cross-entropy, phrase-patch pooling) lives in model/losses.py; what depends on how the batch is
-spread over ranks (CMCL's global columns, ITM's negative sampling) lives here. Gathering features across ranks
+DeepSpeed wraps this module, so that ZeRO-3 gathers parameters inside a single forward call. Every loss's maths
+(CMCL, MLM, LM, MIM, ITM, grounding) lives in model/losses.py; what depends on how the batch is spread over
+ranks (gathering CMCL's global columns, ITM's negative sampling) lives here. Gathering features across ranks
 is injected as a function, so the same code runs in one process and on many ranks.
 
 ZeRO-3 rule kept throughout: which modules run, and in which order, depends only on the stage's weights (equal on
@@ -12,7 +12,6 @@ returns a zero that depends on their outputs.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -20,12 +19,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model import losses
+from model.objective_registry import names_of
 from model.unimo import UnimoModel
 
 GatherFn = Callable[[Tensor], Tensor]
 
-TEXT_OBJECTIVES = ("mlm_text", "lm_text")
-PAIR_OBJECTIVES = ("itc", "itm", "mlm_pair", "caption", "grounding")
+TEXT_OBJECTIVES = names_of("text")
+PAIR_OBJECTIVES = names_of("pair")
 
 
 def identity_gather(t: Tensor) -> Tensor:
@@ -62,41 +62,6 @@ def autograd_all_gather(t: Tensor) -> Tensor:
     return _AllGatherWithGrad.apply(t)
 
 
-# --------------------------------------------------------------------------------------------- CMCL maths
-
-def multi_positive_nce(logits: Tensor, pos: Tensor) -> Tensor:
-    """UNIMO's CMCL term per row: -log(sum over positives / sum over all columns), averaged over rows.
-
-    logits (R, C) with -inf for excluded columns; pos (R, C) bool with at least one positive per row.
-    """
-    lse_all = torch.logsumexp(logits, dim=-1)  # (R,)
-    lse_pos = torch.logsumexp(logits.masked_fill(~pos, float("-inf")), dim=-1)
-    return (lse_all - lse_pos).mean()
-
-
-def cmcl_global_loss(txt_local: Tensor, txt_owner: Tensor, img_local: Tensor, img_ids: Tensor,
-                     txt_all: Tensor, txt_owner_all: Tensor, img_all: Tensor, img_ids_all: Tensor,
-                     neg_txt: Tensor, neg_valid: Tensor, scale: Tensor) -> Tensor:
-    """Symmetric multi-positive InfoNCE of this rank's rows against the global batch's columns.
-
-    txt_local (T, E), txt_owner (T,): this rank's texts (captions and extra positive captions) and the image
-    id each describes; img_local (B, E), img_ids (B,). *_all: the same gathered over ranks (columns).
-    neg_txt (B, K, E): rewritten hard negatives, extra columns of their own image's row only (a rewrite of
-    caption i may well describe image j, e.g. a sentence-level rewrite IS another image's caption);
-    neg_valid (B, K) False where no rewrite applied (then the "negative" is the caption itself).
-    All features L2-normalised; scale = exp(logit_scale), already clamped.
-    """
-    t2i = scale * txt_local.float() @ img_all.float().t()  # (T, W*B)
-    t2i_pos = txt_owner[:, None] == img_ids_all[None, :]
-    i2t = scale * img_local.float() @ txt_all.float().t()  # (B, W*T)
-    i2t_pos = img_ids[:, None] == txt_owner_all[None, :]
-    neg = scale * torch.einsum("be,bke->bk", img_local.float(), neg_txt.float())  # (B, K)
-    neg = neg.masked_fill(~neg_valid, float("-inf"))
-    i2t = torch.cat([i2t, neg], dim=1)  # (B, W*T + K)
-    i2t_pos = torch.cat([i2t_pos, torch.zeros_like(neg_valid)], dim=1)
-    return 0.5 * (multi_positive_nce(t2i, t2i_pos) + multi_positive_nce(i2t, i2t_pos))
-
-
 # ----------------------------------------------------------------------------------------- ITM negatives
 
 def sample_negatives(sim: Tensor, same: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
@@ -115,34 +80,11 @@ def sample_negatives(sim: Tensor, same: Tensor, generator: torch.Generator | Non
     return idx, valid
 
 
-def _masked_mean(per_row: Tensor, keep: Tensor, anchor: Tensor) -> Tensor:
-    """Mean of per_row over keep; a zero still tied to ``anchor``'s graph when nothing is kept."""
-    keep = keep.float()
-    return (per_row * keep).sum() / keep.sum().clamp(min=1.0) + anchor.float().sum() * 0.0
-
-
 def phrase_masks(phrase_ids: Tensor) -> Tensor:
     """(B, L) ids (0 = none, k+1 = k-th phrase) -> (B, P, L) bool, P >= 1 so shapes never collapse to empty."""
     P = max(int(phrase_ids.max()) if phrase_ids.numel() else 0, 1)
     ks = torch.arange(1, P + 1, device=phrase_ids.device)
     return phrase_ids[:, None, :] == ks[None, :, None]
-
-
-def grounding_contrast(scores_pos: Tensor, scores_neg: Tensor, phrase_mask: Tensor, neg_valid: Tensor) -> Tensor:
-    """Phrase<->patch alignment without boxes, contrastive over images.
-
-    scores_* (B, L, N): token-to-patch scores of text b fused with its own image (pos) and with a hard-negative
-    image (neg). A phrase's score for an image is a soft max over that image's patches of the phrase-pooled
-    scores (multiple-instance: some patch must show it); cross-entropy picks the paired image over the negative.
-    """
-    ps_pos, valid = losses.phrase_patch_scores(scores_pos.float(), phrase_mask)  # (B, P, N), (B, P)
-    ps_neg, _ = losses.phrase_patch_scores(scores_neg.float(), phrase_mask)
-    log_n = math.log(scores_pos.shape[-1])
-    s_pos = torch.logsumexp(ps_pos, dim=-1) - log_n  # (B, P)
-    s_neg = torch.logsumexp(ps_neg, dim=-1) - log_n
-    per_phrase = -torch.stack([s_pos, s_neg], dim=-1).log_softmax(-1)[..., 0]  # (B, P)
-    keep = valid & neg_valid[:, None]
-    return _masked_mean(per_phrase, keep, per_phrase)
 
 
 # ----------------------------------------------------------------------------------------------- module
@@ -290,7 +232,7 @@ class PretrainObjectives(nn.Module):
         owner_all = torch.cat([self.gather(owner[:B]), self.gather(owner[B:])])
         img_all, ids_all = self.gather(img), self.gather(pair["image_ids"])
         neg_valid = (pair["neg_kind"] >= 0)[:, None]  # (B, 1)
-        return cmcl_global_loss(txt, owner, img, pair["image_ids"], txt_all, owner_all, img_all, ids_all, neg,
+        return losses.cmcl_loss(txt, owner, img, pair["image_ids"], txt_all, owner_all, img_all, ids_all, neg,
                                 neg_valid, self._scale())
 
     def _scale(self) -> Tensor:
@@ -324,11 +266,11 @@ class PretrainObjectives(nn.Module):
             logits = self.model.itm_logits(t_fused[:3 * B], v_fused[:3 * B])  # (3B, 2)
             labels = torch.cat([torch.ones(B), torch.zeros(2 * B)]).long().to(logits.device)
             keep = torch.cat([torch.ones_like(img_ok), img_ok, txt_ok])
-            per_row = F.cross_entropy(logits.float(), labels, reduction="none")
-            out["itm"] = _masked_mean(per_row, keep, logits)
+            out["itm"] = losses.itm_loss(logits, labels, keep)
         if "grounding" in active:
             scores = self.model.grounding_scores(t_fused[:2 * B], v_fused[:2 * B])  # (2B, L, N)
-            out["grounding"] = grounding_contrast(scores[:B], scores[B:], phrase_masks(pair["phrase_ids"]), img_ok)
+            out["grounding"] = losses.grounding_contrast(scores[:B], scores[B:], phrase_masks(pair["phrase_ids"]),
+                                                         img_ok)
         if "mlm_pair" in active:
             out["mlm_pair"] = losses.mlm_loss(self.model.mlm_logits_fused(t_fused[-B:]), pair["mlm_labels"])
         return out

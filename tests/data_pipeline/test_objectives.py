@@ -55,10 +55,3 @@ def test_without_mlm_the_rewrites_still_come_for_every_caption(local_data):
 def test_unknown_objective_is_an_error_naming_it(local_data):
     with pytest.raises(ValueError, match="mlm_pairs"):
         _batches(local_data, {"itc", "mlm_pairs"}, 0)
-
-
-def test_the_loader_knows_every_objective_of_the_trainer():
-    from data_pipeline.batch import OBJECTIVE_FEATURES
-    from trainer.config import OBJECTIVE_SOURCES
-
-    assert set(OBJECTIVE_FEATURES) == set(OBJECTIVE_SOURCES)

@@ -76,6 +76,13 @@ def test_resubmitted_job_continues_the_same_run_without_gaps_or_secrets(syntheti
             assert expected in files, (expected, files)
         assert {"model/model.safetensors", "model/config.json", "model/tokenizer.json"} <= set(files)
         assert tags["unimo.exported_step"] == "10"
+        # ... and the same export as a logged model of the run (MLflow 3's Models tab), an output at step 10
+        models = client.search_logged_models([runs[0].info.experiment_id])
+        assert [(m.source_run_id, m.status.name) for m in models] == [(run_id, "READY")], models
+        assert models[0].model_id == tags["unimo.logged_model_id"] and models[0].tags["unimo.step"] == "10"
+        model_files = {a.path for a in client.list_logged_model_artifacts(models[0].model_id)}
+        assert {"model.safetensors", "config.json", "tokenizer.json"} <= model_files, model_files
+        assert [(o.model_id, o.step) for o in run.outputs.model_outputs] == [(models[0].model_id, 10)]
         plan = json.loads(Path(client.download_artifacts(run_id, "config/restart_1/stage_plan.json",
                                                          str(tmp_path))).read_text())
         assert plan[-1]["last_step"] == 10

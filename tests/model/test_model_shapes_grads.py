@@ -43,7 +43,8 @@ def _all_objectives(m, ids, mask, px):
     loss = loss + losses.mlm_loss(m.mlm_logits_fused(t), labels)
     pmask = torch.zeros(B, 2, L, dtype=torch.bool)
     pmask[:, 0, 1:3] = True
-    loss = loss + losses.grounding_loss(m.grounding_scores(t, v), pmask, labels=torch.tensor([1, 0]))
+    scores = m.grounding_scores(t, v)
+    loss = loss + losses.grounding_contrast(scores, scores.flip(0), pmask, torch.ones(B, dtype=torch.bool))
     patch_mask = torch.zeros(B, m.num_patches, dtype=torch.bool)
     patch_mask[:, ::3] = True
     vm = m.encode_image(px, patch_mask)

@@ -11,18 +11,12 @@ from torch import nn
 
 from model.flavors import get_flavor
 from model.unimo import UnimoModel
-from trainer.config import OBJECTIVE_SOURCES
-from trainer.objectives import (
-    PretrainObjectives,
-    cmcl_global_loss,
-    grounding_contrast,
-    multi_positive_nce,
-    phrase_masks,
-    sample_negatives,
-)
+from model.objective_registry import OBJECTIVES
+from model.losses import cmcl_loss, grounding_contrast, multi_positive_nce
+from trainer.objectives import PretrainObjectives, phrase_masks, sample_negatives
 from trainer.zero3_external_params import EXTERNAL_SUFFIXES, external_reads
 
-ALL = {name: 1.0 for name in OBJECTIVE_SOURCES}
+ALL = {name: 1.0 for name in OBJECTIVES}
 VOCAB_LOW = 5  # ids 0..4 are the specials of the synthetic tokenizer
 
 
@@ -107,7 +101,7 @@ def test_every_objective_has_its_loss_and_every_parameter_learns():
     obj = PretrainObjectives(make_model())
     weights = {name: 0.5 + i for i, name in enumerate(ALL)}
     total, parts = obj(make_batch(), weights)
-    assert set(parts) == set(OBJECTIVE_SOURCES)
+    assert set(parts) == set(OBJECTIVES)
     for name, loss in parts.items():
         assert loss.ndim == 0 and torch.isfinite(loss) and loss > 0, name
     torch.testing.assert_close(total, sum(weights[k] * v for k, v in parts.items()))
@@ -240,7 +234,7 @@ def test_cmcl_equals_a_row_by_row_reference():
     txt, owner = torch.cat([caps, pos]), torch.cat([ids, ids])
     valid = torch.tensor([[True], [False], [True]])
     scale = torch.tensor(5.0)
-    got = cmcl_global_loss(txt, owner, img, ids, txt, owner, img, ids, neg, valid, scale)
+    got = cmcl_loss(txt, owner, img, ids, txt, owner, img, ids, neg, valid, scale)
     t2i, i2t = [], []
     for r in range(2 * B):
         logits = scale * img @ txt[r]
@@ -263,8 +257,8 @@ def test_cmcl_hard_negative_raises_the_loss_only_when_valid():
     hard = img[:, None].clone()  # a rewrite as close to the image as can be
     s = torch.tensor(10.0)
     args = (txt, owner, img, ids, txt, owner, img, ids, hard)
-    off = cmcl_global_loss(*args, torch.zeros(B, 1, dtype=torch.bool), s)
-    on = cmcl_global_loss(*args, torch.ones(B, 1, dtype=torch.bool), s)
+    off = cmcl_loss(*args, torch.zeros(B, 1, dtype=torch.bool), s)
+    on = cmcl_loss(*args, torch.ones(B, 1, dtype=torch.bool), s)
     assert on > off + 0.1
 
 
