@@ -6,13 +6,14 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from model.validation import check
+
 SOURCES = ("text", "image", "pair")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")   # corpus names travel into metric names and cursors
 
 
 def _check(ok: bool, name: str, value, rule: str) -> None:
-    if not ok:
-        raise ValueError(f"data.{name} = {value!r}: {rule}")
+    check(ok, f"data.{name}", value, rule)
 
 
 def _urls_ok(urls) -> bool:
@@ -29,7 +30,7 @@ class CorpusConfig:
     A corpus that runs out starts its next epoch at once, so up-weighting a small corpus repeats it.
     """
 
-    name: str = ""
+    name: str = ""  # names the corpus in metrics (data/corpus/<name>/...) and in the data cursor
     urls: Any = ""
     weight: float = 1.0
 
@@ -103,16 +104,17 @@ class DataConfig:
     num_workers: int = 1          # DataLoader worker processes per rank (0 = read in the training process)
     prefetch_factor: int = 2      # batches each worker keeps ready
     shuffle_buffer: int = 64      # samples per stream held for shuffling (1 = no shuffling)
-    seed: int = 0
-    mlm_probability: float = 0.15
-    mim_mask_ratio: float = 0.5
+    seed: int = 0                 # shard order, shuffling and masking; the same seed gives the same batches
+    mlm_probability: float = 0.15  # share of text tokens masked for MLM (whole words or concept phrases)
+    mim_mask_ratio: float = 0.5   # share of image patches masked for masked image modelling
+
     # Hard negatives for CMCL: relative weights of word-, phrase- and sentence-level rewrites.
     rewrite_weights: list = field(default_factory=lambda: [0.6, 0.2, 0.2])
     # Reading retries: a failed read reopens the shard at the byte already reached, with exponential backoff
     # from io_backoff_s up to io_backoff_max_s, io_retries times; then the run stops with an error.
     io_retries: int = 8
-    io_backoff_s: float = 0.5
-    io_backoff_max_s: float = 20.0
+    io_backoff_s: float = 0.5     # the first wait between read retries; it doubles at each retry
+    io_backoff_max_s: float = 20.0  # the longest wait between read retries
     read_block_bytes: int = 8 * 1024 * 1024   # size of one ranged GET when streaming a shard from S3
 
     def __post_init__(self):

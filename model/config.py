@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Literal
 
-ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu", "relu")
-CROSS_LAYER_MODES = ("none", "bridge", "adaptive", "gated")
-POSITION_STYLES = ("absolute", "roberta")
+from model.validation import check, check_choices
+
+# Enumerations are Literal types: the config loader refuses any other value, naming the choices.
+Activation = Literal["gelu", "gelu_tanh", "quick_gelu", "relu"]
+CrossLayerMode = Literal["none", "bridge", "adaptive", "gated"]
+PositionStyle = Literal["absolute", "roberta"]
 
 
 def _fail(cls: str, name: str, value, rule: str):
-    raise ValueError(f"{cls}.{name}={value!r}: {rule}")
+    check(False, f"{cls}.{name}", value, rule)
 
 
 def _positive(obj, *names: str) -> None:
@@ -25,12 +29,6 @@ def _probability(obj, *names: str) -> None:
         v = getattr(obj, n)
         if not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
             _fail(type(obj).__name__, n, v, "must be a float in [0, 1)")
-
-
-def _one_of(obj, name: str, choices) -> None:
-    v = getattr(obj, name)
-    if v not in choices:
-        _fail(type(obj).__name__, name, v, f"must be one of {list(choices)}")
 
 
 def _eps(obj, name: str) -> None:
@@ -48,30 +46,32 @@ def _heads_divide(obj) -> None:
 class TextConfig:
     """BERT/RoBERTa-layout text encoder (post-LN blocks)."""
 
-    vocab_size: int = 1024
-    layers: int = 2
-    dim: int = 64
-    heads: int = 2
-    mlp_dim: int = 256
+    vocab_size: int = 1024  # token embedding rows: at least data.tokenizer's vocabulary (text_init sets it)
+    layers: int = 2  # transformer blocks
+    dim: int = 64  # hidden size
+    heads: int = 2  # attention heads (dim must divide by it)
+    mlp_dim: int = 256  # feed-forward inner size
     max_positions: int = 64  # size of the position table (RoBERTa's includes its pad offset: 514)
-    type_vocab_size: int = 2
-    layer_norm_eps: float = 1e-12
+    type_vocab_size: int = 2  # token-type (segment) embeddings, as BERT has
+    layer_norm_eps: float = 1e-12  # LayerNorm epsilon (BERT's 1e-12, RoBERTa's 1e-5)
     dropout: float = 0.0  # hidden and attention-probability dropout, as BERT uses one value for both
-    activation: str = "gelu"
+    activation: Activation = "gelu"  # feed-forward activation
+
     # "roberta": positions count non-pad tokens starting at pad_token_id + 1, as fairseq did
-    position_style: str = "absolute"
+    position_style: PositionStyle = "absolute"
+
+    # special token ids: taken from data.tokenizer's file (a value set here must agree with it)
     pad_token_id: int = 0
     bos_token_id: int = 101  # BERT's [CLS]; RoBERTa's <s> is 0
     eos_token_id: int = 102  # BERT's [SEP]; RoBERTa's </s> is 2
-    mask_token_id: int = 103
+    mask_token_id: int = 103  # the [MASK] token masked language modelling puts in
 
     def __post_init__(self):
         _positive(self, "vocab_size", "layers", "dim", "heads", "mlp_dim", "max_positions", "type_vocab_size")
         _heads_divide(self)
         _eps(self, "layer_norm_eps")
         _probability(self, "dropout")
-        _one_of(self, "activation", ACTIVATIONS)
-        _one_of(self, "position_style", POSITION_STYLES)
+        check_choices(self, "TextConfig.")
         for n in ("pad_token_id", "bos_token_id", "eos_token_id", "mask_token_id"):
             v = getattr(self, n)
             if not isinstance(v, int) or not 0 <= v < self.vocab_size:
@@ -90,20 +90,20 @@ class TextConfig:
 class VisionConfig:
     """ViT / CLIP-vision layout image encoder (pre-LN blocks); CLIP sets pre_layernorm and quick_gelu."""
 
-    image_size: int = 32
-    patch_size: int = 8
-    layers: int = 2
-    dim: int = 64
-    heads: int = 2
-    mlp_dim: int = 256
-    channels: int = 3
-    layer_norm_eps: float = 1e-6
-    dropout: float = 0.0
-    activation: str = "gelu"
+    image_size: int = 32  # input side in pixels (images are resized to it); a multiple of patch_size
+    patch_size: int = 8  # side of a square patch in pixels: (image_size / patch_size)^2 patches per image
+    layers: int = 2  # transformer blocks
+    dim: int = 64  # hidden size
+    heads: int = 2  # attention heads (dim must divide by it)
+    mlp_dim: int = 256  # feed-forward inner size
+    channels: int = 3  # input channels (RGB)
+    layer_norm_eps: float = 1e-6  # LayerNorm epsilon (ViT's 1e-6 / 1e-12, CLIP's 1e-5)
+    dropout: float = 0.0  # hidden and attention-probability dropout
+    activation: Activation = "gelu"  # feed-forward activation (CLIP: quick_gelu)
     pre_layernorm: bool = False  # CLIP's `pre_layrnorm` on the embeddings
     final_layernorm: bool = True  # ViT's `layernorm` / CLIP's `post_layernorm`, applied to the last layer
     patch_bias: bool = True  # CLIP's patch conv has no bias
-    qkv_bias: bool = True
+    qkv_bias: bool = True  # biases on the query/key/value projections
 
     def __post_init__(self):
         _positive(self, "image_size", "patch_size", "layers", "dim", "heads", "mlp_dim", "channels")
@@ -113,7 +113,7 @@ class VisionConfig:
                   f"must be divisible by patch_size={self.patch_size}")
         _eps(self, "layer_norm_eps")
         _probability(self, "dropout")
-        _one_of(self, "activation", ACTIVATIONS)
+        check_choices(self, f"{type(self).__name__}.")
 
     @property
     def num_patches(self) -> int:
@@ -124,30 +124,31 @@ class VisionConfig:
 class FusionConfig:
     """Two-stream co-attention encoder with cross-layer interaction (docs/MODEL.md)."""
 
-    layers: int = 2
-    dim: int = 64
-    heads: int = 2
-    mlp_dim: int = 256
+    layers: int = 2  # co-attention layers (each has a text and an image stream)
+    dim: int = 64  # hidden size of both streams
+    heads: int = 2  # attention heads (dim must divide by it)
+    mlp_dim: int = 256  # feed-forward inner size
+
     # how fusion layer k mixes the unimodal layers into its input: none | bridge | adaptive | gated
-    cross_layer: str = "adaptive"
+    cross_layer: CrossLayerMode = "adaptive"
     # cross-attention keys/values are a learned mixture of the other stream's levels
     cross_level_attention: bool = True
     levels: int = 6  # the top `levels` unimodal layers feed the cross-layer mixtures (capped at the depth)
-    layer_norm_eps: float = 1e-12
-    dropout: float = 0.0
-    activation: str = "gelu"
+    layer_norm_eps: float = 1e-12  # LayerNorm epsilon
+    dropout: float = 0.0  # hidden and attention-probability dropout
+    activation: Activation = "gelu"  # feed-forward activation
+
     # initial logit of the current level in the cross-level mixture (others start at 0): near METER at init
     cross_level_init: float = 4.0
 
     def __post_init__(self):
         _positive(self, "layers", "dim", "heads", "mlp_dim", "levels")
         _heads_divide(self)
-        _one_of(self, "cross_layer", CROSS_LAYER_MODES)
         if not isinstance(self.cross_level_attention, bool):
             _fail("FusionConfig", "cross_level_attention", self.cross_level_attention, "must be a bool")
         _eps(self, "layer_norm_eps")
         _probability(self, "dropout")
-        _one_of(self, "activation", ACTIVATIONS)
+        check_choices(self, f"{type(self).__name__}.")
 
 
 def _coerce(value, cls):
@@ -164,18 +165,19 @@ def _coerce(value, cls):
 class ModelConfig:
     """The whole model: the three encoders plus the heads' shared sizes."""
 
-    flavor: str = "debug"
+    flavor: str = "debug"  # a named size (debug, small, base, large, xl) whose values the fields below override
     text: TextConfig = field(default_factory=TextConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
     embed_dim: int = 64  # ITC and grounding projection size
     activation_checkpointing: bool = False  # recompute each block in backward (torch.utils.checkpoint)
-    init_std: float = 0.02
+    init_std: float = 0.02  # standard deviation of the normal initialisation of weights trained from scratch
     temperature_init: float = 0.07  # logit_scale starts at log(1 / temperature_init)
     max_logit_scale: float = 100.0  # exp(logit_scale) is clamped here at use, as CLIP does
-    # local Hugging Face folders to initialise the encoders from ("" = from scratch); text/vision must match
-    text_init: str = ""  # BERT / RoBERTa
-    vision_init: str = ""  # ViT / CLIP(-vision)
+
+    # a local Hugging Face folder to initialise the text encoder from ("" = from scratch): BERT / RoBERTa
+    text_init: str = ""
+    vision_init: str = ""  # the same for the image encoder: ViT / CLIP(-vision)
 
     def __post_init__(self):
         self.text = _coerce(self.text, TextConfig)

@@ -22,6 +22,7 @@ Common commands:
   unimo train debug model.fusion.layers=2 run.name=try1    (a shipped config's name, or a YAML file)
   unimo config list                               the shipped configs
   unimo config show debug                         print the resolved config
+  unimo config show debug --doc                   ... with each key's documentation
   unimo check debug run.name=try1                 pre-flight: data, tokenizer, storage, tracking in seconds
   unimo model info base                           parameters and FLOPs per sample of a flavor
   unimo data shards --help                        write WebDataset shards
@@ -104,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     show = csub.add_parser("show", parents=[VERBOSE],
                            help="print the resolved config (defaults <- file <- overrides)")
     _add_config_args(show)
+    show.add_argument("--doc", action="store_true",
+                      help="each key with its documentation, as written where the field is declared")
 
     p = sub.add_parser("model", help="model tools")
     msub = p.add_subparsers(dest="model_command", metavar="SUBCOMMAND")
@@ -199,7 +202,13 @@ def cmd_config(args: argparse.Namespace) -> int:
     if args.config_command != "show":
         print("usage: unimo config list | unimo config show CONFIG [overrides]", file=sys.stderr)
         return 2
-    print(yaml.safe_dump(to_dict(load_config(args.config, args.overrides)), sort_keys=False))
+    cfg = load_config(args.config, args.overrides)
+    if args.doc:
+        from trainer.config_docs import render
+
+        print(render(cfg), end="")
+        return 0
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     return 0
 
 

@@ -8,20 +8,24 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Literal
 from pathlib import Path
 
 from data_pipeline.config import DataConfig
 from model.config import ModelConfig
 from model.flavors import get_flavor
 from model.objective_registry import OBJECTIVES
+from model.validation import check, check_choices
 
 from trainer.config_loader import BASE_HOOKS, ConfigError, build, merge_raw
 from trainer import shipped_configs
 
 
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ValueError(msg)
+# Enumerations (the loader refuses any other value, naming the choices).
+Schedule = Literal["cosine", "linear", "constant"]
+ZeroStage = Literal["auto", "0", "1", "2", "3"]
+Precision = Literal["auto", "fp32", "bf16", "autocast"]
+PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
 
 
 @dataclass
@@ -30,36 +34,39 @@ class RunSection:
 
     name: str = "debug"  # run name; re-running or re-submitting it resumes from its newest valid checkpoint
     storage: str = "./runs"  # local folder or s3://bucket/prefix holding <name>/checkpoints, the run lock, ...
-    seed: int = 0
+    seed: int = 0  # model initialisation and every random draw of the trainer (the data has data.seed)
 
     def __post_init__(self) -> None:
-        _check(bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", self.name)),
-               f"name must be 1-100 chars of letters, digits, '_', '.', '-', got {self.name!r}")
-        _check(bool(self.storage), "storage must not be empty (a local folder or s3://bucket/prefix)")
+        check(bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", self.name)), "name", self.name,
+              "must be 1-100 chars of letters, digits, '_', '.', '-'")
+        check(bool(self.storage), "storage", self.storage, "must not be empty (a local folder or s3://bucket/prefix)")
 
 
 @dataclass
 class StageConfig:
     """One stage of the plan: its step budget, objectives with weights, frozen modules and LR."""
 
-    name: str = "crossmodal"
-    steps: int = 100
+    name: str = "crossmodal"  # unique within the plan; names the stage in logs and metrics
+    steps: int = 100  # optimizer steps of this stage; the plan's stages run one after the other
+
+    # objective name -> weight of its loss in the stage's total (model/objective_registry.py lists them)
     objectives: dict[str, float] = field(default_factory=lambda: {"itc": 1.0, "mlm_pair": 1.0})
     frozen: list[str] = field(default_factory=list)  # model submodule names kept fixed in this stage
     lr: float = 0.0  # peak LR of this stage; 0 = optimizer.lr
     warmup_steps: int = -1  # -1 = optimizer.warmup_steps
 
     def __post_init__(self) -> None:
-        _check(self.steps > 0, f"stage '{self.name}': steps must be > 0, got {self.steps}")
-        _check(bool(self.objectives), f"stage '{self.name}': objectives must not be empty")
+        where = f"stage '{self.name}': "
+        check(self.steps > 0, f"{where}steps", self.steps, "must be > 0")
+        check(bool(self.objectives), f"{where}objectives", self.objectives, "must not be empty")
         for obj, weight in self.objectives.items():
             if obj not in OBJECTIVES:
                 from trainer.config_loader import _closest
 
                 hint = _closest(obj, list(OBJECTIVES))
                 raise ValueError(f"stage '{self.name}': unknown objective '{obj}'{hint}")
-            _check(weight >= 0, f"stage '{self.name}': weight of '{obj}' must be >= 0, got {weight}")
-        _check(self.lr >= 0, f"stage '{self.name}': lr must be >= 0, got {self.lr}")
+            check(weight >= 0, f"{where}objectives.{obj}", weight, "must be >= 0")
+        check(self.lr >= 0, f"{where}lr", self.lr, "must be >= 0")
 
     def sources(self) -> set[str]:
         return {OBJECTIVES[o].source for o, w in self.objectives.items() if w > 0}
@@ -69,25 +76,25 @@ class StageConfig:
 class OptimizerConfig:
     """AdamW with warm-up then decay, applied per stage."""
 
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    beta1: float = 0.9
-    beta2: float = 0.98
-    eps: float = 1e-6
+    lr: float = 1e-3  # peak learning rate (a stage's own lr overrides it)
+    weight_decay: float = 0.01  # AdamW decoupled weight decay (not on biases, norms, embeddings, scales)
+    beta1: float = 0.9  # AdamW first-moment decay
+    beta2: float = 0.98  # AdamW second-moment decay
+    eps: float = 1e-6  # AdamW denominator epsilon
     grad_clip: float = 1.0  # 0 disables clipping
-    warmup_steps: int = 10
-    schedule: str = "cosine"  # cosine | linear | constant (after warm-up, within each stage)
-    min_lr_ratio: float = 0.1
+    warmup_steps: int = 10  # linear warm-up from 0 to the peak LR at the start of each stage
+    schedule: Schedule = "cosine"  # cosine | linear | constant (after warm-up, within each stage)
+    min_lr_ratio: float = 0.1  # the decay ends at this share of the peak LR
 
     def __post_init__(self) -> None:
-        _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
-        _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
-        _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1 and beta2 must lie in [0, 1)")
-        _check(self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip}")
-        _check(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        _check(self.schedule in ("cosine", "linear", "constant"),
-               f"schedule must be cosine, linear or constant, got {self.schedule!r}")
-        _check(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
+        check(self.lr > 0, "lr", self.lr, "must be > 0")
+        check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
+        check(0 <= self.beta1 < 1, "beta1", self.beta1, "must lie in [0, 1)")
+        check(0 <= self.beta2 < 1, "beta2", self.beta2, "must lie in [0, 1)")
+        check(self.grad_clip >= 0, "grad_clip", self.grad_clip, "must be >= 0")
+        check(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "must be >= 0")
+        check_choices(self)
+        check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "must lie in [0, 1]")
 
 
 @dataclass
@@ -96,19 +103,21 @@ class DeepSpeedSettings:
 
     # 0..3, or auto: stage 1, 2 or 3 from the parameter count, world size, precision, offload and device memory
     # (trainer/zero_stage.py; the choice and its reason are printed at start and logged as MLflow params)
-    zero_stage: str = "auto"
+    zero_stage: ZeroStage = "auto"
     # auto: the share of a device's memory that model states (weights, gradients, optimizer) may take; the rest
     # is left to activations, communication buffers and fragmentation
     auto_memory_fraction: float = 0.5
     # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 (bf16 weights, fp32 master copy in the optimizer) |
     # autocast (fp32 weights, matmuls and attention in bf16 under torch.autocast: DeepSpeed's torch_autocast)
-    precision: str = "auto"
-    offload_optimizer: bool = False
-    offload_params: bool = False
+    precision: Precision = "auto"
+    offload_optimizer: bool = False  # ZeRO-Offload: optimizer states and step on the CPU (GPU runs only)
+    offload_params: bool = False  # ZeRO-Infinity: ZeRO-3 parameters held in CPU memory between uses
+
     # ZeRO-3 sizes in elements; 0 = derived from the hidden size (trainer/ds_config.py: zero3_sizes)
     prefetch_bucket_size: int = 0
-    param_persistence_threshold: int = 0
-    max_live_parameters: int = 1_000_000_000
+    param_persistence_threshold: int = 0  # parameters this small stay gathered on every rank (0 = derived)
+    max_live_parameters: int = 1_000_000_000  # gathered parameter elements alive at once before releases
+
     # How far ahead (in parameter elements) ZeRO-3 looks for reuse before releasing a gathered parameter.
     # DeepSpeed's default (1e9) makes each release scan the rest of the trace: measured 50% of the step of the
     # small flavor on CPU (bench/bench_trainer.py); a shorter window keeps the benefit for adjacent reuse.
@@ -118,7 +127,8 @@ class DeepSpeedSettings:
     # DeepSpeed installs it by replacing torch.nn.functional.linear for the whole process.
     memory_efficient_linear: bool | None = None
     reduce_bucket_size: int = 0  # 0 = four transformer blocks' gradients (zero3_sizes)
-    overlap_comm: bool = False
+    overlap_comm: bool = False  # overlap gradient reduction with the backward pass (more buffer memory)
+
     # Gradient reduction: reduce-scatter (each rank receives its partition) or all-reduce of the contiguous
     # bucket (each rank keeps its slice). None = reduce-scatter with several ranks, all-reduce with one, where
     # the scatter's interleaving copy of every gradient buys nothing (bench/bench_trainer.py).
@@ -126,12 +136,9 @@ class DeepSpeedSettings:
 
     def __post_init__(self) -> None:
         self.zero_stage = str(self.zero_stage)  # YAML's 3 and a test's DeepSpeedSettings(zero_stage=3) alike
-        _check(self.zero_stage in ("auto", "0", "1", "2", "3"),
-               f"zero_stage must be auto or 0..3, got {self.zero_stage!r}")
-        _check(0 < self.auto_memory_fraction <= 1,
-               f"auto_memory_fraction must lie in (0, 1], got {self.auto_memory_fraction}")
-        _check(self.precision in ("auto", "fp32", "bf16", "autocast"),
-               f"precision must be auto, fp32, bf16 or autocast, got {self.precision!r}")
+        check_choices(self)
+        check(0 < self.auto_memory_fraction <= 1, "auto_memory_fraction", self.auto_memory_fraction,
+              "must lie in (0, 1]")
 
 
 @dataclass
@@ -140,27 +147,28 @@ class TrainSection:
 
     global_micro_batches: int = 2  # micro-batches per optimizer step summed over ranks; accum = this / world size
     seq_len: int = 0  # tokens per text sample (with [CLS]/[SEP]); 0 = the model's position table size
-    log_every: int = 1
+    log_every: int = 1  # steps between a progress line and a metrics row in MLflow
     eval_every: int = 0  # 0 = only at the end
     eval_samples: int = 100  # held-out pairs used for retrieval (the candidate pool size)
     eval_rerank_k: int = 0  # > 0: also re-rank each query's ITC top-k by the ITM head (eval/itm_* metrics)
+
     # torch.compile every encoder block and fusion stream layer (model/layers.py: compile_blocks): fewer kernel
     # launches and fused element-wise ops on GPU; the first steps pay the compilation (seconds per block shape)
     compile: bool = False
     watchdog_seconds: float = 600.0  # a step making no progress this long ends the worker with a message
+
     # The same for start-up (engine build, checkpoint restore), evaluation and a checkpoint save: slower than a
     # step, but a collective hung inside one must still end the worker (trainer/watchdog.py)
     watchdog_phase_seconds: float = 1800.0
 
     def __post_init__(self) -> None:
-        _check(self.global_micro_batches > 0, f"global_micro_batches must be > 0, got {self.global_micro_batches}")
-        _check(self.seq_len >= 0, f"seq_len must be >= 0, got {self.seq_len}")
-        _check(self.log_every > 0, f"log_every must be > 0, got {self.log_every}")
-        _check(self.eval_every >= 0, f"eval_every must be >= 0, got {self.eval_every}")
-        _check(self.eval_rerank_k >= 0, f"eval_rerank_k must be >= 0, got {self.eval_rerank_k}")
-        _check(self.watchdog_seconds > 0, f"watchdog_seconds must be > 0, got {self.watchdog_seconds}")
-        _check(self.watchdog_phase_seconds > 0,
-               f"watchdog_phase_seconds must be > 0, got {self.watchdog_phase_seconds}")
+        check(self.global_micro_batches > 0, "global_micro_batches", self.global_micro_batches, "must be > 0")
+        check(self.seq_len >= 0, "seq_len", self.seq_len, "must be >= 0")
+        check(self.log_every > 0, "log_every", self.log_every, "must be > 0")
+        check(self.eval_every >= 0, "eval_every", self.eval_every, "must be >= 0")
+        check(self.eval_rerank_k >= 0, "eval_rerank_k", self.eval_rerank_k, "must be >= 0")
+        check(self.watchdog_seconds > 0, "watchdog_seconds", self.watchdog_seconds, "must be > 0")
+        check(self.watchdog_phase_seconds > 0, "watchdog_phase_seconds", self.watchdog_phase_seconds, "must be > 0")
 
 
 @dataclass
@@ -169,19 +177,20 @@ class CheckpointConfig:
 
     every_steps: int = 50  # 0 = only at the end (and on a stop request)
     every_minutes: float = 0.0  # also save when this much time passed since the last save; 0 = off
-    keep_last: int = 2
+    keep_last: int = 2  # the newest checkpoints kept; older ones are deleted once a newer one is complete
     keep_every: int = 0  # additionally keep every M-th step's checkpoint; 0 = none
     async_upload: bool = True  # upload to storage in the background; the loop only waits for the local save
+
     # Tries per S3 request of a checkpoint upload, with the AWS SDK's backoff: 10 bridge an outage of about a
     # minute and a half (pyarrow's default of 3 gave up after 0.6 s here); then the upload fails, naming the key.
     upload_attempts: int = 10
 
     def __post_init__(self) -> None:
-        _check(self.every_steps >= 0, f"every_steps must be >= 0, got {self.every_steps}")
-        _check(self.upload_attempts >= 1, f"upload_attempts must be >= 1, got {self.upload_attempts}")
-        _check(self.every_minutes >= 0, f"every_minutes must be >= 0, got {self.every_minutes}")
-        _check(self.keep_last >= 1, f"keep_last must be >= 1, got {self.keep_last}")
-        _check(self.keep_every >= 0, f"keep_every must be >= 0, got {self.keep_every}")
+        check(self.every_steps >= 0, "every_steps", self.every_steps, "must be >= 0")
+        check(self.upload_attempts >= 1, "upload_attempts", self.upload_attempts, "must be >= 1")
+        check(self.every_minutes >= 0, "every_minutes", self.every_minutes, "must be >= 0")
+        check(self.keep_last >= 1, "keep_last", self.keep_last, "must be >= 1")
+        check(self.keep_every >= 0, "keep_every", self.keep_every, "must be >= 0")
 
 
 @dataclass
@@ -189,19 +198,22 @@ class TrackingConfig:
     """MLflow tracking: one run per job; rank 0 logs, batched and off the step path."""
 
     uri: str = ""  # "" = sqlite:///<storage>/mlflow.db (the embedded default); or http://host:5000
-    experiment: str = "unimo"
+    experiment: str = "unimo"  # MLflow experiment the run goes to (created if missing)
     flush_seconds: float = 2.0  # how often the background logger sends a batch
+
     # MLflow unreachable at start: False = stop with an error naming the URI; True = train on, buffering metrics
     # (memory, then <storage>/<run>/mlflow_spool), and create the run once the server answers (docs/TRACKING.md)
     buffer_if_unreachable: bool = False
     system_metrics_seconds: float = 10.0  # CPU/memory/disk/network/GPU sampling period per node; 0 = off
-    log_model: bool = False  # at a successful end, export the last checkpoint (`unimo export`) into artifacts
-    # model/ and register it as an MLflow logged model of the run
+
+    # at a successful end, export the last checkpoint (`unimo export`) into artifacts model/ and register it as an
+    # MLflow logged model of the run
+    log_model: bool = False
 
     def __post_init__(self) -> None:
-        _check(self.flush_seconds > 0, f"flush_seconds must be > 0, got {self.flush_seconds}")
-        _check(self.system_metrics_seconds >= 0,
-               f"system_metrics_seconds must be >= 0 (0 = off), got {self.system_metrics_seconds}")
+        check(self.flush_seconds > 0, "flush_seconds", self.flush_seconds, "must be > 0")
+        check(self.system_metrics_seconds >= 0, "system_metrics_seconds", self.system_metrics_seconds,
+              "must be >= 0 (0 = off)")
 
 
 @dataclass
@@ -211,20 +223,20 @@ class ScalingConfig:
     address: str = ""  # Ray cluster address; "" = start an embedded local Ray on 127.0.0.1
     num_workers: int = 2  # the worker count to run with (the maximum when min_workers is set)
     min_workers: int = 0  # > 0 and < num_workers: elastic, the job goes on with min..num_workers (Ray Train V2)
-    use_gpu: bool = False
-    cpus_per_worker: int = 1
-    placement_strategy: str = "PACK"
+    use_gpu: bool = False  # one GPU per worker (NCCL, bf16); False trains on CPU over gloo
+    cpus_per_worker: int = 1  # CPUs Ray reserves for each worker; also its intra-op threads on CPU
+    placement_strategy: PlacementStrategy = "PACK"  # Ray placement of the workers: PACK fills nodes first
+
+    # worker-group restarts after a fault (node loss, killed worker) before the job fails; -1 = unlimited
     max_failures: int = 3
 
     def __post_init__(self) -> None:
-        _check(self.num_workers >= 1, f"num_workers must be >= 1, got {self.num_workers}")
-        _check(0 <= self.min_workers <= self.num_workers,
-               f"min_workers must lie in [0, num_workers={self.num_workers}] (0 = fixed size), got {self.min_workers}")
-        _check(self.cpus_per_worker >= 1, f"cpus_per_worker must be >= 1, got {self.cpus_per_worker}")
-        _check(self.placement_strategy in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
-               "placement_strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, "
-               f"got {self.placement_strategy!r}")
-        _check(self.max_failures >= -1, f"max_failures must be >= -1 (-1 = unlimited), got {self.max_failures}")
+        check(self.num_workers >= 1, "num_workers", self.num_workers, "must be >= 1")
+        check(0 <= self.min_workers <= self.num_workers, "min_workers", self.min_workers,
+              f"must lie in [0, num_workers={self.num_workers}] (0 = fixed size)")
+        check(self.cpus_per_worker >= 1, "cpus_per_worker", self.cpus_per_worker, "must be >= 1")
+        check_choices(self)
+        check(self.max_failures >= -1, "max_failures", self.max_failures, "must be >= -1 (-1 = unlimited)")
 
 
 def _default_stages() -> list[StageConfig]:
@@ -242,7 +254,7 @@ class RunConfig:
     run: RunSection = field(default_factory=RunSection)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    stages: list[StageConfig] = field(default_factory=_default_stages)
+    stages: list[StageConfig] = field(default_factory=_default_stages)  # the plan: stages run in order
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     deepspeed: DeepSpeedSettings = field(default_factory=DeepSpeedSettings)
     train: TrainSection = field(default_factory=TrainSection)
@@ -251,17 +263,17 @@ class RunConfig:
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
 
     def __post_init__(self) -> None:
-        _check(bool(self.stages), "stages: the plan needs at least one stage")
+        check(bool(self.stages), "stages", self.stages, "the plan needs at least one stage")
         names = [s.name for s in self.stages]
-        _check(len(set(names)) == len(names), f"stages: stage names must be unique, got {names}")
-        _check(self.train.global_micro_batches % self.scaling.num_workers == 0,
-               f"train.global_micro_batches ({self.train.global_micro_batches}) must be divisible by "
-               f"scaling.num_workers ({self.scaling.num_workers}): the global batch is fixed by the config")
+        check(len(set(names)) == len(names), "stages", names, "stage names must be unique")
+        check(self.train.global_micro_batches % self.scaling.num_workers == 0, "train.global_micro_batches",
+              self.train.global_micro_batches, f"must be divisible by scaling.num_workers "
+              f"({self.scaling.num_workers}): the global batch is fixed by the config")
         # An elastic job may run with any worker count in min..max; each must split the fixed global batch.
         sizes = range(self.scaling.min_workers or self.scaling.num_workers, self.scaling.num_workers + 1)
         odd = [w for w in sizes if self.train.global_micro_batches % w]
-        _check(not odd, f"train.global_micro_batches ({self.train.global_micro_batches}) must be divisible by every "
-                        f"worker count of scaling.min_workers..num_workers; not by {odd}")
+        check(not odd, "train.global_micro_batches", self.train.global_micro_batches,
+              f"must be divisible by every worker count of scaling.min_workers..num_workers; not by {odd}")
 
     def check_ready_to_train(self) -> None:
         """Checks what only matters once training starts (called before any worker starts)."""

@@ -59,6 +59,15 @@ def _convert(value: Any, tp: Any, base: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected a mapping, got {value!r}")
         _, val_tp = typing.get_args(tp) or (str, Any)
         return {str(k): _convert(v, val_tp, None, f"{path}.{k}") for k, v in value.items()}
+    if origin is typing.Literal:
+        choices = typing.get_args(tp)
+        if value in choices and not isinstance(value, bool):
+            return value
+        if isinstance(value, int) and not isinstance(value, bool) and str(value) in choices:
+            return str(value)  # YAML reads `zero_stage: 3` as an int; the choice is the string "3"
+        match = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.5)
+        hint = f"; did you mean '{match[0]}'?" if match else ""
+        raise ConfigError(f"{path}: {value!r} is not one of {', '.join(map(str, choices))}{hint}")
     if tp is Any:
         return value
     if tp is bool:

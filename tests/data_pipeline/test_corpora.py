@@ -195,8 +195,8 @@ def test_replacing_every_corpus_on_resume_fails_naming_both_lists(two_corpora):
 @pytest.mark.parametrize("pair,match", [
     ({"urls": "a/", "corpora": [{"name": "x", "urls": "b/"}]}, "either urls .* or corpora"),
     ({"corpora": [{"name": "x", "urls": "b/"}, {"name": "x", "urls": "c/"}]}, "unique"),
-    ({"corpora": [{"name": "x", "urls": "b/", "weight": 0}]}, r"corpora\[x\].weight = 0"),
-    ({"corpora": [{"name": "a b", "urls": "b/"}]}, "corpora.name = 'a b'"),
+    ({"corpora": [{"name": "x", "urls": "b/", "weight": 0}]}, r"corpora\[x\].weight=0: must"),
+    ({"corpora": [{"name": "a b", "urls": "b/"}]}, "corpora.name='a b': must"),
     ({"corpora": [{"name": "x", "urls": ""}]}, r"corpora\[x\].urls"),
 ])
 def test_corpus_config_errors_name_the_field(pair, match):

@@ -66,13 +66,15 @@ def test_scientific_float_in_a_config_file(tmp_path):
     ("model.fusion.layrs=2", r"unknown config key 'model\.fusion\.layrs'; did you mean 'model\.fusion\.layers'"),
     ("optimiser.lr=0.1", r"unknown config key 'optimiser'; did you mean 'optimizer'"),
     ("train.log_every=true", r"train\.log_every: expected int, got True"),
-    ("optimizer.lr=-1", r"optimizer: lr must be > 0, got -1"),
-    ("train.global_micro_batches=3", r"global_micro_batches \(3\) must be divisible by scaling\.num_workers \(2\)"),
+    ("optimizer.lr=-1", r"optimizer: lr=-1.0: must be > 0"),
+    ("train.global_micro_batches=3", r"train\.global_micro_batches=3: must be divisible by scaling\.num_workers \(2\)"),
     ("model.flavor=huge", r"model\.flavor: unknown model flavor 'huge'; valid flavors: debug"),
-    ("stages=[{name: a, steps: 0}]", r"stage 'a': steps must be > 0"),
+    ("stages=[{name: a, steps: 0}]", r"stage 'a': steps=0: must be > 0"),
     ("stages=[{name: a, steps: 5, objectives: {itcc: 1}}]", r"unknown objective 'itcc'; did you mean 'itc'"),
-    ("model.fusion.cross_layer=sideways", r"cross_layer"),
-    ("scaling.placement_strategy=ANY", r"placement_strategy must be"),
+    ("model.fusion.cross_layer=sideways", r"model\.fusion\.cross_layer: 'sideways' is not one of none, bridge"),
+    ("optimizer.schedule=cosin",
+     r"optimizer\.schedule: 'cosin' is not one of cosine, linear, constant; did you mean 'cosine'"),
+    ("scaling.placement_strategy=ANY", r"scaling\.placement_strategy: 'ANY' is not one of PACK, SPREAD"),
 ])
 def test_errors_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):

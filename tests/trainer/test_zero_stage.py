@@ -27,7 +27,7 @@ def test_auto_is_the_default_and_explicit_stages_are_honoured():
         choice = resolve_zero_stage(cfg, 1, on_gpu=False)
         assert choice.stage == stage and "set in the config" in choice.reason
         assert build_ds_config(cfg, 2, False)["zero_optimization"]["stage"] == stage
-    with pytest.raises(Exception, match="zero_stage must be auto or 0..3, got '4'"):
+    with pytest.raises(Exception, match="deepspeed.zero_stage: 4 is not one of auto, 0, 1, 2, 3"):
         load_config(None, ["deepspeed.zero_stage=4"])
 
 
