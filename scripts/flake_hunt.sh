@@ -10,9 +10,10 @@ ROOT=$PWD
 WORK=$(mktemp -d /tmp/unimo-flake-hunt.XXXXXX)
 [ -x .venv/bin/python ] || bash scripts/setup_env.sh
 # Two busy loops at normal priority, as the other jobs of a shared runner would be.
-burn() { python3 -c 'while True: pass' & echo $!; }
+# (stdout closed: $(burn) would otherwise wait for the busy loop to end)
+burn() { python3 -c 'while True: pass' > /dev/null 2>&1 & echo $!; }
 B1=$(burn); B2=$(burn)
-trap 'kill $B1 $B2 2>/dev/null; rm -rf "$WORK"' EXIT
+trap 'kill $B1 $B2 2>/dev/null' EXIT
 echo "[flake_hunt] $N run(s) of the integration tier under load (busy pids $B1 $B2); clones in $WORK" >&2
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_USAGE_STATS_ENABLED=0 MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=true
 for i in $(seq 1 "$N"); do
@@ -26,4 +27,5 @@ echo "[flake_hunt] failures (count test):"
 grep -hE "^(FAILED|ERROR) " "$WORK"/run*.log | awk '{print $2}' | sort | uniq -c | sort -rn || true
 fails=$(cat "$WORK"/run*.log | grep -cE "^(FAILED|ERROR) ")
 echo "[flake_hunt] $fails failure(s) in $N run(s)"
+if [ "$fails" = 0 ]; then rm -rf "$WORK"; else echo "[flake_hunt] logs kept in $WORK/run*.log"; fi
 [ "$fails" = 0 ]
