@@ -24,7 +24,7 @@ def corpus_counters(stats: dict, keys: list[str], reasons) -> dict[str, float]:
 
 
 def corpus_metrics(summed: dict[str, float], world_size: int, weights: dict[str, float],
-                   prefix: str = "data/") -> dict[str, float]:
+                   prefix: str = "pipeline/") -> dict[str, float]:
     """From counters summed over ranks: the mean epoch over ranks, each corpus's realised share and its weight."""
     out = {}
     totals: dict[str, float] = {}

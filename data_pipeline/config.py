@@ -30,7 +30,7 @@ class CorpusConfig:
     A corpus that runs out starts its next epoch at once, so up-weighting a small corpus repeats it.
     """
 
-    name: str = ""  # names the corpus in metrics (data/corpus/<name>/...) and in the data cursor
+    name: str = ""  # names the corpus in metrics (pipeline/corpus/<modality>/<name>/...) and in the data cursor
     urls: Any = ""
     weight: float = 1.0
 

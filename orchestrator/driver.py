@@ -418,16 +418,36 @@ def _stop_timed_out_message(run_dir: Path | str) -> str:
             f"longer). Running the same command {resume}.")
 
 
-def tracking_hint(tracking_uri: str) -> list[str]:
-    """Where to look at the run: a tracking server is its own UI; a local store needs `mlflow ui`."""
+def tracking_hint(tracking_uri: str, page: str = "") -> list[str]:
+    """Where to look at the run: a tracking server is its own UI; a local store needs `mlflow ui`. ``page``: the
+    run's page within the UI (``run_page``)."""
     if tracking_uri.startswith(("http://", "https://")):
         from orchestrator.tracking_setup import tracking_secrets
         from trainer.redaction import redact
 
-        return [f"MLflow UI         : {redact(tracking_uri, tracking_secrets(tracking_uri))}"]
+        return [f"MLflow UI         : {redact(tracking_uri, tracking_secrets(tracking_uri)).rstrip('/')}{page}"]
     mlflow_bin = Path(sys.executable).with_name("mlflow")
     return [f"open the MLflow UI: {mlflow_bin} ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000",
-            "                   then browse http://127.0.0.1:5000"]
+            f"                   then browse http://127.0.0.1:5000{page}"]
+
+
+# MLflow 3's UI opens in its GenAI view unless the link asks for the model-training one (a browser then keeps the
+# choice); the experiment's kind tag does not decide it (checked in headless Chromium, MLflow 3.17).
+TRAINING_VIEW = "?workflowType=machine_learning"
+
+
+def run_page(tracking_uri: str, run_id: str | None) -> str:
+    """``/#/experiments/<id>/runs/<run>`` in the model-training view, or "" when the run cannot be looked up."""
+    if not run_id:
+        return ""
+    try:
+        from orchestrator.tracking_setup import check_reachable, open_client
+
+        check_reachable(tracking_uri)  # seconds, not the client's minutes of retries
+        experiment = open_client(tracking_uri).get_run(run_id).info.experiment_id
+    except Exception:  # noqa: BLE001 - only a convenience link: the summary names the run id anyway
+        return ""
+    return f"/#/experiments/{experiment}/runs/{run_id}{TRAINING_VIEW}"
 
 
 def print_summary(out: TrainOutcome) -> None:
@@ -440,5 +460,5 @@ def print_summary(out: TrainOutcome) -> None:
     print(f"final losses      : {losses}")
     print(f"checkpoint        : {out.checkpoint}")
     print(f"MLflow run id     : {out.mlflow_run_id}")
-    for line in tracking_hint(out.tracking_uri):
+    for line in tracking_hint(out.tracking_uri, run_page(out.tracking_uri, out.mlflow_run_id)):
         print(line)

@@ -43,5 +43,8 @@ shot() {  # the page is a React app: give it virtual time to fetch and draw
     --virtual-time-budget=20000 --screenshot="$2" "$1" >/dev/null 2>&1
   echo "wrote $2 ($1)"
 }
-shot "$URL/#/experiments/$EXP/runs/$RUN" "$PREFIX-run.png"
-shot "$URL/#/experiments/$EXP/runs/$RUN/model-metrics" "$PREFIX-metrics.png"
+# ?workflowType=machine_learning: MLflow 3 opens in its GenAI view otherwise (a fresh browser keeps that choice
+# in local storage; the experiment's kind tag does not decide it)
+VIEW="?workflowType=machine_learning"
+shot "$URL/#/experiments/$EXP/runs/$RUN$VIEW" "$PREFIX-run.png"
+shot "$URL/#/experiments/$EXP/runs/$RUN/model-metrics$VIEW" "$PREFIX-metrics.png"

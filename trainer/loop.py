@@ -130,7 +130,7 @@ class Trainer:
                                              on_gpu=torch.cuda.is_available())
         self.stop = StopFile(control_dir)
         self.stopped_early = False
-        self._sent_data: dict[str, float] = {}  # data/* values last sent to MLflow (_changed_data_counters)
+        self._sent_data: dict[str, float] = {}  # pipeline/* values last sent to MLflow (_changed_data_counters)
 
     # ----- building -------------------------------------------------------------------------------------------
     def build(self, universal: bool = False) -> Any:
@@ -223,7 +223,7 @@ class Trainer:
             vec[:n] /= self.world_size
         metrics = {OBJECTIVES[k].metric: float(v) for k, v in zip(names, vec[:n - 1])}
         metrics["loss/total"] = float(vec[n - 1])
-        metrics.update({f"data/{k}": float(v) for k, v in zip(counts, vec[n:])})
+        metrics.update({f"pipeline/{k}": float(v) for k, v in zip(counts, vec[n:])})
         metrics.update(corpus_metrics(metrics, self.world_size, weights))  # per corpus: share next to weight
         metrics.update(step_metrics(result, self.cfg, self.world_size))
         return metrics
@@ -365,13 +365,13 @@ class Trainer:
 
 
     def _changed_data_counters(self, metrics: dict[str, float]) -> dict[str, float]:
-        """The step's metrics with each ``data/*`` value kept only when it changed since this attempt last logged it
+        """The step's metrics with each ``pipeline/*`` value kept only when it changed since this attempt last logged it
         (the first log has them all). The loader's counters are zero in a healthy run; logged at every step, a
         dozen flat zero charts filled the top of MLflow's metric page (its sections sort by name), above the
         losses. A counter that moves is logged at each step it moves, so its chart and latest value stay exact."""
         sent, out = self._sent_data, {}
         for key, value in metrics.items():
-            if key.startswith("data/"):
+            if key.startswith("pipeline/"):
                 if sent.get(key) == value:
                     continue
                 sent[key] = value

@@ -26,6 +26,18 @@ def test_the_summary_names_a_tracking_server_and_mlflow_ui_only_for_a_local_stor
     assert "ui --backend-store-uri sqlite:////runs/mlflow.db" in local
 
 
+def test_the_summary_links_the_run_page_in_mlflows_model_training_view(tmp_path):
+    from orchestrator.tracking_setup import open_client
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = open_client(uri)
+    run = client.create_run(client.create_experiment("e")).info
+    page = driver.run_page(uri, run.run_id)
+    assert page == f"/#/experiments/{run.experiment_id}/runs/{run.run_id}?workflowType=machine_learning"
+    assert driver.tracking_hint(uri, page)[1].endswith(f"browse http://127.0.0.1:5000{page}")
+    assert driver.run_page(uri, None) == "" and driver.run_page(uri, "no-such-run") == ""
+
+
 def test_a_user_error_from_a_worker_is_its_own_paragraph_and_names_the_log(tmp_path):
     cfg = load_config(DEBUG_CONFIG, ["run.name=r1"])
     err = DataSourceError("no shards (*.tar) found under /data/pairs: point it at ...")
