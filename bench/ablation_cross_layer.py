@@ -1,4 +1,5 @@
-"""Cross-layer ablation: trains each fusion mode (none, bridge, adaptive, gated) on the same budget, side by side."""
+"""Cross-layer ablation: trains each fusion mode (none, bridge, adaptive, gated) on the same budget, side by
+side."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ def table(results: dict[str, dict]) -> str:
     for mode, r in results.items():
         losses = r["final_losses"]
         rows.append([mode, str(r["steps"]), f"{r['train_seconds']:.0f}", f"{r['train_cpu_seconds']:.0f}",
-                     *(f"{r[c]:.2f}" for c in COLUMNS), *(f"{losses.get(n, float('nan')):.3f}" for n in LOSSES)])
+                     *(f"{r[c]:.2f}" for c in COLUMNS),
+                     *(f"{losses.get(n, float('nan')):.3f}" for n in LOSSES)])
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = [" | ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
     return "\n".join([lines[0], "-|-".join("-" * w for w in widths), *lines[1:]])
@@ -36,26 +38,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default="/tmp/unimo-learn-data")
     p.add_argument("--pairs", type=int, default=2000)
     p.add_argument("--minutes", type=float, default=3.0,
-                   help="cap of each mode's training loop, in CPU minutes of the training process: the same compute "
-                        "for every mode even when other jobs share the machine")
+                   help="cap of each mode's training loop, in CPU minutes of the training process: the same "
+                        "compute for every mode even when other jobs share the machine")
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rerank-k", type=int, default=10)
     p.add_argument("--steps-scale", type=float, default=learn.STEPS_SCALE, help="as bench/learn.py")
-    p.add_argument("overrides", nargs="*", help="dotted config overrides applied to every mode (e.g. the plan)")
+    p.add_argument("overrides", nargs="*",
+                   help="dotted config overrides applied to every mode (e.g. the plan)")
     args = p.parse_args(argv)
     urls = learn.synthetic_data(Path(args.data), args.pairs)
     results = {}
     for mode in args.modes.split(","):
         cfg = learn.build_config(args.config, [*args.overrides, f"model.fusion.cross_layer={mode}"], urls,
                                  args.steps_scale)
-        r = learn.train(cfg, args.minutes, args.threads, rerank_k=args.rerank_k, tag=f"[{mode}] ", clock="cpu",
-                        log_every=100)
+        r = learn.train(cfg, args.minutes, args.threads, rerank_k=args.rerank_k, tag=f"[{mode}] ",
+                        clock="cpu", log_every=100)
         r.pop("captions")
         results[mode] = r
         print(f"[{mode}] " + json.dumps({k: r[k] for k in ("steps", "train_seconds", *COLUMNS)}), flush=True)
-    print(f"\nheld-out retrieval R@1 of {learn.CANDIDATES} candidates (chance 0.01); ITM re-ranks the ITC top "
-          f"{args.rerank_k}; losses averaged over the last {learn.TAIL} steps")
+    print(f"\nheld-out retrieval R@1 of {learn.CANDIDATES} candidates (chance 0.01); ITM re-ranks the ITC "
+          f"top {args.rerank_k}; losses averaged over the last {learn.TAIL} steps")
     print(table(results))
     print(f"machine: {learn.machine()}")
     return 0

@@ -1,12 +1,13 @@
-"""How long the step loop is blocked while a checkpoint uploads to S3: async upload (the default) against sync.
+"""How long the step loop is blocked while a checkpoint uploads to S3: async upload (the default) against
+sync.
 
-Starts moto's S3 server on 127.0.0.1 in its own process, then trains the same short run twice through Ray Train
-(one worker, DeepSpeed ZeRO-3 on CPU, run.storage=s3://...): once with checkpoint.async_upload=false (the baseline:
-the loop waits for the upload) and once with it true. Inside the worker the real Trainer's save, report and steps
-are timed; with async upload the upload is over when Ray deletes the local folder it copied from. Prints, per mode,
-the local save, the time report() held the loop, the total blocked time, when the upload finished, and the median
-step time before / while / after the upload, then blocked(async) / blocked(sync), blocked(async) / local save and
-the async step time while uploading against before.
+Starts moto's S3 server on 127.0.0.1 in its own process, then trains the same short run twice through Ray
+Train (one worker, DeepSpeed ZeRO-3 on CPU, run.storage=s3://...): once with checkpoint.async_upload=false
+(the baseline: the loop waits for the upload) and once with it true. Inside the worker the real Trainer's
+save, report and steps are timed; with async upload the upload is over when Ray deletes the local folder it
+copied from. Prints, per mode, the local save, the time report() held the loop, the total blocked time, when
+the upload finished, and the median step time before / while / after the upload, then blocked(async) /
+blocked(sync), blocked(async) / local save and the async step time while uploading against before.
 
     .venv/bin/python bench/bench_checkpoint_upload.py [--flavor small] [--before 3] [--after 8]
 """
@@ -43,7 +44,8 @@ def start_s3_server() -> tuple[subprocess.Popen, str]:
 
 
 def timed_worker(payload: dict) -> None:
-    """Ray Train's worker function: the real Trainer, with its steps, save and report timed (rank 0 writes them)."""
+    """Ray Train's worker function: the real Trainer, with its steps, save and report timed (rank 0 writes
+    them)."""
     import logging
 
     import ray.train
@@ -57,7 +59,8 @@ def timed_worker(payload: dict) -> None:
     ctx = ray.train.get_context()
     cfg = config_from_dict(payload["run_config"])
     trainer = Trainer(cfg, rank=ctx.get_world_rank(), world_size=ctx.get_world_size(),
-                      reporter=RayReporter(cfg.checkpoint.async_upload), mlflow_run_id=payload.get("mlflow_run_id"),
+                      reporter=RayReporter(cfg.checkpoint.async_upload),
+                      mlflow_run_id=payload.get("mlflow_run_id"),
                       tracking_uri=payload.get("tracking_uri", ""), local_rank=ctx.get_local_rank(),
                       control_dir=payload.get("control_dir"))
     events: dict[str, list] = {"steps": [], "save": [], "report": [], "upload_done": []}
@@ -113,7 +116,8 @@ def run_mode(args, data_dir: str, work: Path, async_upload: bool) -> dict:
                  "scaling.num_workers=1", "scaling.cpus_per_worker=1", "train.global_micro_batches=1",
                  "train.log_every=1000", f"checkpoint.async_upload={str(async_upload).lower()}",
                  "checkpoint.keep_last=1", "data.eval_pairs=",
-                 f"stages=[{{name: main, steps: {steps}, objectives: {{mlm_text: 1, mim: 1, itc: 1, mlm_pair: 1}}}}]",
+                 f"stages=[{{name: main, steps: {steps}, "
+                 "objectives: {mlm_text: 1, mim: 1, itc: 1, mlm_pair: 1}}]",
                  f"data.text.urls={data_dir}/text", f"data.image.urls={data_dir}/images",
                  f"data.pair.urls={data_dir}/pairs", f"data.tokenizer={data_dir}/tokenizer/tokenizer.json",
                  "model.text.vocab_size=1024", "model.text.max_positions=64", "model.text.bos_token_id=2",
@@ -170,7 +174,8 @@ def checkpoint_size_mb(mode: str) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--flavor", default="small")
     parser.add_argument("--before", type=int, default=3, help="steps before the checkpoint")
     parser.add_argument("--after", type=int, default=8, help="steps after it (the upload overlaps these)")
@@ -182,7 +187,8 @@ def main() -> None:
 
     data_dir = os.path.expanduser("~/.cache/unimo-bench/data")  # shared with bench_trainer.py
     if not os.path.isdir(os.path.join(data_dir, "pairs")):
-        write_synthetic_dataset(data_dir, n_pairs=400, n_text=400, n_images=400, n_eval=50, samples_per_shard=100)
+        write_synthetic_dataset(data_dir, n_pairs=400, n_text=400, n_images=400, n_eval=50,
+                                samples_per_shard=100)
     server, endpoint = start_s3_server()
     os.environ.update(FAKE_AWS, AWS_ENDPOINT_URL=endpoint, MLFLOW_DISABLE_TELEMETRY="true",
                       RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
@@ -209,9 +215,10 @@ def main() -> None:
               f"{r['before']:>12.2f}s{r['during']:>10.2f}s/{r['n_during']}{r['after']:>11.2f}s")
     a, s = results["async"], results["sync"]
     print(f"blocked async / sync       = {a['blocked'] / s['blocked']:.3f}x")
-    print(f"blocked async / local save = {a['blocked'] / a['save']:.3f}x  (1.0x: the loop waits only for the save)")
-    print(f"async step while uploading / before = {a['during'] / a['before']:.3f}x  (the upload's CPU and I/O "
-          "share the machine with the step)")
+    print(f"blocked async / local save = {a['blocked'] / a['save']:.3f}x  (1.0x: the loop waits "
+          "only for the save)")
+    print(f"async step while uploading / before = {a['during'] / a['before']:.3f}x  (the upload's CPU and "
+          "I/O share the machine with the step)")
 
 
 if __name__ == "__main__":

@@ -84,7 +84,8 @@ def raw_fetch(urls: list[str], workers: int) -> tuple[float, int]:
 def unimo_loader(urls: dict, args, corpora: list | None = None):
     from data_pipeline import DataConfig, SourceConfig, build_loader
 
-    pair = SourceConfig(corpora=corpora, batch_size=args.batch) if corpora else SourceConfig(urls["pair"], args.batch)
+    pair = (SourceConfig(corpora=corpora, batch_size=args.batch) if corpora
+            else SourceConfig(urls["pair"], args.batch))
     cfg = DataConfig(pair=pair, tokenizer=urls["tokenizer"], num_workers=args.workers, shuffle_buffer=64)
     return build_loader(cfg, rank=0, world_size=1, seq_len=args.seq_len, image_size=args.image_size,
                         patch_size=16, objectives=args.objectives.split(",") if args.objectives else None)
@@ -120,12 +121,14 @@ def reference_loader(urls: dict, args):
         return torch.stack([b[0] for b in batch]), torch.stack([b[1] for b in batch])
 
     ds = (wds.WebDataset(urls["pair_list"], shardshuffle=False, repeat=True, empty_check=False)
-          .shuffle(64).decode("pil").to_tuple("jpg", "txt").map(transform).batched(args.batch, collation_fn=collate))
+          .shuffle(64).decode("pil").to_tuple("jpg", "txt").map(transform)
+          .batched(args.batch, collation_fn=collate))
     return DataLoader(ds, batch_size=None, num_workers=args.workers)
 
 
 def _cpu_seconds(skip: int) -> dict[int, float]:
-    """CPU seconds (user + system) so far of this process and of each live child but ``skip`` (the S3 server)."""
+    """CPU seconds (user + system) so far of this process and of each live child but ``skip`` (the S3
+    server)."""
     import psutil
 
     me = psutil.Process()
@@ -203,7 +206,8 @@ def _gzip_copies(shards: list[str]) -> list[str]:
 
 
 def corpora_bench(urls: dict, shards: list[str], args, server_pid: int) -> dict:
-    """One corpus vs --corpora weighted corpora of the same shards; worker memory by corpus count; gzip vs plain."""
+    """One corpus vs --corpora weighted corpora of the same shards; worker memory by corpus count; gzip vs
+    plain."""
     gz = _gzip_copies(shards)
     counts = sorted({1, *(2 ** k for k in range(1, 8) if 2 ** k < args.corpora), args.corpora})
     variants = {"one": None, f"{args.corpora}_corpora": _dealt(shards, args.corpora),
@@ -215,8 +219,8 @@ def corpora_bench(urls: dict, shards: list[str], args, server_pid: int) -> dict:
             wall[name].append(w)
             per_cpu[name].append(c)
     for n in counts:
-        _, _, mem = rate_and_memory(unimo_loader(urls, args, _dealt(shards, n) if n > 1 else None), args.batches,
-                                    args.batch, server_pid)
+        _, _, mem = rate_and_memory(unimo_loader(urls, args, _dealt(shards, n) if n > 1 else None),
+                                    args.batches, args.batch, server_pid)
         memory[n] = mem
     best = {k: max(v) for k, v in wall.items()}
     best_cpu = {k: max(v) for k, v in per_cpu.items()}
@@ -233,8 +237,8 @@ def corpora_bench(urls: dict, shards: list[str], args, server_pid: int) -> dict:
 
 
 def profile_unimo(urls: dict, args) -> None:
-    """cProfile of unimo's pair loader read in this process (num_workers=0, torch on one thread as in a worker):
-    the per-sample costs by function, without the DataLoader's process boundary."""
+    """cProfile of unimo's pair loader read in this process (num_workers=0, torch on one thread as in a
+    worker): the per-sample costs by function, without the DataLoader's process boundary."""
     import cProfile
     import pstats
 
@@ -264,7 +268,8 @@ def main(argv=None) -> int:
     p.add_argument("--objectives", default=",".join(PAIR_OBJECTIVES),
                    help="comma-separated objectives the unimo batches serve ('' = every batch part)")
     p.add_argument("--corpora", type=int, default=0, metavar="N",
-                   help="instead of comparing: N weighted corpora vs one of the same shards, memory, gzip vs plain")
+                   help="instead of comparing: N weighted corpora vs one of the same shards, "
+                        "memory, gzip vs plain")
     p.add_argument("--profile", type=int, default=0, metavar="BATCHES",
                    help="instead of comparing: cProfile unimo's loader in-process over this many batches")
     args = p.parse_args(argv)
@@ -277,8 +282,9 @@ def main(argv=None) -> int:
         from data_pipeline.synthetic import write_synthetic_dataset
 
         boto3.client("s3").create_bucket(Bucket=BUCKET)
-        urls = write_synthetic_dataset(f"s3://{BUCKET}/bench", n_pairs=args.pairs, n_text=0, n_images=0, n_eval=0,
-                                       samples_per_shard=args.samples_per_shard, image_size=args.stored_size)
+        urls = write_synthetic_dataset(f"s3://{BUCKET}/bench", n_pairs=args.pairs, n_text=0, n_images=0,
+                                       n_eval=0, samples_per_shard=args.samples_per_shard,
+                                       image_size=args.stored_size)
         shards = list_shards(urls["pair"])
         urls["pair_list"] = [u for u, _ in shards]
         if args.profile:
@@ -286,8 +292,8 @@ def main(argv=None) -> int:
             return 0
         if args.corpora:
             if len(shards) < args.corpora * max(1, args.workers):
-                raise SystemExit(f"--corpora {args.corpora} needs {args.corpora * max(1, args.workers)} shards "
-                                 f"(every corpus one per worker); lower --samples-per-shard")
+                raise SystemExit(f"--corpora {args.corpora} needs {args.corpora * max(1, args.workers)} "
+                                 f"shards (every corpus one per worker); lower --samples-per-shard")
             report = corpora_bench(urls, urls["pair_list"], args, server.pid)
             report["setup"] = {**vars(args), "shards": len(shards), "cpus": os.cpu_count(),
                                "load_average": os.getloadavg()}

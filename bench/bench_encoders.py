@@ -1,4 +1,5 @@
-"""Forward+backward time of our text/vision encoders vs transformers' BertModel/ViTModel (sdpa), same run, CPU.
+"""Forward+backward time of our text/vision encoders vs transformers' BertModel/ViTModel (sdpa), same run,
+CPU.
 
 Both sides get the same weights (ours are loaded from the reference's save_pretrained folder, and the outputs
 are checked to agree), the same inputs and the same thread count; the two are timed in alternation so that
@@ -90,7 +91,8 @@ def bench_text(args, tmp: str) -> dict:
             got = ours.encode_text(ids, mask)[-1]
         err = (got - ref)[mask.bool()].abs().max().item()
         a, b, ratio = _race(_step(ours.text, lambda m=mask: ours.encode_text(ids, m)[-1]),
-                            _step(theirs, lambda m=mask: theirs(input_ids=ids, attention_mask=m).last_hidden_state),
+                            _step(theirs,
+                                  lambda m=mask: theirs(input_ids=ids, attention_mask=m).last_hidden_state),
                             args.warmup, args.iters)
         results[name] = {"ours": a, "theirs": b, "ratio": ratio, "err": err,
                          "shape": f"B={args.batch} L={args.seq_len}, {s.layers}x{s.dim}"}
@@ -109,11 +111,13 @@ def bench_vision(args, tmp: str) -> dict:
     theirs.save_pretrained(tmp)
     ours = UnimoModel(ModelConfig(vision=vision_config_from_hf(tmp))).train()
     load_vision_encoder(ours, tmp)
-    px = torch.randn(args.image_batch, 3, v.image_size, v.image_size, generator=torch.Generator().manual_seed(0))
+    px = torch.randn(args.image_batch, 3, v.image_size, v.image_size,
+                     generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         err = (ours.encode_image(px)[-1] - theirs(pixel_values=px).last_hidden_state).abs().max().item()
     a, b, ratio = _race(_step(ours.vision, lambda: ours.encode_image(px)[-1]),
-                        _step(theirs, lambda: theirs(pixel_values=px).last_hidden_state), args.warmup, args.iters)
+                        _step(theirs, lambda: theirs(pixel_values=px).last_hidden_state),
+                        args.warmup, args.iters)
     return {"vision": {"ours": a, "theirs": b, "ratio": ratio, "err": err,
                        "shape": f"B={args.image_batch} {v.image_size}px/{v.patch_size}, {v.layers}x{v.dim}"}}
 

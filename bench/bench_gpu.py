@@ -1,11 +1,14 @@
-"""GPU throughput and MFU of one training step per flavor: the plain PyTorch loop against the trainer's engine.
+"""GPU throughput and MFU of one training step per flavor: the plain PyTorch loop against the trainer's
+engine.
 
 For each flavor: the largest micro-batch that fits (per source, doubling until out of memory; or --batch),
-then, same batches, same run: the plain loop (fp32 weights, bf16 autocast, fused AdamW) and the trainer's engine
-(trainer.loop.build_engine, one rank, bf16) at each of --stages (default `auto` and ZeRO-3 forced): ms/step,
-samples/s, TFLOP/s from the analytic FLOPs of model/flops.py, MFU against the GPU's dense bf16 peak, peak memory.
+then, same batches, same run: the plain loop (fp32 weights, bf16 autocast, fused AdamW) and the trainer's
+engine (trainer.loop.build_engine, one rank, bf16) at each of --stages (default `auto` and ZeRO-3 forced):
+ms/step, samples/s, TFLOP/s from the analytic FLOPs of model/flops.py, MFU against the GPU's dense bf16 peak,
+peak memory.
 --data-wait adds data_wait_fraction: the trainer's engine fed by the real loader from local JPEG shards stored
-at --stored-size px and fed at the flavor's image size. --json writes every figure; --device cpu is a smoke run.
+at --stored-size px and fed at the flavor's image size. --json writes every figure; --device cpu is a smoke
+run.
 
     python bench/bench_gpu.py --flavors debug small base large [--batch 0] [--stages auto 3] [--json out.json]
                               [--data-wait base] [--compile]
@@ -35,7 +38,8 @@ def flops_per_step(cfg, b: int, L: int) -> float:
     from model.flops import flops_per_sample
 
     objectives = {"text": ("mlm",), "image": ("mim",), "pair": ("itc", "mlm")}  # model/flops.py's names
-    return b * sum(flops_per_sample(cfg.model, src, seq_len=L, objectives=objs) for src, objs in objectives.items())
+    return b * sum(flops_per_sample(cfg.model, src, seq_len=L, objectives=objs)
+                   for src, objs in objectives.items())
 
 
 def sync(device: str) -> None:
@@ -101,7 +105,8 @@ def is_oom(err: BaseException) -> bool:
 
 
 def largest_batch(cfg, L: int, device: str, start: int, limit: int) -> int:
-    """The largest micro-batch per source (doubling from ``start``) that the plain loop runs twice without OOM."""
+    """The largest micro-batch per source (doubling from ``start``) that the plain loop runs twice without
+    OOM."""
     good, b = 0, start
     while b <= limit:
         step = batch = None
@@ -169,7 +174,8 @@ def data_wait(flavor: str, args, b: int) -> dict:
         getattr(cfg.data, src).batch_size = b
     cfg.data.tokenizer, cfg.data.num_workers = urls["tokenizer"], args.data_workers
     m = cfg.model
-    loader = build_loader(cfg.data, rank=0, world_size=1, seq_len=args.seq_len, image_size=m.vision.image_size,
+    loader = build_loader(cfg.data, rank=0, world_size=1, seq_len=args.seq_len,
+                          image_size=m.vision.image_size,
                           patch_size=m.vision.patch_size, objectives=set(WEIGHTS))
     step, engine, _ = engine_step_fn(cfg, args.device)
     it, wait, total = iter(loader), 0.0, 0.0
@@ -196,9 +202,11 @@ def bench_config(flavor: str, stage: str, args):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--flavors", nargs="+", default=["debug", "small", "base", "large"])
-    parser.add_argument("--batch", type=int, default=0, help="micro-batch per source; 0 = the largest that fits")
+    parser.add_argument("--batch", type=int, default=0,
+                        help="micro-batch per source; 0 = the largest that fits")
     parser.add_argument("--max-batch", type=int, default=512)
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--steps", type=int, default=8)
@@ -209,7 +217,8 @@ def main() -> None:
     parser.add_argument("--stored-size", type=int, default=256)
     parser.add_argument("--data-workers", type=int, default=8)
     parser.add_argument("--json", default="", help="write every figure here")
-    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: a smoke run of the script")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                        help="cpu: a smoke run of the script")
     args = parser.parse_args()
     from trainer.metrics import peak_bf16_flops
 

@@ -1,10 +1,10 @@
-"""Host work per training step: each flavor's module structure at a tiny width, so compute is near zero and what
-is left is what bounds a GPU step from the host side (Python, dispatch, hooks, optimizer bookkeeping).
+"""Host work per training step: each flavor's module structure at a tiny width, so compute is near zero and
+what is left is what bounds a GPU step from the host side (Python, dispatch, hooks, optimizer bookkeeping).
 
 For each flavor: the plain PyTorch loop (fused AdamW, grad clipping) and the trainer's engine (trainer.loop.
-build_engine, one gloo rank) at ZeRO stage 0, 1, 2, 3 and `auto`, same batches, interleaved step by step; ms/step,
-the paired ratio to the plain loop, and per step the aten ops (torch profiler) and module calls (a global forward
-hook). Targets, same run: `auto` <= 1.2x plain, ZeRO-3 forced <= 2x plain.
+build_engine, one gloo rank) at ZeRO stage 0, 1, 2, 3 and `auto`, same batches, interleaved step by step;
+ms/step, the paired ratio to the plain loop, and per step the aten ops (torch profiler) and module calls (a
+global forward hook). Targets, same run: `auto` <= 1.2x plain, ZeRO-3 forced <= 2x plain.
 
     python bench/bench_host_overhead.py [--flavors debug small base large xl] [--steps 6] [--threads 1]
 """
@@ -26,7 +26,8 @@ WEIGHTS = {"mlm_text": 1.0, "mim": 1.0, "itc": 1.0, "itm": 1.0, "mlm_pair": 1.0}
 TINY = ["model.{p}.dim=32", "model.{p}.heads=2", "model.{p}.mlp_dim=64"]
 TINY_REST = ["model.embed_dim=32", "model.text.vocab_size=512", "model.vision.image_size=32",
              "model.vision.patch_size=16", "model.text.max_positions=64", "model.text.bos_token_id=2",
-             "model.text.eos_token_id=3", "model.text.mask_token_id=4", "model.text_init=", "model.vision_init="]
+             "model.text.eos_token_id=3", "model.text.mask_token_id=4", "model.text_init=",
+             "model.vision_init="]
 STAGES = ("0", "1", "2", "3", "auto")
 
 
@@ -114,13 +115,14 @@ def bench_flavor(flavor: str, steps: int, warmup: int) -> list[dict]:
         ops, calls = counts_per_step(step, batches[0])
         paired = statistics.median(a / b for a, b in zip(times[name], times["plain"]))
         note = f"auto -> stage {chosen['auto'].stage}" if name == "zeroauto" else ""
-        rows.append({"flavor": flavor, "loop": name, "ms": 1000 * statistics.median(times[name]), "ratio": paired,
-                     "ops": ops, "calls": calls, "note": note})
+        rows.append({"flavor": flavor, "loop": name, "ms": 1000 * statistics.median(times[name]),
+                     "ratio": paired, "ops": ops, "calls": calls, "note": note})
     return rows
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--flavors", nargs="+", default=["debug", "small", "base", "large", "xl"])
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
@@ -130,7 +132,8 @@ def main() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0",
+                      WORLD_SIZE="1", LOCAL_RANK="0")
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo")
@@ -141,8 +144,8 @@ def main() -> None:
     verdicts = []
     for flavor in args.flavors:
         for r in bench_flavor(flavor, args.steps, args.warmup):
-            print(f"| {r['flavor']} | {r['loop']} | {r['ms']:.1f} | {r['ratio']:.2f}x | {r['ops']} | {r['calls']} | "
-                  f"{r['note']} |", flush=True)
+            print(f"| {r['flavor']} | {r['loop']} | {r['ms']:.1f} | {r['ratio']:.2f}x | {r['ops']} | "
+                  f"{r['calls']} | {r['note']} |", flush=True)
             if r["loop"] == "zeroauto":
                 verdicts.append(f"{flavor}: auto {r['ratio']:.2f}x (target <= 1.2x) "
                                 f"{'met' if r['ratio'] <= 1.2 else 'MISSED'}")

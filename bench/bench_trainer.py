@@ -1,13 +1,13 @@
 """Trainer overhead: our DeepSpeed ZeRO-3 step (one rank) against a plain PyTorch loop, and checkpoint I/O.
 
 Same model (`small` flavor of configs/small.yaml by default), same batches, same objectives, same run, CPU.
-Prints the step-time ratio (target <= 1.15x) against a plain loop with torch's default AdamW and against one with
-the fused AdamW our trainer uses, and checkpoint save/load times against torch.save/torch.load of the same
-tensors.
+Prints the step-time ratio (target <= 1.15x) against a plain loop with torch's default AdamW and against one
+with the fused AdamW our trainer uses, and checkpoint save/load times against torch.save/torch.load of the
+same tensors.
 
-One rank as configs/small.yaml runs it by default: as many intra-op threads as `scaling.cpus_per_worker` (Ray sets
-each worker's OMP_NUM_THREADS to its CPUs) and one micro-batch per optimizer step (the job's global batch of two
-micro-batches over its two workers); `--threads` and `--accumulation` change either.
+One rank as configs/small.yaml runs it by default: as many intra-op threads as `scaling.cpus_per_worker` (Ray
+sets each worker's OMP_NUM_THREADS to its CPUs) and one micro-batch per optimizer step (the job's global batch
+of two micro-batches over its two workers); `--threads` and `--accumulation` change either.
 
     .venv/bin/python bench/bench_trainer.py [--flavor small] [--steps 10] [--threads N] [--accumulation N]
                                             [--geometry shipped|reduced] [config overrides...]
@@ -27,8 +27,9 @@ os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PO
 
 import torch
 
-# DeepSpeed's memory-efficient Linear (deepspeed.memory_efficient_linear) replaces torch.nn.functional.linear for
-# the whole process; the plain loops must run PyTorch's own, so they keep a reference taken before DeepSpeed loads.
+# DeepSpeed's memory-efficient Linear (deepspeed.memory_efficient_linear) replaces torch.nn.functional.linear
+# for the whole process; the plain loops must run PyTorch's own, so they keep a reference taken before
+# DeepSpeed loads.
 NATIVE_LINEAR = torch.nn.functional.linear
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,7 +48,8 @@ def make_batches(cfg, n: int, data_dir: str) -> list[dict]:
     from data_pipeline.synthetic import write_synthetic_dataset
 
     if not os.path.isdir(os.path.join(data_dir, "pairs")):
-        write_synthetic_dataset(data_dir, n_pairs=400, n_text=400, n_images=400, n_eval=50, samples_per_shard=100)
+        write_synthetic_dataset(data_dir, n_pairs=400, n_text=400, n_images=400, n_eval=50,
+                                samples_per_shard=100)
     m = cfg.model
     loader = build_loader(cfg.data, rank=0, world_size=1, seq_len=cfg.seq_len, image_size=m.vision.image_size,
                           patch_size=m.vision.patch_size)
@@ -75,8 +77,8 @@ def paired_ratio(ours: list[float], base: list[float]) -> float:
 
 
 def time_interleaved(steps: dict, groups: list[list[dict]], warmup: int) -> dict[str, list[float]]:
-    """Runs each loop's optimizer step on the same micro-batches back to back, so load from other processes hits
-    all alike."""
+    """Runs each loop's optimizer step on the same micro-batches back to back, so load from other processes
+    hits all alike."""
     times: dict[str, list[float]] = {name: [] for name in steps}
     for i, group in enumerate(groups):
         for name, step in steps.items():
@@ -88,8 +90,8 @@ def time_interleaved(steps: dict, groups: list[list[dict]], warmup: int) -> dict
 
 
 def plain_loop(cfg, weights, fused: bool = False):
-    """The baseline: model, objectives, ``torch.optim.AdamW`` (default or fused kernel), grad clipping; gradients
-    accumulated over the micro-batches of one optimizer step."""
+    """The baseline: model, objectives, ``torch.optim.AdamW`` (default or fused kernel), grad clipping;
+    gradients accumulated over the micro-batches of one optimizer step."""
     from model.unimo import UnimoModel
     from trainer.loop import optimizer_groups
     from trainer.objectives import PretrainObjectives
@@ -155,20 +157,24 @@ def checkpoint_io(engine, module, opt) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--flavor", default="small")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None,
-                        help="intra-op threads for every loop; default: the config's scaling.cpus_per_worker, the "
-                             "threads each Ray worker of the job gets (Ray sets OMP_NUM_THREADS to it)")
+                        help="intra-op threads for every loop; default: the config's "
+                             "scaling.cpus_per_worker, the threads each Ray worker of the job gets (Ray sets "
+                             "OMP_NUM_THREADS to it)")
     parser.add_argument("--accumulation", type=int, default=1,
-                        help="micro-batches per optimizer step (1: one rank of configs/small.yaml's two-worker job, "
-                             "2: its whole global batch on one rank)")
+                        help="micro-batches per optimizer step (1: one rank of configs/small.yaml's "
+                             "two-worker job, 2: its whole global batch on one rank)")
     parser.add_argument("--geometry", choices=sorted(GEOMETRIES), default="shipped",
-                        help="shipped: configs/small.yaml's model and micro-batch as they are; reduced: BERT's "
-                             "30522-token vocabulary and half the micro-batch (the first figures' setting)")
-    parser.add_argument("overrides", nargs="*", help="extra config overrides, e.g. deepspeed.overlap_comm=true")
+                        help="shipped: configs/small.yaml's model and micro-batch as they are; reduced: "
+                             "BERT's 30522-token vocabulary and half the micro-batch (the first "
+                             "figures' setting)")
+    parser.add_argument("overrides", nargs="*",
+                        help="extra config overrides, e.g. deepspeed.overlap_comm=true")
     args = parser.parse_args()
 
     from trainer.config import load_config

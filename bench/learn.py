@@ -1,4 +1,5 @@
-"""Evidence that the model learns: trains a flavor in-process on the synthetic world, prints held-out R@1 of 100."""
+"""Evidence that the model learns: trains a flavor in-process on the synthetic world, prints held-out R@1 of
+100."""
 
 from __future__ import annotations
 
@@ -32,15 +33,19 @@ def synthetic_data(folder: Path, n_pairs: int) -> dict[str, str]:
     marker = folder / f"urls-{n_pairs}.json"
     if marker.is_file():
         return json.loads(marker.read_text())
-    urls = write_synthetic_dataset(str(folder / f"n{n_pairs}"), n_pairs=n_pairs, n_text=n_pairs, n_images=n_pairs,
-                                   n_eval=CANDIDATES, samples_per_shard=250, image_size=64, seed=0)
+    urls = write_synthetic_dataset(str(folder / f"n{n_pairs}"), n_pairs=n_pairs, n_text=n_pairs,
+                                   n_images=n_pairs, n_eval=CANDIDATES, samples_per_shard=250,
+                                   image_size=64, seed=0)
     marker.write_text(json.dumps(urls))
     return urls
 
 
-def build_config(config: str, overrides: list[str], urls: dict[str, str], steps_scale: float = 1.0) -> RunConfig:
-    """The config file's recipe on the synthetic data; steps_scale stretches every stage (same weights, LRs)."""
-    data = [f"data.text.urls={urls['text']}", f"data.image.urls={urls['image']}", f"data.pair.urls={urls['pair']}",
+def build_config(config: str, overrides: list[str], urls: dict[str, str],
+                 steps_scale: float = 1.0) -> RunConfig:
+    """The config file's recipe on the synthetic data; steps_scale stretches every stage (same weights,
+    LRs)."""
+    data = [f"data.text.urls={urls['text']}", f"data.image.urls={urls['image']}",
+            f"data.pair.urls={urls['pair']}",
             f"data.eval_pairs={urls['eval']}", f"data.tokenizer={urls['tokenizer']}"]
     cfg = load_config(config, data + list(overrides))
     for stage in cfg.stages:
@@ -104,7 +109,8 @@ def retrieval(model: UnimoModel, strict: dict, full: dict, rerank_k: int, decode
     metrics, captions = evaluate(model, {k: v for k, v in strict.items() if isinstance(v, torch.Tensor)},
                                  rerank_k=rerank_k, decode=decode)
     out = {k.split("/")[1]: v for k, v in metrics.items() if "R@" in k}
-    all_caps, _ = evaluate(model, {k: v for k, v in full.items() if isinstance(v, torch.Tensor)}, caption_images=0)
+    all_caps, _ = evaluate(model, {k: v for k, v in full.items() if isinstance(v, torch.Tensor)},
+                           caption_images=0)
     out.update({f"allcaps_{k.split('/')[1]}": v for k, v in all_caps.items() if "R@" in k})
     out["captions"] = [{"generated": c, "reference": strict["captions"][i]} for i, c in enumerate(captions)]
     return out
@@ -112,10 +118,11 @@ def retrieval(model: UnimoModel, strict: dict, full: dict, rerank_k: int, decode
 
 def train(cfg: RunConfig, minutes: float, threads: int = 1, eval_every: int = 0, rerank_k: int = 10,
           log_every: int = 25, tag: str = "", clock: str = "wall") -> dict:
-    """Trains until the plan ends or ``minutes`` pass; returns the final retrieval figures and the run's facts.
+    """Trains until the plan ends or ``minutes`` pass; returns the final retrieval figures and the run's
+    facts.
 
-    clock "wall" counts elapsed time; "cpu" counts this process's CPU time, a budget that other jobs on a shared
-    machine do not eat into (used to give ablation arms the same compute).
+    clock "wall" counts elapsed time; "cpu" counts this process's CPU time, a budget that other jobs on a
+    shared machine do not eat into (used to give ablation arms the same compute).
     """
     trainer = InProcessTrainer(cfg, threads)
     full, strict = held_out(cfg)
@@ -134,10 +141,12 @@ def train(cfg: RunConfig, minutes: float, threads: int = 1, eval_every: int = 0,
                   f"({time.perf_counter() - t0:.0f}s, cpu {time.process_time() - c0:.0f}s)", flush=True)
         if eval_every and step % eval_every == 0 and step < total:
             m = retrieval(trainer.model, strict, full, 0, decode)
-            print(f"{tag}  eval step {step}: i2t R@1={m['i2t_R@1']:.3f} t2i R@1={m['t2i_R@1']:.3f}", flush=True)
+            print(f"{tag}  eval step {step}: i2t R@1={m['i2t_R@1']:.3f} t2i R@1={m['t2i_R@1']:.3f}",
+                  flush=True)
     train_s, cpu_s = time.perf_counter() - t0, time.process_time() - c0
     out = retrieval(trainer.model, strict, full, rerank_k, decode)
-    out.update(steps=step, planned_steps=total, train_seconds=round(train_s, 1), train_cpu_seconds=round(cpu_s, 1),
+    out.update(steps=step, planned_steps=total, train_seconds=round(train_s, 1),
+               train_cpu_seconds=round(cpu_s, 1),
                chance=1 / strict["pixels"].shape[0], final_losses=_mean_losses(recent))
     return out
 
@@ -145,7 +154,8 @@ def train(cfg: RunConfig, minutes: float, threads: int = 1, eval_every: int = 0,
 def _mean_losses(logs: list[dict]) -> dict[str, float]:
     """Each loss averaged over the last steps that logged it (one step's loss is noisy)."""
     names = {k for entry in logs for k in entry if k not in ("stage", "lr")}
-    return {k: round(sum(e[k] for e in logs if k in e) / sum(1 for e in logs if k in e), 4) for k in sorted(names)}
+    return {k: round(sum(e[k] for e in logs if k in e) / sum(1 for e in logs if k in e), 4)
+            for k in sorted(names)}
 
 
 def machine() -> str:
@@ -155,14 +165,18 @@ def machine() -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--config", default=str(ROOT / "configs" / "debug.yaml"))
-    p.add_argument("--data", default="/tmp/unimo-learn-data", help="folder for the synthetic data set (reused)")
-    p.add_argument("--pairs", type=int, default=2000, help="training pairs (and unpaired texts, images) to write")
+    p.add_argument("--data", default="/tmp/unimo-learn-data",
+                   help="folder for the synthetic data set (reused)")
+    p.add_argument("--pairs", type=int, default=2000,
+                   help="training pairs (and unpaired texts, images) to write")
     p.add_argument("--minutes", type=float, default=10.0, help="wall-clock budget of the training loop")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1: the data worker takes the other core)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (1: the data worker takes the other core)")
     p.add_argument("--eval-every", type=int, default=0)
     p.add_argument("--rerank-k", type=int, default=10)
     p.add_argument("--steps-scale", type=float, default=STEPS_SCALE,
-                   help="multiply every stage's steps; the default stretches the 3-minute demo plan to 167 + 333")
+                   help="multiply every stage's steps; the default stretches the 3-minute demo "
+                        "plan to 167 + 333")
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. optimizer.lr=0.002")
     args = p.parse_args(argv)
     urls = synthetic_data(Path(args.data), args.pairs)

@@ -2,37 +2,40 @@
 
 Part 1 (data cursor). The real plan and cursor code of data_pipeline (loader._initial_states, MixedLoader's
 state_dict, cursor.merge_states / redistribute, stream.SourceStream, mix.Mixer) runs every rank of a world in
-this one process, without torch.distributed, DataLoader processes or tar files. The seam: a corpus's listing is
-``[(url, size), ...]`` (loader.corpus_shards) and a stream reads a shard only through ``SourceStream._open``;
-here the listing is synthetic (100,000 shards over text, image and two pair corpora, the size field holding the
-shard's sample count) and ``_open`` yields the shard's ordinals instead of reading a tar. Each simulated rank
-draws its micro-batches as ``_WorkerStreams._batch`` does (per modality, the mixer picks a corpus, the corpus's
-stream takes one sample; workers take turns) and writes the worker's cursor back into its MixedLoader as
-``MixedLoader.__iter__`` does. A run: W ranks x 4 workers for some steps, save (every rank's state_dict()),
-merge, resume at 3/4 W, run, save, resume at W, run, save (and 64 -> 8). After each save the merged cursor is
-checked against every sample key drawn so far: no key twice, and each drawn (corpus, epoch, shard) is exactly
-what the cursor's per-epoch view says was yielded (finished shards wholly, partial shards the listed ordinals).
+this one process, without torch.distributed, DataLoader processes or tar files. The seam: a corpus's listing
+is ``[(url, size), ...]`` (loader.corpus_shards) and a stream reads a shard only through
+``SourceStream._open``; here the listing is synthetic (100,000 shards over text, image and two pair corpora,
+the size field holding the shard's sample count) and ``_open`` yields the shard's ordinals instead of reading
+a tar. Each simulated rank draws its micro-batches as ``_WorkerStreams._batch`` does (per modality, the mixer
+picks a corpus, the corpus's stream takes one sample; workers take turns) and writes the worker's cursor back
+into its MixedLoader as ``MixedLoader.__iter__`` does. A run: W ranks x 4 workers for some steps, save (every
+rank's state_dict()), merge, resume at 3/4 W, run, save, resume at W, run, save (and 64 -> 8). After each save
+the merged cursor is checked against every sample key drawn so far: no key twice, and each drawn (corpus,
+epoch, shard) is exactly what the cursor's per-epoch view says was yielded (finished shards wholly, partial
+shards the listed ordinals).
 
 Per world size it prints the cursor's size (every rank's state as trainer_state.json's data_states holds them,
-and merged), and the time and tracemalloc peak of one rank's save (state_dict), of the merge of all ranks' states
-(what every rank does on resume) and of one rank's redistribution to the new world size (loader._initial_states),
-with each figure's growth exponent against the previous world size (1 = linear in ranks).
+and merged), and the time and tracemalloc peak of one rank's save (state_dict), of the merge of all ranks'
+states (what every rank does on resume) and of one rank's redistribution to the new world size
+(loader._initial_states), with each figure's growth exponent against the previous world size (1 = linear in
+ranks).
 
 Only the simulation's bookkeeping is shortened: ``shard_digest`` (O(shards), identical on every rank) and the
 per-corpus ``redistribute`` (O(shards + streams), identical on every rank: each real rank computes it once, in
 parallel) are memoised while the other ranks are built; the timed rank runs them unmemoised.
 
 ``--xl-cursor`` runs the same at configs/xl.yaml's data settings (shuffle_buffer 2000, 6 workers) at 8 and 16
-ranks and fits a line to 1,024 ranks (filling 2,000-sample buffers of thousands of streams is beyond this machine).
+ranks and fits a line to 1,024 ranks (filling 2,000-sample buffers of thousands of streams is beyond this
+machine).
 
-Part 2 (checkpoint layout, ``checkpoint_part``): the xl flavor's ZeRO-3 shards per rank (parameter tensors counted
-on the meta device, partitioned as DeepSpeed pads them), the manifest's build and verification over the real file
-layout of N ranks with tiny files (per-file cost) and sha256 over a sample file (per-byte cost, extrapolated: a
-49 GiB checkpoint is not written), and the S3 requests of a save (pyarrow upload, as Ray Train's), a prune and a
-resume (checkpoint.prune / newest_valid) counted on moto's S3 server on 127.0.0.1.
+Part 2 (checkpoint layout, ``checkpoint_part``): the xl flavor's ZeRO-3 shards per rank (parameter tensors
+counted on the meta device, partitioned as DeepSpeed pads them), the manifest's build and verification over
+the real file layout of N ranks with tiny files (per-file cost) and sha256 over a sample file (per-byte cost,
+extrapolated: a 49 GiB checkpoint is not written), and the S3 requests of a save (pyarrow upload, as Ray
+Train's), a prune and a resume (checkpoint.prune / newest_valid) counted on moto's S3 server on 127.0.0.1.
 
-Part 3 (``capacity``): the capacity model of docs/SCALE.md computed from part 2's figures and stated bandwidths,
-S3 per-prefix limits and node MTBF.
+Part 3 (``capacity``): the capacity model of docs/SCALE.md computed from part 2's figures and stated
+bandwidths, S3 per-prefix limits and node MTBF.
 
     python bench/scale_sim.py            # 8, 64, 256, 1,024 ranks (~15 min on the shared 2-core VM)
     python bench/scale_sim.py --quick    # 8 and 64 ranks, 10,000 shards: a CI-sized run (~2 min there)
@@ -125,7 +128,8 @@ def make_plan(cfg: DataConfig, listing: dict, rank: int) -> _Plan:
 
 @dataclass
 class Drawn:
-    """Every sample drawn so far: (corpus, epoch, shard) -> ordinals; a key drawn twice is an error at once."""
+    """Every sample drawn so far: (corpus, epoch, shard) -> ordinals; a key drawn twice is an error at
+    once."""
 
     seen: dict = field(default_factory=dict)
     count: int = 0
@@ -159,7 +163,8 @@ class SimRank:
                 weights = plan.weights(src)
                 total = sum(weights.values())
                 for c in plan.corpora[src]:
-                    ctx = StreamContext(seed=cfg.seed, buffer_size=buffer_share(cfg.shuffle_buffer, c.weight / total),
+                    ctx = StreamContext(seed=cfg.seed,
+                                        buffer_size=buffer_share(cfg.shuffle_buffer, c.weight / total),
                                         prep=None, retry=None, block_bytes=0, count=lambda name, n: None)
                     streams[c.key] = SimStream(c.key, plan.shards[c.key],
                                                StreamState.from_json(self.loader._states[c.key][index]), ctx)
@@ -187,7 +192,8 @@ class SimRank:
 
 @contextmanager
 def memoised_shared_work():
-    """While the other ranks are built or saved, compute the rank-independent parts once (see the docstring)."""
+    """While the other ranks are built or saved, compute the rank-independent parts once (see the
+    docstring)."""
     digest, redistribute = loader_mod.shard_digest, loader_mod.redistribute
     digests, plans = {}, {}
 
@@ -200,7 +206,8 @@ def memoised_shared_work():
     def redistribute_once(view, seed, source, n, streams):
         key = (id(view), seed, source, n, streams)
         if key not in plans:
-            plans[key] = (view, redistribute(view, seed, source, n, streams))  # view kept: its id stays unique
+            # view kept: its id stays unique
+            plans[key] = (view, redistribute(view, seed, source, n, streams))
         return plans[key][1]
 
     loader_mod.shard_digest, loader_mod.redistribute = digest_once, redistribute_once
@@ -233,12 +240,12 @@ def measured(fn, with_memory: bool = True):
     return out, seconds, peak
 
 
-# ------------------------------------------------------------------------------------------ exactly-once check
+# ----------------------------------------------------------------------------------------- exactly-once check
 def check_exactly_once(merged: dict, listing: dict, drawn: Drawn) -> int:
-    """The merged cursor's per-epoch view against every sample drawn: for each corpus and epoch, a shard the view
-    calls finished was drawn wholly, a partial shard exactly in the listed ordinals, an unfinished shard in none;
-    epochs below the view's lowest are wholly drawn, epochs from ``fresh_from`` not at all. Returns the number of
-    samples it accounted for; raises AssertionError naming the first mismatch."""
+    """The merged cursor's per-epoch view against every sample drawn: for each corpus and epoch, a shard the
+    view calls finished was drawn wholly, a partial shard exactly in the listed ordinals, an unfinished shard
+    in none; epochs below the view's lowest are wholly drawn, epochs from ``fresh_from`` not at all. Returns
+    the number of samples it accounted for; raises AssertionError naming the first mismatch."""
     by_corpus: dict[str, dict[int, dict[int, set]]] = {}
     for (corpus, e, s), ords in drawn.seen.items():
         by_corpus.setdefault(corpus, {}).setdefault(e, {})[s] = ords
@@ -261,8 +268,8 @@ def check_exactly_once(merged: dict, listing: dict, drawn: Drawn) -> int:
                                          f"{len(got.get(s, ()))} of its {shards[s][1]} samples were drawn")
             for s, ords in got.items():
                 if s in partial and ords != partial[s]:
-                    raise AssertionError(f"{corpus} epoch {e}: shard {s} drew {sorted(ords)}, the cursor lists "
-                                         f"{sorted(partial[s])}")
+                    raise AssertionError(f"{corpus} epoch {e}: shard {s} drew {sorted(ords)}, the cursor "
+                                         f"lists {sorted(partial[s])}")
                 if s not in partial and len(ords) != shards[s][1]:
                     raise AssertionError(f"{corpus} epoch {e}: shard {s} drew {len(ords)} samples the cursor "
                                          f"does not record")
@@ -374,9 +381,9 @@ def growth(rows: list[dict], keys=("all_ranks_bytes", "merged_bytes", "save_rank
 def cursor_part(quick: bool, total_shards: int, steps: int, worlds: list[int] | None = None) -> dict:
     cfg = synthetic_config()
     listing = synthetic_listing(total_shards)
-    print(f"data cursor: {total_shards:,} shards ({', '.join(f'{k} {len(v):,}' for k, v in listing.items())}), "
-          f"{WORKERS} workers/rank, shuffle_buffer {cfg.shuffle_buffer}, batch 8 per modality, {steps} steps "
-          f"per phase")
+    print(f"data cursor: {total_shards:,} shards "
+          f"({', '.join(f'{k} {len(v):,}' for k, v in listing.items())}), {WORKERS} workers/rank, "
+          f"shuffle_buffer {cfg.shuffle_buffer}, batch 8 per modality, {steps} steps per phase")
     print(HEADER)
     worlds = worlds or ([8, 64] if quick else [8, 64, 256, 1024])
     results = {}
@@ -397,15 +404,15 @@ def cursor_part(quick: bool, total_shards: int, steps: int, worlds: list[int] | 
     return results
 
 
-# ------------------------------------------------------------------------------------------ part 2: checkpoints
+# ---------------------------------------------------------------------------------------- part 2: checkpoints
 GIB = 2 ** 30
 ADAM_BYTES = 12          # per parameter in a ZeRO-3 optimizer shard: fp32 master weight, exp_avg, exp_avg_sq
 
 
 def xl_partition(world: int) -> dict:
     """Bytes per rank of the xl flavor's ZeRO-3 checkpoint: every parameter tensor is split into ``world``
-    equal, padded parts (DeepSpeed's partitioning), and each rank's optimizer shard holds ADAM_BYTES per element
-    of its parts. The model_states files of ZeRO-3 hold parameter shapes and buffers, not weights."""
+    equal, padded parts (DeepSpeed's partitioning), and each rank's optimizer shard holds ADAM_BYTES per
+    element of its parts. The model_states files of ZeRO-3 hold parameter shapes and buffers, not weights."""
     import torch
 
     from model.flavors import get_flavor
@@ -421,8 +428,8 @@ def xl_partition(world: int) -> dict:
 class RequestCounter:
     """Counts the S3 requests moto's server handles, by kind, from the request lines werkzeug logs."""
 
-    KINDS = ("PUT object", "PUT part", "POST create-multipart", "POST complete-multipart", "POST delete-objects",
-             "DELETE object", "GET list", "GET object", "HEAD")
+    KINDS = ("PUT object", "PUT part", "POST create-multipart", "POST complete-multipart",
+             "POST delete-objects", "DELETE object", "GET list", "GET object", "HEAD")
 
     def __init__(self):
         import logging
@@ -496,8 +503,8 @@ def hash_rate(sample_mib: int = 64) -> float:
 
 
 def manifest_figures(world: int) -> dict:
-    """describe_files + write_manifest + verify over the file layout of ``world`` ranks (tiny files: the per-file
-    cost; the per-byte cost is hash_rate's)."""
+    """describe_files + write_manifest + verify over the file layout of ``world`` ranks (tiny files: the
+    per-file cost; the per-byte cost is hash_rate's)."""
     import tempfile
 
     from trainer.checkpoint import MANIFEST, describe_files, verify, write_manifest
@@ -518,9 +525,10 @@ def manifest_figures(world: int) -> dict:
 
 
 def s3_requests(worlds: list[int], multipart_mib: int = 24) -> dict:
-    """Requests of a save (every rank uploads its folder through the pyarrow S3 filesystem Ray Train is given),
-    a prune (checkpoint.prune, keep_last=1, of two checkpoints) and a resume (checkpoint.newest_valid: list,
-    manifest, download, verify) against moto's S3 server on loopback; plus one multipart upload's parts."""
+    """Requests of a save (every rank uploads its folder through the pyarrow S3 filesystem Ray Train is
+    given), a prune (checkpoint.prune, keep_last=1, of two checkpoints) and a resume (checkpoint.newest_valid:
+    list, manifest, download, verify) against moto's S3 server on loopback; plus one multipart upload's
+    parts."""
     import os
     import tempfile
 
@@ -562,7 +570,8 @@ def s3_requests(worlds: list[int], multipart_mib: int = 24) -> dict:
                 t0 = time.perf_counter()
                 for step in (100, 200):
                     for root in roots:
-                        pyarrow.fs.copy_files(str(root), f"scale/{run}/checkpoints/{ckpt.step_dir_name(step)}",
+                        pyarrow.fs.copy_files(str(root),
+                                              f"scale/{run}/checkpoints/{ckpt.step_dir_name(step)}",
                                               destination_filesystem=fs)
                     if step == 100:
                         save = counter.take()
@@ -575,8 +584,9 @@ def s3_requests(worlds: list[int], multipart_mib: int = 24) -> dict:
                 resume = counter.take()
                 assert found is not None and found.step == 200, found
             out[world] = {"save": save, "prune": prune, "resume": resume, "save_s_loopback": save_s}
-            print(f"  {world:>5} ranks: save {save['total']:>6} requests ({_kinds(save)}), prune {prune['total']:>5} "
-                  f"({_kinds(prune)}), resume {resume['total']:>6} ({_kinds(resume)})", flush=True)
+            print(f"  {world:>5} ranks: save {save['total']:>6} requests ({_kinds(save)}), prune "
+                  f"{prune['total']:>5} ({_kinds(prune)}), resume {resume['total']:>6} ({_kinds(resume)})",
+                  flush=True)
     finally:
         server.stop()
         for k, v in old.items():
@@ -594,7 +604,8 @@ def _kinds(c: dict) -> str:
 def checkpoint_part(quick: bool) -> dict:
     worlds = [8, 64] if quick else [8, 64, 256, 1024]
     rate = hash_rate(16 if quick else 64)
-    print(f"checkpoint layout (xl flavor, ZeRO-3); sha256 over a warm sample file: {rate / 2 ** 20:.0f} MiB/s")
+    print(f"checkpoint layout (xl flavor, ZeRO-3); sha256 over a warm sample file: {rate / 2 ** 20:.0f} "
+          "MiB/s")
     print(f"{'ranks':>6} {'GiB/rank':>9} {'files':>6} {'manifest KB':>11} {'build ms':>9} {'verify ms':>9} "
           f"{'hash/rank s':>11} {'verify-all s':>12}")
     rows = {}
@@ -602,12 +613,14 @@ def checkpoint_part(quick: bool) -> dict:
         part = xl_partition(w)
         m = manifest_figures(w)
         per_rank_hash = part["optim_bytes_per_rank"] / rate          # each rank describes its own files
-        verify_all = part["optim_bytes_per_rank"] * w / rate         # resume: a node verifies the whole checkpoint
+        verify_all = part["optim_bytes_per_rank"] * w / rate         # resume: a node verifies the whole
+                                                                     # checkpoint
         rows[w] = {**part, **m, "hash_rate": rate, "hash_rank_s": per_rank_hash, "verify_all_s": verify_all}
-        print(f"{w:>6} {part['optim_bytes_per_rank'] / GIB:9.3f} {m['files']:>6} {m['manifest_bytes'] / 1024:11.1f} "
-              f"{m['build_s'] * 1000:9.1f} {m['verify_s'] * 1000:9.1f} {per_rank_hash:11.2f} {verify_all:12.1f}")
-    print(f"  xl: {rows[worlds[0]]['params']:,} parameters in {rows[worlds[0]]['tensors']} tensors; hash columns "
-          f"extrapolated from the sample's rate (not written: {ADAM_BYTES} B/parameter would be "
+        print(f"{w:>6} {part['optim_bytes_per_rank'] / GIB:9.3f} {m['files']:>6} "
+              f"{m['manifest_bytes'] / 1024:11.1f} {m['build_s'] * 1000:9.1f} {m['verify_s'] * 1000:9.1f} "
+              f"{per_rank_hash:11.2f} {verify_all:12.1f}")
+    print(f"  xl: {rows[worlds[0]]['params']:,} parameters in {rows[worlds[0]]['tensors']} tensors; hash "
+          f"columns extrapolated from the sample's rate (not written: {ADAM_BYTES} B/parameter would be "
           f"{ADAM_BYTES * rows[worlds[0]]['params'] / GIB:.0f} GiB)")
     print("S3 requests against moto on 127.0.0.1 (tiny files; large files add parts, see multipart):")
     requests = s3_requests(worlds)
@@ -641,7 +654,8 @@ def capacity(layout: dict, requests: dict, node_gbps=(1.25, 5.0), disk_gbps: flo
         extra_parts = world * (math.ceil(rank_bytes / PART_BYTES) - 1)
         writes = (tiny["total"] - tiny["HEAD"] + extra_parts) if tiny else None
         files = lay["files"]
-        gets = nodes * (req["resume"]["GET object"] + req["resume"]["GET list"] + req["resume"]["HEAD"]) if req \
+        gets = nodes * (req["resume"]["GET object"] + req["resume"]["GET list"]
+                        + req["resume"]["HEAD"]) if req \
             else None
         local_save = node_bytes / (disk_gbps * 1e9)
         hash_s = rank_bytes / lay["hash_rate"]
@@ -662,27 +676,29 @@ def print_capacity(rows: list[dict], node_gbps=(1.25, 5.0)) -> None:
     bw = "/".join(f"{b:g}" for b in node_gbps)
     print(f"capacity model, xl (node = {GPUS_PER_NODE} GPUs; S3 at {bw} GB/s per node; local disk 2 GB/s; "
           f"node MTBF 5,000 h):")
-    print(f"{'ranks':>6} {'GiB/rank':>8} {'GiB/node':>8} {'upload s':>13} {'save PUT/POST':>13} {'PUT floor s':>11} "
-          f"{'resume GETs':>11} {'GET floor s':>11} {'download s':>13} {'egress TB':>9} {'verify s':>8} "
-          f"{'blocking s':>10} {'Young/Daly':>10}")
+    print(f"{'ranks':>6} {'GiB/rank':>8} {'GiB/node':>8} {'upload s':>13} {'save PUT/POST':>13} "
+          f"{'PUT floor s':>11} {'resume GETs':>11} {'GET floor s':>11} {'download s':>13} {'egress TB':>9} "
+          f"{'verify s':>8} {'blocking s':>10} {'Young/Daly':>10}")
     for r in rows:
         up = "/".join(f"{x:.1f}" for x in r["upload_s"])
         down = "/".join(f"{x:.1f}" for x in r["download_s"])
         fmt = (lambda x, spec: "-" if x is None else format(x, spec))
-        print(f"{r['world']:>6} {r['rank_gib']:8.3f} {r['node_gib']:8.2f} {up:>13} {fmt(r['save_writes'], ','):>13} "
-              f"{fmt(r['put_floor_s'], '.2f'):>11} {fmt(r['resume_gets'], ','):>11} {fmt(r['get_floor_s'], '.1f'):>11} "
-              f"{down:>13} {r['egress_tb']:9.2f} {r['verify_s']:8.0f} {r['blocking_save_s']:10.1f} "
+        print(f"{r['world']:>6} {r['rank_gib']:8.3f} {r['node_gib']:8.2f} {up:>13} "
+              f"{fmt(r['save_writes'], ','):>13} {fmt(r['put_floor_s'], '.2f'):>11} "
+              f"{fmt(r['resume_gets'], ','):>11} {fmt(r['get_floor_s'], '.1f'):>11} {down:>13} "
+              f"{r['egress_tb']:9.2f} {r['verify_s']:8.0f} {r['blocking_save_s']:10.1f} "
               f"{r['young_daly_s'] / 60:8.0f} m")
 
 
 def planning_cost() -> list[tuple[int, int, float]]:
-    """cursor.epochs_view over streams lagging up to three epochs on a corpus with fewer shards than streams (the
-    merge's planning of each stream's untouched shares): (streams, shards, seconds)."""
+    """cursor.epochs_view over streams lagging up to three epochs on a corpus with fewer shards than streams
+    (the merge's planning of each stream's untouched shares): (streams, shards, seconds)."""
     from data_pipeline.cursor import epochs_view
 
     out = []
     for streams, n in ((256, 200), (1024, 800), (4096, 2000)):
-        states = [StreamState(streams=streams, index=i, fresh_epoch=0 if i % 2 else 3) for i in range(streams)]
+        states = [StreamState(streams=streams, index=i, fresh_epoch=0 if i % 2 else 3)
+                  for i in range(streams)]
         epochs_view(states, 0, "pair/coco", n)  # epoch orders cached, as in a merge after reading
         t0 = time.perf_counter()
         epochs_view(states, 0, "pair/coco", n)
@@ -693,8 +709,9 @@ def planning_cost() -> list[tuple[int, int, float]]:
 
 def xl_cursor(worlds=(8, 16), steps: int = 6) -> list[dict]:
     """The cursor with configs/xl.yaml's data settings (shuffle_buffer 2000, 6 workers, batches 32/32/64) over
-    shards of 500-1,500 samples, at small world sizes only (filling 2,000-sample buffers for thousands of streams
-    is beyond this machine); per-rank figures are then extrapolated linearly (part 1 measures the growth)."""
+    shards of 500-1,500 samples, at small world sizes only (filling 2,000-sample buffers for thousands of
+    streams is beyond this machine); per-rank figures are then extrapolated linearly (part 1 measures the
+    growth)."""
     cfg = synthetic_config(buffer=2000, batch=32, pair_batch=64, workers=6)
     listing = synthetic_listing(100_000, min_samples=500, max_samples=1500)
     print("data cursor with configs/xl.yaml's data settings (shuffle_buffer 2000, 6 workers/rank):")
@@ -723,7 +740,8 @@ def main(argv=None) -> None:
     p.add_argument("--worlds", type=int, nargs="*", default=None, help="world sizes of the cursor part")
     p.add_argument("--skip-cursor", action="store_true")
     p.add_argument("--skip-checkpoint", action="store_true")
-    p.add_argument("--xl-cursor", action="store_true", help="also the cursor at configs/xl.yaml's data settings")
+    p.add_argument("--xl-cursor", action="store_true",
+                   help="also the cursor at configs/xl.yaml's data settings")
     args = p.parse_args(argv)
     shards = args.shards or (10_000 if args.quick else 100_000)
     if not args.skip_cursor:

@@ -130,8 +130,9 @@ def _start_time(pid: int) -> str | None:
 
 
 def _running(pid: int, start: str) -> bool:
-    """Whether ``pid`` is still the process that started at ``start`` and has not exited. A zombie has exited (its
-    reaping is pending, and in a container whose init does not reap, may never come): it holds no port or memory."""
+    """Whether ``pid`` is still the process that started at ``start`` and has not exited. A zombie has exited
+    (its reaping is pending, and in a container whose init does not reap, may never come): it holds no port or
+    memory."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
@@ -409,8 +410,8 @@ def wait_for_node_state(head: HeadInfo, name: str, state: str = "ALIVE", timeout
 
 
 def start_head(*args, **kwargs) -> HeadInfo:
-    """Start a head node on 127.0.0.1 (see _start_head_once); a Ray start-up timeout on a busy machine is logged
-    with the load and retried once (orchestrator/ray_startup.py)."""
+    """Start a head node on 127.0.0.1 (see _start_head_once); a Ray start-up timeout on a busy machine is
+    logged with the load and retried once (orchestrator/ray_startup.py)."""
     from orchestrator.ray_startup import with_startup_retry
 
     return with_startup_retry(lambda: _start_head_once(*args, **kwargs), "the local cluster's head node")
@@ -522,8 +523,8 @@ def _dashboard_healthy(head: HeadInfo) -> bool:
 
 
 def add_worker(head: HeadInfo, *args, **kwargs) -> WorkerNode:
-    """Start a worker node that joins `head` (see _add_worker_once); a Ray start-up timeout on a busy machine is
-    logged with the load and retried once."""
+    """Start a worker node that joins `head` (see _add_worker_once); a Ray start-up timeout on a busy machine
+    is logged with the load and retried once."""
     from orchestrator.ray_startup import with_startup_retry
 
     return with_startup_retry(lambda: _add_worker_once(head, *args, **kwargs), "a local cluster worker node")

@@ -2,9 +2,9 @@
 
 Every rank all-reduces one vector of counters, so the names must be the same on every rank: they follow the
 configured corpora, not what a rank happened to see. Per corpus ``corpus/<key>/samples`` (delivered),
-``corpus/<key>/epoch`` (the highest epoch a sample came from; after the sum over ranks divided by the world size,
-so the mean over ranks) and ``corpus/<key>/skipped_<reason>``; then ``share`` (of its modality's samples so far)
-next to ``weight`` (configured, normalised), so a corpus that delivers less than its weight shows it.
+``corpus/<key>/epoch`` (the highest epoch a sample came from; after the sum over ranks divided by the world
+size, so the mean over ranks) and ``corpus/<key>/skipped_<reason>``; then ``share`` (of its modality's samples
+so far) next to ``weight`` (configured, normalised), so a corpus that delivers less than its weight shows it.
 """
 
 from __future__ import annotations
@@ -25,15 +25,18 @@ def corpus_counters(stats: dict, keys: list[str], reasons) -> dict[str, float]:
 
 def corpus_metrics(summed: dict[str, float], world_size: int, weights: dict[str, float],
                    prefix: str = "pipeline/") -> dict[str, float]:
-    """From counters summed over ranks: the mean epoch over ranks, each corpus's realised share and its weight."""
+    """From counters summed over ranks: the mean epoch over ranks, each corpus's realised share and its
+    weight."""
     out = {}
     totals: dict[str, float] = {}
     for key in weights:
-        totals[modality_of(key)] = totals.get(modality_of(key), 0.0) + summed.get(f"{prefix}corpus/{key}/samples", 0)
+        totals[modality_of(key)] = (totals.get(modality_of(key), 0.0)
+                                    + summed.get(f"{prefix}corpus/{key}/samples", 0))
     for key, weight in weights.items():
         samples = summed.get(f"{prefix}corpus/{key}/samples", 0.0)
         out[f"{prefix}corpus/{key}/epoch"] = summed.get(f"{prefix}corpus/{key}/epoch", 0.0) / world_size
-        out[f"{prefix}corpus/{key}/share"] = samples / totals[modality_of(key)] if totals[modality_of(key)] else 0.0
+        out[f"{prefix}corpus/{key}/share"] = (samples / totals[modality_of(key)] if totals[modality_of(key)]
+                                              else 0.0)
         out[f"{prefix}corpus/{key}/weight"] = weight
     return out
 

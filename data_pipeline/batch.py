@@ -81,15 +81,17 @@ def _ids_fields(tok: TextTokenizer, spec: BatchSpec, ids, prefix: str = "") -> d
 
 
 def _mlm_fields(tok: TextTokenizer, spec: BatchSpec, masked, labels) -> dict:
-    return {"mlm_input_ids": _pad(masked, spec.seq_len, tok.pad_id), "mlm_labels": _pad(labels, spec.seq_len, -100)}
+    return {"mlm_input_ids": _pad(masked, spec.seq_len, tok.pad_id),
+            "mlm_labels": _pad(labels, spec.seq_len, -100)}
 
 
 def _mlm(tok: TextTokenizer, spec: BatchSpec, ids, units, rng):
     return mlm_mask(ids, units, rng, spec.mlm_probability, tok.mask_id, tok.vocab_size, tok.special_ids)
 
 
-# A ref is [epoch, shard, ordinal, corpus key]: the key salts each sample's RNG, so two corpora's samples at the
-# same position draw different masks (the one-corpus shorthand's key is the modality: "text", "image", "pair").
+# A ref is [epoch, shard, ordinal, corpus key]: the key salts each sample's RNG, so two corpora's samples at
+# the same position draw different masks (the one-corpus shorthand's key is the modality: "text", "image",
+# "pair").
 
 def _epochs(refs) -> torch.Tensor:
     return torch.tensor([r[0] for r in refs], dtype=torch.long)
@@ -99,7 +101,8 @@ def text_batch(refs, items, tok: TextTokenizer, spec: BatchSpec) -> dict:
     ids = [item["ids"] for item in items]
     out = _ids_fields(tok, spec, ids)
     if "text_mlm" in spec.features:
-        masks = [_mlm(tok, spec, item["ids"], mask_units(item["word_ids"]), sample_rng(spec.seed, key, e, s, o))
+        masks = [_mlm(tok, spec, item["ids"], mask_units(item["word_ids"]),
+                      sample_rng(spec.seed, key, e, s, o))
                  for (e, s, o, key), item in zip(refs, items)]
         out.update(_mlm_fields(tok, spec, [m for m, _ in masks], [lab for _, lab in masks]))
     out["epoch"] = _epochs(refs)
@@ -108,11 +111,13 @@ def text_batch(refs, items, tok: TextTokenizer, spec: BatchSpec) -> dict:
 
 def image_batch(refs, items, spec: BatchSpec) -> dict:
     out = {"pixels": pixels_tensor([it["pixels"] for it in items]),
-           "image_ids": torch.tensor([it["image_id"] for it in items], dtype=torch.long), "epoch": _epochs(refs)}
+           "image_ids": torch.tensor([it["image_id"] for it in items], dtype=torch.long),
+           "epoch": _epochs(refs)}
     if "patch_mask" in spec.features:
         n = (spec.image_size // spec.patch_size) ** 2
         out["patch_mask"] = torch.from_numpy(np.stack([
-            patch_mask(n, spec.mim_mask_ratio, sample_rng(spec.seed, key, e, s, o)) for e, s, o, key in refs]))
+            patch_mask(n, spec.mim_mask_ratio, sample_rng(spec.seed, key, e, s, o))
+            for e, s, o, key in refs]))
     return out
 
 
@@ -161,7 +166,8 @@ def pair_batch(refs, items, tok: TextTokenizer, spec: BatchSpec) -> dict:
         out["phrase_ids"] = _pad([_phrase_ids(enc.offsets, enc.word_ids, spans) for enc, spans
                                   in zip(encs, spans_of)], spec.seq_len, 0)
     if "tags" in feats:
-        out.update(_ids_fields(tok, spec, [tok.encode(" ".join(it["tags"]), spec.seq_len) for it in items], "tag_"))
+        out.update(_ids_fields(tok, spec, [tok.encode(" ".join(it["tags"]), spec.seq_len) for it in items],
+                               "tag_"))
     out["epoch"] = _epochs(refs)
     return out
 
@@ -184,7 +190,8 @@ def _contrast_fields(encs, chosen, spans_of, items, tok: TextTokenizer, spec: Ba
     for i, (rng, caption, positive) in enumerate(chosen):
         # phrase- and sentence-level rewrites borrow from the other images of the batch
         others = [j for j, image in enumerate(image_ids) if image != image_ids[i]]
-        rewrite = hard_negative(caption, rng, spans=spans_of[i], donors=[p for j in others for p in phrases[j]],
+        rewrite = hard_negative(caption, rng, spans=spans_of[i],
+                                donors=[p for j in others for p in phrases[j]],
                                 others=[captions[j] for j in others], weights=spec.rewrite_weights,
                                 known=tok.spells)  # word-level ones swap in words spelled without [UNK]
         pos.append(ids_of(positive))

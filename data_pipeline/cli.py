@@ -1,4 +1,5 @@
-"""`unimo data ...` commands: write shards, train a tokenizer, write the synthetic dataset, inspect a source."""
+"""`unimo data ...` commands: write shards, train a tokenizer, write the synthetic dataset, inspect a
+source."""
 
 from __future__ import annotations
 
@@ -26,21 +27,24 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="unimo data", description="Data tools of unimo.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("shards", help="write WebDataset shards from a manifest, COCO JSON, image folder or text",
-                       description="Inputs: .jsonl/.csv manifest (image + caption columns), COCO captions .json, "
-                                   "a folder of images (with optional same-named .txt captions), or .txt/.jsonl "
-                                   "documents. A re-run keeps finished shards and continues.")
+    s = sub.add_parser("shards",
+                       help="write WebDataset shards from a manifest, COCO JSON, image folder or text",
+                       description="Inputs: .jsonl/.csv manifest (image + caption columns), COCO captions "
+                                   ".json, a folder of images (with optional same-named .txt captions), or "
+                                   ".txt/.jsonl documents. A re-run keeps finished shards and continues.")
     s.add_argument("inputs", nargs="+", help="input files or folders (local or s3://)")
     s.add_argument("--out", required=True, help="output folder (local or s3://bucket/prefix)")
     s.add_argument("--format", default="auto", choices=["auto", "manifest", "coco", "images", "text"])
     s.add_argument("--root", default="", help="folder that relative image paths are relative to")
     s.add_argument("--shard-size", type=parse_size, default="256MB", help="target bytes per shard (256MB)")
     s.add_argument("--max-samples", type=int, default=0, help="at most this many samples per shard")
-    s.add_argument("--resize", type=int, default=0, help="shrink images larger than this side (re-encoded JPEG)")
+    s.add_argument("--resize", type=int, default=0,
+                   help="shrink images larger than this side (re-encoded JPEG)")
     s.add_argument("--prefix", default="shard", help="shard file prefix")
 
     t = sub.add_parser("tokenizer", help="train a WordPiece/WordLevel tokenizer on text shards or files")
-    t.add_argument("inputs", nargs="+", help="shard URLs/prefixes (their .txt and json captions) or .txt/.jsonl")
+    t.add_argument("inputs", nargs="+",
+                   help="shard URLs/prefixes (their .txt and json captions) or .txt/.jsonl")
     t.add_argument("--out", required=True, help="tokenizer.json path or folder (local or s3://)")
     t.add_argument("--vocab-size", type=int, default=30000)
     t.add_argument("--kind", default="wordpiece", choices=["wordpiece", "wordlevel"])
@@ -51,15 +55,17 @@ def _parser() -> argparse.ArgumentParser:
                           ("samples-per-shard", 250), ("image-size", 64), ("seed", 0)):
         y.add_argument(f"--{name}", type=int, default=default)
 
-    v = sub.add_parser("preview", help="which corpus the first samples of each modality come from, and the epochs "
-                                       "of each corpus in the configured steps",
-                       description="Runs the loader's plan at world size 1 on the data section of CONFIG (no sample "
-                                   "is decoded). Epochs: steps x train.global_micro_batches x batch_size samples "
-                                   "per modality, shared by weight; epoch sizes counted from sidecars or estimated "
-                                   "from each corpus's first shard.")
+    v = sub.add_parser("preview",
+                       help="which corpus the first samples of each modality come from, and the epochs "
+                            "of each corpus in the configured steps",
+                       description="Runs the loader's plan at world size 1 on the data section of CONFIG (no "
+                                   "sample is decoded). Epochs: steps x train.global_micro_batches x "
+                                   "batch_size samples per modality, shared by weight; epoch sizes counted "
+                                   "from sidecars or estimated from each corpus's first shard.")
     v.add_argument("config", help="a run config file (only its data, stages and train sections are read)")
     v.add_argument("--samples", type=int, default=1000, help="samples of each modality to attribute (1000)")
-    v.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the stages' steps; 0 = skip)")
+    v.add_argument("--steps", type=int, default=None,
+                   help="optimizer steps (default: the stages' steps; 0 = skip)")
     v.add_argument("--micro-batches", type=int, default=None,
                    help="micro-batches per step over all ranks (default: train.global_micro_batches, else 1)")
     v.add_argument("--json", action="store_true", help="print one object: modality -> corpus -> count")
@@ -96,7 +102,8 @@ def _texts_of(inputs):
             fs, path = filesystem(url)
             with fs.open(path, "r", encoding="utf-8") as f:
                 for line in f:
-                    yield json.loads(line).get("text", "") if url.endswith(".jsonl") and line.strip() else line
+                    yield (json.loads(line).get("text", "") if url.endswith(".jsonl") and line.strip()
+                           else line)
             continue
         for shard, _ in list_shards(url):
             with RetryingReader(shard, RetryPolicy()) as r:

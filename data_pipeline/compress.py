@@ -1,4 +1,5 @@
-"""Compressed shards: gzip, bz2, xz (and zstd when ``zstandard`` is installed), recognised by their magic bytes.
+"""Compressed shards: gzip, bz2, xz (and zstd when ``zstandard`` is installed), recognised by their magic
+bytes.
 
 The decompressor reads from the shard's stream (a RetryingReader when reading storage), so a reconnect in the
 middle of a shard resumes the compressed bytes where they stopped and the decompressor never notices. A shard
@@ -129,5 +130,6 @@ def decompressed(stream, url: str = "") -> tuple[object, str | None]:
     except ImportError:
         what = safe_url(url) if url else "a shard"
         raise MissingDecompressor(f"{what} is zstd-compressed, and the zstandard package is not "
-                                  f"installed: pip install zstandard, or recompress the shards with gzip") from None
+                                  "installed: pip install zstandard, or recompress the shards "
+                                  "with gzip") from None
     return _Decompressed(zstandard.ZstdDecompressor().stream_reader(src, read_across_frames=True), kind), kind

@@ -48,7 +48,8 @@ def _whole_word_matches(low: str, phrase: str) -> Iterator[tuple[int, int]]:
     start = low.find(phrase)
     while start >= 0:
         end = start + len(phrase)
-        if (start == 0 or not _is_word_char(low[start - 1])) and (end == len(low) or not _is_word_char(low[end])):
+        if ((start == 0 or not _is_word_char(low[start - 1]))
+                and (end == len(low) or not _is_word_char(low[end]))):
             yield start, end
             start = low.find(phrase, end)
         else:

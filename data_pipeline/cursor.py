@@ -10,8 +10,8 @@ follows the per-epoch view: for each epoch, the finished shards and, for partly 
 ordinals. The view is what another world size resumes from; the stream states give an exact resume.
 
 A "source" of the cursor is one corpus: the modality's name for the one-corpus shorthand ("pair"), else
-"modality/name" ("pair/coco"); every corpus has its own shards, epochs and streams. ``mix`` holds, per modality,
-the corpus weights (and their history) and each stream's corpus-picking state (see mix.py).
+"modality/name" ("pair/coco"); every corpus has its own shards, epochs and streams. ``mix`` holds, per
+modality, the corpus weights (and their history) and each stream's corpus-picking state (see mix.py).
 """
 
 from __future__ import annotations
@@ -91,7 +91,8 @@ class StreamState:
     fresh_epoch: int = 0           # its shares of this epoch and later are untouched
     todo: list = field(default_factory=list)     # [[epoch, shard], ...] owned, not yet opened, in read order
     head: list | None = None       # [epoch, shard, next ordinal to read]
-    done: dict = field(default_factory=dict)     # "epoch:shard" -> yielded ordinals, for every unfinished shard
+    done: dict = field(default_factory=dict)     # "epoch:shard" -> yielded ordinals, for every unfinished
+                                                 # shard
     buffer: list = field(default_factory=list)   # [[epoch, shard, ordinal], ...] in buffer order
     draws: int = 0                 # shuffle RNG counter
 
@@ -180,7 +181,8 @@ def merge_states(states: list[dict]) -> dict:
                                                                  .get("streams", {})))
     out["sources"] = {}
     for name in first["sources"]:
-        src = {k: v for k, v in first["sources"][name].items() if k not in ("streams", "fresh_from", "epochs")}
+        src = {k: v for k, v in first["sources"][name].items()
+               if k not in ("streams", "fresh_from", "epochs")}
         src["streams"] = {}
         for st in states:
             src["streams"].update(copy.deepcopy(st["sources"][name]["streams"]))

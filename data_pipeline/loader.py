@@ -1,8 +1,8 @@
 """The mixed-source loader: per-rank DataLoader over per-worker streams, with an exact and elastic cursor.
 
-torchdata's StatefulDataLoader was weighed: its state is a per-rank, per-worker snapshot that restores only onto
-the same world size and worker count, while our cursor must also be redistributed across ranks (see cursor.py);
-the plain DataLoader plus a cursor riding on each batch gives both.
+torchdata's StatefulDataLoader was weighed: its state is a per-rank, per-worker snapshot that restores only
+onto the same world size and worker count, while our cursor must also be redistributed across ranks (see
+cursor.py); the plain DataLoader plus a cursor riding on each batch gives both.
 """
 
 from __future__ import annotations
@@ -51,8 +51,8 @@ class _Plan:
 
 
 def buffer_share(buffer: int, share: float) -> int:
-    """A corpus's shuffle buffer: its weight's share of data.shuffle_buffer (at least 1), so that the samples a
-    worker holds stay bounded by the buffer plus one per corpus, however many corpora there are."""
+    """A corpus's shuffle buffer: its weight's share of data.shuffle_buffer (at least 1), so that the samples
+    a worker holds stay bounded by the buffer plus one per corpus, however many corpora there are."""
     return max(1, round(buffer * share))
 
 
@@ -66,7 +66,8 @@ def _counting(counters: Counter, key: str):
 
 
 class _WorkerStreams(IterableDataset):
-    """Runs inside each DataLoader worker: yields whole mixed micro-batches with the worker's cursor attached."""
+    """Runs inside each DataLoader worker: yields whole mixed micro-batches with the worker's cursor
+    attached."""
 
     def __init__(self, plan: _Plan, states: dict, mix: dict, first_worker: int):
         super().__init__()
@@ -93,7 +94,8 @@ class _WorkerStreams(IterableDataset):
                 own = dataclasses.replace(ctx, buffer_size=buffer_share(cfg.shuffle_buffer, c.weight / total),
                                           count=_counting(counters, c.key))
                 streams[c.key] = SourceStream(c.key, self.plan.shards[c.key],
-                                              StreamState.from_json(self.states[c.key][str(stream_index)]), own)
+                                              StreamState.from_json(self.states[c.key][str(stream_index)]),
+                                              own)
             mixers[src] = Mixer(weights, self.mix[src][str(stream_index)])
         try:
             while True:
@@ -170,7 +172,8 @@ class MixedLoader:
     it from every rank and pass the list (or ``merge_states`` of it) back as ``state`` to resume.
     """
 
-    def __init__(self, plan: _Plan, world_size: int, states: dict, mix: dict, mix_meta: dict, next_worker: int):
+    def __init__(self, plan: _Plan, world_size: int, states: dict, mix: dict,
+                 mix_meta: dict, next_worker: int):
         self._plan, self._world_size = plan, world_size
         self._states = states                 # corpus key -> {str(stream index): stream state json}
         self._mix = mix                       # modality -> {str(stream index): mix state}
@@ -185,8 +188,8 @@ class MixedLoader:
             _add_stats(self._base_stats, stats)
         self._worker_stats = {}
         cfg = self._plan.cfg
-        loader = DataLoader(_WorkerStreams(self._plan, self._states, self._mix, self._next_worker), batch_size=None,
-                            num_workers=cfg.num_workers,
+        loader = DataLoader(_WorkerStreams(self._plan, self._states, self._mix, self._next_worker),
+                            batch_size=None, num_workers=cfg.num_workers,
                             prefetch_factor=cfg.prefetch_factor if cfg.num_workers else None)
         for batch in loader:
             _unpack(batch)
@@ -297,8 +300,8 @@ def _initial_states(state: dict | None, plan: _Plan, world_size: int) -> tuple[d
             continue
         _check_same_shards(c.key, saved, plan.shards[c.key])
         if saved.get("seq_len", plan.spec.seq_len) != plan.spec.seq_len:
-            raise ValueError(f"seq_len = {plan.spec.seq_len}: the data cursor of source {c.key} counts sequences "
-                             f"packed to {saved['seq_len']} tokens; resume with the same seq_len")
+            raise ValueError(f"seq_len = {plan.spec.seq_len}: the data cursor of source {c.key} counts "
+                             f"sequences packed to {saved['seq_len']} tokens; resume with the same seq_len")
         if exact and all(str(i) in saved["streams"] for i in mine):
             out[c.key] = {str(i): saved["streams"][str(i)] for i in mine}
             continue
@@ -306,8 +309,8 @@ def _initial_states(state: dict | None, plan: _Plan, world_size: int) -> tuple[d
         if view is None:
             if not is_complete(saved, state):
                 raise ValueError(f"data cursor of source {c.key} holds {len(saved['streams'])} of the "
-                                 f"{state['world_size'] * state['num_workers']} streams it was saved with: pass "
-                                 f"the state_dict() of every rank (a list, or merge_states of it)")
+                                 f"{state['world_size'] * state['num_workers']} streams it was saved with: "
+                                 f"pass the state_dict() of every rank (a list, or merge_states of it)")
             view = epochs_view([StreamState.from_json(s) for s in saved["streams"].values()], state["seed"],
                                c.key, saved["num_shards"])
         new = redistribute(view, plan.cfg.seed, c.key, len(plan.shards[c.key]), streams)
@@ -325,16 +328,16 @@ def _check_corpora_kept(saved_sources: dict, plan: _Plan) -> None:
         if before == now or not before:
             continue
         if not now:
-            log.warning("data.%s: the data cursor has corpora %s, the config none: the modality is not read", src,
-                        before)
+            log.warning("data.%s: the data cursor has corpora %s, the config none: the modality is not read",
+                        src, before)
             continue
         if not set(before) & set(now):
-            raise ValueError(f"data.{src}: the data cursor was saved with corpora {before}, the config has {now}: "
-                             f"no corpus is kept, so the {src} data would silently start over; keep at least one "
-                             f"corpus under its name (the shorthand data.{src}.urls is the corpus '{src}') or "
-                             f"start a new run")
-        log.warning("data.%s: corpora changed on resume: kept %s continue; added %s start at epoch 0; removed "
-                    "%s are dropped from the cursor", src, sorted(set(before) & set(now)),
+            raise ValueError(f"data.{src}: the data cursor was saved with corpora {before}, the config has "
+                             f"{now}: no corpus is kept, so the {src} data would silently start over; keep "
+                             f"at least one corpus under its name (the shorthand data.{src}.urls is the "
+                             f"corpus '{src}') or start a new run")
+        log.warning("data.%s: corpora changed on resume: kept %s continue; added %s start at epoch 0; "
+                    "removed %s are dropped from the cursor", src, sorted(set(before) & set(now)),
                     sorted(set(now) - set(before)), sorted(set(before) - set(now)))
 
 
@@ -373,8 +376,8 @@ def build_loader(cfg: DataConfig, *, rank: int, world_size: int, seq_len: int, i
     _check_args(rank, world_size, seq_len, image_size, patch_size)
     sources = cfg.active_sources()
     if not sources:
-        raise ValueError("data: no source has urls (set data.text.urls, data.image.urls or data.pair.urls, or "
-                         "their corpora)")
+        raise ValueError("data: no source has urls (set data.text.urls, data.image.urls or data.pair.urls, "
+                         "or their corpora)")
     workers = max(1, cfg.num_workers)
     tok = None
     if {"text", "pair"} & set(sources) or cfg.tokenizer:

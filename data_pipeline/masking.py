@@ -1,4 +1,5 @@
-"""Masking for MLM (whole-word / whole-phrase, 80/10/10) and MIM (a fixed share of patches), per-sample RNG."""
+"""Masking for MLM (whole-word / whole-phrase, 80/10/10) and MIM (a fixed share of patches), per-sample
+RNG."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ IGNORE = -100
 _SOURCE_CODE = {"text": 1, "image": 2, "pair": 3, "eval": 4}
 
 
-def sample_rng(seed: int, source: str, epoch: int, shard: int, item: int, salt: int = 0) -> np.random.Generator:
-    """An RNG owned by one sample in one epoch: masks and rewrites do not depend on order, workers or resume."""
+def sample_rng(seed: int, source: str, epoch: int, shard: int, item: int,
+               salt: int = 0) -> np.random.Generator:
+    """An RNG owned by one sample in one epoch: masks and rewrites do not depend on order, workers or
+    resume."""
     return np.random.default_rng([seed, _SOURCE_CODE.get(source, zlib.crc32(source.encode())), epoch, shard,
                                   item, salt])
 
@@ -23,7 +26,8 @@ def mask_units(word_ids: list[int], offsets: list[tuple[int, int]] | None = None
     in_phrase = set()
     if spans and offsets:
         for start, end in spans:
-            unit = [i for i, w in enumerate(word_ids) if w >= 0 and offsets[i][0] >= start and offsets[i][1] <= end]
+            unit = [i for i, w in enumerate(word_ids) if w >= 0 and offsets[i][0] >= start
+                    and offsets[i][1] <= end]
             if unit:
                 units.append(unit)
                 in_phrase.update(unit)

@@ -1,11 +1,11 @@
 """Which corpus each sample of a modality comes from: weighted, deterministic per stream, held in the cursor.
 
 Every stream (rank x worker) of a modality runs its own smooth weighted round robin over the modality's
-corpora: each pick adds every corpus's normalised weight to its credit and takes the corpus with the most credit,
-which then pays 1. Over any window of n picks a corpus's count stays within about one sample of weight x n, so
-small batches already carry the configured shares, and the whole state is a credit per corpus and a pick counter,
-which the cursor stores (an exact resume continues the same picks). The starting credits are drawn from
-(seed, modality, stream), so streams do not all start on the same corpus.
+corpora: each pick adds every corpus's normalised weight to its credit and takes the corpus with the most
+credit, which then pays 1. Over any window of n picks a corpus's count stays within about one sample of weight
+x n, so small batches already carry the configured shares, and the whole state is a credit per corpus and a
+pick counter, which the cursor stores (an exact resume continues the same picks). The starting credits are
+drawn from (seed, modality, stream), so streams do not all start on the same corpus.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ def normalised(weights: dict[str, float]) -> dict[str, float]:
 
 
 def _phase(seed: int, modality: str, streams: int, index: int, key: str) -> float:
-    digest = hashlib.blake2b(f"{seed}/{modality}/mix/{streams}/{index}/{key}".encode(), digest_size=8).digest()
+    digest = hashlib.blake2b(f"{seed}/{modality}/mix/{streams}/{index}/{key}".encode(),
+                             digest_size=8).digest()
     return int.from_bytes(digest, "little") / 2.0 ** 64
 
 
@@ -63,14 +64,17 @@ class Mixer:
 
 
 def total_picks(saved: dict) -> int:
-    """Picks of a saved modality mix since the run began (streams restart their counters on an elastic resume)."""
+    """Picks of a saved modality mix since the run began (streams restart their counters on an elastic
+    resume)."""
     return saved.get("base_picks", 0) + sum(s["picks"] for s in saved.get("streams", {}).values())
 
 
 def weights_change(modality: str, saved: dict | None, weights: dict[str, float]) -> list[dict]:
-    """The modality's weight history for the cursor; logs when the configured weights differ from the saved ones.
+    """The modality's weight history for the cursor; logs when the configured weights differ from the saved
+    ones.
 
-    Each entry is {"weights", "from_picks"}: the weights in force from that many picks (summed over streams)."""
+    Each entry is {"weights", "from_picks"}: the weights in force from that many picks (summed over
+    streams)."""
     if not saved:
         return [{"weights": dict(weights), "from_picks": 0}]
     history = [dict(h) for h in saved.get("history", [])]

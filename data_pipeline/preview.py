@@ -1,10 +1,12 @@
-"""`unimo data preview`: which corpus the first samples of each modality come from, and how many epochs of each
-corpus the configured steps go through, from the loader's own plan at world size 1 (no sample is decoded).
+"""`unimo data preview`: which corpus the first samples of each modality come from, and how many epochs of
+each corpus the configured steps go through, from the loader's own plan at world size 1 (no sample is
+decoded).
 
-The corpus of every sample is fixed by the mix (mix.py) before any shard is read, so the counts are exactly what
-the loader will deliver. Epoch sizes are estimates: a corpus's first shard is counted (its samples; for text the
-packed sequences when the tokenizer is configured, else documents) and scaled by the corpus's bytes, unless the
-shards carry the sidecars ``shard-NNNNNN.json`` that ``unimo data shards`` writes, which give exact counts.
+The corpus of every sample is fixed by the mix (mix.py) before any shard is read, so the counts are exactly
+what the loader will deliver. Epoch sizes are estimates: a corpus's first shard is counted (its samples; for
+text the packed sequences when the tokenizer is configured, else documents) and scaled by the corpus's bytes,
+unless the shards carry the sidecars ``shard-NNNNNN.json`` that ``unimo data shards`` writes, which give exact
+counts.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ def corpus_mix(cfg: DataConfig, samples: int) -> dict[str, Counter]:
     workers = max(1, cfg.num_workers)
     corpora = {src: cfg.corpora(src) for src in sources}
     plan = _Plan(cfg=cfg, rank=0, workers=workers, sources=sources, corpora=corpora,
-                 shards=_list_sources([c for src in sources for c in corpora[src]], workers), tokenizer_json=None,
+                 shards=_list_sources([c for src in sources for c in corpora[src]], workers),
+                 tokenizer_json=None,
                  spec=BatchSpec(4, 8, 8, cfg.seed, cfg.mlm_probability, cfg.mim_mask_ratio,
                                 tuple(cfg.rewrite_weights), frozenset()))
     _, mix, _, _ = _initial_states(None, plan, 1)
@@ -95,7 +98,8 @@ def epoch_size(modality: str, shards: list[tuple[str, int]], cfg: DataConfig, se
 
 def preview(cfg: DataConfig, samples: int, steps: int = 0, micro_batches: int = 1, seq_len: int | None = None
             ) -> dict:
-    """{"mix": modality -> corpus -> count, "weights": ..., "epochs": modality -> corpus -> epochs in steps}."""
+    """{"mix": modality -> corpus -> count, "weights": ..., "epochs": modality -> corpus -> epochs in
+    steps}."""
     mix = corpus_mix(cfg, samples)
     shards = mix.pop("_shards")
     out = {"mix": {m: dict(c) for m, c in mix.items()}, "weights": {}, "epochs": {}, "epoch_size": {}}

@@ -1,4 +1,5 @@
-"""Text rewriting for CMCL hard negatives (UNIMO): word-, phrase- and sentence-level, deterministic per RNG."""
+"""Text rewriting for CMCL hard negatives (UNIMO): word-, phrase- and sentence-level, deterministic per
+RNG."""
 
 from __future__ import annotations
 
@@ -64,8 +65,8 @@ class Rewrite:
 def word_candidates(text: str, classes=WORD_CLASSES, known=None) -> list[tuple[str, int, int, list[str]]]:
     """(class, start, end, alternatives) of every word a word-level rewrite may swap.
 
-    known(word) -> bool, when given, keeps only alternatives the tokenizer can spell: a swap to a word it maps to
-    [UNK] would make a negative that is told apart by the [UNK] alone, not by its meaning.
+    known(word) -> bool, when given, keeps only alternatives the tokenizer can spell: a swap to a word it maps
+    to [UNK] would make a negative that is told apart by the [UNK] alone, not by its meaning.
     """
     out = []
     for m in _WORD.finditer(text):
@@ -133,7 +134,8 @@ def _cdf(weights: tuple) -> list[float]:
 
 def hard_negative(text: str, rng: np.random.Generator, *, spans: list[tuple[int, int]], donors: list[str],
                   others: list[str], weights=(0.6, 0.2, 0.2), known=None) -> Rewrite | None:
-    """A hard negative of the kind drawn by ``weights``, falling back to the other kinds when it cannot apply."""
+    """A hard negative of the kind drawn by ``weights``, falling back to the other kinds when it cannot
+    apply."""
     first = bisect.bisect_right(_cdf(tuple(weights)), rng.random())
     for kind in [KINDS[first]] + [k for k in KINDS if k != KINDS[first]]:
         if kind == "word":

@@ -25,8 +25,8 @@ MAX_CAPTION_CHARS = 5_000
 
 
 class BadSample(Exception):
-    """A sample that cannot be used, met while writing shards or while reading them; ``reason`` is the counter it
-    goes to (a counted, logged skip, never a silent one)."""
+    """A sample that cannot be used, met while writing shards or while reading them; ``reason`` is the counter
+    it goes to (a counted, logged skip, never a silent one)."""
 
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(detail or reason)
@@ -53,7 +53,8 @@ def stable_id(text: str) -> int:
 
 def decode_image(data: bytes, size: int) -> np.ndarray:
     """(size, size, 3) uint8 RGB, resized with PIL bilinear. Channels stay last, as PIL hands them out: the
-    batch makes its whole stack channels-first in one copy (batch.pixels_tensor) instead of a copy per image."""
+    batch makes its whole stack channels-first in one copy (batch.pixels_tensor) instead of a copy per
+    image."""
     try:
         img = Image.open(io.BytesIO(data))
         img.draft("RGB", (size, size))  # JPEG: decode at a reduced scale when the file is much larger
@@ -190,7 +191,8 @@ def shard_items(source: str, url: str, stream, prep: Prep, count: Callable[[str]
 
     def issue(reason: str, key: str, detail: str = ""):
         count(f"skipped_{reason}")
-        log.warning("skipped %s sample: shard=%s key=%s reason=%s %s", source, safe_url(url), key, reason, detail)
+        log.warning("skipped %s sample: shard=%s key=%s reason=%s %s", source, safe_url(url),
+                    key, reason, detail)
 
     samples = iter_samples(stream, lambda reason, key: issue(reason, key))
     if source == "text":

@@ -44,8 +44,8 @@ class Summary:
     skipped: Counter = field(default_factory=Counter)
 
     def to_json(self) -> dict:
-        return {"shards_written": self.shards_written, "shards_kept": self.shards_kept, "samples": self.samples,
-                "bytes": self.bytes, "skipped": dict(self.skipped)}
+        return {"shards_written": self.shards_written, "shards_kept": self.shards_kept,
+                "samples": self.samples, "bytes": self.bytes, "skipped": dict(self.skipped)}
 
 
 # -- reading inputs ---------------------------------------------------------------------------------------
@@ -68,7 +68,8 @@ def _join(root: str, path: str) -> str:
 
 
 def _checked_image(data: bytes, resize: int | None) -> tuple[str, bytes]:
-    """(extension, bytes) of a decodable image; re-encoded only when resizing or in a format we do not read."""
+    """(extension, bytes) of a decodable image; re-encoded only when resizing or in a format we do not
+    read."""
     try:
         img = Image.open(io.BytesIO(data))
         fmt = (img.format or "").lower()
@@ -121,7 +122,8 @@ def manifest_samples(url: str, root: str = "", resize: int | None = None) -> Ite
     root = root or url.rsplit("/", 1)[0]
     fs, path = filesystem(url)
     with fs.open(path, "r", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f)) if url.endswith(".csv") else [json.loads(line) for line in f if line.strip()]
+        rows = (list(csv.DictReader(f)) if url.endswith(".csv")
+                else [json.loads(line) for line in f if line.strip()])
     for i, row in enumerate(rows):
         yield Raw(f"{url}:{i + 1}", lambda row=row: _manifest_files(row, root, resize))
 
@@ -134,7 +136,8 @@ def _manifest_files(row: dict, root: str, resize) -> dict:
     if image is None and caption is None and not captions:
         raise BadSample("missing_field", "row has no image and no text column")
     meta = {k: row[k] for k in ("phrases", "tags", "id") if k in row and row[k] not in (None, "")}
-    texts = None if caption is None and captions is None else [caption] * (caption is not None) + (captions or [])
+    texts = (None if caption is None and captions is None
+             else [caption] * (caption is not None) + (captions or []))
     if image is None:  # a text-only manifest: documents
         return _doc(texts[0] if texts else None)
     return _sample_files(_join(root, image), texts, meta, resize)
@@ -166,7 +169,8 @@ def folder_samples(url: str, resize: int | None = None) -> Iterator[Raw]:
             continue
         txt = texts.get(f.rsplit(".", 1)[0])
         yield Raw(proto + f, lambda f=f, txt=txt: _sample_files(
-            proto + f, None if txt is None else [_read_bytes(proto + txt).decode("utf-8", "replace")], {}, resize))
+            proto + f, None if txt is None else [_read_bytes(proto + txt).decode("utf-8", "replace")],
+            {}, resize))
 
 
 def text_samples(urls: list[str]) -> Iterator[Raw]:

@@ -78,8 +78,9 @@ def filesystem(url: str):
     except ValueError as exc:
         if "protocol not known" not in str(exc).lower():
             raise
-        raise DataSourceError(f"{safe_url(url)}: no fsspec implementation reads '{_scheme(url)}://' URLs; check "
-                              f"the scheme (file paths, s3://, http(s)://, gs://, hf://, ...)") from None
+        raise DataSourceError(f"{safe_url(url)}: no fsspec implementation reads '{_scheme(url)}://' URLs; "
+                              "check the scheme (file paths, s3://, http(s)://, gs://, "
+                              "hf://, ...)") from None
     return fs, path
 
 
@@ -117,22 +118,22 @@ def list_shards(url: str, policy: RetryPolicy | None = None) -> list[tuple[str, 
     """(url, size) of every shard of a source, sorted; raises DataSourceError naming the URL when empty.
 
     ``url`` is a brace pattern (every expanded shard must exist) or a prefix/folder whose ``.tar`` files are
-    listed recursively. ``policy``: the retries of the listing (the run passes data.io_retries and its backoff,
-    which bound every storage call; the default suits one-off tools).
+    listed recursively. ``policy``: the retries of the listing (the run passes data.io_retries and its
+    backoff, which bound every storage call; the default suits one-off tools).
     """
     if not url:
         raise DataSourceError("empty shard URL")
     try:
-        shards = call_with_retries(lambda: _list_http(url) if _is_http(url) else _list_pattern(url) if "{" in url
-                                   else _list_prefix(url), url, policy or default_policy())
+        shards = call_with_retries(lambda: _list_http(url) if _is_http(url) else _list_pattern(url)
+                                   if "{" in url else _list_prefix(url), url, policy or default_policy())
     except (DataSourceError, DataReadError):
         raise
     except Exception as exc:  # noqa: BLE001 - anything else still names the URL
         raise storage_error(url, exc) from None
     if not shards:
-        raise DataSourceError(f"no shards (*.tar, *.tar.gz, *.tgz, ...) found under {safe_url(url)}: point it at a "
-                              "folder or prefix holding WebDataset shards, or a brace pattern (`unimo data shards` "
-                              "writes them)")
+        raise DataSourceError(f"no shards (*.tar, *.tar.gz, *.tgz, ...) found under {safe_url(url)}: point "
+                              "it at a folder or prefix holding WebDataset shards, or a brace pattern "
+                              "(`unimo data shards` writes them)")
     return shards
 
 
@@ -152,7 +153,8 @@ def _list_http(url: str) -> list[tuple[str, int]]:
     if "{" in url:
         urls = sorted(set(braceexpand(url)))
     elif url.endswith("/"):
-        urls = sorted({u for u in fs.ls(url, detail=False) if u.startswith(url) and is_shard_name(u.split("?")[0])})
+        urls = sorted({u for u in fs.ls(url, detail=False) if u.startswith(url)
+                       and is_shard_name(u.split("?")[0])})
         if not urls:
             raise DataSourceError(f"{safe_url(url)}: the page links no shards (*.tar, *.tar.gz, ...); {hint}")
     elif is_shard_name(url.split("?")[0]):
@@ -257,8 +259,8 @@ def call_with_retries(op: Callable, url: str, policy: RetryPolicy, *, on_failure
             errors.append(f"{type(exc).__name__}: {exc}")
             if delay is None:
                 break
-            log.warning("storage call for %s%s failed (%s); retrying in %.1fs", safe_url(url), where(), errors[-1],
-                        delay)
+            log.warning("storage call for %s%s failed (%s); retrying in %.1fs", safe_url(url), where(),
+                        errors[-1], delay)
             if on_retry:
                 on_retry()
             time.sleep(delay)

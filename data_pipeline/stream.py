@@ -72,10 +72,10 @@ class SourceStream:
     def _plan_epoch(self):
         self._empty_plans = self._empty_plans + 1 if self._pulled_since_plan == 0 else 0
         if self._empty_plans >= 2:
-            raise DataSourceError(f"source {self.source}: no usable sample (no readable shard) in two whole epochs "
-                                  f"of this stream's shares of its {len(self.shards)} shards (e.g. "
-                                  f"{safe_url(self.shards[0][0])}); the warnings name each shard and why it was "
-                                  f"skipped (not_a_tar, truncated_shard, ...)")
+            raise DataSourceError(f"source {self.source}: no usable sample (no readable shard) in two whole "
+                                  f"epochs of this stream's shares of its {len(self.shards)} shards (e.g. "
+                                  f"{safe_url(self.shards[0][0])}); the warnings name each shard and why it "
+                                  f"was skipped (not_a_tar, truncated_shard, ...)")
         self._pulled_since_plan = 0
         while not self.st.todo:  # fewer shards than streams: some epochs give this stream none (at most S/n)
             e = self.st.fresh_epoch
@@ -131,7 +131,8 @@ class SourceStream:
         missing = [b for b in self.st.buffer if (shard_key(b[0], b[1]), b[2]) not in found]
         if missing:
             raise DataSourceError(f"source {self.source}: the cursor's buffer names items that the shards no "
-                                  f"longer hold, e.g. shard {self.shards[missing[0][1]][0]} item {missing[0][2]}")
+                                  f"longer hold, e.g. shard {self.shards[missing[0][1]][0]} "
+                                  f"item {missing[0][2]}")
         self._items = [found[(shard_key(e, s), o)] for e, s, o in self.st.buffer]
 
     def _read_items(self, key: str, ordinals: set[int]) -> dict:
@@ -162,7 +163,8 @@ class SourceStream:
 
     # -- drawing ------------------------------------------------------------------------------------------
     def take(self, n: int) -> tuple[list[list[int]], list[dict]]:
-        """n items drawn from the shuffle buffer, refilled from the shards; refs are [epoch, shard, ordinal]."""
+        """n items drawn from the shuffle buffer, refilled from the shards; refs are [epoch, shard,
+        ordinal]."""
         if not self._restored:
             self._restore()
             self._restored = True

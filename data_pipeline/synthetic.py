@@ -30,8 +30,9 @@ def _scene(rng: np.random.Generator) -> list[dict]:
         layout = layout[::-1]
     n_groups = 1 + int(rng.random() < 0.7)
     colours = rng.permutation(list(PALETTE))[:n_groups]
-    return [{"count": int(rng.integers(1, 4)), "size": str(rng.choice(list(SIZES))), "colour": str(colours[i]),
-             "shape": str(rng.choice(SHAPES)), "where": layout[i]} for i in range(n_groups)]
+    return [{"count": int(rng.integers(1, 4)), "size": str(rng.choice(list(SIZES))),
+             "colour": str(colours[i]), "shape": str(rng.choice(SHAPES)), "where": layout[i]}
+            for i in range(n_groups)]
 
 
 def _group_phrase(g: dict, with_size: bool = True) -> str:
@@ -149,7 +150,8 @@ def write_synthetic_dataset(out: str, *, n_pairs=2000, n_text=2000, n_images=200
     every n samples written (of n_pairs + n_text + n_images + n_eval).
     """
     urls, corpus = {}, []
-    for split, folder, make, n in (("pair", "pairs", _pair_sample, n_pairs), ("text", "text", _text_sample, n_text),
+    for split, folder, make, n in (("pair", "pairs", _pair_sample, n_pairs),
+                                   ("text", "text", _text_sample, n_text),
                                    ("image", "images", _image_sample, n_images),
                                    ("eval", "eval", _pair_sample, n_eval)):
         if n <= 0:

@@ -1,4 +1,5 @@
-"""Tokenizer wrapper over Hugging Face `tokenizers`: loading (local or s3://), training, [CLS] ... [SEP] encoding."""
+"""Tokenizer wrapper over Hugging Face `tokenizers`: loading (local or s3://), training, [CLS] ... [SEP]
+encoding."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ from dataclasses import dataclass
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-from .storage_io import (DataReadError, DataSourceError, RetryPolicy, call_with_retries, default_policy, filesystem,
-                 storage_error)
+from .storage_io import (DataReadError, DataSourceError, RetryPolicy, call_with_retries, default_policy,
+                         filesystem, storage_error)
 
 SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # ids 0..4 in tokenizers we train
 # Names of each special token in BERT-style and RoBERTa-style tokenizer.json files.
@@ -71,7 +72,8 @@ class TextTokenizer:
         for every caption, and a tokenizer call per word was a tenth of the pipeline's time."""
         known = self._spelled.get(word)
         if known is None:
-            known = self._spelled[word] = self.unk_id not in self._tok.encode(word, add_special_tokens=False).ids
+            known = self._spelled[word] = (self.unk_id
+                                           not in self._tok.encode(word, add_special_tokens=False).ids)
         return known
 
     def decode(self, ids) -> str:
@@ -99,8 +101,8 @@ def _read_text(path: str, policy: RetryPolicy | None = None) -> str:
 
 
 def load_tokenizer(path: str, policy: RetryPolicy | None = None) -> TextTokenizer:
-    """Load a tokenizer.json file, or a folder holding one, from a local path or s3:// (``policy``: the retries
-    of the read; a run passes data.io_retries)."""
+    """Load a tokenizer.json file, or a folder holding one, from a local path or s3:// (``policy``: the
+    retries of the read; a run passes data.io_retries)."""
     if not path:
         raise ValueError("data.tokenizer is empty: give a tokenizer.json path or a folder holding one")
     return TextTokenizer.from_str(_read_text(path, policy))
@@ -124,7 +126,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1000, kind: str = "w
 
 
 def save_tokenizer(tok: TextTokenizer, path: str) -> str:
-    """Write tokenizer.json to ``path`` (a file path, or a folder that gets tokenizer.json); returns the file."""
+    """Write tokenizer.json to ``path`` (a file path, or a folder that gets tokenizer.json); returns the
+    file."""
     if not path.endswith(".json"):
         path = path.rstrip("/") + "/tokenizer.json"
     fs, p = filesystem(path)

@@ -2,8 +2,8 @@
 
 Convention: a matmul of (m, k) @ (k, n) costs 2*m*k*n FLOPs; only matmuls, convolutions and attention products
 are counted (LayerNorm, softmax, activations and embedding lookups are a few percent at most), which is what
-torch.utils.flop_counter.FlopCounterMode counts too. Training cost = 3 x forward: the backward pass computes the
-gradients of both the inputs and the weights of every matmul, each as large as the forward matmul.
+torch.utils.flop_counter.FlopCounterMode counts too. Training cost = 3 x forward: the backward pass computes
+the gradients of both the inputs and the weights of every matmul, each as large as the forward matmul.
 Attention is counted over the full L x L score matrix even under a causal mask (SDPA computes it so on CPU and
 this is what the counter reports); the ITC similarity matrix (2*B_global*E per sample) is left out.
 """
@@ -96,7 +96,8 @@ def objective_flops(cfg: ModelConfig, source: str, objective: str, L: int, num_p
     pair itc: text and vision passes + projections; itm: 1 + itm_negatives fusion passes on the ITC states;
     pair mlm: a pass of the masked text + fusion + fused MLM head; lm: a causal text pass + causal fusion +
     LM head; grounding: the grounding head on the ITM positive pass's fused states.
-    head_positions: positions scored by the vocabulary heads (default all L; fewer if masked ones are gathered).
+    head_positions: positions scored by the vocabulary heads (default all L; fewer if masked ones are
+    gathered).
     """
     if source not in SOURCES:
         raise ValueError(f"source={source!r}: must be one of {list(SOURCES)}")
@@ -111,7 +112,8 @@ def objective_flops(cfg: ModelConfig, source: str, objective: str, L: int, num_p
         return (text_encoder_flops(cfg, L) + vision_encoder_flops(cfg, num_patches)
                 + head_flops(cfg, "itc", L, num_patches))
     if objective == "itm":
-        return (1 + itm_negatives) * (fusion_flops(cfg, L, num_patches) + head_flops(cfg, "itm", L, num_patches))
+        return (1 + itm_negatives) * (fusion_flops(cfg, L, num_patches)
+                                      + head_flops(cfg, "itm", L, num_patches))
     if objective == "mlm":
         return (text_encoder_flops(cfg, L) + fusion_flops(cfg, L, num_patches)
                 + head_flops(cfg, "fused_mlm", L, num_patches, hp))
@@ -148,7 +150,8 @@ PARTS = ("text_encoder", "vision_encoder", "fusion", "heads")
 
 
 def count_parameters(model: torch.nn.Module) -> dict[str, int]:
-    """Parameters per part (text_encoder, vision_encoder, fusion, heads) and total; tied weights counted once."""
+    """Parameters per part (text_encoder, vision_encoder, fusion, heads) and total; tied weights counted
+    once."""
     out = dict.fromkeys(PARTS, 0)
     part_of = {"text": "text_encoder", "vision": "vision_encoder", "fusion": "fusion"}
     for name, p in model.named_parameters():  # named_parameters yields a shared tensor once
@@ -186,8 +189,8 @@ def model_info(flavor: str, seq_len: int | None = None, text_seq_len: int | None
         f"  text     {t.layers} layers x {t.dim} ({t.heads} heads, mlp {t.mlp_dim}), vocab {t.vocab_size}",
         (f"  vision   {v.layers} layers x {v.dim} ({v.heads} heads, mlp {v.mlp_dim}), "
          f"{v.image_size}px / patch {v.patch_size} = {v.num_patches} patches"),
-        (f"  fusion   {f.layers} layers x {f.dim} ({f.heads} heads, mlp {f.mlp_dim}), cross_layer={f.cross_layer}, "
-         f"cross_level_attention={'on' if f.cross_level_attention else 'off'}"),
+        (f"  fusion   {f.layers} layers x {f.dim} ({f.heads} heads, mlp {f.mlp_dim}), "
+         f"cross_layer={f.cross_layer}, cross_level_attention={'on' if f.cross_level_attention else 'off'}"),
         "parameters",
         *(f"  {k:<16}{params[k]:>16,}  ({_human(params[k], 'B')})" for k in (*PARTS, "total")),
         "training FLOPs per sample (forward + backward = 3 x forward; matmuls only)",

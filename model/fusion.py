@@ -1,4 +1,5 @@
-"""Cross-modal encoder: two co-attention streams with cross-layer (multi-level) inputs and cross-level attention.
+"""Cross-modal encoder: two co-attention streams with cross-layer (multi-level) inputs and cross-level
+attention.
 
 Fusion layer k of a stream reads x_k = LN(x_{k-1} + sum_l alpha_{k,l} P_l(U_l)) (docs/MODEL.md): U_l are the
 top `levels` unimodal layers of its own modality and P_l = Linear(LN(U_l)). The modes differ only in alpha:
@@ -54,7 +55,8 @@ class LevelProjections(nn.Module):
             str(l): nn.Sequential(nn.LayerNorm(in_dim, eps=cfg.layer_norm_eps), nn.Linear(in_dim, cfg.dim))
             for l in levels
         })
-        self.modality = nn.Parameter(torch.zeros(cfg.dim))  # tells the streams apart, as METER's type embedding
+        # tells the streams apart, as METER's type embedding
+        self.modality = nn.Parameter(torch.zeros(cfg.dim))
 
     def forward(self, window: list[Tensor]) -> list[Tensor | None]:
         """window: the top unimodal layers, each (B, S, Du) -> per level (B, S, Df), None where unused.
@@ -78,8 +80,8 @@ class LevelMixer(nn.Module):
         if self.mode == "adaptive":
             self.logits = nn.Parameter(torch.zeros(cfg.layers, levels))  # uniform at init
         if self.mode == "gated":
-            # [x; u; x*u]: with [x; u] alone the x-term is the same for every level and cancels in the softmax;
-            # no bias for the same reason (a shared shift of all levels' scores)
+            # [x; u; x*u]: with [x; u] alone the x-term is the same for every level and cancels in the
+            # softmax; no bias for the same reason (a shared shift of all levels' scores)
             self.gates = nn.ModuleList(nn.Linear(3 * cfg.dim, 1, bias=False) for _ in range(cfg.layers))
 
     def forward(self, k: int, x_prev: Tensor | None, proj: dict[int, Tensor]) -> Tensor:
@@ -141,7 +143,8 @@ class CoAttentionLayer(nn.Module):
 
     def forward(self, x: Tensor, mem: Tensor | None, self_mask: Tensor | None = None,
                 mem_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
-        x = self.ln1(x + dropout(self.self_attn(x, self_mask, is_causal), self.drop_p, self.training))  # (B, S, D)
+        # (B, S, D)
+        x = self.ln1(x + dropout(self.self_attn(x, self_mask, is_causal), self.drop_p, self.training))
         if mem is not None:  # None: this stream must not see the other (image stream while captioning)
             x = self.ln2(x + dropout(self.cross_attn(x, mem, mem_mask), self.drop_p, self.training))
         return self.ln3(x + dropout(self.mlp(x), self.drop_p, self.training))
@@ -176,15 +179,17 @@ class CrossModalEncoder(nn.Module):
         states = [states] if isinstance(states, Tensor) else list(states)
         window = [None] * max(0, levels - len(states)) + states[-levels:]
         if any(window[l] is None for l in needed):
-            raise ValueError(f"fusion needs the top {levels - min(needed)} {name} layers, got {len(states)} states")
+            raise ValueError(f"fusion needs the top {levels - min(needed)} {name} layers, got "
+                             f"{len(states)} states")
         return window
 
     def forward(self, text_states, text_mask: Tensor | None, image_states,
                 text_causal: bool = False) -> tuple[Tensor, Tensor]:
-        """text_states: per-layer (B, L, Dt); image_states: per-layer (B, 1+N, Dv) -> (B, L, Df), (B, 1+N, Df).
+        """text_states: per-layer (B, L, Dt); image_states: per-layer (B, 1+N, Dv)
+        -> (B, L, Df), (B, 1+N, Df).
 
-        text_causal: causal text self-attention for captioning; the image stream then skips its cross-attention
-        to text, because through it later tokens would reach earlier ones at the next layer.
+        text_causal: causal text self-attention for captioning; the image stream then skips its
+        cross-attention to text, because through it later tokens would reach earlier ones at the next layer.
         """
         pt = self.text_proj(self._window(text_states, self.t_levels, self.text_proj.levels, "text"))
         pv = self.image_proj(self._window(image_states, self.v_levels, self.image_proj.levels, "image"))
@@ -204,7 +209,8 @@ class CrossModalEncoder(nn.Module):
 
     @staticmethod
     def _text_masks(text_mask: Tensor | None, L: int, causal: bool):
-        """-> (text self-attention mask, is_causal flag, key-padding mask for the image stream's cross-attn)."""
+        """-> (text self-attention mask, is_causal flag, key-padding mask for the image stream's
+        cross-attn)."""
         if text_mask is not None and bool(text_mask.bool().all()):
             text_mask = None
         if causal and text_mask is None:

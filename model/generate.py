@@ -52,8 +52,8 @@ class _Stepper:
 @torch.no_grad()
 def generate(model: UnimoModel, pixels: Tensor | None = None, input_ids: Tensor | None = None,
              attention_mask: Tensor | None = None, max_new_tokens: int = 20, num_beams: int = 1,
-             eos_token_id: int | None = None, bos_token_id: int | None = None, pad_token_id: int | None = None,
-             length_penalty: float = 1.0) -> Tensor:
+             eos_token_id: int | None = None, bos_token_id: int | None = None,
+             pad_token_id: int | None = None, length_penalty: float = 1.0) -> Tensor:
     """Generate up to max_new_tokens per row -> (B, T) new tokens (EOS included), padded with pad_token_id.
 
     pixels given: captions (the prompt defaults to [BOS]); else continuations of input_ids (required).
@@ -75,7 +75,8 @@ def generate(model: UnimoModel, pixels: Tensor | None = None, input_ids: Tensor 
         ids, lengths = _right_pad(input_ids, attention_mask, pad)
         max_new_tokens = min(max_new_tokens, tc.max_seq_len - int(lengths.max()))
         if max_new_tokens < 1:
-            raise ValueError(f"prompt of {int(lengths.max())} tokens leaves no room in {tc.max_seq_len} positions")
+            raise ValueError(f"prompt of {int(lengths.max())} tokens leaves no room in "
+                             f"{tc.max_seq_len} positions")
         image_states = None if pixels is None else model.encode_image(pixels)
         return _beam_search(model, ids, lengths, image_states, max_new_tokens, num_beams, eos, pad,
                             length_penalty)

@@ -1,9 +1,9 @@
 """Load local Hugging Face BERT/RoBERTa text and ViT/CLIP-vision weights into UnimoModel's encoders.
 
-A folder holds config.json and model.safetensors (or sharded *.safetensors with an index, or pytorch_model.bin,
-read with torch.load(weights_only=True)). No hub access and no `transformers` import: the key layouts are
-mapped here. Every checkpoint key is accounted for: loaded, known-unused (poolers, NSP heads, CLIP's text tower)
-or unexpected; every encoder parameter is loaded or reported missing.
+A folder holds config.json and model.safetensors (or sharded *.safetensors with an index, or
+pytorch_model.bin, read with torch.load(weights_only=True)). No hub access and no `transformers` import: the
+key layouts are mapped here. Every checkpoint key is accounted for: loaded, known-unused (poolers, NSP heads,
+CLIP's text tower) or unexpected; every encoder parameter is loaded or reported missing.
 """
 
 from __future__ import annotations
@@ -149,7 +149,8 @@ def vision_config_from_hf(path: str, **overrides) -> VisionConfig:
         "image_size": v.get("image_size", 224), "patch_size": v.get("patch_size", 16),
         "layers": v.get("num_hidden_layers", 12), "dim": v.get("hidden_size", 768),
         "heads": v.get("num_attention_heads", 12), "mlp_dim": v.get("intermediate_size", 3072),
-        "channels": v.get("num_channels", 3), "layer_norm_eps": v.get("layer_norm_eps", 1e-5 if clip else 1e-12),
+        "channels": v.get("num_channels", 3),
+        "layer_norm_eps": v.get("layer_norm_eps", 1e-5 if clip else 1e-12),
         "activation": _activation({"hidden_act": v.get("hidden_act", "quick_gelu" if clip else "gelu")}),
         "pre_layernorm": clip, "final_layernorm": True, "patch_bias": not clip,
         "qkv_bias": True if clip else v.get("qkv_bias", True),
@@ -248,8 +249,8 @@ def _clip_map(layers: int) -> dict:
     return m
 
 
-_TEXT_IGNORED = re.compile(r"^(pooler\.|cls\.seq_relationship\.|cls\.predictions\.decoder\.|lm_head\.decoder\."
-                           r"|embeddings\.position_ids$)")
+_TEXT_IGNORED = re.compile(r"^(pooler\.|cls\.seq_relationship\.|cls\.predictions\.decoder\."
+                           r"|lm_head\.decoder\.|embeddings\.position_ids$)")
 _VISION_IGNORED = re.compile(r"^(pooler\.|classifier\.|embeddings\.position_ids$)")
 # a full CLIPModel folder also holds the text tower and projections, which the vision encoder does not use
 _CLIP_IGNORED = re.compile(r"^(embeddings\.position_ids$|text_model\.|text_projection\.|visual_projection\."
@@ -273,7 +274,8 @@ def _apply(model: torch.nn.Module, sd: dict[str, Tensor], mapping: dict, require
             value = fixups[ours](value)
         p = params[ours]
         if value.shape != p.shape:
-            raise ValueError(f"{ours}: checkpoint {keys} has shape {tuple(value.shape)}, model {tuple(p.shape)}")
+            raise ValueError(f"{ours}: checkpoint {keys} has shape {tuple(value.shape)}, model "
+                             f"{tuple(p.shape)}")
         with torch.no_grad():
             p.copy_(value.to(p.dtype))
         report.loaded.append(ours)
@@ -287,8 +289,8 @@ def load_text_encoder(model, path: str, strict: bool = True) -> LoadReport:
     """Fill model.text (and, if present, the text MLM head) from a local BERT/RoBERTa folder."""
     theirs = text_config_from_hf(path)
     _check_config(model.cfg.text, theirs, ("vocab_size", "layers", "dim", "heads", "mlp_dim", "max_positions",
-                                           "type_vocab_size", "layer_norm_eps", "activation", "position_style",
-                                           "pad_token_id"), f"text weights from {path}")
+                                           "type_vocab_size", "layer_norm_eps", "activation",
+                                           "position_style", "pad_token_id"), f"text weights from {path}")
     sd = _normalise_keys(read_state_dict(path))
     sd = _strip_prefix(sd, ("bert.", "roberta."), "embeddings.word_embeddings.weight")
     enc = _bert_map(theirs.layers)
@@ -302,8 +304,8 @@ def load_vision_encoder(model, path: str, strict: bool = True) -> LoadReport:
     hf = read_config(path)
     theirs = vision_config_from_hf(path)
     ours = model.cfg.vision
-    _check_config(ours, theirs, ("patch_size", "layers", "dim", "heads", "mlp_dim", "channels", "layer_norm_eps",
-                                 "activation", "pre_layernorm", "patch_bias", "qkv_bias"),
+    _check_config(ours, theirs, ("patch_size", "layers", "dim", "heads", "mlp_dim", "channels",
+                                 "layer_norm_eps", "activation", "pre_layernorm", "patch_bias", "qkv_bias"),
                   f"vision weights from {path}")
     sd = _normalise_keys(read_state_dict(path))
     clip = hf.get("model_type") != "vit"
@@ -322,10 +324,11 @@ def load_vision_encoder(model, path: str, strict: bool = True) -> LoadReport:
 
 
 # ------------------------------------------------------------------------------------------------ saving
-# The inverse of the loading maps: our towers written as Hugging Face folders (config.json + model.safetensors)
-# that `transformers` loads as BertModel / RobertaModel, ViTModel or CLIPVisionModel.
+# The inverse of the loading maps: our towers written as Hugging Face folders (config.json +
+# model.safetensors) that `transformers` loads as BertModel / RobertaModel, ViTModel or CLIPVisionModel.
 
-_HF_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "quick_gelu": "quick_gelu", "relu": "relu"}
+_HF_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "quick_gelu": "quick_gelu",
+                   "relu": "relu"}
 _NOT_EXPORTED = re.compile(r"^vision\.embeddings\.mask_token$")  # MIM's [MASK] patch: no field in ViT/CLIP
 
 
@@ -333,21 +336,24 @@ def text_hf_config(cfg: TextConfig) -> dict:
     """config.json of the text tower: BERT for absolute positions, RoBERTa for fairseq-style ones."""
     roberta = cfg.position_style == "roberta"
     return {
-        "model_type": "roberta" if roberta else "bert", "architectures": ["RobertaModel" if roberta else "BertModel"],
+        "model_type": "roberta" if roberta else "bert",
+        "architectures": ["RobertaModel" if roberta else "BertModel"],
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "num_hidden_layers": cfg.layers,
         "num_attention_heads": cfg.heads, "intermediate_size": cfg.mlp_dim,
         "hidden_act": _HF_ACTIVATIONS[cfg.activation], "max_position_embeddings": cfg.max_positions,
         "type_vocab_size": cfg.type_vocab_size, "layer_norm_eps": cfg.layer_norm_eps,
         "hidden_dropout_prob": cfg.dropout, "attention_probs_dropout_prob": cfg.dropout,
-        "position_embedding_type": "absolute", "pad_token_id": cfg.pad_token_id, "bos_token_id": cfg.bos_token_id,
+        "position_embedding_type": "absolute", "pad_token_id": cfg.pad_token_id,
+        "bos_token_id": cfg.bos_token_id,
         "eos_token_id": cfg.eos_token_id, "mask_token_id": cfg.mask_token_id,
     }
 
 
 def _vision_kind(cfg: VisionConfig) -> str:
     if not cfg.final_layernorm:
-        raise ValueError("model.vision.final_layernorm=false has no transformers equivalent (ViT and CLIP both "
-                         "end with a LayerNorm): the vision tower cannot be exported as a Hugging Face folder")
+        raise ValueError("model.vision.final_layernorm=false has no transformers equivalent (ViT and CLIP "
+                         "both end with a LayerNorm): the vision tower cannot be exported as a "
+                         "Hugging Face folder")
     if not cfg.pre_layernorm and cfg.patch_bias:
         return "vit"
     if cfg.pre_layernorm and not cfg.patch_bias and cfg.qkv_bias:
@@ -370,7 +376,8 @@ def vision_hf_config(cfg: VisionConfig) -> dict:
             "hidden_dropout_prob": cfg.dropout, "attention_probs_dropout_prob": cfg.dropout}
 
 
-def _invert(params: dict[str, Tensor], mapping: dict, reshape: dict[str, tuple] | None = None) -> dict[str, Tensor]:
+def _invert(params: dict[str, Tensor], mapping: dict,
+            reshape: dict[str, tuple] | None = None) -> dict[str, Tensor]:
     """Our parameters -> checkpoint keys: a concatenated group (q, k, v) is split back in equal parts."""
     out = {}
     for ours, (keys, _) in mapping.items():
@@ -403,7 +410,8 @@ def vision_state_dict_to_hf(model) -> dict[str, Tensor]:
     else:
         n = cfg.num_patches + 1
         mapping, prefix = _clip_map(cfg.layers), "vision_model."
-        reshape = {"embeddings.class_embedding": (cfg.dim,), "embeddings.position_embedding.weight": (n, cfg.dim)}
+        reshape = {"embeddings.class_embedding": (cfg.dim,),
+                   "embeddings.position_embedding.weight": (n, cfg.dim)}
     out = _invert(params, mapping, reshape)
     left = sorted(set(unmapped) - set(mapping))
     if left:
@@ -428,7 +436,8 @@ def save_text_encoder(model, path: str) -> str:
 
 def save_vision_encoder(model, path: str) -> str:
     """Writes the vision tower as a ViT or CLIP-vision folder (config.json, model.safetensors, and the
-    preprocessor_config.json of the pipeline's resize and (x/255 - 0.5)/0.5 normalisation); returns ``path``."""
+    preprocessor_config.json of the pipeline's resize and (x/255 - 0.5)/0.5 normalisation); returns
+    ``path``."""
     cfg = model.cfg.vision
     _save_folder(path, vision_hf_config(cfg), vision_state_dict_to_hf(model))
     clip = _vision_kind(cfg) == "clip"
@@ -466,9 +475,9 @@ def shaped_text_config(path: str, explicit: dict) -> TextConfig:
     """The text tower of a BERT/RoBERTa folder; ``explicit``: the model.text keys the config states."""
     hf = read_config(path)
     if hf.get("model_type") == "clip":
-        raise ValueError(f"model.text_init={path} is a CLIP folder: CLIP's text tower (causal, pre-LN) has no "
-                         f"equivalent in the BERT-layout text encoder; use it as model.vision_init and give "
-                         f"text_init a BERT/RoBERTa folder")
+        raise ValueError(f"model.text_init={path} is a CLIP folder: CLIP's text tower (causal, pre-LN) has "
+                         "no equivalent in the BERT-layout text encoder; use it as model.vision_init and "
+                         f"give text_init a BERT/RoBERTa folder")
     cfg = text_config_from_hf(path)
     _conflicts("model.text", explicit, cfg, TEXT_SHAPE_FIELDS, path)
     return cfg

@@ -57,7 +57,8 @@ def text_attention_mask(attention_mask: Tensor | None, length: int, mode: str,
 
 
 def no_empty_rows(mask: Tensor | None) -> Tensor | None:
-    """Let fully masked query rows (e.g. left padding under a causal mask) see themselves, so SDPA gives no NaN.
+    """Let fully masked query rows (e.g. left padding under a causal mask) see themselves, so SDPA gives no
+    NaN.
 
     Only rows with no allowed key change, and those are padding outputs that no loss reads.
     """
@@ -175,9 +176,9 @@ def compile_blocks(root: nn.Module, **options) -> int:
     the fusion streams' layers (modules whose class sets ``compile_unit``); returns how many.
 
     Blocks, not the whole model: the model's forward branches on data (which objectives, padding or not) and
-    calls the text encoder several times per step, which would break or re-trace one big graph, while a block's
-    forward is the same few ops every call. In place (``nn.Module.compile``) keeps parameter names, the module
-    tree and its hooks (checkpoints, ZeRO-3) as they are.
+    calls the text encoder several times per step, which would break or re-trace one big graph, while a
+    block's forward is the same few ops every call. In place (``nn.Module.compile``) keeps parameter names,
+    the module tree and its hooks (checkpoints, ZeRO-3) as they are.
     """
     n = 0
     for module in root.modules():

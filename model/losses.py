@@ -21,7 +21,8 @@ def _zero(x: Tensor) -> Tensor:
 
 
 def patchify(pixels: Tensor, patch_size: int) -> Tensor:
-    """(B, C, H, W) -> (B, N, P*P*C), patches in row-major order, each flattened as (p_row, p_col, channel)."""
+    """(B, C, H, W) -> (B, N, P*P*C), patches in row-major order, each flattened as (p_row, p_col,
+    channel)."""
     B, C, H, W = pixels.shape
     P = patch_size
     if H % P or W % P:
@@ -66,8 +67,8 @@ def cmcl_loss(txt_local: Tensor, txt_owner: Tensor, img_local: Tensor, img_ids: 
 def itc_loss(txt_local: Tensor, img_local: Tensor, txt_all: Tensor, img_all: Tensor, logit_scale: Tensor,
              rank: int, max_scale: float = 100.0) -> Tensor:
     """CLIP's symmetric InfoNCE, the plain case of ``cmcl_loss``: one caption per image, no rewrites; row i's
-    positive is column rank*B + i of the gathered (W*B, E) features. ``logit_scale`` is the log-scale parameter,
-    clamped at ``max_scale`` after exp as in CLIP. For model tests and one-process uses."""
+    positive is column rank*B + i of the gathered (W*B, E) features. ``logit_scale`` is the log-scale
+    parameter, clamped at ``max_scale`` after exp as in CLIP. For model tests and one-process uses."""
     B = txt_local.shape[0]
     ids_all = torch.arange(img_all.shape[0], device=txt_local.device)
     ids = ids_all[rank * B:(rank + 1) * B]
@@ -117,18 +118,21 @@ def mim_loss(pred: Tensor, pixels: Tensor, patch_mask: Tensor, patch_size: int, 
 
 
 def phrase_patch_scores(scores: Tensor, phrase_mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Average token-to-patch scores over each phrase's tokens: (B, L, N), (B, P, L) -> (B, P, N), valid (B, P)."""
+    """Average token-to-patch scores over each phrase's tokens: (B, L, N), (B, P, L) -> (B, P, N), valid (B,
+    P)."""
     m = phrase_mask.to(scores.dtype)
     count = m.sum(-1)  # (B, P)
     return (m @ scores) / count.clamp(min=1)[..., None], count > 0
 
 
-def grounding_contrast(scores_pos: Tensor, scores_neg: Tensor, phrase_mask: Tensor, neg_valid: Tensor) -> Tensor:
+def grounding_contrast(scores_pos: Tensor, scores_neg: Tensor, phrase_mask: Tensor,
+                       neg_valid: Tensor) -> Tensor:
     """Phrase<->patch alignment without boxes, contrastive over images.
 
-    scores_* (B, L, N): token-to-patch scores of text b fused with its own image (pos) and with a hard-negative
-    image (neg). A phrase's score for an image is a soft max over that image's patches of the phrase-pooled
-    scores (multiple-instance: some patch must show it); cross-entropy picks the paired image over the negative.
+    scores_* (B, L, N): token-to-patch scores of text b fused with its own image (pos) and with a
+    hard-negative image (neg). A phrase's score for an image is a soft max over that image's patches of the
+    phrase-pooled scores (multiple-instance: some patch must show it); cross-entropy picks the paired image
+    over the negative.
     """
     ps_pos, valid = phrase_patch_scores(scores_pos.float(), phrase_mask)  # (B, P, N), (B, P)
     ps_neg, _ = phrase_patch_scores(scores_neg.float(), phrase_mask)

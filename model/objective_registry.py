@@ -22,7 +22,8 @@ class Objective:
     name: str                # the key of a stage's `objectives:` in a config
     source: str              # the data source its micro-batches come from (one of SOURCES)
     batch_parts: frozenset   # batch parts it reads beyond ids, attention masks, pixels and image ids
-    head: str                # what runs on top of the encoders: the FLOPs key within the source (model/flops.py)
+    head: str                # what runs on top of the encoders: the FLOPs key within the source
+                             # (model/flops.py)
     loss: str                # the function of model/losses.py that scores it
     summary: str             # one line for docs and `unimo config` listings
 

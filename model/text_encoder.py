@@ -23,7 +23,8 @@ class TextEmbeddings(nn.Module):
 
     def position_ids(self, input_ids: Tensor) -> Tensor:
         if self.cfg.position_style == "roberta":
-            # fairseq's rule (RoBERTa weights expect it): pads sit at pad_id, real tokens count up from pad_id+1
+            # fairseq's rule (RoBERTa weights expect it): pads sit at pad_id, real tokens count up from
+            # pad_id+1
             keep = input_ids.ne(self.cfg.pad_token_id).long()
             return torch.cumsum(keep, dim=1) * keep + self.cfg.pad_token_id  # (B, L)
         return torch.arange(input_ids.shape[1], device=input_ids.device)[None]  # (1, L)
@@ -51,7 +52,8 @@ class TextEncoder(nn.Module):
             for _ in range(cfg.layers)
         )
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, mask_mode: str = "bidirectional",
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                mask_mode: str = "bidirectional",
                 prefix_len=None, token_type_ids: Tensor | None = None) -> list[Tensor]:
         """input_ids (B, L), attention_mask (B, L) 1=token -> one (B, L, D) per layer."""
         L = input_ids.shape[1]
@@ -60,7 +62,8 @@ class TextEncoder(nn.Module):
             # an unpadded causal batch takes SDPA's is_causal path rather than materialising the (L, L) mask
             mask, is_causal = None, True
         else:
-            mask = no_empty_rows(text_attention_mask(attention_mask, L, mask_mode, prefix_len, input_ids.device))
+            mask = no_empty_rows(text_attention_mask(attention_mask, L, mask_mode,
+                                                     prefix_len, input_ids.device))
         x = self.embeddings(input_ids, token_type_ids)  # (B, L, D)
         states = []
         for block in self.blocks:

@@ -1,8 +1,8 @@
 """UnimoModel: text encoder + vision encoder + two-stream cross-modal encoder + objective heads.
 
-Objectives call the pieces they need (encode_text, encode_image, fuse, then a head), so one source's micro-batch
-runs only its modules. Every parameter is used inside the forward of the module that owns it, which is what
-ZeRO-3's per-module gathering requires.
+Objectives call the pieces they need (encode_text, encode_image, fuse, then a head), so one source's
+micro-batch runs only its modules. Every parameter is used inside the forward of the module that owns it,
+which is what ZeRO-3's per-module gathering requires.
 """
 
 from __future__ import annotations

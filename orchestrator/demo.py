@@ -8,7 +8,8 @@ from pathlib import Path
 from orchestrator.driver import fit, print_summary
 from trainer.config import load_config
 
-DEFAULT_CONFIG = "debug"  # the shipped config (trainer/shipped_configs.py): found in a checkout and when installed
+# the shipped config (trainer/shipped_configs.py): found in a checkout and when installed
+DEFAULT_CONFIG = "debug"
 
 
 def ensure_demo_data(data_dir: Path) -> dict[str, str]:
@@ -33,15 +34,16 @@ def run_demo(out: str, config: str | None, overrides: list[str]) -> int:
     data = ensure_demo_data(out_dir / "data")
     demo_overrides = [
         f"run.storage={out_dir / 'runs'}",
-        f"data.pair.urls={data['pair']}", f"data.text.urls={data['text']}", f"data.image.urls={data['image']}",
+        f"data.pair.urls={data['pair']}", f"data.text.urls={data['text']}",
+        f"data.image.urls={data['image']}",
         f"data.eval_pairs={data['eval']}", f"data.tokenizer={data['tokenizer']}",
     ]
     cfg = load_config(config or DEFAULT_CONFIG, demo_overrides + list(overrides))
-    print(f"[demo] training run '{cfg.run.name}': {cfg.total_steps} steps, {cfg.scaling.num_workers} Ray workers, "
-          f"DeepSpeed ZeRO-{cfg.deepspeed.zero_stage}", flush=True)
+    print(f"[demo] training run '{cfg.run.name}': {cfg.total_steps} steps, {cfg.scaling.num_workers} Ray "
+          f"workers, DeepSpeed ZeRO-{cfg.deepspeed.zero_stage}", flush=True)
     t0 = time.perf_counter()
     outcome = fit(cfg)
     print_summary(outcome)
-    print(f"[demo] finished in {time.perf_counter() - t0:.0f}s; run it again with a new run.name=... to start "
-          "afresh (the same name resumes).")
+    print(f"[demo] finished in {time.perf_counter() - t0:.0f}s; run it again with a new run.name=... to "
+          "start afresh (the same name resumes).")
     return 0

@@ -42,14 +42,15 @@ def run_dir_of(cfg: RunConfig) -> Path | str:
     """The run's folder (local or shared file system) or its ``s3://bucket/prefix/<name>`` URL."""
     if storage.is_remote(cfg.run.storage):
         if not cfg.run.storage.startswith("s3://"):
-            raise ValueError(f"run.storage={cfg.run.storage}: use a local or shared folder or s3://bucket/prefix")
+            raise ValueError(f"run.storage={cfg.run.storage}: use a local or shared folder or "
+                             "s3://bucket/prefix")
         return storage.join(cfg.run.storage, cfg.run.name)
     return (Path(cfg.run.storage) / cfg.run.name).resolve()
 
 
-# Every worker process of the job runs trainer.preemption.install at start: a SIGTERM to a training worker then
-# checkpoints and stops the run instead of killing the worker. (A job-level field: Ray ignores the hook in an
-# actor's own runtime_env; merged with a Jobs API submission's runtime_env.)
+# Every worker process of the job runs trainer.preemption.install at start: a SIGTERM to a training worker
+# then checkpoints and stops the run instead of killing the worker. (A job-level field: Ray ignores the hook
+# in an actor's own runtime_env; merged with a Jobs API submission's runtime_env.)
 JOB_RUNTIME_ENV = {"worker_process_setup_hook": preemption.SETUP_HOOK}
 
 
@@ -65,17 +66,18 @@ def init_ray(cfg: RunConfig) -> None:
             from trainer.redaction import redact, secret_values
 
             # Ray's text may echo the address or a token: no secret in an error message (docs/RELIABILITY.md)
-            raise RuntimeError(redact(f"cannot reach the Ray cluster at {cfg.scaling.address} ({err}); check the "
-                                      "address, that the head is running, and RAY_AUTH_TOKEN for token auth",
-                                      secret_values(dict(os.environ)))) from None
+            raise RuntimeError(redact(f"cannot reach the Ray cluster at {cfg.scaling.address} ({err}); check "
+                                      "the address, that the head is running, and RAY_AUTH_TOKEN for token "
+                                      "auth", secret_values(dict(os.environ)))) from None
         return
     for key, value in LOOPBACK_ENV.items():
         os.environ.setdefault(key, value)
     need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
-    # The dashboard serves Ray's state API, which Ray Train's placement-group cleaner polls every second: without
-    # it the cleaner logs a warning each time and could not free the workers' resources if the controller died.
-    # address="local": a new embedded instance even where RAY_ADDRESS is set or `ray start` ran on this machine
-    # (ray.init() would join that cluster, and then refuse num_cpus); joining one is scaling.address's job.
+    # The dashboard serves Ray's state API, which Ray Train's placement-group cleaner polls every second:
+    # without it the cleaner logs a warning each time and could not free the workers' resources if the
+    # controller died. address="local": a new embedded instance even where RAY_ADDRESS is set or `ray start`
+    # ran on this machine (ray.init() would join that cluster, and then refuse num_cpus); joining one is
+    # scaling.address's job.
     from orchestrator.ray_startup import with_startup_retry
 
     with_startup_retry(
@@ -88,7 +90,8 @@ def init_ray(cfg: RunConfig) -> None:
 def worker_env(cfg: RunConfig) -> dict[str, str]:
     env = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION",
                                       "AWS_REGION", "AWS_PROFILE", "MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK",
-                                      "UNIMO_FAULT_GATE", "UNIMO_FAULT_GATE_TIMEOUT_S")  # the last two: fault tests
+                                      # the last two: fault tests
+                                      "UNIMO_FAULT_GATE", "UNIMO_FAULT_GATE_TIMEOUT_S")
            if k in os.environ}
     if not cfg.scaling.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
@@ -158,9 +161,9 @@ def run_preflight_quietly(cfg: RunConfig) -> None:
           "(`unimo check` prints them)", flush=True)
 
 
-# How long a stop (the first SIGTERM) may take to reach a step boundary and save before the run is ended without
-# a new checkpoint: below `unimo jobs stop`'s grace (300 s), so the driver ends itself with a message rather than
-# being killed. A worker stuck in a storage retry loop or a hung step never reaches a boundary.
+# How long a stop (the first SIGTERM) may take to reach a step boundary and save before the run is ended
+# without a new checkpoint: below `unimo jobs stop`'s grace (300 s), so the driver ends itself with a message
+# rather than being killed. A worker stuck in a storage retry loop or a hung step never reaches a boundary.
 STOP_GRACE_ENV = "UNIMO_STOP_GRACE_S"
 DEFAULT_STOP_GRACE_S = 240.0
 
@@ -184,7 +187,8 @@ class _StopState:
     def expire(self) -> None:
         self.timed_out = True
         print(f"[unimo] the workers did not reach a step boundary within {stop_grace_s():.0f} s of the stop "
-              f"request ({STOP_GRACE_ENV}); ending the run without a new checkpoint", file=sys.stderr, flush=True)
+              f"request ({STOP_GRACE_ENV}); ending the run without a new checkpoint",
+              file=sys.stderr, flush=True)
         # As a Ctrl-C: Ray Train's handler aborts the controller and its workers (no new worker group).
         _thread.interrupt_main()
 
@@ -230,7 +234,8 @@ def sigterm_as_exit(run_dir: Path | str, state: _StopState | None = None):
 
 
 def scaling_config_of(cfg: RunConfig):
-    """Ray Train's ScalingConfig; scaling.min_workers > 0 makes the worker group elastic (min..num_workers)."""
+    """Ray Train's ScalingConfig; scaling.min_workers > 0 makes the worker group elastic
+    (min..num_workers)."""
     import ray.train
 
     s = cfg.scaling
@@ -242,9 +247,10 @@ def scaling_config_of(cfg: RunConfig):
 
 
 def failure_config_of(cfg: RunConfig):
-    """Ray Train's FailureConfig: scaling.max_failures for worker-group failures (user errors are never retried,
-    see orchestrator/failure_policy.py), and a worker group that cannot be placed (Ray retries its start every
-    RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, 60 s, without end by default) given up after the cluster wait."""
+    """Ray Train's FailureConfig: scaling.max_failures for worker-group failures (user errors are never
+    retried, see orchestrator/failure_policy.py), and a worker group that cannot be placed (Ray retries its
+    start every RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, 60 s, without end by default) given up after the
+    cluster wait."""
     import math
 
     import ray.train
@@ -253,7 +259,8 @@ def failure_config_of(cfg: RunConfig):
 
     from orchestrator.preflight import cluster_wait_s
 
-    start_s = float(os.environ.get(WORKER_GROUP_START_TIMEOUT_S_ENV_VAR, DEFAULT_WORKER_GROUP_START_TIMEOUT_S))
+    start_s = float(os.environ.get(WORKER_GROUP_START_TIMEOUT_S_ENV_VAR,
+                                   DEFAULT_WORKER_GROUP_START_TIMEOUT_S))
     return ray.train.FailureConfig(max_failures=cfg.scaling.max_failures,
                                    controller_failure_limit=max(1, math.ceil(cluster_wait_s() / start_s)))
 
@@ -273,7 +280,8 @@ def write_error_log(run_dir: Path | str, run_name: str, err: BaseException, deta
     from trainer.redaction import redact, secret_values
 
     path = error_log_path(run_dir, run_name)
-    text = "".join(traceback.format_exception(err)) + (f"\n--- where it was raised ---\n{detail}" if detail else "")
+    text = ("".join(traceback.format_exception(err))
+            + (f"\n--- where it was raised ---\n{detail}" if detail else ""))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(redact(text, secret_values(dict(os.environ))))
@@ -300,10 +308,11 @@ def failed_run_error(err: BaseException, run_dir: Path | str, cfg: RunConfig) ->
         from orchestrator.preflight import CLUSTER_WAIT_ENV, cluster_wait_s
 
         s = cfg.scaling
-        return RuntimeError(f"scaling: the worker group ({s.min_workers or s.num_workers} x {s.cpus_per_worker} CPU"
-                            f"{' + 1 GPU' if s.use_gpu else ''}) could not be started within {CLUSTER_WAIT_ENV}="
-                            f"{cluster_wait_s():.0f} s: the cluster lacks the resources ({_last_line(controller)}); "
-                            f"add nodes or lower scaling.num_workers / cpus_per_worker{where}")
+        return RuntimeError(f"scaling: the worker group ({s.min_workers or s.num_workers} x "
+                            f"{s.cpus_per_worker} CPU{' + 1 GPU' if s.use_gpu else ''}) could not be started "
+                            f"within {CLUSTER_WAIT_ENV}={cluster_wait_s():.0f} s: the cluster lacks the "
+                            f"resources ({_last_line(controller)}); add nodes or lower scaling.num_workers / "
+                            f"cpus_per_worker{where}")
     causes = failures.values() if failures else [controller or err]
     firsts = sorted({_last_line(e) for e in causes})
     return RuntimeError(f"training failed (the worker group was retried up to scaling.max_failures="
@@ -348,8 +357,9 @@ def _fit_locked(cfg: RunConfig, run_dir: Path | str) -> TrainOutcome:
         run_config=ray.train.RunConfig(
             name="checkpoints", storage_path=storage_path, storage_filesystem=storage_fs,
             failure_config=failure_config_of(cfg),
-            # Ray keeps every folder: the rank-0 CheckpointManager alone decides what is kept and deletes the rest
-            # (two owners deleted each other's folders: a step saved again after a torn one shares its path).
+            # Ray keeps every folder: the rank-0 CheckpointManager alone decides what is kept and deletes the
+            # rest (two owners deleted each other's folders: a step saved again after a torn one shares its
+            # path).
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None),
             worker_runtime_env={"env_vars": worker_env(cfg)},
         ),
@@ -385,11 +395,11 @@ def _fit_locked(cfg: RunConfig, run_dir: Path | str) -> TrainOutcome:
 
 
 def _run_and_ray(cfg: RunConfig, tracking_uri: str, run_dir: Path | str) -> str | None:
-    """The job's MLflow run and Ray, side by side: they are independent and each takes seconds (MLflow's import, a
-    new SQLite store's schema, server round trips; Ray's processes). Measured on 2 cores: 3.2 s and 3.7 s one after
-    the other. Ray starts in this (the main) thread, where it installs its signal handlers. A tracking error is
-    reported first: it is the one the user can act on (a Ray that started ends with this process, as after any
-    failed job)."""
+    """The job's MLflow run and Ray, side by side: they are independent and each takes seconds (MLflow's
+    import, a new SQLite store's schema, server round trips; Ray's processes). Measured on 2 cores: 3.2 s and
+    3.7 s one after the other. Ray starts in this (the main) thread, where it installs its signal handlers. A
+    tracking error is reported first: it is the one the user can act on (a Ray that started ends with this
+    process, as after any failed job)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from orchestrator.tracking_setup import ensure_run
@@ -412,7 +422,8 @@ def _stop_timed_out_message(run_dir: Path | str) -> str:
                           if ckpt.has_manifest(c.path)), None)
     except OSError:
         found = None
-    resume = f"resumes from {found.path} (step {found.step})" if found else "starts from scratch (no checkpoint yet)"
+    resume = (f"resumes from {found.path} (step {found.step})" if found
+              else "starts from scratch (no checkpoint yet)")
     return (f"stopped on request WITHOUT a new checkpoint: the workers did not reach a step boundary within "
             f"{stop_grace_s():.0f} s (stuck retrying storage, or a hung step; set {STOP_GRACE_ENV} to wait "
             f"longer). Running the same command {resume}.")
@@ -427,7 +438,8 @@ def tracking_hint(tracking_uri: str, page: str = "") -> list[str]:
 
         return [f"MLflow UI         : {redact(tracking_uri, tracking_secrets(tracking_uri)).rstrip('/')}{page}"]
     mlflow_bin = Path(sys.executable).with_name("mlflow")
-    return [f"open the MLflow UI: {mlflow_bin} ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000",
+    return [f"open the MLflow UI: {mlflow_bin} ui --backend-store-uri {tracking_uri} --host 127.0.0.1 "
+            "--port 5000",
             f"                   then browse http://127.0.0.1:5000{page}"]
 
 

@@ -1,9 +1,9 @@
-"""`unimo eval SOURCE --data SHARDS`: retrieval, zero-shot classification and sample captions of a checkpoint or
-an export, as a table (or JSON), optionally logged to MLflow.
+"""`unimo eval SOURCE --data SHARDS`: retrieval, zero-shot classification and sample captions of a checkpoint
+or an export, as a table (or JSON), optionally logged to MLflow.
 
-SOURCE is a checkpoint folder (local or s3://, verified before use) or an `unimo export` folder. The metrics are
-trainer.evaluation's, on a held-out set read by data_pipeline.loader.build_eval_pairs: what training logs as
-eval/* is what this prints, for the same data.
+SOURCE is a checkpoint folder (local or s3://, verified before use) or an `unimo export` folder. The metrics
+are trainer.evaluation's, on a held-out set read by data_pipeline.loader.build_eval_pairs: what training logs
+as eval/* is what this prints, for the same data.
 """
 
 from __future__ import annotations
@@ -31,17 +31,20 @@ USAGE = """examples:
 
 def add_parser(sub) -> None:
     """Adds `eval` to the `unimo` subcommands (cheap: torch is imported when the command runs)."""
-    p = sub.add_parser("eval", help="retrieval R@1/5/10, zero-shot accuracy and captions of a checkpoint/export",
-                       description="Evaluates a checkpoint folder (local or s3://) or an `unimo export` folder on "
-                                   "held-out image-text shards: image<->text retrieval R@1/5/10 by ITC (and "
-                                   "re-ranked by ITM with --rerank K), zero-shot classification top-1/top-5 "
-                                   "with --classes, and sample captions.",
+    p = sub.add_parser("eval", help="retrieval R@1/5/10, zero-shot accuracy and captions of a "
+                                    "checkpoint/export",
+                       description="Evaluates a checkpoint folder (local or s3://) or an `unimo export` "
+                                   "folder on held-out image-text shards: image<->text retrieval R@1/5/10 by "
+                                   "ITC (and re-ranked by ITM with --rerank K), zero-shot classification "
+                                   "top-1/top-5 with --classes, and sample captions.",
                        epilog=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("source", help="checkpoint folder or s3:// URL (…/checkpoints/step_00000300) or export folder")
+    p.add_argument("source",
+                   help="checkpoint folder or s3:// URL (…/checkpoints/step_00000300) or export folder")
     p.add_argument("--data", required=True,
                    help="held-out image-text WebDataset shards: folder, brace pattern or s3:// URL")
     p.add_argument("--tokenizer", default=None,
-                   help="tokenizer.json (default: the export's, or the one the checkpoint's run trained with)")
+                   help="tokenizer.json (default: the export's, or the one the checkpoint's "
+                        "run trained with)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
     p.add_argument("--seq-len", type=int, default=None,
                    help="tokens per caption (default: the run's train.seq_len, else the model's positions)")
@@ -60,8 +63,8 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--mlflow", action="store_true",
-                   help="log the figures to the MLflow run that made the checkpoint, at its step (a new run for "
-                        "an export), with the table, JSON and captions as artifacts")
+                   help="log the figures to the MLflow run that made the checkpoint, at its step (a new run "
+                        "for an export), with the table, JSON and captions as artifacts")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else the run's own)")
     p.add_argument("--experiment", default="unimo", help="experiment of a new run (exports only)")
@@ -131,7 +134,8 @@ def read_classes(path: str, templates: list[str] | None) -> dict[str, list[str]]
 
 
 def sample_field(url: str, name: str) -> dict[str, object]:
-    """{sample key (as build_eval_pairs spells it): value of json field ``name``} over the shards of ``url``."""
+    """{sample key (as build_eval_pairs spells it): value of json field ``name``} over the shards of
+    ``url``."""
     from data_pipeline.storage_io import RetryingReader, RetryPolicy, list_shards
     from data_pipeline.samples import shard_name
     from data_pipeline.webdataset_tar import iter_samples
@@ -276,7 +280,8 @@ def format_table(result: EvalResult, rerank: int = 0) -> str:
 # ------------------------------------------------------------------------------------------- MLflow
 
 def _tracking_uri(args: argparse.Namespace, loaded) -> str:
-    """--tracking-uri, MLFLOW_TRACKING_URI, the run's recorded URI, its config's, else the embedded default."""
+    """--tracking-uri, MLFLOW_TRACKING_URI, the run's recorded URI, its config's, else the embedded
+    default."""
     import os
 
     from trainer import storage
@@ -296,11 +301,13 @@ def _tracking_uri(args: argparse.Namespace, loaded) -> str:
             return uri
         if not storage.is_remote(run_dir):
             return f"sqlite:///{(Path(run_dir).parent / 'mlflow.db').resolve()}"
-    raise ValueError("no MLflow tracking URI for --mlflow: give --tracking-uri URI or set MLFLOW_TRACKING_URI")
+    raise ValueError("no MLflow tracking URI for --mlflow: give --tracking-uri URI or set "
+                     "MLFLOW_TRACKING_URI")
 
 
 def log_to_mlflow(args: argparse.Namespace, loaded, result: EvalResult, table: str) -> tuple[str, str]:
-    """Logs the metrics at the checkpoint's step and the table, JSON and captions as artifacts; (uri, run id)."""
+    """Logs the metrics at the checkpoint's step and the table, JSON and captions as artifacts; (uri, run
+    id)."""
     from mlflow.entities import Metric
 
     from orchestrator.tracking_setup import open_client

@@ -1,8 +1,8 @@
 """Which worker-group failures Ray Train retries: transient faults only, and nothing after a stop request.
 
 Ray Train's default policy restarts the worker group after any worker error, up to
-``FailureConfig.max_failures`` times: a missing data folder was tried four times and its message drowned in four
-tracebacks. Here a ``UserError`` raised in any worker ends the job at once (not counted against
+``FailureConfig.max_failures`` times: a missing data folder was tried four times and its message drowned in
+four tracebacks. Here a ``UserError`` raised in any worker ends the job at once (not counted against
 ``scaling.max_failures``), and so does any failure after the driver was asked to stop (its STOP file exists):
 a stop means stop, never a new worker group. Everything else is left to Ray's default policy (and an unknown
 error is retried: it may be transient). Controller failures (a worker group that cannot be placed) are bounded
@@ -57,7 +57,8 @@ class UserErrorFailurePolicy(DefaultFailurePolicy):
         user = user_error_of(training_failed_error)
         if user is not None:
             # one line here; the driver prints the message and writes the traceback to the run's log
-            log.info("[unimo] a worker raised a user error: not retrying (%s)", str(user).splitlines()[0][:200])
+            log.info("[unimo] a worker raised a user error: not retrying (%s)",
+                     str(user).splitlines()[0][:200])
             return FailureDecision.RAISE
         if self._stop_requested():
             log.info("[unimo] a stop was requested: no new worker group after this failure")
@@ -66,8 +67,8 @@ class UserErrorFailurePolicy(DefaultFailurePolicy):
 
 
 class GuardedTorchTrainer(TorchTrainer):
-    """TorchTrainer whose controller uses UserErrorFailurePolicy. (Ray 2.60 builds its default policy in ``fit``
-    and hands every keyword to ``_initialize_and_run_controller``, where it is swapped.)"""
+    """TorchTrainer whose controller uses UserErrorFailurePolicy. (Ray 2.60 builds its default policy in
+    ``fit`` and hands every keyword to ``_initialize_and_run_controller``, where it is swapped.)"""
 
     def __init__(self, *args, stop_file: str | None = None, **kwargs):
         self._unimo_stop_file = stop_file

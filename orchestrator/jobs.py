@@ -1,4 +1,5 @@
-"""Ray Jobs API client for unimo: submit a run to a cluster; list, status, logs (--follow) and stop its jobs."""
+"""Ray Jobs API client for unimo: submit a run to a cluster; list, status, logs (--follow) and stop its
+jobs."""
 
 from __future__ import annotations
 
@@ -24,11 +25,12 @@ EXCLUDES = [".venv", ".git", "/runs", "/demo_out", "mlruns", "mlartifacts", "__p
             ".pytest_cache", ".ruff_cache", ".mypy_cache", "*.egg-info", "*.db"]
 # Forwarded from the submitting shell when set: switches, never credentials.
 FORWARDED_ENV = ("MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK")
-# user:password@ in a URL (an MLflow or S3 endpoint): it would travel in the entrypoint, which the job table shows.
+# user:password@ in a URL (an MLflow or S3 endpoint): it would travel in the entrypoint, which the job table
+# shows.
 URL_PASSWORD = re.compile(r"://[^/\s:@]+:[^/\s@]+@")
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
-# How long `unimo jobs stop` lets the driver wind down after SIGTERM (the workers save a checkpoint at the next
-# step) before Ray SIGKILLs it. Ray's own default, 3 s, is shorter than any checkpoint.
+# How long `unimo jobs stop` lets the driver wind down after SIGTERM (the workers save a checkpoint at the
+# next step) before Ray SIGKILLs it. Ray's own default, 3 s, is shorter than any checkpoint.
 STOP_GRACE_S = 300
 DEFAULT_TOKEN_FILE = Path.home() / ".ray" / "auth_token"
 
@@ -71,17 +73,18 @@ def find_token(env: dict[str, str] | None = None) -> tuple[str | None, str]:
 
 
 def _probe(address: str, timeout: float = 5.0) -> None:
-    """A TCP connect first: an unreachable host fails in seconds with a clear message, not a long HTTP hang."""
+    """A TCP connect first: an unreachable host fails in seconds with a clear message, not a long HTTP
+    hang."""
     url = urlparse(address)
     port = url.port or (443 if url.scheme == "https" else 80)
     try:
         with socket.create_connection((url.hostname, port), timeout=timeout):
             return
     except OSError as err:
-        raise JobsError(f"cannot reach the Ray Jobs API at {address} ({err.strerror or err}). Check the address "
-                        "(the head's dashboard port, 8265 by default, not the GCS port 6379), that the head is "
-                        "running (`ray status` on it), and that this machine can reach that port (firewall, "
-                        "SSH tunnel or `kubectl port-forward`).") from None
+        raise JobsError(f"cannot reach the Ray Jobs API at {address} ({err.strerror or err}). Check the "
+                        "address (the head's dashboard port, 8265 by default, not the GCS port 6379), that "
+                        "the head is running (`ray status` on it), and that this machine can reach that port "
+                        "(firewall, SSH tunnel or `kubectl port-forward`).") from None
 
 
 def connect(address: str | None):
@@ -102,9 +105,10 @@ def connect(address: str | None):
             raise JobsError(f"the Ray cluster at {address} requires token authentication and no token was "
                             f"sent ({source}). Set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH to the cluster's "
                             "token (on the head: `ray get-auth-token`).") from None
-        raise JobsError(f"the Ray cluster at {address} rejected the auth token from {source}. Check that it is "
-                        "this cluster's token (on the head: `ray get-auth-token`) and that RAY_AUTH_TOKEN does "
-                        "not hold another cluster's token (it takes precedence over the token file).") from None
+        raise JobsError(f"the Ray cluster at {address} rejected the auth token from {source}. Check that it "
+                        "is this cluster's token (on the head: `ray get-auth-token`) and that RAY_AUTH_TOKEN "
+                        "does not hold another cluster's token (it takes precedence over the "
+                        "token file).") from None
     except ConnectionError as err:
         raise JobsError(f"cannot reach the Ray Jobs API at {address} ({err}). Check the address (the "
                         "dashboard port, 8265 by default) and that the head is running.") from None
@@ -146,12 +150,13 @@ def job_env(extra: dict[str, str], environ: dict[str, str] | None = None) -> dic
     env = {k: environ[k] for k in FORWARDED_ENV if k in environ}
     env["PYTHONUNBUFFERED"] = "1"  # progress lines reach `unimo jobs logs --follow` as they are printed
     for key, value in extra.items():
-        # runtime_env is stored in the cluster's job table and shown by the dashboard and `ray job` to anyone who
-        # can reach them: the cluster's own environment or instance role provides credentials.
+        # runtime_env is stored in the cluster's job table and shown by the dashboard and `ray job` to anyone
+        # who can reach them: the cluster's own environment or instance role provides credentials.
         if is_secret_env_name(key):
-            raise JobsError(f"refusing to put {key} into the job's runtime_env: it is stored in the cluster's job "
-                            "table and shown by the dashboard to anyone who can reach it. Give the cluster its "
-                            "credentials through its own environment or instance role (docs/ORCHESTRATION.md).")
+            raise JobsError(f"refusing to put {key} into the job's runtime_env: it is stored in the "
+                            "cluster's job table and shown by the dashboard to anyone who can reach it. Give "
+                            "the cluster its credentials through its own environment or instance role "
+                            "(docs/ORCHESTRATION.md).")
         env[key] = value
     return env
 
@@ -180,8 +185,8 @@ def config_for_job(config: str, working_dir: Path) -> str:
     try:
         return path.resolve().relative_to(working_dir.resolve()).as_posix()
     except ValueError:
-        raise JobsError(f"config {config} lies outside the working dir {working_dir}; only that folder travels to "
-                        "the cluster, so put the config under it or pass --working-dir") from None
+        raise JobsError(f"config {config} lies outside the working dir {working_dir}; only that folder "
+                        "travels to the cluster, so put the config under it or pass --working-dir") from None
 
 
 def _is_relative_local(value: str) -> bool:
@@ -197,13 +202,14 @@ def check_cluster_paths(cfg) -> None:
         for c in d.corpora(modality):
             name = f"data.{modality}.urls" if c.key == modality else f"data.{modality}.corpora.{c.name}.urls"
             many = isinstance(c.urls, (list, tuple))
-            values.update({f"{name}[{i}]" if many else name: u for i, u in enumerate(c.urls if many else [c.urls])})
+            values.update({f"{name}[{i}]" if many else name: u
+                           for i, u in enumerate(c.urls if many else [c.urls])})
     from trainer.config_loader import flatten, to_dict
 
     leaking = [k for k, v in flatten(to_dict(cfg)).items() if isinstance(v, str) and URL_PASSWORD.search(v)]
     if leaking:
-        raise JobsError(f"{', '.join(leaking)} embeds a password in a URL; the entrypoint is stored in the cluster's "
-                        "job table and shown by the dashboard. Let the cluster provide it (e.g. "
+        raise JobsError(f"{', '.join(leaking)} embeds a password in a URL; the entrypoint is stored in the "
+                        "cluster's job table and shown by the dashboard. Let the cluster provide it (e.g. "
                         "MLFLOW_TRACKING_USERNAME/PASSWORD in its environment).")
     bad = [f"{k}={v}" for k, v in values.items() if _is_relative_local(v)]
     if bad:
@@ -234,8 +240,8 @@ def preflight_here(cfg) -> None:
 def prepare(config: str, overrides: list[str], python: str = "python",
             env: dict[str, str] | None = None, stop_grace_s: int = STOP_GRACE_S,
             working_dir: str | Path | None = None, preflight: bool = True) -> Submission:
-    """Validates the config here (config errors and the pre-flight fail before anything is sent) and builds the
-    submission."""
+    """Validates the config here (config errors and the pre-flight fail before anything is sent) and builds
+    the submission."""
     from trainer.config import load_config
 
     cfg = load_config(config, overrides)
@@ -247,7 +253,8 @@ def prepare(config: str, overrides: list[str], python: str = "python",
     if preflight:
         preflight_here(cfg)
     return Submission(config=config_for_job(config, folder), overrides=list(overrides), run_name=cfg.run.name,
-                      working_dir=folder.resolve(), python=python, env=dict(env or {}), stop_grace_s=stop_grace_s)
+                      working_dir=folder.resolve(), python=python, env=dict(env or {}),
+                      stop_grace_s=stop_grace_s)
 
 
 def live_jobs_of_run(client, run_name: str) -> list:
@@ -261,7 +268,8 @@ def submit(client, sub: Submission, address: str = "") -> str:
     if live:
         ids = ", ".join(f"{j.submission_id} ({j.status})" for j in live)
         raise JobsError(f"run {sub.run_name} already has a live job on {address or 'the cluster'}: {ids}. "
-                        f"Wait for it or stop it (`unimo jobs stop JOB`); resubmitting after it ends resumes it.")
+                        "Wait for it or stop it (`unimo jobs stop JOB`); resubmitting after "
+                        "it ends resumes it.")
     job_id = f"unimo-{sub.run_name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
     return client.submit_job(entrypoint=sub.entrypoint(), runtime_env=sub.runtime_env(),
                              metadata=sub.metadata(), submission_id=job_id)
@@ -301,8 +309,8 @@ def format_jobs(jobs: list) -> str:
     rows = [("JOB", "STATUS", "RUN", "STARTED", "ENTRYPOINT")]
     for j in sorted(jobs, key=lambda j: j.start_time or 0):
         entry = j.entrypoint if len(j.entrypoint) <= 60 else j.entrypoint[:57] + "..."
-        rows.append((j.submission_id or j.job_id or "?", str(j.status), (j.metadata or {}).get("unimo_run", "-"),
-                     _time(j.start_time), entry))
+        rows.append((j.submission_id or j.job_id or "?", str(j.status),
+                     (j.metadata or {}).get("unimo_run", "-"), _time(j.start_time), entry))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4] for r in rows)
 
@@ -311,15 +319,17 @@ def format_jobs(jobs: list) -> str:
 
 def _add_address(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=None,
-                   help="the cluster's Jobs API, http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS); the token "
-                        "comes from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token")
+                   help="the cluster's Jobs API, http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS); the "
+                        "token comes from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token")
 
 
 def submit_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="unimo submit", description="Submit a training run to a Ray cluster through the Jobs API. The working "
-        "dir (default: the current folder, as `ray job submit`) travels to the cluster; there the job runs `unimo "
-        "train CONFIG overrides` joined to the cluster. Re-submitting the same run.name resumes the run.")
+        prog="unimo submit",
+        description="Submit a training run to a Ray cluster through the Jobs API. The working dir (default: "
+                    "the current folder, as `ray job submit`) travels to the cluster; there the job runs "
+                    "`unimo train CONFIG overrides` joined to the cluster. Re-submitting the same run.name "
+                    "resumes the run.")
     p.add_argument("config", help="a shipped config's name (e.g. base) or a YAML file inside the working dir")
     p.add_argument("overrides", nargs="*", metavar="key.path=value", help="dotted config overrides")
     _add_address(p)
@@ -359,7 +369,8 @@ def jobs_parser() -> argparse.ArgumentParser:
     _add_address(s)
     s = sub.add_parser("status", help="a job's status (and message)")
     s.add_argument("job")
-    s.add_argument("--wait", action="store_true", help="block until the job ends; exit 0 only if it succeeded")
+    s.add_argument("--wait", action="store_true",
+                   help="block until the job ends; exit 0 only if it succeeded")
     s.add_argument("--timeout", type=float, default=None, help="with --wait: give up after this many seconds")
     _add_address(s)
     s = sub.add_parser("logs", help="a job's logs")
@@ -382,7 +393,8 @@ def jobs_main(argv: list[str]) -> int:
         return 0
     _check_job(client, args.job, args.address)
     if args.action == "status":
-        status = wait_terminal(client, args.job, args.timeout) if args.wait else str(client.get_job_status(args.job))
+        status = (wait_terminal(client, args.job, args.timeout) if args.wait
+                  else str(client.get_job_status(args.job)))
         info = client.get_job_info(args.job)
         print(f"{args.job} {status}" + (f": {info.message}" if info.message else ""))
         return 0 if not args.wait or status == "SUCCEEDED" else 1
@@ -405,12 +417,14 @@ def _check_job(client, job_id: str, address: str | None) -> None:
         client.get_job_status(job_id)
     except RuntimeError as err:
         if "404" in str(err) or "does not exist" in str(err):
-            raise JobsError(f"no job {job_id} on {resolve_address(address)} (`unimo jobs list` shows them)") from None
+            raise JobsError(f"no job {job_id} on {resolve_address(address)} (`unimo jobs list` "
+                            "shows them)") from None
         raise
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m orchestrator.jobs submit|list|status|logs|stop ...` (the same as `unimo submit` / `unimo jobs`)."""
+    """`python -m orchestrator.jobs submit|list|status|logs|stop ...` (the same as `unimo submit` / `unimo
+    jobs`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["submit"]:
         return submit_main(argv[1:])

@@ -1,16 +1,17 @@
-"""Pre-flight: every mistake a user can make in a run's inputs, found in seconds before Ray or a worker starts.
+"""Pre-flight: every mistake a user can make in a run's inputs, found in seconds before Ray or a worker
+starts.
 
-``unimo check CONFIG`` and ``unimo train --dry-run`` print the table of these checks; ``unimo train`` runs them
-before it starts anything and ``unimo submit`` before it sends the job. Each check is named after the config key
-it reads, so a failure says where to look; the first error stops the list (a later check often depends on an
-earlier one: the data cursor is compared with the shards the listing found).
+``unimo check CONFIG`` and ``unimo train --dry-run`` print the table of these checks; ``unimo train`` runs
+them before it starts anything and ``unimo submit`` before it sends the job. Each check is named after the
+config key it reads, so a failure says where to look; the first error stops the list (a later check often
+depends on an earlier one: the data cursor is compared with the shards the listing found).
 
 What is checked: the plan's sources have data; run storage takes a small probe object (written, then removed);
-the tracking server answers and accepts the credentials; the tokenizer loads and its vocabulary and special ids
-fit the model; every data source lists its shards (within data.io_retries), has at least one shard per stream
-(world size x loader workers) and yields a first sample; on resume, the newest checkpoint's model config, data
-seed, sequence length and shard lists match the config; the requested GPUs exist (CPUs are checked against a
-cluster when the driver joins it, see ``check_cluster``).
+the tracking server answers and accepts the credentials; the tokenizer loads and its vocabulary and special
+ids fit the model; every data source lists its shards (within data.io_retries), has at least one shard per
+stream (world size x loader workers) and yields a first sample; on resume, the newest checkpoint's model
+config, data seed, sequence length and shard lists match the config; the requested GPUs exist (CPUs are
+checked against a cluster when the driver joins it, see ``check_cluster``).
 """
 
 from __future__ import annotations
@@ -75,7 +76,8 @@ class _Runner:
             out = fn()
             status, detail = out if isinstance(out, tuple) else ("ok", out or "")
         except Exception as err:  # noqa: BLE001 - every failure becomes the check's row and one paragraph
-            text = str(err) if isinstance(err, (UserError, ConfigError, ValueError, OSError, TransientError)) \
+            text = str(err) if isinstance(err, (UserError, ConfigError, ValueError, OSError,
+                                                TransientError)) \
                 else f"{type(err).__name__}: {err}"
             self._add(Check(name, "error", text, time.monotonic() - t0))
             raise PreflightError(text if text.startswith(name) else f"{name}: {text}") from None
@@ -87,11 +89,12 @@ class _Runner:
             self.on_check(check)
 
 
-# ----- the checks ---------------------------------------------------------------------------------------------
+# ----- the checks -------------------------------------------------------------------------------------------
 
 def check_plan(cfg: RunConfig) -> str:
     cfg.check_ready_to_train()
-    return f"{len(cfg.stages)} stage(s), {cfg.total_steps} steps, sources {', '.join(cfg.data.active_sources())}"
+    return (f"{len(cfg.stages)} stage(s), {cfg.total_steps} steps, sources "
+            f"{', '.join(cfg.data.active_sources())}")
 
 
 def check_storage(run_dir: str) -> str:
@@ -107,11 +110,12 @@ def check_storage(run_dir: str) -> str:
     except storage.StorageError as err:
         raise UserError(str(err)) from None
     except PermissionError as err:
-        raise UserError(f"run.storage: cannot write in {run_dir} ({err.strerror or err}); choose a folder you "
-                        "may write, or fix its permissions") from None
+        raise UserError(f"run.storage: cannot write in {run_dir} ({err.strerror or err}); choose a folder "
+                        "you may write, or fix its permissions") from None
     except OSError as err:
         raise UserError(f"run.storage: cannot write a probe object under {run_dir} "
-                        f"({type(err).__name__}: {err}); check the path, the bucket and its permissions") from None
+                        f"({type(err).__name__}: {err}); check the path, the bucket and its "
+                        "permissions") from None
     return f"{run_dir} is writable (probe object written and removed)"
 
 
@@ -180,16 +184,18 @@ def first_item(source: str, shard_url: str, cfg: RunConfig, tok, policy) -> dict
     prep = Prep(cfg.model.vision.image_size, cfg.seq_len, tok)
     seen: Counter = Counter()
     with RetryingReader(shard_url, policy, cfg.data.read_block_bytes) as reader:
-        for _, item in shard_items(source, shard_url, reader, prep, lambda n: seen.update([n]), lambda o: True):
+        for _, item in shard_items(source, shard_url, reader, prep, lambda n: seen.update([n]),
+                                   lambda o: True):
             if item is not None:
                 return item
-    raise UserError(f"{shard_url}: no usable {source} sample in the whole shard (skipped: {dict(seen) or 'none'});"
-                    f" is it a WebDataset tar of {source} samples?")
+    raise UserError(f"{shard_url}: no usable {source} sample in the whole shard (skipped: "
+                    f"{dict(seen) or 'none'}); is it a WebDataset tar of {source} samples?")
 
 
 def check_source(cfg: RunConfig, key: str, source_of, source: str, tok, policy, shards_out: dict) -> str:
-    """Lists a corpus's (or the eval pairs') shards within data.io_retries and reads its first sample. A corpus
-    may have fewer shards than the streams that read it (its epochs are then read by a few streams at a time)."""
+    """Lists a corpus's (or the eval pairs') shards within data.io_retries and reads its first sample. A
+    corpus may have fewer shards than the streams that read it (its epochs are then read by a few streams at a
+    time)."""
     from data_pipeline.storage_io import list_shards
     from data_pipeline.loader import corpus_shards
 
@@ -203,13 +209,14 @@ def check_source(cfg: RunConfig, key: str, source_of, source: str, tok, policy, 
         raise UserError(f"{key}: {err}; {_storage_hint()}") from None
     first_item(source, shards[0][0], cfg, tok, policy)
     size = sum(s for _, s in shards)
-    return f"{len(shards)} shards, {size / 1e6:.1f} MB; first sample of {shards[0][0].rsplit('/', 1)[-1]} read"
+    return (f"{len(shards)} shards, {size / 1e6:.1f} MB; first sample of "
+            f"{shards[0][0].rsplit('/', 1)[-1]} read")
 
 
 def _storage_hint() -> str:
     endpoint = storage.endpoint_url() or "AWS S3"
-    return (f"check that the storage is up (S3 endpoint: {endpoint}, from AWS_ENDPOINT_URL) and reachable from "
-            "here, or raise data.io_retries / data.io_backoff_max_s to ride out an outage")
+    return (f"check that the storage is up (S3 endpoint: {endpoint}, from AWS_ENDPOINT_URL) and reachable "
+            "from here, or raise data.io_retries / data.io_backoff_max_s to ride out an outage")
 
 
 def newest_checkpoint_state(run_dir: str) -> tuple[str, dict] | None:
@@ -239,23 +246,23 @@ def check_resume(cfg: RunConfig, run_dir: str, shards: dict) -> str:
     diffs = ckpt.config_mismatch(state["config"]["model"], to_dict(cfg)["model"], "model.")
     diffs = [d for d in diffs if not d.startswith("model.activation_checkpointing")]  # as the trainer does
     if diffs:
-        raise UserError(f"checkpoint {where} was saved with another model config: {'; '.join(diffs)}. Use the "
-                        "original config or start a new run name (run.name=...).")
+        raise UserError(f"checkpoint {where} was saved with another model config: {'; '.join(diffs)}. Use "
+                        "the original config or start a new run name (run.name=...).")
     cursor = (state.get("data_states") or [{}])[0] or {}
     if cursor and cursor.get("seed") != cfg.data.seed:
         raise UserError(f"data.seed={cfg.data.seed}: checkpoint {where} was saved with data.seed="
                         f"{cursor.get('seed')}; resume with the same seed or start a new run name")
     for src, saved in (cursor.get("sources") or {}).items():
         if saved.get("seq_len", cfg.seq_len) != cfg.seq_len:
-            raise UserError(f"train.seq_len: checkpoint {where} packed {src} text to {saved['seq_len']} tokens, "
-                            f"this config to {cfg.seq_len}; resume with the same seq_len")
+            raise UserError(f"train.seq_len: checkpoint {where} packed {src} text to {saved['seq_len']} "
+                            f"tokens, this config to {cfg.seq_len}; resume with the same seq_len")
         if src in shards:
             digest = shard_digest([u for u, _ in shards[src]])
             if saved.get("num_shards") != len(shards[src]) or saved.get("digest") != digest:
                 setting = _corpus_setting(cfg, src)
                 raise UserError(f"{setting}: checkpoint {where} read {saved.get('num_shards')} shards, the "
-                                f"source now lists {len(shards[src])} (other shards): the data cursor cannot be "
-                                "applied to them; point it at the original shards or start a new run name")
+                                f"source now lists {len(shards[src])} (other shards): the data cursor cannot "
+                                "be applied to them; point it at the original shards or start a new run name")
     return f"resumes {where} (step {state.get('step')}, world size {state.get('world_size')}): config matches"
 
 
@@ -280,15 +287,16 @@ def check_local_resources(cfg: RunConfig) -> str | tuple[str, str]:
 
         have = torch.cuda.device_count()
         if have < need_workers:
-            raise UserError(f"scaling.use_gpu=true with scaling.num_workers={s.num_workers} needs {need_workers} "
-                            f"GPU(s); this machine has {have}. Lower scaling.num_workers, set "
+            raise UserError(f"scaling.use_gpu=true with scaling.num_workers={s.num_workers} needs "
+                            f"{need_workers} GPU(s); this machine has {have}. Lower scaling.num_workers, set "
                             "scaling.use_gpu=false, or run on a cluster (scaling.address)")
     cpus = os.cpu_count() or 1
     need = s.num_workers * s.cpus_per_worker
     if need > cpus:
         return "warn", (f"{need} CPUs requested (scaling.num_workers x cpus_per_worker), {cpus} here: the "
                         "workers share them")
-    return f"{s.num_workers} worker(s) x {s.cpus_per_worker} CPU{' + 1 GPU' if s.use_gpu else ''} fit this machine"
+    return (f"{s.num_workers} worker(s) x {s.cpus_per_worker} CPU{' + 1 GPU' if s.use_gpu else ''} "
+            "fit this machine")
 
 
 def cluster_wait_s() -> float:
@@ -316,11 +324,11 @@ def check_cluster(cfg: RunConfig, resources: dict | None = None) -> str | None:
                f"{' + 1 GPU' if s.use_gpu else ''} ({what})")
     if not s.address:
         raise UserError(message + "; lower scaling.num_workers or scaling.cpus_per_worker")
-    return (message + f"; waiting up to {cluster_wait_s():.0f} s ({CLUSTER_WAIT_ENV}) for nodes to join, then "
-            "stopping with an error")
+    return (message + f"; waiting up to {cluster_wait_s():.0f} s ({CLUSTER_WAIT_ENV}) for nodes to join, "
+            "then stopping with an error")
 
 
-# ----- the whole list -----------------------------------------------------------------------------------------
+# ----- the whole list ---------------------------------------------------------------------------------------
 
 def _sources(cfg: RunConfig) -> Iterator[tuple[str, Any, str]]:
     """(config key, corpus or eval url, source kind) of every data the run reads: each corpus of each training
@@ -339,8 +347,9 @@ def run_preflight(cfg: RunConfig, *, on_check: Callable[[Check], None] | None = 
     """Runs every check (local paths are made absolute as the driver does); raises PreflightError on the first
     error, after ``on_check`` has seen its row. Returns the report when all pass (warnings included).
 
-    ``tracking``: True checks the server, "warn" turns its failure into a warning (a submitting machine may not
-    reach a server the cluster reaches), False skips it. ``resources``: check GPUs/CPUs of this machine."""
+    ``tracking``: True checks the server, "warn" turns its failure into a warning (a submitting machine may
+    not reach a server the cluster reaches), False skips it. ``resources``: check GPUs/CPUs of this
+    machine."""
     from data_pipeline.loader import io_policy
     from orchestrator.driver import run_dir_of, with_absolute_paths
 
@@ -382,7 +391,8 @@ def _as_warning(check: Callable[[], str | tuple[str, str]]) -> str | tuple[str, 
 
 
 def missing_local_paths(cfg: RunConfig) -> list[str]:
-    """Local paths of the config that do not exist on this machine (they may on a cluster's shared storage)."""
+    """Local paths of the config that do not exist on this machine (they may on a cluster's shared
+    storage)."""
     from pathlib import Path
 
     d = cfg.data
@@ -391,7 +401,8 @@ def missing_local_paths(cfg: RunConfig) -> list[str]:
     here = {k: v for k, v in paths.items() if v and "://" not in v and "{" not in v}
     # run.storage may not exist yet: the run creates it, so its parent is what must be here
     return [f"{k}={v}" for k, v in here.items()
-            if not (Path(os.path.expanduser(v)).parent if k == "run.storage" else Path(os.path.expanduser(v))).exists()]
+            if not (Path(os.path.expanduser(v)).parent if k == "run.storage"
+                    else Path(os.path.expanduser(v))).exists()]
 
 
 def print_check(check: Check, out=None) -> None:

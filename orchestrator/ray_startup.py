@@ -1,4 +1,5 @@
-"""Ray start-up that survives a busy machine: one retry, said out loud, when Ray's own start-up wait times out.
+"""Ray start-up that survives a busy machine: one retry, said out loud, when Ray's own start-up wait times
+out.
 
 Ray gives a new node's raylet 30 s to register with the GCS (a constant in Ray, no setting). On a loaded
 machine - a 2-core CI runner at load 10, a head node busy with another job - that wait can run out although
@@ -39,9 +40,9 @@ def load_note() -> str:
 
 def busy_advice(what: str) -> str:
     load = load_note()
-    return (f"{what} timed out during Ray's start-up ({load or 'load unknown'}): the machine is busy. Retrying "
-            "once. If it happens again, wait for the other work on this machine to finish, or give the run a "
-            "machine of its own.")
+    return (f"{what} timed out during Ray's start-up ({load or 'load unknown'}): the machine is busy. "
+            "Retrying once. If it happens again, wait for the other work on this machine to finish, or give "
+            "the run a machine of its own.")
 
 
 def with_startup_retry(start: Callable[[], T], what: str, cleanup: Callable[[], None] | None = None,

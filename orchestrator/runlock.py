@@ -1,8 +1,9 @@
 """The run lock: one live driver per run name, held by a heartbeat lock file in <storage>/<run>/run.lock.
 
-On a local or shared file system the lock is created with link() (fails if it exists); on ``s3://`` storage it is
-an object written with S3's conditional writes (If-None-Match to create, If-Match on the ETag to heartbeat, take
-over or delete), which S3 applies atomically, so two drivers on different machines cannot both hold a run.
+On a local or shared file system the lock is created with link() (fails if it exists); on ``s3://`` storage it
+is an object written with S3's conditional writes (If-None-Match to create, If-Match on the ETag to heartbeat,
+take over or delete), which S3 applies atomically, so two drivers on different machines cannot both hold a
+run.
 """
 
 from __future__ import annotations
@@ -88,8 +89,8 @@ class RunLock:
             return super().__new__(S3RunLock)
         return super().__new__(cls)
 
-    def __init__(self, run_dir: str | Path, *, stale_after: float = STALE_AFTER_S, heartbeat: float = HEARTBEAT_S,
-                 clock: Callable[[], float] = time.time):
+    def __init__(self, run_dir: str | Path, *, stale_after: float = STALE_AFTER_S,
+                 heartbeat: float = HEARTBEAT_S, clock: Callable[[], float] = time.time):
         self.name = name_of(run_dir)
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / LOCK_FILE
@@ -148,8 +149,8 @@ class RunLock:
             if reason is None:
                 raise RunLocked(
                     f"run {self.name} is locked by a live driver ({current.describe(self.clock())}); "
-                    f"lock file {self.where}. Wait for that job to end or stop it (`unimo jobs stop JOB`); a lock "
-                    f"whose driver died frees itself after {self.stale_after:.0f}s without heartbeat.")
+                    f"lock file {self.where}. Wait for that job to end or stop it (`unimo jobs stop JOB`); a "
+                    f"lock whose driver died frees itself after {self.stale_after:.0f}s without heartbeat.")
             if self._take_over(current, mine, reason):
                 self.owner = mine
                 return self
@@ -256,8 +257,9 @@ class RunLock:
 class S3RunLock(RunLock):
     """The run lock as the object ``<run url>/run.lock``, changed only by conditional writes.
 
-    Every write names what it expects to find (no object, or the ETag last read), so a heartbeat never overwrites
-    a lock another driver has just taken over, and of two drivers taking over one stale lock only one wins.
+    Every write names what it expects to find (no object, or the ETag last read), so a heartbeat never
+    overwrites a lock another driver has just taken over, and of two drivers taking over one stale lock only
+    one wins.
     """
 
     def __init__(self, run_dir: str | Path, **kwargs):
@@ -287,11 +289,13 @@ class S3RunLock(RunLock):
         from botocore.exceptions import ClientError
 
         try:
-            put = self._client.put_object(Bucket=self.bucket, Key=self.key, Body=json.dumps(asdict(owner)).encode(),
+            put = self._client.put_object(Bucket=self.bucket, Key=self.key,
+                                          Body=json.dumps(asdict(owner)).encode(),
                                           ContentType="application/json", **condition)
         except ClientError as err:
             # 412: the condition failed; 409: a concurrent conditional write to the same key won the race.
-            if err.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
+            if err.response.get("Error", {}).get("Code") in ("PreconditionFailed",
+                                                             "ConditionalRequestConflict"):
                 return False
             raise
         self._etag = put["ETag"]

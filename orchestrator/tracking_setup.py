@@ -21,13 +21,14 @@ from trainer import storage
 from trainer.config import RunConfig
 from trainer.metric_logger import SPOOL_DIR, MetricLogger, has_spooled
 from trainer.redaction import redact, secret_values
-from trainer.run_identity import RUN_ID_FILE, create_run, find_run, git_commit, log_config_artifacts, write_run_id
+from trainer.run_identity import (RUN_ID_FILE, create_run, find_run, git_commit, log_config_artifacts,
+                                  write_run_id)
 from trainer.tracking import machine_spool_dir
 
 log = logging.getLogger(__name__)
 
-__all__ = ["default_tracking_uri", "ensure_run", "finish_run", "replay_spool", "check_reachable", "split_credentials",
-           "TrackingAuthError"]
+__all__ = ["default_tracking_uri", "ensure_run", "finish_run", "replay_spool", "check_reachable",
+           "split_credentials", "TrackingAuthError"]
 
 
 def default_tracking_uri(cfg: RunConfig, run_dir: Path | str | None) -> str:
@@ -39,8 +40,8 @@ def default_tracking_uri(cfg: RunConfig, run_dir: Path | str | None) -> str:
 
 
 def spool_dir(run_dir: Path | str) -> Path:
-    """Where metrics wait during an MLflow outage: in the run folder, or on this machine for s3:// storage (the
-    same folder rank 0 uses when it runs here; trainer.tracking.spool_root)."""
+    """Where metrics wait during an MLflow outage: in the run folder, or on this machine for s3:// storage
+    (the same folder rank 0 uses when it runs here; trainer.tracking.spool_root)."""
     if storage.is_remote(run_dir):
         return machine_spool_dir(storage.name_of(run_dir))
     return Path(run_dir) / SPOOL_DIR
@@ -84,8 +85,8 @@ def open_client(tracking_uri: str):
 def split_credentials(tracking_uri: str, environ: dict[str, str] | None = None) -> tuple[str, dict[str, str]]:
     """(the URI without user-info, the HTTP headers that authenticate like MLflow's client does).
 
-    MLflow's client reads MLFLOW_TRACKING_USERNAME/PASSWORD (basic auth) or MLFLOW_TRACKING_TOKEN (bearer), and
-    requests turns ``http://user:password@host`` into basic auth; urllib does neither (it took
+    MLflow's client reads MLFLOW_TRACKING_USERNAME/PASSWORD (basic auth) or MLFLOW_TRACKING_TOKEN (bearer),
+    and requests turns ``http://user:password@host`` into basic auth; urllib does neither (it took
     ``user:password@host`` for a host name: "Name or service not known").
     """
     env = os.environ if environ is None else environ
@@ -117,8 +118,8 @@ class TrackingAuthError(UserError):
 
 
 def check_reachable(tracking_uri: str, timeout: float = 5.0, experiment: str = "unimo") -> None:
-    """Raises OSError when an http(s) tracking server does not answer at all, TrackingAuthError when it refuses
-    the credentials (HTTP 401/403 on an authenticated API call). Any other answer counts as reachable.
+    """Raises OSError when an http(s) tracking server does not answer at all, TrackingAuthError when it
+    refuses the credentials (HTTP 401/403 on an authenticated API call). Any other answer counts as reachable.
 
     MLflow's client retries a refused connection for ~4 minutes before failing; this probe fails in seconds.
     Credentials come from the URI's user-info, MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN.
@@ -128,19 +129,21 @@ def check_reachable(tracking_uri: str, timeout: float = 5.0, experiment: str = "
     bare, headers = split_credentials(tracking_uri)
     base = bare.rstrip("/")
     try:
-        urllib.request.urlopen(urllib.request.Request(base + "/health", headers=headers), timeout=timeout).close()
+        urllib.request.urlopen(urllib.request.Request(base + "/health", headers=headers),
+                               timeout=timeout).close()
     except urllib.error.HTTPError:
         pass  # it answered (a proxy or an auth layer may refuse /health)
     query = urllib.parse.urlencode({"experiment_name": experiment})
     try:
-        urllib.request.urlopen(urllib.request.Request(
-            f"{base}/api/2.0/mlflow/experiments/get-by-name?{query}", headers=headers), timeout=timeout).close()
+        urllib.request.urlopen(
+            urllib.request.Request(f"{base}/api/2.0/mlflow/experiments/get-by-name?{query}", headers=headers),
+            timeout=timeout).close()
     except urllib.error.HTTPError as err:
         if err.code in (401, 403):
             how = "were refused" if headers else "are missing"
             raise TrackingAuthError(
-                f"tracking.uri={redact(tracking_uri, tracking_secrets(tracking_uri))}: the MLflow server answered "
-                f"HTTP {err.code}: its credentials {how}. Set MLFLOW_TRACKING_USERNAME and "
+                f"tracking.uri={redact(tracking_uri, tracking_secrets(tracking_uri))}: the MLflow server "
+                f"answered HTTP {err.code}: its credentials {how}. Set MLFLOW_TRACKING_USERNAME and "
                 "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the environment, or put "
                 "user:password@ in tracking.uri for a local run.") from None
 
@@ -266,12 +269,14 @@ def log_exported_model(client, run_id: str, run_dir: Path | str) -> None:
         client.log_artifacts(run_id, str(out), "model")
         model_id = register_logged_model(client, run_id, out, found.step)
     client.set_tag(run_id, "unimo.exported_step", str(found.step))
-    log.info("exported step %d into the MLflow run's artifacts model/ and as logged model %s", found.step, model_id)
+    log.info("exported step %d into the MLflow run's artifacts model/ and as logged model %s",
+             found.step, model_id)
 
 
 def register_logged_model(client, run_id: str, export_dir: Path, step: int) -> str:
-    """The export as an MLflow logged model of the run (MLflow 3: listed on the run's page and the experiment's
-    Models tab, with its own artifacts), an output of the run at ``step``; returns the model id."""
+    """The export as an MLflow logged model of the run (MLflow 3: listed on the run's page and the
+    experiment's Models tab, with its own artifacts), an output of the run at ``step``; returns the model
+    id."""
     from mlflow.entities import LoggedModelOutput
 
     run = client.get_run(run_id)

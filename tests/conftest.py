@@ -8,10 +8,11 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
-# The MLflow servers the integration tests start need no job runners (as `unimo mlflow`, see orchestrator/cli.py).
+# The MLflow servers the integration tests start need no job runners (as `unimo mlflow`, see
+# orchestrator/cli.py).
 os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
-# DeepSpeed's op builds in this environment's own folder, as the trainer and scripts/setup_env.sh use it (tests
-# that start DeepSpeed without the trainer's engine builder get it too; see trainer/ds_extensions.py).
+# DeepSpeed's op builds in this environment's own folder, as the trainer and scripts/setup_env.sh use it
+# (tests that start DeepSpeed without the trainer's engine builder get it too; see trainer/ds_extensions.py).
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(__import__("sys").prefix, "torch_extensions"))
 
 
@@ -54,11 +55,11 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-# ---- the unit tier: no service, no subprocess ------------------------------------------------------------------
-# A test without the `integration` (or `gpu`) marker belongs to the fast unit tier, which must not start processes
-# or servers. Rather than trusting the markers, the tier is enforced: while such a test runs (its fixtures
-# included), starting a subprocess, forking, or listening on a socket raises. A test that needs any of them is
-# an integration test and must say so with @pytest.mark.integration.
+# ---- the unit tier: no service, no subprocess --------------------------------------------------------------
+# A test without the `integration` (or `gpu`) marker belongs to the fast unit tier, which must not start
+# processes or servers. Rather than trusting the markers, the tier is enforced: while such a test runs (its
+# fixtures included), starting a subprocess, forking, or listening on a socket raises. A test that needs any
+# of them is an integration test and must say so with @pytest.mark.integration.
 
 
 class UnitTierViolation(RuntimeError):
@@ -109,12 +110,13 @@ def pytest_runtest_protocol(item, nextitem):
             setattr(owner, name, value)
 
 
-# ---- a timeline of the run (UNIMO_TEST_TIMELINE=FILE): when each test started and ended, on which worker ---------
+# ---- a timeline of the run (UNIMO_TEST_TIMELINE=FILE): when each test started and ended, on which worker ---
 _TIMELINE_HERE: list[bool] = []  # False in xdist's controller: its workers write the lines
 
 
 def pytest_configure(config):
-    _TIMELINE_HERE.append(not (getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput")))
+    _TIMELINE_HERE.append(not (getattr(config.option, "numprocesses", None)
+                               and not hasattr(config, "workerinput")))
 
 
 def pytest_runtest_logstart(nodeid, location):

@@ -1,4 +1,5 @@
-"""Random micro-batches shaped exactly like data_pipeline's, for tests and benchmarks that must not wait on data."""
+"""Random micro-batches shaped exactly like data_pipeline's, for tests and benchmarks that must not wait on
+data."""
 
 from __future__ import annotations
 

@@ -7,8 +7,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 FORBIDDEN = {
-    "model": {"trainer", "orchestrator", "data_pipeline", "deepspeed", "ray", "mlflow", "boto3", "s3fs", "fsspec",
-              "webdataset", "torch.distributed"},
+    "model": {"trainer", "orchestrator", "data_pipeline", "deepspeed", "ray", "mlflow", "boto3", "s3fs",
+              "fsspec", "webdataset", "torch.distributed"},
     "data_pipeline": {"model", "trainer", "orchestrator"},
     "trainer": {"orchestrator"},
     "cluster": {"torch", "model", "trainer", "orchestrator", "data_pipeline", "deepspeed"},

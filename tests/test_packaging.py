@@ -26,12 +26,13 @@ def canonical(name: str) -> str:
 def pins(lock: str) -> dict[str, str]:
     """name -> version of every `name==version` line of a lock file."""
     text = (ROOT / "requirements" / lock).read_text()
-    return {canonical(m.group(1)): m.group(2) for m in re.finditer(r"^([A-Za-z0-9_.\-]+)==([^\s;\\]+)", text, re.M)}
+    return {canonical(m.group(1)): m.group(2)
+            for m in re.finditer(r"^([A-Za-z0-9_.\-]+)==([^\s;\\]+)", text, re.M)}
 
 
 def declared(extra: str | None = None) -> list[Requirement]:
-    reqs = PYPROJECT["project"]["dependencies"] + (PYPROJECT["project"]["optional-dependencies"][extra] if extra
-                                                    else [])
+    reqs = PYPROJECT["project"]["dependencies"] + (PYPROJECT["project"]["optional-dependencies"][extra]
+                                                   if extra else [])
     return [Requirement(r) for r in reqs]
 
 
@@ -80,6 +81,7 @@ def test_every_package_folder_is_installed():
     found = {p.parent.relative_to(ROOT).as_posix().replace("/", ".")
              for top in ("orchestrator", "trainer", "model", "data_pipeline")
              for p in (ROOT / top).rglob("__init__.py")}
-    assert found - listed == set(), f"add these to [tool.setuptools] packages in pyproject.toml: {found - listed}"
+    assert found - listed == set(), \
+        f"add these to [tool.setuptools] packages in pyproject.toml: {found - listed}"
     assert PYPROJECT["tool"]["setuptools"]["package-dir"]["unimo_configs"] == "configs"
     assert {p.stem for p in (ROOT / "configs").glob("*.yaml")} >= {"debug", "small", "base", "large", "xl"}

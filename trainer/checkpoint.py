@@ -120,7 +120,8 @@ def verify(root: Path, check_sums: bool = True) -> dict[str, Any]:
 
 
 def step_of(path: Path | str) -> int:
-    """The step a checkpoint folder (or s3:// URL) is named after (-1 for a name that is not step_XXXXXXXX)."""
+    """The step a checkpoint folder (or s3:// URL) is named after (-1 for a name that is not
+    step_XXXXXXXX)."""
     m = STEP_DIR.match(storage.name_of(path))
     return int(m.group(1)) if m else -1
 
@@ -138,7 +139,8 @@ def list_step_dirs(checkpoints_root: Path | str) -> list[FoundCheckpoint]:
                  for name in storage.list_names(checkpoints_root) if (m := STEP_DIR.match(name))]
     else:
         root = Path(checkpoints_root)
-        found = [FoundCheckpoint(child, int(m.group(1))) for child in (root.iterdir() if root.is_dir() else [])
+        found = [FoundCheckpoint(child, int(m.group(1)))
+                 for child in (root.iterdir() if root.is_dir() else [])
                  if (m := STEP_DIR.match(child.name)) and child.is_dir()]
     return sorted(found, key=lambda c: c.step, reverse=True)
 
@@ -256,8 +258,9 @@ def prune(checkpoints_root: Path | str, keep_last: int, keep_every: int,
     """Deletes complete checkpoints that retention does not keep (locally or on S3); returns what it removed.
 
     Only folders with a manifest are candidates: one still being uploaded is never touched. ``pending`` is the
-    step just handed to the (background) upload: it counts as the newest for retention, and until it is complete
-    the newest complete checkpoint is kept as well, so a failed upload never leaves the run without one.
+    step just handed to the (background) upload: it counts as the newest for retention, and until it is
+    complete the newest complete checkpoint is kept as well, so a failed upload never leaves the run without
+    one.
     """
     complete = [c for c in list_step_dirs(checkpoints_root) if has_manifest(c.path) and c.step != pending]
     steps = [c.step for c in complete]

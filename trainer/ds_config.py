@@ -11,8 +11,8 @@ def grad_accum_steps(cfg: RunConfig, world_size: int) -> int:
     """Accumulation keeps the global batch fixed by the config whatever the world size."""
     total = cfg.train.global_micro_batches
     if total % world_size:
-        raise ValueError(f"train.global_micro_batches={total} is not divisible by the world size {world_size}; "
-                         "choose a multiple of every worker count the job may run with")
+        raise ValueError(f"train.global_micro_batches={total} is not divisible by the world size "
+                         f"{world_size}; choose a multiple of every worker count the job may run with")
     return total // world_size
 
 
@@ -31,13 +31,13 @@ def zero3_sizes(cfg: RunConfig) -> dict[str, int]:
     """ZeRO-3's bucket, prefetch and persistence sizes (elements), each the config's or, at 0, from the width.
 
     A transformer block holds ~12 h^2 weights (h the widest hidden size). Prefetch: two blocks ahead, so the
-    next block's all-gather is in flight while this one computes. Reduce bucket: four blocks' gradients, at least
-    2^25 elements (each bucket costs passes over it, and on CPU smaller buckets measured slower: 2M elements 1.20x
-    vs 50M 1.14x of the plain step, docs/BENCHMARKS.md); a fixed 5e7 is four blocks of large but one of xl.
-    Persistence: parameters under 16 h elements (biases, norms, scales: every 1-D tensor of a block) stay
-    gathered, so the module hooks only fetch weight matrices; at least DeepSpeed's 1e5, the value every ZeRO-3
-    test so far ran with (below it the debug flavor's weights would be partitioned too). Floors keep tiny widths
-    from many small ops.
+    next block's all-gather is in flight while this one computes. Reduce bucket: four blocks' gradients, at
+    least 2^25 elements (each bucket costs passes over it, and on CPU smaller buckets measured slower: 2M
+    elements 1.20x vs 50M 1.14x of the plain step, docs/BENCHMARKS.md); a fixed 5e7 is four blocks of large
+    but one of xl. Persistence: parameters under 16 h elements (biases, norms, scales: every 1-D tensor of a
+    block) stay gathered, so the module hooks only fetch weight matrices; at least DeepSpeed's 1e5, the value
+    every ZeRO-3 test so far ran with (below it the debug flavor's weights would be partitioned too). Floors
+    keep tiny widths from many small ops.
     """
     ds, m = cfg.deepspeed, cfg.model
     h = max(m.text.dim, m.vision.dim, m.fusion.dim)
@@ -49,7 +49,8 @@ def zero3_sizes(cfg: RunConfig) -> dict[str, int]:
     }
 
 
-def build_ds_config(cfg: RunConfig, world_size: int, on_gpu: bool, stage: int | None = None) -> dict[str, Any]:
+def build_ds_config(cfg: RunConfig, world_size: int, on_gpu: bool,
+                    stage: int | None = None) -> dict[str, Any]:
     """The dict handed to ``deepspeed.initialize``; the optimizer and scheduler are built by the trainer.
 
     ``stage``: the ZeRO stage, else resolved from ``deepspeed.zero_stage`` (trainer/zero_stage.py for auto).
@@ -91,10 +92,11 @@ def build_ds_config(cfg: RunConfig, world_size: int, on_gpu: bool, stage: int | 
         "steps_per_print": 10**9,  # our own progress output replaces DeepSpeed's
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
-        # Read only with offload_optimizer: DeepSpeed then refuses a client optimizer unless told otherwise, pushing
-        # its own DeepSpeedCPUAdam, a C++ extension compiled on first use on every node (a minute here). torch's
-        # fused AdamW has a vectorised CPU kernel of its own (torch >= 2.4): 27 ms vs DeepSpeedCPUAdam's 30 ms per
-        # step over 48M fp32 parameters on 2 cores (docs/BENCHMARKS.md), so the trainer keeps it there too.
+        # Read only with offload_optimizer: DeepSpeed then refuses a client optimizer unless told otherwise,
+        # pushing its own DeepSpeedCPUAdam, a C++ extension compiled on first use on every node (a minute
+        # here). torch's fused AdamW has a vectorised CPU kernel of its own (torch >= 2.4): 27 ms vs
+        # DeepSpeedCPUAdam's 30 ms per step over 48M fp32 parameters on 2 cores (docs/BENCHMARKS.md), so the
+        # trainer keeps it there too.
         "zero_force_ds_cpu_optimizer": False,
     }
     precision = resolve_precision(cfg, on_gpu)

@@ -1,5 +1,5 @@
-"""The DeepSpeed engine the trainer steps: parameter groups (per-module learning rates, decay, alignment), the fused
-AdamW and the DeepSpeed config."""
+"""The DeepSpeed engine the trainer steps: parameter groups (per-module learning rates, decay, alignment), the
+fused AdamW and the DeepSpeed config."""
 
 from __future__ import annotations
 
@@ -20,9 +20,10 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     """Groups by top-level submodule (so a stage can freeze one by setting its LR to 0) and by decay.
 
     The few parameters whose size is not a multiple of ALIGN_ELEMENTS (a scalar temperature, a 2-way bias,
-    level-mixing logits) go in groups of their own at the end. ZeRO-3 views every weight inside one flat buffer
-    in group order, so a 1-element parameter early on would leave every later weight 4 bytes off a 64-byte
-    boundary (bench/bench_trainer.py on a quiet Xeon: 1.24x -> 1.19x of the plain step, docs/BENCHMARKS.md).
+    level-mixing logits) go in groups of their own at the end. ZeRO-3 views every weight inside one flat
+    buffer in group order, so a 1-element parameter early on would leave every later weight 4 bytes off a
+    64-byte boundary (bench/bench_trainer.py on a quiet Xeon: 1.24x -> 1.19x of the plain step,
+    docs/BENCHMARKS.md).
     """
     groups: dict[tuple[bool, str, bool], list] = {}
     for name, p in model.named_parameters():

@@ -1,9 +1,9 @@
 """Evaluation of a model: image<->text retrieval on held-out pairs (ITC, optionally ITM re-ranked), zero-shot
 classification from class prompts, sample captions. Used during training and by `unimo eval`.
 
-Every rank runs evaluation (ZeRO-3 gathers need all ranks), so the modules run here and their count depend only
-on the held-out set's size and the config, never on scores: the re-ranker scores a fixed k candidates per query,
-captioning decodes a fixed number of steps.
+Every rank runs evaluation (ZeRO-3 gathers need all ranks), so the modules run here and their count depend
+only on the held-out set's size and the config, never on scores: the re-ranker scores a fixed k candidates per
+query, captioning decodes a fixed number of steps.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ CAPTION_TOKENS = 16
 
 
 def recall_at_k(sim: Tensor, positives: Tensor, ks: tuple[int, ...] = (1, 5, 10)) -> dict[int, float]:
-    """sim (Q, C), positives (Q, C) bool -> {k: fraction of queries whose best positive ranks in the top k}."""
+    """sim (Q, C), positives (Q, C) bool -> {k: fraction of queries whose best positive ranks in the top
+    k}."""
     best_pos = sim.masked_fill(~positives, float("-inf")).max(dim=1).values  # (Q,)
     ranks = (sim > best_pos[:, None]).sum(dim=1)  # (Q,) candidates scored above the best positive
     return {k: float((ranks < k).float().mean()) for k in ks}
@@ -80,7 +81,8 @@ def itm_scores(model: UnimoModel, eval_set: dict, image_rows: Tensor, text_rows:
 
 
 def rerank_top_k(sim: Tensor, k: int, score: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
-    """sim (Q, C) -> a copy in which each query's top-k candidates are ordered by ``score`` and stay above the rest.
+    """sim (Q, C) -> a copy in which each query's top-k candidates are ordered by ``score`` and stay above the
+    rest.
 
     score(query rows (M,), candidate columns (M,)) -> (M,). Candidates outside the top k keep their ITC order,
     below every re-ranked one, so R@K for K > k still counts them.
@@ -97,7 +99,8 @@ def rerank_top_k(sim: Tensor, k: int, score: Callable[[Tensor, Tensor], Tensor])
 def retrieval_metrics(model: UnimoModel, eval_set: dict, rerank_k: int = 0,
                       progress: Callable[[int], None] | None = None,
                       features: tuple[Tensor, Tensor] | None = None) -> dict[str, float]:
-    """R@1/5/10 image->text and text->image over the whole held-out set (each image among N, each text among T).
+    """R@1/5/10 image->text and text->image over the whole held-out set (each image among N, each text among
+    T).
 
     rerank_k > 0 adds eval/itm_{i2t,t2i}_R@k: the ITC top-k of each query re-ordered by the ITM head.
     ``features``: the set's (text, image) ITC features when already encoded; ``progress(n)`` counts the texts
@@ -110,7 +113,8 @@ def retrieval_metrics(model: UnimoModel, eval_set: dict, rerank_k: int = 0,
     out = {f"eval/i2t_R@{k}": v for k, v in recall_at_k(sim, positives).items()}
     out.update({f"eval/t2i_R@{k}": v for k, v in recall_at_k(sim.T, positives.T).items()})
     if rerank_k > 0:
-        i2t = rerank_top_k(sim, rerank_k, lambda im, tx: itm_scores(model, eval_set, im, tx, progress=progress))
+        i2t = rerank_top_k(sim, rerank_k,
+                           lambda im, tx: itm_scores(model, eval_set, im, tx, progress=progress))
         t2i = rerank_top_k(sim.T, rerank_k,
                            lambda tx, im: itm_scores(model, eval_set, im, tx, progress=progress))
         out.update({f"eval/itm_i2t_R@{k}": v for k, v in recall_at_k(i2t, positives).items()})
@@ -120,7 +124,8 @@ def retrieval_metrics(model: UnimoModel, eval_set: dict, rerank_k: int = 0,
 
 
 def retrieval_work(eval_set: dict, rerank_k: int = 0) -> int:
-    """How many progress units retrieval_metrics reports: texts + images encoded, pairs the ITM head scores."""
+    """How many progress units retrieval_metrics reports: texts + images encoded, pairs the ITM head
+    scores."""
     n_text, n_img = eval_set["input_ids"].shape[0], eval_set["pixels"].shape[0]
     work = n_text + n_img
     if rerank_k > 0:
@@ -129,8 +134,9 @@ def retrieval_work(eval_set: dict, rerank_k: int = 0) -> int:
 
 
 def top_k_accuracy(sim: Tensor, labels: Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[int, float]:
-    """sim (N, C) class scores, labels (N, C) bool (an image may carry several true classes) -> {k: fraction of
-    images with a true class among their k best}. Images without any true class must be dropped beforehand."""
+    """sim (N, C) class scores, labels (N, C) bool (an image may carry several true classes) -> {k: fraction
+    of images with a true class among their k best}. Images without any true class must be dropped
+    beforehand."""
     out = {}
     for k in ks:
         top = sim.topk(min(k, sim.shape[1]), dim=1).indices  # (N, k)
@@ -163,7 +169,8 @@ def zero_shot_metrics(image_feats: Tensor, prompt_feats: Tensor, prompt_class: T
 
 
 @torch.no_grad()
-def encode_texts(model: UnimoModel, input_ids: Tensor, attention_mask: Tensor, batch_size: int = 64) -> Tensor:
+def encode_texts(model: UnimoModel, input_ids: Tensor, attention_mask: Tensor,
+                 batch_size: int = 64) -> Tensor:
     """ITC features (T, E) of tokenised texts (class prompts)."""
     was_training = model.training
     model.eval()

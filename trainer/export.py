@@ -1,5 +1,6 @@
-"""`unimo export`: a checkpoint's ZeRO-3 shards -> one safetensors file + config + tokenizer, no DeepSpeed needed;
-with ``--format hf`` also the text tower as a BERT/RoBERTa folder and the vision tower as a ViT/CLIP-vision folder.
+"""`unimo export`: a checkpoint's ZeRO-3 shards -> one safetensors file + config + tokenizer, no DeepSpeed
+needed; with ``--format hf`` also the text tower as a BERT/RoBERTa folder and the vision tower as a
+ViT/CLIP-vision folder.
 
 Consolidation uses DeepSpeed's own zero_to_fp32 reader, so the exported weights are exactly what DeepSpeed
 would reconstruct; loading needs only model/ and safetensors.
@@ -84,7 +85,8 @@ def _write_hf_tokenizer(src: Path, dest: Path, text_cfg) -> None:
     from tokenizers import Tokenizer, processors
 
     tok = Tokenizer.from_file(str(src))
-    names = {role: tok.id_to_token(getattr(text_cfg, f"{role}_token_id")) for role in ("pad", "bos", "eos", "mask")}
+    names = {role: tok.id_to_token(getattr(text_cfg, f"{role}_token_id"))
+             for role in ("pad", "bos", "eos", "mask")}
     if tok.post_processor is None:  # ours add [CLS]/[SEP] by hand; transformers users get them from the file
         cls, sep = names["bos"], names["eos"]
         tok.post_processor = processors.TemplateProcessing(
@@ -109,7 +111,8 @@ def _copy_tokenizer(url: str, dest: Path) -> None:
 
 
 def model_from_config(raw_model: dict, weights: dict[str, torch.Tensor]):
-    """A UnimoModel built from a saved model section (checkpoint or export) with ``weights`` loaded strictly."""
+    """A UnimoModel built from a saved model section (checkpoint or export) with ``weights`` loaded
+    strictly."""
     from model.config import ModelConfig
     from model.unimo import UnimoModel
     from trainer.config import _model_base  # the flavor-aware model section builder
@@ -149,7 +152,8 @@ class LoadedModel:
 
 
 def load_model(folder: str | Path, source: str | None = None) -> LoadedModel:
-    """The model of a local checkpoint folder (verified, consolidated from its ZeRO-3 shards) or export folder.
+    """The model of a local checkpoint folder (verified, consolidated from its ZeRO-3 shards) or export
+    folder.
 
     ``source``: where the folder came from when it is a downloaded copy (an s3:// URL).
     """
@@ -163,10 +167,10 @@ def load_model(folder: str | Path, source: str | None = None) -> LoadedModel:
         raise FileNotFoundError(f"{folder}: no such folder (give a checkpoint folder, e.g. "
                                 f"runs/exp1/checkpoints/step_00000300, or an `unimo export` folder)")
     if not (f / ckpt.MANIFEST).is_file():
-        raise ValueError(f"{folder} is neither a checkpoint (no {ckpt.MANIFEST}) nor an `unimo export` folder "
-                         f"(no {WEIGHTS} + {CONFIG})")
+        raise ValueError(f"{folder} is neither a checkpoint (no {ckpt.MANIFEST}) nor an `unimo export` "
+                         f"folder (no {WEIGHTS} + {CONFIG})")
     ckpt.verify(f)  # never evaluate a torn checkpoint
     state = ckpt.read_state(f)
     model = model_from_config(state["config"]["model"], consolidated_state_dict(f))
-    return LoadedModel(model, int(state["step"]), state["config"]["data"].get("tokenizer", ""), source or str(f),
-                       "checkpoint", state=state)
+    return LoadedModel(model, int(state["step"]), state["config"]["data"].get("tokenizer", ""),
+                       source or str(f), "checkpoint", state=state)

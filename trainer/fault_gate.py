@@ -1,13 +1,14 @@
 """A gate that holds the training loop before a chosen step, so that a fault test injects its fault at a step
-the test controls rather than racing the run ("kill a worker after checkpoint 10" misses on a fast machine: the
-run may be over by then).
+the test controls rather than racing the run ("kill a worker after checkpoint 10" misses on a fast machine:
+the run may be over by then).
 
-``UNIMO_FAULT_GATE=STEP:FOLDER[,STEP:FOLDER...]`` (set by a test; forwarded to the workers by the driver): before
-running step STEP, each rank writes ``FOLDER/reached-rank<R>`` and waits until ``FOLDER/open`` exists, then goes on
-(several gates let a test act twice at steps it controls, e.g. stop a service and later bring it back). The test
-waits for the ``reached`` file (an event), injects its fault, and opens the gate; a restarted worker group that
-comes back to STEP finds it open. Unset, it costs one dictionary lookup per step. The wait is bounded
-(``UNIMO_FAULT_GATE_TIMEOUT_S``, default 600 s) so a forgotten gate ends in a named error, not a hang.
+``UNIMO_FAULT_GATE=STEP:FOLDER[,STEP:FOLDER...]`` (set by a test; forwarded to the workers by the driver):
+before running step STEP, each rank writes ``FOLDER/reached-rank<R>`` and waits until ``FOLDER/open`` exists,
+then goes on (several gates let a test act twice at steps it controls, e.g. stop a service and later bring it
+back). The test waits for the ``reached`` file (an event), injects its fault, and opens the gate; a restarted
+worker group that comes back to STEP finds it open. Unset, it costs one dictionary lookup per step. The wait
+is bounded (``UNIMO_FAULT_GATE_TIMEOUT_S``, default 600 s) so a forgotten gate ends in a named error, not a
+hang.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def wait_at(step: int, rank: int, environ: dict[str, str] | None = None, poll_s:
         time.sleep(poll_s)
 
 
-# ----- the test's side ------------------------------------------------------------------------------------------
+# ----- the test's side --------------------------------------------------------------------------------------
 def _reached_name(rank: int) -> str:
     return f"reached-rank{rank}"
 

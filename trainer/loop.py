@@ -1,9 +1,9 @@
 """The step loop that runs on every rank: build, train stage by stage, log, evaluate, checkpoint when due.
 
 Checkpoints (find, verify, restore, save, prune, RNG) are trainer/checkpointing's CheckpointManager, which the
-loop calls at start (``load``) and when a checkpoint is due (``save``); the engine is built by trainer/engine.py.
-Ray-specific calls are behind the small ``Reporter`` interface (trainer/ray_worker.py implements it), so the loop
-is plain DeepSpeed + torch.distributed code.
+loop calls at start (``load``) and when a checkpoint is due (``save``); the engine is built by
+trainer/engine.py. Ray-specific calls are behind the small ``Reporter`` interface (trainer/ray_worker.py
+implements it), so the loop is plain DeepSpeed + torch.distributed code.
 """
 
 from __future__ import annotations
@@ -70,14 +70,16 @@ def lr_at(cfg: RunConfig, stage: StageConfig, step_in_stage: int) -> float:
     return peak
 
 
-# Why the loader skipped samples (data_pipeline/samples.py, webdataset_tar.py): one metric each, summed over ranks, so a
-# run that quietly drops a share of its data shows it in MLflow, not only in the workers' warnings.
+# Why the loader skipped samples (data_pipeline/samples.py, webdataset_tar.py): one metric each, summed over
+# ranks, so a run that quietly drops a share of its data shows it in MLflow, not only in the workers'
+# warnings.
 SKIP_REASONS = ("bad_image", "bad_text", "bad_json", "missing_field", "empty_text", "corrupt_member",
                 "truncated_shard", "bad_compression", "not_a_tar")
 
 
 def data_counters(stats: dict[str, int]) -> dict[str, int]:
-    """This rank's loader counters since it started, in a fixed order (every rank all-reduces the same vector)."""
+    """This rank's loader counters since it started, in a fixed order (every rank all-reduces the same
+    vector)."""
     out = {f"skipped_{r}": int(stats.get(f"skipped_{r}", 0)) for r in SKIP_REASONS}
     out["skipped_total"] = sum(int(v) for k, v in stats.items() if k.startswith("skipped_"))
     out["read_retries"] = int(stats.get("read_retries", 0))
@@ -106,7 +108,8 @@ class Trainer:
         self.mlflow_run_id = mlflow_run_id
         self.tracking_uri = tracking_uri
         self.on_gpu = torch.cuda.is_available()
-        self.device = torch.device("cuda", torch.cuda.current_device()) if self.on_gpu else torch.device("cpu")
+        self.device = (torch.device("cuda", torch.cuda.current_device()) if self.on_gpu
+                       else torch.device("cpu"))
         self.accum = grad_accum_steps(cfg, world_size)
         self.progress = Progress()
         self.metrics_logger = None
@@ -114,7 +117,8 @@ class Trainer:
                                  phase_timeout_s=cfg.train.watchdog_phase_seconds)
         self.last_result: StepResult | None = None
         self.eval_set: dict | None = None
-        # Set by build() and build_loader() (the engine needs the checkpoint's world size first), by tracking at start.
+        # Set by build() and build_loader() (the engine needs the checkpoint's world size first), by tracking
+        # at start.
         self.tokenizer: Any = None
         self.module: Any = None
         self.engine: Any = None
@@ -123,8 +127,8 @@ class Trainer:
         self.loader: Any = None
         self.batches: Iterator[dict] = iter(())
         self.tracker: Any = None
-        # The run's folder or s3:// prefix (control_dir): checkpoints live under checkpoints/, and the driver drops
-        # a STOP file there on SIGTERM (preemption), which rank 0 polls.
+        # The run's folder or s3:// prefix (control_dir): checkpoints live under checkpoints/, and the driver
+        # drops a STOP file there on SIGTERM (preemption), which rank 0 polls.
         self.checkpoints = CheckpointManager(cfg, rank, world_size, reporter, run_location=control_dir,
                                              local_rank=self.local_rank, mlflow_run_id=mlflow_run_id,
                                              on_gpu=torch.cuda.is_available())
@@ -132,7 +136,7 @@ class Trainer:
         self.stopped_early = False
         self._sent_data: dict[str, float] = {}  # pipeline/* values last sent to MLflow (_changed_data_counters)
 
-    # ----- building -------------------------------------------------------------------------------------------
+    # ----- building -----------------------------------------------------------------------------------------
     def build(self, universal: bool = False) -> Any:
         """Model, objectives module, optimizer and DeepSpeed engine (set to load a universal checkpoint)."""
         from data_pipeline.tokenizer import load_tokenizer
@@ -169,7 +173,7 @@ class Trainer:
         """Every objective some stage trains: one loader serves the whole plan."""
         return {name for s in self.cfg.stages for name, w in s.objectives.items() if w > 0}
 
-    # ----- the loop -------------------------------------------------------------------------------------------
+    # ----- the loop -----------------------------------------------------------------------------------------
     def forward_backward(self, batch: dict, weights: dict[str, float]) -> tuple[float, dict[str, float]]:
         total, parts = self.engine(batch, weights)
         self.engine.backward(total)
@@ -204,7 +208,8 @@ class Trainer:
                 sums[k] = sums.get(k, 0.0) + v / self.accum
         norm = self.engine.get_global_grad_norm()
         return StepResult(losses=sums, total=total, samples=samples, step_time=time.perf_counter() - t0,
-                          data_time=data_time, grad_norm=float(norm) if norm is not None else float("nan"), lr=lr)
+                          data_time=data_time,
+                          grad_norm=float(norm) if norm is not None else float("nan"), lr=lr)
 
     def reduce_metrics(self, result: StepResult) -> dict[str, float]:
         """Averages losses over ranks (one small all-reduce) and adds throughput figures."""
@@ -230,17 +235,19 @@ class Trainer:
 
     def should_evaluate(self, step: int) -> bool:
         every = self.cfg.train.eval_every
-        return bool(self.cfg.data.eval_pairs) and (step == self.cfg.total_steps or (every > 0 and step % every == 0))
+        return bool(self.cfg.data.eval_pairs) and (step == self.cfg.total_steps
+                                                   or (every > 0 and step % every == 0))
 
     def evaluate(self, step: int) -> dict[str, float]:
-        """Retrieval on the held-out pairs; every rank runs it (ZeRO-3 gathers need all ranks), rank 0 logs."""
+        """Retrieval on the held-out pairs; every rank runs it (ZeRO-3 gathers need all ranks), rank 0
+        logs."""
         from data_pipeline.loader import build_eval_pairs
         from trainer.evaluation import evaluate
 
         if self.eval_set is None:
             self.eval_set = build_eval_pairs(self.cfg.data.eval_pairs, seq_len=self.cfg.seq_len,
-                                             image_size=self.cfg.model.vision.image_size, tokenizer=self.tokenizer,
-                                             limit=self.cfg.train.eval_samples)
+                                             image_size=self.cfg.model.vision.image_size,
+                                             tokenizer=self.tokenizer, limit=self.cfg.train.eval_samples)
             self.eval_set = {k: v for k, v in self.eval_set.items() if isinstance(v, torch.Tensor)}
         metrics, captions = evaluate(self.engine.module.model, move_to(self.eval_set, self.device),
                                      rerank_k=self.cfg.train.eval_rerank_k, decode=self.tokenizer.decode)
@@ -248,8 +255,8 @@ class Trainer:
             if self.metrics_logger is not None:
                 self.metrics_logger.log(metrics, step)
             shown = " ".join(f"{k.split('/')[1]}={v:.3f}" for k, v in metrics.items() if "R@" in k)
-            print(f"[unimo] eval step {step}: {shown} (t2i chance R@1 = {1 / max(metrics['eval/candidates'], 1):.3f})",
-                  flush=True)
+            print(f"[unimo] eval step {step}: {shown} (t2i chance R@1 = "
+                  f"{1 / max(metrics['eval/candidates'], 1):.3f})", flush=True)
             for i, caption in enumerate(captions):
                 print(f"[unimo] eval step {step}: caption of eval image {i}: {caption!r}", flush=True)
             if captions and self.metrics_logger is not None:  # evaluate() may also run outside run()
@@ -263,8 +270,8 @@ class Trainer:
     def control_flags(self) -> tuple[bool, bool]:
         """(stop requested, checkpoint due by time), agreed by all ranks with one tiny all-reduce.
 
-        Rank 0's view decides (the driver's STOP file, the checkpoint clock), and a SIGTERM to any rank's process
-        requests a stop too; every rank stops or saves at the same step (ZeRO-3 saves are collective).
+        Rank 0's view decides (the driver's STOP file, the checkpoint clock), and a SIGTERM to any rank's
+        process requests a stop too; every rank stops or saves at the same step (ZeRO-3 saves are collective).
         """
         import torch.distributed as dist
 
@@ -302,8 +309,9 @@ class Trainer:
         if self.rank == 0:
             # On CPU the intra-op threads are the worker's CPUs (Ray sets OMP_NUM_THREADS to
             # scaling.cpus_per_worker): the first thing to check when steps are slower than expected.
-            print(f"[unimo] {self.world_size} rank(s) on {self.device.type}; rank 0 runs {torch.get_num_threads()} "
-                  f"intra-op thread(s) and {self.accum} micro-batch(es) per optimizer step", flush=True)
+            print(f"[unimo] {self.world_size} rank(s) on {self.device.type}; rank 0 runs "
+                  f"{torch.get_num_threads()} intra-op thread(s) and {self.accum} micro-batch(es) per "
+                  "optimizer step", flush=True)
         self.build_loader()
         self._start_logging()
 
@@ -329,20 +337,21 @@ class Trainer:
             if stop and done < total_steps:
                 self.stopped_early = True
                 if self.rank == 0:
-                    print(f"[unimo] stop requested: saving a checkpoint at step {done} and exiting", flush=True)
+                    print(f"[unimo] stop requested: saving a checkpoint at step {done} and exiting",
+                          flush=True)
             if self.should_checkpoint(done, due or stop):
                 self.checkpoint(done, last)
             if self.stopped_early:
                 break
         return last
 
-    # ----- logging --------------------------------------------------------------------------------------------
+    # ----- logging ------------------------------------------------------------------------------------------
     def _start_logging(self) -> None:
         """Every rank: rank 0 gets the MetricLogger, each node's first rank a system-metrics sampler."""
         from trainer.tracking import start_tracking
 
-        self.tracker = start_tracking(self.cfg, self.rank, self.world_size, self.mlflow_run_id, self.tracking_uri,
-                                      step_fn=lambda: self.progress.step)
+        self.tracker = start_tracking(self.cfg, self.rank, self.world_size, self.mlflow_run_id,
+                                      self.tracking_uri, step_fn=lambda: self.progress.step)
         self.metrics_logger = self.tracker.metrics
         self.checkpoints.attach(self.tracker)
         announce(resolve_zero_stage(self.cfg, self.world_size, self.on_gpu), self.rank, self.metrics_logger)
@@ -365,10 +374,11 @@ class Trainer:
 
 
     def _changed_data_counters(self, metrics: dict[str, float]) -> dict[str, float]:
-        """The step's metrics with each ``pipeline/*`` value kept only when it changed since this attempt last logged it
-        (the first log has them all). The loader's counters are zero in a healthy run; logged at every step, a
-        dozen flat zero charts filled the top of MLflow's metric page (its sections sort by name), above the
-        losses. A counter that moves is logged at each step it moves, so its chart and latest value stay exact."""
+        """The step's metrics with each ``pipeline/*`` value kept only when it changed since this attempt last
+        logged it (the first log has them all). The loader's counters are zero in a healthy run; logged at
+        every step, a dozen flat zero charts filled the top of MLflow's metric page (its sections sort by
+        name), above the losses. A counter that moves is logged at each step it moves, so its chart and latest
+        value stay exact."""
         sent, out = self._sent_data, {}
         for key, value in metrics.items():
             if key.startswith("pipeline/"):
@@ -383,6 +393,7 @@ def summarize(metrics: dict[str, float]) -> str:
     return json.dumps({k: round(v, 4) for k, v in metrics.items() if k.startswith("loss/")})
 
 
-# (build_engine and the parameter groups live in trainer/engine.py; benchmarks and tests import them from here)
+# (build_engine and the parameter groups live in trainer/engine.py; benchmarks and tests import them from
+# here)
 __all__ = ["Trainer", "Reporter", "Progress", "STOP_FILE", "stage_at", "lr_at", "summarize", "ALIGN_ELEMENTS",
            "build_engine", "optimizer_groups", "param_groups"]

@@ -1,12 +1,12 @@
 """The pre-training objectives as one nn.Module whose forward returns every enabled loss.
 
-DeepSpeed wraps this module, so that ZeRO-3 gathers parameters inside a single forward call. Every loss's maths
-(CMCL, MLM, LM, MIM, ITM, grounding) lives in model/losses.py; what depends on how the batch is spread over
-ranks (gathering CMCL's global columns, ITM's negative sampling) lives here. Gathering features across ranks
-is injected as a function, so the same code runs in one process and on many ranks.
+DeepSpeed wraps this module, so that ZeRO-3 gathers parameters inside a single forward call. Every loss's
+maths (CMCL, MLM, LM, MIM, ITM, grounding) lives in model/losses.py; what depends on how the batch is spread
+over ranks (gathering CMCL's global columns, ITM's negative sampling) lives here. Gathering features across
+ranks is injected as a function, so the same code runs in one process and on many ranks.
 
-ZeRO-3 rule kept throughout: which modules run, and in which order, depends only on the stage's weights (equal on
-every rank), never on the data; a batch with nothing to score for a loss still runs that loss's modules and
+ZeRO-3 rule kept throughout: which modules run, and in which order, depends only on the stage's weights (equal
+on every rank), never on the data; a batch with nothing to score for a loss still runs that loss's modules and
 returns a zero that depends on their outputs.
 """
 
@@ -33,7 +33,8 @@ def identity_gather(t: Tensor) -> Tensor:
 
 
 class _AllGatherWithGrad(torch.autograd.Function):
-    """all_gather along dim 0; backward sums every rank's gradient of the gathered tensor, keeps this rank's slice.
+    """all_gather along dim 0; backward sums every rank's gradient of the gathered tensor, keeps this rank's
+    slice.
 
     The sum (not a mean) is what makes each rank's gradient the gradient of the sum of all ranks' losses; the
     data-parallel mean over ranks then gives the gradient of the global mean loss, as one process would.
@@ -58,18 +59,20 @@ class _AllGatherWithGrad(torch.autograd.Function):
 
 
 def autograd_all_gather(t: Tensor) -> Tensor:
-    """All-gathers along dim 0 with gradients flowing back to every rank's own slice (equal B on every rank)."""
+    """All-gathers along dim 0 with gradients flowing back to every rank's own slice (equal B on every
+    rank)."""
     return _AllGatherWithGrad.apply(t)
 
 
 # ----------------------------------------------------------------------------------------- ITM negatives
 
-def sample_negatives(sim: Tensor, same: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+def sample_negatives(sim: Tensor, same: Tensor,
+                     generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
     """One column per row drawn from softmax(sim) with same-image columns excluded (ALBEF's hard negatives).
 
-    sim (R, C) scaled similarities, same (R, C) bool -> (index (R,), valid (R,)). A row whose every column shows
-    its own image gets an arbitrary column and valid=False, so the caller drops its loss but still runs the
-    same modules (ZeRO-3).
+    sim (R, C) scaled similarities, same (R, C) bool -> (index (R,), valid (R,)). A row whose every column
+    shows its own image gets an arbitrary column and valid=False, so the caller drops its loss but still runs
+    the same modules (ZeRO-3).
     """
     with torch.no_grad():
         logits = sim.float().masked_fill(same, float("-inf"))
@@ -81,7 +84,8 @@ def sample_negatives(sim: Tensor, same: Tensor, generator: torch.Generator | Non
 
 
 def phrase_masks(phrase_ids: Tensor) -> Tensor:
-    """(B, L) ids (0 = none, k+1 = k-th phrase) -> (B, P, L) bool, P >= 1 so shapes never collapse to empty."""
+    """(B, L) ids (0 = none, k+1 = k-th phrase) -> (B, P, L) bool, P >= 1 so shapes never collapse to
+    empty."""
     P = max(int(phrase_ids.max()) if phrase_ids.numel() else 0, 1)
     ks = torch.arange(1, P + 1, device=phrase_ids.device)
     return phrase_ids[:, None, :] == ks[None, :, None]
@@ -117,8 +121,8 @@ class PretrainObjectives(nn.Module):
         riders: dict[str, list[Tensor] | None] = {}
         if active & set(PAIR_OBJECTIVES):
             # Unpaired MLM texts and MIM images ride along in the pairs' encoder calls (_encode_pair_texts and
-            # _encode_pair_images): which rows join depends only on the weights and the config's sizes, so every
-            # rank runs the same modules in the same order.
+            # _encode_pair_images): which rows join depends only on the weights and the config's sizes, so
+            # every rank runs the same modules in the same order.
             text = batch["text"] if "mlm_text" in active else None
             image = batch["image"] if "mim" in active else None
             pair_parts, riders = self._pair_objectives(batch["pair"], active, text, image)
@@ -131,7 +135,7 @@ class PretrainObjectives(nn.Module):
         total = sum(weights[name] * loss for name, loss in parts.items())
         return total, parts
 
-    # ----- unpaired text and images ---------------------------------------------------------------------------
+    # ----- unpaired text and images -------------------------------------------------------------------------
     def _text_objectives(self, text: dict, active: set[str], mlm_states: list[Tensor] | None = None
                          ) -> dict[str, Tensor]:
         """mlm_states: the MLM rows' states when they were encoded along with the pairs' texts."""
@@ -155,21 +159,24 @@ class PretrainObjectives(nn.Module):
         pred = self.model.mim_predict(states[-1])
         return losses.mim_loss(pred, image["pixels"], image["patch_mask"], self.model.cfg.vision.patch_size)
 
-    # ----- pairs ----------------------------------------------------------------------------------------------
-    def _pair_objectives(self, pair: dict, active: set[str], text: dict | None = None, image: dict | None = None
+    # ----- pairs --------------------------------------------------------------------------------------------
+    def _pair_objectives(self, pair: dict, active: set[str], text: dict | None = None,
+                         image: dict | None = None
                          ) -> tuple[dict[str, Tensor], dict[str, list[Tensor] | None]]:
-        """The pair losses, and the per-layer states of the unpaired rows that rode along ("text", "image"; None
-        for rows that did not)."""
+        """The pair losses, and the per-layer states of the unpaired rows that rode along ("text", "image";
+        None for rows that did not)."""
         out: dict[str, Tensor] = {}
         riders: dict[str, list[Tensor] | None] = {}
         B = pair["input_ids"].shape[0]
         image_states, riders["image"] = self._encode_pair_images(pair, image)
-        text_states, masked_states, feats, riders["text"] = self._encode_pair_texts(pair, image_states, active, text)
+        text_states, masked_states, feats, riders["text"] = self._encode_pair_texts(pair, image_states,
+                                                                                    active, text)
         if "itc" in active:
             out["itc"] = self._cmcl(pair, *feats)
         if active & {"itm", "grounding", "mlm_pair"}:
             txt, img = (feats[0][:B], feats[3]) if feats[0] is not None else (None, None)
-            out.update(self._fused_objectives(pair, text_states, masked_states, image_states, txt, img, active))
+            out.update(self._fused_objectives(pair, text_states, masked_states, image_states, txt, img,
+                                              active))
         if "caption" in active:
             out["caption"] = self._caption(pair, image_states)
         return out, riders
@@ -184,15 +191,17 @@ class PretrainObjectives(nn.Module):
             # sizes come from the config (data.image_size), so this choice is the same on every rank
             return self.model.encode_image(pair["pixels"]), None
         B = pair["pixels"].shape[0]
-        unmasked = torch.zeros(B, image["patch_mask"].shape[1], dtype=torch.bool, device=pair["pixels"].device)
+        unmasked = torch.zeros(B, image["patch_mask"].shape[1], dtype=torch.bool,
+                               device=pair["pixels"].device)
         states = self.model.encode_image(torch.cat([pair["pixels"], image["pixels"]]),
                                          torch.cat([unmasked, image["patch_mask"].bool()]))
         return _rows(states, slice(0, B)), _rows(states, slice(B, None))
 
-    def _encode_pair_texts(self, pair: dict, image_states: list[Tensor], active: set[str], text: dict | None = None):
-        """Captions, and for CMCL the extra positives and rewrites, for MLM the masked captions, and the unpaired
-        MLM texts when given, in ONE text-encoder call: one set of larger matrix products, and under ZeRO-3 one
-        set of per-module hooks.
+    def _encode_pair_texts(self, pair: dict, image_states: list[Tensor], active: set[str],
+                           text: dict | None = None):
+        """Captions, and for CMCL the extra positives and rewrites, for MLM the masked captions, and the
+        unpaired MLM texts when given, in ONE text-encoder call: one set of larger matrix products, and under
+        ZeRO-3 one set of per-module hooks.
 
         -> (caption states per layer (B, L, Dt), masked-caption states per layer or None, (caption+positive
         feats (2B, E), their image ids (2B,), rewrite feats (B, 1, E), image feats (B, E)), unpaired MLM
@@ -215,8 +224,10 @@ class PretrainObjectives(nn.Module):
         states = self.model.encode_text(*_pad_cat(ids, mask, self.model.cfg.text.pad_token_id))
         riders = None
         if text is not None:
-            riders = _columns(_rows(states, slice(n_pair, None)), text["mlm_input_ids"].shape[1])  # (Bt, Lt, Dt)
-        states = _columns(_rows(states, slice(0, n_pair)), pair["input_ids"].shape[1])  # per layer (kB, L, Dt)
+            # (Bt, Lt, Dt)
+            riders = _columns(_rows(states, slice(n_pair, None)), text["mlm_input_ids"].shape[1])
+        # per layer (kB, L, Dt)
+        states = _columns(_rows(states, slice(0, n_pair)), pair["input_ids"].shape[1])
         masked = _rows(states, slice(n_feat, n_pair)) if "mlm_pair" in active else None
         if not active & {"itc", "itm", "grounding"}:
             return _rows(states, slice(0, B)), masked, (None, None, None, None), riders
@@ -236,7 +247,8 @@ class PretrainObjectives(nn.Module):
                                 neg_valid, self._scale())
 
     def _scale(self) -> Tensor:
-        # logit_scale is read here, outside UnimoModel.forward: trainer/zero3_external_params.py registers it for ZeRO-3
+        # logit_scale is read here, outside UnimoModel.forward: trainer/zero3_external_params.py registers it
+        # for ZeRO-3
         return self.model.logit_scale.float().exp().clamp(max=self.model.cfg.max_logit_scale)
 
     def _fused_objectives(self, pair: dict, text_states: list[Tensor], masked_states: list[Tensor] | None,
@@ -250,7 +262,8 @@ class PretrainObjectives(nn.Module):
         if active & {"itm", "grounding"}:
             ids = pair["image_ids"]
             same = ids[:, None] == ids[None, :]  # (B, B) columns showing the row's own image
-            sim = self._scale().detach() * txt.detach().float() @ img.detach().float().t()  # (B texts, B images)
+            # (B texts, B images)
+            sim = self._scale().detach() * txt.detach().float() @ img.detach().float().t()
             neg_img, img_ok = sample_negatives(sim, same)  # per text, a hard-negative image
             neg_txt, txt_ok = sample_negatives(sim.t(), same)  # per image, a hard-negative text
             t_blocks += [text_states, text_states, _rows(text_states, neg_txt)]
@@ -269,14 +282,15 @@ class PretrainObjectives(nn.Module):
             out["itm"] = losses.itm_loss(logits, labels, keep)
         if "grounding" in active:
             scores = self.model.grounding_scores(t_fused[:2 * B], v_fused[:2 * B])  # (2B, L, N)
-            out["grounding"] = losses.grounding_contrast(scores[:B], scores[B:], phrase_masks(pair["phrase_ids"]),
-                                                         img_ok)
+            out["grounding"] = losses.grounding_contrast(scores[:B], scores[B:],
+                                                         phrase_masks(pair["phrase_ids"]), img_ok)
         if "mlm_pair" in active:
             out["mlm_pair"] = losses.mlm_loss(self.model.mlm_logits_fused(t_fused[-B:]), pair["mlm_labels"])
         return out
 
     def _caption(self, pair: dict, image_states: list[Tensor]) -> Tensor:
-        """Captioning LM: causal unimodal and fused text streams reading the image; predicts every next token."""
+        """Captioning LM: causal unimodal and fused text streams reading the image; predicts every next
+        token."""
         ids, mask = pair["input_ids"], pair["attention_mask"]
         states = self.model.encode_text(ids, mask, mask_mode="causal")
         t_fused, _ = self.model.fuse(states, mask, image_states, text_causal=True)
@@ -285,7 +299,8 @@ class PretrainObjectives(nn.Module):
 
 
 def _columns(states: list[Tensor], length: int) -> list[Tensor]:
-    """Per-layer (B, L', D) states cut back to their block's own length (contiguous: later code views them)."""
+    """Per-layer (B, L', D) states cut back to their block's own length (contiguous: later code views
+    them)."""
     return [s if s.shape[1] == length else s[:, :length].contiguous() for s in states]
 
 

@@ -1,8 +1,8 @@
 """The trainer's optimizer: AdamW with torch's fused kernel on every device.
 
 The fused kernel updates each parameter in one pass over memory instead of the single-tensor path's six
-(mul, lerp, addcmul, sqrt, div, addcdiv); torch has it for CUDA and, since 2.4 (our floor), for CPU. Measured in
-isolation on CPU, one step over 48M fp32 parameters: 30 vs 108 ms (docs/BENCHMARKS.md, trainer section).
+(mul, lerp, addcmul, sqrt, div, addcdiv); torch has it for CUDA and, since 2.4 (our floor), for CPU. Measured
+in isolation on CPU, one step over 48M fp32 parameters: 30 vs 108 ms (docs/BENCHMARKS.md, trainer section).
 """
 
 from __future__ import annotations

@@ -1,18 +1,18 @@
 """Preemption on the workers: a SIGTERM to a training worker saves a checkpoint at the next step, then stops.
 
-A spot reclaim or a node drain signals the processes of the node, not only the driver (which has its own handler,
-``orchestrator.driver.sigterm_as_exit``). Ray's worker process answers SIGTERM by exiting at once, which Ray Train
-treats as a failed worker (a restart from the last checkpoint, losing the steps since). Here the first SIGTERM
-during training only sets a flag; the step loop shares it with the other ranks in the all-reduce it already does
-for the driver's STOP file (``Trainer.control_flags``), every rank saves at the same step, and the run ends as
-"stopped on request", to be resumed by resubmitting it. A second SIGTERM, or one outside the step loop, gets
-Ray's own handler (exit now).
+A spot reclaim or a node drain signals the processes of the node, not only the driver (which has its own
+handler, ``orchestrator.driver.sigterm_as_exit``). Ray's worker process answers SIGTERM by exiting at once,
+which Ray Train treats as a failed worker (a restart from the last checkpoint, losing the steps since). Here
+the first SIGTERM during training only sets a flag; the step loop shares it with the other ranks in the
+all-reduce it already does for the driver's STOP file (``Trainer.control_flags``), every rank saves at the
+same step, and the run ends as "stopped on request", to be resumed by resubmitting it. A second SIGTERM, or
+one outside the step loop, gets Ray's own handler (exit now).
 
-``install`` runs in each Ray Train worker process as its ``worker_process_setup_hook`` (set by the driver), in the
-main thread, just before Ray's task loop installs Ray's handler; Ray installs it through
-``ray._private.utils.set_sigterm_handler``, which ``install`` redirects so that Ray's handler becomes the fallback
-instead of replacing ours. If a Ray release installs it another way, the worker exits on SIGTERM as before and
-tests/integration/test_preemption.py fails.
+``install`` runs in each Ray Train worker process as its ``worker_process_setup_hook`` (set by the driver), in
+the main thread, just before Ray's task loop installs Ray's handler; Ray installs it through
+``ray._private.utils.set_sigterm_handler``, which ``install`` redirects so that Ray's handler becomes the
+fallback instead of replacing ours. If a Ray release installs it another way, the worker exits on SIGTERM as
+before and tests/integration/test_preemption.py fails.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ def requested() -> bool:
 
 @contextlib.contextmanager
 def training() -> Iterator[None]:
-    """Marks the step loop as running: a SIGTERM meanwhile asks for a checkpoint instead of ending the process."""
+    """Marks the step loop as running: a SIGTERM meanwhile asks for a checkpoint instead of ending the
+    process."""
     _training.set()
     try:
         yield
@@ -45,11 +46,12 @@ def training() -> Iterator[None]:
 
 
 def on_sigterm(signum: int, frame: Any) -> None:
-    """First SIGTERM while training: request the stop; otherwise do what the process did before (Ray: exit)."""
+    """First SIGTERM while training: request the stop; otherwise do what the process did before (Ray:
+    exit)."""
     if _training.is_set() and not _requested.is_set():
         _requested.set()
-        print(f"[unimo] SIGTERM on worker pid {os.getpid()}: saving a checkpoint at the next step, then stopping "
-              "(send SIGTERM again to exit now)", file=sys.stderr, flush=True)
+        print(f"[unimo] SIGTERM on worker pid {os.getpid()}: saving a checkpoint at the next step, then "
+              "stopping (send SIGTERM again to exit now)", file=sys.stderr, flush=True)
         return
     _run_fallback(signum, frame)
 
@@ -63,7 +65,8 @@ def _run_fallback(signum: int, frame: Any) -> None:
 
 
 def _keep_ours(handler: Callable[[int, Any], Any]) -> None:
-    """Stands in for Ray's ``set_sigterm_handler``: Ray's handler becomes the fallback, ours stays installed."""
+    """Stands in for Ray's ``set_sigterm_handler``: Ray's handler becomes the fallback, ours stays
+    installed."""
     global _fallback
     _fallback = handler
 

@@ -34,9 +34,10 @@ class RayReporter:
         from trainer.checkpoint import step_dir_name
 
         checkpoint = self._train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        # ASYNC: Ray copies to storage in the background and deletes the local copy afterwards, so the step loop
-        # only waits for the local save.
-        mode = self._train.CheckpointUploadMode.ASYNC if self.async_upload else self._train.CheckpointUploadMode.SYNC
+        # ASYNC: Ray copies to storage in the background and deletes the local copy afterwards, so the step
+        # loop only waits for the local save.
+        mode = (self._train.CheckpointUploadMode.ASYNC if self.async_upload
+                else self._train.CheckpointUploadMode.SYNC)
         self._train.report(metrics, checkpoint=checkpoint,
                            checkpoint_dir_name=step_dir_name(step) if checkpoint else None,
                            checkpoint_upload_mode=mode)
@@ -61,21 +62,24 @@ def train_func(payload: dict) -> None:
     set_default_policy(io_policy(cfg.data))
     trainer = Trainer(cfg, rank=ctx.get_world_rank(), world_size=ctx.get_world_size(),
                       reporter=RayReporter(cfg.checkpoint.async_upload),
-                      mlflow_run_id=payload.get("mlflow_run_id"), tracking_uri=payload.get("tracking_uri", ""),
+                      mlflow_run_id=payload.get("mlflow_run_id"),
+                      tracking_uri=payload.get("tracking_uri", ""),
                       local_rank=ctx.get_local_rank(), control_dir=payload.get("control_dir"))
     try:
         trainer.run()
     except UserError as err:
-        # The driver's failure policy ends the job on it (no retry) and prints its message; the traceback rides
-        # along for the run's error log, and what Ray prints from here is this frame, not the whole stack.
+        # The driver's failure policy ends the job on it (no retry) and prints its message; the traceback
+        # rides along for the run's error log, and what Ray prints from here is this frame, not the whole
+        # stack.
         err.detail = traceback.format_exc()
         raise err.with_traceback(None) from None
 
 
 def _quiet_report_echo() -> None:
-    """Ray Train logs each report at INFO from every rank with its whole metrics dict ("Reporting training result
-    3: TrainingReport(... 40 metrics ...)"): a screen per checkpoint repeating the trainer's own step line. Its
-    logger is named after its file; warnings and errors still show. Nothing happens if Ray renames it."""
+    """Ray Train logs each report at INFO from every rank with its whole metrics dict ("Reporting training
+    result 3: TrainingReport(... 40 metrics ...)"): a screen per checkpoint repeating the trainer's own step
+    line. Its logger is named after its file; warnings and errors still show. Nothing happens if Ray renames
+    it."""
     for name in list(logging.root.manager.loggerDict):
         if name.replace("\\", "/").endswith("train/v2/_internal/execution/context.py"):
             logging.getLogger(name).setLevel(logging.WARNING)

@@ -1,7 +1,7 @@
 """Keeping credentials out of what unimo writes: logs, MLflow params and artifacts, checkpoints, job tables.
 
-Credentials come from the environment (or the cloud's own mechanisms); a user may still paste one into a config
-or a URL. One list of words says what looks like a credential, read two ways:
+Credentials come from the environment (or the cloud's own mechanisms); a user may still paste one into a
+config or a URL. One list of words says what looks like a credential, read two ways:
 - a config key is secret when its last word is one (`auth_token`, `secret_access_key`), not when it merely
   contains one (`tokenizer`, `pad_token_id` are ordinary settings);
 - an environment variable is secret when its name contains one (`AWS_SECRET_ACCESS_KEY`, `RAY_AUTH_TOKEN`).
@@ -15,8 +15,8 @@ from typing import Any
 SECRET_WORDS = ("secret", "password", "passwd", "token", "access_key", "secret_key", "credential",
                 "credentials", "api_key", "private_key", "session")
 _SECRET_KEY = re.compile(r"(^|[_.-])(" + "|".join(SECRET_WORDS) + r")$", re.IGNORECASE)
-# A value shorter than this is not scrubbed from text: replacing "1" or "abc" everywhere would garble the logs,
-# and no real credential is that short.
+# A value shorter than this is not scrubbed from text: replacing "1" or "abc" everywhere would garble the
+# logs, and no real credential is that short.
 MIN_SECRET_LEN = 8
 
 
@@ -37,8 +37,9 @@ def secret_values(environ: dict[str, str]) -> list[str]:
 
 
 def redact(text: str, secrets: list[str]) -> str:
-    """Removes known secret values, URL user-info (``scheme://user:pass@host``) and URL query strings (a presigned
-    or token-bearing URL carries its credential there, e.g. ``https://host/shard.tar?X-Amz-Signature=...``)."""
+    """Removes known secret values, URL user-info (``scheme://user:pass@host``) and URL query strings (a
+    presigned or token-bearing URL carries its credential there, e.g.
+    ``https://host/shard.tar?X-Amz-Signature=...``)."""
     text = re.sub(r"(\w+://)[^/@\s]+@", r"\1***@", text)
     text = re.sub(r"(\w+://[^\s?'\"]*)\?[^\s'\"\],]+", r"\1?***", text)
     for secret in secrets:

@@ -1,9 +1,9 @@
 """The job's one MLflow run: its experiment, its creation (tags, params, config artifacts), and its id file.
 
-The id lives in the run's storage (``<run>/mlflow_run.json``), so every restart and resubmission of the run logs
-to the same MLflow run. The driver finds or creates the run before the workers start
-(orchestrator/tracking_setup.py ``ensure_run``); when MLflow was unreachable then, rank 0 does it here once the
-server answers (``run_resolver``).
+The id lives in the run's storage (``<run>/mlflow_run.json``), so every restart and resubmission of the run
+logs to the same MLflow run. The driver finds or creates the run before the workers start
+(orchestrator/tracking_setup.py ``ensure_run``); when MLflow was unreachable then, rank 0 does it here once
+the server answers (``run_resolver``).
 """
 
 from __future__ import annotations
@@ -57,8 +57,8 @@ def find_run(client: Any, cfg: Any, run_dir: str) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
-# MLflow 3's UI opens an experiment in the view this tag names; without it, it may infer the GenAI (traces) view.
-# "custom_model_development" is its model-training view (runs, metrics, artifacts).
+# MLflow 3's UI opens an experiment in the view this tag names; without it, it may infer the GenAI (traces)
+# view. "custom_model_development" is its model-training view (runs, metrics, artifacts).
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 
 

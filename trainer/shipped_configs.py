@@ -1,9 +1,10 @@
-"""The named run configs that ship with unimo (debug, small, base, large, xl) and how a config argument is resolved.
+"""The named run configs that ship with unimo (debug, small, base, large, xl) and how a config argument is
+resolved.
 
-In a checkout they are the YAML files of the repository's ``configs/`` folder; in an installed unimo (a wheel, the
-training image) the same files travel inside the package ``unimo_configs`` (pyproject.toml maps that package to
-``configs/``). A config argument is a path when such a file exists, else a shipped name (``debug`` or
-``debug.yaml`` or ``configs/debug.yaml``), so ``unimo train debug`` works from any folder.
+In a checkout they are the YAML files of the repository's ``configs/`` folder; in an installed unimo (a wheel,
+the training image) the same files travel inside the package ``unimo_configs`` (pyproject.toml maps that
+package to ``configs/``). A config argument is a path when such a file exists, else a shipped name (``debug``
+or ``debug.yaml`` or ``configs/debug.yaml``), so ``unimo train debug`` works from any folder.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from pathlib import Path
 
 
 def shipped_dir() -> Path | None:
-    """The folder holding the shipped YAML configs, or None when neither the package nor a checkout has them."""
+    """The folder holding the shipped YAML configs, or None when neither the package nor a checkout has
+    them."""
     try:
         import unimo_configs  # installed (wheel or editable): the package that pyproject maps to configs/
     except ImportError:

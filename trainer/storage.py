@@ -1,10 +1,11 @@
-"""Run storage that is a local (or shared) folder or an ``s3://bucket/prefix``: small files, listing, Ray's filesystem.
+"""Run storage that is a local (or shared) folder or an ``s3://bucket/prefix``: small files, listing, Ray's
+filesystem.
 
-Locations are plain strings: an absolute local path or an ``s3://`` URL. Local paths keep the behaviour they always
-had (atomic rename for small files); S3 goes through fsspec/s3fs (endpoint and credentials from the environment, as
-for data shards) and, for Ray Train, a pyarrow S3 filesystem built from the same environment; every client and its
-retry policy is built in data_pipeline/filesystems.py. Nothing here takes a credential as an argument, so none
-can end up in a config, a log or an error.
+Locations are plain strings: an absolute local path or an ``s3://`` URL. Local paths keep the behaviour they
+always had (atomic rename for small files); S3 goes through fsspec/s3fs (endpoint and credentials from the
+environment, as for data shards) and, for Ray Train, a pyarrow S3 filesystem built from the same environment;
+every client and its retry policy is built in data_pipeline/filesystems.py. Nothing here takes a credential as
+an argument, so none can end up in a config, a log or an error.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from urllib.parse import urlparse
 from fsspec.callbacks import Callback
 
 # endpoint_url and s3_client are used by callers of this module too (the pre-flight, the S3 run lock)
-from data_pipeline.filesystems import (CREDENTIALS_HELP, endpoint_url, fsspec_filesystem, s3_client,  # noqa: F401
-                                       upload_filesystem)
+from data_pipeline.filesystems import (CREDENTIALS_HELP, endpoint_url, fsspec_filesystem,  # noqa: F401
+                                       s3_client, upload_filesystem)
 
 
 class StorageError(RuntimeError):
@@ -29,7 +30,8 @@ def is_remote(location: str | Path) -> bool:
 
 
 def join(base: str | Path, *parts: str) -> str:
-    """``base/part/...`` without doubling slashes; keeps the ``s3://`` spelling (pathlib would eat one slash)."""
+    """``base/part/...`` without doubling slashes; keeps the ``s3://`` spelling (pathlib would eat one
+    slash)."""
     out = str(base).rstrip("/")
     for part in parts:
         out += "/" + part.strip("/")
@@ -45,12 +47,12 @@ def parent_of(location: str | Path) -> str:
 
 
 def _fs(location: str):
-    """(fsspec filesystem, path) of a location: s3fs's own retries, no listings cache (other writers change the
-    run folder: Ray's upload, the driver, other ranks)."""
+    """(fsspec filesystem, path) of a location: s3fs's own retries, no listings cache (other writers change
+    the run folder: Ray's upload, the driver, other ranks)."""
     return fsspec_filesystem(location, one_attempt=False, listings_cache=False)
 
 
-# ----- small files (the run lock has its own conditional writes, see orchestrator/runlock.py) ---------------------
+# ----- small files (the run lock has its own conditional writes, see orchestrator/runlock.py) ---------------
 def read_text(location: str | Path) -> str | None:
     """The file's text, or None if it does not exist."""
     if not is_remote(location):
@@ -164,10 +166,11 @@ class _ByteCallback(Callback):
             self._tick(inc)
 
 
-# ----- checks at start, and Ray Train's view of the storage -------------------------------------------------------
+# ----- checks at start, and Ray Train's view of the storage -------------------------------------------------
 def check_writable(location: str) -> None:
-    """For ``s3://``: the endpoint answers, the credentials work and the bucket exists, else a StorageError that
-    names the URL and what to set. Runs before any worker starts, so a typo costs seconds, not a cluster start."""
+    """For ``s3://``: the endpoint answers, the credentials work and the bucket exists, else a StorageError
+    that names the URL and what to set. Runs before any worker starts, so a typo costs seconds, not a cluster
+    start."""
     if not is_remote(location):
         return
     if not location.startswith("s3://"):
@@ -184,20 +187,20 @@ def check_writable(location: str) -> None:
             raise StorageError(f"run.storage {location}: bucket '{bucket}' does not exist at {endpoint}; "
                                "create it first") from None
         if code in ("403", "AccessDenied") or "Credential" in name:
-            raise StorageError(f"run.storage {location}: S3 refused access to bucket '{bucket}' at {endpoint}; "
-                               f"{CREDENTIALS_HELP}") from None
+            raise StorageError(f"run.storage {location}: S3 refused access to bucket '{bucket}' at "
+                               f"{endpoint}; {CREDENTIALS_HELP}") from None
         raise StorageError(f"run.storage {location}: cannot reach the S3 endpoint {endpoint} ({name}); set "
-                           "AWS_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3) to a reachable S3 server, or unset it for "
-                           "AWS itself") from None
+                           "AWS_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3) to a reachable S3 server, or unset it "
+                           "for AWS itself") from None
 
 
 def ray_storage(location: str, attempts: int = 10) -> tuple[str, object | None]:
     """(storage_path, storage_filesystem) for Ray Train's RunConfig: what checkpoints are uploaded through.
 
-    A local path goes as it is. For ``s3://`` an explicit pyarrow S3FileSystem is built, because pyarrow 25 does
-    not read AWS_ENDPOINT_URL (checked: it resolves the bucket at *.amazonaws.com); keys stay in the environment,
-    where pyarrow's default credential chain finds them on every worker. Each S3 request is tried ``attempts``
-    times (``checkpoint.upload_attempts``) with the AWS SDK's standard backoff.
+    A local path goes as it is. For ``s3://`` an explicit pyarrow S3FileSystem is built, because pyarrow 25
+    does not read AWS_ENDPOINT_URL (checked: it resolves the bucket at *.amazonaws.com); keys stay in the
+    environment, where pyarrow's default credential chain finds them on every worker. Each S3 request is tried
+    ``attempts`` times (``checkpoint.upload_attempts``) with the AWS SDK's standard backoff.
     """
     if not is_remote(location):
         return location, None

@@ -1,13 +1,15 @@
-"""A watchdog that ends the worker when training makes no progress for too long (hung collective, stalled read).
+"""A watchdog that ends the worker when training makes no progress for too long (hung collective, stalled
+read).
 
-Without it a stuck rank waits on the collective timeout (30 minutes by default, and a peer that is frozen rather
-than dead may never trip it); ending the process lets Ray's failure policy restart the group from the last
-checkpoint within the configured timeout instead.
+Without it a stuck rank waits on the collective timeout (30 minutes by default, and a peer that is frozen
+rather than dead may never trip it); ending the process lets Ray's failure policy restart the group from the
+last checkpoint within the configured timeout instead.
 
-Steps are held to ``train.watchdog_seconds``. The phases that are not steps and can legitimately take much longer
-(start-up: engine build and checkpoint restore; evaluation; a checkpoint save) run under ``phase()`` with their own,
-longer limit (``train.watchdog_phase_seconds``): a collective that hangs inside a save or a restore still ends the
-worker, with a message naming the phase, instead of waiting forever on a paused watchdog.
+Steps are held to ``train.watchdog_seconds``. The phases that are not steps and can legitimately take much
+longer (start-up: engine build and checkpoint restore; evaluation; a checkpoint save) run under ``phase()``
+with their own, longer limit (``train.watchdog_phase_seconds``): a collective that hangs inside a save or a
+restore still ends the worker, with a message naming the phase, instead of waiting forever on a paused
+watchdog.
 """
 
 from __future__ import annotations
@@ -48,8 +50,8 @@ class Watchdog:
 
     @contextlib.contextmanager
     def phase(self, what: str) -> Iterator[None]:
-        """Runs the block under the phase limit; the step limit (and a fresh beat) is back afterwards, also when
-        the block raised."""
+        """Runs the block under the phase limit; the step limit (and a fresh beat) is back afterwards, also
+        when the block raised."""
         previous = self._current
         self._current = (what, self.phase_timeout_s, PHASE_SETTING)
         self.beat()

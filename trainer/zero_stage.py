@@ -15,9 +15,9 @@ adds per-parameter gradient hooks and bucket copies on the step's path).
 
 Never stage 0, even on one rank, where it is cheapest: a stage-0 checkpoint has no ZeRO layout, so
 DeepSpeed's universal conversion, which a resume at another world size or under another stage goes through,
-cannot read it. The price, measured by bench/bench_host_overhead.py at near-zero compute: stage 1's per-parameter
-copies in and out of its flat buffer (7-37k more ops per step than the plain loop, stage 0 1.6-10.7k;
-docs/BENCHMARKS.md). An explicit 0 is honoured.
+cannot read it. The price, measured by bench/bench_host_overhead.py at near-zero compute: stage 1's
+per-parameter copies in and out of its flat buffer (7-37k more ops per step than the plain loop, stage 0
+1.6-10.7k; docs/BENCHMARKS.md). An explicit 0 is honoured.
 """
 
 from __future__ import annotations
@@ -63,7 +63,8 @@ def parameter_count(cfg: RunConfig) -> int:
 
 def state_bytes_per_rank(params: int, world_size: int, stage: int, bf16: bool,
                          offload_optimizer: bool = False, offload_params: bool = False) -> float:
-    """Bytes of model states one rank keeps on its device under ``stage`` (the formulas of the file's docstring)."""
+    """Bytes of model states one rank keeps on its device under ``stage`` (the formulas of the file's
+    docstring)."""
     w = g = 2 if bf16 else 4
     opt = 0 if offload_optimizer else MASTER_AND_ADAM_BYTES
     n = world_size
@@ -85,7 +86,8 @@ def device_memory_bytes(on_gpu: bool) -> int:
 
 
 def _agreed_minimum(value: int, on_gpu: bool) -> int:
-    """The smallest value over the ranks, so that every rank picks the same stage (a mixed fleet would hang)."""
+    """The smallest value over the ranks, so that every rank picks the same stage (a mixed fleet would
+    hang)."""
     import torch.distributed as dist
 
     if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:

@@ -148,7 +148,8 @@ def test_missing_credentials_name_the_bucket_and_hide_secrets(s3_data, monkeypat
     assert "testing-secret-value" not in msg and "testing-key-id" not in msg
 
 
-@pytest.mark.parametrize("field,value", [("num_workers", -1), ("shuffle_buffer", 0), ("mlm_probability", 1.5)])
+@pytest.mark.parametrize("field,value",
+                         [("num_workers", -1), ("shuffle_buffer", 0), ("mlm_probability", 1.5)])
 def test_config_errors_name_the_field_and_value(field, value):
     with pytest.raises(ValueError, match=f"data.{field}={value}: must"):
         DataConfig(**{field: value})

@@ -133,8 +133,8 @@ def test_a_reconnect_in_the_middle_of_a_gzip_shard_carries_on(local_data, tmp_pa
     original = RetryingReader._open
     monkeypatch.setattr(RetryingReader, "_open", lambda self: _DropsOnce(original(self), len(plain) // 20))
     retries = []
-    reader = RetryingReader(str(path), RetryPolicy(retries=2, backoff_s=0.0, backoff_max_s=0.0), block_bytes=4096,
-                            on_retry=lambda: retries.append(1))
+    reader = RetryingReader(str(path), RetryPolicy(retries=2, backoff_s=0.0, backoff_max_s=0.0),
+                            block_bytes=4096, on_retry=lambda: retries.append(1))
     with reader:
         out, issues = [], []
         for sample in iter_samples(_Small(reader), lambda reason, key: issues.append(reason)):
@@ -186,7 +186,8 @@ def test_a_corpus_with_no_readable_shard_stops_with_a_clear_error(local_data, tm
     root.mkdir()
     for i in range(2):
         (root / f"shard-{i:06d}.tar.gz").write_bytes(gzip.compress(HTML))
-    with pytest.raises(DataSourceError, match=r"source pair: no usable sample \(no readable shard\).*not_a_tar"):
+    with pytest.raises(DataSourceError,
+                       match=r"source pair: no usable sample \(no readable shard\).*not_a_tar"):
         next(iter(_pairs(str(root), local_data)))
 
 

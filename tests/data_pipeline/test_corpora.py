@@ -1,4 +1,5 @@
-"""Several weighted corpora per modality: the mix, and the cursor's exact and elastic resume with two corpora."""
+"""Several weighted corpora per modality: the mix, and the cursor's exact and elastic resume with two
+corpora."""
 
 import logging
 from collections import Counter
@@ -30,8 +31,8 @@ def _cfg(data, weights=None, workers=2, buffer=8, sizes=(8, 4, 4), names=("big",
     weights = weights or {"big": 1.0, "small": 1.0}
     section = {src: {"batch_size": size, "corpora": [{"name": n, "urls": data[n][src], "weight": weights[n]}
                                                       for n in names]} for src, size in zip(SOURCES, sizes)}
-    return DataConfig(**section, tokenizer=data["big"]["tokenizer"], num_workers=workers, shuffle_buffer=buffer,
-                      seed=11)
+    return DataConfig(**section, tokenizer=data["big"]["tokenizer"], num_workers=workers,
+                      shuffle_buffer=buffer, seed=11)
 
 
 def _take(loader, n):
@@ -111,11 +112,13 @@ def test_same_world_size_resume_with_two_corpora_is_exact(two_corpora):
 @pytest.fixture(scope="module")
 def corpus_keys(two_corpora):
     """Every key of every corpus's epoch, from one uninterrupted single-stream run."""
-    seen, _ = _take(build_loader(_cfg(two_corpora, workers=0, buffer=4), rank=0, world_size=1, **GEOMETRY), 120)
+    seen, _ = _take(build_loader(_cfg(two_corpora, workers=0, buffer=4), rank=0, world_size=1, **GEOMETRY),
+                    120)
     out = {}
     for s in SOURCES:
         for name in ("big", "small"):
-            per_epoch = [Counter(k for c, e, k in seen[s] if c == f"{s}/{name}" and e == ep) for ep in range(2)]
+            per_epoch = [Counter(k for c, e, k in seen[s] if c == f"{s}/{name}" and e == ep)
+                         for ep in range(2)]
             assert per_epoch[0] == per_epoch[1] and max(per_epoch[0].values()) == 1, (s, name)
             out[f"{s}/{name}"] = per_epoch[0]
     return out
@@ -208,8 +211,8 @@ def test_relative_corpus_paths_become_absolute_for_the_workers():
     from orchestrator.driver import with_absolute_paths
     from trainer.config import load_config
 
-    cfg = load_config(None, ["data.pair.corpora=[{name: a, urls: rel/a/}, {name: b, urls: [s3://b/x/, rel/b/]}]",
-                             "data.text.urls=rel/text/"])
+    cfg = load_config(None, ["data.pair.corpora=[{name: a, urls: rel/a/}, {name: b, urls: [s3://b/x/, "
+                             "rel/b/]}]", "data.text.urls=rel/text/"])
     data = with_absolute_paths(cfg).data
     assert data.pair.corpora[0].urls.startswith("/") and data.pair.corpora[0].urls.endswith("/rel/a")
     assert data.pair.corpora[1].urls[0] == "s3://b/x/" and data.pair.corpora[1].urls[1].startswith("/")
@@ -217,7 +220,8 @@ def test_relative_corpus_paths_become_absolute_for_the_workers():
 
 
 def test_a_cursor_from_before_corpora_still_resumes_exactly(local_data):
-    """Cursors saved before corpora existed have no mix and a source per modality: the shorthand reads them."""
+    """Cursors saved before corpora existed have no mix and a source per modality: the shorthand reads
+    them."""
     from data_pipeline import SourceConfig
 
     def cfg():
@@ -255,9 +259,11 @@ def _pair_keys(loaders, steps):
 
 
 @pytest.mark.parametrize("world_before,world_after", [(12, 12), (12, 3), (2, 12)])
-def test_a_corpus_with_fewer_shards_than_streams_is_read_once_per_epoch(local_data, world_before, world_after):
-    """8 shards read by 12 streams (12 ranks of one in-process worker each): every epoch is dealt to 8 of them, the
-    next epoch goes on where it stopped; each epoch still delivers every sample once, across resumes too."""
+def test_a_corpus_with_fewer_shards_than_streams_is_read_once_per_epoch(local_data,
+                                                                        world_before, world_after):
+    """8 shards read by 12 streams (12 ranks of one in-process worker each): every epoch is dealt to 8 of
+    them, the next epoch goes on where it stopped; each epoch still delivers every sample once, across resumes
+    too."""
     from data_pipeline import SourceConfig
 
     def loaders(world, state=None):

@@ -13,8 +13,8 @@ SOURCES = ("text", "image", "pair")
 
 def _cfg(urls, workers=2, buffer=8, sizes=(6, 3, 3)):
     return DataConfig(text=SourceConfig(urls["text"], sizes[0]), image=SourceConfig(urls["image"], sizes[1]),
-                      pair=SourceConfig(urls["pair"], sizes[2]), tokenizer=urls["tokenizer"], num_workers=workers,
-                      shuffle_buffer=buffer, seed=11)
+                      pair=SourceConfig(urls["pair"], sizes[2]), tokenizer=urls["tokenizer"],
+                      num_workers=workers, shuffle_buffer=buffer, seed=11)
 
 
 def _take(loader, n):

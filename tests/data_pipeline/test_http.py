@@ -24,8 +24,9 @@ class _Quiet(SimpleHTTPRequestHandler):
 
 
 class _Ranges(_Quiet):
-    """http.server's file handler plus single-range requests (``Range: bytes=a-`` or ``a-b``), as S3, nginx and
-    the Hugging Face hub answer them; the first GET of a path listed in ``cut`` is cut off after 1000 bytes."""
+    """http.server's file handler plus single-range requests (``Range: bytes=a-`` or ``a-b``), as S3, nginx
+    and the Hugging Face hub answer them; the first GET of a path listed in ``cut`` is cut off after 1000
+    bytes."""
 
     cut: set = set()
 
@@ -99,15 +100,17 @@ def test_brace_pattern_and_folder_listing_with_sizes_from_the_server(http_site, 
 def test_an_http_prefix_is_refused_asking_for_a_brace_pattern(http_site):
     with pytest.raises(DataSourceError, match=r"prefix cannot be listed; give the shards as a brace pattern"):
         list_shards(f"{http_site}/gz/shard-")
-    with pytest.raises(DataSourceError, match=r"2 of 10 shards do not exist, e.g. \['http.*shard-000008.tar.gz"):
+    with pytest.raises(DataSourceError,
+                       match=r"2 of 10 shards do not exist, e.g. \['http.*shard-000008.tar.gz"):
         list_shards(f"{http_site}/gz/shard-{{000000..000009}}.tar.gz")
 
 
 def test_gzip_shards_over_http_train(http_site, local_data):
-    cfg = DataConfig(pair=SourceConfig(f"{http_site}/gz/", 8), tokenizer=local_data["tokenizer"], num_workers=0,
-                     shuffle_buffer=1, read_block_bytes=4096)
+    cfg = DataConfig(pair=SourceConfig(f"{http_site}/gz/", 8), tokenizer=local_data["tokenizer"],
+                     num_workers=0, shuffle_buffer=1, read_block_bytes=4096)
     keys = set()
-    for i, batch in enumerate(build_loader(cfg, rank=0, world_size=1, seq_len=16, image_size=16, patch_size=8)):
+    for i, batch in enumerate(build_loader(cfg, rank=0, world_size=1, seq_len=16,
+                                           image_size=16, patch_size=8)):
         keys.update(batch["keys"]["pair"])
         if i + 1 == 10:
             break
@@ -151,8 +154,9 @@ def test_a_missing_fsspec_implementation_names_the_package():
         pytest.skip("gcsfs is installed here")
     except ImportError:
         pass
-    with pytest.raises(DataSourceError, match=r"gs://bucket/shards/: reading gs:// URLs needs the package gcsfs.*"
-                                              r"pip install gcsfs"):
+    with pytest.raises(DataSourceError,
+                       match=r"gs://bucket/shards/: reading gs:// URLs needs the package gcsfs.*"
+                             r"pip install gcsfs"):
         list_shards("gs://bucket/shards/")
     with pytest.raises(DataSourceError, match=r"no fsspec implementation reads 'nosuch://'"):
         list_shards("nosuch://bucket/shards/")

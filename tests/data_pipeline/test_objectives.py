@@ -1,4 +1,5 @@
-"""Batches built for a run's objectives: only the parts those read, from the same samples in the same order."""
+"""Batches built for a run's objectives: only the parts those read, from the same samples in the same
+order."""
 
 import pytest
 import torch
@@ -20,7 +21,8 @@ def _batches(urls, objectives, workers, n=4):
             return out, loader.state_dict()
 
 
-@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.integration)])  # 2: worker processes
+# 2: worker processes
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.integration)])
 def test_objectives_decide_the_parts_not_the_samples(local_data, workers):
     full, full_state = _batches(local_data, None, workers)
     lean, lean_state = _batches(local_data, {"itc", "mlm_pair", "lm_text"}, workers)

@@ -1,4 +1,5 @@
-"""`unimo data preview`: corpus shares of the first samples, as the loader delivers them, and epochs per corpus."""
+"""`unimo data preview`: corpus shares of the first samples, as the loader delivers them, and epochs per
+corpus."""
 
 import json
 from collections import Counter
@@ -54,7 +55,8 @@ def test_preview_counts_are_what_the_loader_delivers(config_file, capsys):
     seen = {src: Counter() for src in WEIGHTS}
     for i, batch in enumerate(loader):
         for src in WEIGHTS:
-            seen[src].update(key.split("/", 1)[1] for key in batch["corpus"][src][:96 - sum(seen[src].values())])
+            seen[src].update(key.split("/", 1)[1]
+                             for key in batch["corpus"][src][:96 - sum(seen[src].values())])
         if i + 1 == 16:  # 16 x 6 = 96 image and pair samples
             break
     assert {src: dict(c) for src, c in seen.items()} == counts

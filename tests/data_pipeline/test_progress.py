@@ -1,4 +1,5 @@
-"""Progress bars: quiet when stderr is not a terminal, log lines still shown; synthetic writing counts samples."""
+"""Progress bars: quiet when stderr is not a terminal, log lines still shown; synthetic writing counts
+samples."""
 
 from __future__ import annotations
 

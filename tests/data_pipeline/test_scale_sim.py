@@ -11,8 +11,8 @@ def test_world_size_changes_keep_every_sample_exactly_once():
     drawn = Drawn()  # refuses a sample key drawn twice
     rows = simulate([8, 6, 8], cfg, listing, steps=6, drawn=drawn, log=lambda line: None, measure=False)
     assert [r["world"] for r in rows] == [8, 6, 8]
-    # Each save's cursor matched every sample drawn before it (simulate checks); from the last one, at 8 ranks,
-    # read on until epoch 0 is drawn whole: then every sample of the epoch came exactly once.
+    # Each save's cursor matched every sample drawn before it (simulate checks); from the last one, at 8
+    # ranks, read on until epoch 0 is drawn whole: then every sample of the epoch came exactly once.
     ranks, _ = build_world(cfg, listing, 8, rows[-1]["cursor"], measure=False)
     while not epoch_drawn_whole(listing, drawn, epoch=0):
         run_steps(ranks, 1, drawn)
@@ -23,8 +23,9 @@ def test_world_size_changes_keep_every_sample_exactly_once():
 
 
 def test_planned_share_deals_an_epoch_from_where_the_last_one_stopped():
-    """The rule planned_share computes directly (one shard at most when shards < streams): shard j of an epoch's
-    order goes to stream (epoch x n + j) mod streams; with shards >= streams, stream i reads order[i::streams]."""
+    """The rule planned_share computes directly (one shard at most when shards < streams): shard j of an
+    epoch's order goes to stream (epoch x n + j) mod streams; with shards >= streams, stream i reads
+    order[i::streams]."""
     from data_pipeline.cursor import epoch_order, planned_share
 
     for n in range(1, 24):

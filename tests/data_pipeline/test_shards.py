@@ -44,7 +44,8 @@ def test_manifest_to_shards_counts_skips_and_reads_back(tmp_path, local_data):
     cfg = DataConfig(pair=SourceConfig(out, 3), tokenizer=local_data["tokenizer"], num_workers=0,
                      shuffle_buffer=1)
     keys = []
-    for i, batch in enumerate(build_loader(cfg, rank=0, world_size=1, seq_len=16, image_size=16, patch_size=8)):
+    for i, batch in enumerate(build_loader(cfg, rank=0, world_size=1, seq_len=16,
+                                           image_size=16, patch_size=8)):
         keys += batch["keys"]["pair"]
         if i == 2:
             break
@@ -93,7 +94,8 @@ def test_coco_and_image_folder_inputs(tmp_path):
 
 def test_cli_text_shards_and_tokenizer_on_s3(s3_server, tmp_path, capsys):
     docs = tmp_path / "docs.jsonl"
-    docs.write_text("\n".join(json.dumps({"text": f"the red circle number {i} is large."}) for i in range(30)))
+    docs.write_text("\n".join(json.dumps({"text": f"the red circle number {i} is large."})
+                              for i in range(30)))
     out = f"s3://{BUCKET}/cli/text"
     assert main(["shards", str(docs), "--out", out, "--max-samples", "10"]) == 0
     assert json.loads(capsys.readouterr().out)["samples"] == 30
@@ -109,5 +111,6 @@ def test_cli_errors_are_one_line_and_help_works(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["inspect", str(tmp_path / "empty")]) == 2
     assert "no shards" in capsys.readouterr().err
-    run = subprocess.run([sys.executable, "-m", "data_pipeline.cli", "--help"], capture_output=True, text=True)
+    run = subprocess.run([sys.executable, "-m", "data_pipeline.cli", "--help"], capture_output=True,
+                         text=True)
     assert run.returncode == 0 and "shards" in run.stdout and "tokenizer" in run.stdout

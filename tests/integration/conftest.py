@@ -13,6 +13,7 @@ def synthetic_data(tmp_path_factory) -> Path:
     from data_pipeline.synthetic import write_synthetic_dataset
 
     out = tmp_path_factory.mktemp("synthetic")
-    write_synthetic_dataset(str(out), n_pairs=400, n_text=400, n_images=400, n_eval=100, samples_per_shard=100)
+    write_synthetic_dataset(str(out), n_pairs=400, n_text=400, n_images=400, n_eval=100,
+                            samples_per_shard=100)
     return out
 

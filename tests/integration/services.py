@@ -23,8 +23,8 @@ FAKE_AWS = {
 # Ports for the servers the tests start. Not the kernel's pick (bind to port 0): that comes from the ephemeral
 # range, where every outgoing connection also takes its source port, so a port freed here could be taken by a
 # client before the server binds it. Above that range (Linux: 32768-60999) only servers that name their port
-# bind (Ray's worker ports are 10002-19999, cluster/local_cluster.py's blocks 20000-32000). A reservation file per
-# port keeps two pytest workers (or processes) from handing out the same one; reservations older than
+# bind (Ray's worker ports are 10002-19999, cluster/local_cluster.py's blocks 20000-32000). A reservation file
+# per port keeps two pytest workers (or processes) from handing out the same one; reservations older than
 # PORT_LEASE_S are reused.
 PORT_RANGE = (61000, 65500)
 PORT_LEASE_S = 900

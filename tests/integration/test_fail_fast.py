@@ -2,9 +2,10 @@
 
 - a missing data folder is refused by the pre-flight before Ray starts (no worker group at all);
 - a user error that only a worker meets (the data went missing after the pre-flight) ends the job at its first
-  worker group: not retried, not counted against scaling.max_failures, the message names the folder and the log;
-- SIGTERM while the workers are stuck in a storage retry loop (S3 went down) ends the run after the stop grace,
-  without a new checkpoint, and no worker group starts after it.
+  worker group: not retried, not counted against scaling.max_failures, the message names the folder and the
+  log;
+- SIGTERM while the workers are stuck in a storage retry loop (S3 went down) ends the run after the stop
+  grace, without a new checkpoint, and no worker group starts after it.
 """
 
 from __future__ import annotations
@@ -91,7 +92,8 @@ def test_sigterm_during_a_storage_retry_loop_stops_without_a_new_worker_group(sy
         extra = [*NO_EVAL, f"data.pair.urls={base}/pairs", f"data.text.urls={base}/text",
                  f"data.image.urls={base}/images", "data.io_retries=500", "data.io_backoff_s=0.2",
                  "data.io_backoff_max_s=0.5"]
-        argv = ["train", DEBUG_CONFIG, *small_run("stuck", tmp_path / "runs", str(synthetic_data), extra=extra)]
+        argv = ["train", DEBUG_CONFIG,
+                *small_run("stuck", tmp_path / "runs", str(synthetic_data), extra=extra)]
         env = {**FAKE_AWS, "AWS_ENDPOINT_URL": s3.url, "UNIMO_STOP_GRACE_S": "15"}
         with driver(argv, tmp_path / "stuck.log", env) as run:
             wait_for(lambda: "[unimo] pre-flight:" in run.output(), 300, "the pre-flight to pass", run)

@@ -43,7 +43,8 @@ def test_driver_killed_then_rerun_resumes_with_one_mlflow_run(synthetic_data, tm
     storage, data = tmp_path / "runs", str(synthetic_data)
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     argv = ["train", DEBUG_CONFIG, *small_run("f3", storage, data, steps=STEPS, every=10,
-                                              extra=NO_EVAL + [f"tracking.uri={tracking}", "tracking.experiment=f3"])]
+                                              extra=NO_EVAL + [f"tracking.uri={tracking}",
+                                                               "tracking.experiment=f3"])]
     run_dir = storage / "f3"
 
     with driver(argv, tmp_path / "first.log") as first:
@@ -54,7 +55,8 @@ def test_driver_killed_then_rerun_resumes_with_one_mlflow_run(synthetic_data, tm
         # driver trains on (or writes a checkpoint) beside the next one. (Ray 2.60 leaves its dashboard and
         # runtime-env agents orphaned; they hold no run state and are killed at cleanup.)
         wait_for(lambda: not any(n.startswith(("ray::RayTrainWorker", "ray::TrainController", "raylet"))
-                                 for n in first.leftover_names()), 60, "the dead driver's Ray workers to exit")
+                                 for n in first.leftover_names()), 60,
+                 "the dead driver's Ray workers to exit")
         # Read only now: a worker may finish writing a checkpoint in the moment after the driver dies.
         resume_step = newest_valid(run_dir / "checkpoints").step
     assert 10 <= resume_step < STEPS, f"the first driver finished before it was killed ({resume_step})"

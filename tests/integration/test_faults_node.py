@@ -65,7 +65,8 @@ def test_node_lost_job_waits_for_it_and_completes_exactly_once(two_nodes, synthe
     argv = ["train", DEBUG_CONFIG, *small_run("f2", storage, str(synthetic_data),
                                               extra=NO_EVAL + [f"scaling.address={head.address}"])]
     gate = tmp_path / "gate"
-    with driver(argv, tmp_path / "f2.log", env={**head.client_env(), "UNIMO_FAULT_GATE": f"12:{gate}"}) as run:
+    with driver(argv, tmp_path / "f2.log",
+                env={**head.client_env(), "UNIMO_FAULT_GATE": f"12:{gate}"}) as run:
         _lose_node_after_first_checkpoint(head, run, storage / "f2", gate)
         time.sleep(5)  # the job now waits: 2 workers of 1 CPU do not fit on the head alone
         assert run.proc.poll() is None, run.tail()
@@ -82,10 +83,11 @@ def test_node_lost_elastic_job_goes_on_with_fewer_workers(two_nodes, synthetic_d
                                               extra=NO_EVAL + [f"scaling.address={head.address}",
                                                                "scaling.min_workers=1"])]
     # Ray 2.60's elastic policy first retries at the old size (its view of the cluster lags the node loss) and
-    # only shrinks once that start times out; a shorter timeout than the default 60 s keeps the test short (45 s: a
-    # healthy start must still fit while the other pytest worker loads the same 2 cores).
+    # only shrinks once that start times out; a shorter timeout than the default 60 s keeps the test short
+    # (45 s: a healthy start must still fit while the other pytest worker loads the same 2 cores).
     gate = tmp_path / "gate"
-    env = {**head.client_env(), "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "45", "UNIMO_FAULT_GATE": f"12:{gate}"}
+    env = {**head.client_env(), "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "45",
+           "UNIMO_FAULT_GATE": f"12:{gate}"}
     with driver(argv, tmp_path / "f2e.log", env=env) as run:
         _lose_node_after_first_checkpoint(head, run, storage / "f2e", gate)
         code = run.wait(timeout=360)

@@ -19,8 +19,8 @@ NO_EVAL = ["data.eval_pairs=", "scaling.num_workers=2", "scaling.cpus_per_worker
 
 def test_worker_killed_mid_run_job_completes_with_uninterrupted_weights(synthetic_data, tmp_path):
     storage, data = tmp_path / "runs", str(synthetic_data)
-    # The reference runs beside the killed job (each driver has its own local Ray): the outcome does not depend
-    # on timing, and the start-ups overlap (about 40 s less than one after the other, measured).
+    # The reference runs beside the killed job (each driver has its own local Ray): the outcome does not
+    # depend on timing, and the start-ups overlap (about 40 s less than one after the other, measured).
     # The fault lands at a step the test controls, however fast the machine: both ranks hold before step 12
     # (trainer/fault_gate.py) until the worker is killed, so the run cannot be over, or not yet at step 10.
     gate = tmp_path / "gate"
@@ -31,7 +31,8 @@ def test_worker_killed_mid_run_job_completes_with_uninterrupted_weights(syntheti
         wait_for(lambda: fault_gate.reached(gate), 600, "both ranks at step 12",
                  run)
         wait_for(lambda: registered(storage / "killed", 10), 300, "the step-10 checkpoint", run)
-        workers = wait_for(lambda: len(run.train_workers()) == 2 and run.train_workers(), 60, "2 train workers", run)
+        workers = wait_for(lambda: len(run.train_workers()) == 2 and run.train_workers(), 60,
+                           "2 train workers", run)
         victim = workers[-1]
         os.kill(victim.pid, signal.SIGKILL)  # between steps 11 and 12: step 11 is lost, step 10 is saved
         fault_gate.release(gate)  # the restarted group passes step 12
@@ -64,14 +65,15 @@ def test_a_frozen_rank_hangs_the_collective_and_the_watchdog_restarts_the_job(sy
     limit = 20
     argv = ["train", DEBUG_CONFIG, *small_run("frozen", storage, data,
                                               extra=NO_EVAL + [f"train.watchdog_seconds={limit}"])]
-    # Both ranks hold before step 12 (trainer/fault_gate.py) while one is frozen: the run cannot be over, or not
-    # yet at its step-10 checkpoint, however fast the machine; the other rank then enters step 12 alone.
+    # Both ranks hold before step 12 (trainer/fault_gate.py) while one is frozen: the run cannot be over, or
+    # not yet at its step-10 checkpoint, however fast the machine; the other rank then enters step 12 alone.
     gate = tmp_path / "gate"
     with driver(argv, tmp_path / "frozen.log", env={"UNIMO_FAULT_GATE": f"12:{gate}"}) as run:
         wait_for(lambda: fault_gate.reached(gate), 600, "both ranks at step 12",
                  run)
         wait_for(lambda: registered(storage / "frozen", 10), 300, "the step-10 checkpoint", run)
-        workers = wait_for(lambda: len(run.train_workers()) == 2 and run.train_workers(), 60, "2 train workers", run)
+        workers = wait_for(lambda: len(run.train_workers()) == 2 and run.train_workers(), 60,
+                           "2 train workers", run)
         frozen = workers[-1]
         os.kill(frozen.pid, signal.SIGSTOP)
         fault_gate.release(gate)  # the live rank goes on into step 12 and waits there for the frozen one

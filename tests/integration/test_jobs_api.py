@@ -68,13 +68,15 @@ def test_submit_logs_status_and_stop(head, synthetic_data, tmp_path, capsys):
     url, storage, data = head.dashboard_url, tmp_path / "runs", str(synthetic_data)
     common = ["--address", url, "--python", sys.executable]
 
-    rc, out, err = cli(capsys, "submit", DEBUG_CONFIG, *common, *small_run("viajobs", storage, data, extra=NO_EVAL))
+    rc, out, err = cli(capsys, "submit", DEBUG_CONFIG, *common,
+                       *small_run("viajobs", storage, data, extra=NO_EVAL))
     assert rc == 0, err
     job = out.strip().splitlines()[0]
     assert job.startswith("unimo-viajobs-")
 
     # Two drivers for one run, at the front door: the same run cannot be submitted again while its job lives.
-    rc, _, err = cli(capsys, "submit", DEBUG_CONFIG, *common, *small_run("viajobs", storage, data, extra=NO_EVAL))
+    rc, _, err = cli(capsys, "submit", DEBUG_CONFIG, *common,
+                     *small_run("viajobs", storage, data, extra=NO_EVAL))
     assert rc == 1 and f"already has a live job on {url}: {job}" in err
 
     rc, out, _ = cli(capsys, "jobs", "list", "--address", url)
@@ -85,7 +87,8 @@ def test_submit_logs_status_and_stop(head, synthetic_data, tmp_path, capsys):
     assert "SUCCEEDED" in err
     rc, out, _ = cli(capsys, "jobs", "status", job, "--address", url)
     assert rc == 0 and out.startswith(f"{job} SUCCEEDED")
-    state = json.loads((storage / "viajobs" / "checkpoints" / "step_00000020" / "trainer_state.json").read_text())
+    state = json.loads((storage / "viajobs" / "checkpoints" / "step_00000020"
+                        / "trainer_state.json").read_text())
     assert state["step"] == 20 and not (storage / "viajobs" / "run.lock").exists()
 
     # A long job is stopped while it trains: it checkpoints at the next step and ends STOPPED, its workers go,

@@ -36,7 +36,8 @@ def test_sigterm_checkpoints_then_resubmission_resumes(synthetic_data, tmp_path)
     argv = [sys.executable, "-m", "orchestrator.cli", "train", DEBUG_CONFIG,
             *small_run("preempt", storage, str(synthetic_data), steps=400, every=1000, extra=tracking)]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env)
     lines: list[str] = []
     try:
         wait_for_line(proc, "step 3/400", timeout=360, sink=lines)
@@ -67,8 +68,8 @@ def test_sigterm_checkpoints_then_resubmission_resumes(synthetic_data, tmp_path)
 
 def test_sigterm_to_a_worker_checkpoints_and_the_run_stops_cleanly(synthetic_data, tmp_path):
     """Preemption as a node sees it: SIGTERM to one worker (not the driver). Every rank saves at the same next
-    step and the job ends "stopped on request" with exit 0, not as a failed worker (max_failures=0 would fail the
-    job). Resuming from a stop checkpoint is the test above."""
+    step and the job ends "stopped on request" with exit 0, not as a failed worker (max_failures=0 would fail
+    the job). Resuming from a stop checkpoint is the test above."""
     from tests.orchestrator.faults import driver, registered, wait_for
 
     storage = tmp_path / "runs"
@@ -78,7 +79,8 @@ def test_sigterm_to_a_worker_checkpoints_and_the_run_stops_cleanly(synthetic_dat
                                                 extra=overrides)]
     with driver(argv, tmp_path / "wterm.log") as run:
         wait_for(lambda: "step 3/400" in run.output(), 360, "step 3", run)
-        workers = wait_for(lambda: len(run.train_workers()) == 2 and run.train_workers(), 60, "2 train workers", run)
+        workers = wait_for(lambda: len(run.train_workers()) == 2 and run.train_workers(), 60,
+                           "2 train workers", run)
         os.kill(workers[-1].pid, signal.SIGTERM)
         assert run.wait(timeout=240) == 0, run.tail()
         out = run.output()

@@ -1,4 +1,5 @@
-"""Checkpoint/resume through the real stack: run storage on S3, torn checkpoints skipped, export, elastic resume."""
+"""Checkpoint/resume through the real stack: run storage on S3, torn checkpoints skipped, export, elastic
+resume."""
 
 from __future__ import annotations
 
@@ -43,9 +44,10 @@ def s3_keys(bucket: str, prefix: str) -> dict[str, int]:
 
 
 def test_s3_storage_checkpoints_torn_skipped_resume_and_export(synthetic_data, tmp_path, capfd):
-    """run.storage on the S3 server (moto on loopback): checkpoints, manifest and run files land in the bucket;
-    a resubmission skips a torn checkpoint (no manifest) and a corrupt one (flipped byte), both named, resumes
-    from the previous valid one in the same MLflow run, and the final checkpoint exports like zero_to_fp32."""
+    """run.storage on the S3 server (moto on loopback): checkpoints, manifest and run files land in the
+    bucket; a resubmission skips a torn checkpoint (no manifest) and a corrupt one (flipped byte), both named,
+    resumes from the previous valid one in the same MLflow run, and the final checkpoint exports like
+    zero_to_fp32."""
     import boto3
 
     from tests.integration.services import s3_server
@@ -60,16 +62,19 @@ def test_s3_storage_checkpoints_torn_skipped_resume_and_export(synthetic_data, t
         train(small_run("s3run", "s3://ckpts/runs", data, steps=4, every=2, extra=CONSTANT_LR + tracking))
 
         keys = s3_keys("ckpts", prefix)
-        run_id = json.loads(s3.get_object(Bucket="ckpts", Key=prefix + "mlflow_run.json")["Body"].read())["run_id"]
+        run_id = json.loads(s3.get_object(Bucket="ckpts",
+                                          Key=prefix + "mlflow_run.json")["Body"].read())["run_id"]
         assert prefix + "run.lock" not in keys and prefix + "STOP" not in keys  # released, no stop pending
         for step in (2, 4):
             ckpt = f"{prefix}checkpoints/step_{step:08d}/"
             manifest = json.loads(s3.get_object(Bucket="ckpts", Key=ckpt + "manifest.json")["Body"].read())
             assert manifest["step"] == step
-            assert {ckpt + rel: meta["size"] for rel, meta in manifest["files"].items()}.items() <= keys.items()
+            assert {ckpt + rel: meta["size"]
+                    for rel, meta in manifest["files"].items()}.items() <= keys.items()
             assert sum("model_states" in rel for rel in manifest["files"]) == 2  # one ZeRO-3 shard per rank
 
-        # Tear the newest checkpoint (a flipped byte) and leave a newer one without a manifest (a lost upload).
+        # Tear the newest checkpoint (a flipped byte) and leave a newer one without a manifest (a lost
+        # upload).
         newest = f"{prefix}checkpoints/step_00000004/"
         shard = next(k for k in sorted(keys) if k.startswith(newest) and "model_states" in k)
         blob = bytearray(s3.get_object(Bucket="ckpts", Key=shard)["Body"].read())
@@ -81,7 +86,8 @@ def test_s3_storage_checkpoints_torn_skipped_resume_and_export(synthetic_data, t
         train(small_run("s3run", "s3://ckpts/runs", data, steps=6, every=2, extra=CONSTANT_LR + tracking))
         out = capfd.readouterr()
         text = out.out + out.err
-        assert f"skipping torn checkpoint: checkpoint {run_url}/checkpoints/step_00000005 has no manifest" in text
+        assert (f"skipping torn checkpoint: checkpoint {run_url}/checkpoints/step_00000005 has "
+                "no manifest" in text)
         assert f"{run_url}/checkpoints/step_00000004: file ds/" in text and "fails its checksum" in text
         assert f"resumed from {run_url}/checkpoints/step_00000002 at step 2" in text
         final = run_storage.join(run_url, "checkpoints", "step_00000006")
@@ -108,7 +114,8 @@ def check_export_matches_zero_to_fp32(step_dir: Path, tmp_path: Path, source: st
     assert main(["export", source or str(step_dir), str(out)]) == 0
     ref_dir = tmp_path / "zero_to_fp32"
     # (its safetensors mode refuses tied weights, so it writes a torch file here)
-    subprocess.run([sys.executable, str(step_dir / "zero_to_fp32.py"), str(step_dir), str(ref_dir), "--tag", "ds"],
+    subprocess.run([sys.executable, str(step_dir / "zero_to_fp32.py"), str(step_dir), str(ref_dir),
+                    "--tag", "ds"],
                    check=True, env=dict(os.environ, DS_ACCELERATOR="cpu"), capture_output=True)
     ref = {}
     for f in sorted(ref_dir.glob("*.bin")):

@@ -64,7 +64,8 @@ def test_torn_newest_then_two_more_jobs(synthetic_data, tmp_path, capfd):
     assert f"resumed from {checkpoints / 'step_00000002'} at step 2" in text
     aside = [name for name in folders(checkpoints) if name.startswith("step_00000004.torn-")]
     assert len(aside) == 1, folders(checkpoints)  # kept for forensics, under a name that says why
-    assert f"moved the torn checkpoint {checkpoints / 'step_00000004'} aside to {checkpoints / aside[0]}" in text
+    assert (f"moved the torn checkpoint {checkpoints / 'step_00000004'} aside to "
+            f"{checkpoints / aside[0]}" in text)
 
     text = job(8)
     assert f"resumed from {checkpoints / 'step_00000006'} at step 6" in text

@@ -1,6 +1,6 @@
-"""Issue #26: an MLflow server behind basic auth. The start-up probe authenticates as MLflow's client does (user-info
-in tracking.uri, MLFLOW_TRACKING_USERNAME/PASSWORD); wrong or missing credentials are a clear error in seconds;
-no message shows the password.
+"""Issue #26: an MLflow server behind basic auth. The start-up probe authenticates as MLflow's client does
+(user-info in tracking.uri, MLFLOW_TRACKING_USERNAME/PASSWORD); wrong or missing credentials are a clear error
+in seconds; no message shows the password.
 
 The server is a real MLflow server behind a small basic-auth proxy on 127.0.0.1 (MLflow's own auth app needs
 Flask-WTF, which the environment does not ship); the proxy answers 401 without the right credentials, on every
@@ -84,7 +84,8 @@ def with_credentials(proxy: str) -> str:
 
 
 def test_credentials_in_the_uri(proxied, tmp_path):
-    check_reachable(with_credentials(proxied))  # was: "Name or service not known" (urllib took them for a host)
+    # was: "Name or service not known" (urllib took them for a host)
+    check_reachable(with_credentials(proxied))
     cfg = load_config(DEBUG_CONFIG, [f"run.storage={tmp_path}", f"tracking.uri={with_credentials(proxied)}"])
     assert ensure_run(cfg, cfg.tracking.uri, tmp_path / "debug")  # MLflow's own client, same URI
 

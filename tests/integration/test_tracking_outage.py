@@ -76,9 +76,9 @@ def open_gate_when_reached(gate: Path, action) -> None:
 
 
 class Outage(threading.Thread):
-    """Kills the server while rank 0 is held before step 5 (steps 1-4 delivered), and brings it back while rank 0
-    is held before step 21: steps 5-20 and their checkpoints run with the server down, whatever the machine's
-    speed, and the job cannot end before the server is back."""
+    """Kills the server while rank 0 is held before step 5 (steps 1-4 delivered), and brings it back while
+    rank 0 is held before step 21: steps 5-20 and their checkpoints run with the server down, whatever the
+    machine's speed, and the job cannot end before the server is back."""
 
     def __init__(self, server: Server, run_dir: Path, gates: Path):
         super().__init__(daemon=True)
@@ -130,7 +130,8 @@ def test_metrics_survive_a_tracking_server_outage(synthetic_data, tmp_path, monk
             ray.shutdown()
         outage.join(timeout=300)
         assert outage.error is None, outage.error
-        assert (outage.down_at, outage.up_at) == (4, 20), "checkpoints 8-20 were to be written while it was down"
+        assert (outage.down_at, outage.up_at) == (4, 20), \
+            "checkpoints 8-20 were to be written while it was down"
         # The worker flushes on exit and the driver replays any spool: every step is there, once.
         for key in ("loss/total", "loss/itc", "lr", "throughput/pair_tokens_per_s", "perf/achieved_tflops",
                     "memory/rss_gb"):
@@ -148,7 +149,8 @@ def test_metrics_survive_a_tracking_server_outage(synthetic_data, tmp_path, monk
         server.kill()
 
 
-def test_job_started_while_mlflow_is_down_logs_everything_once_it_is_up(synthetic_data, tmp_path, monkeypatch):
+def test_job_started_while_mlflow_is_down_logs_everything_once_it_is_up(synthetic_data,
+                                                                        tmp_path, monkeypatch):
     """tracking.buffer_if_unreachable: training goes on; rank 0 creates the run once the server is up."""
     import json
 
@@ -161,8 +163,8 @@ def test_job_started_while_mlflow_is_down_logs_everything_once_it_is_up(syntheti
     server = Server(tmp_path / "mlflow", free_port())  # not started yet
     run_dir = storage / "late"
 
-    # The server starts while rank 0 is held before step 9 (checkpoints 4 and 8 written without it), so the job
-    # cannot end before it is up, however slow the machine.
+    # The server starts while rank 0 is held before step 9 (checkpoints 4 and 8 written without it), so the
+    # job cannot end before it is up, however slow the machine.
     gate = tmp_path / "gate"
     monkeypatch.setenv("UNIMO_FAULT_GATE", f"9:{gate}")
     starter = threading.Thread(target=open_gate_when_reached, args=(gate, server.start), daemon=True)

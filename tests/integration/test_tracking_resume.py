@@ -89,8 +89,9 @@ def test_resubmitted_job_continues_the_same_run_without_gaps_or_secrets(syntheti
         captions = [f for f in files if f.startswith("eval/captions_step_")]
         assert captions, files  # sample captions of the final evaluations
 
-        # No credential in params, tags, metric names, any artifact's content, the logs (the driver's and, through
-        # Ray's log forwarding, the workers') or any file of the run folder (checkpoints, state, manifests).
+        # No credential in params, tags, metric names, any artifact's content, the logs (the driver's and,
+        # through Ray's log forwarding, the workers') or any file of the run folder (checkpoints, state,
+        # manifests).
         local = Path(client.download_artifacts(run_id, "", str(tmp_path / "downloaded")))
         blobs = [json.dumps({"params": run.data.params, "tags": tags, "metrics": sorted(run.data.metrics)})]
         blobs += [p.read_text(errors="replace") for p in local.rglob("*") if p.is_file()]

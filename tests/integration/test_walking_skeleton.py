@@ -1,4 +1,5 @@
-"""End to end through the real parts: S3 (moto) and MLflow servers on loopback, Ray Train, DeepSpeed ZeRO-3."""
+"""End to end through the real parts: S3 (moto) and MLflow servers on loopback, Ray Train, DeepSpeed
+ZeRO-3."""
 
 from __future__ import annotations
 
@@ -21,11 +22,12 @@ def test_train_two_zero3_workers_from_s3_into_mlflow(synthetic_data, tmp_path):
     with s3_server(), mlflow_server(tmp_path / "mlflow") as tracking_uri:
         upload_folder(synthetic_data, "unimo-data", "demo")
         s3 = "s3://unimo-data/demo"
-        # pairs as two weighted corpora (2 shards each, one per rank's stream): the mix reaches MLflow per corpus
-        corpora = (f"data.pair.corpora=[{{name: a, urls: '{s3}/pairs/shard-{{000000..000001}}.tar', weight: 1}}, "
-                   f"{{name: b, urls: '{s3}/pairs/shard-{{000002..000003}}.tar', weight: 3}}]")
-        argv = ["train", DEBUG_CONFIG, "run.name=skeleton", f"run.storage={tmp_path / 'runs'}", *data_overrides(s3),
-                "data.pair.urls=", corpora,
+        # pairs as two weighted corpora (2 shards each, one per rank's stream): the mix reaches MLflow per
+        # corpus
+        corpora = (f"data.pair.corpora=[{{name: a, urls: '{s3}/pairs/shard-{{000000..000001}}.tar', "
+                   f"weight: 1}}, {{name: b, urls: '{s3}/pairs/shard-{{000002..000003}}.tar', weight: 3}}]")
+        argv = ["train", DEBUG_CONFIG, "run.name=skeleton", f"run.storage={tmp_path / 'runs'}",
+                *data_overrides(s3), "data.pair.urls=", corpora,
                 "stages=[{name: unimodal, steps: 10, objectives: {mlm_text: 1, mim: 1, itc: 1}},"
                 " {name: crossmodal, steps: 20, objectives: {itc: 1, mlm_pair: 1}}]",
                 "optimizer.warmup_steps=5", "train.log_every=1", "checkpoint.every_steps=15",
@@ -53,7 +55,8 @@ def test_train_two_zero3_workers_from_s3_into_mlflow(synthetic_data, tmp_path):
         assert state["mlflow_run_id"] == run.info.run_id
         for name in ("loss/mlm_text", "loss/mim", "loss/itc", "loss/mlm_pair", "loss/total"):
             assert name in run.data.metrics, name
-        itc = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "loss/itc"), key=lambda m: m.step)]
+        itc = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "loss/itc"),
+                                       key=lambda m: m.step)]
         assert len(itc) == 30
         assert sum(itc[-5:]) / 5 < sum(itc[:5]) / 5, itc
         params = run.data.params

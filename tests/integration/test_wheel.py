@@ -1,8 +1,9 @@
 """An installed unimo works outside a checkout: the wheel built from this tree, installed into a fresh virtual
-environment, runs `unimo --version`, `unimo config show debug` and the demo's first steps from an empty folder.
+environment, runs `unimo --version`, `unimo config show debug` and the demo's first steps from an empty
+folder.
 
-The fresh environment reaches the already-installed dependencies through a .pth line (installing torch, Ray and
-DeepSpeed again would take minutes); unimo itself comes only from the wheel, which the test checks.
+The fresh environment reaches the already-installed dependencies through a .pth line (installing torch, Ray
+and DeepSpeed again would take minutes); unimo itself comes only from the wheel, which the test checks.
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ def installed(tmp_path_factory):
     skip = shutil.ignore_patterns(".venv*", ".git", "build", "demo_out", "runs", "*.egg-info", "__pycache__",
                                   ".pytest_cache", ".ruff_cache")
     shutil.copytree(ROOT, src, ignore=skip)
-    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp / "dist"),
-         str(src)], cwd=tmp, env=env, timeout=300)
+    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+         str(tmp / "dist"), str(src)], cwd=tmp, env=env, timeout=300)
     wheel = next((tmp / "dist").glob("unimo-*.whl"))
     venv = tmp / "venv"
     run([sys.executable, "-m", "venv", str(venv)], cwd=tmp, env=env)
@@ -50,7 +51,8 @@ def installed(tmp_path_factory):
         cwd=tmp, env=env, timeout=300)
     away = tmp / "elsewhere"
     away.mkdir()
-    return {"venv": venv, "wheel": wheel, "cwd": away, "env": {**env, "PATH": f"{venv / 'bin'}:{env['PATH']}"}}
+    return {"venv": venv, "wheel": wheel, "cwd": away,
+            "env": {**env, "PATH": f"{venv / 'bin'}:{env['PATH']}"}}
 
 
 def test_the_wheel_carries_the_code_and_the_shipped_configs(installed):
@@ -61,7 +63,8 @@ def test_the_wheel_carries_the_code_and_the_shipped_configs(installed):
 
 def test_installed_unimo_runs_from_any_folder(installed):
     unimo, cwd, env = str(installed["venv"] / "bin" / "unimo"), installed["cwd"], installed["env"]
-    where = run([str(installed["venv"] / "bin" / "python"), "-c", "import orchestrator; print(orchestrator.__file__)"],
+    where = run([str(installed["venv"] / "bin" / "python"), "-c",
+                 "import orchestrator; print(orchestrator.__file__)"],
                 cwd, env).stdout
     assert str(installed["venv"]) in where, f"unimo imported from {where}, not from the wheel"
     assert run([unimo, "--version"], cwd, env).stdout.startswith("unimo ")
@@ -73,7 +76,8 @@ def test_installed_unimo_runs_the_demo_s_first_steps(installed):
     # The shipped demo config and its data, 4 steps of every objective on one worker: what a new user of the
     # wheel meets first, without the 300 steps of the full demo.
     done = run([str(installed["venv"] / "bin" / "unimo"), "demo", "--out", "demo",
-                "stages=[{name: s, steps: 4, objectives: {mlm_text: 0.1, itc: 1.0, itm: 0.5, caption: 0.25}}]",
+                "stages=[{name: s, steps: 4, "
+                "objectives: {mlm_text: 0.1, itc: 1.0, itm: 0.5, caption: 0.25}}]",
                 "checkpoint.every_steps=4", "scaling.num_workers=1", "optimizer.warmup_steps=1"],
                installed["cwd"], installed["env"], timeout=600)
     out = done.stdout + done.stderr

@@ -40,7 +40,8 @@ def _text_inputs(pad_id: int, vocab: int):
 
 @pytest.mark.parametrize("style", ["absolute", "roberta"])
 def test_text_tower_exports_as_a_bert_or_roberta_folder(tmp_path, style):
-    text = TextConfig(position_style=style, pad_token_id=1 if style == "roberta" else 0, activation="gelu_tanh")
+    text = TextConfig(position_style=style, pad_token_id=1 if style == "roberta" else 0,
+                      activation="gelu_tanh")
     ours = _perturbed(ModelConfig(text=text))
     save_text_encoder(ours, str(tmp_path))
     hf, info = transformers.AutoModel.from_pretrained(str(tmp_path), output_loading_info=True)
@@ -66,8 +67,8 @@ def test_text_tower_exports_as_a_bert_or_roberta_folder(tmp_path, style):
 @pytest.mark.parametrize("layout", ["vit", "clip"])
 def test_vision_tower_exports_as_a_vit_or_clip_vision_folder(tmp_path, layout):
     clip = layout == "clip"
-    vision = VisionConfig(pre_layernorm=clip, patch_bias=not clip, activation="quick_gelu" if clip else "gelu",
-                          layer_norm_eps=1e-5 if clip else 1e-12)
+    vision = VisionConfig(pre_layernorm=clip, patch_bias=not clip,
+                          activation="quick_gelu" if clip else "gelu", layer_norm_eps=1e-5 if clip else 1e-12)
     ours = _perturbed(ModelConfig(vision=vision))
     save_vision_encoder(ours, str(tmp_path))
     hf, info = transformers.AutoModel.from_pretrained(str(tmp_path), output_loading_info=True)
@@ -81,7 +82,8 @@ def test_vision_tower_exports_as_a_vit_or_clip_vision_folder(tmp_path, layout):
     for i in range(len(got) - 1):
         assert (got[i] - out.hidden_states[i + 1]).abs().max().item() < TOL
     # CLIP applies post_layernorm to the pooled CLS only; we apply it to every token of the last layer
-    post = getattr(hf, "vision_model", hf).post_layernorm if clip else None  # its layout differs across versions
+    # its layout differs across versions
+    post = getattr(hf, "vision_model", hf).post_layernorm if clip else None
     last = post(out.last_hidden_state) if clip else out.last_hidden_state
     assert (got[-1] - last).abs().max().item() < TOL
     assert vision_config_from_hf(str(tmp_path)) == vision

@@ -183,7 +183,8 @@ def test_config_mismatch_is_an_error(tmp_path):
 
 def test_model_config_init_paths(tmp_path):
     text_dir, vision_dir = tmp_path / "bert", tmp_path / "vit"
-    hf_t = _save(transformers.BertModel(transformers.BertConfig(max_position_embeddings=64, **TINY_TEXT)), text_dir)
+    hf_t = _save(transformers.BertModel(transformers.BertConfig(max_position_embeddings=64, **TINY_TEXT)),
+                 text_dir)
     hf_v = _save(transformers.ViTModel(transformers.ViTConfig(**TINY_VISION)), vision_dir)
     cfg = ModelConfig(text=text_config_from_hf(str(text_dir)), vision=vision_config_from_hf(str(vision_dir)),
                       text_init=str(text_dir), vision_init=str(vision_dir))

@@ -1,5 +1,6 @@
 """train.compile: every encoder block and fusion stream layer is compiled in place (model/layers.py:
-compile_blocks), and a compiled block computes what the eager one does, forward and backward (inductor on CPU)."""
+compile_blocks), and a compiled block computes what the eager one does, forward and backward (inductor on
+CPU)."""
 
 from __future__ import annotations
 

@@ -46,8 +46,8 @@ def test_get_flavor_fresh_copy_and_unknown():
 
 def test_flavor_sizes():
     b, lg = get_flavor("base"), get_flavor("large")
-    assert (b.text.layers, b.text.dim, b.vision.patch_size, b.fusion.layers, b.text.vocab_size) == (12, 768, 16, 6,
-                                                                                                   30522)
+    assert (b.text.layers, b.text.dim, b.vision.patch_size, b.fusion.layers, b.text.vocab_size) == \
+        (12, 768, 16, 6, 30522)
     assert (lg.text.layers, lg.vision.dim, lg.vision.patch_size, lg.fusion.dim) == (24, 1024, 14, 1024)
 
 

@@ -1,4 +1,5 @@
-"""Analytic FLOPs agree with torch's FlopCounterMode (within 5%) on the debug flavor; parameter counts; model_info."""
+"""Analytic FLOPs agree with torch's FlopCounterMode (within 5%) on the debug flavor; parameter counts;
+model_info."""
 
 import pytest
 import torch
@@ -44,9 +45,11 @@ def _run(m, source, objective, ids, mask, px, vs=None):
         m.lm_logits_fused(m.fuse(m.encode_text(ids, mask, "causal"), mask, vs, text_causal=True)[0])
 
 
-CASES = [("text", "mlm", "adaptive", True), ("text", "lm", "adaptive", True), ("image", "mim", "adaptive", True),
+CASES = [("text", "mlm", "adaptive", True), ("text", "lm", "adaptive", True),
+         ("image", "mim", "adaptive", True),
          ("pair", "itc", "adaptive", True), ("pair", "lm", "adaptive", True), ("pair", "lm", "gated", False),
-         *[("pair", "mlm", mode, cl) for mode in ("none", "bridge", "adaptive", "gated") for cl in (True, False)]]
+         *[("pair", "mlm", mode, cl) for mode in ("none", "bridge", "adaptive", "gated")
+           for cl in (True, False)]]
 
 
 @pytest.mark.parametrize("source,objective,mode,cross_level", CASES)
@@ -77,7 +80,8 @@ def test_itm_and_grounding_flops_match_counter():
         return t, v
 
     for neg in (0, 2):
-        _close(flops_per_sample(cfg, "pair", seq_len=L, objectives=["itm"], itm_negatives=neg, backward=False),
+        _close(flops_per_sample(cfg, "pair", seq_len=L, objectives=["itm"],
+                                itm_negatives=neg, backward=False),
                _counted(lambda n=neg: itm(1 + n)))
     with torch.no_grad():
         t, v = itm(1)

@@ -1,4 +1,5 @@
-"""CUDA checks (skipped without a GPU): bf16 training step with checkpointing, GPU/CPU agreement, generation."""
+"""CUDA checks (skipped without a GPU): bf16 training step with checkpointing, GPU/CPU agreement,
+generation."""
 
 import pytest
 import torch
@@ -33,7 +34,8 @@ def _step_loss(m, ids, mask, px):
     return (losses.itc_loss(ti, ii, ti, ii, m.logit_scale, 0) + losses.mlm_loss(m.mlm_logits_fused(t), labels)
             + losses.lm_loss(m.lm_logits_fused(tc), labels)
             + losses.mim_loss(m.mim_predict(vm[-1]), px, pm, m.cfg.vision.patch_size)
-            + losses.mlm_loss(m.mlm_logits_text(m.encode_text(ids, mask, "prefix", prefix_len=4)[-1]), labels))
+            + losses.mlm_loss(m.mlm_logits_text(m.encode_text(ids, mask, "prefix", prefix_len=4)[-1]),
+                              labels))
 
 
 @pytest.mark.parametrize("mode", ["adaptive", "gated"])

@@ -46,7 +46,8 @@ def test_mlm_and_lm_loss():
     zero = losses.mlm_loss(logits.requires_grad_(), labels)
     assert zero.item() == 0.0 and zero.requires_grad  # still in the graph for ZeRO-3
     labels[0, 2] = 3
-    torch.testing.assert_close(losses.mlm_loss(logits, labels), F.cross_entropy(logits[0, 2:3], labels[0, 2:3]))
+    torch.testing.assert_close(losses.mlm_loss(logits, labels),
+                               F.cross_entropy(logits[0, 2:3], labels[0, 2:3]))
     ids = torch.tensor([[1, 2, 3, -100]])
     lg = torch.randn(1, 4, 11)
     torch.testing.assert_close(losses.lm_loss(lg, ids), F.cross_entropy(lg[0, :2], ids[0, 1:3]))

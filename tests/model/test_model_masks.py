@@ -1,4 +1,5 @@
-"""Attention masks: causal and prefix leave earlier outputs unchanged when later tokens change; padding is inert."""
+"""Attention masks: causal and prefix leave earlier outputs unchanged when later tokens change; padding is
+inert."""
 
 import pytest
 import torch

@@ -61,7 +61,8 @@ def test_shapes_every_mode(mode, cross_level):
     ts = m.encode_text(ids, mask)
     vs = m.encode_image(px)
     N = m.num_patches
-    assert N == 16 and [s.shape for s in ts] == [(2, 10, 64)] * 2 and [s.shape for s in vs] == [(2, 17, 64)] * 2
+    assert (N == 16 and [s.shape for s in ts] == [(2, 10, 64)] * 2
+            and [s.shape for s in vs] == [(2, 17, 64)] * 2)
     t, v = m.fuse(ts, mask, vs)
     assert t.shape == (2, 10, 64) and v.shape == (2, 1 + N, 64)
     ti, ii = m.itc_features(ts, vs)

@@ -1,8 +1,8 @@
 """A real, small ZeRO-3 checkpoint written the way training writes one, for the eval/export CLI tests.
 
 One gloo rank, DeepSpeed on CPU, Trainer.build and Trainer.save (no Ray, no training step: the weights are the
-seeded initial ones, which is all the CLI tests need). Runs in a child process so that DeepSpeed's global state
-and the process group stay out of the test process.
+seeded initial ones, which is all the CLI tests need). Runs in a child process so that DeepSpeed's global
+state and the process group stay out of the test process.
 """
 
 from __future__ import annotations
@@ -56,8 +56,8 @@ def write_checkpoint(run_dir: Path, tokenizer: str, step: int = STEP, run_id: st
     pg.parent.mkdir(parents=True, exist_ok=True)
     args = {"pg": str(pg), "step": step, "run_id": run_id, "dest": str(dest),
             "overrides": [f"data.tokenizer={tokenizer}", f"run.name={run_dir.name}", "model.flavor=debug",
-                          "model.text.pad_token_id=0", "model.text.bos_token_id=2", "model.text.eos_token_id=3",
-                          "model.text.mask_token_id=4", *overrides]}
+                          "model.text.pad_token_id=0", "model.text.bos_token_id=2",
+                          "model.text.eos_token_id=3", "model.text.mask_token_id=4", *overrides]}
     env = {**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "",
            "LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
     done = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(args)], cwd=ROOT, env=env,

@@ -1,4 +1,5 @@
-"""Fixtures of the orchestrator tests: a synthetic eval set, an MLflow run and a real checkpoint of that run."""
+"""Fixtures of the orchestrator tests: a synthetic eval set, an MLflow run and a real checkpoint of that
+run."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ def world(tmp_path_factory):
     run_id = client.create_run(client.create_experiment("unimo")).info.run_id
     ckpt = write_checkpoint(root / "runs" / "exp1", urls["tokenizer"], step=STEP, run_id=run_id)
     classes = root / "classes.txt"
-    classes.write_text("# the shapes of the synthetic world\ncircle\nsquare\ntriangle: a picture of a triangle\n")
+    classes.write_text("# the shapes of the synthetic world\ncircle\nsquare\n"
+                       "triangle: a picture of a triangle\n")
     return {"data": str(root / "data" / "eval"), "ckpt": ckpt, "uri": uri, "run_id": run_id,
             "classes": str(classes), "root": root}

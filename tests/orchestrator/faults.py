@@ -26,8 +26,9 @@ QUIET_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED"
 class Driver:
     """`unimo train ...` in a subprocess (own session, own Ray temp dir), with its whole process tree tracked.
 
-    Ray's raylet puts each worker in a process group of its own, and a killed driver's children are re-parented,
-    so the tree is snapshotted while the driver lives and every process ever seen is killed at the end.
+    Ray's raylet puts each worker in a process group of its own, and a killed driver's children are
+    re-parented, so the tree is snapshotted while the driver lives and every process ever seen is killed at
+    the end.
     """
 
     def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None):
@@ -36,8 +37,9 @@ class Driver:
         self.ray_tmp = tempfile.mkdtemp(prefix="u8r_", dir="/tmp")
         full_env = {**os.environ, **QUIET_ENV, "RAY_TMPDIR": self.ray_tmp, **(env or {})}
         self._log = open(log, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *args], cwd=ROOT, env=full_env,
-                                     stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *args], cwd=ROOT,
+                                     env=full_env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
         self.seen: dict[int, float] = {}
 
     def snapshot(self) -> list[psutil.Process]:
@@ -71,7 +73,8 @@ class Driver:
         try:
             return self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            raise AssertionError(f"driver did not finish within {timeout:.0f}s; log tail:\n{self.tail()}") from None
+            raise AssertionError(f"driver did not finish within {timeout:.0f}s; log tail:\n"
+                                 f"{self.tail()}") from None
 
     def kill(self) -> None:
         """SIGKILL the driver only: what Ray does with its orphans is part of what is tested."""
@@ -130,13 +133,16 @@ def wait_for(predicate: Callable[[], object], timeout: float, what: str, d: Driv
         if d is not None:
             d.snapshot()
             if d.proc.poll() is not None:
-                raise AssertionError(f"driver exited ({d.proc.returncode}) while waiting for {what}:\n{d.tail()}")
+                raise AssertionError(f"driver exited ({d.proc.returncode}) while waiting for "
+                                     f"{what}:\n{d.tail()}")
         time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}" + (f":\n{d.tail()}" if d else ""))
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}"
+                         + (f":\n{d.tail()}" if d else ""))
 
 
 def registered(run_dir: Path, step: int) -> bool:
-    """Whether Ray Train has committed the checkpoint of ``step`` (its snapshot lists it): what a restart uses."""
+    """Whether Ray Train has committed the checkpoint of ``step`` (its snapshot lists it): what a restart
+    uses."""
     snap = run_dir / "checkpoints" / SNAPSHOT
     try:
         return f"step_{step:08d}" in snap.read_text()

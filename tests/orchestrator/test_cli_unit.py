@@ -1,4 +1,5 @@
-"""The `unimo` command line's own surface: --version, shipped configs by name, -v after a subcommand, `job`."""
+"""The `unimo` command line's own surface: --version, shipped configs by name, -v after a subcommand,
+`job`."""
 
 import pytest
 import yaml

@@ -42,7 +42,8 @@ def test_a_user_error_from_a_worker_is_its_own_paragraph_and_names_the_log(tmp_p
     cfg = load_config(DEBUG_CONFIG, ["run.name=r1"])
     err = DataSourceError("no shards (*.tar) found under /data/pairs: point it at ...")
     err.detail = "Traceback (most recent call last):\n  File loader.py ...\nDataSourceError: no shards"
-    out = driver.failed_run_error(WorkerGroupError("ray's text", {0: err, 1: RuntimeError("gloo")}), tmp_path, cfg)
+    out = driver.failed_run_error(WorkerGroupError("ray's text", {0: err, 1: RuntimeError("gloo")}), tmp_path,
+                                  cfg)
     assert isinstance(out, UserError)
     text, log = str(out).split(" (full traceback: ")
     assert text == "no shards (*.tar) found under /data/pairs: point it at ..."
@@ -55,7 +56,8 @@ def test_other_failures_are_summed_up_by_their_last_lines(tmp_path):
     err = WorkerGroupError("...", {0: DataReadError("could not read s3://b/x after 9 attempts"),
                                    1: RuntimeError("Traceback ...\n  File x\nRuntimeError: gloo reset")})
     out = str(driver.failed_run_error(err, tmp_path, cfg))
-    assert out.startswith("training failed (the worker group was retried up to scaling.max_failures=2 times): ")
+    assert out.startswith("training failed (the worker group was retried up to scaling.max_failures=2 "
+                          "times): ")
     assert "could not read s3://b/x after 9 attempts" in out and "RuntimeError: gloo reset" in out
     assert "(full traceback: " in out
 
@@ -93,12 +95,14 @@ def test_a_worker_group_that_cannot_be_placed_names_the_resources(tmp_path):
 
     cfg = load_config(DEBUG_CONFIG, ["run.name=r1", "scaling.num_workers=2", "scaling.cpus_per_worker=4"])
     out = str(driver.failed_run_error(ControllerError(WorkerGroupStartupTimeoutError(2)), tmp_path, cfg))
-    assert out.startswith("scaling: the worker group (2 x 4 CPU) could not be started within UNIMO_CLUSTER_WAIT_S=")
+    assert out.startswith("scaling: the worker group (2 x 4 CPU) could not be started within "
+                          "UNIMO_CLUSTER_WAIT_S=")
     assert "add nodes or lower scaling.num_workers" in out
 
 
 def test_the_job_leaves_the_signal_handlers_as_it_found_them(tmp_path):
-    """Ray Train's fit() sets a SIGINT handler of its own: it must not outlive the job in a process that goes on."""
+    """Ray Train's fit() sets a SIGINT handler of its own: it must not outlive the job in a process that goes
+    on."""
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     with driver.sigterm_as_exit(tmp_path):
         signal.signal(signal.SIGINT, lambda *_: None)  # as trainer.fit() does

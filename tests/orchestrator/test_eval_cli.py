@@ -52,7 +52,8 @@ def test_eval_checkpoint_reports_what_trainer_evaluation_computes(world, capsys)
 
 
 def test_eval_table_zero_shot_from_captions_and_from_a_json_field(world, capsys):
-    argv = ["eval", str(world["ckpt"]), "--data", world["data"], "--classes", world["classes"], "--captions", "1"]
+    argv = ["eval", str(world["ckpt"]), "--data", world["data"], "--classes", world["classes"],
+            "--captions", "1"]
     assert main(argv) == 0
     table = capsys.readouterr().out
     assert "image->text  ITC" in table and "R@10" in table and "ITM" not in table  # no --rerank, no ITM rows
@@ -83,15 +84,17 @@ def test_eval_of_an_export_equals_eval_of_its_checkpoint(world, capsys, tmp_path
 def test_eval_mlflow_logs_to_the_run_that_made_the_checkpoint_at_its_step(world, capsys, tmp_path):
     from orchestrator.tracking_setup import open_client
 
-    assert main(["eval", str(world["ckpt"]), "--data", world["data"], "--mlflow", "--tracking-uri", world["uri"],
-                 "--classes", world["classes"], "--captions", "2"]) == 0
+    assert main(["eval", str(world["ckpt"]), "--data", world["data"], "--mlflow", "--tracking-uri",
+                 world["uri"], "--classes", world["classes"], "--captions", "2"]) == 0
     client = open_client(world["uri"])
     history = client.get_metric_history(world["run_id"], "offline_eval/i2t_R_at_1")
     assert [h.step for h in history] == [STEP]
     assert client.get_metric_history(world["run_id"], "offline_eval/zeroshot_top1")[0].step == STEP
     files = {f.path for f in client.list_artifacts(world["run_id"], f"offline_eval/step_{STEP:08d}")}
-    assert files == {f"offline_eval/step_{STEP:08d}/{n}" for n in ("table.txt", "results.json", "captions.tsv")}
-    table = Path(client.download_artifacts(world["run_id"], f"offline_eval/step_{STEP:08d}/table.txt", tmp_path))
+    assert files == {f"offline_eval/step_{STEP:08d}/{n}"
+                     for n in ("table.txt", "results.json", "captions.tsv")}
+    table = Path(client.download_artifacts(world["run_id"], f"offline_eval/step_{STEP:08d}/table.txt",
+                                           tmp_path))
     assert "zero-shot classification" in table.read_text()
 
     # an export has no run of its own: a new, finished run in the named experiment gets the figures
@@ -100,11 +103,13 @@ def test_eval_mlflow_logs_to_the_run_that_made_the_checkpoint_at_its_step(world,
     assert main(["eval", str(out), "--data", world["data"], "--mlflow", "--tracking-uri", world["uri"],
                  "--experiment", "offline", "--captions", "0"]) == 0
     experiment = client.get_experiment_by_name("offline")
-    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # MLflow's model-training view
+    # MLflow's model-training view
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     runs = client.search_runs([experiment.experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert runs[0].data.tags["unimo.eval_of"] == str(out) and runs[0].data.tags["unimo.step"] == str(STEP)
-    assert [h.step for h in client.get_metric_history(runs[0].info.run_id, "offline_eval/t2i_R_at_5")] == [STEP]
+    assert [h.step for h in client.get_metric_history(runs[0].info.run_id, "offline_eval/t2i_R_at_5")] == \
+        [STEP]
 
 
 def test_eval_of_a_checkpoint_and_data_on_s3_equals_the_local_eval(world, capsys):
@@ -115,8 +120,8 @@ def test_eval_of_a_checkpoint_and_data_on_s3_equals_the_local_eval(world, capsys
         capsys.readouterr()  # moto's start-up line on stdout is not the command's
         upload_folder(world["ckpt"], "ckpts", "runs/exp1/checkpoints/" + world["ckpt"].name)
         upload_folder(Path(world["data"]), "data", "eval")
-        remote = run_json(capsys, f"s3://ckpts/runs/exp1/checkpoints/{world['ckpt'].name}", "--data", "s3://data/eval",
-                          "--captions", 1)
+        remote = run_json(capsys, f"s3://ckpts/runs/exp1/checkpoints/{world['ckpt'].name}", "--data",
+                          "s3://data/eval", "--captions", 1)
     assert remote["source"].startswith("s3://ckpts/") and remote["step"] == STEP
     assert remote["metrics"] == pytest.approx(local["metrics"]) and remote["captions"] == local["captions"]
 
@@ -127,7 +132,8 @@ def test_eval_refuses_a_torn_checkpoint_and_a_missing_tokenizer(world, capsys, t
     (torn / MANIFEST).unlink()
     assert main(["eval", str(torn), "--data", world["data"]]) == 1
     assert "neither a checkpoint" in capsys.readouterr().err
-    assert main(["eval", str(world["ckpt"]), "--data", world["data"], "--tokenizer", str(tmp_path / "no.json")]) == 1
+    assert main(["eval", str(world["ckpt"]), "--data", world["data"], "--tokenizer",
+                 str(tmp_path / "no.json")]) == 1
     err = capsys.readouterr().err
     assert "no.json" in err and "--tokenizer" in err
 

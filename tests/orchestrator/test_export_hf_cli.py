@@ -1,5 +1,6 @@
-"""`unimo export --format hf` on a real ZeRO-3 checkpoint: transformers loads the text tower (with its tokenizer)
-and the vision tower, and they compute what the exported unimo model computes on the held-out data."""
+"""`unimo export --format hf` on a real ZeRO-3 checkpoint: transformers loads the text tower (with its
+tokenizer) and the vision tower, and they compute what the exported unimo model computes on the held-out
+data."""
 
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ def test_export_hf_towers_match_the_exported_model(world, tmp_path, capsys):
     assert json.loads((out / "text" / "config.json").read_text())["model_type"] == "bert"
 
     tok = load_tokenizer(str(out / "tokenizer.json"))
-    es = build_eval_pairs(world["data"], seq_len=32, image_size=ours.cfg.vision.image_size, tokenizer=tok, limit=6)
+    es = build_eval_pairs(world["data"], seq_len=32, image_size=ours.cfg.vision.image_size,
+                          tokenizer=tok, limit=6)
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(out / "text"))
     enc = hf_tok(es["captions"], padding="max_length", max_length=32, truncation=True, return_tensors="pt")
     assert torch.equal(enc["input_ids"], es["input_ids"]) and torch.equal(enc["attention_mask"],

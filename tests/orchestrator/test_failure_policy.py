@@ -32,7 +32,8 @@ def test_the_user_error_behind_a_worker_group_failure():
 
 def test_a_user_error_in_a_worker_is_never_retried():
     policy = UserErrorFailurePolicy(ray.train.FailureConfig(max_failures=3))
-    err = group_error(DataSourceError("no shards (*.tar) found under /data/pairs"), RuntimeError("collateral"))
+    err = group_error(DataSourceError("no shards (*.tar) found under /data/pairs"),
+                      RuntimeError("collateral"))
     assert policy.make_decision(err) == FailureDecision.RAISE
 
 
@@ -52,7 +53,8 @@ def test_no_retry_after_a_stop_request(tmp_path):
 
 def test_the_policy_and_a_user_error_travel_to_the_controller():
     """Ray pickles the policy into the controller actor and a worker's error back; the detail rides along."""
-    policy = pickle.loads(pickle.dumps(UserErrorFailurePolicy(ray.train.FailureConfig(max_failures=1), "/x/STOP")))
+    policy = pickle.loads(pickle.dumps(UserErrorFailurePolicy(ray.train.FailureConfig(max_failures=1),
+                                                              "/x/STOP")))
     assert policy.stop_file == "/x/STOP"
     err = DataSourceError("no shards")
     err.detail = "Traceback ..."

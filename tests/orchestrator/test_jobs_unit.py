@@ -32,7 +32,8 @@ def _overrides(tmp_path: Path) -> list[str]:
 
 
 def test_submission_entrypoint_runs_train_with_the_same_config_joined_to_the_cluster(tmp_path):
-    sub = jobs.prepare(str(ROOT / "configs" / "debug.yaml"), _overrides(tmp_path), python="/opt/py/bin/python")
+    sub = jobs.prepare(str(ROOT / "configs" / "debug.yaml"), _overrides(tmp_path),
+                       python="/opt/py/bin/python")
     argv = shlex.split(sub.entrypoint())
     assert argv[:5] == ["/opt/py/bin/python", "-m", "orchestrator.cli", "train", "configs/debug.yaml"]
     assert argv[5:-1] == _overrides(tmp_path)
@@ -65,7 +66,8 @@ def test_no_secret_from_the_environment_reaches_the_job(tmp_path, monkeypatch):
         monkeypatch.setenv(k, v)
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
     sub = jobs.prepare(str(ROOT / "configs" / "debug.yaml"), _overrides(tmp_path), env={"UNIMO_X": "1"})
-    blob = json.dumps({"entrypoint": sub.entrypoint(), "runtime_env": sub.runtime_env(), "meta": sub.metadata()})
+    blob = json.dumps({"entrypoint": sub.entrypoint(), "runtime_env": sub.runtime_env(),
+                       "meta": sub.metadata()})
     for k, v in FAKE_SECRETS.items():
         assert k not in blob and v not in blob
     env_vars = sub.runtime_env()["env_vars"]
@@ -74,8 +76,8 @@ def test_no_secret_from_the_environment_reaches_the_job(tmp_path, monkeypatch):
     assert env_vars["RAY_JOB_STOP_WAIT_TIME_S"] == str(jobs.STOP_GRACE_S)  # time to checkpoint on stop
 
 
-@pytest.mark.parametrize("key", ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "RAY_AUTH_TOKEN",
-                                 "HF_TOKEN", "MLFLOW_TRACKING_PASSWORD", "OPENAI_API_KEY"])
+@pytest.mark.parametrize("key", ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                                 "RAY_AUTH_TOKEN", "HF_TOKEN", "MLFLOW_TRACKING_PASSWORD", "OPENAI_API_KEY"])
 def test_credentials_given_with_env_are_refused(key):
     with pytest.raises(JobsError, match=f"refusing to put {key}"):
         jobs.job_env({key: "x"})
@@ -197,5 +199,6 @@ def test_submit_and_jobs_help_work_with_options_anywhere(capsys):
 def test_relative_corpus_paths_are_refused_naming_the_corpus(tmp_path):
     corpora = "data.pair.corpora=[{name: coco, urls: s3://b/coco/}, {name: sbu, urls: [/abs/sbu/, rel/sbu/]}]"
     with pytest.raises(JobsError) as err:
-        jobs.prepare(str(ROOT / "configs" / "debug.yaml"), _overrides(tmp_path) + ["data.pair.urls=", corpora])
+        jobs.prepare(str(ROOT / "configs" / "debug.yaml"),
+                     _overrides(tmp_path) + ["data.pair.urls=", corpora])
     assert "data.pair.corpora.sbu.urls[1]=rel/sbu/" in str(err.value) and "coco" not in str(err.value)

@@ -35,8 +35,8 @@ def test_no_address_starts_an_embedded_ray_even_with_ray_address_set(tmp_path):
     try:
         env = {**head.client_env(), "RAY_ADDRESS": head.address}
         probe = PROBE.format(config=str(ROOT / "configs" / "debug.yaml"))
-        done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=150)
+        done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=150)
     finally:
         lc.stop_all(head)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -1,5 +1,5 @@
-"""Pre-flight (orchestrator/preflight.py, `unimo check`): each user mistake of issue #26 is named before a worker
-starts, with the key it comes from and what to do; a good config passes and leaves nothing behind."""
+"""Pre-flight (orchestrator/preflight.py, `unimo check`): each user mistake of issue #26 is named before a
+worker starts, with the key it comes from and what to do; a good config passes and leaves nothing behind."""
 
 from __future__ import annotations
 
@@ -39,8 +39,8 @@ def failing(cfg) -> str:
 def test_a_good_config_passes_and_leaves_no_probe(data, tmp_path):
     report = run_preflight(config(data, tmp_path))
     names = [c.name for c in report.checks]
-    assert names == ["stages", "run.storage", "tracking.uri", "data.tokenizer", "data.text.urls", "data.image.urls",
-                     "data.pair.urls", "data.eval_pairs", "checkpoint (resume)", "scaling"]
+    assert names == ["stages", "run.storage", "tracking.uri", "data.tokenizer", "data.text.urls",
+                     "data.image.urls", "data.pair.urls", "data.eval_pairs", "checkpoint (resume)", "scaling"]
     assert report.ok and not report.warnings
     assert not (tmp_path / "runs").exists()  # the probe and the folders made for it are removed
 
@@ -128,8 +128,8 @@ def _refused_endpoint() -> str:
 
 
 def test_io_retries_bound_the_listing(data, tmp_path, monkeypatch):
-    """data.io_retries=1: the listing of an S3 endpoint that refuses connections is tried twice, not nine times
-    (the listing used a fixed budget of 8 retries with backoff up to 20 s)."""
+    """data.io_retries=1: the listing of an S3 endpoint that refuses connections is tried twice, not nine
+    times (the listing used a fixed budget of 8 retries with backoff up to 20 s)."""
     monkeypatch.setenv("AWS_ENDPOINT_URL", _refused_endpoint())
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAFAKEUNIMOTEST000")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "fake-secret-unimo-preflight")

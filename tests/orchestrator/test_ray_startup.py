@@ -1,4 +1,5 @@
-"""Ray start-up on a busy machine: Ray's own start-up timeout is retried once, with the load and what to do."""
+"""Ray start-up on a busy machine: Ray's own start-up timeout is retried once, with the load and what to
+do."""
 
 import logging
 
@@ -6,8 +7,8 @@ import pytest
 
 from orchestrator.ray_startup import busy_advice, is_startup_timeout, with_startup_retry
 
-RAY_TIMEOUT = ("The current node timed out during startup. This could happen because some of the raylet failed "
-               "to startup or the GCS has become overloaded.")
+RAY_TIMEOUT = ("The current node timed out during startup. This could happen because some of the raylet "
+               "failed to startup or the GCS has become overloaded.")
 
 
 def flaky(failures: list[Exception]):

@@ -16,11 +16,12 @@ from orchestrator.runlock import LOCK_FILE, LockOwner, RunLock, RunLocked
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _foreign_lock(run_dir: Path, heartbeat_age: float, host: str = "other-host.example", pid: int = 4242) -> str:
+def _foreign_lock(run_dir: Path, heartbeat_age: float, host: str = "other-host.example",
+                  pid: int = 4242) -> str:
     """Writes a lock as another machine's driver would; returns its token."""
     now = time.time()
-    owner = LockOwner(token="t-foreign", host=host, pid=pid, pid_started=0.0, acquired=now - heartbeat_age - 5,
-                      heartbeat=now - heartbeat_age)
+    owner = LockOwner(token="t-foreign", host=host, pid=pid, pid_started=0.0,
+                      acquired=now - heartbeat_age - 5, heartbeat=now - heartbeat_age)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / LOCK_FILE).write_text(json.dumps(owner.__dict__))
     return owner.token
@@ -54,7 +55,8 @@ def _contender(run_dir: str, barrier, results, release) -> None:
         results.put("refused")
         return
     results.put("acquired")
-    release.wait(60)  # keep it until every other contender has tried (the parent says so), however slow they are
+    # keep it until every other contender has tried (the parent says so), however slow they are
+    release.wait(60)
     lock.release()
 
 
@@ -164,21 +166,24 @@ def test_driver_refuses_a_locked_run_before_touching_it(tmp_path, capsys):
     from data_pipeline.synthetic import write_synthetic_dataset
     from orchestrator.cli import main
 
+    # real inputs: the pre-flight passes, the lock refuses
     data = write_synthetic_dataset(str(tmp_path / "data"), n_pairs=20, n_text=20, n_images=20, n_eval=10,
-                                   samples_per_shard=10)  # real inputs: the pre-flight passes, the lock refuses
+                                   samples_per_shard=10)
     run_dir = tmp_path / "runs" / "busy"
     with RunLock(run_dir):
-        rc = main(["train", str(ROOT / "configs" / "debug.yaml"), "run.name=busy", f"run.storage={tmp_path / 'runs'}",
+        rc = main(["train", str(ROOT / "configs" / "debug.yaml"), "run.name=busy",
+                   f"run.storage={tmp_path / 'runs'}",
                    f"data.pair.urls={data['pair']}", f"data.text.urls={data['text']}",
                    f"data.image.urls={data['image']}", f"data.eval_pairs={data['eval']}",
-                   f"data.tokenizer={data['tokenizer']}", "tracking.uri=" + f"sqlite:///{tmp_path / 'other.db'}"])
+                   f"data.tokenizer={data['tokenizer']}",
+                   "tracking.uri=" + f"sqlite:///{tmp_path / 'other.db'}"])
         assert rc == 1
         assert "run busy is locked by a live driver" in capsys.readouterr().err
         assert sorted(p.name for p in run_dir.iterdir()) == [LOCK_FILE]
     assert not (tmp_path / "runs" / "mlflow.db").exists()
 
 
-# ----- the lock on s3:// run storage (moto's S3 server on loopback) ---------------------------------------------
+# ----- the lock on s3:// run storage (moto's S3 server on loopback) -----------------------------------------
 @pytest.fixture(scope="module")
 def s3_runs():
     """The URL of a run prefix in a fresh bucket on a loopback S3 server."""
@@ -217,7 +222,8 @@ def test_s3_lock_stale_takeover_heartbeat_and_loss(s3_runs, caplog):
     first = RunLock(url, stale_after=60, clock=lambda: clock[0]).acquire()
     clock[0] += 30
     assert first.refresh() and _s3_lock_owner(url)["heartbeat"] == 1030.0
-    # A driver on another machine sees no heartbeat for > 60 s and takes over (conditional on the ETag it read).
+    # A driver on another machine sees no heartbeat for > 60 s and takes over (conditional on the ETag it
+    # read).
     second = RunLock(url, stale_after=60, clock=lambda: clock[0] + 100).acquire()
     assert "took over the stale lock" in caplog.text
     assert not first.refresh() and first.lost.is_set()  # the stalled driver's If-Match write is refused
@@ -252,7 +258,8 @@ def test_train_on_a_missing_bucket_fails_at_start_naming_it(s3_runs, capsys):
     from tests.integration.services import FAKE_AWS
 
     rc = main(["train", str(ROOT / "configs" / "debug.yaml"), "run.name=r", "run.storage=s3://no-bucket/runs",
-               "data.pair.urls=/nonexistent/p", "data.text.urls=/nonexistent/t", "data.image.urls=/nonexistent/i"])
+               "data.pair.urls=/nonexistent/p", "data.text.urls=/nonexistent/t",
+               "data.image.urls=/nonexistent/i"])
     err = capsys.readouterr().err
     assert rc == 1
     assert "run.storage s3://no-bucket/runs/r: bucket 'no-bucket' does not exist" in err, err

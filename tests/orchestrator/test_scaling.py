@@ -1,4 +1,5 @@
-"""Unit tests of what the driver hands Ray Train: ScalingConfig (fixed/elastic), FailureConfig, storage, the lock."""
+"""Unit tests of what the driver hands Ray Train: ScalingConfig (fixed/elastic), FailureConfig, storage, the
+lock."""
 
 from __future__ import annotations
 
@@ -24,8 +25,8 @@ def test_fixed_size_scaling():
 
 
 def test_elastic_scaling_and_gpus():
-    cfg = load_config(DEBUG, ["scaling.num_workers=4", "scaling.min_workers=2", "train.global_micro_batches=12",
-                              "scaling.use_gpu=true"])
+    cfg = load_config(DEBUG, ["scaling.num_workers=4", "scaling.min_workers=2",
+                              "train.global_micro_batches=12", "scaling.use_gpu=true"])
     sc = driver.scaling_config_of(cfg)
     assert sc.num_workers == (2, 4) and sc.elasticity_enabled
     assert sc._resources_per_worker_not_none == {"CPU": 1, "GPU": 1}

@@ -84,8 +84,9 @@ def test_schema_versions_old_migrates_newer_refused(tmp_path):
     assert state["schema"] == ckpt.SCHEMA_VERSION and state["extra"] == {} and state["step"] == 10
 
     (d / "trainer_state.json").write_text(json.dumps({**old, "schema": ckpt.SCHEMA_VERSION + 1}))
-    with pytest.raises(ckpt.NewerCheckpoint, match=f"has checkpoint schema {ckpt.SCHEMA_VERSION + 1}, but this "
-                       f"unimo reads schema {ckpt.SCHEMA_VERSION} and older; resume or export it with a newer unimo") \
+    with pytest.raises(ckpt.NewerCheckpoint,
+                       match=f"has checkpoint schema {ckpt.SCHEMA_VERSION + 1}, but this unimo reads schema "
+                             f"{ckpt.SCHEMA_VERSION} and older; resume or export it with a newer unimo") \
             as err:
         ckpt.read_state(d)
     assert str(d / "trainer_state.json") in str(err.value)

@@ -121,8 +121,8 @@ def test_a_torn_newest_is_moved_aside_and_the_older_one_restored(tmp_path, one_r
 
 
 def test_retention_counts_the_checkpoint_still_uploading(tmp_path, one_rank_group):
-    """Ray keeps every folder (num_to_keep=None): the manager prunes, keeping the newest complete one until the
-    pending upload is complete."""
+    """Ray keeps every folder (num_to_keep=None): the manager prunes, keeping the newest complete one until
+    the pending upload is complete."""
     run = _saved_run(tmp_path, [], steps=(2, 4, 6))
     manager = _manager(["checkpoint.keep_last=2"], run)
     removed = manager.prune(pending=8)

@@ -47,7 +47,8 @@ def test_flavor_supplies_model_defaults():
 
 def test_int_accepted_for_float_but_not_string():
     assert load_config(None, ["optimizer.lr=1"]).optimizer.lr == 1.0
-    # YAML 1.1 reads 5e-4 (no dot) as a string: a float field takes it as the number it is, in overrides and files
+    # YAML 1.1 reads 5e-4 (no dot) as a string: a float field takes it as the number it is, in overrides and
+    # files
     assert load_config(None, ["optimizer.lr=5e-4"]).optimizer.lr == 5e-4
     assert load_config(None, ["optimizer.weight_decay=1E-2"]).optimizer.weight_decay == 0.01
     with pytest.raises(ConfigError, match=r"optimizer\.lr: expected float, got 'fast'"):
@@ -63,11 +64,13 @@ def test_scientific_float_in_a_config_file(tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("model.fusion.layrs=2", r"unknown config key 'model\.fusion\.layrs'; did you mean 'model\.fusion\.layers'"),
+    ("model.fusion.layrs=2",
+     r"unknown config key 'model\.fusion\.layrs'; did you mean 'model\.fusion\.layers'"),
     ("optimiser.lr=0.1", r"unknown config key 'optimiser'; did you mean 'optimizer'"),
     ("train.log_every=true", r"train\.log_every: expected int, got True"),
     ("optimizer.lr=-1", r"optimizer: lr=-1.0: must be > 0"),
-    ("train.global_micro_batches=3", r"train\.global_micro_batches=3: must be divisible by scaling\.num_workers \(2\)"),
+    ("train.global_micro_batches=3",
+     r"train\.global_micro_batches=3: must be divisible by scaling\.num_workers \(2\)"),
     ("model.flavor=huge", r"model\.flavor: unknown model flavor 'huge'; valid flavors: debug"),
     ("stages=[{name: a, steps: 0}]", r"stage 'a': steps=0: must be > 0"),
     ("stages=[{name: a, steps: 5, objectives: {itcc: 1}}]", r"unknown objective 'itcc'; did you mean 'itc'"),

@@ -42,13 +42,14 @@ def folders(tmp_path_factory):
 def test_towers_take_their_shapes_and_tokenizer_from_the_folders(folders):
     cfg = load_config(None, [f"model.text_init={folders['bert']}", f"model.vision_init={folders['vit']}"])
     t, v = cfg.model.text, cfg.model.vision
-    assert (t.vocab_size, t.layers, t.dim, t.heads, t.mlp_dim, t.max_positions) == (folders["tok"].vocab_size, 2,
-                                                                                    32, 4, 48, 40)
+    assert (t.vocab_size, t.layers, t.dim, t.heads, t.mlp_dim, t.max_positions) == (folders["tok"].vocab_size,
+                                                                                    2, 32, 4, 48, 40)
     assert (v.image_size, v.patch_size, v.layers, v.dim, v.heads, v.mlp_dim) == (32, 8, 2, 32, 4, 48)
-    assert cfg.data.tokenizer == str(Path(folders["bert"]) / "tokenizer.json")  # the folder's tokenizer is the run's
+    # the folder's tokenizer is the run's
+    assert cfg.data.tokenizer == str(Path(folders["bert"]) / "tokenizer.json")
     tok = folders["tok"]
-    assert (t.pad_token_id, t.bos_token_id, t.eos_token_id, t.mask_token_id) == (tok.pad_id, tok.cls_id, tok.sep_id,
-                                                                                 tok.mask_id)
+    assert (t.pad_token_id, t.bos_token_id, t.eos_token_id, t.mask_token_id) == (tok.pad_id, tok.cls_id,
+                                                                                 tok.sep_id, tok.mask_id)
     # the model built from this config loads both folders' weights as they are
     from model.unimo import UnimoModel
 
@@ -72,7 +73,8 @@ def test_settings_that_conflict_with_the_folder_are_an_error_naming_them(folders
     with pytest.raises(ConfigError) as err:
         load_config(None, [f"model.text_init={folders['bert']}", "model.text.heads=8", "model.text.dim=32"])
     msg = str(err.value)
-    assert "model.text.heads=8 (the folder has 4)" in msg and "model.text_init=" in msg and "text.dim" not in msg
+    assert ("model.text.heads=8 (the folder has 4)" in msg and "model.text_init=" in msg
+            and "text.dim" not in msg)
     with pytest.raises(ConfigError, match=r"model.vision.patch_size=16 \(the folder has 8\)"):
         load_config(None, [f"model.vision_init={folders['vit']}", "model.vision.patch_size=16"])
     with pytest.raises(ConfigError, match="differs from model.text_init's tokenizer"):
@@ -87,7 +89,8 @@ def test_special_ids_come_from_the_tokenizer_file(tmp_path):
     cfg = load_config(str(ROOT / "configs" / "debug.yaml"), [f"data.tokenizer={path}"])  # the shipped config
     t = cfg.model.text
     assert (t.pad_token_id, t.bos_token_id, t.eos_token_id, t.mask_token_id) == (0, 2, 3, 4)
-    assert load_config(None, [f"data.tokenizer={tmp_path / 'tok'}"]).model.text.bos_token_id == 2  # a folder too
+    # a folder too
+    assert load_config(None, [f"data.tokenizer={tmp_path / 'tok'}"]).model.text.bos_token_id == 2
     with pytest.raises(ConfigError, match=r"model.text.eos_token_id=102 \(tokenizer: 3\)"):
         load_config(None, [f"data.tokenizer={path}", "model.text.eos_token_id=102"])
     # a tokenizer not written yet leaves the ids as configured (the trainer checks them when it loads it)

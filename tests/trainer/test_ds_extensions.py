@@ -1,4 +1,5 @@
-"""DeepSpeed's op builds: one folder per environment, and a lock left by a killed build does not hang a run."""
+"""DeepSpeed's op builds: one folder per environment, and a lock left by a killed build does not hang a
+run."""
 
 import os
 import sys
@@ -10,7 +11,8 @@ from trainer import ds_extensions
 def test_each_environment_builds_into_its_own_folder():
     env = {}
     assert ds_extensions.use_environment_folder(env) == os.path.join(sys.prefix, "torch_extensions")
-    assert ds_extensions.use_environment_folder({"TORCH_EXTENSIONS_DIR": "/mine"}) == "/mine"  # the user's wins
+    # the user's wins
+    assert ds_extensions.use_environment_folder({"TORCH_EXTENSIONS_DIR": "/mine"}) == "/mine"
 
 
 def _lock(root, age):

@@ -1,4 +1,5 @@
-"""Evaluation: recall@k, ITM re-ranking of the ITC top-k, sample captions, and ZeRO-3-safe (fixed) module traffic."""
+"""Evaluation: recall@k, ITM re-ranking of the ITC top-k, sample captions, and ZeRO-3-safe (fixed) module
+traffic."""
 
 from __future__ import annotations
 
@@ -125,7 +126,8 @@ def test_encode_texts_equals_the_text_half_of_itc_features(one_thread):
     model = make_model().eval()
     es = make_eval_set()
     txt, _ = evaluation.encode_eval_set(model, es, batch_size=4)
-    assert torch.allclose(evaluation.encode_texts(model, es["input_ids"], es["attention_mask"], 5), txt, atol=1e-6)
+    assert torch.allclose(evaluation.encode_texts(model, es["input_ids"], es["attention_mask"], 5), txt,
+                          atol=1e-6)
 
 
 def test_progress_counts_every_item_retrieval_metrics_works_through():

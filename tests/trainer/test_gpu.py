@@ -1,4 +1,5 @@
-"""GPU-only checks (marker `gpu`, skipped without CUDA): bf16 objectives on CUDA, one ZeRO-3 bf16 engine step."""
+"""GPU-only checks (marker `gpu`, skipped without CUDA): bf16 objectives on CUDA, one ZeRO-3 bf16 engine
+step."""
 
 from __future__ import annotations
 
@@ -45,7 +46,8 @@ def test_zero3_bf16_engine_steps_on_one_gpu():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0",
+                      WORLD_SIZE="1", LOCAL_RANK="0")
     cfg = load_config(None, ["scaling.num_workers=1", "train.global_micro_batches=1", "scaling.use_gpu=true",
                              "deepspeed.zero_stage=3"])
     ds_config = build_ds_config(cfg, 1, on_gpu=True)

@@ -1,4 +1,5 @@
-"""PretrainObjectives: every objective's loss, ZeRO-3-safe module traffic, CMCL/ITM/grounding maths, no leaks."""
+"""PretrainObjectives: every objective's loss, ZeRO-3-safe module traffic, CMCL/ITM/grounding maths, no
+leaks."""
 
 from __future__ import annotations
 
@@ -51,7 +52,8 @@ def make_batch(B: int = 4, L: int = 12, seed: int = 0, image_ids=None, degenerat
     """
     g = torch.Generator().manual_seed(seed)
     text_ids, text_mask = _texts(g, B, L, vocab)
-    text_labels = torch.where(torch.rand(B, L, generator=g) < 0.3, text_ids, -100) * text_mask - 100 * (1 - text_mask)
+    text_labels = (torch.where(torch.rand(B, L, generator=g) < 0.3, text_ids, -100) * text_mask
+                   - 100 * (1 - text_mask))
     ids, mask = _texts(g, B, L, vocab)
     pos_ids, pos_mask = _texts(g, B, L, vocab)
     neg_ids, neg_mask = _texts(g, B, L, vocab)
@@ -137,8 +139,8 @@ def test_same_modules_in_same_order_whatever_the_batch_holds():
 @pytest.mark.parametrize("text_len", [9, 12, 15])
 def test_unpaired_rows_ride_along_in_the_pair_encoder_calls_with_unchanged_losses(text_len):
     """With pair objectives on, the MLM texts and MIM images join the pairs' encoder calls: each encoder runs
-    once per step, and their losses equal those of separate calls, whether the unpaired texts are shorter than,
-    as long as or longer than the captions (12 tokens)."""
+    once per step, and their losses equal those of separate calls, whether the unpaired texts are shorter
+    than, as long as or longer than the captions (12 tokens)."""
     obj = PretrainObjectives(make_model()).eval()  # no dropout: both ways must give the same numbers
     batch = make_batch(seed=3)
     batch["text"] = make_batch(seed=4, L=text_len)["text"]
@@ -153,7 +155,8 @@ def test_unpaired_rows_ride_along_in_the_pair_encoder_calls_with_unchanged_losse
     torch.testing.assert_close(parts["mlm_text"], alone_text, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(parts["mim"], alone_mim, rtol=1e-5, atol=1e-6)
     torch.manual_seed(0)
-    _, pairs_only = obj(batch, {"itc": 1.0, "itm": 1.0, "mlm_pair": 1.0})  # riders leave the pair losses alone
+    # riders leave the pair losses alone
+    _, pairs_only = obj(batch, {"itc": 1.0, "itm": 1.0, "mlm_pair": 1.0})
     for name in ("itc", "itm", "mlm_pair"):
         torch.testing.assert_close(parts[name], pairs_only[name], rtol=1e-5, atol=1e-6)
 
@@ -267,7 +270,8 @@ def test_multi_positive_nce_is_zero_when_every_column_is_positive():
     assert multi_positive_nce(logits, torch.ones(3, 5, dtype=torch.bool)).abs() < 1e-6
     one = torch.zeros(3, 5, dtype=torch.bool)
     one[:, 0] = True
-    torch.testing.assert_close(multi_positive_nce(logits, one), F.cross_entropy(logits, torch.zeros(3).long()))
+    torch.testing.assert_close(multi_positive_nce(logits, one),
+                               F.cross_entropy(logits, torch.zeros(3).long()))
 
 
 # ------------------------------------------------------------------------------------------- ITM, grounding

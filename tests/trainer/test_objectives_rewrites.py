@@ -1,4 +1,5 @@
-"""The CMCL hard negatives as the objectives receive them: each rewrite in a pair batch changes exactly its concept.
+"""The CMCL hard negatives as the objectives receive them: each rewrite in a pair batch changes exactly its
+concept.
 
 data_pipeline's own tests cover the rewrite functions on strings; here the batch that PretrainObjectives reads
 (neg_input_ids, neg_kind, image_ids, pos_input_ids) is checked token by token against its caption.
@@ -21,8 +22,8 @@ GROUPS = [set(COLOURS), set(NUMBERS_PLURAL), {o[0] for o in OBJECTS}, {o[1] for 
 @pytest.fixture(scope="module")
 def pair_batches(tmp_path_factory):
     root = tmp_path_factory.mktemp("rewrites")
-    urls = write_synthetic_dataset(str(root), n_pairs=96, n_text=0, n_images=0, n_eval=0, samples_per_shard=48,
-                                   image_size=32)
+    urls = write_synthetic_dataset(str(root), n_pairs=96, n_text=0, n_images=0, n_eval=0,
+                                   samples_per_shard=48, image_size=32)
     tok = load_tokenizer(urls["tokenizer"])
     cfg = DataConfig(pair=SourceConfig(urls["pair"], 16), tokenizer=urls["tokenizer"], num_workers=0,
                      shuffle_buffer=8)

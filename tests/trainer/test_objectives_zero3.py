@@ -44,8 +44,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     module = PretrainObjectives(make_model(), rank=rank, world_size=2)
     assert register_external_parameters(module) == 2
     optimizer = torch.optim.AdamW(module.parameters(), lr=1e-3)
-    engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=build_ds_config(cfg, 2, False),
-                                      dist_init_required=False)
+    engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer,
+                                      config=build_ds_config(cfg, 2, False), dist_init_required=False)
     losses = []
     for step in range(STEPS):
         batch = make_batch(seed=10 + step, degenerate=rank == 1)
@@ -69,7 +69,8 @@ def test_all_objectives_train_under_zero3_with_divergent_batches(tmp_path):
         if time.monotonic() - t0 > deadline:
             for p in ctx.processes:
                 p.kill()
-            pytest.fail(f"ZeRO-3 ranks did not finish in {deadline}s: a module ran on one rank only (deadlock)")
+            pytest.fail(f"ZeRO-3 ranks did not finish in {deadline}s: a module ran on one "
+                        "rank only (deadlock)")
     normal, degenerate = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert len(normal) == len(degenerate) == STEPS
     for step in range(STEPS):

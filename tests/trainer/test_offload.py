@@ -1,5 +1,5 @@
-"""CPU offload of the optimizer (and parameters) under ZeRO-3: the engine builds with the trainer's optimizer and
-trains to the same weights as without offload.
+"""CPU offload of the optimizer (and parameters) under ZeRO-3: the engine builds with the trainer's optimizer
+and trains to the same weights as without offload.
 
 configs/xl.yaml ships with deepspeed.offload_optimizer=true; DeepSpeed refused the trainer's AdamW there until
 ds_config set zero_force_ds_cpu_optimizer=false. Runs in a spawned process (one gloo rank) so that DeepSpeed's
@@ -83,11 +83,13 @@ def test_offloaded_optimizer_and_params_train_to_the_same_weights(tmp_path):
         assert got.keys() == reference.keys()
         gap = _global_norm({n: got[n] - reference[n] for n in reference})
         # Tolerance from the operation, not from float order: each Adam step moves a weight by about lr, so a
-        # skipped or doubled one of the STEPS steps moves the whole model by ~1/STEPS of the reference's travel
-        # (measured 0.46 with the last offloaded step skipped). Summation order only flips Adam's first-step
-        # sign for a few near-zero gradients (seen: 3 weights off by 4e-6); measured: 1.2e-6 of the travel.
+        # skipped or doubled one of the STEPS steps moves the whole model by ~1/STEPS of the reference's
+        # travel (measured 0.46 with the last offloaded step skipped). Summation order only flips Adam's
+        # first-step sign for a few near-zero gradients (seen: 3 weights off by 4e-6); measured: 1.2e-6 of the
+        # travel.
         assert gap < 0.01 * travel, (f"offload {name}: the weights are {gap / travel:.3f} of the reference's "
-                                     f"travel away from the run without offload (a skipped or repeated step?)")
+                                     "travel away from the run without offload (a skipped "
+                                     "or repeated step?)")
 
 
 def _global_norm(tensors: dict[str, torch.Tensor]) -> float:

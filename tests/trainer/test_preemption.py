@@ -1,4 +1,5 @@
-"""trainer/preemption.py in-process: a SIGTERM while training becomes a stop request; otherwise Ray's handler runs.
+"""trainer/preemption.py in-process: a SIGTERM while training becomes a stop request; otherwise Ray's handler
+runs.
 
 The whole path (SIGTERM to a Ray Train worker, checkpoint, clean exit, resume) is
 tests/integration/test_preemption.py::test_sigterm_to_a_worker_checkpoints_and_the_run_stops_cleanly.
@@ -20,7 +21,8 @@ def installed(monkeypatch):
     import ray._private.utils as ray_utils
 
     previous = signal.getsignal(signal.SIGTERM)
-    monkeypatch.setattr(ray_utils, "set_sigterm_handler", ray_utils.set_sigterm_handler)  # restored afterwards
+    # restored afterwards
+    monkeypatch.setattr(ray_utils, "set_sigterm_handler", ray_utils.set_sigterm_handler)
     preemption._requested.clear()
     calls: list[int] = []
     preemption.install()

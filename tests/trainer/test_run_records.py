@@ -1,7 +1,7 @@
 """Ray Train's run snapshot reconciled with the checkpoint folders (trainer/checkpointing/records.py).
 
-The snapshots are written in Ray's own schema and read back by Ray's own CheckpointManager, which is what refuses
-a run folder whose snapshot names a folder that is gone."""
+The snapshots are written in Ray's own schema and read back by Ray's own CheckpointManager, which is what
+refuses a run folder whose snapshot names a folder that is gone."""
 
 from __future__ import annotations
 
@@ -32,7 +32,8 @@ def write_ray_snapshot(checkpoints: Path, names: list[str]) -> None:
 
 
 def ray_loads(run: Path) -> str | None:
-    """Ray's CheckpointManager restored from the run folder: the latest checkpoint's folder name it hands out."""
+    """Ray's CheckpointManager restored from the run folder: the latest checkpoint's folder name it hands
+    out."""
     from ray.train import CheckpointConfig
     from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import CheckpointManager
     from ray.train.v2._internal.execution.storage import StorageContext

@@ -1,5 +1,5 @@
-"""The trainer settings behind the CPU step-time figures: reduction mode and Linear flavour per world size, aligned
-parameter groups, the fused optimizer. Each is cheap to get silently wrong and costly when it is
+"""The trainer settings behind the CPU step-time figures: reduction mode and Linear flavour per world size,
+aligned parameter groups, the fused optimizer. Each is cheap to get silently wrong and costly when it is
 (docs/BENCHMARKS.md, trainer)."""
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ def test_setting_only_with_several_ranks_unless_set(key):
     cfg = load_config(None, ["train.global_micro_batches=2", "deepspeed.zero_stage=3"])  # ZeRO-3 settings
     assert build_ds_config(cfg, 1, False)["zero_optimization"][key] is False
     assert build_ds_config(cfg, 2, False)["zero_optimization"][key] is True
-    forced = load_config(None, ["train.global_micro_batches=2", "deepspeed.zero_stage=3", f"deepspeed.{key}=true"])
+    forced = load_config(None, ["train.global_micro_batches=2", "deepspeed.zero_stage=3",
+                                f"deepspeed.{key}=true"])
     assert build_ds_config(forced, 1, False)["zero_optimization"][key] is True
 
 

@@ -59,7 +59,8 @@ def test_listing_skips_torn_checkpoints_and_names_them(bucket, tmp_path, caplog)
     assert found.step == 10 and (found.path / "manifest.json").is_file()  # a verified local copy
     assert f"{root}/step_00000030 has no manifest.json" in caplog.text
     assert f"{root}/step_00000020: file ds/zero_pp_rank_0_model_states.pt fails its checksum" in caplog.text
-    assert not any(p.name.startswith("step_00000020") for p in (tmp_path / "cache").iterdir())  # torn copy gone
+    # torn copy gone
+    assert not any(p.name.startswith("step_00000020") for p in (tmp_path / "cache").iterdir())
 
 
 def test_a_rewritten_step_folder_is_downloaded_again(bucket, tmp_path):
@@ -111,7 +112,8 @@ def test_unreachable_endpoint_names_the_url_and_what_to_set(monkeypatch):
     with pytest.raises(storage.StorageError) as err:
         storage.check_writable("s3://some-bucket/runs/r")
     message = str(err.value)
-    assert "s3://some-bucket/runs/r" in message and "cannot reach the S3 endpoint http://127.0.0.1:" in message
+    assert ("s3://some-bucket/runs/r" in message
+            and "cannot reach the S3 endpoint http://127.0.0.1:" in message)
     assert "AWS_ENDPOINT_URL" in message and FAKE_AWS["AWS_SECRET_ACCESS_KEY"] not in message
 
 
@@ -159,12 +161,14 @@ def test_a_torn_step_folder_is_moved_aside_and_the_run_snapshot_reconciled_on_s3
     snapshot = {"checkpoint_results": [{"version": 0, "checkpoint_dir_name": n, "metrics": {}}
                                        for n in ("step_00000010", "step_00000020")],
                 "checkpoint_report_indices": [0, 1], "current_report_index": 2,
-                "latest_checkpoint_result": {"version": 0, "checkpoint_dir_name": "step_00000020", "metrics": {}}}
+                "latest_checkpoint_result": {"version": 0, "checkpoint_dir_name": "step_00000020",
+                                             "metrics": {}}}
     storage.write_text(f"{root}/{SNAPSHOT}", json.dumps(snapshot))
     dest = f"{root}/{aside_name(f'{root}/step_00000020', 'torn')}"
     storage.move(f"{root}/step_00000020", dest)
     assert [c.step for c in ckpt.list_step_dirs(root)] == [10]
-    assert storage.exists(f"{dest}/manifest.json") and storage.exists(f"{dest}/ds/zero_pp_rank_0_model_states.pt")
+    assert (storage.exists(f"{dest}/manifest.json")
+            and storage.exists(f"{dest}/ds/zero_pp_rank_0_model_states.pt"))
     assert reconcile_ray_snapshot(root) and reconcile_ray_snapshot(root) == []
     snapshot = json.loads(storage.read_text(f"{root}/{SNAPSHOT}"))
     assert snapshot["latest_checkpoint_result"]["checkpoint_dir_name"] == "step_00000010"

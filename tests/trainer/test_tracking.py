@@ -221,7 +221,8 @@ def test_training_experiments_open_in_mlflows_model_training_view(tmp_path):
     from trainer.run_identity import EXPERIMENT_KIND_TAG, create_run, training_experiment
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    run_id = create_run(client, load_config(None, ["tracking.experiment=fresh"]), str(tmp_path), [], commit="x")
+    run_id = create_run(client, load_config(None, ["tracking.experiment=fresh"]),
+                        str(tmp_path), [], commit="x")
     exp = client.get_experiment(client.get_run(run_id).info.experiment_id)
     assert exp.tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
     older = client.create_experiment("older")  # made before the tag existed: tagged on the next run

@@ -177,9 +177,9 @@ print("run", ensure_run(cfg, uri, run_dir))
 
 @pytest.mark.integration
 def test_jobs_started_together_share_a_new_sqlite_store(tmp_path):
-    """Three jobs into one storage at once create its default <storage>/mlflow.db together: MLflow's table creation
-    raced ("table _alembic_tmp_tags already exists", failing 3 of 3 processes before schema_lock), so all but the
-    first job refused to start. Each now gets its run."""
+    """Three jobs into one storage at once create its default <storage>/mlflow.db together: MLflow's table
+    creation raced ("table _alembic_tmp_tags already exists", failing 3 of 3 processes before schema_lock), so
+    all but the first job refused to start. Each now gets its run."""
     import subprocess
     import sys
 
@@ -189,8 +189,8 @@ def test_jobs_started_together_share_a_new_sqlite_store(tmp_path):
     code = JOB_START.format(config=DEBUG_CONFIG)
     start = time.time() + 12  # after the imports of all three
     procs = [subprocess.Popen([sys.executable, "-c", code, f"job{i}", str(storage), str(start)],
-                              cwd=Path(__file__).resolve().parents[2], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for i in range(3)]
+                              cwd=Path(__file__).resolve().parents[2], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(3)]
     outs = [p.communicate(timeout=120) for p in procs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0 and "run " in out, err[-2000:]

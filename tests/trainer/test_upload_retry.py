@@ -1,8 +1,8 @@
 """S3 outage in checkpoint uploads: the filesystem Ray Train uploads through retries, keeps its retry budget
 across the pickle that carries it to the workers, and after the budget fails naming the key and bucket.
 
-The S3 server is moto's on loopback (real HTTP through pyarrow's AWS SDK), stopped and started again on the same
-port for the outage.
+The S3 server is moto's on loopback (real HTTP through pyarrow's AWS SDK), stopped and started again on the
+same port for the outage.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ OUTAGE_S = 6.0
 def server(monkeypatch):
     srv = S3Server()
     srv.start()
-    env = {"AWS_ENDPOINT_URL": srv.url, "AWS_ACCESS_KEY_ID": "testing-key-id", "AWS_DEFAULT_REGION": "us-east-1",
+    env = {"AWS_ENDPOINT_URL": srv.url, "AWS_ACCESS_KEY_ID": "testing-key-id",
+           "AWS_DEFAULT_REGION": "us-east-1",
            "AWS_SECRET_ACCESS_KEY": "testing-secret-value", "AWS_EC2_METADATA_DISABLED": "true"}
     for key, value in env.items():
         monkeypatch.setenv(key, value)
@@ -75,7 +76,8 @@ def test_pyarrows_default_budget_loses_the_same_upload(server, folder):
     import pyarrow.fs
 
     _, fs = storage.ray_storage("s3://ckpt/runs/r")
-    plain = pyarrow.fs.S3FileSystem(region=fs.region, endpoint_override=server.url.split("//")[1], scheme="http")
+    plain = pyarrow.fs.S3FileSystem(region=fs.region, endpoint_override=server.url.split("//")[1],
+                                    scheme="http")
     with pytest.raises(OSError, match="NETWORK_CONNECTION"):
         upload_during_outage(folder, plain, "ckpt/runs/r/step_2", server, outage_s=OUTAGE_S)
 
@@ -87,6 +89,7 @@ def test_after_the_budget_the_upload_fails_naming_the_key(server, folder):
     server.stop()
     try:
         with pytest.raises(OSError, match=r"bucket 'ckpt'.*NETWORK_CONNECTION"):
-            pyarrow.fs.copy_files(str(folder), f"{path}/step_3", destination_filesystem=pickle.loads(pickle.dumps(fs)))
+            pyarrow.fs.copy_files(str(folder), f"{path}/step_3",
+                                  destination_filesystem=pickle.loads(pickle.dumps(fs)))
     finally:
         server.start()

@@ -1,5 +1,5 @@
-"""The watchdog fires when beats stop, not while they come; the phases that are not steps (start-up, evaluation,
-a checkpoint save) run under their own, longer limit, not unwatched."""
+"""The watchdog fires when beats stop, not while they come; the phases that are not steps (start-up,
+evaluation, a checkpoint save) run under their own, longer limit, not unwatched."""
 
 import subprocess
 import sys
@@ -82,10 +82,13 @@ def test_the_step_limit_is_back_after_a_phase_that_raised():
 
 
 def watched_trainer() -> tuple[Trainer, Expiry, threading.Event]:
-    """A Trainer whose watchdog records instead of exiting (phase limit 0.3 s), and the event that un-hangs it."""
-    trainer = Trainer(load_config(None, ["train.watchdog_phase_seconds=0.3"]), rank=0, world_size=1, reporter=None)
+    """A Trainer whose watchdog records instead of exiting (phase limit 0.3 s), and the event that un-hangs
+    it."""
+    trainer = Trainer(load_config(None, ["train.watchdog_phase_seconds=0.3"]), rank=0,
+                      world_size=1, reporter=None)
     expiry = Expiry()
-    trainer.watchdog = Watchdog(30.0, on_expire=expiry, phase_timeout_s=trainer.cfg.train.watchdog_phase_seconds)
+    trainer.watchdog = Watchdog(30.0, on_expire=expiry,
+                                phase_timeout_s=trainer.cfg.train.watchdog_phase_seconds)
     return trainer, expiry, threading.Event()
 
 
@@ -127,8 +130,8 @@ def test_trainer_start_up_runs_under_the_phase_limit(monkeypatch):
 
 @pytest.mark.integration
 def test_default_action_names_the_setting():
-    code = ("from trainer.watchdog import Watchdog; import time; d = Watchdog(0.2, name='rank 1'); d.start(); "
-            "time.sleep(10)")
+    code = ("from trainer.watchdog import Watchdog; import time; d = Watchdog(0.2, name='rank 1'); "
+            "d.start(); time.sleep(10)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     assert done.returncode == 70
     assert "rank 1: no progress in a training step" in done.stderr and "train.watchdog_seconds" in done.stderr

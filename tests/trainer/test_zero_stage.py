@@ -114,7 +114,8 @@ def _publish(root: Path, step_dir: Path) -> None:
 
 
 def _run(rank: int, port: int, run_dir: str, stage: int, resume: bool, out: str) -> None:
-    """One rank: a fresh run saving at SAVE_AT, or a resume of it; trains to STEPS and records weights/losses."""
+    """One rank: a fresh run saving at SAVE_AT, or a resume of it; trains to STEPS and records
+    weights/losses."""
     import os
 
     os.environ.update(DS_ACCELERATOR="cpu", LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(WORLD),
@@ -132,7 +133,8 @@ def _run(rank: int, port: int, run_dir: str, stage: int, resume: bool, out: str)
     cfg = load_config(None, [f"deepspeed.zero_stage={stage}", f"train.global_micro_batches={WORLD}",
                              f"scaling.num_workers={WORLD}", "run.name=zs", "optimizer.lr=0.01",
                              "optimizer.schedule=constant", "optimizer.warmup_steps=0",
-                             "model.text.bos_token_id=2", "model.text.eos_token_id=3", "model.text.mask_token_id=4"])
+                             "model.text.bos_token_id=2", "model.text.eos_token_id=3",
+                             "model.text.mask_token_id=4"])
     trainer = Trainer(cfg, rank, WORLD, _Reporter(), control_dir=run_dir)
     trainer.loader = _Loader()
     manager = trainer.checkpoints
@@ -174,8 +176,8 @@ def _spawn(tmp_path: Path, stage: int, resume: bool) -> dict:
 @pytest.mark.parametrize("saved, resumed", [(3, 1), (1, 3)])
 def test_checkpoint_resumes_under_another_stage(tmp_path, saved, resumed):
     """Saved at step 2 under one stage, resumed under the other through the universal checkpoint: the weights
-    come back bitwise, and the resumed steps match the uninterrupted run (same losses, same final weights up to
-    the stages' different reduction order), which they would not with lost Adam moments."""
+    come back bitwise, and the resumed steps match the uninterrupted run (same losses, same final weights up
+    to the stages' different reduction order), which they would not with lost Adam moments."""
     pytest.importorskip("deepspeed")
     first = _spawn(tmp_path, saved, resume=False)
     second = _spawn(tmp_path, resumed, resume=True)

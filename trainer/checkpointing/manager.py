@@ -1,9 +1,11 @@
-"""One rank's checkpoint lifecycle: find, verify, restore (converting for another world size), save, report, prune.
+"""One rank's checkpoint lifecycle: find, verify, restore (converting for another world size), save, report,
+prune.
 
-The Trainer calls ``load(build)`` once at start and ``save(step, ...)`` when a checkpoint is due. This class is the
-one owner of the run's ``checkpoints/`` folders: Ray Train only uploads what it is given (its own retention is off,
-see orchestrator/driver.py), rank 0 here decides what is kept, deletes the rest, and moves a torn checkpoint newer
-than the one resumed from aside, so the same step can be saved again into a fresh folder.
+The Trainer calls ``load(build)`` once at start and ``save(step, ...)`` when a checkpoint is due. This class
+is the one owner of the run's ``checkpoints/`` folders: Ray Train only uploads what it is given (its own
+retention is off, see orchestrator/driver.py), rank 0 here decides what is kept, deletes the rest, and moves a
+torn checkpoint newer than the one resumed from aside, so the same step can be saved again into a fresh
+folder.
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ from trainer.zero_stage import needs_universal, universal_load_fixed
 
 log = logging.getLogger(__name__)
 
-# Each rank saves into <temp folder>/unimo-ckpt-<run>-<key>-<step>-r<rank>-XXXX before the upload (key: the run's
-# storage); a folder of a job that died is removed when the next job of the run starts on that node.
+# Each rank saves into <temp folder>/unimo-ckpt-<run>-<key>-<step>-r<rank>-XXXX before the upload (key: the
+# run's storage); a folder of a job that died is removed when the next job of the run starts on that node.
 SAVE_PREFIX = "unimo-ckpt-"
 
 
@@ -83,7 +85,8 @@ def set_rng_state(blob: str) -> None:
 
 
 def aside_name(location: str | Path, why: str) -> str:
-    """Where a step folder that cannot be loaded is kept for forensics: ``step_00000020.torn-20261206T065242Z``.
+    """Where a step folder that cannot be loaded is kept for forensics:
+    ``step_00000020.torn-20261206T065242Z``.
 
     Not a step folder name, so no listing, retention or resume ever takes it for a checkpoint."""
     return f"{storage.name_of(location)}.{why}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
@@ -96,19 +99,22 @@ class CheckpointManager:
                  run_location: str | None = None, local_rank: int | None = None,
                  mlflow_run_id: str | None = None, on_gpu: bool = False):
         self.cfg = cfg
-        self.on_gpu = on_gpu  # the ZeRO stage `auto` resolves to depends on the device (trainer/zero_stage.py)
+        # the ZeRO stage `auto` resolves to depends on the device (trainer/zero_stage.py)
+        self.on_gpu = on_gpu
         self.rank = rank
         self.world_size = world_size
         self.local_rank = rank if local_rank is None else local_rank
         self.reporter = reporter
-        self.run_location = run_location  # the run's folder or s3:// prefix; checkpoints live under checkpoints/
+        # the run's folder or s3:// prefix; checkpoints live under checkpoints/
+        self.run_location = run_location
         self.mlflow_run_id = mlflow_run_id
-        self.restored_from: str | None = None  # where the restored checkpoint lives (a folder or an s3:// URL)
+        # where the restored checkpoint lives (a folder or an s3:// URL)
+        self.restored_from: str | None = None
         self.tracker: Any = None  # the RunTracker, once tracking has started (``attach``)
         self.last_save = time.monotonic()
         self._torn: list[tuple[int, str]] = []  # (step, location) of torn candidates ``find`` skipped
-        # Bytes this rank's last local save took (or its share of the restored checkpoint): the next save needs
-        # about as much free space. None until one is known.
+        # Bytes this rank's last local save took (or its share of the restored checkpoint): the next save
+        # needs about as much free space. None until one is known.
         self.last_size: int | None = None
         self._notes: list[tuple[int, str]] = []  # what rank 0 moved aside, for the tracker
 
@@ -117,11 +123,11 @@ class CheckpointManager:
         """The run's checkpoints folder (or s3:// prefix); None for a Trainer without run storage."""
         return storage.join(self.run_location, "checkpoints") if self.run_location else None
 
-    # ----- start: find, agree, restore, tidy --------------------------------------------------------------------
+    # ----- start: find, agree, restore, tidy ----------------------------------------------------------------
     def load(self, build: Callable[[bool], Any]) -> Progress:
-        """Restores the newest valid checkpoint into the engine ``build(universal)`` returns; the progress to go on
-        from (step 0 without one). ``universal`` is true when the checkpoint was saved by another world size or
-        under a ZeRO stage whose layout this run's stage cannot load directly."""
+        """Restores the newest valid checkpoint into the engine ``build(universal)`` returns; the progress to
+        go on from (step 0 without one). ``universal`` is true when the checkpoint was saved by another world
+        size or under a ZeRO stage whose layout this run's stage cannot load directly."""
         if self.local_rank == 0:
             self._remove_leftover_saves()
         found = self.find()
@@ -137,8 +143,9 @@ class CheckpointManager:
         return needs_universal((found.local, found.state), self.cfg, self.world_size, self.on_gpu)
 
     def find(self) -> Found | None:
-        """The newest valid checkpoint: Ray's latest, or a newer complete one in storage that Ray did not register
-        (a driver killed between the upload and Ray's bookkeeping), or an older valid one if the newest is torn.
+        """The newest valid checkpoint: Ray's latest, or a newer complete one in storage that Ray did not
+        register (a driver killed between the upload and Ray's bookkeeping), or an older valid one if the
+        newest is torn.
 
         A checkpoint on S3 is verified and loaded from a copy downloaded once per node.
         """
@@ -186,7 +193,8 @@ class CheckpointManager:
     def _check_compatible(self, state: dict, path: str) -> None:
         saved_model = state["config"]["model"]
         current = to_dict(self.cfg)["model"]
-        # fields added to the model config after the checkpoint was written count only if set off their default
+        # fields added to the model config after the checkpoint was written count only if set off their
+        # default
         diffs = ckpt.config_mismatch(saved_model, current, "model.", defaults=to_dict(type(self.cfg.model)()))
         diffs = [d for d in diffs if not d.startswith("model.activation_checkpointing")]
         if diffs:
@@ -194,8 +202,8 @@ class CheckpointManager:
                              + ". Use the original config or start a new run name.")
 
     def _agree(self, found: Found | None) -> None:
-        """Every rank chose the same checkpoint (each verifies on its own node); also the point after which rank 0
-        may move the torn ones aside, since no rank reads them any more."""
+        """Every rank chose the same checkpoint (each verifies on its own node); also the point after which
+        rank 0 may move the torn ones aside, since no rank reads them any more."""
         if self.world_size == 1:
             return
         import torch.distributed as dist
@@ -204,11 +212,12 @@ class CheckpointManager:
         steps: list = [None] * self.world_size
         dist.all_gather_object(steps, mine)
         if len(set(steps)) > 1:
-            raise RuntimeError(f"the ranks chose different checkpoints to resume from (steps by rank: {steps}); "
-                               f"check that every node sees the same {self.root}")
+            raise RuntimeError("the ranks chose different checkpoints to resume from (steps by rank: "
+                               f"{steps}); check that every node sees the same {self.root}")
 
     def _restore(self, engine: Any, found: Found) -> Progress:
-        """Loads weights, optimizer, data cursor and RNG; converts the checkpoint if the world size changed."""
+        """Loads weights, optimizer, data cursor and RNG; converts the checkpoint if the world size
+        changed."""
         state = found.state
         same_world = state["world_size"] == self.world_size
         universal = self._needs_universal(found)  # another world size or ZeRO stage
@@ -228,13 +237,15 @@ class CheckpointManager:
             set_rng_state(state["rng"][self.rank])
         self._drop_restored_copy(found)
         if self.rank == 0:
-            how = "" if same_world else f" (elastic: saved by {state['world_size']} ranks, now {self.world_size})"
+            how = ("" if same_world
+                   else f" (elastic: saved by {state['world_size']} ranks, now {self.world_size})")
             log.info("resumed from %s at step %d%s", found.location, state["step"], how)
         # Every rank's cursor: the loader resumes exactly at the same world size, elastically otherwise.
         return Progress(step=state["step"], data_state=state["data_states"], extra=state.get("extra", {}))
 
     def _drop_restored_copy(self, found: Found) -> None:
-        """Deletes the node's download of an S3 checkpoint once every rank has loaded it (not for local ones)."""
+        """Deletes the node's download of an S3 checkpoint once every rank has loaded it (not for local
+        ones)."""
         if not storage.is_remote(found.location):
             return
         if self.world_size > 1:
@@ -254,29 +265,33 @@ class CheckpointManager:
                 continue  # Ray's record of a folder already gone (or the same folder spelled twice)
             dest = storage.join(self.root, aside_name(location, "torn"))
             storage.move(location, dest)
-            log.warning("moved the torn checkpoint %s aside to %s (resuming from step %d)", location, dest, after)
+            log.warning("moved the torn checkpoint %s aside to %s (resuming from step %d)",
+                        location, dest, after)
             self._notes.append((step, f"checkpoint {location} was torn and moved aside to {dest}; the run "
                                       f"resumed from step {after} and saves this step again\n"))
         self._torn = []
 
     def attach(self, tracker: Any) -> None:
-        """Tracking has started: its record of a checkpoint moved aside says so (next to that step's manifest)."""
+        """Tracking has started: its record of a checkpoint moved aside says so (next to that step's
+        manifest)."""
         self.tracker = tracker
         for step, note in self._notes:
             tracker.log_text(note, f"checkpoints/{ckpt.step_dir_name(step)}/moved_aside.txt")
         self._notes = []
 
-    # ----- saving ----------------------------------------------------------------------------------------------
+    # ----- saving -------------------------------------------------------------------------------------------
     def due_by_time(self) -> bool:
         minutes = self.cfg.checkpoint.every_minutes
         return minutes > 0 and time.monotonic() - self.last_save >= minutes * 60
 
     def save(self, step: int, engine: Any, loader: Any, extra: dict, metrics: dict[str, float]) -> Path:
-        """Saves, records and reports the checkpoint of ``step`` (``metrics`` go with the report), then prunes."""
+        """Saves, records and reports the checkpoint of ``step`` (``metrics`` go with the report), then
+        prunes."""
         root = self.save_local(step, engine, loader, extra)
         if self.tracker is not None:
             self.tracker.checkpoint_saved(root, step)  # rank 0 queues its manifest as an artifact
-        # (the manifest is read before the report: with async upload Ray deletes the local folder once uploaded)
+        # (the manifest is read before the report: with async upload Ray deletes the local folder once
+        # uploaded)
         self.reporter.report(metrics, root, step)
         if not self.cfg.checkpoint.async_upload:
             shutil.rmtree(root, ignore_errors=True)
@@ -306,9 +321,9 @@ class CheckpointManager:
         free = free_bytes(folder)
         if free < self.last_size:
             raise NoSpaceForCheckpoint(
-                f"not enough free space in {folder} for rank {self.rank}'s checkpoint save of step {step}: it needs "
-                f"about {self.last_size} bytes (the size of the last checkpoint), {free} are free; free space "
-                "there or point TMPDIR at a larger disk")
+                f"not enough free space in {folder} for rank {self.rank}'s checkpoint save of step {step}: "
+                f"it needs about {self.last_size} bytes (the size of the last checkpoint), {free} are free; "
+                "free space there or point TMPDIR at a larger disk")
 
     def _write(self, root: Path, step: int, engine: Any, loader: Any, extra: dict) -> None:
         import torch.distributed as dist
@@ -344,7 +359,8 @@ class CheckpointManager:
             ckpt.write_manifest(root, files, step)  # written last: it is what makes the checkpoint count
 
     def prune(self, pending: int | None = None) -> list:
-        """Retention (rank 0): the newest ``checkpoint.keep_last`` and every ``keep_every``-th step are kept."""
+        """Retention (rank 0): the newest ``checkpoint.keep_last`` and every ``keep_every``-th step are
+        kept."""
         keep = self.cfg.checkpoint
         removed = ckpt.prune(self.root, keep.keep_last, keep.keep_every, pending=pending)
         if removed:

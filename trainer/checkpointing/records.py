@@ -1,11 +1,11 @@
 """Keeps Ray Train's run snapshot in agreement with the checkpoint folders on disk (the driver runs it).
 
-Ray Train 2.60 writes ``checkpoints/checkpoint_manager_snapshot.json`` after every reported checkpoint and, when a
-job starts, refuses the whole run folder if the snapshot names a folder that is gone ("a reference to a checkpoint
-that does not exist anymore ... delete the existing folder"). Since the CheckpointManager owns the folders (it
-prunes them, and moves a torn one aside to resume from an older one), the snapshot lags behind them; the driver
-reconciles it before Ray reads it and after the job, and logs what it changed. The snapshot is edited as JSON, field
-by field, so fields this code does not know are kept; nothing here imports Ray.
+Ray Train 2.60 writes ``checkpoints/checkpoint_manager_snapshot.json`` after every reported checkpoint and,
+when a job starts, refuses the whole run folder if the snapshot names a folder that is gone ("a reference to a
+checkpoint that does not exist anymore ... delete the existing folder"). Since the CheckpointManager owns the
+folders (it prunes them, and moves a torn one aside to resume from an older one), the snapshot lags behind
+them; the driver reconciles it before Ray reads it and after the job, and logs what it changed. The snapshot
+is edited as JSON, field by field, so fields this code does not know are kept; nothing here imports Ray.
 """
 
 from __future__ import annotations
@@ -51,8 +51,8 @@ def reconcile_ray_snapshot(checkpoints_root: str) -> list[str]:
         kept[name] = (result, index)
     gone = sorted(name for name in kept if name not in on_disk)
     if gone:
-        changes.append(f"dropped {len(gone)} reference(s) to folders no longer there ({', '.join(gone)}: pruned "
-                       "by retention or moved aside)")
+        changes.append(f"dropped {len(gone)} reference(s) to folders no longer there ({', '.join(gone)}: "
+                       "pruned by retention or moved aside)")
     if len(kept) < len(results):
         changes.append(f"merged {len(results) - len(kept)} duplicate reference(s) to one folder")
     kept = {name: entry for name, entry in kept.items() if name in on_disk}

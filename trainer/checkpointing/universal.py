@@ -22,9 +22,9 @@ UNIVERSAL_PREFIX = "unimo-universal-"
 def to_universal(path: Path, step: int, run_name: str, local_rank: int) -> tuple[Path, str]:
     """Converts the checkpoint at ``path`` in a subprocess on the node's first rank; every rank then loads it.
 
-    Returns (folder, tag) for ``engine.load_checkpoint``. The conversion is as large as the checkpoint; it lives
-    only until every rank has loaded it (``drop_universal``), and a leftover of a conversion that crashed part-way
-    is removed first, never loaded.
+    Returns (folder, tag) for ``engine.load_checkpoint``. The conversion is as large as the checkpoint; it
+    lives only until every rank has loaded it (``drop_universal``), and a leftover of a conversion that
+    crashed part-way is removed first, never loaded.
     """
     import torch.distributed as dist
 
@@ -33,14 +33,16 @@ def to_universal(path: Path, step: int, run_name: str, local_rank: int) -> tuple
     if local_rank == 0:
         shutil.rmtree(out, ignore_errors=True)
         # progress on long work: the conversion reads and rewrites the whole checkpoint
-        log.info("converting checkpoint %s to DeepSpeed's universal format in %s (world size changed)", path, out)
+        log.info("converting checkpoint %s to DeepSpeed's universal format in %s (world size changed)",
+                 path, out)
         started = time.monotonic()
-        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path / "ds"),
-               "--output_folder", str(out / "ds_universal"), "--num_extract_workers", "1",
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+               str(path / "ds"), "--output_folder", str(out / "ds_universal"), "--num_extract_workers", "1",
                "--num_merge_workers", "1", "--inject_missing_state"]  # stages 1-2 lack the version info
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
-            raise RuntimeError(f"converting checkpoint {path} for a new world size failed:\n{done.stderr[-2000:]}")
+            raise RuntimeError(f"converting checkpoint {path} for a new world size "
+                               f"failed:\n{done.stderr[-2000:]}")
         (out / "latest_universal").write_text("ds_universal")
         make_loadable_under_any_stage(out / "ds_universal")  # also under another ZeRO stage
         log.info("converted checkpoint %s in %.1f s", path, time.monotonic() - started)
