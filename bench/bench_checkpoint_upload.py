@@ -211,8 +211,9 @@ def main() -> None:
     print(f"{'upload':7}{'local save':>12}{'report()':>10}{'blocked':>10}{'upload done':>13}"
           f"{'step before':>13}{'step during':>13}{'step after':>12}")
     for mode, r in results.items():
-        print(f"{mode:7}{r['save']:>11.2f}s{r['report']:>9.2f}s{r['blocked']:>9.2f}s{r['upload_done']:>12.2f}s"
-              f"{r['before']:>12.2f}s{r['during']:>10.2f}s/{r['n_during']}{r['after']:>11.2f}s")
+        print(f"{mode:7}{r['save']:>11.2f}s{r['report']:>9.2f}s{r['blocked']:>9.2f}s"
+              f"{r['upload_done']:>12.2f}s{r['before']:>12.2f}s{r['during']:>10.2f}s/{r['n_during']}"
+              f"{r['after']:>11.2f}s")
     a, s = results["async"], results["sync"]
     print(f"blocked async / sync       = {a['blocked'] / s['blocked']:.3f}x")
     print(f"blocked async / local save = {a['blocked'] / a['save']:.3f}x  (1.0x: the loop waits "

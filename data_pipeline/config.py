@@ -17,20 +17,22 @@ def _check(ok: bool, name: str, value, rule: str) -> None:
 
 
 def _urls_ok(urls) -> bool:
-    return isinstance(urls, str) or (isinstance(urls, (list, tuple)) and all(isinstance(u, str) and u for u in urls))
+    return isinstance(urls, str) or (isinstance(urls, (list, tuple))
+                                     and all(isinstance(u, str) and u for u in urls))
 
 
 @dataclass
 class CorpusConfig:
     """One corpus of a modality (e.g. COCO among the pair corpora).
 
-    urls: a brace pattern, a folder or key prefix whose shards (.tar, .tar.gz, .tgz, ...) are listed, or a list
-    of them; any fsspec URL (local, s3://, http(s)://, gs://, hf://...).
+    urls: a brace pattern, a folder or key prefix whose shards (.tar, .tar.gz, .tgz, ...) are listed, or a
+    list of them; any fsspec URL (local, s3://, http(s)://, gs://, hf://...).
     weight: the share of the modality's samples this corpus supplies, relative to the other corpora's weights.
     A corpus that runs out starts its next epoch at once, so up-weighting a small corpus repeats it.
     """
 
-    name: str = ""  # names the corpus in metrics (pipeline/corpus/<modality>/<name>/...) and in the data cursor
+    # names the corpus in metrics (pipeline/corpus/<modality>/<name>/...) and in the data cursor
+    name: str = ""
     urls: Any = ""
     weight: float = 1.0
 
@@ -39,8 +41,8 @@ class CorpusConfig:
                "must be a non-empty name of letters, digits, '_', '.' or '-'")
         _check(_urls_ok(self.urls) and bool(self.urls), f"corpora[{self.name}].urls", self.urls,
                "must be a non-empty URL string or list of URL strings")
-        _check(isinstance(self.weight, (int, float)) and not isinstance(self.weight, bool) and self.weight > 0,
-               f"corpora[{self.name}].weight", self.weight, "must be a number > 0")
+        _check(isinstance(self.weight, (int, float)) and not isinstance(self.weight, bool)
+               and self.weight > 0, f"corpora[{self.name}].weight", self.weight, "must be a number > 0")
         self.weight = float(self.weight)
 
 
@@ -148,7 +150,8 @@ class DataConfig:
         return getattr(self, modality).corpus_list(modality)
 
     def map_urls(self, fn) -> None:
-        """Applies ``fn`` to every shard URL of every modality and corpus, in place (e.g. to make paths absolute)."""
+        """Applies ``fn`` to every shard URL of every modality and corpus, in place (e.g. to make paths
+        absolute)."""
         def each(urls):
             return [fn(u) for u in urls] if isinstance(urls, (list, tuple)) else fn(urls)
 

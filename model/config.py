@@ -165,7 +165,8 @@ def _coerce(value, cls):
 class ModelConfig:
     """The whole model: the three encoders plus the heads' shared sizes."""
 
-    flavor: str = "debug"  # a named size (debug, small, base, large, xl) whose values the fields below override
+    # a named size (debug, small, base, large, xl) whose values the fields below override
+    flavor: str = "debug"
     text: TextConfig = field(default_factory=TextConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)

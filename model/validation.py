@@ -27,4 +27,5 @@ def check_choices(obj: Any, prefix: str = "") -> None:
         if typing.get_origin(tp) is typing.Literal:
             choices = typing.get_args(tp)
             value = getattr(obj, name)
-            check(value in choices, f"{prefix}{name}", value, f"must be one of {', '.join(map(str, choices))}")
+            check(value in choices, f"{prefix}{name}", value,
+                  f"must be one of {', '.join(map(str, choices))}")

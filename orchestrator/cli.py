@@ -54,10 +54,11 @@ VERBOSE.add_argument("-v", "--verbose", action="store_true", default=argparse.SU
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="a shipped config's name (debug, small, base, large, xl; `unimo config list`) "
-                                  "or a YAML file, e.g. configs/debug.yaml")
+    p.add_argument("config", help="a shipped config's name (debug, small, base, large, xl; "
+                                  "`unimo config list`) or a YAML file, e.g. configs/debug.yaml")
     p.add_argument("overrides", nargs="*", metavar="key.path=value",
-                   help="dotted overrides applied on top of the file, e.g. model.fusion.layers=2 run.name=exp1")
+                   help="dotted overrides applied on top of the file, e.g. model.fusion.layers=2 "
+                        "run.name=exp1")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,10 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
 
     p = sub.add_parser("demo", help="end-to-end demo on a synthetic captioned data set",
-                       description="Writes a small synthetic data set (pairs, unpaired text, unpaired images) as "
-                                   "WebDataset shards, trains the debug flavor with 2 Ray Train workers under "
-                                   "DeepSpeed ZeRO-3, checkpoints, logs to a local MLflow store, and prints "
-                                   "where to look.")
+                       description="Writes a small synthetic data set (pairs, unpaired text, unpaired "
+                                   "images) as WebDataset shards, trains the debug flavor with 2 Ray Train "
+                                   "workers under DeepSpeed ZeRO-3, checkpoints, logs to a local MLflow "
+                                   "store, and prints where to look.")
     p.add_argument("--out", default="demo_out", help="folder for the data, checkpoints and MLflow store")
     p.add_argument("--config", default=None, help="config name or file (default: the shipped debug config)")
     p.add_argument("overrides", nargs="*", metavar="key.path=value", help="dotted config overrides")
@@ -110,29 +111,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("model", help="model tools")
     msub = p.add_subparsers(dest="model_command", metavar="SUBCOMMAND")
-    info = msub.add_parser("info", parents=[VERBOSE], help="parameters per part and FLOPs per sample of a flavor")
+    info = msub.add_parser("info", parents=[VERBOSE],
+                           help="parameters per part and FLOPs per sample of a flavor")
     info.add_argument("flavor", help="debug, small, base, large or xl")
 
     p = sub.add_parser("data", help="data tools (shards, tokenizer); see `unimo data --help`", add_help=False)
     p.add_argument("args", nargs=argparse.REMAINDER)
 
-    # submit and jobs parse their own arguments (orchestrator/jobs.py): options may follow the overrides there.
+    # submit and jobs parse their own arguments (orchestrator/jobs.py): options may follow the overrides
+    # there.
     p = sub.add_parser("submit", help="submit a run to a Ray cluster (Jobs API); see `unimo submit --help`",
                        add_help=False)
     p.add_argument("args", nargs=argparse.REMAINDER)
     p = sub.add_parser("jobs", aliases=["job"], add_help=False,
-                       help="list, status, logs [--follow], stop jobs on a Ray cluster; see `unimo jobs --help`")
+                       help="list, status, logs [--follow], stop jobs on a Ray cluster; "
+                            "see `unimo jobs --help`")
     p.add_argument("args", nargs=argparse.REMAINDER)
 
     p = sub.add_parser("export", help="consolidate a checkpoint into safetensors + config + tokenizer",
-                       description="Reads the ZeRO-3 shards of a checkpoint folder (one with a valid manifest) "
-                                   "and writes model.safetensors, config.json and tokenizer.json to OUT, "
-                                   "loadable with trainer.export.load_exported without DeepSpeed.")
+                       description="Reads the ZeRO-3 shards of a checkpoint folder (one with a valid "
+                                   "manifest) and writes model.safetensors, config.json and tokenizer.json "
+                                   "to OUT, loadable with trainer.export.load_exported without DeepSpeed.")
     p.add_argument("checkpoint", help="a checkpoint folder, e.g. runs/exp1/checkpoints/step_00000300")
     p.add_argument("out", help="output folder")
     p.add_argument("--format", choices=("unimo", "hf"), default="unimo",
-                   help="hf: also OUT/text (a BERT/RoBERTa folder + tokenizer) and OUT/vision (a ViT/CLIP-vision "
-                        "folder + image processor) that transformers' AutoModel loads")
+                   help="hf: also OUT/text (a BERT/RoBERTa folder + tokenizer) and OUT/vision (a "
+                        "ViT/CLIP-vision folder + image processor) that transformers' AutoModel loads")
 
     from orchestrator.eval_cli import add_parser as add_eval_parser
 
@@ -143,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     p.add_argument("--backend-store-uri", default="sqlite:///runs/mlflow.db")
     p.add_argument("--workers", type=int, default=1,
-                   help="server worker processes (default 1: enough for one job's batched logging, starts fast)")
+                   help="server worker processes (default 1: enough for one job's batched logging, "
+                        "starts fast)")
     p.add_argument("--artifacts-destination", default="./runs/mlartifacts",
                    help="local folder or s3://bucket/prefix for artifacts")
     return parser
@@ -173,7 +178,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     try:
         report = run_preflight(cfg, on_check=print_check)
     except PreflightError as err:
-        print(f"unimo check: FAILED after {time.monotonic() - started:.1f} s\nunimo: error: {err}", file=sys.stderr)
+        print(f"unimo check: FAILED after {time.monotonic() - started:.1f} s\nunimo: error: {err}",
+              file=sys.stderr)
         return 1
     warned = f", {len(report.warnings)} warning(s)" if report.warnings else ""
     print(f"unimo check: {len(report.checks)} checks passed{warned} in {time.monotonic() - started:.1f} s")
@@ -265,21 +271,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_mlflow(args: argparse.Namespace) -> int:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    # MLflow 3 starts a pool of job-runner processes (GenAI evaluation, prompt optimisation) with every server;
-    # experiment tracking needs none of them, and on a small head node they cost ~35 s of CPU at start-up.
-    # A user who wants them sets MLFLOW_SERVER_ENABLE_JOB_EXECUTION=true.
+    # MLflow 3 starts a pool of job-runner processes (GenAI evaluation, prompt optimisation) with every
+    # server; experiment tracking needs none of them, and on a small head node they cost ~35 s of CPU at
+    # start-up. A user who wants them sets MLFLOW_SERVER_ENABLE_JOB_EXECUTION=true.
     os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     argv = [sys.executable, "-m", "mlflow", "server", "--host", args.host, "--port", str(args.port),
-            "--backend-store-uri", args.backend_store_uri, "--artifacts-destination", args.artifacts_destination,
-            "--workers", str(args.workers)]
-    print(f"MLflow UI: http://{args.host}:{args.port}  (tracking.uri=http://{args.host}:{args.port})", flush=True)
+            "--backend-store-uri", args.backend_store_uri,
+            "--artifacts-destination", args.artifacts_destination, "--workers", str(args.workers)]
+    print(f"MLflow UI: http://{args.host}:{args.port}  (tracking.uri=http://{args.host}:{args.port})",
+          flush=True)
     os.execv(sys.executable, argv)
     return 0  # not reached
 
 
-COMMANDS = {"train": cmd_train, "demo": cmd_demo, "config": cmd_config, "model": cmd_model, "data": cmd_data,
-            "mlflow": cmd_mlflow, "submit": cmd_submit, "jobs": cmd_jobs, "job": cmd_jobs, "export": cmd_export,
-            "eval": cmd_eval}
+COMMANDS = {"train": cmd_train, "demo": cmd_demo, "config": cmd_config, "model": cmd_model,
+            "data": cmd_data, "mlflow": cmd_mlflow, "submit": cmd_submit, "jobs": cmd_jobs, "job": cmd_jobs,
+            "export": cmd_export, "eval": cmd_eval}
 COMMANDS["check"] = cmd_check
 
 

@@ -430,26 +430,28 @@ def _stop_timed_out_message(run_dir: Path | str) -> str:
 
 
 def tracking_hint(tracking_uri: str, page: str = "") -> list[str]:
-    """Where to look at the run: a tracking server is its own UI; a local store needs `mlflow ui`. ``page``: the
-    run's page within the UI (``run_page``)."""
+    """Where to look at the run: a tracking server is its own UI; a local store needs `mlflow ui`. ``page``:
+    the run's page within the UI (``run_page``)."""
     if tracking_uri.startswith(("http://", "https://")):
         from orchestrator.tracking_setup import tracking_secrets
         from trainer.redaction import redact
 
-        return [f"MLflow UI         : {redact(tracking_uri, tracking_secrets(tracking_uri)).rstrip('/')}{page}"]
+        return [f"MLflow UI         : "
+                f"{redact(tracking_uri, tracking_secrets(tracking_uri)).rstrip('/')}{page}"]
     mlflow_bin = Path(sys.executable).with_name("mlflow")
     return [f"open the MLflow UI: {mlflow_bin} ui --backend-store-uri {tracking_uri} --host 127.0.0.1 "
             "--port 5000",
             f"                   then browse http://127.0.0.1:5000{page}"]
 
 
-# MLflow 3's UI opens in its GenAI view unless the link asks for the model-training one (a browser then keeps the
-# choice); the experiment's kind tag does not decide it (checked in headless Chromium, MLflow 3.17).
+# MLflow 3's UI opens in its GenAI view unless the link asks for the model-training one (a browser then keeps
+# the choice); the experiment's kind tag does not decide it (checked in headless Chromium, MLflow 3.17).
 TRAINING_VIEW = "?workflowType=machine_learning"
 
 
 def run_page(tracking_uri: str, run_id: str | None) -> str:
-    """``/#/experiments/<id>/runs/<run>`` in the model-training view, or "" when the run cannot be looked up."""
+    """``/#/experiments/<id>/runs/<run>`` in the model-training view, or "" when the run cannot be looked
+    up."""
     if not run_id:
         return ""
     try:

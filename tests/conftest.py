@@ -88,8 +88,9 @@ def pytest_runtest_protocol(item, nextitem):
     import socket
     import subprocess
 
-    # The standard library asks `uname -p` once per process, the first time anything reads the platform (mlflow's
-    # import does): that is not the test starting a process, so it is answered before the guard goes up.
+    # The standard library asks `uname -p` once per process, the first time anything reads the platform
+    # (mlflow's import does): that is not the test starting a process, so it is answered before the guard goes
+    # up.
     platform.platform()
 
     saved = [(subprocess.Popen, "_execute_child", subprocess.Popen._execute_child),

@@ -16,7 +16,8 @@ FORBIDDEN = {
 # Leaf modules a layer may import although their package is forbidden: they import only the standard library
 # (checked below). cluster/local_cluster.py shares the Ray start-up retry of `unimo train`; the data pipeline
 # builds the batch parts the objectives declare in the model's registry.
-ALLOWED = {"cluster": {"orchestrator.ray_startup"}, "data_pipeline": {"model.objective_registry", "model.validation"}}
+ALLOWED = {"cluster": {"orchestrator.ray_startup"},
+           "data_pipeline": {"model.objective_registry", "model.validation"}}
 
 
 def imported_modules(path: Path) -> set[str]:

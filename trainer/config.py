@@ -1,7 +1,9 @@
-"""The root of the typed config tree: run, model, data, stages, optimizer, deepspeed, checkpoint, tracking, scaling.
+"""The root of the typed config tree: run, model, data, stages, optimizer, deepspeed, checkpoint, tracking,
+scaling.
 
 Each component owns its dataclass (model/config.py, data_pipeline/config.py, the trainer's below); this file
-composes them. ``load_config`` reads defaults <- YAML <- dotted overrides and returns a validated ``RunConfig``.
+composes them. ``load_config`` reads defaults <- YAML <- dotted overrides and returns a validated
+``RunConfig``.
 """
 
 from __future__ import annotations
@@ -33,13 +35,16 @@ class RunSection:
     """Run identity and storage: the same name resumes the same run."""
 
     name: str = "debug"  # run name; re-running or re-submitting it resumes from its newest valid checkpoint
-    storage: str = "./runs"  # local folder or s3://bucket/prefix holding <name>/checkpoints, the run lock, ...
+
+    # local folder or s3://bucket/prefix holding <name>/checkpoints, the run lock, ...
+    storage: str = "./runs"
     seed: int = 0  # model initialisation and every random draw of the trainer (the data has data.seed)
 
     def __post_init__(self) -> None:
         check(bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", self.name)), "name", self.name,
               "must be 1-100 chars of letters, digits, '_', '.', '-'")
-        check(bool(self.storage), "storage", self.storage, "must not be empty (a local folder or s3://bucket/prefix)")
+        check(bool(self.storage), "storage", self.storage,
+              "must not be empty (a local folder or s3://bucket/prefix)")
 
 
 @dataclass
@@ -101,11 +106,12 @@ class OptimizerConfig:
 class DeepSpeedSettings:
     """ZeRO settings; the DeepSpeed JSON is derived from these (trainer/ds_config.py)."""
 
-    # 0..3, or auto: stage 1, 2 or 3 from the parameter count, world size, precision, offload and device memory
-    # (trainer/zero_stage.py; the choice and its reason are printed at start and logged as MLflow params)
+    # 0..3, or auto: stage 1, 2 or 3 from the parameter count, world size, precision, offload and device
+    # memory (trainer/zero_stage.py; the choice and its reason are printed at start and logged as MLflow
+    # params)
     zero_stage: ZeroStage = "auto"
-    # auto: the share of a device's memory that model states (weights, gradients, optimizer) may take; the rest
-    # is left to activations, communication buffers and fragmentation
+    # auto: the share of a device's memory that model states (weights, gradients, optimizer) may take; the
+    # rest is left to activations, communication buffers and fragmentation
     auto_memory_fraction: float = 0.5
     # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 (bf16 weights, fp32 master copy in the optimizer) |
     # autocast (fp32 weights, matmuls and attention in bf16 under torch.autocast: DeepSpeed's torch_autocast)
@@ -122,9 +128,9 @@ class DeepSpeedSettings:
     # DeepSpeed's default (1e9) makes each release scan the rest of the trace: measured 50% of the step of the
     # small flavor on CPU (bench/bench_trainer.py); a shorter window keeps the benefit for adjacent reuse.
     max_reuse_distance: int = 1_000_000
-    # DeepSpeed's memory-efficient Linear re-gathers each weight in backward instead of keeping it gathered from
-    # the forward. None = on only with several ranks: with one nothing is partitioned, so it saves nothing, and
-    # DeepSpeed installs it by replacing torch.nn.functional.linear for the whole process.
+    # DeepSpeed's memory-efficient Linear re-gathers each weight in backward instead of keeping it gathered
+    # from the forward. None = on only with several ranks: with one nothing is partitioned, so it saves
+    # nothing, and DeepSpeed installs it by replacing torch.nn.functional.linear for the whole process.
     memory_efficient_linear: bool | None = None
     reduce_bucket_size: int = 0  # 0 = four transformer blocks' gradients (zero3_sizes)
     overlap_comm: bool = False  # overlap gradient reduction with the backward pass (more buffer memory)
@@ -145,20 +151,22 @@ class DeepSpeedSettings:
 class TrainSection:
     """Batch geometry and loop cadence."""
 
-    global_micro_batches: int = 2  # micro-batches per optimizer step summed over ranks; accum = this / world size
+    # micro-batches per optimizer step summed over ranks; accum = this / world size
+    global_micro_batches: int = 2
     seq_len: int = 0  # tokens per text sample (with [CLS]/[SEP]); 0 = the model's position table size
     log_every: int = 1  # steps between a progress line and a metrics row in MLflow
     eval_every: int = 0  # 0 = only at the end
     eval_samples: int = 100  # held-out pairs used for retrieval (the candidate pool size)
     eval_rerank_k: int = 0  # > 0: also re-rank each query's ITC top-k by the ITM head (eval/itm_* metrics)
 
-    # torch.compile every encoder block and fusion stream layer (model/layers.py: compile_blocks): fewer kernel
-    # launches and fused element-wise ops on GPU; the first steps pay the compilation (seconds per block shape)
+    # torch.compile every encoder block and fusion stream layer (model/layers.py: compile_blocks): fewer
+    # kernel launches and fused element-wise ops on GPU; the first steps pay the compilation (seconds per
+    # block shape)
     compile: bool = False
     watchdog_seconds: float = 600.0  # a step making no progress this long ends the worker with a message
 
-    # The same for start-up (engine build, checkpoint restore), evaluation and a checkpoint save: slower than a
-    # step, but a collective hung inside one must still end the worker (trainer/watchdog.py)
+    # The same for start-up (engine build, checkpoint restore), evaluation and a checkpoint save: slower than
+    # a step, but a collective hung inside one must still end the worker (trainer/watchdog.py)
     watchdog_phase_seconds: float = 1800.0
 
     def __post_init__(self) -> None:
@@ -168,7 +176,8 @@ class TrainSection:
         check(self.eval_every >= 0, "eval_every", self.eval_every, "must be >= 0")
         check(self.eval_rerank_k >= 0, "eval_rerank_k", self.eval_rerank_k, "must be >= 0")
         check(self.watchdog_seconds > 0, "watchdog_seconds", self.watchdog_seconds, "must be > 0")
-        check(self.watchdog_phase_seconds > 0, "watchdog_phase_seconds", self.watchdog_phase_seconds, "must be > 0")
+        check(self.watchdog_phase_seconds > 0, "watchdog_phase_seconds", self.watchdog_phase_seconds,
+              "must be > 0")
 
 
 @dataclass
@@ -182,7 +191,8 @@ class CheckpointConfig:
     async_upload: bool = True  # upload to storage in the background; the loop only waits for the local save
 
     # Tries per S3 request of a checkpoint upload, with the AWS SDK's backoff: 10 bridge an outage of about a
-    # minute and a half (pyarrow's default of 3 gave up after 0.6 s here); then the upload fails, naming the key.
+    # minute and a half (pyarrow's default of 3 gave up after 0.6 s here); then the upload fails, naming the
+    # key.
     upload_attempts: int = 10
 
     def __post_init__(self) -> None:
@@ -201,13 +211,14 @@ class TrackingConfig:
     experiment: str = "unimo"  # MLflow experiment the run goes to (created if missing)
     flush_seconds: float = 2.0  # how often the background logger sends a batch
 
-    # MLflow unreachable at start: False = stop with an error naming the URI; True = train on, buffering metrics
-    # (memory, then <storage>/<run>/mlflow_spool), and create the run once the server answers (docs/TRACKING.md)
+    # MLflow unreachable at start: False = stop with an error naming the URI; True = train on, buffering
+    # metrics (memory, then <storage>/<run>/mlflow_spool), and create the run once the server answers
+    # (docs/TRACKING.md)
     buffer_if_unreachable: bool = False
     system_metrics_seconds: float = 10.0  # CPU/memory/disk/network/GPU sampling period per node; 0 = off
 
-    # at a successful end, export the last checkpoint (`unimo export`) into artifacts model/ and register it as an
-    # MLflow logged model of the run
+    # at a successful end, export the last checkpoint (`unimo export`) into artifacts model/ and register it
+    # as an MLflow logged model of the run
     log_model: bool = False
 
     def __post_init__(self) -> None:
@@ -222,7 +233,9 @@ class ScalingConfig:
 
     address: str = ""  # Ray cluster address; "" = start an embedded local Ray on 127.0.0.1
     num_workers: int = 2  # the worker count to run with (the maximum when min_workers is set)
-    min_workers: int = 0  # > 0 and < num_workers: elastic, the job goes on with min..num_workers (Ray Train V2)
+
+    # > 0 and < num_workers: elastic, the job goes on with min..num_workers (Ray Train V2)
+    min_workers: int = 0
     use_gpu: bool = False  # one GPU per worker (NCCL, bf16); False trains on CPU over gloo
     cpus_per_worker: int = 1  # CPUs Ray reserves for each worker; also its intra-op threads on CPU
     placement_strategy: PlacementStrategy = "PACK"  # Ray placement of the workers: PACK fills nodes first
@@ -242,7 +255,8 @@ class ScalingConfig:
 def _default_stages() -> list[StageConfig]:
     return [
         # The default plan (docs/MODEL.md): text MLM/LM, image MIM and coarse ITC first, then every objective
-        StageConfig(name="unimodal", steps=50, objectives={"mlm_text": 1.0, "lm_text": 1.0, "mim": 1.0, "itc": 1.0}),
+        StageConfig(name="unimodal", steps=50,
+                    objectives={"mlm_text": 1.0, "lm_text": 1.0, "mim": 1.0, "itc": 1.0}),
         StageConfig(name="crossmodal", steps=50, objectives={name: 1.0 for name in OBJECTIVES}),
     ]
 
@@ -280,8 +294,9 @@ class RunConfig:
         for stage in self.stages:
             for src in sorted(stage.sources()):
                 if not self.data.corpora(src):
-                    raise ConfigError(f"stage '{stage.name}' uses objectives on '{src}' data but data.{src}.urls is "
-                                      f"empty: set data.{src}.urls=... or drop those objectives from the stage")
+                    raise ConfigError(f"stage '{stage.name}' uses objectives on '{src}' data but "
+                                      f"data.{src}.urls is empty: set data.{src}.urls=... or drop those "
+                                      f"objectives from the stage")
 
     @property
     def seq_len(self) -> int:
@@ -348,8 +363,8 @@ def _tokenizer_if_readable(url: str):
 
 
 def tokenizer_mismatch(cfg: RunConfig, tok) -> str | None:
-    """Why the tokenizer ``tok`` does not fit model.text (vocabulary or special ids), or None: one rule for the
-    pre-flight (orchestrator/preflight.py) and the trainer (trainer/loop.py)."""
+    """Why the tokenizer ``tok`` does not fit model.text (vocabulary or special ids), or None: one rule for
+    the pre-flight (orchestrator/preflight.py) and the trainer (trainer/loop.py)."""
     text = cfg.model.text
     if tok.vocab_size > text.vocab_size:
         return (f"data.tokenizer={cfg.data.tokenizer} has {tok.vocab_size} tokens but "
@@ -363,8 +378,9 @@ def tokenizer_mismatch(cfg: RunConfig, tok) -> str | None:
 
 
 def adopt_remote_tokenizer_ids(cfg: RunConfig) -> RunConfig:
-    """The special-token ids of a tokenizer on remote storage (s3://, http...), which loading the config does not
-    read: the driver calls this before its pre-flight, so the workers get the ids the tokenizer holds."""
+    """The special-token ids of a tokenizer on remote storage (s3://, http...), which loading the config does
+    not read: the driver calls this before its pre-flight, so the workers get the ids the tokenizer
+    holds."""
     if not cfg.data.tokenizer or "://" not in cfg.data.tokenizer:
         return cfg
     from data_pipeline.tokenizer import load_tokenizer
@@ -378,7 +394,8 @@ def adopt_remote_tokenizer_ids(cfg: RunConfig) -> RunConfig:
 def _adopt_tokenizer(cfg: RunConfig, raw: dict) -> RunConfig:
     """The text tower's special-token ids come from the run's tokenizer file (the text_init folder's when
     data.tokenizer is empty); ids the config states must agree with it. A tokenizer that cannot be read yet
-    leaves the ids as configured (remote files are not read here): the trainer checks them when it loads it."""
+    leaves the ids as configured (remote files are not read here): the trainer checks them when it loads
+    it."""
     from model.hf_loading import folder_tokenizer
 
     model_raw = raw.get("model") if isinstance(raw.get("model"), dict) else {}
@@ -398,8 +415,8 @@ def _adopt_tokenizer(cfg: RunConfig, raw: dict) -> RunConfig:
     wrong = [f"model.text.{k}={explicit[k]} (tokenizer: {getattr(tok, role)})"
              for k, role in _SPECIAL_ROLES.items() if k in explicit and explicit[k] != getattr(tok, role)]
     if wrong:
-        raise ConfigError(f"{', '.join(wrong)} disagree with the tokenizer {cfg.data.tokenizer}: special-token "
-                          f"ids come from the tokenizer file; drop these settings")
+        raise ConfigError(f"{', '.join(wrong)} disagree with the tokenizer {cfg.data.tokenizer}: "
+                          f"special-token ids come from the tokenizer file; drop these settings")
     for k, role in _SPECIAL_ROLES.items():
         setattr(cfg.model.text, k, getattr(tok, role))
     try:
@@ -419,8 +436,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         p = shipped_configs.resolve(path)
         if p is None:
             names = ", ".join(shipped_configs.shipped_names()) or "none found"
-            raise ConfigError(f"config file '{path}' not found: give a YAML file's path or a shipped config's "
-                              f"name ({names}; `unimo config list`)")
+            raise ConfigError(f"config file '{path}' not found: give a YAML file's path or a shipped "
+                              f"config's name ({names}; `unimo config list`)")
         text = p.read_text()
     try:
         raw = merge_raw(text, list(overrides or []))

@@ -1,10 +1,11 @@
-"""The config tree's documentation, read from where each field is declared, and the resolved config printed with it.
+"""The config tree's documentation, read from where each field is declared, and the resolved config printed
+with it.
 
-Every field of the config dataclasses (trainer/config.py, model/config.py, data_pipeline/config.py) carries its
-documentation as a comment at its declaration: the comment lines directly above it, and/or a comment at the end
-of its line. ``field_docs`` reads them from the source; ``unimo config show NAME --doc`` prints the resolved
-config as YAML with each key's documentation beside it, so the explanation a user reads is the one next to the
-code (tests/trainer/test_config_docs.py checks that every field has one).
+Every field of the config dataclasses (trainer/config.py, model/config.py, data_pipeline/config.py) carries
+its documentation as a comment at its declaration: the comment lines directly above it, and/or a comment at
+the end of its line. ``field_docs`` reads them from the source; ``unimo config show NAME --doc`` prints the
+resolved config as YAML with each key's documentation beside it, so the explanation a user reads is the one
+next to the code (tests/trainer/test_config_docs.py checks that every field has one).
 """
 
 from __future__ import annotations
@@ -49,8 +50,8 @@ def _read_docs(cls: type) -> tuple[dict[str, str], list[str]]:
             above.insert(0, lines[j].strip().lstrip("#").strip())
             j -= 1
         if above and j >= 0 and _declared_field(lines[j]) is not None and (j + 1) in trailing:
-            ambiguous.append(f"{cls.__qualname__}: the comment above {name!r} follows {_declared_field(lines[j])!r}"
-                             f", whose line ends in a comment")
+            ambiguous.append(f"{cls.__qualname__}: the comment above {name!r} follows "
+                             f"{_declared_field(lines[j])!r}, whose line ends in a comment")
         docs[name] = " ".join(p for p in (*above, trailing.get(i + 1, "")) if p)
     for name, text in _docstring_fields(cls).items():
         docs[name] = docs.get(name) or text
@@ -97,7 +98,8 @@ def _comments_by_line(source: str) -> dict[int, str]:
         if tok.type == tokenize.COMMENT:
             if tok.start[0] in code_lines:
                 out[tok.start[0]] = tok.string.lstrip("#").strip()
-        elif tok.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENCODING):
+        elif tok.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT,
+                              tokenize.ENCODING):
             code_lines.add(tok.start[0])
     return out
 

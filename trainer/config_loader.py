@@ -38,7 +38,8 @@ def _type_name(tp: Any) -> str:
 
 
 def _convert(value: Any, tp: Any, base: Any, path: str) -> Any:
-    """Checks ``value`` against the annotation ``tp`` and builds nested dataclasses; returns the typed value."""
+    """Checks ``value`` against the annotation ``tp`` and builds nested dataclasses; returns the typed
+    value."""
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
@@ -105,7 +106,8 @@ def build(cls: type, raw: dict[str, Any], *, base: Any = None, path: str = "") -
     if unknown:
         key = unknown[0]
         where = f"{path}.{key}" if path else key
-        raise ConfigError(f"unknown config key '{where}'{_closest(key, list(fields), f'{path}.' if path else '')}")
+        raise ConfigError(f"unknown config key '{where}'"
+                          f"{_closest(key, list(fields), f'{path}.' if path else '')}")
     kwargs = {}
     for name, field in fields.items():
         sub = f"{path}.{name}" if path else name

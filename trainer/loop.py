@@ -134,7 +134,8 @@ class Trainer:
                                              on_gpu=torch.cuda.is_available())
         self.stop = StopFile(control_dir)
         self.stopped_early = False
-        self._sent_data: dict[str, float] = {}  # pipeline/* values last sent to MLflow (_changed_data_counters)
+        # pipeline/* values last sent to MLflow (_changed_data_counters)
+        self._sent_data: dict[str, float] = {}
 
     # ----- building -----------------------------------------------------------------------------------------
     def build(self, universal: bool = False) -> Any:

@@ -63,7 +63,8 @@ def test_train_two_zero3_workers_from_s3_into_mlflow(synthetic_data, tmp_path):
         assert params["model.flavor"] == "debug"
         assert params["data.weights.pair.a"] == "0.25" and params["data.weights.pair.b"] == "0.75"
         metrics = run.data.metrics
-        assert metrics["pipeline/corpus/pair/a/share"] == 0.25 and metrics["pipeline/corpus/pair/a/weight"] == 0.25
+        assert (metrics["pipeline/corpus/pair/a/share"] == 0.25
+                and metrics["pipeline/corpus/pair/a/weight"] == 0.25)
         assert metrics["pipeline/corpus/pair/b/samples"] == 3 * metrics["pipeline/corpus/pair/a/samples"] > 0
         # No credential reaches MLflow params or tags.
         blob = json.dumps({"params": params, "tags": run.data.tags})

@@ -39,14 +39,16 @@ def test_docs_come_from_comments_above_beside_and_from_the_class_docstring():
     assert field_docs(CheckpointConfig)["keep_every"].startswith("additionally keep every M-th")  # beside
     assert field_docs(CheckpointConfig)["upload_attempts"].startswith("Tries per S3 request")  # above
     assert "relative to the other corpora" in field_docs(CorpusConfig)["weight"]  # the class docstring
-    assert field_docs(TrackingConfig)["log_model"].endswith("MLflow logged model of the run")  # two lines above
+    # two lines above
+    assert field_docs(TrackingConfig)["log_model"].endswith("MLflow logged model of the run")
 
 
 @pytest.mark.parametrize("name", shipped_configs.shipped_names())
 def test_the_documented_print_is_the_resolved_config(name):
     cfg = load_config(name, [])
     text = render(cfg)
-    assert yaml.safe_load(text) == yaml.safe_load(yaml.safe_dump(to_dict(cfg)))  # the same tree, comments aside
+    # the same tree, comments aside
+    assert yaml.safe_load(text) == yaml.safe_load(yaml.safe_dump(to_dict(cfg)))
     keys = [line for line in text.splitlines() if ":" in line.split("#")[0]]
     undocumented_lines = [line for line in keys if "  # " not in line]
     assert not undocumented_lines, undocumented_lines[:5]

@@ -30,7 +30,8 @@ def test_skips_and_retries_are_metrics(monkeypatch):
              "read_retries": 5, "samples_pair": 40, "bytes_read": 1000}
     m = _metrics(monkeypatch, 1, stats)
     assert m["pipeline/skipped_bad_image"] == 2 and m["pipeline/skipped_truncated_shard"] == 1
-    assert m["pipeline/skipped_missing_field"] == 0  # every reason is always there: ranks all-reduce one vector
+    # every reason is always there: ranks all-reduce one vector
+    assert m["pipeline/skipped_missing_field"] == 0
     assert m["pipeline/skipped_total"] == 7 and m["pipeline/read_retries"] == 5
     assert m["loss/itc"] == 2.0 and m["loss/total"] == 2.0
 
@@ -59,7 +60,8 @@ def test_per_corpus_samples_epochs_skips_and_shares_are_metrics(monkeypatch):
     assert m["pipeline/corpus/pair/coco/share"] == 0.25 and m["pipeline/corpus/pair/coco/weight"] == 0.25
     assert m["pipeline/corpus/text/share"] == 1.0
     assert m["pipeline/corpus/pair/coco/skipped_not_a_tar"] == 2 and m["pipeline/skipped_not_a_tar"] == 2
-    assert m["pipeline/corpus/pair/vg/skipped_bad_image"] == 0  # every name on every rank: one all-reduce vector
+    # every name on every rank: one all-reduce vector
+    assert m["pipeline/corpus/pair/vg/skipped_bad_image"] == 0
 
 
 def test_corpus_weights_are_run_params():
@@ -85,9 +87,11 @@ def test_data_counters_go_to_mlflow_when_they_change(capsys):
     trainer.metrics_logger = _Logger()
     base = {"loss/total": 2.0, "lr": 1e-3}
     for step, skipped in ((1, 0.0), (2, 0.0), (3, 2.0), (4, 2.0)):
-        trainer._log({**base, "pipeline/skipped_total": skipped, "pipeline/read_retries": 0.0}, step, "main", 0.0, 0)
+        trainer._log({**base, "pipeline/skipped_total": skipped, "pipeline/read_retries": 0.0}, step, "main",
+                     0.0, 0)
     sent = dict(trainer.metrics_logger.sent)
     assert all("loss/total" in m for m in sent.values())  # the rest goes every time
-    assert [s for s, m in sent.items() if "pipeline/skipped_total" in m] == [1, 3]  # the first log, then a change
+    # the first log, then a change
+    assert [s for s, m in sent.items() if "pipeline/skipped_total" in m] == [1, 3]
     assert [s for s, m in sent.items() if "pipeline/read_retries" in m] == [1]
     assert sent[3]["pipeline/skipped_total"] == 2.0
