@@ -534,66 +534,59 @@ def s3_requests(worlds: list[int], multipart_mib: int = 24) -> dict:
 
     import pyarrow.fs
 
-    from tests.integration.services import FAKE_AWS, S3Server
+    from tests.integration.services import S3Server, aws_env
     from trainer import checkpoint as ckpt
     from trainer import storage
 
     server = S3Server()
     server.start()
     counter = RequestCounter()
-    old = {k: os.environ.get(k) for k in [*FAKE_AWS, "AWS_ENDPOINT_URL"]}
-    os.environ.update(FAKE_AWS)
-    os.environ["AWS_ENDPOINT_URL"] = server.url
     out = {}
     try:
-        storage.s3_client().create_bucket(Bucket="scale")
-        path_root, fs = storage.ray_storage("s3://scale/run")
-        with tempfile.TemporaryDirectory() as tmp:
-            big = Path(tmp) / "big"
-            big.mkdir()
-            (big / "one.pt").write_bytes(os.urandom(multipart_mib * 2 ** 20))
-            counter.take()
-            pyarrow.fs.copy_files(str(big), f"{path_root}/multipart", destination_filesystem=fs)
-            out["multipart"] = {"mib": multipart_mib, **counter.take()}
-        for world in worlds:
-            run = f"run{world}"
+        with aws_env(server.url):
+            storage.s3_client().create_bucket(Bucket="scale")
+            path_root, fs = storage.ray_storage("s3://scale/run")
             with tempfile.TemporaryDirectory() as tmp:
-                roots = []
-                for r in range(world):
-                    roots.append(Path(tmp) / f"rank{r}")
-                    write_layout(roots[-1], world, r)
-                files = {}
-                for root in roots:
-                    files.update(ckpt.describe_files(root))
-                ckpt.write_manifest(roots[0], files, 0)
+                big = Path(tmp) / "big"
+                big.mkdir()
+                (big / "one.pt").write_bytes(os.urandom(multipart_mib * 2 ** 20))
                 counter.take()
-                t0 = time.perf_counter()
-                for step in (100, 200):
+                pyarrow.fs.copy_files(str(big), f"{path_root}/multipart", destination_filesystem=fs)
+                out["multipart"] = {"mib": multipart_mib, **counter.take()}
+            for world in worlds:
+                run = f"run{world}"
+                with tempfile.TemporaryDirectory() as tmp:
+                    roots = []
+                    for r in range(world):
+                        roots.append(Path(tmp) / f"rank{r}")
+                        write_layout(roots[-1], world, r)
+                    files = {}
                     for root in roots:
-                        pyarrow.fs.copy_files(str(root),
-                                              f"scale/{run}/checkpoints/{ckpt.step_dir_name(step)}",
-                                              destination_filesystem=fs)
-                    if step == 100:
-                        save = counter.take()
-                        save_s = time.perf_counter() - t0
-                counter.take()
-                removed = ckpt.prune(f"s3://scale/{run}/checkpoints", keep_last=1, keep_every=0)
-                prune = counter.take()
-                assert len(removed) == 1, removed
-                found = ckpt.newest_valid(f"s3://scale/{run}/checkpoints", cache_dir=Path(tmp) / "cache")
-                resume = counter.take()
-                assert found is not None and found.step == 200, found
-            out[world] = {"save": save, "prune": prune, "resume": resume, "save_s_loopback": save_s}
-            print(f"  {world:>5} ranks: save {save['total']:>6} requests ({_kinds(save)}), prune "
-                  f"{prune['total']:>5} ({_kinds(prune)}), resume {resume['total']:>6} ({_kinds(resume)})",
-                  flush=True)
+                        files.update(ckpt.describe_files(root))
+                    ckpt.write_manifest(roots[0], files, 0)
+                    counter.take()
+                    t0 = time.perf_counter()
+                    for step in (100, 200):
+                        for root in roots:
+                            pyarrow.fs.copy_files(str(root),
+                                                  f"scale/{run}/checkpoints/{ckpt.step_dir_name(step)}",
+                                                  destination_filesystem=fs)
+                        if step == 100:
+                            save = counter.take()
+                            save_s = time.perf_counter() - t0
+                    counter.take()
+                    removed = ckpt.prune(f"s3://scale/{run}/checkpoints", keep_last=1, keep_every=0)
+                    prune = counter.take()
+                    assert len(removed) == 1, removed
+                    found = ckpt.newest_valid(f"s3://scale/{run}/checkpoints", cache_dir=Path(tmp) / "cache")
+                    resume = counter.take()
+                    assert found is not None and found.step == 200, found
+                out[world] = {"save": save, "prune": prune, "resume": resume, "save_s_loopback": save_s}
+                print(f"  {world:>5} ranks: save {save['total']:>6} requests ({_kinds(save)}), prune "
+                      f"{prune['total']:>5} ({_kinds(prune)}), resume {resume['total']:>6} "
+                      f"({_kinds(resume)})", flush=True)
     finally:
         server.stop()
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     return out
 
 

@@ -5,10 +5,10 @@ import logging
 from collections import Counter
 
 import pytest
-import torch
 
 from data_pipeline import DataConfig, build_loader, merge_states
 from data_pipeline.mix import Mixer, fresh_mix
+from tests.data_pipeline.resume_checks import assert_resume_is_exact
 
 GEOMETRY = dict(seq_len=16, image_size=16, patch_size=8)
 SOURCES = ("text", "image", "pair")
@@ -100,13 +100,7 @@ def test_same_world_size_resume_with_two_corpora_is_exact(two_corpora):
     before = [_take(ld, cut) for ld in first]
     states = [ld.state_dict() for ld in first]
     after = [_take(ld, total - cut) for ld in _loaders(cfg, 2, state=states)]
-    for rank in range(2):
-        for s in SOURCES:
-            assert before[rank][0][s] + after[rank][0][s] == full[rank][0][s], (rank, s)
-        for a, b in zip(before[rank][1] + after[rank][1], full[rank][1]):
-            for s in SOURCES:
-                for key in a[s]:
-                    assert torch.equal(a[s][key], b[s][key]), (rank, s, key)
+    assert_resume_is_exact(before, after, full)
 
 
 @pytest.fixture(scope="module")

@@ -3,9 +3,9 @@
 from collections import Counter
 
 import pytest
-import torch
 
 from data_pipeline import DataConfig, SourceConfig, build_loader
+from tests.data_pipeline.resume_checks import assert_resume_is_exact
 
 GEOMETRY = dict(seq_len=16, image_size=16, patch_size=8)
 SOURCES = ("text", "image", "pair")
@@ -44,13 +44,7 @@ def test_same_world_size_resume_is_exact(s3_data):
     resumed = [build_loader(_cfg(s3_data), rank=r, world_size=2, state=st, **GEOMETRY)
                for r, st in ((0, states), (1, states[1]))]
     after = [_take(ld, total - cut) for ld in resumed]
-    for rank in range(2):
-        for s in SOURCES:
-            assert before[rank][0][s] + after[rank][0][s] == full[rank][0][s], (rank, s)
-        for a, b in zip(before[rank][1] + after[rank][1], full[rank][1]):
-            for s in SOURCES:
-                for key in a[s]:
-                    assert torch.equal(a[s][key], b[s][key]), (rank, s, key)
+    assert_resume_is_exact(before, after, full)
 
 
 @pytest.fixture(scope="module")

@@ -114,13 +114,22 @@ def s3_server():
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
+    try:
+        with aws_env(endpoint):
+            yield endpoint
+    finally:
+        server.stop()
+
+
+@contextmanager
+def aws_env(endpoint: str):
+    """FAKE_AWS credentials and AWS_ENDPOINT_URL=endpoint in the environment; the previous values restored."""
     old = {k: os.environ.get(k) for k in [*FAKE_AWS, "AWS_ENDPOINT_URL"]}
     os.environ.update(FAKE_AWS)
     os.environ["AWS_ENDPOINT_URL"] = endpoint
     try:
-        yield endpoint
+        yield
     finally:
-        server.stop()
         for k, v in old.items():
             if v is None:
                 os.environ.pop(k, None)
