@@ -6,6 +6,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 DEBUG_CONFIG = str(ROOT / "configs" / "debug.yaml")
+# The bound of a wait that covers a job's start-up (Ray, worker group, engine build): ~35 s on the idle
+# 2-core machine, minutes under load (scripts/flake_hunt.sh). Only a hang takes this long; the tests wait on
+# the event itself.
+STARTUP_S = 600
 
 
 def data_overrides(base: str) -> list[str]:

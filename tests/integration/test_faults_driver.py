@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.recipes import DEBUG_CONFIG, small_run
+from tests.integration.recipes import DEBUG_CONFIG, STARTUP_S, small_run
 from tests.orchestrator.faults import driver, final_state, registered, wait_for
 
 pytestmark = pytest.mark.integration
@@ -48,7 +48,7 @@ def test_driver_killed_then_rerun_resumes_with_one_mlflow_run(synthetic_data, tm
     run_dir = storage / "f3"
 
     with driver(argv, tmp_path / "first.log") as first:
-        wait_for(lambda: registered(run_dir, 10), 300, "the step-10 checkpoint", first)
+        wait_for(lambda: registered(run_dir, 10), STARTUP_S, "the step-10 checkpoint", first)
         _second_driver_is_refused(argv, run_dir, capsys)
         first.kill()
         # The embedded Ray's raylet shares the fate of the driver that started it, so no worker of the dead
@@ -64,7 +64,7 @@ def test_driver_killed_then_rerun_resumes_with_one_mlflow_run(synthetic_data, tm
 
     t_restart_ms = int(time.time() * 1000)
     with driver(argv, tmp_path / "second.log") as second:
-        assert second.wait(timeout=360) == 0, second.tail()
+        assert second.wait(timeout=STARTUP_S) == 0, second.tail()
         out = second.output()
 
     assert f"at step {resume_step}" in out, out[-3000:]

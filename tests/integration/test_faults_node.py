@@ -13,7 +13,7 @@ import pytest
 
 from cluster.local_cluster import add_worker, start_head, stop_all, wait_for_node_state
 from trainer import fault_gate
-from tests.integration.recipes import DEBUG_CONFIG, small_run
+from tests.integration.recipes import DEBUG_CONFIG, STARTUP_S, small_run
 from tests.orchestrator.faults import consumed, driver, final_state, registered, shard_sizes, wait_for
 from trainer.config import load_config
 
@@ -71,7 +71,7 @@ def test_node_lost_job_waits_for_it_and_completes_exactly_once(two_nodes, synthe
         time.sleep(5)  # the job now waits: 2 workers of 1 CPU do not fit on the head alone
         assert run.proc.poll() is None, run.tail()
         add_worker(head, 1, name=NODE)  # the node comes back
-        assert run.wait(timeout=360) == 0, run.tail()
+        assert run.wait(timeout=STARTUP_S) == 0, run.tail()
         out = run.output()
     assert "at step 10" in out, out[-3000:]
     _check_exactly_once(argv, storage / "f2", synthetic_data)
@@ -90,7 +90,7 @@ def test_node_lost_elastic_job_goes_on_with_fewer_workers(two_nodes, synthetic_d
            "UNIMO_FAULT_GATE": f"12:{gate}"}
     with driver(argv, tmp_path / "f2e.log", env=env) as run:
         _lose_node_after_first_checkpoint(head, run, storage / "f2e", gate)
-        code = run.wait(timeout=360)
+        code = run.wait(timeout=STARTUP_S)
         out = run.output()
     assert code == 0, out[-4000:]
     state = _check_exactly_once(argv, storage / "f2e", synthetic_data)

@@ -8,7 +8,7 @@ import signal
 import pytest
 
 from trainer import fault_gate
-from tests.integration.recipes import DEBUG_CONFIG, small_run
+from tests.integration.recipes import DEBUG_CONFIG, STARTUP_S, small_run
 from tests.orchestrator.faults import differing_tensors, driver, fp32_weights, registered, wait_for
 
 pytestmark = pytest.mark.integration
@@ -36,9 +36,9 @@ def test_worker_killed_mid_run_job_completes_with_uninterrupted_weights(syntheti
         victim = workers[-1]
         os.kill(victim.pid, signal.SIGKILL)  # between steps 11 and 12: step 11 is lost, step 10 is saved
         fault_gate.release(gate)  # the restarted group passes step 12
-        assert run.wait(timeout=360) == 0, run.tail()
+        assert run.wait(timeout=STARTUP_S) == 0, run.tail()
         out = run.output()
-        assert ref.wait(timeout=300) == 0, ref.tail()
+        assert ref.wait(timeout=STARTUP_S) == 0, ref.tail()
 
     # The kill was noticed and the group restarted from the step-10 checkpoint, not from scratch.
     assert "resumed from" in out and "at step 10" in out, out[-3000:]
@@ -79,7 +79,7 @@ def test_a_frozen_rank_hangs_the_collective_and_the_watchdog_restarts_the_job(sy
         fault_gate.release(gate)  # the live rank goes on into step 12 and waits there for the frozen one
         # bounded by the limit plus slack for a loaded machine (the alternative is gloo's 30 minutes)
         wait_for(lambda: "[unimo watchdog]" in run.output(), limit + 60, "the watchdog", run)
-        assert run.wait(timeout=360) == 0, run.tail()
+        assert run.wait(timeout=STARTUP_S) == 0, run.tail()
         out = run.output()
     assert f"limit train.watchdog_seconds={limit}" in out
     assert "resumed from" in out and "at step 10" in out, out[-3000:]

@@ -11,7 +11,7 @@ import pytest
 from cluster.local_cluster import start_head, stop_all
 from orchestrator import jobs
 from orchestrator.runlock import RunLock
-from tests.integration.recipes import DEBUG_CONFIG, small_run
+from tests.integration.recipes import DEBUG_CONFIG, STARTUP_S, small_run
 from tests.orchestrator.faults import wait_for
 
 pytestmark = pytest.mark.integration
@@ -98,7 +98,7 @@ def test_submit_logs_status_and_stop(head, synthetic_data, tmp_path, capsys):
     assert rc == 0, err
     long_job = out.strip().splitlines()[0]
     client = jobs.connect(url)
-    wait_for(lambda: "step 2/5000" in client.get_job_logs(long_job), 300, "the long job to train")
+    wait_for(lambda: "step 2/5000" in client.get_job_logs(long_job), STARTUP_S, "the long job to train")
     assert _train_workers(head.pid)
     rc, out, _ = cli(capsys, "jobs", "stop", long_job, "--wait", "--address", url)
     logs = client.get_job_logs(long_job)

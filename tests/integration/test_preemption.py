@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.integration.recipes import DEBUG_CONFIG, ROOT, small_run
+from tests.integration.recipes import DEBUG_CONFIG, ROOT, STARTUP_S, small_run
 
 pytestmark = pytest.mark.integration
 
@@ -40,7 +40,7 @@ def test_sigterm_checkpoints_then_resubmission_resumes(synthetic_data, tmp_path)
                             env=env)
     lines: list[str] = []
     try:
-        wait_for_line(proc, "step 3/400", timeout=360, sink=lines)
+        wait_for_line(proc, "step 3/400", timeout=STARTUP_S, sink=lines)
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=240)
     finally:
@@ -59,7 +59,7 @@ def test_sigterm_checkpoints_then_resubmission_resumes(synthetic_data, tmp_path)
     # Resubmitting the same run resumes at that step (here with a plan that ends 2 steps later).
     again = [*argv[:5], *small_run("preempt", storage, str(synthetic_data), steps=stopped_at + 2, every=1000,
                                    extra=tracking)]
-    done = subprocess.run(again, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run(again, cwd=ROOT, capture_output=True, text=True, env=env, timeout=STARTUP_S)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert f"at step {stopped_at}" in done.stdout + done.stderr
     final = sorted((storage / "preempt" / "checkpoints").glob("step_*"))[-1]
@@ -78,7 +78,7 @@ def test_sigterm_to_a_worker_checkpoints_and_the_run_stops_cleanly(synthetic_dat
     argv = ["train", DEBUG_CONFIG, *small_run("wterm", storage, str(synthetic_data), steps=400, every=1000,
                                                 extra=overrides)]
     with driver(argv, tmp_path / "wterm.log") as run:
-        wait_for(lambda: "step 3/400" in run.output(), 360, "step 3", run)
+        wait_for(lambda: "step 3/400" in run.output(), STARTUP_S, "step 3", run)
         workers = wait_for(lambda: len(run.train_workers()) == 2 and run.train_workers(), 60,
                            "2 train workers", run)
         os.kill(workers[-1].pid, signal.SIGTERM)

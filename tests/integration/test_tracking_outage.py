@@ -14,7 +14,7 @@ import pytest
 
 from trainer import fault_gate
 
-from tests.integration.recipes import DEBUG_CONFIG, small_run
+from tests.integration.recipes import DEBUG_CONFIG, STARTUP_S, small_run
 from tests.integration.services import free_port, wait_http
 
 pytestmark = pytest.mark.integration
@@ -91,7 +91,7 @@ class Outage(threading.Thread):
         return max(steps, default=0)
 
     def _kill(self) -> None:
-        wait_for(lambda: len(logged_steps(self.server.uri)) >= 4, 300, "steps 1-4 in MLflow")
+        wait_for(lambda: len(logged_steps(self.server.uri)) >= 4, STARTUP_S, "steps 1-4 in MLflow")
         self.server.kill()
         self.down_at = self._newest_checkpoint()
 
