@@ -20,7 +20,6 @@ from functools import lru_cache
 from typing import Any
 
 
-@lru_cache(maxsize=None)
 def field_docs(cls: type) -> dict[str, str]:
     """{field name: its documentation} for a dataclass, from the comments at each field's declaration: the
     comment lines directly above the field, then the comment at the end of its line."""
@@ -140,9 +139,7 @@ def _render_node(node: Any, indent: int, out: list[str], first_prefix: str | Non
 
 
 def _plain(value: Any) -> Any:
-    if isinstance(value, tuple):
-        return [_plain(v) for v in value]
-    if isinstance(value, list):
+    if isinstance(value, (tuple, list)):
         return [_plain(v) for v in value]
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
