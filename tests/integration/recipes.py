@@ -4,12 +4,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 DEBUG_CONFIG = str(ROOT / "configs" / "debug.yaml")
 # The bound of a wait that covers a job's start-up (Ray, worker group, engine build): ~35 s on the idle
 # 2-core machine, minutes under load (scripts/flake_hunt.sh). Only a hang takes this long; the tests wait on
 # the event itself.
 STARTUP_S = 600
+
+
+def jobs_bound(jobs: int):
+    """pytest-timeout's bound for a test that runs ``jobs`` jobs one after another: STARTUP_S each.
+
+    The suite-wide 900 s covers one or two jobs; three in a row took longer than that under load
+    (scripts/flake_hunt.sh), with no hang.
+    """
+    return pytest.mark.timeout(jobs * STARTUP_S)
 
 
 def data_overrides(base: str) -> list[str]:

@@ -6,7 +6,6 @@ Elastic (scaling.min_workers=1): the job goes on with the workers left, at a sma
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ pytestmark = pytest.mark.integration
 
 NO_EVAL = ["data.eval_pairs=", "scaling.num_workers=2", "scaling.cpus_per_worker=1"]
 NODE = "lc-node-b"
+GROUP_START = "Attempting to start training worker group"  # Ray Train logs it at each attempt
 
 
 @pytest.fixture
@@ -67,8 +67,12 @@ def test_node_lost_job_waits_for_it_and_completes_exactly_once(two_nodes, synthe
     gate = tmp_path / "gate"
     with driver(argv, tmp_path / "f2.log",
                 env={**head.client_env(), "UNIMO_FAULT_GATE": f"12:{gate}"}) as run:
+        starts = run.output().count(GROUP_START)
         _lose_node_after_first_checkpoint(head, run, storage / "f2", gate)
-        time.sleep(5)  # the job now waits: 2 workers of 1 CPU do not fit on the head alone
+        # Ray Train's next attempt now waits for its placement group: 2 workers of 1 CPU do not fit on the
+        # head alone. The job must still be running once that attempt has begun.
+        wait_for(lambda: run.output().count(GROUP_START) > starts, STARTUP_S, "the next worker-group start",
+                 run)
         assert run.proc.poll() is None, run.tail()
         add_worker(head, 1, name=NODE)  # the node comes back
         assert run.wait(timeout=STARTUP_S) == 0, run.tail()

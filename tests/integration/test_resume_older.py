@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.recipes import DEBUG_CONFIG, small_run
+from tests.integration.recipes import DEBUG_CONFIG, jobs_bound, small_run
 
 pytestmark = pytest.mark.integration
 
@@ -36,6 +36,7 @@ def folders(checkpoints: Path) -> list[str]:
     return sorted(p.name for p in checkpoints.iterdir() if p.is_dir())
 
 
+@jobs_bound(3)
 def test_torn_newest_then_two_more_jobs(synthetic_data, tmp_path, capfd):
     """The user's report in small: 4 steps (checkpoints 2 and 4), tear a shard of step 4, train to 6 (resumes
     from 2, saves 4 and 6 again), then to 8 with the same config: the last job must resume from 6 and finish,
