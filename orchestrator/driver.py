@@ -316,7 +316,13 @@ def failed_run_error(err: BaseException, run_dir: Path | str, cfg: RunConfig) ->
     causes = failures.values() if failures else [controller or err]
     firsts = sorted({_last_line(e) for e in causes})
     return RuntimeError(f"training failed (the worker group was retried up to scaling.max_failures="
-                        f"{cfg.scaling.max_failures} times): {'; '.join(firsts)}{where}")
+                        f"{cfg.scaling.max_failures} times in a row without a new checkpoint"
+                        f"{_total_cap(cfg)}): {'; '.join(firsts)}{where}")
+
+
+def _total_cap(cfg: RunConfig) -> str:
+    n = cfg.scaling.max_total_failures
+    return f", at most scaling.max_total_failures={n} in all" if n else ""
 
 
 def _last_line(err: BaseException) -> str:
@@ -352,6 +358,8 @@ def _fit_locked(cfg: RunConfig, run_dir: Path | str) -> TrainOutcome:
     trainer = GuardedTorchTrainer(
         train_func,
         stop_file=stop_file,
+        checkpoints_root=storage.join(run_dir, "checkpoints"),
+        max_total_failures=cfg.scaling.max_total_failures,
         train_loop_config=payload,
         scaling_config=scaling_config_of(cfg),
         run_config=ray.train.RunConfig(

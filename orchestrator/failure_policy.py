@@ -1,12 +1,18 @@
-"""Which worker-group failures Ray Train retries: transient faults only, and nothing after a stop request.
+"""Which worker-group failures Ray Train retries: transient faults, budgeted per window of progress.
 
 Ray Train's default policy restarts the worker group after any worker error, up to
-``FailureConfig.max_failures`` times: a missing data folder was tried four times and its message drowned in
-four tracebacks. Here a ``UserError`` raised in any worker ends the job at once (not counted against
-``scaling.max_failures``), and so does any failure after the driver was asked to stop (its STOP file exists):
-a stop means stop, never a new worker group. Everything else is left to Ray's default policy (and an unknown
-error is retried: it may be transient). Controller failures (a worker group that cannot be placed) are bounded
-by ``FailureConfig.controller_failure_limit``, which the driver sets.
+``FailureConfig.max_failures`` times over the whole run: the 4th spread-out fault of a week-long run (an ECC
+error, a NCCL timeout, a reclaimed node) would end it. Here ``scaling.max_failures`` counts *consecutive*
+failures without a new checkpoint: a failure after the run saved a newer checkpoint than at the previous
+failure starts the count again, so a long run survives many spread-out faults while a crash loop (failing
+before it ever saves) still stops. ``scaling.max_total_failures`` (0 = none) caps all failures of one job.
+
+A ``UserError`` raised in any worker (a config or data mistake, an incompatible checkpoint, a full disk) ends
+the job at once: a restart cannot fix it. So does any failure after the driver was asked to stop (its STOP
+file exists): a stop means stop, never a new worker group. An error of unknown kind is retried (it may be
+transient). Controller failures (a worker group that cannot be placed) are bounded by
+``FailureConfig.controller_failure_limit``, which the driver sets; preemptions that Ray Train detects by
+``FailureConfig.max_preemption_failures`` (unlimited by default).
 """
 
 from __future__ import annotations
@@ -35,12 +41,31 @@ def user_error_of(error: BaseException | None) -> UserError | None:
     return user_error_of(cause) if cause is not None else None
 
 
-class UserErrorFailurePolicy(DefaultFailurePolicy):
-    """Ray's default policy, except that user errors and failures after a stop request are never retried."""
+def newest_saved_step(checkpoints_root: str | None) -> int:
+    """The step of the newest complete checkpoint under ``checkpoints_root`` (-1: none, or unreadable)."""
+    if not checkpoints_root:
+        return -1
+    from trainer import checkpoint as ckpt
 
-    def __init__(self, failure_config, stop_file: str | None = None):
+    try:
+        return next((c.step for c in ckpt.list_step_dirs(checkpoints_root) if ckpt.has_manifest(c.path)), -1)
+    except OSError as err:  # storage unreachable: no progress seen, the failure counts
+        log.warning("could not list %s: %s", checkpoints_root, err)
+        return -1
+
+
+class UserErrorFailurePolicy(DefaultFailurePolicy):
+    """Ray's default policy, except that user errors and failures after a stop request are never retried, and
+    worker-group failures are counted per window of progress (see the module's docstring)."""
+
+    def __init__(self, failure_config, stop_file: str | None = None, checkpoints_root: str | None = None,
+                 max_total_failures: int = 0):
         super().__init__(failure_config)
         self.stop_file = stop_file
+        self.checkpoints_root = checkpoints_root
+        self.max_total_failures = max_total_failures
+        self.total_failures = 0
+        self.step_at_last_failure = newest_saved_step(checkpoints_root)
 
     def _stop_requested(self) -> bool:
         if not self.stop_file:
@@ -63,18 +88,42 @@ class UserErrorFailurePolicy(DefaultFailurePolicy):
         if self._stop_requested():
             log.info("[unimo] a stop was requested: no new worker group after this failure")
             return FailureDecision.RAISE
+        if isinstance(training_failed_error, WorkerGroupError):
+            if self._over_total():
+                return FailureDecision.RAISE
+            self._new_window_if_progress()
         return super().make_decision(training_failed_error)
+
+    def _over_total(self) -> bool:
+        self.total_failures += 1
+        if 0 < self.max_total_failures < self.total_failures:
+            log.info("[unimo] failure %d of this job: over scaling.max_total_failures=%d, not retrying",
+                     self.total_failures, self.max_total_failures)
+            return True
+        return False
+
+    def _new_window_if_progress(self) -> None:
+        """Ray's count of worker-group failures starts again when a newer checkpoint was saved since the
+        previous failure: ``max_failures`` then bounds failures in a row without progress."""
+        step = newest_saved_step(self.checkpoints_root)
+        if step > self.step_at_last_failure:
+            if self._worker_group_failures:
+                log.info("[unimo] a checkpoint (step %d) was saved since the last failure: the failure count "
+                         "starts again", step)
+            self._worker_group_failures = 0  # DefaultFailurePolicy's counter (Ray 2.60)
+        self.step_at_last_failure = max(step, self.step_at_last_failure)
 
 
 class GuardedTorchTrainer(TorchTrainer):
     """TorchTrainer whose controller uses UserErrorFailurePolicy. (Ray 2.60 builds its default policy in
     ``fit`` and hands every keyword to ``_initialize_and_run_controller``, where it is swapped.)"""
 
-    def __init__(self, *args, stop_file: str | None = None, **kwargs):
-        self._unimo_stop_file = stop_file
+    def __init__(self, *args, stop_file: str | None = None, checkpoints_root: str | None = None,
+                 max_total_failures: int = 0, **kwargs):
+        self._unimo_policy_args = (stop_file, checkpoints_root, max_total_failures)
         super().__init__(*args, **kwargs)
 
     def _initialize_and_run_controller(self, **controller_init_kwargs):
         controller_init_kwargs["failure_policy"] = UserErrorFailurePolicy(
-            self.run_config.failure_config, self._unimo_stop_file)
+            self.run_config.failure_config, *self._unimo_policy_args)
         return super()._initialize_and_run_controller(**controller_init_kwargs)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from data_pipeline.errors import UserError
 from trainer import storage
 
 log = logging.getLogger(__name__)
@@ -63,8 +64,12 @@ class TornCheckpoint(RuntimeError):
     """A checkpoint that is incomplete or corrupt."""
 
 
-class NewerCheckpoint(ValueError):
-    """A checkpoint written by a later unimo, in a layout this one does not know."""
+class NewerCheckpoint(UserError, ValueError):
+    """A checkpoint written by a later unimo, in a layout this one does not know (a restart cannot help)."""
+
+
+class IncompatibleCheckpoint(UserError, ValueError):
+    """A checkpoint this run cannot continue from as configured (another model, say): never retried."""
 
 
 def check_schema(payload: dict[str, Any], where: Path | str) -> int:

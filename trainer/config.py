@@ -240,8 +240,11 @@ class ScalingConfig:
     cpus_per_worker: int = 1  # CPUs Ray reserves for each worker; also its intra-op threads on CPU
     placement_strategy: PlacementStrategy = "PACK"  # Ray placement of the workers: PACK fills nodes first
 
-    # worker-group restarts after a fault (node loss, killed worker) before the job fails; -1 = unlimited
+    # worker-group restarts in a row without a new checkpoint before the job fails (a failure after a newer
+    # checkpoint was saved starts the count again); -1 = unlimited
     max_failures: int = 3
+    # all worker-group failures one job may recover from, progress or not; 0 = no cap
+    max_total_failures: int = 0
 
     def __post_init__(self) -> None:
         check(self.num_workers >= 1, "num_workers", self.num_workers, "must be >= 1")
@@ -250,6 +253,8 @@ class ScalingConfig:
         check(self.cpus_per_worker >= 1, "cpus_per_worker", self.cpus_per_worker, "must be >= 1")
         check_choices(self)
         check(self.max_failures >= -1, "max_failures", self.max_failures, "must be >= -1 (-1 = unlimited)")
+        check(self.max_total_failures >= 0, "max_total_failures", self.max_total_failures,
+              "must be >= 0 (0 = no cap)")
 
 
 def _default_stages() -> list[StageConfig]:

@@ -1,5 +1,6 @@
 """The worker-group failure policy (orchestrator/failure_policy.py): user errors and failures after a stop are
-never retried; everything else is left to Ray Train's default policy and its max_failures."""
+never retried; other worker-group failures are budgeted per window of progress (max_failures in a row without
+a new checkpoint, max_total_failures in all)."""
 
 from __future__ import annotations
 
@@ -60,3 +61,67 @@ def test_the_policy_and_a_user_error_travel_to_the_controller():
     err.detail = "Traceback ..."
     back = pickle.loads(pickle.dumps(err))
     assert isinstance(back, UserError) and back.detail == "Traceback ..." and str(back) == "no shards"
+
+
+def saved(checkpoints, step: int) -> None:
+    """A complete step folder (a manifest is what makes a checkpoint count)."""
+    from trainer import checkpoint as ckpt
+
+    folder = checkpoints / ckpt.step_dir_name(step)
+    folder.mkdir(parents=True)
+    ckpt.write_manifest(folder, {}, step)
+
+
+def test_spread_out_failures_each_after_a_new_checkpoint_are_all_retried(tmp_path):
+    """A week-long run: a fault every few checkpoints. With max_failures=2 the 3rd fault used to end it."""
+    checkpoints = tmp_path / "checkpoints"
+    policy = UserErrorFailurePolicy(ray.train.FailureConfig(max_failures=2), None, str(checkpoints))
+    decisions = []
+    for step in range(10, 110, 10):
+        saved(checkpoints, step)
+        decisions.append(policy.make_decision(group_error(RuntimeError("NCCL timeout"))))
+    assert decisions == [FailureDecision.RETRY] * 10
+
+
+def test_failures_in_a_row_without_a_new_checkpoint_stop_the_job(tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    saved(checkpoints, 10)  # from an earlier job: no progress of this one
+    policy = UserErrorFailurePolicy(ray.train.FailureConfig(max_failures=2), None, str(checkpoints))
+    crash = group_error(RuntimeError("segfault at start"))
+    assert [policy.make_decision(crash) for _ in range(2)] == [FailureDecision.RETRY] * 2
+    saved(checkpoints, 20)  # progress: a new window
+    assert [policy.make_decision(crash) for _ in range(3)] == [FailureDecision.RETRY] * 2 + [
+        FailureDecision.RAISE]
+
+
+def test_max_total_failures_caps_a_job_whatever_its_progress(tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    policy = UserErrorFailurePolicy(ray.train.FailureConfig(max_failures=1), None, str(checkpoints),
+                                    max_total_failures=3)
+    decisions = []
+    for step in (10, 20, 30, 40):
+        saved(checkpoints, step)
+        decisions.append(policy.make_decision(group_error(RuntimeError("ECC error"))))
+    assert decisions == [FailureDecision.RETRY] * 3 + [FailureDecision.RAISE]
+
+
+def test_a_torn_newer_folder_is_no_progress(tmp_path):
+    """A step folder without its manifest (a save cut short) does not open a new window."""
+    checkpoints = tmp_path / "checkpoints"
+    saved(checkpoints, 10)
+    policy = UserErrorFailurePolicy(ray.train.FailureConfig(max_failures=1), None, str(checkpoints))
+    assert policy.make_decision(group_error(RuntimeError("x"))) == FailureDecision.RETRY
+    (checkpoints / "step_00000020").mkdir()  # torn: no manifest
+    assert policy.make_decision(group_error(RuntimeError("x"))) == FailureDecision.RAISE
+
+
+def test_a_full_disk_or_an_incompatible_checkpoint_is_not_retried():
+    """A restart on the same disk, or with the same config, meets the same error."""
+    from trainer.checkpoint import IncompatibleCheckpoint, NewerCheckpoint
+    from trainer.checkpointing.manager import NoSpaceForCheckpoint
+
+    for err in (NoSpaceForCheckpoint("not enough free space in /tmp"),
+                IncompatibleCheckpoint("saved with another model config"),
+                NewerCheckpoint("has checkpoint schema 9")):
+        policy = UserErrorFailurePolicy(ray.train.FailureConfig(max_failures=3))
+        assert policy.make_decision(group_error(err, RuntimeError("collateral"))) == FailureDecision.RAISE

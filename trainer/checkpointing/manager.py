@@ -24,6 +24,7 @@ from typing import Any, Callable, Protocol
 
 import torch
 
+from data_pipeline.errors import UserError
 from trainer import checkpoint as ckpt
 from trainer import storage
 from trainer.checkpointing.universal import drop_universal, to_universal
@@ -37,8 +38,8 @@ log = logging.getLogger(__name__)
 SAVE_PREFIX = "unimo-ckpt-"
 
 
-class NoSpaceForCheckpoint(OSError):
-    """The local disk cannot hold the next checkpoint."""
+class NoSpaceForCheckpoint(UserError, OSError):
+    """The local disk cannot hold the next checkpoint (a restart on the same disk cannot help)."""
 
 
 def free_bytes(folder: Path) -> int:
@@ -198,8 +199,9 @@ class CheckpointManager:
         diffs = ckpt.config_mismatch(saved_model, current, "model.", defaults=to_dict(type(self.cfg.model)()))
         diffs = [d for d in diffs if not d.startswith("model.activation_checkpointing")]
         if diffs:
-            raise ValueError(f"checkpoint {path} was saved with another model config: " + "; ".join(diffs)
-                             + ". Use the original config or start a new run name.")
+            raise ckpt.IncompatibleCheckpoint(f"checkpoint {path} was saved with another model config: "
+                                              + "; ".join(diffs)
+                                              + ". Use the original config or start a new run name.")
 
     def _agree(self, found: Found | None) -> None:
         """Every rank chose the same checkpoint (each verifies on its own node); also the point after which
