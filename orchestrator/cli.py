@@ -155,14 +155,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from orchestrator.driver import fit, print_summary
+    from orchestrator.driver import exit_code, fit, print_summary
     from trainer.config import load_config
 
     if args.dry_run:
         return cmd_check(args)
     cfg = load_config(args.config, args.overrides)
-    print_summary(fit(cfg))
-    return 0
+    outcome = fit(cfg)
+    print_summary(outcome)
+    return exit_code(outcome)  # 75 when preempted: resubmit
 
 
 def cmd_check(args: argparse.Namespace) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from orchestrator.driver import fit, print_summary
+from orchestrator.driver import exit_code, fit, print_summary
 from trainer.config import load_config
 
 # the shipped config (trainer/shipped_configs.py): found in a checkout and when installed
@@ -44,6 +44,6 @@ def run_demo(out: str, config: str | None, overrides: list[str]) -> int:
     t0 = time.perf_counter()
     outcome = fit(cfg)
     print_summary(outcome)
-    print(f"[demo] finished in {time.perf_counter() - t0:.0f}s; run it again with a new run.name=... to "
-          "start afresh (the same name resumes).")
-    return 0
+    print(f"[demo] {'stopped' if outcome.stopped_early else 'finished'} in {time.perf_counter() - t0:.0f}s; "
+          "run it again with a new run.name=... to start afresh (the same name resumes).")
+    return exit_code(outcome)

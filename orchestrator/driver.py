@@ -372,7 +372,7 @@ def _fit_locked(cfg: RunConfig, run_dir: Path | str) -> TrainOutcome:
             worker_runtime_env={"env_vars": worker_env(cfg)},
         ),
     )
-    ok = False
+    ok = stopped = False
     stop = _StopState()
     try:
         # Installed after ray.init, which sets its own (aborting) SIGTERM handler in this process.
@@ -388,12 +388,14 @@ def _fit_locked(cfg: RunConfig, run_dir: Path | str) -> TrainOutcome:
         ok = result.error is None
         if result.error is not None:
             raise failed_run_error(result.error, run_dir, cfg)
+        # a SIGTERM to the driver (the STOP file) or to a worker (its flag rode the step's all-reduce)
+        stopped = storage.exists(stop_file) or bool((result.metrics or {}).get("stopped_early"))
     finally:
         reconcile_run(str(run_dir), "end")  # folders pruned or moved aside during the job
-        run_id = finish_run(tracking_uri, run_id, ok, cfg=cfg, run_dir=run_dir)  # found if created late
+        run_id = finish_run(tracking_uri, run_id, ok, cfg=cfg, run_dir=run_dir,  # found if created late
+                            preempted=stopped)
         if stop.requested_at is not None and not ok:
             storage.delete(stop_file)  # the request is served: it must not stop the next job of this run
-    stopped = storage.exists(stop_file) or bool((result.metrics or {}).get("stopped_early"))
     storage.delete(stop_file)
     checkpoint = storage.url_of_ray_path(result.checkpoint.path, result.checkpoint.filesystem) \
         if result.checkpoint else None
@@ -472,11 +474,24 @@ def run_page(tracking_uri: str, run_id: str | None) -> str:
     return f"/#/experiments/{experiment}/runs/{run_id}{TRAINING_VIEW}"
 
 
+# The exit status of a job that was preempted (a SIGTERM to the driver or a worker: it saved a checkpoint and
+# stopped before its last step): EX_TEMPFAIL, "try again". Non-zero, so a KubeRay RayJob's retry, a
+# scheduler or `unimo submit --max-resubmits` resubmits it; the Jobs API reports it FAILED (a job stopped with
+# `unimo jobs stop` is STOPPED instead).
+EXIT_PREEMPTED = 75
+
+
+def exit_code(out: TrainOutcome) -> int:
+    return EXIT_PREEMPTED if out.stopped_early else 0
+
+
 def print_summary(out: TrainOutcome) -> None:
     losses = {k: round(v, 4) for k, v in out.metrics.items() if str(k).startswith("loss/")}
     if out.stopped_early:
-        print(f"\n=== unimo: run stopped on request at step {int(out.metrics.get('step', 0))}; run the same "
-              "command (same run.name) to resume ===")
+        step = int(out.metrics.get("step", 0))
+        print(f"\n=== unimo: run preempted (stopped on request) at step {step} after saving a checkpoint; "
+              f"exit status {EXIT_PREEMPTED}. To resume, run the same command again (same run.name): it "
+              "continues from that checkpoint ===")
     else:
         print("\n=== unimo: run finished ===")
     print(f"final losses      : {losses}")

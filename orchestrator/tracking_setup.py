@@ -176,6 +176,7 @@ def _resume_run(client, cfg: RunConfig, run_id: str, secrets: list[str], id_file
     restarts = int(run.data.tags.get("unimo.restarts", "0")) + 1
     client.set_tag(run_id, "unimo.restarts", str(restarts))
     client.update_run(run_id, status="RUNNING")
+    client.set_tag(run_id, STATE_TAG, "running")
     # Params cannot change once logged: a resubmission's config (e.g. more steps) is kept as artifacts.
     log_config_artifacts(client, run_id, cfg, secrets, folder=f"config/restart_{restarts}")
 
@@ -225,9 +226,15 @@ def replay_spool(tracking_uri: str, run_id: str, spool: Path, timeout: float = 1
     return ok
 
 
+# The job's end as the run's ``unimo.state`` tag (MLflow's own statuses have no "preempted"): running,
+# finished, failed, or preempted (stopped by a SIGTERM after a checkpoint; status KILLED, to be resubmitted).
+STATE_TAG = "unimo.state"
+
+
 def finish_run(tracking_uri: str, run_id: str | None, ok: bool, cfg: RunConfig | None = None,
-               run_dir: Path | str | None = None) -> str | None:
-    """Marks the run finished or failed; returns its id (found in the run folder when it was created late)."""
+               run_dir: Path | str | None = None, preempted: bool = False) -> str | None:
+    """Marks the run finished, failed or preempted; returns its id (found in the run folder when it was
+    created late)."""
     try:
         check_reachable(tracking_uri)  # fail in seconds, not after the client's minutes of retries
         if run_id is None and run_dir is not None:
@@ -243,12 +250,15 @@ def finish_run(tracking_uri: str, run_id: str | None, ok: bool, cfg: RunConfig |
         if run_dir is not None:
             write_run_id(run_dir, run_id, tracking_uri)
             replay_spool(tracking_uri, run_id, spool_dir(run_dir), timeout=30.0)
-        if ok and cfg is not None and cfg.tracking.log_model and run_dir is not None:
+        if ok and not preempted and cfg is not None and cfg.tracking.log_model and run_dir is not None:
             try:
                 log_exported_model(client, run_id, run_dir)
             except Exception as err:  # noqa: BLE001 - the run still gets closed; the CLI export remains
                 log.warning("tracking.log_model: the export failed (%s); `unimo export` it by hand", err)
-        client.set_terminated(run_id, status="FINISHED" if ok else "FAILED")
+        state = "preempted" if preempted else "finished" if ok else "failed"
+        client.set_tag(run_id, STATE_TAG, state)
+        client.set_terminated(run_id, status={"preempted": "KILLED", "finished": "FINISHED"}.get(state,
+                                                                                                "FAILED"))
     except Exception as err:  # noqa: BLE001
         log.warning("could not mark MLflow run %s finished: %s", run_id, err)
     return run_id

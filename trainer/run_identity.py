@@ -79,7 +79,7 @@ def create_run(client: Any, cfg: Any, run_dir: str, secrets: list[str], commit: 
 
     exp_id = training_experiment(client, cfg.tracking.experiment)
     tags = {"unimo.run_name": cfg.run.name, "unimo.run_dir": run_dir, "unimo.flavor": cfg.model.flavor,
-            "unimo.world_size": str(cfg.scaling.num_workers), "unimo.restarts": "0",
+            "unimo.world_size": str(cfg.scaling.num_workers), "unimo.restarts": "0", "unimo.state": "running",
             "mlflow.source.git.commit": commit or git_commit()}
     run_id = client.create_run(exp_id, run_name=cfg.run.name, tags=tags).info.run_id
     params = [Param(k, v) for k, v in safe_params(cfg, secrets).items()]

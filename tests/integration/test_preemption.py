@@ -1,4 +1,5 @@
-"""Preemption: SIGTERM to the job saves a checkpoint at the next step, exits cleanly; a rerun resumes it."""
+"""Preemption: SIGTERM to the job saves a checkpoint at the next step and ends it "preempted" (exit status 75,
+MLflow status KILLED with the tag unimo.state=preempted), so that it gets resubmitted; a rerun resumes it."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import time
 
 import pytest
 
+from orchestrator.driver import EXIT_PREEMPTED
 from tests.integration.recipes import DEBUG_CONFIG, ROOT, STARTUP_S, small_run
 
 pytestmark = pytest.mark.integration
@@ -47,9 +49,10 @@ def test_sigterm_checkpoints_then_resubmission_resumes(synthetic_data, tmp_path)
         if proc.poll() is None:
             proc.kill()
     text = "".join(lines) + out
-    assert proc.returncode == 0, text[-3000:]
+    assert proc.returncode == EXIT_PREEMPTED, text[-3000:]
     assert "stop requested: saving a checkpoint" in text
-    assert "run stopped on request" in text
+    assert "run preempted (stopped on request)" in text and "To resume, run the same command again" in text
+    assert mlflow_state(tmp_path) == ("KILLED", "preempted")
     ckpts = sorted((storage / "preempt" / "checkpoints").glob("step_*"))
     assert len(ckpts) == 1, ckpts
     stopped_at = json.loads((ckpts[0] / "trainer_state.json").read_text())["step"]
@@ -64,12 +67,22 @@ def test_sigterm_checkpoints_then_resubmission_resumes(synthetic_data, tmp_path)
     assert f"at step {stopped_at}" in done.stdout + done.stderr
     final = sorted((storage / "preempt" / "checkpoints").glob("step_*"))[-1]
     assert json.loads((final / "trainer_state.json").read_text())["step"] == stopped_at + 2
+    assert mlflow_state(tmp_path) == ("FINISHED", "finished")
+
+
+def mlflow_state(tmp_path) -> tuple[str, str]:
+    """(status, unimo.state tag) of the test's one MLflow run."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    [run] = client.search_runs([client.get_experiment_by_name("unimo").experiment_id])
+    return run.info.status, run.data.tags.get("unimo.state")
 
 
 def test_sigterm_to_a_worker_checkpoints_and_the_run_stops_cleanly(synthetic_data, tmp_path):
     """Preemption as a node sees it: SIGTERM to one worker (not the driver). Every rank saves at the same next
-    step and the job ends "stopped on request" with exit 0, not as a failed worker (max_failures=0 would fail
-    the job). Resuming from a stop checkpoint is the test above."""
+    step and the job ends "preempted" (exit 75), not as a failed worker (max_failures=0 would fail the job).
+    Resuming from a stop checkpoint is the test above."""
     from tests.orchestrator.faults import driver, registered, wait_for
 
     storage = tmp_path / "runs"
@@ -82,10 +95,10 @@ def test_sigterm_to_a_worker_checkpoints_and_the_run_stops_cleanly(synthetic_dat
         workers = wait_for(lambda: len(run.train_workers()) == 2 and run.train_workers(), 60,
                            "2 train workers", run)
         os.kill(workers[-1].pid, signal.SIGTERM)
-        assert run.wait(timeout=240) == 0, run.tail()
+        assert run.wait(timeout=240) == EXIT_PREEMPTED, run.tail()
         out = run.output()
     assert "SIGTERM on worker pid" in out, out[-3000:]
-    assert "run stopped on request" in out, out[-3000:]
+    assert "run preempted (stopped on request)" in out, out[-3000:]
     ckpts = sorted((storage / "wterm" / "checkpoints").glob("step_*"))
     assert len(ckpts) == 1, ckpts
     state = json.loads((ckpts[0] / "trainer_state.json").read_text())
