@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainer import preemption, storage
+from trainer.preemption import EXIT_PREEMPTED
 from trainer.config import RunConfig
 from trainer.config_loader import to_dict
 from trainer.loop import STOP_FILE
@@ -472,13 +473,6 @@ def run_page(tracking_uri: str, run_id: str | None) -> str:
     except Exception:  # noqa: BLE001 - only a convenience link: the summary names the run id anyway
         return ""
     return f"/#/experiments/{experiment}/runs/{run_id}{TRAINING_VIEW}"
-
-
-# The exit status of a job that was preempted (a SIGTERM to the driver or a worker: it saved a checkpoint and
-# stopped before its last step): EX_TEMPFAIL, "try again". Non-zero, so a KubeRay RayJob's retry, a
-# scheduler or `unimo submit --max-resubmits` resubmits it; the Jobs API reports it FAILED (a job stopped with
-# `unimo jobs stop` is STOPPED instead).
-EXIT_PREEMPTED = 75
 
 
 def exit_code(out: TrainOutcome) -> int:

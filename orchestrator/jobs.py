@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
+from trainer.preemption import EXIT_PREEMPTED
 from trainer.redaction import is_secret_env_name
 
 
@@ -343,6 +344,10 @@ def submit_parser() -> argparse.ArgumentParser:
                    help="on `unimo jobs stop`, how long the job may take to checkpoint and exit before it is "
                         "killed (default: %(default)s)")
     p.add_argument("--follow", action="store_true", help="stream the job's logs until it ends")
+    p.add_argument("--max-resubmits", type=int, default=0, metavar="N",
+                   help="wait for the job and, when it ends preempted (a SIGTERM made it checkpoint and exit "
+                        f"with status {EXIT_PREEMPTED}), submit the run again, up to N times; each "
+                        "resubmission resumes from that checkpoint (default: 0)")
     return p
 
 
@@ -352,14 +357,42 @@ def submit_main(argv: list[str]) -> int:
                   stop_grace_s=args.stop_grace, working_dir=args.working_dir)
     address = resolve_address(args.address)
     client = connect(address)
+    if args.max_resubmits < 0:
+        raise JobsError(f"--max-resubmits {args.max_resubmits}: give 0 or more")
     job_id = submit(client, sub, address)
     print(job_id, flush=True)
     print(f"# follow: unimo jobs logs {job_id} --follow --address {address}", file=sys.stderr)
-    if args.follow:
-        status = follow_logs(client, job_id)
-        print(f"{job_id} {status}")
-        return 0 if status == "SUCCEEDED" else 1
-    return 0
+    if not (args.follow or args.max_resubmits):
+        return 0
+    return watch_and_resubmit(client, sub, job_id, address, args.max_resubmits, args.follow)
+
+
+def was_preempted(client, job_id: str, status: str) -> bool:
+    """The job's driver exited with EXIT_PREEMPTED: it saved a checkpoint and stopped on a SIGTERM. (A job
+    stopped with `unimo jobs stop` ends STOPPED, and is not resubmitted.)"""
+    return status == "FAILED" and getattr(client.get_job_info(job_id), "driver_exit_code", None) == \
+        EXIT_PREEMPTED
+
+
+def watch_and_resubmit(client, sub: Submission, job_id: str, address: str, max_resubmits: int,
+                       follow: bool) -> int:
+    """Waits for the job (streaming its logs with ``follow``); a preempted one is submitted again, up to
+    ``max_resubmits`` times. The exit status: 0 when the last job succeeded, EXIT_PREEMPTED when it was
+    preempted once more than allowed, 1 otherwise."""
+    for resubmits in range(max_resubmits + 1):
+        status = follow_logs(client, job_id) if follow else wait_terminal(client, job_id)
+        print(f"{job_id} {status}", flush=True)
+        if not was_preempted(client, job_id, status):
+            return 0 if status == "SUCCEEDED" else 1
+        if resubmits == max_resubmits:
+            print(f"[unimo] job {job_id} was preempted and --max-resubmits={max_resubmits} are used up; "
+                  f"`unimo submit` the run again to resume it", file=sys.stderr, flush=True)
+            return EXIT_PREEMPTED
+        print(f"[unimo] job {job_id} was preempted (it saved a checkpoint); resubmitting run {sub.run_name} "
+              f"({resubmits + 1}/{max_resubmits})", file=sys.stderr, flush=True)
+        job_id = submit(client, sub, address)
+        print(job_id, flush=True)
+    raise AssertionError("not reached")
 
 
 def jobs_parser() -> argparse.ArgumentParser:

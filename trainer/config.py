@@ -28,6 +28,7 @@ Schedule = Literal["cosine", "linear", "constant"]
 ZeroStage = Literal["auto", "0", "1", "2", "3"]
 Precision = Literal["auto", "fp32", "bf16", "autocast"]
 PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
+PreemptionNotice = Literal["none", "aws", "gcp"]
 
 
 @dataclass
@@ -195,8 +196,16 @@ class CheckpointConfig:
     # key.
     upload_attempts: int = 10
 
+    # the cloud's advance notice of a spot/preemptible reclaim, polled on every worker from the instance
+    # metadata service: a notice saves a checkpoint at the next step and ends the run preempted, before the
+    # SIGTERM (aws: 2 min ahead, gcp: 30 s); none = off
+    preemption_notice: PreemptionNotice = "none"
+    notice_poll_seconds: float = 5.0  # how often each worker asks the metadata service
+
     def __post_init__(self) -> None:
         check(self.every_steps >= 0, "every_steps", self.every_steps, "must be >= 0")
+        check(self.notice_poll_seconds > 0, "notice_poll_seconds", self.notice_poll_seconds, "must be > 0")
+        check_choices(self)
         check(self.upload_attempts >= 1, "upload_attempts", self.upload_attempts, "must be >= 1")
         check(self.every_minutes >= 0, "every_minutes", self.every_minutes, "must be >= 0")
         check(self.keep_last >= 1, "keep_last", self.keep_last, "must be >= 1")

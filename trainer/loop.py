@@ -293,13 +293,18 @@ class Trainer:
 
     def run(self) -> dict[str, float]:
         """Trains from the restored step to the end of the plan; returns the last logged metrics."""
+        from trainer.preemption_notice import watch
+
         self.watchdog.start()
+        notice = watch(self.cfg.checkpoint.preemption_notice, self.cfg.checkpoint.notice_poll_seconds)
         try:
             with self.watchdog.phase("start-up (engine build, checkpoint restore)"):
                 self._start_up()
             with preemption.training():
                 last = self._step_loop(self.progress.step, self.cfg.total_steps, time.perf_counter())
         finally:
+            if notice is not None:
+                notice.stop()
             self.watchdog.stop()
             self._stop_logging()
         return last

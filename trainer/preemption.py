@@ -5,8 +5,8 @@ handler, ``orchestrator.driver.sigterm_as_exit``). Ray's worker process answers 
 which Ray Train treats as a failed worker (a restart from the last checkpoint, losing the steps since). Here
 the first SIGTERM during training only sets a flag; the step loop shares it with the other ranks in the
 all-reduce it already does for the driver's STOP file (``Trainer.control_flags``), every rank saves at the
-same step, and the run ends as "stopped on request", to be resumed by resubmitting it. A second SIGTERM, or
-one outside the step loop, gets Ray's own handler (exit now).
+same step, and the run ends "preempted" (exit status EXIT_PREEMPTED), to be resumed by resubmitting it. A
+second SIGTERM, or one outside the step loop, gets Ray's own handler (exit now).
 
 ``install`` runs in each Ray Train worker process as its ``worker_process_setup_hook`` (set by the driver), in
 the main thread, just before Ray's task loop installs Ray's handler; Ray installs it through
@@ -23,6 +23,12 @@ import signal
 import sys
 import threading
 from typing import Any, Callable, Iterator
+
+# The exit status of a job that was preempted (a SIGTERM to the driver or a worker: it saved a checkpoint and
+# stopped before its last step): EX_TEMPFAIL, "try again". Non-zero, so a KubeRay RayJob's retry, a
+# scheduler or `unimo submit --max-resubmits` resubmits it; the Jobs API reports it FAILED (a job stopped with
+# `unimo jobs stop` is STOPPED instead).
+EXIT_PREEMPTED = 75
 
 _requested = threading.Event()
 _training = threading.Event()
@@ -43,6 +49,15 @@ def training() -> Iterator[None]:
         yield
     finally:
         _training.clear()
+
+
+def request(reason: str) -> None:
+    """Asks for the same stop as a first SIGTERM (a checkpoint at the next step, then the run ends preempted);
+    ``reason`` is printed once. Used by the cloud's advance notice (trainer/preemption_notice.py)."""
+    if not _requested.is_set():
+        _requested.set()
+        print(f"[unimo] {reason} (pid {os.getpid()}): saving a checkpoint at the next step, then stopping",
+              file=sys.stderr, flush=True)
 
 
 def on_sigterm(signum: int, frame: Any) -> None:

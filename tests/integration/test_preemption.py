@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from orchestrator.driver import EXIT_PREEMPTED
 from tests.integration.recipes import DEBUG_CONFIG, ROOT, STARTUP_S, small_run
+from trainer.preemption import EXIT_PREEMPTED
 
 pytestmark = pytest.mark.integration
 

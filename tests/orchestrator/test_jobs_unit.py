@@ -202,3 +202,54 @@ def test_relative_corpus_paths_are_refused_naming_the_corpus(tmp_path):
         jobs.prepare(str(ROOT / "configs" / "debug.yaml"),
                      _overrides(tmp_path) + ["data.pair.urls=", corpora])
     assert "data.pair.corpora.sbu.urls[1]=rel/sbu/" in str(err.value) and "coco" not in str(err.value)
+
+
+class JobsOfOneRun:
+    """A Jobs API stand-in: each submitted job ends as the next of ``ends`` ((status, driver exit code))."""
+
+    def __init__(self, ends: list[tuple[str, int | None]]):
+        self.ends, self.jobs = list(ends), {}
+
+    def list_jobs(self):
+        return [SimpleNamespace(submission_id=j, status=s, metadata={"unimo_run": "r"})
+                for j, (s, _) in self.jobs.items()]
+
+    def submit_job(self, submission_id, **kw):
+        self.jobs[submission_id] = self.ends.pop(0)
+        return submission_id
+
+    def get_job_status(self, job_id):
+        return self.jobs[job_id][0]
+
+    def get_job_info(self, job_id):
+        return SimpleNamespace(driver_exit_code=self.jobs[job_id][1], message="")
+
+
+def _submit_watching(client, max_resubmits: int) -> int:
+    sub = Submission(config="configs/debug.yaml", overrides=[], run_name="r")
+    return jobs.watch_and_resubmit(client, sub, jobs.submit(client, sub), "", max_resubmits, follow=False)
+
+
+def test_a_preempted_job_is_resubmitted_until_it_succeeds(capsys):
+    from trainer.preemption import EXIT_PREEMPTED
+
+    client = JobsOfOneRun([("FAILED", EXIT_PREEMPTED), ("FAILED", EXIT_PREEMPTED), ("SUCCEEDED", 0)])
+    assert _submit_watching(client, max_resubmits=3) == 0
+    assert len(client.jobs) == 3
+    assert capsys.readouterr().err.count("was preempted (it saved a checkpoint); resubmitting run r") == 2
+
+
+def test_resubmits_stop_at_their_budget_with_the_preempted_status(capsys):
+    from trainer.preemption import EXIT_PREEMPTED
+
+    client = JobsOfOneRun([("FAILED", EXIT_PREEMPTED)] * 3)
+    assert _submit_watching(client, max_resubmits=1) == EXIT_PREEMPTED
+    assert len(client.jobs) == 2 and "--max-resubmits=1 are used up" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("end", [("FAILED", 1), ("STOPPED", 75), ("FAILED", None)])
+def test_failed_or_stopped_jobs_are_not_resubmitted(end):
+    """A failure is not a preemption, and a job the user stopped (`unimo jobs stop`) stays stopped."""
+    client = JobsOfOneRun([end, ("SUCCEEDED", 0)])
+    assert _submit_watching(client, max_resubmits=3) == 1
+    assert len(client.jobs) == 1
