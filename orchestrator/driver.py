@@ -337,6 +337,7 @@ def _fit_locked(cfg: RunConfig, run_dir: Path | str) -> TrainOutcome:
     from ray.train.v2.api.exceptions import TrainingFailedError
 
     from orchestrator.failure_policy import GuardedTorchTrainer
+    from orchestrator.process_group import BoundStoreTorchConfig
     from orchestrator.preflight import check_cluster
     from orchestrator.tracking_setup import default_tracking_uri, finish_run
     from trainer.checkpointing.records import reconcile_run
@@ -363,6 +364,7 @@ def _fit_locked(cfg: RunConfig, run_dir: Path | str) -> TrainOutcome:
         max_total_failures=cfg.scaling.max_total_failures,
         train_loop_config=payload,
         scaling_config=scaling_config_of(cfg),
+        torch_config=BoundStoreTorchConfig(),  # the rendezvous listens on the node's address only
         run_config=ray.train.RunConfig(
             name="checkpoints", storage_path=storage_path, storage_filesystem=storage_fs,
             failure_config=failure_config_of(cfg),
@@ -443,14 +445,13 @@ def _stop_timed_out_message(run_dir: Path | str) -> str:
 def tracking_hint(tracking_uri: str, page: str = "") -> list[str]:
     """Where to look at the run: a tracking server is its own UI; a local store needs `mlflow ui`. ``page``:
     the run's page within the UI (``run_page``)."""
-    if tracking_uri.startswith(("http://", "https://")):
-        from orchestrator.tracking_setup import tracking_secrets
-        from trainer.redaction import redact
+    from orchestrator.tracking_setup import shown_uri
 
-        return [f"MLflow UI         : "
-                f"{redact(tracking_uri, tracking_secrets(tracking_uri)).rstrip('/')}{page}"]
+    shown = shown_uri(tracking_uri)
+    if tracking_uri.startswith(("http://", "https://")):
+        return [f"MLflow UI         : {shown.rstrip('/')}{page}"]
     mlflow_bin = Path(sys.executable).with_name("mlflow")
-    return [f"open the MLflow UI: {mlflow_bin} ui --backend-store-uri {tracking_uri} --host 127.0.0.1 "
+    return [f"open the MLflow UI: {mlflow_bin} ui --backend-store-uri {shown} --host 127.0.0.1 "
             "--port 5000",
             f"                   then browse http://127.0.0.1:5000{page}"]
 

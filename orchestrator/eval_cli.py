@@ -348,6 +348,8 @@ def main(args: argparse.Namespace) -> int:
         table = format_table(result, args.rerank)
         if args.mlflow:
             uri, run_id = log_to_mlflow(args, loaded, result, table)
-            print(f"logged to MLflow run {run_id} at step {result.step} ({uri})", file=sys.stderr)
+            from orchestrator.tracking_setup import shown_uri
+
+            print(f"logged to MLflow run {run_id} at step {result.step} ({shown_uri(uri)})", file=sys.stderr)
     print(json.dumps(result.as_json(), indent=1) if args.json else table)
     return 0

@@ -141,7 +141,7 @@ def check_tracking(cfg: RunConfig, run_dir: str) -> str | tuple[str, str]:
 
     uri = default_tracking_uri(cfg, run_dir if storage.is_remote(run_dir) else Path(run_dir))
     if not uri.startswith(("http://", "https://")):
-        return f"local store {uri}"
+        return f"local store {redact(uri, tracking_secrets(uri))}"
     try:
         check_reachable(uri, experiment=cfg.tracking.experiment)
     except UserError:

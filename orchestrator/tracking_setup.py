@@ -113,6 +113,12 @@ def tracking_secrets(tracking_uri: str) -> list[str]:
     return secret_values(dict(os.environ)) + extra
 
 
+def shown_uri(tracking_uri: str) -> str:
+    """The URI as printed or logged: a server's user:password@, or a database store's
+    (postgresql://user:password@host/db), replaced by ***."""
+    return redact(tracking_uri, tracking_secrets(tracking_uri))
+
+
 class TrackingAuthError(UserError):
     """The tracking server answered but refused the credentials (or their absence)."""
 

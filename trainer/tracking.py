@@ -7,6 +7,7 @@ created by trainer/run_identity.py; what must never be logged is trainer/redacti
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import tempfile
@@ -15,6 +16,8 @@ from typing import Any, Callable
 
 from trainer.metric_logger import SPOOL_DIR, MetricLogger
 from trainer.run_identity import run_resolver
+
+log = logging.getLogger(__name__)
 
 
 def local_run_dir(cfg: Any) -> Path | None:
@@ -57,17 +60,42 @@ def _count_attempt(client: Any, run_id: str) -> None:
     client.set_tag(run_id, "unimo.attempts", str(int(tags.get("unimo.attempts", "0")) + 1))
 
 
+def logged_through(tracking_uri: str, run_id: str | None) -> int:
+    """The highest step the run already has a metric at (-1: none, or MLflow did not answer in seconds).
+
+    A restart resumes from its last checkpoint and trains the steps after it again (to the same values):
+    their metrics are in the run already and would appear twice in each chart's history. One ``get_run``:
+    MLflow keeps each metric's latest (highest-step) value with the run.
+    """
+    if not run_id:
+        return -1
+    try:
+        from mlflow.tracking import MlflowClient
+
+        # one try within MLFLOW_HTTP_REQUEST_TIMEOUT: start_tracking sets no retries for this process
+        metrics = getattr(MlflowClient(tracking_uri).get_run(run_id).data, "_metric_objs", [])  # MLflow 3
+        return max((m.step for m in metrics), default=-1)
+    except Exception as err:  # noqa: BLE001 - without it a re-run step may be logged twice, nothing worse
+        log.warning("could not read the steps already logged to MLflow run %s (%s); steps trained again "
+                    "after this restart may appear twice", run_id, err)
+        return -1
+
+
 class RunTracker:
-    """One rank's tracking: rank 0 logs metrics, tags and artifacts; each node's first rank samples it."""
+    """One rank's tracking: rank 0 logs metrics, tags and artifacts; each node's first rank samples it.
+
+    ``skip_through``: steps up to this one are already in the run (trained again after a restart): not
+    logged again."""
 
     def __init__(self, metrics: MetricLogger | None = None, sampler: Any = None,
-                 node_logger: MetricLogger | None = None):
+                 node_logger: MetricLogger | None = None, skip_through: int = -1):
         self.metrics = metrics
         self._sampler = sampler
         self._node_logger = node_logger
+        self.skip_through = skip_through
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        if self.metrics is not None:
+        if self.metrics is not None and step > self.skip_through:
             self.metrics.log(metrics, step)
 
     def checkpoint_saved(self, root: Path, step: int) -> None:
@@ -110,7 +138,9 @@ def start_tracking(cfg: Any, rank: int, world_size: int, run_id: str | None, tra
     nodes = len({p["host"] for p in peers})
     t = cfg.tracking
     metrics = node_logger = sampler = None
+    skip_through = -1
     if rank == 0:
+        skip_through = logged_through(tracking_uri, run_id)
         metrics = MetricLogger(tracking_uri, run_id, t.flush_seconds, spool_dir=spool_root(cfg) / "metrics",
                                resolve_run=None if run_id else run_resolver(cfg, tracking_uri, create=True))
         metrics.set_tags({"unimo.world_size": world_size, "unimo.nodes": nodes,
@@ -127,5 +157,5 @@ def start_tracking(cfg: Any, rank: int, world_size: int, run_id: str | None, tra
         sampler = SystemSampler(host, sink.log, step_fn, t.system_metrics_seconds, gpus,
                                 disk_path=str(run_dir.parent) if run_dir and run_dir.parent.exists() else "/")
         sampler.start()
-    return RunTracker(metrics, sampler, node_logger)
+    return RunTracker(metrics, sampler, node_logger, skip_through)
 

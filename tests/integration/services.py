@@ -72,6 +72,23 @@ def _reserve_once(path: Path) -> bool:
         return False
 
 
+def wildcard_listeners(root_pid: int) -> list[str]:
+    """Sockets that ``root_pid`` or any of its descendants listens on at every interface (0.0.0.0 or ::),
+    as "process name: address" - a server reachable from whatever network reaches the machine."""
+    import psutil
+
+    root = psutil.Process(root_pid)
+    found = []
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            conns, name = proc.net_connections(kind="inet"), proc.name()
+        except psutil.Error:  # ended meanwhile
+            continue
+        found += [f"{name} (pid {proc.pid}): {c.laddr.ip}:{c.laddr.port}" for c in conns
+                  if c.status == psutil.CONN_LISTEN and c.laddr.ip in ("0.0.0.0", "::")]
+    return found
+
+
 def wait_http(url: str, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while True:

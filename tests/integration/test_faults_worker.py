@@ -17,6 +17,18 @@ pytestmark = pytest.mark.integration
 NO_EVAL = ["data.eval_pairs=", "scaling.num_workers=2", "scaling.cpus_per_worker=1"]
 
 
+def loss_steps(storage, run_name: str) -> list[int]:
+    """The steps of the run's loss/total history in the jobs' default store (sorted, repeats kept)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{storage / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("unimo")
+    runs = client.search_runs([experiment.experiment_id], f"tags.`unimo.run_name` = '{run_name}'") \
+        if experiment else []
+    history = client.get_metric_history(runs[0].info.run_id, "loss/total") if runs else []
+    return sorted(m.step for m in history)
+
+
 def test_worker_killed_mid_run_job_completes_with_uninterrupted_weights(synthetic_data, tmp_path):
     storage, data = tmp_path / "runs", str(synthetic_data)
     # The reference runs beside the killed job (each driver has its own local Ray): the outcome does not
@@ -31,6 +43,8 @@ def test_worker_killed_mid_run_job_completes_with_uninterrupted_weights(syntheti
         wait_for(lambda: fault_gate.reached(gate), 600, "both ranks at step 12",
                  run)
         wait_for(lambda: registered(storage / "killed", 10), 300, "the step-10 checkpoint", run)
+        # step 11 in MLflow before the kill: the restart trains it again, and it must not be logged twice
+        wait_for(lambda: 11 in loss_steps(storage, "killed"), 120, "step 11 in MLflow", run)
         workers = wait_for(lambda: len(run.train_workers()) == 2 and run.train_workers(), 60,
                            "2 train workers", run)
         victim = workers[-1]
@@ -42,6 +56,7 @@ def test_worker_killed_mid_run_job_completes_with_uninterrupted_weights(syntheti
 
     # The kill was noticed and the group restarted from the step-10 checkpoint, not from scratch.
     assert "resumed from" in out and "at step 10" in out, out[-3000:]
+    assert loss_steps(storage, "killed") == list(range(1, 21))  # each step once in the metric's history
     assert "step 20/20" in out
     # Each worker computes with the CPUs Ray gave it (bench/bench_trainer.py times one rank at this setting).
     assert "2 rank(s) on cpu; rank 0 runs 1 intra-op thread(s) and 1 micro-batch(es)" in out, out[-3000:]

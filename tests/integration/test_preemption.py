@@ -13,6 +13,7 @@ import time
 import pytest
 
 from tests.integration.recipes import DEBUG_CONFIG, ROOT, STARTUP_S, small_run
+from tests.integration.services import wildcard_listeners
 from trainer.preemption import EXIT_PREEMPTED
 
 pytestmark = pytest.mark.integration
@@ -43,6 +44,8 @@ def test_sigterm_checkpoints_then_resubmission_resumes(synthetic_data, tmp_path)
     lines: list[str] = []
     try:
         wait_for_line(proc, "step 3/400", timeout=STARTUP_S, sink=lines)
+        # the whole job - driver, embedded Ray, its dashboard and agents, the training workers - on loopback
+        assert wildcard_listeners(proc.pid) == []
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=240)
     finally:

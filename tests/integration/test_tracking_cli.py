@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.integration.services import free_port, wait_http
+from tests.integration.services import free_port, wait_http, wildcard_listeners
 
 pytestmark = pytest.mark.integration
 
@@ -43,6 +43,7 @@ def test_unimo_mlflow_serves_health_and_runs(tmp_path):
         children = [" ".join(c.cmdline()) for c in psutil.Process(proc.pid).children()]
         runners = [c for c in children if "mlflow.server.jobs" in c or "huey" in c]
         assert not runners, runners
+        assert wildcard_listeners(proc.pid) == []  # the server and its workers: loopback only
     finally:
         os.killpg(proc.pid, signal.SIGTERM)  # the CLI execs the server: its whole session goes
         try:

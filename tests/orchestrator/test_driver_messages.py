@@ -24,6 +24,8 @@ def test_the_summary_names_a_tracking_server_and_mlflow_ui_only_for_a_local_stor
     assert server == ["MLflow UI         : http://***@mlflow.example:5000"]
     local = "\n".join(driver.tracking_hint("sqlite:////runs/mlflow.db"))
     assert "ui --backend-store-uri sqlite:////runs/mlflow.db" in local
+    database = "\n".join(driver.tracking_hint("postgresql://mlflow:pg-s3cret@db.example:5432/mlflow"))
+    assert "pg-s3cret" not in database and "postgresql://***@db.example:5432/mlflow" in database
 
 
 def test_the_summary_links_the_run_page_in_mlflows_model_training_view(tmp_path):
@@ -57,7 +59,7 @@ def test_other_failures_are_summed_up_by_their_last_lines(tmp_path):
                                    1: RuntimeError("Traceback ...\n  File x\nRuntimeError: gloo reset")})
     out = str(driver.failed_run_error(err, tmp_path, cfg))
     assert out.startswith("training failed (the worker group was retried up to scaling.max_failures=2 "
-                          "times): ")
+                          "times in a row without a new checkpoint): ")
     assert "could not read s3://b/x after 9 attempts" in out and "RuntimeError: gloo reset" in out
     assert "(full traceback: " in out
 

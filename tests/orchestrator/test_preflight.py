@@ -180,3 +180,11 @@ def test_submit_runs_the_preflight_where_the_data_is(data, tmp_path, capsys):
     # folders this machine does not have may be on the cluster's shared storage: the job checks them there
     jobs.prepare(DEBUG_CONFIG, [*base, f"data.pair.urls={tmp_path / 'on-the-cluster'}"])
     assert "pre-flight left to the cluster: not on this machine: data.pair.urls=" in capsys.readouterr().err
+
+
+def test_a_database_store_is_named_without_its_password(tmp_path):
+    from orchestrator.preflight import check_tracking
+
+    cfg = load_config(DEBUG_CONFIG, ["tracking.uri=postgresql://mlflow:pg-s3cret@db.example:5432/mlflow"])
+    shown = check_tracking(cfg, str(tmp_path))
+    assert shown == "local store postgresql://***@db.example:5432/mlflow"

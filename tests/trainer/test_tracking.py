@@ -231,3 +231,31 @@ def test_training_experiments_open_in_mlflows_model_training_view(tmp_path):
     chosen = client.create_experiment("chosen", tags={EXPERIMENT_KIND_TAG: "genai_development"})
     training_experiment(client, "chosen")  # a kind someone set on purpose stays
     assert client.get_experiment(chosen).tags[EXPERIMENT_KIND_TAG] == "genai_development"
+
+
+def test_steps_trained_again_after_a_restart_are_not_logged_twice(tmp_path):
+    """A restart from the step-3 checkpoint trains steps 4-5 again: the run has them already."""
+    from mlflow.tracking import MlflowClient
+
+    from trainer.tracking import RunTracker, logged_through
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("restart")).info.run_id
+    for step in range(1, 6):  # the first attempt got to step 5 before it died
+        client.log_metric(run_id, "loss/total", float(step), step=step)
+    assert logged_through(uri, run_id) == 5
+
+    class Sent:
+        def __init__(self):
+            self.steps = []
+
+        def log(self, metrics, step):
+            self.steps.append(step)
+
+    sent = Sent()
+    tracker = RunTracker(metrics=sent, skip_through=logged_through(uri, run_id))
+    for step in range(4, 9):  # the second attempt, from the step-3 checkpoint
+        tracker.log({"loss/total": float(step)}, step)
+    assert sent.steps == [6, 7, 8]
+    assert logged_through(uri, None) == -1 and logged_through(uri, "no-such-run") == -1
