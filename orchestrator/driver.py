@@ -338,7 +338,7 @@ def _fit_locked(cfg: RunConfig, run_dir: Path | str) -> TrainOutcome:
 
     from orchestrator.failure_policy import GuardedTorchTrainer
     from orchestrator.process_group import BoundStoreTorchConfig
-    from orchestrator.preflight import check_cluster
+    from orchestrator.preflight import check_cluster, check_shared_sqlite
     from orchestrator.tracking_setup import default_tracking_uri, finish_run
     from trainer.checkpointing.records import reconcile_run
     from trainer.ray_worker import train_func
@@ -347,6 +347,7 @@ def _fit_locked(cfg: RunConfig, run_dir: Path | str) -> TrainOutcome:
         run_dir.mkdir(parents=True, exist_ok=True)
     tracking_uri = default_tracking_uri(cfg, run_dir)
     run_id = _run_and_ray(cfg, tracking_uri, run_dir)
+    check_shared_sqlite(tracking_uri)  # before any worker writes to it
     shortage = check_cluster(cfg)  # an error for the embedded Ray; a warning with a wait limit on a cluster
     if shortage:
         print(f"[unimo] {shortage}", file=sys.stderr, flush=True)

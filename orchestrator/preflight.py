@@ -328,6 +328,25 @@ def check_cluster(cfg: RunConfig, resources: dict | None = None) -> str | None:
             "then stopping with an error")
 
 
+def check_shared_sqlite(tracking_uri: str, node_addresses: list[str] | None = None) -> None:
+    """A SQLite tracking store is one file: written from several machines (rank 0, each node's system
+    sampler, the driver) over a shared filesystem it corrupts or locks up. Refused when the cluster's nodes
+    span more than one machine (nodes of one machine, as in a loopback test cluster, share its disk)."""
+    if not tracking_uri.startswith("sqlite:"):
+        return
+    if node_addresses is None:
+        import ray
+
+        node_addresses = [n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")]
+    machines = sorted(set(node_addresses))
+    if len(machines) > 1:
+        shown = ", ".join(machines[:4]) + (", ..." if len(machines) > 4 else "")
+        raise UserError(f"tracking.uri: the SQLite store {tracking_uri} would be written from "
+                        f"{len(machines)} machines ({shown}); SQLite is not safe over a shared filesystem. "
+                        "Start a tracking server (`unimo mlflow --host HOST`, or your MLflow server) and set "
+                        "tracking.uri=http://HOST:5000")
+
+
 # ----- the whole list ---------------------------------------------------------------------------------------
 
 def _sources(cfg: RunConfig) -> Iterator[tuple[str, Any, str]]:

@@ -188,3 +188,13 @@ def test_a_database_store_is_named_without_its_password(tmp_path):
     cfg = load_config(DEBUG_CONFIG, ["tracking.uri=postgresql://mlflow:pg-s3cret@db.example:5432/mlflow"])
     shown = check_tracking(cfg, str(tmp_path))
     assert shown == "local store postgresql://***@db.example:5432/mlflow"
+
+
+def test_a_sqlite_store_written_from_several_machines_is_refused_naming_the_fix():
+    from orchestrator.preflight import check_shared_sqlite
+
+    uri = "sqlite:////shared/runs/mlflow.db"
+    with pytest.raises(UserError, match=r"written from 2 machines \(10.0.0.1, 10.0.0.2\).*unimo mlflow"):
+        check_shared_sqlite(uri, ["10.0.0.1", "10.0.0.2", "10.0.0.2"])
+    check_shared_sqlite(uri, ["127.0.0.1", "127.0.0.1"])  # nodes of one machine share its disk
+    check_shared_sqlite("http://mlflow:5000", ["10.0.0.1", "10.0.0.2"])  # a server is the fix
