@@ -253,8 +253,8 @@ class Trainer:
         metrics, captions = evaluate(self.engine.module.model, move_to(self.eval_set, self.device),
                                      rerank_k=self.cfg.train.eval_rerank_k, decode=self.tokenizer.decode)
         if self.rank == 0:
-            if self.metrics_logger is not None:
-                self.metrics_logger.log(metrics, step)
+            if self.tracker is not None:
+                self.tracker.log(metrics, step)  # not again for a step the run has (a restart's re-run)
             shown = " ".join(f"{k.split('/')[1]}={v:.3f}" for k, v in metrics.items() if "R@" in k)
             print(f"[unimo] eval step {step}: {shown} (t2i chance R@1 = "
                   f"{1 / max(metrics['eval/candidates'], 1):.3f})", flush=True)
@@ -369,8 +369,8 @@ class Trainer:
     def _log(self, metrics: dict[str, float], step: int, stage: str, t_start: float, start_step: int) -> None:
         if self.rank != 0:
             return
-        if self.metrics_logger is not None:
-            self.metrics_logger.log(self._changed_data_counters(metrics), step)
+        if self.tracker is not None:
+            self.tracker.log(self._changed_data_counters(metrics), step)  # skips steps the run already has
         elapsed = time.perf_counter() - t_start
         rate = (step - start_step) / max(elapsed, 1e-9)
         eta = (self.cfg.total_steps - step) / max(rate, 1e-9)

@@ -83,8 +83,11 @@ class _Logger:
 
 
 def test_data_counters_go_to_mlflow_when_they_change(capsys):
+    from trainer.tracking import RunTracker
+
     trainer = Trainer(load_config(None, []), rank=0, world_size=1, reporter=None)
-    trainer.metrics_logger = _Logger()
+    trainer.tracker = RunTracker(metrics=_Logger())
+    trainer.metrics_logger = trainer.tracker.metrics
     base = {"loss/total": 2.0, "lr": 1e-3}
     for step, skipped in ((1, 0.0), (2, 0.0), (3, 2.0), (4, 2.0)):
         trainer._log({**base, "pipeline/skipped_total": skipped, "pipeline/read_retries": 0.0}, step, "main",
