@@ -343,6 +343,7 @@ def _fit_locked(cfg: RunConfig, run_dir: Path | str) -> TrainOutcome:
     from trainer.checkpointing.records import reconcile_run
     from trainer.ray_worker import train_func
 
+    job_start = time.time()  # goodput's zero: the attempts' ledgers from here on are this job's
     if not storage.is_remote(run_dir):
         run_dir.mkdir(parents=True, exist_ok=True)
     tracking_uri = default_tracking_uri(cfg, run_dir)
@@ -396,6 +397,7 @@ def _fit_locked(cfg: RunConfig, run_dir: Path | str) -> TrainOutcome:
         stopped = storage.exists(stop_file) or bool((result.metrics or {}).get("stopped_early"))
     finally:
         reconcile_run(str(run_dir), "end")  # folders pruned or moved aside during the job
+        report_goodput(run_dir, job_start, tracking_uri, run_id)
         run_id = finish_run(tracking_uri, run_id, ok, cfg=cfg, run_dir=run_dir,  # found if created late
                             preempted=stopped)
         if stop.requested_at is not None and not ok:
@@ -406,6 +408,39 @@ def _fit_locked(cfg: RunConfig, run_dir: Path | str) -> TrainOutcome:
     return TrainOutcome(run_dir=run_dir, checkpoint=checkpoint,
                         tracking_uri=tracking_uri, mlflow_run_id=run_id, metrics=dict(result.metrics or {}),
                         stopped_early=stopped)
+
+
+def report_goodput(run_dir: Path | str, job_start: float, tracking_uri: str, run_id: str | None) -> None:
+    """The job's goodput (trainer/goodput.py): printed, and logged to the MLflow run as goodput/* at the last
+    step trained. A report only: no failure here changes the job's outcome."""
+    from trainer import goodput
+
+    try:
+        ledgers = goodput.read_ledgers(str(run_dir), job_start)
+        summary = goodput.summarize(ledgers, job_start, time.time())
+    except OSError as err:
+        log.warning("goodput: could not read the attempts' ledgers (%s)", err)
+        return
+    if not summary:
+        return
+    print(f"[unimo] {goodput.describe(summary)}", flush=True)
+    if not run_id:
+        return
+    try:
+        from orchestrator.tracking_setup import check_reachable, open_client
+
+        check_reachable(tracking_uri)
+        open_client(tracking_uri).log_batch(run_id, metrics=_metrics(goodput.as_metrics(summary),
+                                                                      step=ledgers[-1].step))
+    except Exception as err:  # noqa: BLE001 - the line above has the figures
+        log.warning("goodput: not logged to MLflow (%s)", err)
+
+
+def _metrics(values: dict[str, float], step: int) -> list:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    return [Metric(key, float(value), now, step) for key, value in values.items()]
 
 
 def _run_and_ray(cfg: RunConfig, tracking_uri: str, run_dir: Path | str) -> str | None:

@@ -127,6 +127,7 @@ class Trainer:
         self.loader: Any = None
         self.batches: Iterator[dict] = iter(())
         self.tracker: Any = None
+        self.ledger: Any = None  # rank 0's goodput account of this attempt (trainer/goodput.py)
         # The run's folder or s3:// prefix (control_dir): checkpoints live under checkpoints/, and the driver
         # drops a STOP file there on SIGTERM (preemption), which rank 0 polls.
         self.checkpoints = CheckpointManager(cfg, rank, world_size, reporter, run_location=control_dir,
@@ -293,15 +294,23 @@ class Trainer:
 
     def run(self) -> dict[str, float]:
         """Trains from the restored step to the end of the plan; returns the last logged metrics."""
+        from trainer.goodput import AttemptLedger
         from trainer.preemption_notice import watch
 
         self.watchdog.start()
         notice = watch(self.cfg.checkpoint.preemption_notice, self.cfg.checkpoint.notice_poll_seconds)
+        # rank 0's account of this attempt's time (trainer/goodput.py); the driver sums the job's at its end
+        root = self.checkpoints.run_location
+        self.ledger = AttemptLedger(str(root)) if self.rank == 0 and root else None
         try:
             with self.watchdog.phase("start-up (engine build, checkpoint restore)"):
                 self._start_up()
+            if self.ledger is not None:
+                self.ledger.started(self.progress.step)
             with preemption.training():
                 last = self._step_loop(self.progress.step, self.cfg.total_steps, time.perf_counter())
+            if self.ledger is not None:
+                self.ledger.finish()
         finally:
             if notice is not None:
                 notice.stop()
@@ -329,6 +338,7 @@ class Trainer:
             if step + 1 in gates:
                 with self.watchdog.phase(f"the fault gate before step {step + 1}"):
                     fault_gate.wait_at(step + 1, self.rank)
+            t_step = time.perf_counter()
             _, stage, in_stage = stage_at(self.cfg.stages, step)
             result = self.train_step(stage, in_stage)
             done = step + 1
@@ -336,20 +346,32 @@ class Trainer:
             if done % self.cfg.train.log_every == 0 or done == total_steps:
                 last = self.reduce_metrics(result)
                 self._log(last, done, stage.name, t_start, start_step)
+            t_eval = time.perf_counter()
             if self.should_evaluate(done):
                 with self.watchdog.phase(f"the evaluation at step {done}"):
                     last.update(self.evaluate(done))
+            t_eval = time.perf_counter() - t_eval
             stop, due = self.control_flags()
             if stop and done < total_steps:
                 self.stopped_early = True
                 if self.rank == 0:
                     print(f"[unimo] stop requested: saving a checkpoint at step {done} and exiting",
                           flush=True)
-            if self.should_checkpoint(done, due or stop):
+            t_save, saved = time.perf_counter(), self.should_checkpoint(done, due or stop)
+            if saved:
                 self.checkpoint(done, last)
+            self._account(done, time.perf_counter() - t_step, result.data_time, t_eval,
+                          time.perf_counter() - t_save, saved)
             if self.stopped_early:
                 break
         return last
+
+    def _account(self, step: int, total_s: float, data_s: float, eval_s: float, save_s: float,
+                 saved: bool) -> None:
+        """The step's wall time, split for the goodput ledger: data wait, evaluation, checkpoint, the rest
+        (compute, logging, the control all-reduce) as step time."""
+        if self.ledger is not None:
+            self.ledger.step_done(step, total_s - data_s - eval_s - save_s, data_s, eval_s, save_s, saved)
 
     # ----- logging ------------------------------------------------------------------------------------------
     def _start_logging(self) -> None:

@@ -1,4 +1,5 @@
-"""Worker kill: a worker SIGKILLed mid-run; the job completes with the weights of an uninterrupted run."""
+"""Worker kill: a worker SIGKILLed mid-run; the job completes with the weights of an uninterrupted run, each
+step once in MLflow, and a goodput split that accounts for the lost step and the restart."""
 
 from __future__ import annotations
 
@@ -29,6 +30,15 @@ def loss_steps(storage, run_name: str) -> list[int]:
     return sorted(m.step for m in history)
 
 
+def goodput_metrics(storage, run_name: str) -> dict[str, float]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{storage / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("unimo")
+    [run] = client.search_runs([experiment.experiment_id], f"tags.`unimo.run_name` = '{run_name}'")
+    return {k: v for k, v in run.data.metrics.items() if k.startswith("goodput/")}
+
+
 def test_worker_killed_mid_run_job_completes_with_uninterrupted_weights(synthetic_data, tmp_path):
     storage, data = tmp_path / "runs", str(synthetic_data)
     # The reference runs beside the killed job (each driver has its own local Ray): the outcome does not
@@ -57,6 +67,15 @@ def test_worker_killed_mid_run_job_completes_with_uninterrupted_weights(syntheti
     # The kill was noticed and the group restarted from the step-10 checkpoint, not from scratch.
     assert "resumed from" in out and "at step 10" in out, out[-3000:]
     assert loss_steps(storage, "killed") == list(range(1, 21))  # each step once in the metric's history
+    # Goodput (trainer/goodput.py): step 11 was trained twice (lost), the kill cost a restart, and the split
+    # accounts for the job's wall time.
+    assert "[unimo] goodput " in out, out[-3000:]
+    g = goodput_metrics(storage, "killed")
+    assert g["goodput/lost_s"] > 0 and g["goodput/restart_s"] > 0 and g["goodput/kept_s"] > 0, g
+    parts = sum(g[f"goodput/{k}_s"] for k in ("kept", "lost", "data_wait", "checkpoint", "eval", "start_up",
+                                                 "restart"))
+    assert abs(g["goodput/wall_s"] - parts) <= 0.05 * g["goodput/wall_s"], g  # little time no ledger saw
+    assert g["goodput/fraction"] == pytest.approx(g["goodput/kept_s"] / g["goodput/wall_s"])
     assert "step 20/20" in out
     # Each worker computes with the CPUs Ray gave it (bench/bench_trainer.py times one rank at this setting).
     assert "2 rank(s) on cpu; rank 0 runs 1 intra-op thread(s) and 1 micro-batch(es)" in out, out[-3000:]
