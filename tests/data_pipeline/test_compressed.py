@@ -12,6 +12,7 @@ import torch
 
 from data_pipeline import DataConfig, SourceConfig, build_loader
 from data_pipeline.storage_io import DataSourceError, RetryingReader, RetryPolicy, list_shards
+from data_pipeline.stream import SourceStream
 from data_pipeline.webdataset_tar import iter_samples
 
 GEOMETRY = dict(seq_len=16, image_size=16, patch_size=8)
@@ -191,6 +192,30 @@ def test_a_corpus_with_no_readable_shard_stops_with_a_clear_error(local_data, tm
         next(iter(_pairs(str(root), local_data)))
 
 
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_every_rank_stops_soon_on_a_corpus_of_bad_shards(local_data, tmp_path, monkeypatch, world_size):
+    """Three bad shards (a page, a gzipped page, an empty file) for 1-4 ranks: each rank stops after a look
+    at each shard or so, naming one of them."""
+    root = tmp_path / "bad"
+    root.mkdir()
+    (root / "shard-000000.tar").write_bytes(HTML)
+    (root / "shard-000001.tar.gz").write_bytes(gzip.compress(HTML))
+    (root / "shard-000002.tar").write_bytes(b"")
+    opened = []
+    original = SourceStream._open
+    monkeypatch.setattr(SourceStream, "_open",
+                        lambda self, *a, **k: opened.append(1) or original(self, *a, **k))
+    cfg = DataConfig(pair=SourceConfig(str(root), 4), tokenizer=local_data["tokenizer"], num_workers=0,
+                     shuffle_buffer=8, seed=1)
+    stop = (r"source pair: no usable sample \(no readable shard\): none of its 3 shards gave one "
+            rf"\(e\.g\. {root}/")
+    for rank in range(world_size):
+        opened.clear()
+        with pytest.raises(DataSourceError, match=stop + "shard-00000"):
+            next(iter(build_loader(cfg, rank=rank, world_size=world_size, **GEOMETRY)))
+        assert len(opened) <= 2 * 3  # its own shares of two plans, then one look at each other shard
+
+
 def test_inspect_exits_non_zero_naming_the_page(pairs_with_a_page, capsys):
     from data_pipeline.cli import main
 
@@ -198,3 +223,29 @@ def test_inspect_exits_non_zero_naming_the_page(pairs_with_a_page, capsys):
     captured = capsys.readouterr()
     assert f"{pairs_with_a_page}/shard-000003.tar: not_a_tar" in captured.err
     assert '"samples": 70' in captured.out
+
+
+@pytest.fixture
+def four_shards_one_page(local_data, tmp_path):
+    """Four pair shards, the third of them an HTML page: fewer good shards than some worlds have ranks."""
+    root = tmp_path / "four"
+    root.mkdir()
+    for url in _shard_files(local_data["pair"])[:4]:
+        shutil.copy(url, root)
+    (root / "shard-000002.tar").write_bytes(HTML)
+    return str(root)
+
+
+@pytest.mark.parametrize("world_size", [2, 4, 8])
+def test_a_page_among_few_shards_never_stops_a_rank(local_data, four_shards_one_page, world_size):
+    """A rank whose share is the page in several epochs in a row goes on: the corpus has readable shards."""
+    per_epoch = 10 * -(-4 // world_size)  # samples a rank reads per epoch at most: its shards' worth
+    for seed in range(6):
+        cfg = DataConfig(pair=SourceConfig(four_shards_one_page, 4), tokenizer=local_data["tokenizer"],
+                         num_workers=0, shuffle_buffer=8, seed=seed)
+        for rank in range(world_size):
+            loader = build_loader(cfg, rank=rank, world_size=world_size, **GEOMETRY)
+            assert len(_batches(loader, 30)) == 30, f"seed {seed}, rank {rank} of {world_size}"
+            stats = loader.stats()
+            assert stats["corpus/pair/epoch"] >= 30 * 4 // per_epoch - 2  # many epochs (less the buffer's)
+            assert stats["corpus/pair/skipped_not_a_tar"] >= 1
