@@ -169,7 +169,7 @@ class SourceStream:
         missing = [b for b in self.st.buffer if (shard_key(b[0], b[1]), b[2]) not in found]
         if missing:
             raise DataSourceError(f"source {self.source}: the cursor's buffer names items that the shards no "
-                                  f"longer hold, e.g. shard {self.shards[missing[0][1]][0]} "
+                                  f"longer hold, e.g. shard {safe_url(self.shards[missing[0][1]][0])} "
                                   f"item {missing[0][2]}")
         self._items = [found[(shard_key(e, s), o)] for e, s, o in self.st.buffer]
 
