@@ -10,7 +10,8 @@ import re
 import sys
 from collections import Counter
 
-from .storage_io import DataSourceError, RetryingReader, RetryPolicy, filesystem, list_shards, safe_url
+from .storage_io import (DataSourceError, RetryingReader, RetryPolicy, filesystem, list_shards, safe_url,
+                         scrub_urls)
 from .webdataset_tar import iter_samples
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
@@ -187,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         return {"shards": _shards, "tokenizer": _tokenizer, "synthetic": _synthetic,
                 "inspect": _inspect, "preview": _preview}[args.command](args)
     except (DataSourceError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {scrub_urls(exc)}", file=sys.stderr)  # the last guard: no URL secret printed
         return 2
 
 

@@ -77,6 +77,12 @@ class _Decompressed:
     def __init__(self, inner, kind: str):
         self._inner, self.kind, self._ended = inner, kind, False
 
+    @property
+    def cut(self) -> bool:
+        """The compressed data ended early. The tar reader cannot always tell: a cut before the first
+        decompressed byte, or at a member's end, looks like a whole (or empty) tar."""
+        return self._ended
+
     def read(self, n: int = -1) -> bytes:
         # read1 pieces, gathered here: a buffered read() that meets the early end would drop what it had read
         parts, have = [], 0
@@ -107,6 +113,40 @@ class _Decompressed:
         return True
 
 
+class _ZstdFrames:
+    """Decompressed zstd frames one after another, as ``read1`` pieces, raising EOFError when the data ends
+    inside a frame, as the gzip, bz2 and xz readers do: zstandard's own stream reader ends quietly there, so a
+    cut zstd shard looked whole or empty."""
+
+    _INPUT = 1 << 16
+
+    def __init__(self, src, zstandard):
+        self._src, self._dctx = src, zstandard.ZstdDecompressor()
+        self._frame = None                  # the decompressor of the frame being read
+        self._out, self._pos = b"", 0       # decompressed bytes not handed out yet
+
+    def read1(self, n: int) -> bytes:
+        while self._pos >= len(self._out):
+            data = self._src.read(self._INPUT)
+            if not data:
+                if self._frame is not None and not self._frame.eof:
+                    raise EOFError("zstd data ends inside a frame")
+                return b""
+            self._out, self._pos = self._decompress(data), 0
+        out = self._out[self._pos:self._pos + n]
+        self._pos += len(out)
+        return out
+
+    def _decompress(self, data: bytes) -> bytes:
+        parts = []
+        while data:
+            if self._frame is None or self._frame.eof:
+                self._frame = self._dctx.decompressobj()
+            parts.append(self._frame.decompress(data))
+            data = self._frame.unused_data if self._frame.eof else b""  # the next frame's start
+        return b"".join(parts)
+
+
 def decompressed(stream, url: str = "") -> tuple[object, str | None]:
     """(a stream of the tar bytes, the compression found or None) for a shard's raw stream."""
     head = b""
@@ -132,4 +172,4 @@ def decompressed(stream, url: str = "") -> tuple[object, str | None]:
         raise MissingDecompressor(f"{what} is zstd-compressed, and the zstandard package is not "
                                   "installed: pip install zstandard, or recompress the shards "
                                   "with gzip") from None
-    return _Decompressed(zstandard.ZstdDecompressor().stream_reader(src, read_across_frames=True), kind), kind
+    return _Decompressed(_ZstdFrames(src, zstandard), kind), kind

@@ -22,7 +22,7 @@ from .batch import BatchSpec, features_for, image_batch, pair_batch, pixels_tens
 from .config import SOURCES, Corpus, DataConfig
 from .cursor import (VERSION, StreamState, epochs_view, fresh_streams, is_complete, merge_states, modality_of,
                      redistribute)
-from .storage_io import DataSourceError, RetryingReader, RetryPolicy, list_shards, shard_digest
+from .storage_io import DataSourceError, RetryingReader, RetryPolicy, list_shards, safe_url, shard_digest
 from .mix import Mixer, fresh_mix, reweighted, total_picks, weights_change
 from .samples import Prep, shard_items
 from .stream import SourceStream, StreamContext
@@ -426,7 +426,7 @@ def build_eval_pairs(url: str, *, seq_len: int, image_size: int, tokenizer, limi
         if limit is not None and len(images) >= limit:
             break
     if not images:
-        raise DataSourceError(f"no usable eval pairs in {url}")
+        raise DataSourceError(f"no usable eval pairs in {safe_url(url)}")
     enc = [tokenizer.encode(c, seq_len) for c in captions]
     ids = torch.full((len(enc), seq_len), tokenizer.pad_id, dtype=torch.long)
     mask = torch.zeros((len(enc), seq_len), dtype=torch.long)

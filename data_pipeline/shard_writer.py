@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from .storage_io import filesystem, storage_error
+from .storage_io import filesystem, safe_url, scrub_urls, storage_error
 from .samples import IMAGE_EXTS, BadSample
 from .webdataset_tar import TarWriter
 
@@ -56,7 +56,7 @@ def _read_bytes(url: str) -> bytes:
         with fs.open(path, "rb") as f:
             return f.read()
     except FileNotFoundError:
-        raise BadSample("missing_file", url) from None
+        raise BadSample("missing_file", safe_url(url)) from None
     except Exception as exc:  # noqa: BLE001 - any other storage failure stops the run, naming the input
         raise storage_error(url, exc) from None
 
@@ -292,7 +292,8 @@ def _write_one(fs, root, out, prefix, index, pending, it, shard_bytes, max_sampl
                 size += sum(512 + -(-len(v) // 512) * 512 for v in files.values())
             except BadSample as skip:
                 skipped[skip.reason] += 1
-                log.warning("skipped input %s: %s (%s)", raw.source, skip.reason, skip)
+                log.warning("skipped input %s: %s (%s)", scrub_urls(raw.source), skip.reason,
+                            scrub_urls(skip))
             pending = next(it, None)
         writer.close()
     if n == 0:  # every remaining input was skipped: no empty shard

@@ -39,6 +39,11 @@ class RetryPolicy:
 
 
 _USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+# A URL inside free text: its user-info (up to @) and its query string (up to a quote, a space or a closing
+# bracket, as exception texts print URLs). Same rules as trainer.redaction.redact, which the data pipeline may
+# not import (tests/test_layering.py).
+_TEXT_USERINFO = re.compile(r"(\w+://)[^/@\s'\"]+@")
+_TEXT_QUERY = re.compile(r"(\w+://[^\s?'\"]*)\?[^\s'\"\]\),>]+")
 
 
 def safe_url(url) -> str:
@@ -48,6 +53,18 @@ def safe_url(url) -> str:
         return "[" + ", ".join(safe_url(u) for u in url) + "]"
     url = _USERINFO.sub("***@", str(url))
     return url.split("?", 1)[0] + ("?***" if "?" in url else "")
+
+
+def scrub_urls(text) -> str:
+    """Text with every URL in it stripped as safe_url strips one: storage libraries put the URL they failed on
+    into their messages (aiohttp: ``url='https://host/x.tar?X-Amz-Signature=...'``), so an exception's text
+    must pass here before it reaches a log or an error."""
+    return _TEXT_QUERY.sub(r"\1?***", _TEXT_USERINFO.sub(r"\1***@", str(text)))
+
+
+def describe(exc: BaseException) -> str:
+    """``Type: message`` of an exception, fit for logs and errors (see scrub_urls)."""
+    return f"{type(exc).__name__}: {scrub_urls(exc)}"
 
 
 _default_policy = RetryPolicy()
@@ -94,13 +111,14 @@ def _missing_implementation(url: str, exc: ImportError) -> str:
     known = known_implementations.get(_scheme(url), {})
     package = known.get("class", "").split(".")[0] or "the fsspec implementation of this scheme"
     return (f"{safe_url(url)}: reading {_scheme(url)}:// URLs needs the package {package}, which is not "
-            f"installed: pip install {package} ({exc})")
+            f"installed: pip install {package} ({scrub_urls(exc)})")
 
 
 def storage_error(url: str, exc: BaseException) -> Exception:
     """Turn a storage exception into an error that names the URL (and never a secret)."""
     name = type(exc).__name__
-    bucket = bucket_of(url)
+    # Only object stores have buckets; an http(s) URL's host part may carry user:password@.
+    bucket = "" if _is_http(url) else bucket_of(safe_url(url))
     url = safe_url(url)
     if name in ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"):
         return DataSourceError(f"no usable S3 credentials for bucket '{bucket}' ({url}): {CREDENTIALS_HELP}")
@@ -111,7 +129,7 @@ def storage_error(url: str, exc: BaseException) -> Exception:
     if isinstance(exc, FileNotFoundError):
         what = f"bucket '{bucket}' does not exist or" if bucket else "path"
         return DataSourceError(f"{url}: {what} not found")
-    return DataSourceError(f"{url}: {name}: {exc}")
+    return DataSourceError(f"{url}: {describe(exc)}")
 
 
 def list_shards(url: str, policy: RetryPolicy | None = None) -> list[tuple[str, int]]:
@@ -200,7 +218,8 @@ def _list_pattern(url: str) -> list[tuple[str, int]]:
             sizes[_norm(entry["name"])] = int(entry.get("size") or 0)
     missing = [u for u in urls if _norm(u) not in sizes]
     if missing:
-        raise DataSourceError(f"{url}: {len(missing)} of {len(urls)} shards do not exist, e.g. {missing[:3]}")
+        raise DataSourceError(f"{safe_url(url)}: {len(missing)} of {len(urls)} shards do not exist, e.g. "
+                              f"{[safe_url(u) for u in missing[:3]]}")
     return [(u, sizes[_norm(u)]) for u in urls]
 
 
@@ -256,7 +275,7 @@ def call_with_retries(op: Callable, url: str, policy: RetryPolicy, *, on_failure
                 if isinstance(exc, OSError) or type(exc).__name__.endswith("CredentialsError"):
                     raise storage_error(url, exc) from None
                 raise
-            errors.append(f"{type(exc).__name__}: {exc}")
+            errors.append(describe(exc))
             if delay is None:
                 break
             log.warning("storage call for %s%s failed (%s); retrying in %.1fs", safe_url(url), where(),

@@ -41,25 +41,28 @@ class SourceStream:
         self.source, self.shards, self.st, self.ctx = source, shards, state, ctx
         self._rng_key = order_seed(ctx.seed, f"{source}/shuffle/{state.streams}", state.index)
         self._head_gen = self._head_iter = self._head_reader = None
+        self._head_gave = False            # the head shard gave a usable sample
         self._items: list = []             # prepared items, parallel to state.buffer
         self._in_buffer = Counter(shard_key(e, s) for e, s, _ in state.buffer)
-        self._pulled_since_plan = 0
-        self._empty_plans = -1             # consecutive epochs planned without an item (first plan: -1 -> 0)
+        self._usable_since_plan = False    # a shard gave a usable sample since the last plan
+        self._empty_plans = -1             # consecutive plans without a usable sample (first plan: -1 -> 0)
+        self._barren: dict[int, None] = {}  # shards that gave no usable sample since the last one (ordered)
         self._restored = False
 
     # -- reading ------------------------------------------------------------------------------------------
-    def _open(self, shard: int, wanted: Callable[[int], bool]):
+    def _open(self, shard: int, wanted: Callable[[int], bool], count_skips: bool = True):
         url = self.shards[shard][0]
         self.ctx.count("shards_opened", 1)
         reader = RetryingReader(url, self.ctx.retry, self.ctx.block_bytes,
                                 on_bytes=lambda n: self.ctx.count("bytes_read", n),
                                 on_retry=lambda: self.ctx.count("read_retries", 1))
-        return reader, shard_items(modality_of(self.source), url, reader, self.ctx.prep,
-                                   lambda name: self.ctx.count(name, 1), wanted)
+        on_skip = (lambda name: self.ctx.count(name, 1)) if count_skips else (lambda name: None)
+        return reader, shard_items(modality_of(self.source), url, reader, self.ctx.prep, on_skip, wanted)
 
     def _start_head(self, epoch: int, shard: int, pos: int, also: set[int]):
         done = self.st.done.setdefault(shard_key(epoch, shard), set())
         self.st.head = [epoch, shard, pos]
+        self._head_gave = False
         reader, items = self._open(shard, lambda o: o in also or (o >= pos and o not in done))
         self._head_reader, self._head_gen, self._head_iter = reader, items, items
 
@@ -70,18 +73,47 @@ class SourceStream:
         self._head_gen = self._head_iter = self._head_reader = None
 
     def _plan_epoch(self):
-        self._empty_plans = self._empty_plans + 1 if self._pulled_since_plan == 0 else 0
+        if len(self._barren) == len(self.shards):
+            raise self._no_readable_shard()
+        self._empty_plans = 0 if self._usable_since_plan else self._empty_plans + 1
         if self._empty_plans >= 2:
-            raise DataSourceError(f"source {self.source}: no usable sample (no readable shard) in two whole "
-                                  f"epochs of this stream's shares of its {len(self.shards)} shards (e.g. "
-                                  f"{safe_url(self.shards[0][0])}); the warnings name each shard and why it "
-                                  f"was skipped (not_a_tar, truncated_shard, ...)")
-        self._pulled_since_plan = 0
+            # This stream's own shares may just be the corpus's bad shards (few shards, many ranks): only the
+            # corpus having no readable shard at all stops the run.
+            self._probe_other_shards()
+            self._empty_plans = 0
+        self._usable_since_plan = False
         while not self.st.todo:  # fewer shards than streams: some epochs give this stream none (at most S/n)
             e = self.st.fresh_epoch
             self.st.todo = [[e, s] for s in planned_share(self.ctx.seed, self.source, e, len(self.shards),
                                                           self.st.streams, self.st.index)]
             self.st.fresh_epoch += 1
+
+    def _probe_other_shards(self):
+        """Find one shard of the corpus that gives a usable sample, among those this stream has not seen give
+        none; raise when there is none. Each shard is read up to its first usable sample and at most once per
+        run of barren shards, so an unreadable corpus stops after at most one look at every shard. Nothing
+        read here is delivered or counted as skipped (the stream that owns the shard counts it)."""
+        for shard in range(len(self.shards)):
+            if shard not in self._barren:
+                if self._gives_a_sample(shard):
+                    return
+                self._barren[shard] = None
+        raise self._no_readable_shard()
+
+    def _gives_a_sample(self, shard: int) -> bool:
+        reader, items = self._open(shard, lambda o: True, count_skips=False)
+        try:
+            return next(items, None) is not None
+        finally:
+            items.close()
+            reader.close()
+
+    def _no_readable_shard(self) -> DataSourceError:
+        bad = self.shards[next(iter(self._barren))][0]
+        return DataSourceError(f"source {self.source}: no usable sample (no readable shard): none of its "
+                               f"{len(self.shards)} shards gave one (e.g. {safe_url(bad)}); the warnings "
+                               f"name each shard and why it was skipped (not_a_tar, truncated_shard, ...); "
+                               f"replace or remove the bad shards")
 
     def _pull(self) -> tuple[list[int], dict]:
         """The next item of this stream's shard sequence that was not yielded before."""
@@ -91,10 +123,12 @@ class SourceStream:
                 done = self.st.done[shard_key(e, s)]
                 for ordinal, item in self._head_iter:
                     self.st.head[2] = ordinal + 1
+                    self._saw_usable()  # also one delivered before a resume: the shard is readable
                     if item is None or ordinal < pos or ordinal in done:
                         continue
-                    self._pulled_since_plan += 1
                     return [e, s, ordinal], item
+                if not self._head_gave:
+                    self._barren[s] = None
                 self._close_head()
                 self.st.head = None
                 self._maybe_finished(shard_key(e, s))
@@ -103,6 +137,10 @@ class SourceStream:
                 self._start_head(e, s, 0, set())
             else:
                 self._plan_epoch()
+
+    def _saw_usable(self):
+        self._head_gave = self._usable_since_plan = True
+        self._barren.clear()
 
     def _maybe_finished(self, key: str):
         head = shard_key(*self.st.head[:2]) if self.st.head else None
@@ -131,7 +169,7 @@ class SourceStream:
         missing = [b for b in self.st.buffer if (shard_key(b[0], b[1]), b[2]) not in found]
         if missing:
             raise DataSourceError(f"source {self.source}: the cursor's buffer names items that the shards no "
-                                  f"longer hold, e.g. shard {self.shards[missing[0][1]][0]} "
+                                  f"longer hold, e.g. shard {safe_url(self.shards[missing[0][1]][0])} "
                                   f"item {missing[0][2]}")
         self._items = [found[(shard_key(e, s), o)] for e, s, o in self.st.buffer]
 
@@ -154,6 +192,7 @@ class SourceStream:
         """Read the head shard up to ``pos``, keeping the buffered items; reading then continues from pos."""
         out = {}
         for ordinal, item in self._head_iter:
+            self._saw_usable()
             if ordinal >= pos:  # read one too far: put it back in front of the iterator
                 self._head_iter = itertools.chain([(ordinal, item)], self._head_iter)
                 break

@@ -211,6 +211,9 @@ def iter_samples(stream, on_issue: Callable[[str, str], None]) -> Iterator[tuple
     except NotATar as exc:
         on_issue("not_a_tar", f"? ({exc})")
         return
+    if getattr(stream, "cut", False):  # the tar ended cleanly where the compressed data was cut
+        on_issue("truncated_shard", f"{key or '?'} (the compressed data ends early)")
+        return  # the last sample may miss members
     if key is not None:
         yield ordinal, key, files
 

@@ -4,6 +4,8 @@
 # Both are for Linux x86-64 / CPython 3.11, with hashes. torch is resolved as the CPU build (so no CUDA wheels are
 # pulled into the lock) and left out of the files: setup_env.sh installs it first, and GPU images bring their own.
 # Run scripts/test_latest.sh before a refresh; run the suite after it.
+# By default a refresh keeps every pin of the committed locks that pyproject.toml still allows and only resolves
+# what changed (a new dependency); UNIMO_LOCK_UPGRADE=1 moves everything to the newest releases allowed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v uv >/dev/null || { echo "[lock] uv not found: pip install uv" >&2; exit 2; }
@@ -19,6 +21,11 @@ common=(--python-version 3.11 --python-platform x86_64-manylinux_2_28 --generate
         --no-header --quiet "${TORCH_SRC[@]}")
 pin=$(mktemp); trap 'rm -f "$pin"' EXIT
 echo "$TORCH" > "$pin"
+# uv prefers the versions already in an output file: start each from its committed lock unless upgrading.
+for f in lock-dev lock; do
+  if [ "${UNIMO_LOCK_UPGRADE:-0}" = 1 ]; then rm -f "requirements/$f.txt.new"
+  else cp "requirements/$f.txt" "requirements/$f.txt.new"; fi
+done
 echo "[lock] resolving unimo[dev] ..." >&2
 uv pip compile pyproject.toml --extra dev -c "$pin" "${common[@]}" -o requirements/lock-dev.txt.new
 echo "[lock] resolving the runtime set at the same versions ..." >&2

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from data_pipeline import DataConfig, DataSourceError, SourceConfig, build_loader
-from data_pipeline.storage_io import list_shards
+from data_pipeline.storage_io import list_shards, scrub_urls, storage_error
 from data_pipeline.webdataset_tar import TarWriter
 
 from .conftest import BUCKET
@@ -146,6 +146,19 @@ def test_missing_credentials_name_the_bucket_and_hide_secrets(s3_data, monkeypat
     msg = str(err.value)
     assert BUCKET in msg and "AWS_ACCESS_KEY_ID" in msg and "credentials" in msg
     assert "testing-secret-value" not in msg and "testing-key-id" not in msg
+
+
+def test_urls_inside_exception_texts_lose_user_info_and_query():
+    text = ("500, message='Internal Server Error', url='https://alice:pw-secret1@host/x.tar?X-Amz-Signature="
+            "sig0secret&a=b'; URL('http://bob:pw-secret2@h:80/y.tar?token=tok0secret') (see http://h/doc)")
+    secrets = ("pw-secret1", "pw-secret2", "sig0secret", "tok0secret")
+    out = scrub_urls(text)
+    assert not any(s in out for s in secrets), out
+    assert "url='https://***@host/x.tar?***'" in out and "URL('http://***@h:80/y.tar?***')" in out
+    assert out.endswith("(see http://h/doc)")  # a URL without secrets is kept whole
+    for exc in (RuntimeError(text), FileNotFoundError(text), ImportError(text)):
+        msg = str(storage_error("https://alice:pw-secret1@host/x.tar?X-Amz-Signature=sig0secret", exc))
+        assert not any(s in msg for s in secrets) and "https://***@host/x.tar?***" in msg, msg
 
 
 @pytest.mark.parametrize("field,value",

@@ -118,9 +118,9 @@ def corpus_keys(two_corpora):
     return out
 
 
-def _check_exactly_once(seen_parts, corpus_keys, epochs=(0, 1)):
+def _check_exactly_once(seen_parts, corpus_keys, epochs=(0, 1), names=("big", "small")):
     for s in SOURCES:
-        for name in ("big", "small"):
+        for name in names:
             corpus = f"{s}/{name}"
             for epoch in epochs:
                 got = Counter(k for part in seen_parts for c, e, k in part[s] if c == corpus and e == epoch)
@@ -172,6 +172,34 @@ def test_a_removed_corpus_leaves_the_kept_one_to_continue(two_corpora, corpus_ke
     for s in SOURCES:
         got = Counter(k for part in seen for c, e, k in part[s] if c == f"{s}/big" and e == 0)
         assert got == corpus_keys[f"{s}/big"], s  # epoch 0 of the kept corpus: each sample once, none lost
+
+
+def test_an_added_corpus_starts_at_its_epoch_0_while_the_kept_one_continues(two_corpora, corpus_keys, caplog):
+    """A one-corpus cursor resumed with a second corpus: the warning names both; the kept corpus's cursor is
+    taken as saved and its epochs go on (each sample once, none lost or repeated); the added corpus reads from
+    its epoch 0, in the very order of a run that had it from the start."""
+    both = _cfg(two_corpora, workers=0, buffer=4)
+    first = build_loader(_cfg(two_corpora, workers=0, buffer=4, names=("big",)), rank=0, world_size=1,
+                         **GEOMETRY)
+    before, _ = _take(first, 10)
+    state = first.state_dict()
+    with caplog.at_level(logging.WARNING, logger="unimo.data"):
+        resumed = build_loader(both, rank=0, world_size=1, state=state, **GEOMETRY)
+    messages = [r.getMessage() for r in caplog.records]
+    for s in SOURCES:
+        assert any(f"data.{s}: corpora changed on resume: kept ['{s}/big'] continue; added ['{s}/small'] "
+                   f"start at epoch 0" in m for m in messages), (s, messages)
+        kept = f"{s}/big"
+        assert resumed.state_dict()["sources"][kept]["streams"] == state["sources"][kept]["streams"], s
+    after, _ = _take(resumed, 60)
+    fresh, _ = _take(build_loader(both, rank=0, world_size=1, **GEOMETRY), 60)
+    for s in SOURCES:
+        small, small_fresh = ([(e, k) for c, e, k in run[s] if c == f"{s}/small"] for run in (after, fresh))
+        n = min(len(small), len(small_fresh))
+        assert n > len(corpus_keys[f"{s}/small"]), (s, n)  # beyond the added corpus's first epoch
+        assert small[0][0] == 0 and small[:n] == small_fresh[:n], s
+    # the kept corpus went on: a restart would deliver its epoch 0 twice
+    _check_exactly_once([before, after], corpus_keys, epochs=(0, 1), names=("big",))
 
 
 def test_replacing_every_corpus_on_resume_fails_naming_both_lists(two_corpora):

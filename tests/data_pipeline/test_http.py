@@ -1,6 +1,7 @@
 """Shards over http(s) (Python's http.server on 127.0.0.1), and fsspec schemes whose package is missing."""
 
 import gzip
+import logging
 import shutil
 import threading
 from functools import partial
@@ -146,6 +147,59 @@ def test_credentials_in_a_url_stay_out_of_errors(http_site):
     with pytest.raises(DataSourceError) as err:
         list_shards(url)
     assert "hunter2" not in str(err.value) and "***@127.0.0.1" in str(err.value)
+
+
+class _FailsAfterTheStart(_Ranges):
+    """Serves the first bytes of a file, then answers every range request further in with 500 (a storage
+    outage in the middle of a shard)."""
+
+    def send_head(self):
+        rng = self.headers.get("Range") or ""
+        if rng.startswith("bytes=") and not rng.startswith("bytes=0-"):
+            self.send_error(500, "Internal Server Error")
+            return None
+        return super().send_head()
+
+
+PASSWORD, SIGNATURE = "hunter2secret", "SIGsecret0123456789"
+
+
+def _credentialed(base: str, path: str) -> str:
+    """A URL as users paste them: a user:password@ and a presigned query string."""
+    return (base.replace("http://", f"http://alice:{PASSWORD}@") + path
+            + f"?X-Amz-Credential=AKIAEXAMPLE&X-Amz-Signature={SIGNATURE}")
+
+
+def _no_secret(text: str) -> bool:
+    return PASSWORD not in text and SIGNATURE not in text and "AKIAEXAMPLE" not in text
+
+
+def test_a_server_failing_mid_shard_logs_and_raises_no_credential(tmp_path, caplog):
+    (tmp_path / "shard-000000.tar").write_bytes(bytes(range(256)) * 256)  # 64 KiB: many 4 KiB blocks
+    server, base = _serve(tmp_path, _FailsAfterTheStart)
+    try:
+        url = _credentialed(base, "/shard-000000.tar")
+        with caplog.at_level(logging.DEBUG, logger="unimo.data"):
+            with pytest.raises(DataReadError) as err:
+                with RetryingReader(url, RetryPolicy(retries=2, backoff_s=0.0, backoff_max_s=0.0),
+                                    block_bytes=4096) as reader:
+                    while reader.read(4096):
+                        pass
+    finally:
+        server.shutdown()
+        server.server_close()
+    retries = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
+    assert len(retries) == 2 and "500" in retries[0]  # the cause is still told, without its secrets
+    assert all(_no_secret(r.getMessage()) for r in caplog.records), [r.getMessage() for r in caplog.records]
+    assert _no_secret(str(err.value)) and "after 3 attempts" in str(err.value), str(err.value)
+    assert "***@127.0.0.1" in str(err.value) and "shard-000000.tar?***" in str(err.value)
+
+
+def test_a_missing_shard_at_a_credentialed_url_names_it_without_the_credential(http_site):
+    with pytest.raises(DataSourceError) as err:
+        RetryingReader(_credentialed(http_site, "/gz/shard-999999.tar.gz"), RetryPolicy(retries=0))
+    assert _no_secret(str(err.value)), str(err.value)
+    assert "***@127.0.0.1" in str(err.value) and "shard-999999.tar.gz" in str(err.value)
 
 
 def test_a_missing_fsspec_implementation_names_the_package():

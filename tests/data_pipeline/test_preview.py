@@ -88,3 +88,16 @@ def test_the_shipped_unimo_recipe_has_its_corpora_and_weights():
     for modality in ("text", "image", "pair"):
         shares = [float(v) for k, v in params.items() if k.startswith(f"data.weights.{modality}.")]
         assert abs(sum(shares) - 1.0) < 1e-6
+
+
+def test_the_recipe_shown_in_the_data_docs_is_the_shipped_one():
+    """docs/DATA.md shows the recipe's data section as YAML: it must stay the file's."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    doc = (root / "docs" / "DATA.md").read_text()
+    section = doc[doc.index("## The UNIMO recipe"):]
+    start = section.index("```yaml\n") + len("```yaml\n")
+    shown = section[start:section.index("\n```", start)]
+    shipped = yaml.safe_load((root / "configs" / "unimo_recipe.yaml").read_text())
+    assert yaml.safe_load(shown) == {"data": shipped["data"]}
