@@ -62,6 +62,7 @@ def test_fit_hands_ray_the_failure_policy_and_run_storage_and_holds_the_lock(tmp
     monkeypatch.setattr(policy, "GuardedTorchTrainer", FakeTrainer)
     monkeypatch.setattr(driver, "init_ray", lambda cfg: None)
     monkeypatch.setattr(preflight, "check_cluster", lambda cfg: None)
+    monkeypatch.setattr(preflight, "check_shared_sqlite", lambda uri: None)
     monkeypatch.setattr(tracking, "ensure_run", lambda *a, **k: "rid")
     monkeypatch.setattr(tracking, "finish_run", lambda *a, **k: "rid")
     cfg = load_config(DEBUG, ["run.name=r1", f"run.storage={tmp_path / 'runs'}", "scaling.max_failures=7",
@@ -74,6 +75,12 @@ def test_fit_hands_ray_the_failure_policy_and_run_storage_and_holds_the_lock(tmp
     # request no group starts again (the policy reads the STOP file)
     assert rc.failure_config.controller_failure_limit == 5
     assert seen["stop_file"] == str((tmp_path / "runs" / "r1" / "STOP").resolve())
+    # the failure budget's window of progress is the newest checkpoint there
+    assert seen["checkpoints_root"] == str((tmp_path / "runs" / "r1" / "checkpoints").resolve())
+    assert seen["max_total_failures"] == 0
+    from orchestrator.process_group import BoundStoreTorchConfig
+
+    assert isinstance(seen["torch_config"], BoundStoreTorchConfig)  # rendezvous on the node's address
     assert rc.name == "checkpoints" and Path(rc.storage_path) == (tmp_path / "runs" / "r1").resolve()
     assert seen["scaling_config"].num_workers == 2
     assert seen["locked_during_fit"] and not (tmp_path / "runs" / "r1" / "run.lock").exists()
