@@ -130,9 +130,21 @@ def check_export_matches_zero_to_fp32(step_dir: Path, tmp_path: Path, source: st
     assert (out / "tokenizer.json").is_file()
 
 
+def two_corpora_each(data: str) -> list[str]:
+    """Every training modality as two weighted corpora of its 4 shards (1:3), as UNIMO's recipe mixes."""
+    overrides = []
+    for modality, folder in (("pair", "pairs"), ("text", "text"), ("image", "images")):
+        shards = f"{data}/{folder}/shard-"
+        overrides += [f"data.{modality}.urls=",
+                      f"data.{modality}.corpora=[{{name: a, urls: '{shards}{{000000..000001}}.tar', "
+                      f"weight: 1}}, {{name: b, urls: '{shards}{{000002..000003}}.tar', weight: 3}}]"]
+    return overrides
+
+
 def test_elastic_resume_one_to_two(synthetic_data, tmp_path, capfd):
-    """1 -> 2 ranks through the universal checkpoint (2 -> 1 is test_faults_node.py's elastic node loss); the
-    conversion (as large as the checkpoint) is deleted once loaded, not left in the temp folder."""
+    """1 -> 2 ranks through the universal checkpoint (2 -> 1 is test_faults_node.py's elastic node loss), with
+    two corpora per modality; the conversion (as large as the checkpoint) is deleted once loaded, not left in
+    the temp folder."""
     import tempfile
 
     from trainer.checkpointing import UNIVERSAL_PREFIX
@@ -140,13 +152,17 @@ def test_elastic_resume_one_to_two(synthetic_data, tmp_path, capfd):
     conversions = lambda: set(Path(tempfile.gettempdir()).glob(f"{UNIVERSAL_PREFIX}elastic-*"))  # noqa: E731
     before = conversions()
     storage, data = tmp_path / "runs", str(synthetic_data)
-    tracking = [f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    tracking = [f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", *two_corpora_each(data)]
     train(small_run("elastic", storage, data, steps=4, every=4,
                     extra=CONSTANT_LR + tracking + ["scaling.num_workers=1"]))
     train(small_run("elastic", storage, data, steps=8, every=4, extra=CONSTANT_LR + tracking))
     text = capfd.readouterr()
     text = text.out + text.err
     assert "elastic: saved by 1 ranks, now 2" in text
+    # every modality's two corpora went through the elastic change in the data cursor
+    # (tests/data_pipeline/test_corpora.py checks exactly-once per corpus-epoch across 1 <-> 2 ranks)
+    last = json.loads((step_dirs(storage, "elastic")[-1] / "trainer_state.json").read_text())
+    assert {c["name"] for c in last["config"]["data"]["text"]["corpora"]} == {"a", "b"}
     assert conversions() - before == set(), "the universal conversion was left behind"
     states = [json.loads((d / "trainer_state.json").read_text()) for d in step_dirs(storage, "elastic")]
     assert [(s["step"], s["world_size"]) for s in states] == [(4, 1), (8, 2)]
