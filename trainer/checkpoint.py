@@ -25,9 +25,10 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 STATE = "trainer_state.json"
+TOKENIZER = "tokenizer.json"  # the tokenizer trained with (schema 2 on; trainer/checkpointing/identity.py)
 # The layout version written into manifest.json and trainer_state.json. Older checkpoints load through
 # ``migrate_state``; a newer one (written by a later unimo) is refused with a message, never misread.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
@@ -86,8 +87,15 @@ def _v0_to_v1(state: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
+def _v1_to_v2(state: dict[str, Any]) -> dict[str, Any]:
+    """Schema 2 records the tokenizer's hash and the corpora's URL digests (``data_identity``) and keeps the
+    tokenizer.json beside the state; before, neither was known: None resumes unchecked."""
+    state.setdefault("data_identity", None)
+    return state
+
+
 # MIGRATIONS[v] turns a schema-v trainer state into schema v+1.
-MIGRATIONS = {0: _v0_to_v1}
+MIGRATIONS = {0: _v0_to_v1, 1: _v1_to_v2}
 
 
 def migrate_state(state: dict[str, Any], where: Path | str) -> dict[str, Any]:

@@ -26,6 +26,7 @@ import torch
 
 from trainer import checkpoint as ckpt
 from trainer import storage
+from trainer.checkpointing.identity import data_changed, data_identity
 from trainer.checkpointing.universal import drop_universal, to_universal
 from trainer.checkpointing.verification import log_verified, merged_candidates, torn_ranks, verify_part
 from trainer.config_loader import digest, to_dict
@@ -121,6 +122,9 @@ class CheckpointManager:
         self.last_size: int | None = None
         self._notes: list[tuple[int, str]] = []  # what rank 0 moved aside, for the tracker
         self._stage: int | None = None  # the ZeRO stage this run resolves to, once known (``_run_stage``)
+        # the text of the run's tokenizer.json (``use_tokenizer``): saved into each checkpoint, and its hash
+        # compared with the checkpoint's at resume. None: no tokenizer loaded (nothing saved or compared).
+        self.tokenizer_text: str | None = None
 
     @property
     def root(self) -> str | None:
@@ -135,12 +139,25 @@ class CheckpointManager:
         if self.local_rank == 0:
             self._remove_leftover_saves()
         found = self.find()  # the same on every rank: they agree on each candidate
+        fresh_data = found is not None and self._data_changed(found)
         engine = build(found is not None and self._needs_universal(found.local, found.state))
         progress = self._restore(engine, found) if found is not None else Progress()
+        if fresh_data:
+            progress.data_state = None  # data.on_change=continue: the loader starts from scratch
         if self.rank == 0 and self.root:
             self._set_aside_torn(after=progress.step)
             self.prune()
         return progress
+
+    def use_tokenizer(self, text: str | None) -> None:
+        """The run's tokenizer.json text: each checkpoint keeps a copy and its hash."""
+        self.tokenizer_text = text
+
+    def _data_changed(self, found: Found) -> bool:
+        """Whether the tokenizer or a corpus's URLs changed since the checkpoint (an error unless
+        data.on_change=continue, which starts the data afresh)."""
+        now = data_identity(self.cfg.data, self.tokenizer_text)
+        return data_changed(found.state.get("data_identity"), now, found.location, self.cfg.data, self.rank)
 
     def _run_stage(self) -> int:
         """The ZeRO stage of this run, resolved once: under ``auto`` that is an all-reduce, which must not
@@ -357,6 +374,9 @@ class CheckpointManager:
         from trainer.redaction import safe_config, secret_values
 
         engine.save_checkpoint(str(root), tag="ds", save_latest=True)
+        if self.rank == 0 and self.tokenizer_text is not None:
+            # the tokenizer trained with travels with the weights (export copies it from here)
+            (root / ckpt.TOKENIZER).write_bytes(self.tokenizer_text.encode("utf-8"))
         per_rank = [None] * self.world_size
         dist.all_gather_object(per_rank, {"data": loader.state_dict(), "rng": rng_state(),
                                           "files": ckpt.describe_files(root)})
@@ -373,6 +393,8 @@ class CheckpointManager:
                 # values): a checkpoint is copied, shared and exported, and must not carry them.
                 "config": safe_config(self.cfg, secret_values(dict(os.environ))),
                 "config_digest": digest(to_dict(self.cfg)),
+                # the tokenizer's sha256 and each corpus's URL digest, checked at resume (identity.py)
+                "data_identity": data_identity(self.cfg.data, self.tokenizer_text),
                 "extra": extra,
             }
             ckpt.write_json_atomic(root / ckpt.STATE, state)
