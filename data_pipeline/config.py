@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-from model.validation import check
+from model.validation import check, check_choices
 
 SOURCES = ("text", "image", "pair")
+OnChange = Literal["error", "continue"]
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")   # corpus names travel into metric names and cursors
 
 
@@ -119,6 +120,11 @@ class DataConfig:
     io_backoff_max_s: float = 20.0  # the longest wait between read retries
     read_block_bytes: int = 8 * 1024 * 1024   # size of one ranged GET when streaming a shard from S3
 
+    # On resume, when the tokenizer differs from the checkpoint's (its tokenizer.json hash) or a corpus of the
+    # same name lists other URLs: error (the default: stop, naming both) | continue (log a warning and start
+    # the data afresh, from a fresh data cursor; weights and optimizer are still restored)
+    on_change: OnChange = "error"
+
     def __post_init__(self):
         for name in SOURCES:
             value = getattr(self, name)
@@ -138,6 +144,7 @@ class DataConfig:
         _check(0.0 <= self.mim_mask_ratio < 1.0, "mim_mask_ratio", self.mim_mask_ratio, "must be in [0, 1)")
         _check(self.io_backoff_s >= 0 and self.io_backoff_max_s >= self.io_backoff_s, "io_backoff_s",
                (self.io_backoff_s, self.io_backoff_max_s), "needs 0 <= io_backoff_s <= io_backoff_max_s")
+        check_choices(self, "data.")
         w = self.rewrite_weights
         _check(isinstance(w, (list, tuple)) and len(w) == 3 and all(x >= 0 for x in w) and sum(w) > 0,
                "rewrite_weights", w, "must be three non-negative weights [word, phrase, sentence], not all 0")

@@ -29,8 +29,11 @@ class Encoded:
 class TextTokenizer:
     """The interface the pipeline and the trainer use; wraps a `tokenizers.Tokenizer`."""
 
-    def __init__(self, tok: Tokenizer):
+    def __init__(self, tok: Tokenizer, source_text: str | None = None):
         self._tok = tok
+        # the tokenizer.json text it was loaded from (None when built in memory): what a checkpoint stores and
+        # hashes, so that a resume can tell whether the tokenizer is the same
+        self.source_text = source_text
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
         ids = {}
         for role, names in _ALIASES.items():
@@ -48,7 +51,7 @@ class TextTokenizer:
 
     @classmethod
     def from_str(cls, text: str) -> TextTokenizer:
-        return cls(Tokenizer.from_str(text))
+        return cls(Tokenizer.from_str(text), source_text=text)
 
     def encode_plain(self, text: str) -> Encoded:
         """Tokens of ``text`` without specials or truncation (for packing documents)."""
@@ -89,7 +92,7 @@ def _read_text(path: str, policy: RetryPolicy | None = None) -> str:
         fs, p = filesystem(path)
         if fs.isdir(p):
             p = p.rstrip("/") + "/tokenizer.json"
-        with fs.open(p, "r", encoding="utf-8") as f:
+        with fs.open(p, "r", encoding="utf-8", newline="") as f:  # byte for byte: its hash is its identity
             return f.read()
 
     try:

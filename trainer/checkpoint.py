@@ -2,6 +2,10 @@
 
 Only a checkpoint whose manifest lists every file with the right size and checksum counts; anything else is
 torn (a crash during save, a lost upload, a flipped byte) and is skipped with a warning naming it.
+
+``verify`` checks a whole checkpoint (export, evaluation, the universal conversion). A resuming rank checks
+the presence and size of every file but hashes only the files it will load (``files_for_rank``): its own
+ZeRO shards and the files every rank reads; trainer/checkpointing/verification.py makes the ranks agree.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from data_pipeline.errors import UserError
 from trainer import storage
@@ -22,9 +26,10 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 STATE = "trainer_state.json"
+TOKENIZER = "tokenizer.json"  # the tokenizer trained with (schema 2 on; trainer/checkpointing/identity.py)
 # The layout version written into manifest.json and trainer_state.json. Older checkpoints load through
 # ``migrate_state``; a newer one (written by a later unimo) is refused with a message, never misread.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
@@ -87,8 +92,15 @@ def _v0_to_v1(state: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
+def _v1_to_v2(state: dict[str, Any]) -> dict[str, Any]:
+    """Schema 2 records the tokenizer's hash and the corpora's URL digests (``data_identity``) and keeps the
+    tokenizer.json beside the state; before, neither was known: None resumes unchecked."""
+    state.setdefault("data_identity", None)
+    return state
+
+
 # MIGRATIONS[v] turns a schema-v trainer state into schema v+1.
-MIGRATIONS = {0: _v0_to_v1}
+MIGRATIONS = {0: _v0_to_v1, 1: _v1_to_v2}
 
 
 def migrate_state(state: dict[str, Any], where: Path | str) -> dict[str, Any]:
@@ -101,27 +113,72 @@ def migrate_state(state: dict[str, Any], where: Path | str) -> dict[str, Any]:
     return state
 
 
-def verify(root: Path, check_sums: bool = True) -> dict[str, Any]:
-    """Returns the manifest of a complete checkpoint at ``root``; raises TornCheckpoint naming the problem."""
+def read_manifest(root: Path) -> dict[str, Any]:
+    """The parsed manifest of the checkpoint at ``root``; raises TornCheckpoint when it is missing or
+    unreadable, NewerCheckpoint when a later unimo wrote it."""
     manifest_path = root / MANIFEST
     if not manifest_path.is_file():
         raise TornCheckpoint(f"checkpoint {root} has no {MANIFEST} (save did not finish)")
     try:
         manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
-    except (ValueError, KeyError) as err:
+        if not isinstance(manifest["files"], dict):
+            raise ValueError("'files' is not a mapping")
+    except (ValueError, KeyError, TypeError) as err:
         raise TornCheckpoint(f"checkpoint {root}: unreadable {MANIFEST}: {err}") from None
     check_schema(manifest, manifest_path)
-    for rel, meta in files.items():
+    return manifest
+
+
+def check_sizes(root: Path, manifest: dict[str, Any]) -> None:
+    """Every file the manifest lists is there with its size (a stat per file, no reading)."""
+    for rel, meta in manifest["files"].items():
         path = root / rel
         if not path.is_file():
             raise TornCheckpoint(f"checkpoint {root}: file {rel} listed in the manifest is missing")
         if path.stat().st_size != meta["size"]:
             raise TornCheckpoint(f"checkpoint {root}: file {rel} has size {path.stat().st_size}, "
                                  f"manifest says {meta['size']}")
-        if check_sums and sha256_file(path) != meta["sha256"]:
+
+
+def check_hashes(root: Path, manifest: dict[str, Any], names: Iterable[str]) -> int:
+    """Hashes the files ``names`` (manifest paths) against the manifest; returns the bytes read."""
+    files = manifest["files"]
+    read = 0
+    for rel in names:
+        if sha256_file(root / rel) != files[rel]["sha256"]:
             raise TornCheckpoint(f"checkpoint {root}: file {rel} fails its checksum")
+        read += files[rel]["size"]
+    return read
+
+
+def verify(root: Path, check_sums: bool = True) -> dict[str, Any]:
+    """Returns the manifest of a complete checkpoint at ``root``, every file hashed (``check_sums``: else
+    sizes only); raises TornCheckpoint naming the problem."""
+    manifest = read_manifest(root)
+    check_sizes(root, manifest)
+    if check_sums:
+        check_hashes(root, manifest, manifest["files"])
     return manifest
+
+
+# A ZeRO file that one data-parallel rank writes and, at the same world size and stage, only that rank reads
+# back (deepspeed/runtime/engine.py: _get_ckpt_name, _get_rank_zero_ckpt_name; bf16_ under stages 1-2 with a
+# bf16 optimizer). unimo has no model or pipeline parallelism, so the data-parallel rank is the global rank.
+RANK_SHARD = re.compile(r"(?:^|/)(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_(?:model_states|optim_states)\.pt$")
+
+
+def shard_rank(rel: str) -> int | None:
+    """The rank whose ZeRO shard the file ``rel`` is, or None for a file any rank may read."""
+    m = RANK_SHARD.search(rel)
+    return int(m.group(1)) if m else None
+
+
+def files_for_rank(names: Iterable[str], rank: int) -> list[str]:
+    """The files of a checkpoint that ``rank`` reads when it resumes at the same world size and ZeRO stage:
+    its own shards and every file that is no rank's shard (trainer_state.json, tokenizer.json, stages 1-2's
+    mp_rank_00_model_states.pt, ...). A file of an unknown name counts as read by every rank: a rank may hash
+    more than it reads, never less."""
+    return [rel for rel in names if shard_rank(rel) in (None, rank)]
 
 
 def step_of(path: Path | str) -> int:
@@ -184,21 +241,34 @@ def drop_copy(local: Path) -> None:
         local.with_name(local.name + suffix).unlink(missing_ok=True)
 
 
-def checked_local_copy(location: Path | str, cache_dir: Path) -> Path:
-    """The verified local folder of a checkpoint; raises TornCheckpoint naming ``location`` (the URL, not the
-    copy) when it has no manifest or fails it. Local checkpoints are verified in place."""
+def local_copy(location: Path | str, cache_dir: Path) -> Path:
+    """The local folder of a checkpoint, not yet verified: ``location`` itself when local, else the node's
+    download in ``cache_dir``; raises TornCheckpoint, before any download, for an S3 checkpoint without a
+    manifest."""
     if not storage.is_remote(location):
-        verify(Path(location))
         return Path(location)
     manifest = storage.read_text(storage.join(location, MANIFEST))  # one GET decides before any download
     if manifest is None:
         raise TornCheckpoint(f"checkpoint {location} has no {MANIFEST} (save or upload did not finish)")
-    local = fetch(location, cache_dir, version=manifest)
+    return fetch(location, cache_dir, version=manifest)
+
+
+def named_by_location(err: TornCheckpoint, local: Path, location: Path | str) -> TornCheckpoint:
+    """The error about a downloaded copy, naming the checkpoint's URL instead of the copy."""
+    return TornCheckpoint(str(err).replace(str(local), str(location)))
+
+
+def checked_local_copy(location: Path | str, cache_dir: Path) -> Path:
+    """The verified local folder of a checkpoint; raises TornCheckpoint naming ``location`` (the URL, not the
+    copy) when it has no manifest or fails it. Local checkpoints are verified in place. Every file is hashed:
+    for tools that read the whole checkpoint (export, evaluation); a resuming rank hashes its part only."""
+    local = local_copy(location, cache_dir)
     try:
         verify(local)
     except TornCheckpoint as err:
-        drop_copy(local)
-        raise TornCheckpoint(str(err).replace(str(local), str(location))) from None
+        if storage.is_remote(location):
+            drop_copy(local)
+        raise named_by_location(err, local, location) from None
     return local
 
 

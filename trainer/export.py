@@ -9,6 +9,8 @@ would reconstruct; loading needs only model/ and safetensors.
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +22,8 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 MODEL_PREFIX = "model."  # the objectives module wraps the model as `.model`
 FORMATS = ("unimo", "hf")  # hf: also the towers as Hugging Face folders (text/, vision/)
+
+log = logging.getLogger(__name__)
 
 
 def consolidated_state_dict(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
@@ -59,7 +63,7 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, source: s
         bar.update()
         (out / CONFIG).write_text(json.dumps({"model": state["config"]["model"], "step": state["step"],
                                               "source_checkpoint": source or str(src.resolve())}, indent=1))
-        _copy_tokenizer(state["config"]["data"]["tokenizer"], out / "tokenizer.json")
+        export_tokenizer(src, state, out / "tokenizer.json", source)
         bar.update()
         if fmt == "hf":
             write_hf_towers(model_from_config(state["config"]["model"], weights), out)
@@ -98,6 +102,29 @@ def _write_hf_tokenizer(src: Path, dest: Path, text_cfg) -> None:
            "pad_token": names["pad"], "cls_token": names["bos"], "sep_token": names["eos"],
            "mask_token": names["mask"], **({"unk_token": unk} if unk else {})}
     (dest / "tokenizer_config.json").write_text(json.dumps(cfg, indent=1))
+
+
+def export_tokenizer(checkpoint_dir: Path, state: dict, dest: Path, source: str | None = None) -> None:
+    """Writes the tokenizer the checkpoint was trained with to ``dest``: the checkpoint's own copy. A
+    checkpoint saved before unimo kept one gets the configured data.tokenizer as it is now, with a warning (it
+    may have changed since the training)."""
+    kept = Path(checkpoint_dir) / ckpt.TOKENIZER
+    if kept.is_file():
+        shutil.copyfile(kept, dest)
+        return
+    url = state["config"]["data"].get("tokenizer", "")
+    if url:
+        log.warning("checkpoint %s holds no %s (saved before unimo kept one): exporting data.tokenizer=%s "
+                    "as it is now, which may differ from the tokenizer trained with",
+                    source or checkpoint_dir, ckpt.TOKENIZER, url)
+        _copy_tokenizer(url, dest)
+
+
+def checkpoint_tokenizer(checkpoint_dir: Path, state: dict) -> str:
+    """The tokenizer.json a checkpoint was trained with: its own copy, else (older checkpoints) the configured
+    one ("" when it names none)."""
+    kept = Path(checkpoint_dir) / ckpt.TOKENIZER
+    return str(kept) if kept.is_file() else state["config"]["data"].get("tokenizer", "")
 
 
 def _copy_tokenizer(url: str, dest: Path) -> None:
@@ -172,5 +199,5 @@ def load_model(folder: str | Path, source: str | None = None) -> LoadedModel:
     ckpt.verify(f)  # never evaluate a torn checkpoint
     state = ckpt.read_state(f)
     model = model_from_config(state["config"]["model"], consolidated_state_dict(f))
-    return LoadedModel(model, int(state["step"]), state["config"]["data"].get("tokenizer", ""),
-                       source or str(f), "checkpoint", state=state)
+    return LoadedModel(model, int(state["step"]), checkpoint_tokenizer(f, state), source or str(f),
+                       "checkpoint", state=state)

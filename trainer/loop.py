@@ -141,24 +141,28 @@ class Trainer:
     # ----- building -----------------------------------------------------------------------------------------
     def build(self, universal: bool = False) -> Any:
         """Model, objectives module, optimizer and DeepSpeed engine (set to load a universal checkpoint)."""
-        from data_pipeline.tokenizer import load_tokenizer
         from model.unimo import UnimoModel
         from trainer.objectives import PretrainObjectives
 
         torch.manual_seed(self.cfg.run.seed)  # identical initial weights on every rank
-        self.tokenizer = load_tokenizer(self.cfg.data.tokenizer)
-        self._check_tokenizer()
+        if self.tokenizer is None:
+            self.load_tokenizer()
         self.module = PretrainObjectives(UnimoModel(self.cfg.model), self.rank, self.world_size)
         self.engine, self.optimizer, self.group_modules = build_engine(self.cfg, self.module, self.world_size,
                                                                        self.on_gpu, universal)
         return self.engine
 
-    def _check_tokenizer(self) -> None:
+    def load_tokenizer(self) -> None:
+        """The run's tokenizer, checked against model.text; the checkpoint manager keeps its text (saved with
+        each checkpoint, compared with the checkpoint's at resume)."""
+        from data_pipeline.tokenizer import load_tokenizer
         from trainer.config import tokenizer_mismatch
 
+        self.tokenizer = load_tokenizer(self.cfg.data.tokenizer)
         problem = tokenizer_mismatch(self.cfg, self.tokenizer)
         if problem:
             raise ValueError(problem)
+        self.checkpoints.use_tokenizer(self.tokenizer.source_text)
 
     def build_loader(self) -> None:
         from data_pipeline.loader import build_loader
@@ -319,7 +323,9 @@ class Trainer:
         return last
 
     def _start_up(self) -> None:
-        """Engine (converting the checkpoint if the world size changed), restore, loader, logging."""
+        """Tokenizer, engine (converting the checkpoint if the world size changed), restore, loader,
+        logging."""
+        self.load_tokenizer()  # before the restore, which compares it with the checkpoint's
         self.progress = self.checkpoints.load(self.build)
         if self.rank == 0:
             # On CPU the intra-op threads are the worker's CPUs (Ray sets OMP_NUM_THREADS to

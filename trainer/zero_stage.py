@@ -154,13 +154,17 @@ def _family(stage: int) -> int:
     return 1 if stage in (1, 2) else stage
 
 
-def needs_universal(found: tuple[Path, dict], cfg: RunConfig, world_size: int, on_gpu: bool) -> bool:
+def needs_universal(found: tuple[Path, dict], cfg: RunConfig, world_size: int, on_gpu: bool,
+                    run_stage: int | None = None) -> bool:
     """Whether the checkpoint ``found`` (folder, trainer state) must go through DeepSpeed's universal format:
-    saved by another world size, or under a stage whose layout this run's stage cannot load directly."""
+    saved by another world size, or under a stage whose layout this run's stage cannot load directly.
+
+    ``run_stage``: this run's stage when already resolved (resolving ``auto`` is an all-reduce)."""
     path, state = found
     if state["world_size"] != world_size:
         return True
-    return _family(saved_zero_stage(path)) != _family(resolve_zero_stage(cfg, world_size, on_gpu).stage)
+    stage = resolve_zero_stage(cfg, world_size, on_gpu).stage if run_stage is None else run_stage
+    return _family(saved_zero_stage(path)) != _family(stage)
 
 
 def make_loadable_under_any_stage(universal_tag_dir: Path) -> None:

@@ -81,10 +81,10 @@ def test_the_step_limit_is_back_after_a_phase_that_raised():
     assert "a training step" in expiry.why
 
 
-def watched_trainer() -> tuple[Trainer, Expiry, threading.Event]:
+def watched_trainer(*overrides: str) -> tuple[Trainer, Expiry, threading.Event]:
     """A Trainer whose watchdog records instead of exiting (phase limit 0.3 s), and the event that un-hangs
     it."""
-    trainer = Trainer(load_config(None, ["train.watchdog_phase_seconds=0.3"]), rank=0,
+    trainer = Trainer(load_config(None, ["train.watchdog_phase_seconds=0.3", *overrides]), rank=0,
                       world_size=1, reporter=None)
     expiry = Expiry()
     trainer.watchdog = Watchdog(30.0, on_expire=expiry,
@@ -115,9 +115,14 @@ def test_trainer_checkpoint_runs_under_the_phase_limit(monkeypatch):
     assert "the checkpoint save of step 12" in expiry.why
 
 
-def test_trainer_start_up_runs_under_the_phase_limit(monkeypatch):
+def test_trainer_start_up_runs_under_the_phase_limit(monkeypatch, tmp_path):
     """Trainer.run: a restore that never returns (a hung collective while loading) ends the worker too."""
-    trainer, expiry, hung = watched_trainer()
+    from data_pipeline.tokenizer import save_tokenizer, train_tokenizer
+
+    # start-up loads the tokenizer before the restore (the restore compares it with the checkpoint's)
+    tokenizer = save_tokenizer(train_tokenizer(["a red circle"], vocab_size=30, kind="wordlevel"),
+                               str(tmp_path / "tokenizer.json"))
+    trainer, expiry, hung = watched_trainer(f"data.tokenizer={tokenizer}")
 
     def hung_load(build):
         hung.wait(5.0)

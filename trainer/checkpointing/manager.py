@@ -27,9 +27,11 @@ import torch
 from data_pipeline.errors import UserError
 from trainer import checkpoint as ckpt
 from trainer import storage
+from trainer.checkpointing.identity import data_changed, data_identity
 from trainer.checkpointing.universal import drop_universal, to_universal
+from trainer.checkpointing.verification import log_verified, merged_candidates, torn_ranks, verify_part
 from trainer.config_loader import digest, to_dict
-from trainer.zero_stage import needs_universal, universal_load_fixed
+from trainer.zero_stage import needs_universal, resolve_zero_stage, universal_load_fixed
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +69,13 @@ class Progress:
 
 @dataclass
 class Found:
-    """A verified checkpoint: its local folder (a download for S3), where it lives, and its trainer state."""
+    """A verified checkpoint: its local folder (a download for S3), where it lives, its trainer state and its
+    manifest."""
 
     local: Path
     location: str
     state: dict
+    manifest: dict
 
 
 def rng_state() -> str:
@@ -118,6 +122,10 @@ class CheckpointManager:
         # needs about as much free space. None until one is known.
         self.last_size: int | None = None
         self._notes: list[tuple[int, str]] = []  # what rank 0 moved aside, for the tracker
+        self._stage: int | None = None  # the ZeRO stage this run resolves to, once known (``_run_stage``)
+        # the text of the run's tokenizer.json (``use_tokenizer``): saved into each checkpoint, and its hash
+        # compared with the checkpoint's at resume. None: no tokenizer loaded (nothing saved or compared).
+        self.tokenizer_text: str | None = None
 
     @property
     def root(self) -> str | None:
@@ -131,25 +139,46 @@ class CheckpointManager:
         size or under a ZeRO stage whose layout this run's stage cannot load directly."""
         if self.local_rank == 0:
             self._remove_leftover_saves()
-        found = self.find()
-        self._agree(found)
-        engine = build(found is not None and self._needs_universal(found))
+        found = self.find()  # the same on every rank: they agree on each candidate
+        fresh_data = found is not None and self._data_changed(found)
+        engine = build(found is not None and self._needs_universal(found.local, found.state))
         progress = self._restore(engine, found) if found is not None else Progress()
+        if fresh_data:
+            progress.data_state = None  # data.on_change=continue: the loader starts from scratch
         if self.rank == 0 and self.root:
             self._set_aside_torn(after=progress.step)
             self.prune()
         return progress
 
-    def _needs_universal(self, found: Found) -> bool:
-        return needs_universal((found.local, found.state), self.cfg, self.world_size, self.on_gpu)
+    def use_tokenizer(self, text: str | None) -> None:
+        """The run's tokenizer.json text: each checkpoint keeps a copy and its hash."""
+        self.tokenizer_text = text
 
-    def find(self) -> Found | None:
-        """The newest valid checkpoint: Ray's latest, or a newer complete one in storage that Ray did not
-        register (a driver killed between the upload and Ray's bookkeeping), or an older valid one if the
-        newest is torn.
+    def _data_changed(self, found: Found) -> bool:
+        """Whether the tokenizer or a corpus's URLs changed since the checkpoint (an error unless
+        data.on_change=continue, which starts the data afresh)."""
+        now = data_identity(self.cfg.data, self.tokenizer_text)
+        return data_changed(found.state.get("data_identity"), now, found.location, self.cfg.data, self.rank)
 
-        A checkpoint on S3 is verified and loaded from a copy downloaded once per node.
-        """
+    def _run_stage(self) -> int:
+        """The ZeRO stage of this run, resolved once: under ``auto`` that is an all-reduce, which must not
+        depend on what one rank found of a candidate."""
+        if self._stage is None:
+            self._stage = resolve_zero_stage(self.cfg, self.world_size, self.on_gpu).stage
+        return self._stage
+
+    def _needs_universal(self, local: Path, state: dict) -> bool:
+        return needs_universal((local, state), self.cfg, self.world_size, self.on_gpu,
+                               run_stage=self._run_stage())
+
+    def _reads_everything(self, local: Path, state: dict) -> bool:
+        """The node's first rank converts a checkpoint for another world size or stage, reading every
+        file."""
+        return self.local_rank == 0 and self._needs_universal(local, state)
+
+    def _candidates(self) -> dict[str, int]:
+        """{location: step} of this rank's candidates: Ray's latest and every step folder beside it or in the
+        run's checkpoints folder."""
         candidates: dict[str, int] = {}
         reported = self.reporter.latest_checkpoint() if self.reporter is not None else None
         if reported is not None:
@@ -158,23 +187,50 @@ class CheckpointManager:
         for root in roots - {None}:
             for found in ckpt.list_step_dirs(root):
                 candidates.setdefault(str(found.path), found.step)
+        return candidates
+
+    def find(self) -> Found | None:
+        """The newest valid checkpoint: Ray's latest, or a newer complete one in storage that Ray did not
+        register (a driver killed between the upload and Ray's bookkeeping), or an older valid one if the
+        newest is torn.
+
+        Every rank verifies its part of each candidate, newest first, and the ranks agree on it with one
+        all-reduce (verification.py): a file torn in one rank's part makes every rank skip the candidate, so
+        all choose the same one. A checkpoint on S3 is verified and loaded from a copy downloaded once per
+        node.
+        """
+        candidates = merged_candidates(self._candidates(), self.world_size)
         self._torn = []
-        for location in sorted(candidates, key=lambda p: candidates[p], reverse=True):
-            try:
-                local = ckpt.checked_local_copy(location, self._restore_cache())
-            except ckpt.TornCheckpoint as err:
-                log.warning("skipping torn checkpoint: %s", err)
-                self._torn.append((candidates[location], location))
+        if candidates:
+            self._run_stage()  # before any rank can part ways over a candidate
+        for location, step in candidates:
+            started = time.monotonic()
+            part = verify_part(location, self._restore_cache(), self.rank, self._reads_everything)
+            bad = torn_ranks(part.problem is not None, self.rank, self.world_size)
+            if bad:
+                self._skip_torn(location, step, part, bad)
                 continue
-            state = ckpt.read_state(local)
-            self._check_compatible(state, location)
+            self._check_compatible(part.state, location)
+            log_verified(location, part, self.rank, started)
             if storage.is_remote(location):
-                log.info("checkpoint %s verified in the local copy %s", location, local)
+                log.info("checkpoint %s verified in the local copy %s", location, part.local)
             self.restored_from = location
-            return Found(local, location, state)
+            return Found(part.local, location, part.state, part.manifest)
         if candidates:
             log.warning("no valid checkpoint left; starting from scratch")
         return None
+
+    def _skip_torn(self, location: str, step: int, part: Any, bad: list[int]) -> None:
+        """A candidate some rank found torn: this rank's reason, or which ranks found it, in the log; the
+        node's download of it deleted (every rank is past it: the agreement was the last read)."""
+        if part.problem is not None:
+            log.warning("skipping torn checkpoint: %s", part.problem)
+        else:
+            log.warning("skipping torn checkpoint %s: rank(s) %s found it torn (their logs name the file)",
+                        location, bad)
+        self._torn.append((step, location))
+        if storage.is_remote(location) and part.local is not None and self.local_rank == 0:
+            ckpt.drop_copy(part.local)
 
     def _save_prefix(self) -> str:
         import hashlib
@@ -203,29 +259,15 @@ class CheckpointManager:
                                               + "; ".join(diffs)
                                               + ". Use the original config or start a new run name.")
 
-    def _agree(self, found: Found | None) -> None:
-        """Every rank chose the same checkpoint (each verifies on its own node); also the point after which
-        rank 0 may move the torn ones aside, since no rank reads them any more."""
-        if self.world_size == 1:
-            return
-        import torch.distributed as dist
-
-        mine = found.state["step"] if found is not None else -1
-        steps: list = [None] * self.world_size
-        dist.all_gather_object(steps, mine)
-        if len(set(steps)) > 1:
-            raise RuntimeError("the ranks chose different checkpoints to resume from (steps by rank: "
-                               f"{steps}); check that every node sees the same {self.root}")
-
     def _restore(self, engine: Any, found: Found) -> Progress:
         """Loads weights, optimizer, data cursor and RNG; converts the checkpoint if the world size
         changed."""
         state = found.state
         same_world = state["world_size"] == self.world_size
-        universal = self._needs_universal(found)  # another world size or ZeRO stage
+        universal = self._needs_universal(found.local, state)  # another world size or ZeRO stage
         # this rank's share of the checkpoint: about what its next save needs on the local disk
-        manifest = ckpt.verify(found.local, check_sums=False)
-        self.last_size = sum(f["size"] for f in manifest["files"].values()) // max(1, state["world_size"])
+        files = found.manifest["files"]
+        self.last_size = sum(f["size"] for f in files.values()) // max(1, state["world_size"])
         path, tag = found.local, "ds"
         if universal:
             path, tag = to_universal(found.local, state["step"], self.cfg.run.name, self.local_rank)
@@ -334,6 +376,9 @@ class CheckpointManager:
         from trainer.redaction import safe_config, secret_values
 
         engine.save_checkpoint(str(root), tag="ds", save_latest=True)
+        if self.rank == 0 and self.tokenizer_text is not None:
+            # the tokenizer trained with travels with the weights (export copies it from here)
+            (root / ckpt.TOKENIZER).write_bytes(self.tokenizer_text.encode("utf-8"))
         per_rank = [None] * self.world_size
         dist.all_gather_object(per_rank, {"data": loader.state_dict(), "rng": rng_state(),
                                           "files": ckpt.describe_files(root)})
@@ -350,6 +395,8 @@ class CheckpointManager:
                 # values): a checkpoint is copied, shared and exported, and must not carry them.
                 "config": safe_config(self.cfg, secret_values(dict(os.environ))),
                 "config_digest": digest(to_dict(self.cfg)),
+                # the tokenizer's sha256 and each corpus's URL digest, checked at resume (identity.py)
+                "data_identity": data_identity(self.cfg.data, self.tokenizer_text),
                 "extra": extra,
             }
             ckpt.write_json_atomic(root / ckpt.STATE, state)
