@@ -125,3 +125,10 @@ def test_a_full_disk_or_an_incompatible_checkpoint_is_not_retried():
                 NewerCheckpoint("has checkpoint schema 9")):
         policy = UserErrorFailurePolicy(ray.train.FailureConfig(max_failures=3))
         assert policy.make_decision(group_error(err, RuntimeError("collateral"))) == FailureDecision.RAISE
+
+
+def test_a_changed_tokenizer_or_corpus_is_not_retried():
+    from trainer.checkpointing.identity import DataChanged
+
+    policy = UserErrorFailurePolicy(ray.train.FailureConfig(max_failures=3))
+    assert policy.make_decision(group_error(DataChanged("tokenizer differs"))) == FailureDecision.RAISE

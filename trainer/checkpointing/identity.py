@@ -20,14 +20,16 @@ import json
 import logging
 from typing import Any
 
+from data_pipeline.errors import UserError
 from data_pipeline.storage_io import safe_url
 from trainer.checkpoint import TOKENIZER
 
 log = logging.getLogger(__name__)
 
 
-class DataChanged(ValueError):
-    """The tokenizer or a corpus's URLs differ from the checkpoint's, and data.on_change is error."""
+class DataChanged(UserError, ValueError):
+    """The tokenizer or a corpus's URLs differ from the checkpoint's, and data.on_change is error (a restart
+    meets the same difference: never retried)."""
 
 
 def sha256_text(text: str) -> str:
