@@ -43,23 +43,30 @@ def s3_keys(bucket: str, prefix: str) -> dict[str, int]:
     return {o["Key"]: o["Size"] for page in pages for o in page.get("Contents", [])}
 
 
-def test_s3_storage_checkpoints_torn_skipped_resume_and_export(synthetic_data, tmp_path, capfd):
-    """run.storage on the S3 server (moto on loopback): checkpoints, manifest and run files land in the
-    bucket; a resubmission skips a torn checkpoint (no manifest) and a corrupt one (flipped byte), both named,
-    resumes from the previous valid one in the same MLflow run, and the final checkpoint exports like
-    zero_to_fp32."""
+def test_s3_storage_torn_skipped_elastic_resume_and_export(synthetic_data, tmp_path, capfd):
+    """run.storage on the S3 server (moto on loopback), two corpora per modality: a 1-rank job's checkpoints,
+    manifest and run files land in the bucket; a 2-rank resubmission skips a torn checkpoint (no manifest) and
+    a corrupt one (flipped byte), both named, resumes elastically (1 -> 2 ranks, through the universal
+    checkpoint, deleted once loaded) from the previous valid one in the same MLflow run, and the final
+    checkpoint exports like zero_to_fp32. (2 -> 1 is test_faults_node.py's elastic node loss.)"""
+    import tempfile
+
     import boto3
 
     from tests.integration.services import s3_server
     from trainer import storage as run_storage
+    from trainer.checkpointing import UNIVERSAL_PREFIX
 
+    conversions = lambda: set(Path(tempfile.gettempdir()).glob(f"{UNIVERSAL_PREFIX}s3run-*"))  # noqa: E731
+    before = conversions()
     data = str(synthetic_data)  # data stays local: this test is about checkpoint storage
-    tracking = [f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    extra = [*CONSTANT_LR, f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", *two_corpora_each(data)]
     with s3_server():
         s3 = boto3.client("s3")
         s3.create_bucket(Bucket="ckpts")
         run_url, prefix = "s3://ckpts/runs/s3run", "runs/s3run/"
-        train(small_run("s3run", "s3://ckpts/runs", data, steps=4, every=2, extra=CONSTANT_LR + tracking))
+        train(small_run("s3run", "s3://ckpts/runs", data, steps=4, every=2,
+                        extra=extra + ["scaling.num_workers=1"]))
 
         keys = s3_keys("ckpts", prefix)
         run_id = json.loads(s3.get_object(Bucket="ckpts",
@@ -71,7 +78,7 @@ def test_s3_storage_checkpoints_torn_skipped_resume_and_export(synthetic_data, t
             assert manifest["step"] == step
             assert {ckpt + rel: meta["size"]
                     for rel, meta in manifest["files"].items()}.items() <= keys.items()
-            assert sum("model_states" in rel for rel in manifest["files"]) == 2  # one ZeRO-3 shard per rank
+            assert sum("model_states" in rel for rel in manifest["files"]) == 1  # one ZeRO-3 shard per rank
 
         # Tear the newest checkpoint (a flipped byte) and leave a newer one without a manifest (a lost
         # upload).
@@ -83,18 +90,26 @@ def test_s3_storage_checkpoints_torn_skipped_resume_and_export(synthetic_data, t
         s3.put_object(Bucket="ckpts", Key=f"{prefix}checkpoints/step_00000005/trainer_state.json", Body=b"{}")
         capfd.readouterr()
 
-        train(small_run("s3run", "s3://ckpts/runs", data, steps=6, every=2, extra=CONSTANT_LR + tracking))
+        train(small_run("s3run", "s3://ckpts/runs", data, steps=6, every=2, extra=extra))
         out = capfd.readouterr()
         text = out.out + out.err
         assert (f"skipping torn checkpoint: checkpoint {run_url}/checkpoints/step_00000005 has "
                 "no manifest" in text)
         assert f"{run_url}/checkpoints/step_00000004: file ds/" in text and "fails its checksum" in text
         assert f"resumed from {run_url}/checkpoints/step_00000002 at step 2" in text
+        assert "elastic: saved by 1 ranks, now 2" in text
+        assert conversions() - before == set(), "the universal conversion was left behind"
         final = run_storage.join(run_url, "checkpoints", "step_00000006")
         local = tmp_path / "step_00000006"
         run_storage.download(final, local)
         state = json.loads((local / "trainer_state.json").read_text())
         assert state["step"] == 6 and state["mlflow_run_id"] == run_id  # one MLflow run across both jobs
+        assert state["world_size"] == 2
+        # the global batch stayed the same: 2 micro-batches per step whatever the world size
+        assert state["config"]["train"]["global_micro_batches"] == 2
+        # every modality's two corpora went through the elastic change in the data cursor
+        # (tests/data_pipeline/test_corpora.py checks exactly-once per corpus-epoch across 1 <-> 2 ranks)
+        assert {c["name"] for c in state["config"]["data"]["text"]["corpora"]} == {"a", "b"}
         check_export_matches_zero_to_fp32(local, tmp_path, source=final)  # `unimo export s3://...`
 
 
@@ -139,32 +154,3 @@ def two_corpora_each(data: str) -> list[str]:
                       f"data.{modality}.corpora=[{{name: a, urls: '{shards}{{000000..000001}}.tar', "
                       f"weight: 1}}, {{name: b, urls: '{shards}{{000002..000003}}.tar', weight: 3}}]"]
     return overrides
-
-
-def test_elastic_resume_one_to_two(synthetic_data, tmp_path, capfd):
-    """1 -> 2 ranks through the universal checkpoint (2 -> 1 is test_faults_node.py's elastic node loss), with
-    two corpora per modality; the conversion (as large as the checkpoint) is deleted once loaded, not left in
-    the temp folder."""
-    import tempfile
-
-    from trainer.checkpointing import UNIVERSAL_PREFIX
-
-    conversions = lambda: set(Path(tempfile.gettempdir()).glob(f"{UNIVERSAL_PREFIX}elastic-*"))  # noqa: E731
-    before = conversions()
-    storage, data = tmp_path / "runs", str(synthetic_data)
-    tracking = [f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", *two_corpora_each(data)]
-    train(small_run("elastic", storage, data, steps=4, every=4,
-                    extra=CONSTANT_LR + tracking + ["scaling.num_workers=1"]))
-    train(small_run("elastic", storage, data, steps=8, every=4, extra=CONSTANT_LR + tracking))
-    text = capfd.readouterr()
-    text = text.out + text.err
-    assert "elastic: saved by 1 ranks, now 2" in text
-    # every modality's two corpora went through the elastic change in the data cursor
-    # (tests/data_pipeline/test_corpora.py checks exactly-once per corpus-epoch across 1 <-> 2 ranks)
-    last = json.loads((step_dirs(storage, "elastic")[-1] / "trainer_state.json").read_text())
-    assert {c["name"] for c in last["config"]["data"]["text"]["corpora"]} == {"a", "b"}
-    assert conversions() - before == set(), "the universal conversion was left behind"
-    states = [json.loads((d / "trainer_state.json").read_text()) for d in step_dirs(storage, "elastic")]
-    assert [(s["step"], s["world_size"]) for s in states] == [(4, 1), (8, 2)]
-    # the global batch stayed the same: 2 micro-batches per step whatever the world size
-    assert all(s["config"]["train"]["global_micro_batches"] == 2 for s in states)

@@ -52,7 +52,7 @@ def test_resubmitted_job_continues_the_same_run_without_gaps_or_secrets(syntheti
         run_id = runs[0].info.run_id
         assert json.loads((storage / "job" / "mlflow_run.json").read_text())["run_id"] == run_id
         run = client.get_run(run_id)
-        assert run.info.status == "FINISHED"
+        assert run.info.status == "FINISHED" and run.data.tags["unimo.state"] == "finished"
 
         # Metric history: every step once; nothing was redone because the first job ended at its checkpoint.
         for key in ("loss/total", "loss/itc", "perf/achieved_tflops", "throughput/text_tokens_per_s"):

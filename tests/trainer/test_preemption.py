@@ -2,7 +2,7 @@
 runs.
 
 The whole path (SIGTERM to a Ray Train worker, checkpoint, clean exit, resume) is
-tests/integration/test_preemption.py::test_sigterm_to_a_worker_checkpoints_and_the_run_stops_cleanly.
+tests/integration/test_preemption.py::test_sigterm_to_the_driver_then_to_a_worker_of_the_resubmission.
 """
 
 from __future__ import annotations
