@@ -29,10 +29,11 @@ STATE = "trainer_state.json"
 TOKENIZER = "tokenizer.json"  # the tokenizer trained with (schema 2 on; trainer/checkpointing/identity.py)
 # Schema 3 on: each rank's data cursor and RNG state in its own file, and the cursor's elastic view (what
 # another world size resumes from, O(shards)) beside them; trainer_state.json holds neither
-# (trainer/checkpointing/cursors.py).
-RANK_STATE = "ranks/rank_{rank:05d}.json"
-RANK_STATE_FILE = re.compile(r"(?:^|/)ranks/rank_(\d+)\.json$")
-ELASTIC_VIEW = "data/elastic_view.json"
+# (trainer/checkpointing/cursors.py). Top-level names, not a sub-folder: on S3, Arrow's upload writes
+# directory markers for every folder of each rank's save (4 PUTs and a HEAD per rank and folder).
+RANK_STATE = "rank_state_{rank:05d}.json"
+RANK_STATE_FILE = re.compile(r"(?:^|/)rank_state_(\d+)\.json$")
+ELASTIC_VIEW = "data_elastic_view.json"
 # The layout version written into manifest.json and trainer_state.json. Older checkpoints load through
 # ``migrate_state``; a newer one (written by a later unimo) is refused with a message, never misread.
 SCHEMA_VERSION = 3

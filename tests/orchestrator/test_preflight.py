@@ -115,7 +115,7 @@ def test_resume_with_other_shards(data, tmp_path):
 
 
 def test_resume_with_other_shards_schema_3(data, tmp_path):
-    """Since checkpoint schema 3 the cursor is beside trainer_state.json (data/elastic_view.json)."""
+    """Since checkpoint schema 3 the cursor is beside trainer_state.json (data_elastic_view.json)."""
     cfg = config(data, tmp_path)
     cursor = {"seed": cfg.data.seed, "sources": {"pair": {"num_shards": 3, "digest": "0" * 16,
                                                           "seq_len": cfg.seq_len}}}
@@ -123,8 +123,7 @@ def test_resume_with_other_shards_schema_3(data, tmp_path):
     state = json.loads((step_dir / "trainer_state.json").read_text())
     del state["data_states"]
     (step_dir / "trainer_state.json").write_text(json.dumps(state))
-    (step_dir / "data").mkdir()
-    (step_dir / "data" / "elastic_view.json").write_text(json.dumps(cursor))
+    (step_dir / "data_elastic_view.json").write_text(json.dumps(cursor))
     msg = failing(cfg)
     assert msg.startswith("checkpoint (resume):") and "data.pair.urls" in msg and "read 3 shards" in msg
 

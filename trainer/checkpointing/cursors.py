@@ -5,11 +5,11 @@ trainer_state.json, and at resume every rank read that file and merged every ran
 bytes, time and memory (about 0.6 GB of JSON, 22 s and 4 GiB per rank at 1,024 ranks with configs/xl.yaml's
 data settings, docs/SCALE.md). Now (schema 3):
 
-- each rank writes ``ranks/rank_RRRRR.json`` (its cursor and RNG state) into its own save folder; the
+- each rank writes ``rank_state_RRRRR.json`` (its cursor and RNG state) into its own save folder; the
   manifest lists it like any file, and at resume only that rank hashes it (checkpoint.files_for_rank);
 - rank 0 gathers from every rank only what the rank-independent view needs (each stream's plan and the shards
   it owns, no shuffle buffers: data_pipeline.cursor.rank_view_part) and writes the elastic view
-  ``data/elastic_view.json``, O(shards) whatever the world size;
+  ``data_elastic_view.json``, O(shards) whatever the world size;
 - a resume at the same world size and worker count reads its own file only; one at another reads the view.
 
 A schema-2 checkpoint still resumes: its cursors come from trainer_state.json (``inline_ranks``, see
