@@ -159,8 +159,10 @@ def final_state(run_dir: Path) -> dict:
     step = sorted((run_dir / "checkpoints").glob("step_*"))[-1]
     state = json.loads((step / ckpt.STATE).read_text())
     view = step / ckpt.ELASTIC_VIEW
-    state["data_cursor"] = (json.loads(view.read_text()) if view.is_file()
-                            else merge_states(state["data_states"]))
+    if view.is_file():
+        state["data_cursor"] = json.loads(view.read_text())
+    elif state.get("data_states"):
+        state["data_cursor"] = merge_states(state["data_states"])
     return state
 
 
