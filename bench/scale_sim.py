@@ -9,24 +9,27 @@ the size field holding the shard's sample count) and ``_open`` yields the shard'
 a tar. Each simulated rank draws its micro-batches as ``_WorkerStreams._batch`` does (per modality, the mixer
 picks a corpus, the corpus's stream takes one sample; workers take turns) and writes the worker's cursor back
 into its MixedLoader as ``MixedLoader.__iter__`` does. A run: W ranks x 4 workers for some steps, save (every
-rank's state_dict()), merge, resume at 3/4 W, run, save, resume at W, run, save (and 64 -> 8). After each save
-the merged cursor is checked against every sample key drawn so far: no key twice, and each drawn (corpus,
-epoch, shard) is exactly what the cursor's per-epoch view says was yielded (finished shards wholly, partial
-shards the listed ordinals).
+rank's state_dict(); rank 0 builds the elastic view from every rank's view part, as a checkpoint save does),
+resume at 3/4 W from that view, run, save, resume at W, run, save (and 64 -> 8). After each save the view is
+checked against every sample key drawn so far: no key twice, and each drawn (corpus, epoch, shard) is exactly
+what the view says was yielded (finished shards wholly, partial shards the listed ordinals).
 
-Per world size it prints the cursor's size (every rank's state as trainer_state.json's data_states holds them,
-and merged), and the time and tracemalloc peak of one rank's save (state_dict), of the merge of all ranks'
-states (what every rank does on resume) and of one rank's redistribution to the new world size
-(loader._initial_states), with each figure's growth exponent against the previous world size (1 = linear in
-ranks).
+Per world size it prints the cursor's size (every rank's state, as a schema-2 trainer_state.json's
+data_states held them, and merged), the time and tracemalloc peak of one rank's save (state_dict), of the
+merge of all ranks' states (what every rank did on resume before schema 3) and of one rank's redistribution
+to the new world size from the view (loader._initial_states); then (after "|") one rank's exact resume from
+its own cursor file, the view parts rank 0 gathers, the view's size and rank 0's time and peak building it;
+with each figure's growth exponent against the previous world size (1 = linear in ranks).
 
 Only the simulation's bookkeeping is shortened: ``shard_digest`` (O(shards), identical on every rank) and the
 per-corpus ``redistribute`` (O(shards + streams), identical on every rank: each real rank computes it once, in
 parallel) are memoised while the other ranks are built; the timed rank runs them unmemoised.
 
-``--xl-cursor`` runs the same at configs/xl.yaml's data settings (shuffle_buffer 2000, 6 workers) at 8 and 16
-ranks and fits a line to 1,024 ranks (filling 2,000-sample buffers of thousands of streams is beyond this
-machine).
+``--xl-cursor`` runs the same at configs/xl.yaml's data settings (shuffle_buffer 2000, 6 workers) at 8, 16 and
+32 ranks and fits a line to 1,024 ranks (filling 2,000-sample buffers of thousands of streams is beyond this
+machine), before (checkpoint schema 2: every rank reads and merges every rank's cursor) and now (schema 3: a
+rank's own cursor file, measured at any world size by simulating that rank alone; the elastic view; rank 0's
+build of it at save).
 
 Part 2 (checkpoint layout, ``checkpoint_part``): the xl flavor's ZeRO-3 shards per rank (parameter tensors
 counted on the meta device, partitioned as DeepSpeed pads them), the manifest's build and verification over
@@ -62,7 +65,8 @@ sys.path.insert(0, str(ROOT))
 from data_pipeline import loader as loader_mod  # noqa: E402
 from data_pipeline.batch import BatchSpec  # noqa: E402
 from data_pipeline.config import CorpusConfig, DataConfig, SourceConfig  # noqa: E402
-from data_pipeline.cursor import StreamState, from_ranges, merge_states  # noqa: E402
+from data_pipeline.cursor import (StreamState, elastic_view, from_ranges, merge_states,  # noqa: E402
+                                  rank_view_part)
 from data_pipeline.loader import MixedLoader, _initial_states, _Plan, buffer_share  # noqa: E402
 from data_pipeline.mix import Mixer  # noqa: E402
 from data_pipeline.stream import SourceStream, StreamContext  # noqa: E402
@@ -286,7 +290,8 @@ def build_world(cfg: DataConfig, listing: dict, world: int, state: dict | None,
     cost of a resume: redistribution to this world size when it differs from the saved one)."""
     plan0 = make_plan(cfg, listing, 0)
     if state is not None and measure:
-        _, seconds, peak = measured(lambda: _initial_states(state, plan0, world))
+        text = json.dumps(state)  # the elastic view file, parsed and redistributed as a rank does
+        _, seconds, peak = measured(lambda: _initial_states(json.loads(text), plan0, world))
     else:
         seconds = peak = None
     with memoised_shared_work():
@@ -295,18 +300,28 @@ def build_world(cfg: DataConfig, listing: dict, world: int, state: dict | None,
 
 
 def save_world(ranks: list[SimRank], measure: bool = True) -> tuple[list[dict], dict, dict]:
-    """Every rank's state_dict (rank 0 timed alone), then the merge of all of them, timed."""
-    save_s = save_peak = None
+    """Every rank's state_dict (rank 0 timed alone); before (checkpoint schema 2): the merge of all of them
+    that every rank ran on resume, timed; now: rank 0's elastic view from every rank's view part (at save),
+    and one rank's exact resume from its own cursor file, timed. Returns (states, elastic view, figures)."""
+    save_s = save_peak = exact_s = exact_peak = None
     if measure:
         _, save_s, save_peak = measured(lambda: ranks[0].loader.state_dict())
     with memoised_shared_work():
         states = [r.loader.state_dict() for r in ranks]
     merged, merge_s, merge_peak = measured(lambda: merge_states(states), with_memory=measure)
+    parts = [rank_view_part(st) for st in states]  # each rank its own, gathered to rank 0
+    view, view_s, view_peak = measured(lambda: elastic_view(parts), with_memory=measure)
+    if measure:
+        own = json.dumps(states[0])  # rank 0's cursor file, read back at the same world size
+        _, exact_s, exact_peak = measured(lambda: _initial_states(json.loads(own), ranks[0].plan, len(ranks)))
     figures = {"world": len(ranks), "save_rank_s": save_s, "save_rank_peak": save_peak,
                "merge_s": merge_s, "merge_peak": merge_peak,
                "rank_bytes": len(json.dumps(states[0])),
-               "all_ranks_bytes": len(json.dumps(states)), "merged_bytes": len(json.dumps(merged))}
-    return states, merged, figures
+               "all_ranks_bytes": len(json.dumps(states)), "merged_bytes": len(json.dumps(merged)),
+               "parts_bytes": len(json.dumps(parts)), "view_bytes": len(json.dumps(view)),
+               "view_s": view_s, "view_peak": view_peak,
+               "exact_rank_s": exact_s, "exact_rank_peak": exact_peak}
+    return states, view, figures
 
 
 def epoch_drawn_whole(listing: dict, drawn: Drawn, epoch: int = 0) -> bool:
@@ -326,7 +341,9 @@ def run_steps(ranks: list[SimRank], steps: int, drawn: Drawn) -> float:
 def simulate(worlds: list[int], cfg: DataConfig, listing: dict, steps: int, drawn: Drawn | None = None,
              log=print, measure: bool = True) -> list[dict]:
     """Start at worlds[0], then resume at each next world size; after each save check exactly-once.
-    Returns one figures dict per save (the last one also holds the merged ``cursor``)."""
+    Every resume at another world size starts from the elastic view rank 0 built at the save (what a
+    checkpoint holds since schema 3). Returns one figures dict per save (the last one also holds that view,
+    ``cursor``)."""
     drawn = drawn or Drawn()
     state, out = None, []
     for i, world in enumerate(worlds):
@@ -339,7 +356,7 @@ def simulate(worlds: list[int], cfg: DataConfig, listing: dict, steps: int, draw
         out.append(figures)
         log(_row(figures))
         del ranks
-    out[-1]["cursor"] = state  # the merged cursor of the last save, to resume from
+    out[-1]["cursor"] = state  # the elastic view of the last save, to resume from
     return out
 
 
@@ -353,7 +370,8 @@ def _s(x) -> str:
 
 HEADER = (f"{'world':>9} {'steps':>5} {'samples':>9} {'rank KB':>8} {'all MB':>8} {'merged MB':>9} "
           f"{'save ms':>8} {'save MB':>8} {'merge ms':>8} {'merge MB':>8} {'resume ms':>9} {'resume MB':>9} "
-          f"{'run s':>6}")
+          f"{'run s':>6} | {'exact ms':>8} {'exact MB':>8} {'parts MB':>8} {'view MB':>8} {'view ms':>8} "
+          f"{'view pk MB':>10}")
 
 
 def _row(f: dict) -> str:
@@ -361,11 +379,14 @@ def _row(f: dict) -> str:
     return (f"{world:>9} {f['steps']:>5} {f['samples']:>9} {f['rank_bytes'] / 1024:8.1f} "
             f"{_mb(f['all_ranks_bytes'])} {_mb(f['merged_bytes']):>9} {_s(f['save_rank_s'])} "
             f"{_mb(f['save_rank_peak'])} {_s(f['merge_s'])} {_mb(f['merge_peak'])} "
-            f"{_s(f['resume_rank_s']):>9} {_mb(f['resume_rank_peak']):>9} {f['step_s']:6.1f}")
+            f"{_s(f['resume_rank_s']):>9} {_mb(f['resume_rank_peak']):>9} {f['step_s']:6.1f} | "
+            f"{_s(f['exact_rank_s'])} {_mb(f['exact_rank_peak'])} {_mb(f['parts_bytes'])} "
+            f"{_mb(f['view_bytes'])} {_s(f['view_s'])} {_mb(f['view_peak']):>10}")
 
 
 def growth(rows: list[dict], keys=("all_ranks_bytes", "merged_bytes", "save_rank_s", "merge_s", "merge_peak",
-                                    "resume_rank_s", "resume_rank_peak")) -> list[str]:
+                                    "resume_rank_s", "resume_rank_peak", "rank_bytes", "exact_rank_s",
+                                    "exact_rank_peak", "view_bytes", "view_s", "view_peak")) -> list[str]:
     """Per figure, the exponent k of figure ~ world^k between consecutive world sizes (1 = linear)."""
     lines = []
     for a, b in zip(rows, rows[1:]):
@@ -471,16 +492,22 @@ class RequestCounter:
 
 def write_layout(root: Path, world: int, rank: int, payload: int = 64) -> None:
     """What rank ``rank`` of ``world`` writes into its checkpoint folder, as tiny files (names as DeepSpeed's
-    ZeRO-3 save names them; rank 0 adds DeepSpeed's own files and the trainer state)."""
+    ZeRO-3 save names them, and its data cursor file; rank 0 adds DeepSpeed's own files, the cursor's elastic
+    view and the trainer state: checkpoint schema 3)."""
+    from trainer import checkpoint as ckpt
+
     ds = root / "ds"
     ds.mkdir(parents=True, exist_ok=True)
     for kind in ("model", "optim"):
         prefix = "bf16_" if kind == "optim" else ""
         (ds / f"{prefix}zero_pp_rank_{rank}_mp_rank_00_{kind}_states.pt").write_bytes(b"x" * payload)
+    names = [ckpt.RANK_STATE.format(rank=rank)]
     if rank == 0:
-        for name in ("latest", "zero_to_fp32.py"):
-            (root / name).write_bytes(b"x" * payload)
+        names += ["latest", "zero_to_fp32.py", ckpt.ELASTIC_VIEW]
         (root / "trainer_state.json").write_text("{}")
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"x" * payload)
 
 
 def hash_rate(sample_mib: int = 64) -> float:
@@ -700,29 +727,62 @@ def planning_cost() -> list[tuple[int, int, float]]:
     return out
 
 
-def xl_cursor(worlds=(8, 16), steps: int = 6) -> list[dict]:
+def xl_cursor(worlds=(8, 16, 32), steps: int = 6) -> list[dict]:
     """The cursor with configs/xl.yaml's data settings (shuffle_buffer 2000, 6 workers, batches 32/32/64) over
     shards of 500-1,500 samples, at small world sizes only (filling 2,000-sample buffers for thousands of
     streams is beyond this machine); per-rank figures are then extrapolated linearly (part 1 measures the
-    growth)."""
+    growth). Before (checkpoint schema 2) against now: what one rank reads, spends and holds at resume, and
+    what rank 0 does at save."""
     cfg = synthetic_config(buffer=2000, batch=32, pair_batch=64, workers=6)
     listing = synthetic_listing(100_000, min_samples=500, max_samples=1500)
     print("data cursor with configs/xl.yaml's data settings (shuffle_buffer 2000, 6 workers/rank):")
     print(HEADER)
     rows = []
     for world in worlds:
-        rows.extend(simulate([world], cfg, listing, steps))
-    a, b = rows[0], rows[-1]
+        row = simulate([world], cfg, listing, steps)[-1]
+        text = json.dumps(row["cursor"])  # an elastic resume at 3/4 of the world: rank 0 parses and deals
+        _, row["elastic_rank_s"], row["elastic_rank_peak"] = measured(
+            lambda: _initial_states(json.loads(text), make_plan(cfg, listing, 0), world * 3 // 4))
+        rows.append(row)
+    measured_at = {r["world"]: r for r in rows}
 
-    def fit(key, world):  # the straight line through the two measured world sizes
-        slope = (b[key] - a[key]) / (b["world"] - a["world"])
-        return b[key] + slope * (world - b["world"])
-    for world in (64, 256, 1024):
-        states_mb = fit('all_ranks_bytes', world) / 2 ** 20
-        print(f"  extrapolated to {world:>5} ranks: trainer_state data_states {states_mb:6.0f}"
-              f" MB, merge on every rank {fit('merge_s', world):6.1f} s, merge peak "
-              f"{fit('merge_peak', world) / 2 ** 30:5.2f} GiB")
+    def fit(key, world):  # the least-squares line through the measured world sizes
+        slope, intercept = np.polyfit([r["world"] for r in rows], [r[key] for r in rows], 1)
+        return intercept + slope * world
+
+    def figures(world):
+        if world in measured_at:
+            return measured_at[world]
+        return {**{k: fit(k, world) for k in XL_KEYS}, **own_cursor(cfg, listing, world, steps)}
+
+    print("per rank at resume, before (every rank reads every rank's cursor from trainer_state.json and "
+          "merges them) and now (exact: its own cursor file; elastic: the view); rank 0 at save:")
+    print(f"{'ranks':>6} | {'before: read MB':>15} {'merge s':>8} {'peak MB':>8} | {'exact: read KB':>14} "
+          f"{'s':>6} {'peak MB':>8} | {'elastic: read MB':>16} {'s':>6} {'peak MB':>8} | "
+          f"{'rank 0 save: gathered MB':>24} {'s':>6} {'peak MB':>8}")
+    for world in sorted(set(worlds) | {64, 256, 1024}):
+        f = figures(world)
+        print(f"{world:>6} | {f['all_ranks_bytes'] / 2 ** 20:15.1f} {f['merge_s']:8.2f} "
+              f"{f['merge_peak'] / 2 ** 20:8.0f} | {f['rank_bytes'] / 1024:14.0f} {f['exact_rank_s']:6.3f} "
+              f"{f['exact_rank_peak'] / 2 ** 20:8.1f} | {f['view_bytes'] / 2 ** 20:16.2f} "
+              f"{f['elastic_rank_s']:6.2f} {f['elastic_rank_peak'] / 2 ** 20:8.1f} | "
+              f"{f['parts_bytes'] / 2 ** 20:24.2f} {f['view_s']:6.2f} {f['view_peak'] / 2 ** 20:8.1f}"
+              + ("" if world in worlds else "  (before, elastic, rank 0: fitted; exact: measured)"))
     return rows
+
+
+def own_cursor(cfg: DataConfig, listing: dict, world: int, steps: int) -> dict:
+    """An exact resume's cost, measured at any world size: only rank 0 is simulated (its cursor holds only its
+    own streams), its cursor file read back and its streams restored as at the same world size."""
+    rank = SimRank(make_plan(cfg, listing, 0), world, None)
+    run_steps([rank], steps, Drawn())
+    own = json.dumps(rank.loader.state_dict())
+    _, seconds, peak = measured(lambda: _initial_states(json.loads(own), rank.plan, world))
+    return {"rank_bytes": len(own), "exact_rank_s": seconds, "exact_rank_peak": peak}
+
+
+XL_KEYS = ("all_ranks_bytes", "merge_s", "merge_peak", "rank_bytes", "exact_rank_s", "exact_rank_peak",
+           "view_bytes", "elastic_rank_s", "elastic_rank_peak", "parts_bytes", "view_s", "view_peak")
 
 
 def main(argv=None) -> None:

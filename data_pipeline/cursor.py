@@ -115,16 +115,36 @@ def epochs_view(streams: list[StreamState], seed: int, source: str, n: int) -> d
 
     Epochs below the lowest listed one are complete; epochs from F on are untouched.
     """
-    fresh_from = max(st.fresh_epoch for st in streams)
-    remaining: dict[int, dict[int, set]] = {}
+    return view_from_parts([view_part(streams)], seed, source, n)
+
+
+def view_part(streams: list[StreamState]) -> dict:
+    """What some streams (one rank's) contribute to the per-epoch view: each stream's plan and fresh epoch,
+    and the shards they own with the ordinals yielded of them. Its size is O(the shards these streams own):
+    no shuffle buffer, so rank 0 can gather every rank's part at save and build the view without every
+    rank's whole cursor (``view_from_parts``)."""
+    remaining: dict[str, dict[str, list]] = {}
     for st in streams:
         for key, done in st.done.items():
             e, s = parse_key(key)
-            remaining.setdefault(e, {})[s] = set(done)
+            remaining.setdefault(str(e), {})[str(s)] = to_ranges(done)
         for e, s in st.todo + ([st.head[:2]] if st.head else []):
-            remaining.setdefault(e, {}).setdefault(s, set())
-        for e in range(st.fresh_epoch, fresh_from):
-            for s in planned_share(seed, source, e, n, st.streams, st.index):
+            remaining.setdefault(str(e), {}).setdefault(str(s), [])
+    return {"plans": [[st.streams, st.index, st.fresh_epoch] for st in streams], "remaining": remaining}
+
+
+def view_from_parts(parts: list[dict], seed: int, source: str, n: int) -> dict:
+    """The per-epoch view (see ``epochs_view``) from the ``view_part`` of every rank's streams."""
+    plans = [plan for part in parts for plan in part["plans"]]
+    fresh_from = max(fresh for _, _, fresh in plans)
+    remaining: dict[int, dict[int, set]] = {}
+    for part in parts:
+        for e, shards in part["remaining"].items():
+            for s, ranges in shards.items():
+                remaining.setdefault(int(e), {}).setdefault(int(s), set()).update(from_ranges(ranges))
+    for streams, index, fresh in plans:  # a stream behind the others still owes its share of those epochs
+        for e in range(fresh, fresh_from):
+            for s in planned_share(seed, source, e, n, streams, index):
                 remaining.setdefault(e, {}).setdefault(s, set())
     epochs = {}
     for e in sorted(remaining):
@@ -202,3 +222,40 @@ def _add_view(src: dict, name: str, state: dict) -> None:
 
 def is_complete(src: dict, state: dict) -> bool:
     return len(src["streams"]) == state["world_size"] * max(1, state["num_workers"])
+
+
+# ----- the elastic view: what a resume at another world size reads, O(shards) -------------------------------
+def rank_view_part(state: dict) -> dict:
+    """One rank's contribution to the elastic view, from its ``state_dict()``: per corpus its streams'
+    ``view_part`` (no shuffle buffers), per modality the picks its streams made. Rank 0 gathers these at save
+    (a few KB to a few hundred per rank, where a whole state is ~0.6 MB at xl's data settings)."""
+    meta = {k: v for k, v in state.items() if k not in ("sources", "mix")}
+    sources = {}
+    for name, src in state.get("sources", {}).items():
+        sources[name] = {**{k: v for k, v in src.items() if k not in ("streams", "fresh_from", "epochs")},
+                         "part": view_part([StreamState.from_json(s) for s in src["streams"].values()])}
+    mix = {modality: {**{k: v for k, v in m.items() if k != "streams"},
+                      "picks": sum(s["picks"] for s in m.get("streams", {}).values())}
+           for modality, m in state.get("mix", {}).items()}
+    return {"meta": meta, "sources": sources, "mix": mix}
+
+
+def elastic_view(parts: list[dict]) -> dict:
+    """The cursor another world size resumes from (``loader.build_loader(state=...)``), built from every
+    rank's ``rank_view_part``: the per-epoch view of each corpus and each modality's weights and picks so
+    far, without any stream's state. O(shards) whatever the world size."""
+    first = parts[0]
+    out = {**copy.deepcopy(first["meta"]), "sources": {}, "mix": {}}
+    for name, src in first["sources"].items():
+        mine = [p["sources"][name]["part"] for p in parts]
+        expected = out["world_size"] * max(1, out["num_workers"])
+        if sum(len(m["plans"]) for m in mine) != expected:
+            raise ValueError(f"data cursor of source {name}: the ranks' parts hold "
+                             f"{sum(len(m['plans']) for m in mine)} of the {expected} streams")
+        view = view_from_parts(mine, out["seed"], name, src["num_shards"])
+        out["sources"][name] = {**{k: v for k, v in src.items() if k != "part"}, "streams": {}, **view}
+    for modality, mix in first["mix"].items():
+        picks = sum(p["mix"][modality]["picks"] for p in parts)
+        out["mix"][modality] = {**{k: v for k, v in mix.items() if k != "picks"}, "streams": {},
+                                "base_picks": mix.get("base_picks", 0) + picks}
+    return out

@@ -248,7 +248,10 @@ def check_resume(cfg: RunConfig, run_dir: str, shards: dict) -> str:
     if diffs:
         raise UserError(f"checkpoint {where} was saved with another model config: {'; '.join(diffs)}. Use "
                         "the original config or start a new run name (run.name=...).")
-    cursor = (state.get("data_states") or [{}])[0] or {}
+    from trainer.checkpointing.cursors import first_cursor
+
+    # schema 3: the elastic view (one O(shards) file); before, rank 0's cursor in trainer_state.json
+    cursor = first_cursor(state, lambda rel: storage.read_text(storage.join(where, rel)))
     if cursor and cursor.get("seed") != cfg.data.seed:
         raise UserError(f"data.seed={cfg.data.seed}: checkpoint {where} was saved with data.seed="
                         f"{cursor.get('seed')}; resume with the same seed or start a new run name")

@@ -27,9 +27,16 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 STATE = "trainer_state.json"
 TOKENIZER = "tokenizer.json"  # the tokenizer trained with (schema 2 on; trainer/checkpointing/identity.py)
+# Schema 3 on: each rank's data cursor and RNG state in its own file, and the cursor's elastic view (what
+# another world size resumes from, O(shards)) beside them; trainer_state.json holds neither
+# (trainer/checkpointing/cursors.py). Top-level names, not a sub-folder: on S3, Arrow's upload writes
+# directory markers for every folder of each rank's save (4 PUTs and a HEAD per rank and folder).
+RANK_STATE = "rank_state_{rank:05d}.json"
+RANK_STATE_FILE = re.compile(r"(?:^|/)rank_state_(\d+)\.json$")
+ELASTIC_VIEW = "data_elastic_view.json"
 # The layout version written into manifest.json and trainer_state.json. Older checkpoints load through
 # ``migrate_state``; a newer one (written by a later unimo) is refused with a message, never misread.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
@@ -99,8 +106,19 @@ def _v1_to_v2(state: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
+def _v2_to_v3(state: dict[str, Any]) -> dict[str, Any]:
+    """Schema 3 keeps each rank's cursor and RNG in its own file (``RANK_STATE``) and the elastic view in
+    ``ELASTIC_VIEW``; before, trainer_state.json held every rank's (``data_states``, ``rng``). Those lists
+    move to ``inline_ranks`` ([{"data", "rng"}] per rank), which trainer/checkpointing/cursors.py reads in
+    place of the files."""
+    data, rng = state.pop("data_states", None), state.pop("rng", None)
+    if data is not None:
+        state["inline_ranks"] = [{"data": d, "rng": r} for d, r in zip(data, rng or [None] * len(data))]
+    return state
+
+
 # MIGRATIONS[v] turns a schema-v trainer state into schema v+1.
-MIGRATIONS = {0: _v0_to_v1, 1: _v1_to_v2}
+MIGRATIONS = {0: _v0_to_v1, 1: _v1_to_v2, 2: _v2_to_v3}
 
 
 def migrate_state(state: dict[str, Any], where: Path | str) -> dict[str, Any]:
@@ -168,17 +186,18 @@ RANK_SHARD = re.compile(r"(?:^|/)(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_(?:mod
 
 
 def shard_rank(rel: str) -> int | None:
-    """The rank whose ZeRO shard the file ``rel`` is, or None for a file any rank may read."""
-    m = RANK_SHARD.search(rel)
+    """The rank whose file ``rel`` is (a ZeRO shard, or its data cursor and RNG), or None for a file any rank
+    may read."""
+    m = RANK_SHARD.search(rel) or RANK_STATE_FILE.search(rel)
     return int(m.group(1)) if m else None
 
 
-def files_for_rank(names: Iterable[str], rank: int) -> list[str]:
-    """The files of a checkpoint that ``rank`` reads when it resumes at the same world size and ZeRO stage:
-    its own shards and every file that is no rank's shard (trainer_state.json, tokenizer.json, stages 1-2's
-    mp_rank_00_model_states.pt, ...). A file of an unknown name counts as read by every rank: a rank may hash
-    more than it reads, never less."""
-    return [rel for rel in names if shard_rank(rel) in (None, rank)]
+def files_for_rank(names: Iterable[str], rank: int, elastic: bool = False) -> list[str]:
+    """The files of a checkpoint that ``rank`` reads when it resumes at the same ZeRO stage: its own shards
+    and cursor file and every file that is no rank's (trainer_state.json, tokenizer.json, stages 1-2's
+    mp_rank_00_model_states.pt, ...); the cursor's elastic view only when ``elastic`` (another world size).
+    A file of an unknown name counts as read by every rank: a rank may hash more than it reads, never less."""
+    return [rel for rel in names if shard_rank(rel) in (None, rank) and (elastic or rel != ELASTIC_VIEW)]
 
 
 def step_of(path: Path | str) -> int:

@@ -1,6 +1,8 @@
 """The scale simulation's smallest case: the real plan, cursor and mixer code at 8 -> 6 -> 8 ranks x 4 workers
 over a synthetic listing (no tars, no processes), every sample of an epoch exactly once across the changes."""
 
+import json
+
 from bench.scale_sim import (Drawn, build_world, check_exactly_once, epoch_drawn_whole, run_steps, save_world,
                              simulate, synthetic_config, synthetic_listing)
 
@@ -38,3 +40,23 @@ def test_planned_share_deals_an_epoch_from_where_the_last_one_stopped():
                     else:
                         want = [order[j] for j in range(n) if (epoch * n + j) % streams == index]
                     assert planned_share(7, "pair/coco", epoch, n, streams, index) == want
+
+
+def test_the_elastic_view_from_rank_parts_is_the_merged_cursors_view():
+    """Rank 0 builds the view a checkpoint keeps for another world size from each rank's small part (no
+    shuffle buffers); it must say exactly what merging every rank's whole cursor says."""
+    from data_pipeline.cursor import elastic_view, merge_states, rank_view_part
+
+    cfg, listing = synthetic_config(buffer=8, batch=4), synthetic_listing(200)
+    ranks, _ = build_world(cfg, listing, 6, None, measure=False)
+    run_steps(ranks, 7, Drawn())
+    states = [r.loader.state_dict() for r in ranks]
+    merged, view = merge_states(states), elastic_view([rank_view_part(st) for st in states])
+    for key, src in merged["sources"].items():
+        assert view["sources"][key]["epochs"] == src["epochs"] and src["epochs"]
+        assert view["sources"][key]["fresh_from"] == src["fresh_from"]
+        assert view["sources"][key]["streams"] == {}  # O(shards): no stream's state travels
+    for modality, mix in merged["mix"].items():
+        picks = sum(s["picks"] for s in mix["streams"].values())
+        assert view["mix"][modality]["base_picks"] == mix.get("base_picks", 0) + picks > 0
+    assert len(json.dumps(view)) < len(json.dumps(states)) / 3

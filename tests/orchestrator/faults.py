@@ -151,8 +151,19 @@ def registered(run_dir: Path, step: int) -> bool:
 
 
 def final_state(run_dir: Path) -> dict:
-    steps = sorted((run_dir / "checkpoints").glob("step_*"))
-    return json.loads((steps[-1] / "trainer_state.json").read_text())
+    """The newest checkpoint's trainer state, with its merged data cursor under ``data_cursor`` (the
+    elastic view beside it since checkpoint schema 3, every rank's cursor merged before)."""
+    from data_pipeline.cursor import merge_states
+    from trainer import checkpoint as ckpt
+
+    step = sorted((run_dir / "checkpoints").glob("step_*"))[-1]
+    state = json.loads((step / ckpt.STATE).read_text())
+    view = step / ckpt.ELASTIC_VIEW
+    if view.is_file():
+        state["data_cursor"] = json.loads(view.read_text())
+    elif state.get("data_states"):
+        state["data_cursor"] = merge_states(state["data_states"])
+    return state
 
 
 def shard_sizes(folder: Path) -> dict[int, int]:
@@ -167,14 +178,15 @@ def shard_sizes(folder: Path) -> dict[int, int]:
 
 
 def consumed(state: dict, source: str, sizes: dict[int, int]) -> int:
-    """Distinct samples of ``source`` yielded to training so far, from the merged data cursor of all ranks.
+    """Distinct samples of ``source`` yielded to training so far, from the merged data cursor of all ranks
+    (``final_state``'s ``data_cursor``).
 
     A sample read twice counts once, and one skipped is never counted, so comparing with steps x global batch
     catches both.
     """
-    from data_pipeline.cursor import from_ranges, merge_states
+    from data_pipeline.cursor import from_ranges
 
-    src = merge_states(state["data_states"])["sources"][source]
+    src = state["data_cursor"]["sources"][source]
     epochs = src.get("epochs")
     assert epochs is not None, f"cursor of {source} is incomplete (not every stream reported)"
     per_epoch = sum(sizes.values())

@@ -114,6 +114,20 @@ def test_resume_with_other_shards(data, tmp_path):
     assert msg.startswith("checkpoint (resume):") and "data.pair.urls" in msg and "read 3 shards" in msg
 
 
+def test_resume_with_other_shards_schema_3(data, tmp_path):
+    """Since checkpoint schema 3 the cursor is beside trainer_state.json (data_elastic_view.json)."""
+    cfg = config(data, tmp_path)
+    cursor = {"seed": cfg.data.seed, "sources": {"pair": {"num_shards": 3, "digest": "0" * 16,
+                                                          "seq_len": cfg.seq_len}}}
+    step_dir = _fake_checkpoint(tmp_path / "runs" / "debug", cfg, schema=3)
+    state = json.loads((step_dir / "trainer_state.json").read_text())
+    del state["data_states"]
+    (step_dir / "trainer_state.json").write_text(json.dumps(state))
+    (step_dir / "data_elastic_view.json").write_text(json.dumps(cursor))
+    msg = failing(cfg)
+    assert msg.startswith("checkpoint (resume):") and "data.pair.urls" in msg and "read 3 shards" in msg
+
+
 def test_resume_that_matches(data, tmp_path):
     cfg = config(data, tmp_path)
     _fake_checkpoint(tmp_path / "runs" / "debug", cfg)

@@ -27,6 +27,7 @@ import torch
 from data_pipeline.errors import UserError
 from trainer import checkpoint as ckpt
 from trainer import storage
+from trainer.checkpointing import cursors
 from trainer.checkpointing.identity import data_changed, data_identity
 from trainer.checkpointing.universal import drop_universal, to_universal
 from trainer.checkpointing.verification import log_verified, merged_candidates, torn_ranks, verify_part
@@ -63,7 +64,9 @@ class Progress:
     """What is restored from a checkpoint and saved into the next one."""
 
     step: int = 0
-    data_state: list | None = None  # every rank's loader cursor
+    # the loader cursor to resume from: this rank's own (same world size), the elastic view, or (a schema-2
+    # checkpoint at another world size) every rank's
+    data_state: dict | list | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -205,7 +208,8 @@ class CheckpointManager:
             self._run_stage()  # before any rank can part ways over a candidate
         for location, step in candidates:
             started = time.monotonic()
-            part = verify_part(location, self._restore_cache(), self.rank, self._reads_everything)
+            part = verify_part(location, self._restore_cache(), self.rank, self._reads_everything,
+                               world_size=self.world_size)
             bad = torn_ranks(part.problem is not None, self.rank, self.world_size)
             if bad:
                 self._skip_torn(location, step, part, bad)
@@ -277,15 +281,18 @@ class CheckpointManager:
                                    load_lr_scheduler_states=False)
         if universal:
             drop_universal(path, self.local_rank)
-        if same_world:
-            set_rng_state(state["rng"][self.rank])
+        # this rank's cursor file (same world size) or the elastic view, read before the S3 copy goes
+        data_state, rng = cursors.restored(found.local, state, found.manifest, self.rank, self.world_size,
+                                           max(1, self.cfg.data.num_workers))
+        if same_world and rng is not None:
+            set_rng_state(rng)
         self._drop_restored_copy(found)
         if self.rank == 0:
             how = ("" if same_world
                    else f" (elastic: saved by {state['world_size']} ranks, now {self.world_size})")
             log.info("resumed from %s at step %d%s", found.location, state["step"], how)
-        # Every rank's cursor: the loader resumes exactly at the same world size, elastically otherwise.
-        return Progress(step=state["step"], data_state=state["data_states"], extra=state.get("extra", {}))
+        # The loader resumes exactly from this rank's own cursor, elastically from the view.
+        return Progress(step=state["step"], data_state=data_state, extra=state.get("extra", {}))
 
     def _drop_restored_copy(self, found: Found) -> None:
         """Deletes the node's download of an S3 checkpoint once every rank has loaded it (not for local
@@ -370,8 +377,6 @@ class CheckpointManager:
                 "free space there or point TMPDIR at a larger disk")
 
     def _write(self, root: Path, step: int, engine: Any, loader: Any, extra: dict) -> None:
-        import torch.distributed as dist
-
         from trainer.loop import stage_at
         from trainer.redaction import safe_config, secret_values
 
@@ -379,17 +384,19 @@ class CheckpointManager:
         if self.rank == 0 and self.tokenizer_text is not None:
             # the tokenizer trained with travels with the weights (export copies it from here)
             (root / ckpt.TOKENIZER).write_bytes(self.tokenizer_text.encode("utf-8"))
-        per_rank = [None] * self.world_size
-        dist.all_gather_object(per_rank, {"data": loader.state_dict(), "rng": rng_state(),
-                                          "files": ckpt.describe_files(root)})
+        cursor = loader.state_dict()
+        cursors.write_rank_state(root, self.rank, cursor, rng_state())
+        # Rank 0 gathers each rank's files and the part of its cursor the elastic view needs (no shuffle
+        # buffers); every rank's whole cursor stays in that rank's own file.
+        mine = {"files": ckpt.describe_files(root), "view": cursors.view_part(cursor)}
+        per_rank = cursors.gather_to_first(mine, self.rank, self.world_size)
         if self.rank == 0:
+            has_view = cursors.write_elastic_view(root, [r["view"] for r in per_rank])
             state = {
                 "schema": ckpt.SCHEMA_VERSION,
                 "step": step,
                 "stage": stage_at(self.cfg.stages, max(step - 1, 0))[1].name,
                 "world_size": self.world_size,
-                "data_states": [r["data"] for r in per_rank],
-                "rng": [r["rng"] for r in per_rank],
                 "mlflow_run_id": self.mlflow_run_id,
                 # The config without credentials (a URL's user:password, secret keys, the environment's secret
                 # values): a checkpoint is copied, shared and exported, and must not carry them.
@@ -403,8 +410,8 @@ class CheckpointManager:
             files = {}
             for r in per_rank:
                 files.update(r["files"])
-            files[ckpt.STATE] = {"size": (root / ckpt.STATE).stat().st_size,
-                                 "sha256": ckpt.sha256_file(root / ckpt.STATE)}
+            for rel in [ckpt.STATE] + ([ckpt.ELASTIC_VIEW] if has_view else []):
+                files[rel] = {"size": (root / rel).stat().st_size, "sha256": ckpt.sha256_file(root / rel)}
             ckpt.write_manifest(root, files, step)  # written last: it is what makes the checkpoint count
 
     def prune(self, pending: int | None = None) -> list:

@@ -2,9 +2,10 @@
 
 Every rank checks that each file of a candidate is present with its size (a stat per file) and hashes only
 what it will read: trainer_state.json first (it says whether the checkpoint goes through the universal
-conversion), then its own ZeRO shards and the files every rank reads (``checkpoint.files_for_rank``). A
-node's first rank hashes every file when it converts the checkpoint for another world size or ZeRO stage,
-since the conversion reads them all. Before, every rank hashed the whole checkpoint: for 64 ranks, 64 times
+conversion), then its own ZeRO shards and data cursor file (and the cursor's elastic view when the world
+size changed) and the files every rank reads (``checkpoint.files_for_rank``). A node's first rank hashes
+every file when it converts the checkpoint for another world size or ZeRO stage, since the conversion reads
+them all. Before, every rank hashed the whole checkpoint: for 64 ranks, 64 times
 the checkpoint's bytes read per resume.
 
 A torn file that only one rank hashes must make every rank skip the candidate, so the ranks decide together,
@@ -54,9 +55,10 @@ def merged_candidates(mine: dict[str, int], world_size: int) -> list[tuple[str, 
 
 
 def verify_part(location: str, cache_dir: Path, rank: int,
-                reads_everything: Callable[[Path, dict], bool]) -> Part:
+                reads_everything: Callable[[Path, dict], bool], world_size: int | None = None) -> Part:
     """Verifies what ``rank`` will read of the checkpoint at ``location``: the presence and size of every
-    file, the hash of trainer_state.json, then of this rank's files, or of every file when
+    file, the hash of trainer_state.json, then of this rank's files (its shards and data cursor file, and the
+    cursor's elastic view when the checkpoint's world size is not ``world_size``), or of every file when
     ``reads_everything(local, state)`` (the rank converts it). A problem is returned, not raised, so that this
     rank still takes part in the agreement."""
     part = Part()
@@ -70,7 +72,8 @@ def verify_part(location: str, cache_dir: Path, rank: int,
         part.state = ckpt.read_state(part.local)
         names = [n for n in part.manifest["files"] if n != ckpt.STATE]
         if not reads_everything(part.local, part.state):
-            names = ckpt.files_for_rank(names, rank)
+            elastic = world_size is not None and part.state.get("world_size") != world_size
+            names = ckpt.files_for_rank(names, rank, elastic=elastic)
         part.hashed_bytes += ckpt.check_hashes(part.local, part.manifest, names)
     except ckpt.TornCheckpoint as err:
         part.problem = str(err if part.local is None else ckpt.named_by_location(err, part.local, location))
