@@ -14,7 +14,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch.distributed as dist
 
 from bench.scale_sim import Drawn, build_world, make_plan, run_steps, synthetic_config, synthetic_listing
 from data_pipeline.cursor import merge_states
@@ -22,6 +21,7 @@ from data_pipeline.loader import _initial_states
 from trainer import checkpoint as ckpt
 from trainer.checkpointing import cursors
 from trainer.checkpointing.verification import verify_part
+from tests.trainer.checkpoint_fakes import NoReporter, StubEngine
 
 WORKERS = 2
 
@@ -111,20 +111,6 @@ def test_a_schema_2_checkpoint_resumes_exactly_and_elastically(tmp_path, world):
     assert part.problem is None
 
 
-@pytest.fixture
-def hashed(monkeypatch) -> list[str]:
-    """The names of the files sha256_file read, in order."""
-    seen: list[str] = []
-    real = ckpt.sha256_file
-
-    def recording(path, *args, **kwargs):
-        seen.append(Path(path).name)
-        return real(path, *args, **kwargs)
-
-    monkeypatch.setattr(ckpt, "sha256_file", recording)
-    return seen
-
-
 def test_a_rank_hashes_its_own_cursor_file_and_the_view_only_when_the_world_size_changed(tmp_path, world,
                                                                                          hashed):
     _, _, states = world
@@ -145,28 +131,6 @@ def test_a_rank_hashes_its_own_cursor_file_and_the_view_only_when_the_world_size
 
 # ---- the manager's save and load, one rank over gloo -----------------------------------------------------
 
-class _Engine:
-    def save_checkpoint(self, root: str, tag: str, save_latest: bool) -> None:
-        (Path(root) / tag).mkdir(parents=True)
-        (Path(root) / tag / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"weights")
-
-    def load_checkpoint(self, path: str, tag: str, **_) -> None: ...
-
-
-class _Reporter:
-    def report(self, metrics, checkpoint_dir, step) -> None: ...
-
-    def latest_checkpoint(self):
-        return None
-
-
-@pytest.fixture
-def one_rank_group(tmp_path):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
 def test_the_manager_saves_the_cursor_beside_a_small_trainer_state_and_resumes_from_it(tmp_path,
                                                                                       one_rank_group):
     from trainer.checkpointing import CheckpointManager
@@ -177,14 +141,14 @@ def test_the_manager_saves_the_cursor_beside_a_small_trainer_state_and_resumes_f
     run_steps([rank], 3, Drawn())
     cfg = load_config(None, ["run.name=cursors", "deepspeed.zero_stage=3", f"data.num_workers={WORKERS}"])
     run = tmp_path / "run"
-    manager = CheckpointManager(cfg, 0, 1, _Reporter(), run_location=str(run))
-    local = manager.save_local(3, _Engine(), rank.loader, {})
+    manager = CheckpointManager(cfg, 0, 1, NoReporter(), run_location=str(run))
+    local = manager.save_local(3, StubEngine(), rank.loader, {})
     shutil.move(str(local), run / "checkpoints" / ckpt.step_dir_name(3))
     d = run / "checkpoints" / ckpt.step_dir_name(3)
     files = ckpt.verify(d)["files"]
     assert cursors.rank_state_name(0) in files and ckpt.ELASTIC_VIEW in files
     state = json.loads((d / ckpt.STATE).read_text())
     assert state["schema"] == 3 and "data_states" not in state and "rng" not in state
-    resumed = CheckpointManager(cfg, 0, 1, _Reporter(), run_location=str(run))
-    progress = resumed.load(lambda universal: _Engine())
+    resumed = CheckpointManager(cfg, 0, 1, NoReporter(), run_location=str(run))
+    progress = resumed.load(lambda universal: StubEngine())
     assert progress.step == 3 and progress.data_state == rank.loader.state_dict()

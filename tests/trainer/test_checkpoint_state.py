@@ -10,43 +10,18 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch.distributed as dist
 
 from tests.integration.services import FAKE_AWS
 from trainer import checkpoint as ckpt
 from trainer.config import load_config
 from trainer.checkpointing import CheckpointManager
+from tests.trainer.checkpoint_fakes import NoReporter, StubEngine, StubLoader
 
 SECRET = FAKE_AWS["AWS_SECRET_ACCESS_KEY"]
 
 
-class _Engine:
-    def save_checkpoint(self, root: str, tag: str, save_latest: bool) -> None:
-        (Path(root) / tag).mkdir(parents=True)
-        (Path(root) / tag / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"weights")
-
-
-class _Loader:
-    def state_dict(self) -> dict:
-        return {"version": 1}
-
-
-class _Reporter:
-    def report(self, metrics, checkpoint_dir, step) -> None: ...
-
-    def latest_checkpoint(self):
-        return None
-
-
-@pytest.fixture
-def one_rank_group(tmp_path):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
 def _manager(overrides: list[str], run: Path | None = None) -> CheckpointManager:
-    return CheckpointManager(load_config(None, overrides), rank=0, world_size=1, reporter=_Reporter(),
+    return CheckpointManager(load_config(None, overrides), rank=0, world_size=1, reporter=NoReporter(),
                              run_location=str(run) if run else None)
 
 
@@ -55,7 +30,7 @@ def _saved_run(tmp_path: Path, overrides: list[str], steps: tuple[int, ...] = (1
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True, exist_ok=True)
     for step in steps:
-        root = _manager(overrides).save_local(step, _Engine(), _Loader(), {})
+        root = _manager(overrides).save_local(step, StubEngine(), StubLoader(), {})
         shutil.move(str(root), run / "checkpoints" / ckpt.step_dir_name(step))
     return run
 
@@ -152,12 +127,12 @@ def test_no_space_is_named_before_saving_and_partial_saves_never_stay(tmp_path, 
     assert not leftover.exists() and other_run.exists()
 
     with pytest.raises(OSError, match="No space left"):
-        manager.save_local(3, _FailingEngine(), _Loader(), {})
+        manager.save_local(3, _FailingEngine(), StubLoader(), {})
     assert sorted(p.name for p in (tmp_path / "tmp").iterdir()) == [other_run.name]  # the partial one is gone
 
-    root = manager.save_local(4, _Engine(), _Loader(), {})
+    root = manager.save_local(4, StubEngine(), StubLoader(), {})
     assert manager.last_size == sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
     manager.last_size = 1 << 60  # the last checkpoint was larger than this disk
     with pytest.raises(OSError, match=rf"not enough free space in {tmp_path / 'tmp'} for rank 0's checkpoint "
                                       rf"save of step 5: it needs about {1 << 60} bytes"):
-        manager.save_local(5, _Engine(), _Loader(), {})
+        manager.save_local(5, StubEngine(), StubLoader(), {})

@@ -14,7 +14,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch.distributed as dist
 
 from data_pipeline.tokenizer import save_tokenizer, train_tokenizer
 from trainer import checkpoint as ckpt
@@ -22,35 +21,11 @@ from trainer.checkpointing.identity import DataChanged
 from trainer.config import load_config
 from trainer.export import checkpoint_tokenizer, export_tokenizer
 from trainer.loop import Trainer
+from tests.trainer.checkpoint_fakes import NoReporter, StubEngine, StubLoader
+
+CURSOR_LOADER = StubLoader({"version": 1, "cursor": "where the data was"})
 
 CAPTIONS = ["a red circle", "a blue square", "a green triangle"]
-
-
-class _Engine:
-    def save_checkpoint(self, root: str, tag: str, save_latest: bool) -> None:
-        (Path(root) / tag).mkdir(parents=True)
-        (Path(root) / tag / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"weights")
-
-    def load_checkpoint(self, path: str, tag: str, **_) -> None: ...
-
-
-class _Loader:
-    def state_dict(self) -> dict:
-        return {"version": 1, "cursor": "where the data was"}
-
-
-class _Reporter:
-    def report(self, metrics, checkpoint_dir, step) -> None: ...
-
-    def latest_checkpoint(self):
-        return None
-
-
-@pytest.fixture
-def one_rank_group(tmp_path):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def _tokenizer(path: Path, texts: list[str]) -> str:
@@ -61,14 +36,14 @@ def _trainer(tmp_path: Path, tokenizer: str, overrides: tuple[str, ...] = ()) ->
     # the ZeRO-3 layout the stand-in engine writes, resumed under stage 3: no conversion
     cfg = load_config(None, [f"data.tokenizer={tokenizer}", "deepspeed.zero_stage=3", "run.name=identity",
                              *overrides])
-    trainer = Trainer(cfg, 0, 1, _Reporter(), control_dir=str(tmp_path / "run"))
+    trainer = Trainer(cfg, 0, 1, NoReporter(), control_dir=str(tmp_path / "run"))
     trainer.load_tokenizer()
     return trainer
 
 
 def _save(trainer: Trainer, tmp_path: Path, step: int = 3) -> Path:
     """A checkpoint of ``step`` saved by the trainer's manager, where the run's storage holds it."""
-    root = trainer.checkpoints.save_local(step, _Engine(), _Loader(), {})
+    root = trainer.checkpoints.save_local(step, StubEngine(), CURSOR_LOADER, {})
     dest = tmp_path / "run" / "checkpoints" / ckpt.step_dir_name(step)
     dest.parent.mkdir(parents=True, exist_ok=True)
     shutil.move(str(root), dest)
@@ -76,7 +51,7 @@ def _save(trainer: Trainer, tmp_path: Path, step: int = 3) -> Path:
 
 
 def _resume(trainer: Trainer):
-    return trainer.checkpoints.load(lambda universal: _Engine())
+    return trainer.checkpoints.load(lambda universal: StubEngine())
 
 
 def test_the_checkpoint_keeps_the_tokenizer_and_its_hash(tmp_path, one_rank_group):

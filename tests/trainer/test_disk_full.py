@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.trainer.test_checkpoint_state import _Loader, _manager, one_rank_group  # noqa: F401 (a fixture)
+from tests.trainer.checkpoint_fakes import StubLoader
+from tests.trainer.test_checkpoint_state import _manager
 from trainer.checkpointing.manager import NoSpaceForCheckpoint
 
 pytestmark = pytest.mark.integration  # mounts a filesystem
@@ -54,10 +55,10 @@ def leftovers(disk: Path) -> list[str]:
 
 
 def test_a_full_disk_is_named_before_the_save_and_a_cut_save_leaves_nothing(small_disk, tmp_path,
-                                                                            one_rank_group):  # noqa: F811
+                                                                            one_rank_group):
     manager = _manager([], tmp_path / "run")
     manager.load(lambda universal: None)
-    first = manager.save_local(1, SizedEngine(600_000), _Loader(), {})
+    first = manager.save_local(1, SizedEngine(600_000), StubLoader(), {})
     assert manager.last_size >= 600_000
     shutil.rmtree(first)  # uploaded: the local copy goes
 
@@ -65,13 +66,13 @@ def test_a_full_disk_is_named_before_the_save_and_a_cut_save_leaves_nothing(smal
     (small_disk / "filler").write_bytes(b"\0" * (free - 300_000))  # another tenant of the disk
     with pytest.raises(NoSpaceForCheckpoint, match=rf"not enough free space in {small_disk} for rank 0's "
                                                    rf"checkpoint save of step 2: it needs about \d+ bytes"):
-        manager.save_local(2, SizedEngine(600_000), _Loader(), {})
+        manager.save_local(2, SizedEngine(600_000), StubLoader(), {})
     assert leftovers(small_disk) == []  # refused before anything was written
 
     (small_disk / "filler").unlink()
     manager.last_size = None  # no size to go by (the job's first save): the disk itself says no
     with pytest.raises(OSError) as cut:
-        manager.save_local(3, SizedEngine(2 * DISK), _Loader(), {})
+        manager.save_local(3, SizedEngine(2 * DISK), StubLoader(), {})
     assert cut.value.errno == errno.ENOSPC
     assert leftovers(small_disk) == [], "a save cut by ENOSPC left its partial folder"
     assert shutil.disk_usage(small_disk).used < 100_000  # the space is free again for the next try

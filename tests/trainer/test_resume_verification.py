@@ -20,6 +20,7 @@ import torch.multiprocessing as mp
 from tests.integration.services import free_port
 from trainer import checkpoint as ckpt
 from trainer.checkpointing.verification import merged_candidates, torn_ranks, verify_part
+from tests.trainer.checkpoint_fakes import NoReporter, StubLoader
 
 SHARD = "ds/zero_pp_rank_{}_mp_rank_00_{}_states.pt"
 JOIN_TIMEOUT_S = 240
@@ -45,20 +46,6 @@ def _flip_a_byte(path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
-
-
-@pytest.fixture
-def hashed(monkeypatch) -> list[str]:
-    """The names of the files sha256_file read, in order."""
-    seen: list[str] = []
-    real = ckpt.sha256_file
-
-    def recording(path, *args, **kwargs):
-        seen.append(Path(path).name)
-        return real(path, *args, **kwargs)
-
-    monkeypatch.setattr(ckpt, "sha256_file", recording)
-    return seen
 
 
 def _same_layout(local: Path, state: dict) -> bool:
@@ -141,18 +128,6 @@ class _RankEngine:
             (Path(root) / SHARD.format(self.rank, kind)).write_bytes(bytes([self.rank + 1]) * 4096)
 
 
-class _Loader:
-    def state_dict(self) -> dict:
-        return {"version": 1}
-
-
-class _Reporter:
-    def report(self, metrics, checkpoint_dir, step) -> None: ...
-
-    def latest_checkpoint(self):
-        return None
-
-
 def _rank(rank: int, port: int, run: str, out: str) -> None:
     """Saves steps 2 and 4 on two ranks; rank 0 flips a byte of rank 1's step-4 shard; both resume."""
     import torch
@@ -165,9 +140,9 @@ def _rank(rank: int, port: int, run: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     cfg = load_config(None, ["run.name=verify", "scaling.num_workers=2", "train.global_micro_batches=2",
                              "deepspeed.zero_stage=3"])  # the layout saved: no conversion, each rank its part
-    manager = CheckpointManager(cfg, rank, 2, _Reporter(), run_location=run)
+    manager = CheckpointManager(cfg, rank, 2, NoReporter(), run_location=run)
     for step in (2, 4):
-        local = manager.save_local(step, _RankEngine(rank), _Loader(), {})
+        local = manager.save_local(step, _RankEngine(rank), StubLoader(), {})
         shutil.copytree(local, Path(run) / "checkpoints" / ckpt.step_dir_name(step), dirs_exist_ok=True)
         shutil.rmtree(local)
     dist.barrier()
