@@ -151,12 +151,16 @@ def registered(run_dir: Path, step: int) -> bool:
 
 
 def final_state(run_dir: Path) -> dict:
-    """The newest checkpoint's trainer state, with its merged data cursor under ``data_cursor`` (the
-    elastic view beside it since checkpoint schema 3, every rank's cursor merged before)."""
+    """The newest checkpoint's trainer state, with its merged data cursor (``state_with_cursor``)."""
+    return state_with_cursor(sorted((run_dir / "checkpoints").glob("step_*"))[-1])
+
+
+def state_with_cursor(step: Path) -> dict:
+    """A checkpoint's trainer state, with its merged data cursor under ``data_cursor`` (the elastic view
+    beside it since checkpoint schema 3, every rank's cursor merged before)."""
     from data_pipeline.cursor import merge_states
     from trainer import checkpoint as ckpt
 
-    step = sorted((run_dir / "checkpoints").glob("step_*"))[-1]
     state = json.loads((step / ckpt.STATE).read_text())
     view = step / ckpt.ELASTIC_VIEW
     if view.is_file():
