@@ -398,6 +398,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--replay", type=int, default=None, help="run only the schedule of this seed")
     parser.add_argument("--steps", type=int, default=16, help="K, the plan's total steps")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="start no schedule after this many seconds (the table so far is still complete)")
     parser.add_argument("--work", type=Path, default=None, help="a folder to keep (default: a temporary one)")
     args = parser.parse_args(argv)
     for key, value in {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
@@ -411,8 +413,12 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [args.replay] if args.replay is not None else \
         [schedule_seed(args.seed, i) for i in range(args.schedules)]
     print("| seed | faults | attempts (exit codes) | wall s | result |\n|---|---|---|---|---|", flush=True)
-    results = []
+    results, started = [], time.monotonic()
     for seed in seeds:
+        if args.budget_s is not None and time.monotonic() - started > args.budget_s:
+            print(f"[campaign] time budget of {args.budget_s:.0f} s spent: {len(results)} of {len(seeds)} "
+                  "schedules run", flush=True)
+            break
         result = run_schedule(seed, setup)
         results.append(result)
         print(row(result), flush=True)
