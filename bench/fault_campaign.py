@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import os
 import random
 import shutil
@@ -39,7 +38,7 @@ if str(ROOT) not in sys.path:
 
 from tests.integration.recipes import DEBUG_CONFIG, STARTUP_S, small_run  # noqa: E402
 from tests.orchestrator.faults import (consumed, differing_tensors, driver, fp32_weights,  # noqa: E402
-                                       shard_sizes, wait_for)
+                                       shard_sizes, state_with_cursor, wait_for)
 
 # In-job faults happen during an attempt (at a step held by the fault gate); disk faults between attempts.
 IN_JOB = ("worker_kill", "driver_term", "driver_kill")
@@ -311,7 +310,7 @@ def check_exactly_once(setup: Setup, run_dir: Path, argv: list[str]) -> str:
     from trainer.config import load_config
 
     cfg = load_config(DEBUG_CONFIG, argv[2:])
-    state = json.loads((step_dir(run_dir, setup.steps) / "trainer_state.json").read_text())
+    state = state_with_cursor(step_dir(run_dir, setup.steps))  # trainer state + merged data cursor
     problems = []
     for source, folder in TRACKED_SOURCES:
         want = cfg.total_steps * cfg.train.global_micro_batches * getattr(cfg.data, source).batch_size
