@@ -3,11 +3,15 @@ weights bitwise equal to an uninterrupted run, every sample once, one MLflow run
 checkpoint lost that the schedule did not destroy.
 
 The first schedule is the issue's report (train, tear the newest checkpoint's rank-1 optimizer shard, train
-on, train on again); its uninterrupted first job is the reference of all three. The campaign's invariant 4
-(one more job that resumes at K) is left to the campaign itself: it would add a job per schedule here.
+on, train on again: the torn folder kept aside, Ray's snapshot agreeing with the disk); its uninterrupted
+first job is the reference of all three. The campaign's invariant 4 (one more job that resumes at K) is left
+to the campaign itself: it would add a job per schedule here. (This replaces tests/integration/
+test_resume_older.py, which ran the issue's sequence alone in three more jobs.)
 """
 
 from __future__ import annotations
+
+import json
 
 import pytest
 
@@ -40,5 +44,14 @@ def test_three_fixed_fault_schedules(synthetic_data, tmp_path):
     assert setup.reference is not None, report  # the issue sequence's first job ran uninterrupted to step 8
     assert all(r.passed for r in results.values()), report
     assert results["issue sequence"].attempts == [0, 0, 0], report
+    # the torn step-8 folder was kept aside for forensics, and Ray's run snapshot names exactly the step
+    # folders on disk (before one component owned them, the third job was refused: "a reference to a
+    # checkpoint that does not exist anymore ... delete the existing folder")
+    checkpoints = results["issue sequence"].run_dir / "checkpoints"
+    names = {p.name for p in checkpoints.iterdir() if p.is_dir()}
+    assert any(n.startswith("step_00000008.torn-") for n in names), names
+    snapshot = json.loads((checkpoints / "checkpoint_manager_snapshot.json").read_text())
+    assert {r["checkpoint_dir_name"] for r in snapshot["checkpoint_results"]} == {
+        n for n in names if n.startswith("step_") and "." not in n}
     assert [f.done for f in results["driver SIGTERM + worker SIGKILL"].faults] == ["driver_term@3",
                                                                                    "worker_kill@6"], report
