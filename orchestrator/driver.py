@@ -397,9 +397,9 @@ def _fit_locked(cfg: RunConfig, run_dir: Path | str) -> TrainOutcome:
         stopped = storage.exists(stop_file) or bool((result.metrics or {}).get("stopped_early"))
     finally:
         reconcile_run(str(run_dir), "end")  # folders pruned or moved aside during the job
-        report_goodput(run_dir, job_start, tracking_uri, run_id)
+        goodput_metrics, last_step = report_goodput(run_dir, job_start)
         run_id = finish_run(tracking_uri, run_id, ok, cfg=cfg, run_dir=run_dir,  # found if created late
-                            preempted=stopped)
+                            preempted=stopped, metrics=goodput_metrics, step=last_step)
         if stop.requested_at is not None and not ok:
             storage.delete(stop_file)  # the request is served: it must not stop the next job of this run
     storage.delete(stop_file)
@@ -410,9 +410,10 @@ def _fit_locked(cfg: RunConfig, run_dir: Path | str) -> TrainOutcome:
                         stopped_early=stopped)
 
 
-def report_goodput(run_dir: Path | str, job_start: float, tracking_uri: str, run_id: str | None) -> None:
-    """The job's goodput (trainer/goodput.py): printed, and logged to the MLflow run as goodput/* at the last
-    step trained. A report only: no failure here changes the job's outcome."""
+def report_goodput(run_dir: Path | str, job_start: float) -> tuple[dict[str, float], int]:
+    """The job's goodput (trainer/goodput.py), printed; returns its MLflow metrics and the last step trained
+    ({} when no attempt left a ledger), which finish_run logs with the run's one client. A report only: no
+    failure here changes the job's outcome."""
     from trainer import goodput
 
     try:
@@ -420,27 +421,11 @@ def report_goodput(run_dir: Path | str, job_start: float, tracking_uri: str, run
         summary = goodput.summarize(ledgers, job_start, time.time())
     except OSError as err:
         log.warning("goodput: could not read the attempts' ledgers (%s)", err)
-        return
+        return {}, 0
     if not summary:
-        return
+        return {}, 0
     print(f"[unimo] {goodput.describe(summary)}", flush=True)
-    if not run_id:
-        return
-    try:
-        from orchestrator.tracking_setup import check_reachable, open_client
-
-        check_reachable(tracking_uri)
-        open_client(tracking_uri).log_batch(run_id, metrics=_metrics(goodput.as_metrics(summary),
-                                                                      step=ledgers[-1].step))
-    except Exception as err:  # noqa: BLE001 - the line above has the figures
-        log.warning("goodput: not logged to MLflow (%s)", err)
-
-
-def _metrics(values: dict[str, float], step: int) -> list:
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
-    return [Metric(key, float(value), now, step) for key, value in values.items()]
+    return goodput.as_metrics(summary), ledgers[-1].step
 
 
 def _run_and_ray(cfg: RunConfig, tracking_uri: str, run_dir: Path | str) -> str | None:
@@ -467,8 +452,7 @@ def _stop_timed_out_message(run_dir: Path | str) -> str:
     from trainer import checkpoint as ckpt
 
     try:
-        found = next(iter(c for c in ckpt.list_step_dirs(storage.join(run_dir, "checkpoints"))
-                          if ckpt.has_manifest(c.path)), None)
+        found = ckpt.newest_complete(storage.join(run_dir, "checkpoints"))
     except OSError:
         found = None
     resume = (f"resumes from {found.path} (step {found.step})" if found

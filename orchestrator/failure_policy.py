@@ -48,7 +48,8 @@ def newest_saved_step(checkpoints_root: str | None) -> int:
     from trainer import checkpoint as ckpt
 
     try:
-        return next((c.step for c in ckpt.list_step_dirs(checkpoints_root) if ckpt.has_manifest(c.path)), -1)
+        found = ckpt.newest_complete(checkpoints_root)
+        return found.step if found else -1
     except OSError as err:  # storage unreachable: no progress seen, the failure counts
         log.warning("could not list %s: %s", checkpoints_root, err)
         return -1

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -238,9 +239,10 @@ STATE_TAG = "unimo.state"
 
 
 def finish_run(tracking_uri: str, run_id: str | None, ok: bool, cfg: RunConfig | None = None,
-               run_dir: Path | str | None = None, preempted: bool = False) -> str | None:
-    """Marks the run finished, failed or preempted; returns its id (found in the run folder when it was
-    created late)."""
+               run_dir: Path | str | None = None, preempted: bool = False,
+               metrics: dict[str, float] | None = None, step: int = 0) -> str | None:
+    """Marks the run finished, failed or preempted, after logging ``metrics`` (the job's goodput) at
+    ``step``; returns its id (found in the run folder when it was created late)."""
     try:
         check_reachable(tracking_uri)  # fail in seconds, not after the client's minutes of retries
         if run_id is None and run_dir is not None:
@@ -261,6 +263,11 @@ def finish_run(tracking_uri: str, run_id: str | None, ok: bool, cfg: RunConfig |
                 log_exported_model(client, run_id, run_dir)
             except Exception as err:  # noqa: BLE001 - the run still gets closed; the CLI export remains
                 log.warning("tracking.log_model: the export failed (%s); `unimo export` it by hand", err)
+        if metrics:
+            from mlflow.entities import Metric
+
+            now = int(time.time() * 1000)
+            client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
         state = "preempted" if preempted else "finished" if ok else "failed"
         client.set_tag(run_id, STATE_TAG, state)
         client.set_terminated(run_id, status={"preempted": "KILLED", "finished": "FINISHED"}.get(state,

@@ -298,6 +298,11 @@ def has_manifest(location: Path | str) -> bool:
     return (Path(location) / MANIFEST).is_file()
 
 
+def newest_complete(checkpoints_root: Path | str) -> FoundCheckpoint | None:
+    """The newest step folder with a manifest (complete as saved; not verified: no file is read)."""
+    return next((c for c in list_step_dirs(checkpoints_root) if has_manifest(c.path)), None)
+
+
 def newest_valid(checkpoints_root: Path | str, cache_dir: Path | None = None) -> FoundCheckpoint | None:
     """The newest checkpoint with a valid manifest; torn ones are skipped with a warning naming them.
 

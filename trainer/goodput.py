@@ -1,7 +1,7 @@
 """Goodput: the share of a job's wall time spent on training steps that were kept, and where the rest went.
 
 Rank 0 of every attempt (one worker group: the first, and each restart after a fault) keeps a ledger in run
-storage, ``<run>/goodput/attempt-<start>-<pid>.json``, rewritten as it goes (every logged step on a local or
+storage, ``<run>/goodput/attempt-<start>-<pid>.json``, rewritten as it goes (after every step on a local or
 shared folder, at checkpoints and every minute on S3), so an attempt that is killed leaves its account up to
 its last write. The driver reads the ledgers of its job at the end (``summarize``) and splits the job's wall
 time into:
