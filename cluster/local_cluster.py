@@ -31,6 +31,9 @@ NODE_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
     # A local node has no traffic to drain; the default makes every SIGTERM wait up to 30 s first.
     "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+    # Ray Train's controller notices a finished or failed worker group at its next poll (2 s by default);
+    # the nodes of one machine run a few workers, for which a poll every 0.5 s costs nothing measurable.
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
 }
 # Inherited variables that would point a node at another cluster, or override this cluster's token
 # (RAY_AUTH_TOKEN takes precedence over RAY_AUTH_TOKEN_PATH in Ray's token loader).

@@ -26,6 +26,13 @@ LOOPBACK_ENV = {
     # never set for a real multi-machine cluster.
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "RAY_USAGE_STATS_ENABLED": "0",
+    # Ray Train's controller polls its workers every 2 s, so a finished or failed worker group is noticed up
+    # to 2 s late: each job's end and each restart waited ~1-2 s for nothing. On one machine (a few workers)
+    # a poll every 0.5 s costs nothing measurable; on a real cluster Ray's default stays.
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+    # Ray Train's preemption watcher (an actor per worker group) follows a cloud node's drain notice; one
+    # machine has none to follow (checkpoint.preemption_notice is unimo's own, per worker).
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
 }
 
 
@@ -74,16 +81,16 @@ def init_ray(cfg: RunConfig) -> None:
     for key, value in LOOPBACK_ENV.items():
         os.environ.setdefault(key, value)
     need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
-    # The dashboard serves Ray's state API, which Ray Train's placement-group cleaner polls every second:
-    # without it the cleaner logs a warning each time and could not free the workers' resources if the
-    # controller died. address="local": a new embedded instance even where RAY_ADDRESS is set or `ray start`
-    # ran on this machine (ray.init() would join that cluster, and then refuse num_cpus); joining one is
-    # scaling.address's job.
+    # No dashboard unless asked for (scaling.dashboard): ten processes and ~2 CPU-seconds a job start, for
+    # pages nobody opens on a one-machine run (MLflow is where a run is watched). address="local": a new
+    # embedded instance even where RAY_ADDRESS is set or `ray start` ran on this machine (ray.init() would join
+    # that cluster, and then refuse num_cpus); joining one is scaling.address's job.
     from orchestrator.ray_startup import with_startup_retry
 
     with_startup_retry(
-        lambda: ray.init(address="local", num_cpus=max(need, os.cpu_count() or 1), include_dashboard=True,
-                         dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
+        lambda: ray.init(address="local", num_cpus=max(need, os.cpu_count() or 1),
+                         include_dashboard=cfg.scaling.dashboard, dashboard_host="127.0.0.1",
+                         _node_ip_address="127.0.0.1",
                          runtime_env={**JOB_RUNTIME_ENV, "env_vars": worker_env(cfg)}, log_to_driver=True),
         "the embedded Ray", cleanup=ray.shutdown)
 
@@ -364,6 +371,7 @@ def _fit_locked(cfg: RunConfig, run_dir: Path | str) -> TrainOutcome:
         stop_file=stop_file,
         checkpoints_root=storage.join(run_dir, "checkpoints"),
         max_total_failures=cfg.scaling.max_total_failures,
+        embedded=not cfg.scaling.address,
         train_loop_config=payload,
         scaling_config=scaling_config_of(cfg),
         torch_config=BoundStoreTorchConfig(),  # the rendezvous listens on the node's address only

@@ -117,14 +117,33 @@ class UserErrorFailurePolicy(DefaultFailurePolicy):
 
 class GuardedTorchTrainer(TorchTrainer):
     """TorchTrainer whose controller uses UserErrorFailurePolicy. (Ray 2.60 builds its default policy in
-    ``fit`` and hands every keyword to ``_initialize_and_run_controller``, where it is swapped.)"""
+    ``fit`` and hands every keyword to ``_initialize_and_run_controller``, where it is swapped.)
+
+    It also leaves out Ray Train's helpers that a unimo job does not use, each an actor process (about a
+    CPU-second to start) per job or worker group: the Ray Datasets manager always (unimo streams its own
+    data), and for an ``embedded`` Ray the placement-group cleaner, which guards a long-lived cluster against
+    a controller that died holding its workers' reservation (an embedded Ray ends with its driver), and which
+    needs the dashboard's state API.
+    """
 
     def __init__(self, *args, stop_file: str | None = None, checkpoints_root: str | None = None,
-                 max_total_failures: int = 0, **kwargs):
+                 max_total_failures: int = 0, embedded: bool = False, **kwargs):
         self._unimo_policy_args = (stop_file, checkpoints_root, max_total_failures)
+        self._unimo_embedded = embedded
         super().__init__(*args, **kwargs)
 
     def _initialize_and_run_controller(self, **controller_init_kwargs):
         controller_init_kwargs["failure_policy"] = UserErrorFailurePolicy(
             self.run_config.failure_config, *self._unimo_policy_args)
+        controller_init_kwargs["callbacks"] = unused_helpers_left_out(
+            controller_init_kwargs.get("callbacks") or [], self._unimo_embedded)
         return super()._initialize_and_run_controller(**controller_init_kwargs)
+
+
+def unused_helpers_left_out(callbacks: list, embedded: bool) -> list:
+    """Ray Train's default callbacks without the ones whose helper actors a unimo job never uses."""
+    from ray.train.v2._internal.callbacks import DatasetsCallback
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    unused = (DatasetsCallback, PlacementGroupCleanerCallback) if embedded else (DatasetsCallback,)
+    return [cb for cb in callbacks if not isinstance(cb, unused)]

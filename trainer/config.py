@@ -249,6 +249,10 @@ class ScalingConfig:
     cpus_per_worker: int = 1  # CPUs Ray reserves for each worker; also its intra-op threads on CPU
     placement_strategy: PlacementStrategy = "PACK"  # Ray placement of the workers: PACK fills nodes first
 
+    # the embedded Ray's dashboard on 127.0.0.1:8265 (off: MLflow is where a run is watched); a cluster's
+    # dashboard is the cluster's own
+    dashboard: bool = False
+
     # worker-group restarts in a row without a new checkpoint before the job fails (a failure after a newer
     # checkpoint was saved starts the count again); -1 = unlimited
     max_failures: int = 3

@@ -20,7 +20,7 @@ PROBE = """
 import json, ray
 from orchestrator.driver import init_ray
 from trainer.config import load_config
-init_ray(load_config({config!r}, ["scaling.num_workers=1"]))
+init_ray(load_config({config!r}, ["scaling.num_workers=1", "scaling.dashboard=true"]))
 ctx = ray.get_runtime_context()
 print(json.dumps({{"gcs": ctx.gcs_address, "dashboard": ray._private.worker.get_dashboard_url() or ""}}))
 ray.shutdown()
@@ -42,5 +42,5 @@ def test_no_address_starts_an_embedded_ray_even_with_ray_address_set(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     got = json.loads(done.stdout.strip().splitlines()[-1])
     assert got["gcs"].startswith("127.0.0.1:") and got["gcs"] != head.address, (got, head.address)
-    # its dashboard (Ray's state API, which Ray Train polls) listens on loopback too
+    # its dashboard (off unless scaling.dashboard asks for it) listens on loopback too
     assert got["dashboard"].startswith("127.0.0.1:"), got
