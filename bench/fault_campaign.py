@@ -40,12 +40,20 @@ from tests.integration.recipes import DEBUG_CONFIG, STARTUP_S, small_run  # noqa
 from tests.orchestrator.faults import (consumed, differing_tensors, driver, fp32_weights,  # noqa: E402
                                        shard_sizes, state_with_cursor, wait_for)
 
-# In-job faults happen during an attempt (at a step held by the fault gate); disk faults between attempts.
-IN_JOB = ("worker_kill", "driver_term", "driver_kill")
+# In-job faults happen during an attempt (at a moment held by the fault gate); disk faults between attempts.
+# A worker SIGKILL lands before a step, or inside checkpoint work: half-way into a save (shards written, no
+# manifest), before the upload, before retention (rank 0), or in a resume (checkpoint verified, not loaded).
+IN_JOB = ("worker_kill", "kill_in_save", "kill_before_upload", "kill_before_prune", "kill_in_restore",
+          "driver_term", "driver_kill")
 ON_DISK = ("truncate", "manifest", "tear_optim")
 MENU = IN_JOB + ON_DISK
-# What `unimo train` must exit with after each in-job fault (None: a clean attempt).
-EXPECTED_RC = {None: 0, "worker_kill": 0, "driver_term": 75, "driver_kill": -signal.SIGKILL}
+# The fault gate's phase of each in-job fault (trainer/fault_gate.py).
+PHASE = {"worker_kill": "step", "driver_term": "step", "driver_kill": "step", "kill_in_save": "save",
+         "kill_before_upload": "upload", "kill_before_prune": "prune", "kill_in_restore": "restore"}
+# What `unimo train` must exit with after each in-job fault (None: a clean attempt): a killed worker is
+# restarted inside the job.
+EXPECTED_RC = {None: 0, "driver_term": 75, "driver_kill": -signal.SIGKILL,
+               **{kind: 0 for kind, phase in PHASE.items() if kind.startswith(("worker_", "kill_"))}}
 MAX_ATTEMPTS = 8
 EVERY = 4
 KEEP_LAST = 2
@@ -156,11 +164,12 @@ def _attempts(setup: Setup, storage: Path, run_dir: Path, result: Result, damage
     queue, owed, n = list(result.faults), 0, 0
     while n < MAX_ATTEMPTS:
         fault = queue.pop(0) if queue and queue[0].kind in IN_JOB else None
-        if fault is not None and _resume_step(run_dir) + 1 > setup.steps - 1:
-            fault.done = f"{fault.kind} (skipped: no step left to hold)"
+        holds = _holds(setup, run_dir, fault) if fault is not None else []
+        if fault is not None and not holds:
+            fault.done = f"{fault.kind} (skipped: {SKIPPED[PHASE[fault.kind]]})"
             fault = None
         n += 1
-        rc = _one_attempt(setup, storage, run_dir, fault, n)
+        rc = _one_attempt(setup, storage, run_dir, fault, holds, n)
         result.attempts.append(rc)
         expected = EXPECTED_RC[fault.kind if fault else None]
         if rc != expected:
@@ -180,6 +189,37 @@ def _attempts(setup: Setup, storage: Path, run_dir: Path, result: Result, damage
     result.failures.append(f"finish: step {setup.steps} not reached in {MAX_ATTEMPTS} attempts")
 
 
+SKIPPED = {"step": "no step left to hold", "save": "no checkpoint left to save",
+           "upload": "no checkpoint left to save", "prune": "no checkpoint left to save",
+           "restore": "no resume left to hold"}
+
+
+def _pick(steps: list[int], u: float) -> int:
+    return steps[int(u * len(steps))]
+
+
+def _holds(setup: Setup, run_dir: Path, fault: Fault) -> list[tuple[str, int]]:
+    """The moments (phase, step) the attempt holds for ``fault``, in the order the run meets them, drawn
+    from its ``u[0]`` among those this attempt still reaches ([] when there is none): any step before K; a
+    step that saves (and then prunes); the resume of this attempt, or when it starts from scratch, the resume that follows a worker kill at a step
+    after the first checkpoint (two failures back to back)."""
+    resumed = _resume_step(run_dir)
+    phase = PHASE[fault.kind]
+    if phase == "restore":
+        if 0 < resumed < setup.steps:
+            return [("restore", resumed)]
+        steps = list(range(max(resumed, EVERY) + 1, setup.steps))
+        if not steps:
+            return []
+        step = _pick(steps, fault.u[0])
+        return [("step", step), ("restore", (step - 1) // EVERY * EVERY)]
+    if phase == "step":
+        steps = list(range(resumed + 1, setup.steps))
+    else:  # retention runs after every save too
+        steps = [s for s in range(resumed + 1, setup.steps + 1) if s % EVERY == 0]
+    return [(phase, _pick(steps, fault.u[0]))] if steps else []
+
+
 def _resume_step(run_dir: Path) -> int:
     from trainer.checkpoint import newest_valid
 
@@ -187,21 +227,42 @@ def _resume_step(run_dir: Path) -> int:
     return found.step if found else 0
 
 
-def _one_attempt(setup: Setup, storage: Path, run_dir: Path, fault: Fault | None, n: int) -> int:
-    """One `unimo train`; an in-job fault holds both ranks before its step, strikes, then opens the gate."""
-    env, gate, step = {}, storage / f"gate{n}", 0
+def _one_attempt(setup: Setup, storage: Path, run_dir: Path, fault: Fault | None,
+                 holds: list[tuple[str, int]], n: int) -> int:
+    """One `unimo train`; an in-job fault holds the ranks at its moments, strikes, then opens the gates."""
+    gates = [storage / f"gate{n}-{i}" for i in range(len(holds))]
+    spec = ",".join(f"{phase}@{step}:{gate}" for (phase, step), gate in zip(holds, gates))
+    env = {"UNIMO_FAULT_GATE": spec} if holds else {}
     if fault is not None:
-        first = _resume_step(run_dir) + 1
-        step = first + int(fault.u[0] * (setup.steps - first))  # in [first, K-1]: the attempt reaches it
-        env["UNIMO_FAULT_GATE"] = f"{step}:{gate}"
-        fault.done = f"{fault.kind}@{step}"
+        fault.done = f"{fault.kind}@" + "+".join(f"{ph}{st}" if ph != "step" else str(st) for ph, st in holds)
     with driver(setup.argv(run_dir.name, storage), storage / f"attempt{n}.log", env=env) as d:
         if fault is None:
             return d.wait(timeout=STARTUP_S)
-        from trainer import fault_gate
+        if fault.kind in STRIKES:  # one hold before a step
+            _wait_held(d, gates[0], holds[0])
+            return STRIKES[fault.kind](d, run_dir, gates[0], holds[0][1], fault)
+        for hold, gate in zip(holds, gates):  # a worker killed at each moment in turn
+            _kill_held(d, gate, _wait_held(d, gate, hold), fault)
+        return d.wait(timeout=STARTUP_S)
 
-        wait_for(lambda: fault_gate.reached(gate), STARTUP_S, f"both ranks at step {step}", d)
-        return STRIKES[fault.kind](d, run_dir, gate, step, fault)
+
+def _wait_held(d, gate: Path, hold: tuple[str, int]) -> tuple[int, ...]:
+    from trainer import fault_gate
+
+    phase, step = hold
+    ranks = (0,) if phase == "prune" else (0, 1)  # only rank 0 prunes
+    wait_for(lambda: fault_gate.reached(gate, ranks), STARTUP_S,
+             f"ranks {ranks} at the {phase} of step {step}", d)
+    return ranks
+
+
+def _kill_held(d, gate: Path, ranks: tuple[int, ...], fault: Fault) -> None:
+    """SIGKILLs one held worker (drawn by ``u[1]``) and opens the gate: the restarted group finds it open."""
+    from trainer import fault_gate
+
+    pids = fault_gate.held_pids(gate, ranks)
+    os.kill(pids[int(fault.u[1] * len(pids))], signal.SIGKILL)
+    fault_gate.release(gate)
 
 
 def _strike_worker_kill(d, run_dir: Path, gate: Path, step: int, fault: Fault) -> int:

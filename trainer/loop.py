@@ -341,7 +341,7 @@ class Trainer:
         last: dict[str, float] = {}
         gates = fault_gate.parse(os.environ.get(fault_gate.ENV))  # set only by fault tests
         for step in range(start_step, total_steps):
-            if step + 1 in gates:
+            if ("step", step + 1) in gates:
                 with self.watchdog.phase(f"the fault gate before step {step + 1}"):
                     fault_gate.wait_at(step + 1, self.rank)
             t_step = time.perf_counter()

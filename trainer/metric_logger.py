@@ -159,6 +159,9 @@ class MetricLogger:
         self.failures = 0
         self.rejected = 0
         self.spilled = 0
+        # the highest training step among undelivered metrics an earlier logger left in the spool (-1: none):
+        # a restart that trains those steps again must not log them a second time
+        self.adopted_through = -1
         self._adopt_spool()
         self._thread = threading.Thread(target=self._run, name="mlflow-logger", daemon=True)
         self._thread.start()
@@ -274,7 +277,11 @@ class MetricLogger:
         if self._spool is None:
             return
         for path in spooled_segments(self._spool):
-            size = len(_read_segment(path))
+            records = _read_segment(path)
+            size = len(records)
+            # the training steps these metrics belong to (the machine's samples ride on the same steps)
+            self.adopted_through = max([self.adopted_through] + [
+                r[3] for r in records[_read_sent(path):] if not r[0].startswith("system/")])
             name = path.stem[len("seg-"):]
             chunk = _Chunk(records=None, name=name, path=path, size=size, sent=min(_read_sent(path), size),
                            closed=True)
@@ -407,6 +414,21 @@ class MetricLogger:
                 return
             ok = self._deliver()
             delay = self._flush_seconds if ok else min(delay * 2, self._max_backoff)
+
+    def persist(self) -> int:
+        """Moves every metric still queued in memory to the spool on disk; returns how many it wrote.
+
+        Called before a checkpoint is committed: a SIGKILL after it (which skips ``close``) would otherwise
+        lose the metrics of the checkpoint's last steps, and the restart, which resumes after them, would
+        never log them again. The sender goes on from the spool in the same order; a batch in flight at the
+        call counts against its segment's ``.sent`` marker, so nothing is sent twice by this move.
+        """
+        with self._lock:
+            if self._closed:
+                return 0
+            before = self.spilled
+            self._spill_locked(keep_first=False)
+            return self.spilled - before
 
     # ----- shutdown ---------------------------------------------------------------------------------------
     def flush(self, timeout: float = 30.0) -> bool:

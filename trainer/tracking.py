@@ -99,10 +99,15 @@ class RunTracker:
             self.metrics.log(metrics, step)
 
     def checkpoint_saved(self, root: Path, step: int) -> None:
-        """Logs the manifest of the checkpoint just written (rank 0) under ``checkpoints/step_XXXXXXXX``."""
+        """Rank 0, before the checkpoint just written is uploaded: the metrics of its steps go to the spool on
+        disk (a kill from here on, before they reach MLflow, must not lose steps the restart will not train
+        again), and its manifest is queued as an artifact under ``checkpoints/step_XXXXXXXX``."""
         from trainer.checkpoint import MANIFEST, step_dir_name
 
-        if self.metrics is not None and (Path(root) / MANIFEST).is_file():
+        if self.metrics is None:
+            return
+        self.metrics.persist()
+        if (Path(root) / MANIFEST).is_file():
             self.metrics.log_artifact(Path(root) / MANIFEST, f"checkpoints/{step_dir_name(step)}")
 
     def log_text(self, text: str, artifact_file: str) -> None:
@@ -143,6 +148,8 @@ def start_tracking(cfg: Any, rank: int, world_size: int, run_id: str | None, tra
         skip_through = logged_through(tracking_uri, run_id)
         metrics = MetricLogger(tracking_uri, run_id, t.flush_seconds, spool_dir=spool_root(cfg) / "metrics",
                                resolve_run=None if run_id else run_resolver(cfg, tracking_uri, create=True))
+        # steps still in the spool (a kill after a checkpoint's metrics were persisted) are in the run too
+        skip_through = max(skip_through, metrics.adopted_through)
         metrics.set_tags({"unimo.world_size": world_size, "unimo.nodes": nodes,
                           "unimo.resumed_from_step": step_fn()})
         metrics.call(_count_attempt, "attempt count")

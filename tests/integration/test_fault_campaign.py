@@ -28,9 +28,12 @@ SCHEDULES = {
     # SIGTERM to the driver held before step 3 (saves 3, exits 75), then a worker SIGKILLed before step 6
     "driver SIGTERM + worker SIGKILL": [Fault("driver_term", (0.3, 0.0, 0.0)),
                                         Fault("worker_kill", (0.5, 0.9, 0.0))],
-    # train to 8, then delete a file of step 8 and cut step 4's manifest short: nothing valid is left
-    "deleted file + corrupt manifest": [Fault("truncate", (0.9, 0.5, 0.1)),
-                                        Fault("manifest", (0.1, 0.5, 0.0))],
+    # rank 0 SIGKILLed after step 8's checkpoint was uploaded, before retention (the campaign found step 8's
+    # metrics lost: the restart resumes at 8 and never logs them), then delete a file of step 8 and cut step
+    # 4's manifest short: nothing valid is left
+    "kill before prune + deleted file + corrupt manifest": [Fault("kill_before_prune", (0.9, 0.0, 0.0)),
+                                                            Fault("truncate", (0.9, 0.5, 0.1)),
+                                                            Fault("manifest", (0.1, 0.5, 0.0))],
 }
 
 
@@ -55,3 +58,5 @@ def test_three_fixed_fault_schedules(synthetic_data, tmp_path):
         n for n in names if n.startswith("step_") and "." not in n}
     assert [f.done for f in results["driver SIGTERM + worker SIGKILL"].faults] == ["driver_term@3",
                                                                                    "worker_kill@6"], report
+    assert results["kill before prune + deleted file + corrupt manifest"].faults[0].done == \
+        "kill_before_prune@prune8", report

@@ -43,7 +43,7 @@ def test_a_forgotten_gate_is_a_named_error(tmp_path):
 
 def test_several_gates_each_hold_their_own_step(tmp_path):
     env = {fault_gate.ENV: f"3:{tmp_path / 'a'},9:{tmp_path / 'b'}"}
-    assert fault_gate.parse(env[fault_gate.ENV]) == {3: tmp_path / "a", 9: tmp_path / "b"}
+    assert fault_gate.parse(env[fault_gate.ENV]) == {("step", 3): tmp_path / "a", ("step", 9): tmp_path / "b"}
     fault_gate.release(tmp_path / "a")
     fault_gate.wait_at(3, 0, environ=env)  # open: passes
     with pytest.raises(TimeoutError, match="before step 9"):  # the other one is still closed
@@ -51,6 +51,17 @@ def test_several_gates_each_hold_their_own_step(tmp_path):
     assert fault_gate.reached(tmp_path / "b", ranks=(0,))
 
 
+def test_a_phase_gate_holds_only_that_phase_of_its_step(tmp_path):
+    env = {fault_gate.ENV: f"save@8:{tmp_path}", fault_gate.TIMEOUT_ENV: "0.05"}
+    assert fault_gate.parse(env[fault_gate.ENV]) == {("save", 8): tmp_path}
+    fault_gate.wait_at(8, 0, environ=env)  # the start of step 8 is not gated
+    fault_gate.wait_at(8, 0, environ=env, phase="upload")
+    with pytest.raises(TimeoutError, match="at the save of step 8"):
+        fault_gate.wait_at(8, 1, environ=env, phase="save")
+    assert fault_gate.reached(tmp_path, ranks=(1,))
+
+
 def test_a_malformed_setting_is_named():
-    with pytest.raises(ValueError, match="STEP:FOLDER"):
-        fault_gate.parse("eleven")
+    for bad in ("eleven", "upload:3:/tmp/g", "during@3:/tmp/g"):
+        with pytest.raises(ValueError, match="PHASE"):
+            fault_gate.parse(bad)

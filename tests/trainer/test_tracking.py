@@ -259,3 +259,43 @@ def test_steps_trained_again_after_a_restart_are_not_logged_twice(tmp_path):
         tracker.log({"loss/total": float(step)}, step)
     assert sent.steps == [6, 7, 8]
     assert logged_through(uri, None) == -1 and logged_through(uri, "no-such-run") == -1
+
+
+def test_metrics_persisted_at_a_checkpoint_survive_a_kill_and_are_not_logged_again(tmp_path):
+    """A checkpoint's steps are on disk before it is uploaded: a SIGKILL afterwards (no ``close``) loses none,
+    and a restart that trains the steps after an older checkpoint again skips what the spool holds."""
+    down = FakeClient()
+    down.down = True
+    first = MetricLogger("fake://", "run1", flush_seconds=0.01, client=down, max_backoff=0.05,
+                         spool_dir=tmp_path)
+    log_steps(first, 1, 8)
+    assert first.persist() == 24 and spooled_segments(tmp_path)
+    first._stop = True  # killed: its thread stops, nothing is spooled at a shutdown
+    first._wake.set()
+    first._thread.join(5)
+
+    up = FakeClient()
+    second = MetricLogger("fake://", "run1", flush_seconds=0.01, client=up, spool_dir=tmp_path)
+    assert second.adopted_through == 8
+    assert second.close(timeout=20)
+    assert received(up) == expected(8)
+
+
+def test_persisting_while_a_batch_is_in_flight_sends_every_metric_once_in_order(tmp_path):
+    class PersistMidSend(FakeClient):
+        logger, moved = None, 0
+
+        def log_batch(self, run_id, metrics=(), **kwargs):
+            if not self.metrics:  # the step loop persists while this first batch is on its way
+                log_steps(self.logger, 2, 700)
+                self.moved = self.logger.persist()
+            super().log_batch(run_id, metrics, **kwargs)
+
+    client = PersistMidSend()
+    logger = client.logger = MetricLogger("fake://", "run1", flush_seconds=0.01, client=client,
+                                          spool_dir=tmp_path)
+    log_steps(logger, 1, 1)  # the first batch: step 1 alone
+    assert logger.close(timeout=20)
+    assert client.moved == 2100  # step 1 (in flight) and steps 2-700 went to disk
+    assert received(client) == expected(700)
+    assert not spooled_segments(tmp_path)

@@ -26,6 +26,7 @@ import torch
 
 from data_pipeline.errors import UserError
 from trainer import checkpoint as ckpt
+from trainer import fault_gate
 from trainer import storage
 from trainer.checkpointing import cursors
 from trainer.checkpointing.identity import data_changed, data_identity
@@ -267,6 +268,7 @@ class CheckpointManager:
         """Loads weights, optimizer, data cursor and RNG; converts the checkpoint if the world size
         changed."""
         state = found.state
+        fault_gate.wait_at(state["step"], self.rank, phase="restore")  # fault tests: a kill in a resume
         same_world = state["world_size"] == self.world_size
         universal = self._needs_universal(found.local, state)  # another world size or ZeRO stage
         # this rank's share of the checkpoint: about what its next save needs on the local disk
@@ -340,13 +342,15 @@ class CheckpointManager:
         prunes."""
         root = self.save_local(step, engine, loader, extra)
         if self.tracker is not None:
-            self.tracker.checkpoint_saved(root, step)  # rank 0 queues its manifest as an artifact
+            self.tracker.checkpoint_saved(root, step)  # rank 0: its metrics to disk, its manifest queued
         # (the manifest is read before the report: with async upload Ray deletes the local folder once
         # uploaded)
+        fault_gate.wait_at(step, self.rank, phase="upload")  # fault tests: a kill before the upload
         self.reporter.report(metrics, root, step)
         if not self.cfg.checkpoint.async_upload:
             shutil.rmtree(root, ignore_errors=True)
         if self.rank == 0 and self.root:
+            fault_gate.wait_at(step, 0, phase="prune")  # fault tests: a kill before retention
             self.prune(pending=step if self.cfg.checkpoint.async_upload else None)
         self.last_save = time.monotonic()
         return root
@@ -381,6 +385,7 @@ class CheckpointManager:
         from trainer.redaction import safe_config, secret_values
 
         engine.save_checkpoint(str(root), tag="ds", save_latest=True)
+        fault_gate.wait_at(step, self.rank, phase="save")  # fault tests: a kill half-way into a save
         if self.rank == 0 and self.tokenizer_text is not None:
             # the tokenizer trained with travels with the weights (export copies it from here)
             (root / ckpt.TOKENIZER).write_bytes(self.tokenizer_text.encode("utf-8"))
