@@ -469,7 +469,8 @@ class RequestCounter:
 
         out = dict.fromkeys(self.KINDS, 0)
         for line in self.lines:
-            m = re.search(r'"([A-Z]+) (\S+) HTTP', line)
+            # werkzeug colours some lines (a 206 of a ranged GET) with ANSI codes before the method
+            m = re.search(r'"(?:\x1b\[[0-9;]*m)*([A-Z]+) (\S+) HTTP', line)
             if not m:
                 continue
             method, target = m.groups()
@@ -504,7 +505,8 @@ def write_layout(root: Path, world: int, rank: int, payload: int = 64) -> None:
     names = [ckpt.RANK_STATE.format(rank=rank)]
     if rank == 0:
         names += ["latest", "zero_to_fp32.py", ckpt.ELASTIC_VIEW]
-        (root / "trainer_state.json").write_text("{}")
+        (root / "trainer_state.json").write_text(json.dumps({"schema": ckpt.SCHEMA_VERSION, "step": 0,
+                                                            "world_size": world}))
     for name in names:
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_bytes(b"x" * payload)
@@ -608,13 +610,38 @@ def s3_requests(worlds: list[int], multipart_mib: int = 24) -> dict:
                     found = ckpt.newest_valid(f"s3://scale/{run}/checkpoints", cache_dir=Path(tmp) / "cache")
                     resume = counter.take()
                     assert found is not None and found.step == 200, found
-                out[world] = {"save": save, "prune": prune, "resume": resume, "save_s_loopback": save_s}
+                    t0 = time.perf_counter()
+                    now = every_rank_resumes(f"s3://scale/{run}/checkpoints", world, Path(tmp) / "nodes")
+                    now.update(counter.take(), seconds_loopback=time.perf_counter() - t0)
+                out[world] = {"save": save, "prune": prune, "resume": resume, "resume_now": now,
+                              "save_s_loopback": save_s}
                 print(f"  {world:>5} ranks: save {save['total']:>6} requests ({_kinds(save)}), prune "
-                      f"{prune['total']:>5} ({_kinds(prune)}), resume {resume['total']:>6} "
-                      f"({_kinds(resume)})", flush=True)
+                      f"{prune['total']:>5} ({_kinds(prune)}), resume (one node, whole checkpoint) "
+                      f"{resume['total']:>6} ({_kinds(resume)}); resume now (every rank, "
+                      f"{GPUS_PER_NODE} per node, partial copies) {now['total']:>6} ({_kinds(now)}; "
+                      f"{now['files_per_node']:.1f} files per node) in {now['seconds_loopback']:.1f} s",
+                      flush=True)
     finally:
         server.stop()
     return out
+
+
+def every_rank_resumes(root: str, world: int, cache: Path) -> dict:
+    """What a resume at the same world size reads from S3 now, every rank as CheckpointManager.find does:
+    its listing of the checkpoints folder, then verification.verify_part, which reads the manifest and
+    downloads into its node's partial copy (one per GPUS_PER_NODE ranks) only the files its ranks read.
+    Returns the files the nodes downloaded, per node on average (the requests are counted by the caller)."""
+    from trainer import checkpoint as ckpt
+    from trainer.checkpointing.verification import verify_part
+
+    for rank in range(world):
+        (newest, *_) = ckpt.list_step_dirs(root)
+        part = verify_part(str(newest.path), cache / f"node{rank // GPUS_PER_NODE}", rank,
+                           lambda local, state: False, world_size=world)
+        assert part.problem is None, part.problem
+    nodes = list(cache.iterdir())
+    files = sum(1 for node in nodes for copy in node.glob("*.files") for p in copy.rglob("*") if p.is_file())
+    return {"files_per_node": files / max(1, len([n for n in nodes if n.is_dir()]))}
 
 
 def _kinds(c: dict) -> str:
@@ -674,9 +701,10 @@ def capacity(layout: dict, requests: dict, node_gbps=(1.25, 5.0), disk_gbps: flo
         extra_parts = world * (math.ceil(rank_bytes / PART_BYTES) - 1)
         writes = (tiny["total"] - tiny["HEAD"] + extra_parts) if tiny else None
         files = lay["files"]
-        gets = nodes * (req["resume"]["GET object"] + req["resume"]["GET list"]
-                        + req["resume"]["HEAD"]) if req \
-            else None
+        # Before: every node downloaded the whole checkpoint (one node's resume counted, times the nodes);
+        # now: every rank's reads counted, each node downloading only its ranks' files (every_rank_resumes).
+        gets = nodes * reads(req["resume"]) if req else None
+        gets_now = reads(req["resume_now"]) if req else None
         local_save = node_bytes / (disk_gbps * 1e9)
         hash_s = rank_bytes / lay["hash_rate"]
         blocking = local_save + hash_s
@@ -687,27 +715,40 @@ def capacity(layout: dict, requests: dict, node_gbps=(1.25, 5.0), disk_gbps: flo
             "save_writes": writes, "put_floor_s": writes / PUT_LIMIT if writes else None,
             "download_s": [total / (b * 1e9) for b in node_gbps], "resume_gets": gets,
             "get_floor_s": gets / GET_LIMIT if gets else None, "egress_tb": total * nodes / 1e12,
-            "verify_s": total / lay["hash_rate"], "blocking_save_s": blocking, "mtbf_job_h": mtbf_job / 3600,
+            "download_now_s": [node_bytes / (b * 1e9) for b in node_gbps], "resume_gets_now": gets_now,
+            "get_floor_now_s": gets_now / GET_LIMIT if gets_now else None, "egress_now_tb": total / 1e12,
+            "verify_s": rank_bytes / lay["hash_rate"], "blocking_save_s": blocking,
+            "mtbf_job_h": mtbf_job / 3600,
             "young_daly_s": math.sqrt(2 * blocking * mtbf_job)})
     return rows
+
+
+def reads(counts: dict) -> int:
+    """The GET-class requests of a count (object GETs, listings, HEADs): what S3's 5,500/s per prefix
+    limits."""
+    return counts["GET object"] + counts["GET list"] + counts["HEAD"]
 
 
 def print_capacity(rows: list[dict], node_gbps=(1.25, 5.0)) -> None:
     bw = "/".join(f"{b:g}" for b in node_gbps)
     print(f"capacity model, xl (node = {GPUS_PER_NODE} GPUs; S3 at {bw} GB/s per node; local disk 2 GB/s; "
           f"node MTBF 5,000 h):")
+    print("  resume columns: before (every node downloads the whole checkpoint) -> now (a node downloads its "
+          "ranks' files); verify: one rank's own files")
     print(f"{'ranks':>6} {'GiB/rank':>8} {'GiB/node':>8} {'upload s':>13} {'save PUT/POST':>13} "
-          f"{'PUT floor s':>11} {'resume GETs':>11} {'GET floor s':>11} {'download s':>13} {'egress TB':>9} "
-          f"{'verify s':>8} {'blocking s':>10} {'Young/Daly':>10}")
+          f"{'PUT floor s':>11} {'resume GETs':>17} {'GET floor s':>12} {'download s':>22} "
+          f"{'egress TB':>12} {'verify s':>8} {'blocking s':>10} {'Young/Daly':>10}")
+    fmt = (lambda x, spec: "-" if x is None else format(x, spec))
     for r in rows:
         up = "/".join(f"{x:.1f}" for x in r["upload_s"])
-        down = "/".join(f"{x:.1f}" for x in r["download_s"])
-        fmt = (lambda x, spec: "-" if x is None else format(x, spec))
+        down = ("/".join(f"{x:.1f}" for x in r["download_s"]) + " -> "
+                + "/".join(f"{x:.1f}" for x in r["download_now_s"]))
+        gets = f"{fmt(r['resume_gets'], ',')} -> {fmt(r['resume_gets_now'], ',')}"
+        floor = f"{fmt(r['get_floor_s'], '.1f')} -> {fmt(r['get_floor_now_s'], '.1f')}"
         print(f"{r['world']:>6} {r['rank_gib']:8.3f} {r['node_gib']:8.2f} {up:>13} "
-              f"{fmt(r['save_writes'], ','):>13} {fmt(r['put_floor_s'], '.2f'):>11} "
-              f"{fmt(r['resume_gets'], ','):>11} {fmt(r['get_floor_s'], '.1f'):>11} {down:>13} "
-              f"{r['egress_tb']:9.2f} {r['verify_s']:8.0f} {r['blocking_save_s']:10.1f} "
-              f"{r['young_daly_s'] / 60:8.0f} m")
+              f"{fmt(r['save_writes'], ','):>13} {fmt(r['put_floor_s'], '.2f'):>11} {gets:>17} {floor:>12} "
+              f"{down:>22} {r['egress_tb']:5.2f} -> {r['egress_now_tb']:.2f} {r['verify_s']:8.1f} "
+              f"{r['blocking_save_s']:10.1f} {r['young_daly_s'] / 60:8.0f} m")
 
 
 def planning_cost() -> list[tuple[int, int, float]]:
