@@ -14,12 +14,20 @@ resume at 3/4 W from that view, run, save, resume at W, run, save (and 64 -> 8).
 checked against every sample key drawn so far: no key twice, and each drawn (corpus, epoch, shard) is exactly
 what the view says was yielded (finished shards wholly, partial shards the listed ordinals).
 
+Then, to the epoch's end (``drained_part``): 64 -> 48 -> 64, 256 -> 192 -> 256, 1,024 -> 768 -> 1,024 and
+64 -> 8 ranks, 4 steps per phase, then the last world reads on until every sample of epoch 0 of every
+corpus has been drawn, each exactly once, and the cursor saved then matches every draw. These runs use 20,000
+shards and shuffle_buffer 8 (``--drain-shards``, ``--drain-buffer``): an epoch ends only when its last sample
+has left each stream's buffer, about buffer x ln(streams x buffer) draws per stream, and with buffer 64 that
+is some 400 steps at 1,024 ranks, over 20 minutes on this machine.
+
 Per world size it prints the cursor's size (every rank's state, as a schema-2 trainer_state.json's
 data_states held them, and merged), the time and tracemalloc peak of one rank's save (state_dict), of the
 merge of all ranks' states (what every rank did on resume before schema 3) and of one rank's redistribution
 to the new world size from the view (loader._initial_states); then (after "|") one rank's exact resume from
 its own cursor file, the view parts rank 0 gathers, the view's size and rank 0's time and peak building it;
-with each figure's growth exponent against the previous world size (1 = linear in ranks).
+with each figure's growth exponent against the previous world size (1 = linear in ranks): fresh saves at W,
+elastic resumes to 3W/4, and the resumes back to W.
 
 Only the simulation's bookkeeping is shortened: ``shard_digest`` (O(shards), identical on every rank) and the
 per-corpus ``redistribute`` (O(shards + streams), identical on every rank: each real rank computes it once, in
@@ -40,8 +48,8 @@ Train's), a prune and a resume (checkpoint.prune / newest_valid) counted on moto
 Part 3 (``capacity``): the capacity model of docs/SCALE.md computed from part 2's figures and stated
 bandwidths, S3 per-prefix limits and node MTBF.
 
-    python bench/scale_sim.py            # 8, 64, 256, 1,024 ranks (~15 min on the shared 2-core VM)
-    python bench/scale_sim.py --quick    # 8 and 64 ranks, 10,000 shards: a CI-sized run (~2 min there)
+    python bench/scale_sim.py            # 8, 64, 256, 1,024 ranks (~25 min on the shared 2-core VM)
+    python bench/scale_sim.py --quick    # 8 and 64 ranks, 10,000 shards (drains: 2,000): CI-sized (~3 min)
 """
 
 from __future__ import annotations
@@ -137,6 +145,7 @@ class Drawn:
 
     seen: dict = field(default_factory=dict)
     count: int = 0
+    by_epoch: dict = field(default_factory=dict)  # epoch -> samples drawn from it (a drain's O(1) test)
 
     def add(self, corpus: str, ref: list, key: str) -> None:
         e, s, o = ref
@@ -147,6 +156,7 @@ class Drawn:
             raise AssertionError(f"sample {key} of epoch {e} drawn twice")
         got.add(o)
         self.count += 1
+        self.by_epoch[e] = self.by_epoch.get(e, 0) + 1
 
 
 class SimRank:
@@ -324,10 +334,32 @@ def save_world(ranks: list[SimRank], measure: bool = True) -> tuple[list[dict], 
     return states, view, figures
 
 
+def epoch_samples(listing: dict) -> int:
+    """Samples in one epoch of every corpus."""
+    return sum(n for shards in listing.values() for _, n in shards)
+
+
 def epoch_drawn_whole(listing: dict, drawn: Drawn, epoch: int = 0) -> bool:
-    """Whether every sample of ``epoch`` of every corpus has been drawn (each once: Drawn refuses repeats)."""
-    return all(len(drawn.seen.get((key, epoch, s), ())) == n for key, shards in listing.items()
-               for s, (_, n) in enumerate(shards))
+    """Whether every sample of ``epoch`` of every corpus has been drawn: Drawn refuses repeats and keys that
+    are not the listing's, so a count equal to the epoch's samples is every sample exactly once."""
+    return drawn.by_epoch.get(epoch, 0) == epoch_samples(listing)
+
+
+def drain_epoch(cfg: DataConfig, listing: dict, world: int, cursor: dict, drawn: Drawn,
+                epoch: int = 0) -> dict:
+    """Every rank of ``world``, resumed from ``cursor`` (a save's elastic view), reads on until every sample
+    of ``epoch`` is drawn; the cursor saved then is checked against every draw since the run began. Returns
+    the steps it took and the samples of the epoch (all of them, each once)."""
+    ranks, _ = build_world(cfg, listing, world, cursor, measure=False)
+    steps, total = 0, epoch_samples(listing)
+    while not epoch_drawn_whole(listing, drawn, epoch):
+        run_steps(ranks, 1, drawn)
+        steps += 1
+    _, view, _ = save_world(ranks, measure=False)
+    check_exactly_once(view, listing, drawn)
+    if drawn.by_epoch[epoch] != total:
+        raise AssertionError(f"epoch {epoch}: {drawn.by_epoch[epoch]} samples drawn of {total}")
+    return {"drain_steps": steps, "epoch_samples": total, "drawn": drawn.count}
 
 
 def run_steps(ranks: list[SimRank], steps: int, drawn: Drawn) -> float:
@@ -422,7 +454,38 @@ def cursor_part(quick: bool, total_shards: int, steps: int, worlds: list[int] | 
     print("growth, elastic resumes (3/4 W):")
     for line in growth(resumed):
         print(line)
+    back = [results[w][2] for w in worlds]
+    print("growth, elastic resumes back to W (3W/4 -> W):")
+    for line in growth(back):
+        print(line)
     return results
+
+
+def drained_part(cases: list[list[int]], total_shards: int, buffer: int, steps: int) -> list[dict]:
+    """Exactly once to the epoch's end: per case (world sizes in turn), ``steps`` steps at each world with a
+    save and check after each, then the last world reads on until epoch 0 of every corpus is drawn whole
+    (drain_epoch). A smaller listing and shuffle buffer than the figures' run: the end of an epoch waits for
+    the last old sample to leave each stream's buffer, about buffer x ln(streams x buffer) draws per stream
+    (with buffer 64, some 400 steps at 1,024 ranks: over 20 minutes here)."""
+    cfg, listing = synthetic_config(buffer=buffer), synthetic_listing(total_shards)
+    print(f"exactly once to the end of epoch 0: {total_shards:,} shards ({epoch_samples(listing):,} samples "
+          f"an epoch), shuffle_buffer {buffer}, {WORKERS} workers/rank, batch 8 per modality, {steps} steps "
+          f"per phase, then the last world drains epoch 0")
+    print(f"{'worlds':>16} {'drain steps':>11} {'epoch 0 samples':>15} {'drawn in all':>12} {'s':>6}")
+    out = []
+    for worlds in cases:
+        t0 = time.perf_counter()
+        drawn = Drawn()
+        rows = simulate(worlds, cfg, listing, steps, drawn=drawn, log=lambda line: None, measure=False)
+        row = {"worlds": worlds, **drain_epoch(cfg, listing, worlds[-1], rows[-1]["cursor"], drawn),
+               "seconds": time.perf_counter() - t0}
+        out.append(row)
+        print(f"{' -> '.join(map(str, worlds)):>16} {row['drain_steps']:>11} {row['epoch_samples']:>15,} "
+              f"{row['drawn']:>12,} {row['seconds']:6.0f}", flush=True)
+        del drawn, rows
+    print("  every sample of epoch 0 of every corpus drawn exactly once, across the world-size changes; "
+          "every save's cursor matched every draw before it")
+    return out
 
 
 # ---------------------------------------------------------------------------------------- part 2: checkpoints
@@ -836,12 +899,20 @@ def main(argv=None) -> None:
     p.add_argument("--skip-checkpoint", action="store_true")
     p.add_argument("--xl-cursor", action="store_true",
                    help="also the cursor at configs/xl.yaml's data settings")
+    p.add_argument("--skip-drain", action="store_true", help="no run to the end of epoch 0")
+    p.add_argument("--drain-shards", type=int, default=20_000, help="total shards of the drained runs")
+    p.add_argument("--drain-buffer", type=int, default=8, help="shuffle_buffer of the drained runs")
+    p.add_argument("--drain-steps", type=int, default=4, help="steps per phase before the drain")
     args = p.parse_args(argv)
     shards = args.shards or (10_000 if args.quick else 100_000)
     if not args.skip_cursor:
         print("planning a small corpus's epochs for every stream (cursor.planned_share, shards < streams):")
         planning_cost()
         cursor_part(args.quick, shards, args.steps, args.worlds)
+    if not args.skip_drain:
+        cases = ([[8, 6, 8], [64, 48, 64], [64, 8]] if args.quick
+                 else [[64, 48, 64], [256, 192, 256], [1024, 768, 1024], [64, 8]])
+        drained_part(cases, 2_000 if args.quick else args.drain_shards, args.drain_buffer, args.drain_steps)
     if args.xl_cursor:
         xl_cursor()
     if not args.skip_checkpoint:
