@@ -3,9 +3,11 @@
 Only a checkpoint whose manifest lists every file with the right size and checksum counts; anything else is
 torn (a crash during save, a lost upload, a flipped byte) and is skipped with a warning naming it.
 
-``verify`` checks a whole checkpoint (export, evaluation, the universal conversion). A resuming rank checks
-the presence and size of every file but hashes only the files it will load (``files_for_rank``): its own
-ZeRO shards and the files every rank reads; trainer/checkpointing/verification.py makes the ranks agree.
+``verify`` checks a whole checkpoint (export, evaluation, the universal conversion), downloaded whole from S3
+(``checked_local_copy``). A resuming rank checks the presence and size of every file but hashes only the files
+it will load (``files_for_rank``): its own ZeRO shards and the files every rank reads; from S3 its node
+downloads only those (``partial_copy``, ``fetch_into``) and takes the sizes from one listing
+(``listed_sizes``); trainer/checkpointing/verification.py makes the ranks agree.
 """
 
 from __future__ import annotations
