@@ -471,7 +471,7 @@ def drained_part(cases: list[list[int]], total_shards: int, buffer: int, steps: 
     print(f"exactly once to the end of epoch 0: {total_shards:,} shards ({epoch_samples(listing):,} samples "
           f"an epoch), shuffle_buffer {buffer}, {WORKERS} workers/rank, batch 8 per modality, {steps} steps "
           f"per phase, then the last world drains epoch 0")
-    print(f"{'worlds':>16} {'drain steps':>11} {'epoch 0 samples':>15} {'drawn in all':>12} {'s':>6}")
+    print(f"{'worlds':>19} {'drain steps':>11} {'epoch 0 samples':>15} {'drawn in all':>12} {'s':>6}")
     out = []
     for worlds in cases:
         t0 = time.perf_counter()
@@ -480,7 +480,7 @@ def drained_part(cases: list[list[int]], total_shards: int, buffer: int, steps: 
         row = {"worlds": worlds, **drain_epoch(cfg, listing, worlds[-1], rows[-1]["cursor"], drawn),
                "seconds": time.perf_counter() - t0}
         out.append(row)
-        print(f"{' -> '.join(map(str, worlds)):>16} {row['drain_steps']:>11} {row['epoch_samples']:>15,} "
+        print(f"{' -> '.join(map(str, worlds)):>19} {row['drain_steps']:>11} {row['epoch_samples']:>15,} "
               f"{row['drawn']:>12,} {row['seconds']:6.0f}", flush=True)
         del drawn, rows
     print("  every sample of epoch 0 of every corpus drawn exactly once, across the world-size changes; "
