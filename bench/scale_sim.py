@@ -49,7 +49,7 @@ Part 3 (``capacity``): the capacity model of docs/SCALE.md computed from part 2'
 bandwidths, S3 per-prefix limits and node MTBF.
 
     python bench/scale_sim.py            # 8, 64, 256, 1,024 ranks (~25 min on the shared 2-core VM)
-    python bench/scale_sim.py --quick    # 8 and 64 ranks, 10,000 shards (drains: 2,000): CI-sized (~3 min)
+    python bench/scale_sim.py --quick    # 8 and 64 ranks, 10,000 shards (drains: 2,000): CI-sized (~1 min)
 """
 
 from __future__ import annotations
