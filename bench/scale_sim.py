@@ -14,12 +14,20 @@ resume at 3/4 W from that view, run, save, resume at W, run, save (and 64 -> 8).
 checked against every sample key drawn so far: no key twice, and each drawn (corpus, epoch, shard) is exactly
 what the view says was yielded (finished shards wholly, partial shards the listed ordinals).
 
+Then, to the epoch's end (``drained_part``): 64 -> 48 -> 64, 256 -> 192 -> 256, 1,024 -> 768 -> 1,024 and
+64 -> 8 ranks, 4 steps per phase, then the last world reads on until every sample of epoch 0 of every
+corpus has been drawn, each exactly once, and the cursor saved then matches every draw. These runs use 20,000
+shards and shuffle_buffer 8 (``--drain-shards``, ``--drain-buffer``): an epoch ends only when its last sample
+has left each stream's buffer, about buffer x ln(streams x buffer) draws per stream, and with buffer 64 that
+is some 400 steps at 1,024 ranks, over 20 minutes on this machine.
+
 Per world size it prints the cursor's size (every rank's state, as a schema-2 trainer_state.json's
 data_states held them, and merged), the time and tracemalloc peak of one rank's save (state_dict), of the
 merge of all ranks' states (what every rank did on resume before schema 3) and of one rank's redistribution
 to the new world size from the view (loader._initial_states); then (after "|") one rank's exact resume from
 its own cursor file, the view parts rank 0 gathers, the view's size and rank 0's time and peak building it;
-with each figure's growth exponent against the previous world size (1 = linear in ranks).
+with each figure's growth exponent against the previous world size (1 = linear in ranks): fresh saves at W,
+elastic resumes to 3W/4, and the resumes back to W.
 
 Only the simulation's bookkeeping is shortened: ``shard_digest`` (O(shards), identical on every rank) and the
 per-corpus ``redistribute`` (O(shards + streams), identical on every rank: each real rank computes it once, in
@@ -40,8 +48,8 @@ Train's), a prune and a resume (checkpoint.prune / newest_valid) counted on moto
 Part 3 (``capacity``): the capacity model of docs/SCALE.md computed from part 2's figures and stated
 bandwidths, S3 per-prefix limits and node MTBF.
 
-    python bench/scale_sim.py            # 8, 64, 256, 1,024 ranks (~15 min on the shared 2-core VM)
-    python bench/scale_sim.py --quick    # 8 and 64 ranks, 10,000 shards: a CI-sized run (~2 min there)
+    python bench/scale_sim.py            # 8, 64, 256, 1,024 ranks (~25 min on the shared 2-core VM)
+    python bench/scale_sim.py --quick    # 8 and 64 ranks, 10,000 shards (drains: 2,000): CI-sized (~1 min)
 """
 
 from __future__ import annotations
@@ -137,6 +145,7 @@ class Drawn:
 
     seen: dict = field(default_factory=dict)
     count: int = 0
+    by_epoch: dict = field(default_factory=dict)  # epoch -> samples drawn from it (a drain's O(1) test)
 
     def add(self, corpus: str, ref: list, key: str) -> None:
         e, s, o = ref
@@ -147,6 +156,7 @@ class Drawn:
             raise AssertionError(f"sample {key} of epoch {e} drawn twice")
         got.add(o)
         self.count += 1
+        self.by_epoch[e] = self.by_epoch.get(e, 0) + 1
 
 
 class SimRank:
@@ -324,10 +334,32 @@ def save_world(ranks: list[SimRank], measure: bool = True) -> tuple[list[dict], 
     return states, view, figures
 
 
+def epoch_samples(listing: dict) -> int:
+    """Samples in one epoch of every corpus."""
+    return sum(n for shards in listing.values() for _, n in shards)
+
+
 def epoch_drawn_whole(listing: dict, drawn: Drawn, epoch: int = 0) -> bool:
-    """Whether every sample of ``epoch`` of every corpus has been drawn (each once: Drawn refuses repeats)."""
-    return all(len(drawn.seen.get((key, epoch, s), ())) == n for key, shards in listing.items()
-               for s, (_, n) in enumerate(shards))
+    """Whether every sample of ``epoch`` of every corpus has been drawn: Drawn refuses repeats and keys that
+    are not the listing's, so a count equal to the epoch's samples is every sample exactly once."""
+    return drawn.by_epoch.get(epoch, 0) == epoch_samples(listing)
+
+
+def drain_epoch(cfg: DataConfig, listing: dict, world: int, cursor: dict, drawn: Drawn,
+                epoch: int = 0) -> dict:
+    """Every rank of ``world``, resumed from ``cursor`` (a save's elastic view), reads on until every sample
+    of ``epoch`` is drawn; the cursor saved then is checked against every draw since the run began. Returns
+    the steps it took and the samples of the epoch (all of them, each once)."""
+    ranks, _ = build_world(cfg, listing, world, cursor, measure=False)
+    steps, total = 0, epoch_samples(listing)
+    while not epoch_drawn_whole(listing, drawn, epoch):
+        run_steps(ranks, 1, drawn)
+        steps += 1
+    _, view, _ = save_world(ranks, measure=False)
+    check_exactly_once(view, listing, drawn)
+    if drawn.by_epoch[epoch] != total:
+        raise AssertionError(f"epoch {epoch}: {drawn.by_epoch[epoch]} samples drawn of {total}")
+    return {"drain_steps": steps, "epoch_samples": total, "drawn": drawn.count}
 
 
 def run_steps(ranks: list[SimRank], steps: int, drawn: Drawn) -> float:
@@ -422,7 +454,38 @@ def cursor_part(quick: bool, total_shards: int, steps: int, worlds: list[int] | 
     print("growth, elastic resumes (3/4 W):")
     for line in growth(resumed):
         print(line)
+    back = [results[w][2] for w in worlds]
+    print("growth, elastic resumes back to W (3W/4 -> W):")
+    for line in growth(back):
+        print(line)
     return results
+
+
+def drained_part(cases: list[list[int]], total_shards: int, buffer: int, steps: int) -> list[dict]:
+    """Exactly once to the epoch's end: per case (world sizes in turn), ``steps`` steps at each world with a
+    save and check after each, then the last world reads on until epoch 0 of every corpus is drawn whole
+    (drain_epoch). A smaller listing and shuffle buffer than the figures' run: the end of an epoch waits for
+    the last old sample to leave each stream's buffer, about buffer x ln(streams x buffer) draws per stream
+    (with buffer 64, some 400 steps at 1,024 ranks: over 20 minutes here)."""
+    cfg, listing = synthetic_config(buffer=buffer), synthetic_listing(total_shards)
+    print(f"exactly once to the end of epoch 0: {total_shards:,} shards ({epoch_samples(listing):,} samples "
+          f"an epoch), shuffle_buffer {buffer}, {WORKERS} workers/rank, batch 8 per modality, {steps} steps "
+          f"per phase, then the last world drains epoch 0")
+    print(f"{'worlds':>19} {'drain steps':>11} {'epoch 0 samples':>15} {'drawn in all':>12} {'s':>6}")
+    out = []
+    for worlds in cases:
+        t0 = time.perf_counter()
+        drawn = Drawn()
+        rows = simulate(worlds, cfg, listing, steps, drawn=drawn, log=lambda line: None, measure=False)
+        row = {"worlds": worlds, **drain_epoch(cfg, listing, worlds[-1], rows[-1]["cursor"], drawn),
+               "seconds": time.perf_counter() - t0}
+        out.append(row)
+        print(f"{' -> '.join(map(str, worlds)):>19} {row['drain_steps']:>11} {row['epoch_samples']:>15,} "
+              f"{row['drawn']:>12,} {row['seconds']:6.0f}", flush=True)
+        del drawn, rows
+    print("  every sample of epoch 0 of every corpus drawn exactly once, across the world-size changes; "
+          "every save's cursor matched every draw before it")
+    return out
 
 
 # ---------------------------------------------------------------------------------------- part 2: checkpoints
@@ -469,7 +532,8 @@ class RequestCounter:
 
         out = dict.fromkeys(self.KINDS, 0)
         for line in self.lines:
-            m = re.search(r'"([A-Z]+) (\S+) HTTP', line)
+            # werkzeug colours some lines (a 206 of a ranged GET) with ANSI codes before the method
+            m = re.search(r'"(?:\x1b\[[0-9;]*m)*([A-Z]+) (\S+) HTTP', line)
             if not m:
                 continue
             method, target = m.groups()
@@ -504,7 +568,8 @@ def write_layout(root: Path, world: int, rank: int, payload: int = 64) -> None:
     names = [ckpt.RANK_STATE.format(rank=rank)]
     if rank == 0:
         names += ["latest", "zero_to_fp32.py", ckpt.ELASTIC_VIEW]
-        (root / "trainer_state.json").write_text("{}")
+        (root / "trainer_state.json").write_text(json.dumps({"schema": ckpt.SCHEMA_VERSION, "step": 0,
+                                                            "world_size": world}))
     for name in names:
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_bytes(b"x" * payload)
@@ -608,13 +673,38 @@ def s3_requests(worlds: list[int], multipart_mib: int = 24) -> dict:
                     found = ckpt.newest_valid(f"s3://scale/{run}/checkpoints", cache_dir=Path(tmp) / "cache")
                     resume = counter.take()
                     assert found is not None and found.step == 200, found
-                out[world] = {"save": save, "prune": prune, "resume": resume, "save_s_loopback": save_s}
+                    t0 = time.perf_counter()
+                    now = every_rank_resumes(f"s3://scale/{run}/checkpoints", world, Path(tmp) / "nodes")
+                    now.update(counter.take(), seconds_loopback=time.perf_counter() - t0)
+                out[world] = {"save": save, "prune": prune, "resume": resume, "resume_now": now,
+                              "save_s_loopback": save_s}
                 print(f"  {world:>5} ranks: save {save['total']:>6} requests ({_kinds(save)}), prune "
-                      f"{prune['total']:>5} ({_kinds(prune)}), resume {resume['total']:>6} "
-                      f"({_kinds(resume)})", flush=True)
+                      f"{prune['total']:>5} ({_kinds(prune)}), resume (one node, whole checkpoint) "
+                      f"{resume['total']:>6} ({_kinds(resume)}); resume now (every rank, "
+                      f"{GPUS_PER_NODE} per node, partial copies) {now['total']:>6} ({_kinds(now)}; "
+                      f"{now['files_per_node']:.1f} files per node) in {now['seconds_loopback']:.1f} s",
+                      flush=True)
     finally:
         server.stop()
     return out
+
+
+def every_rank_resumes(root: str, world: int, cache: Path) -> dict:
+    """What a resume at the same world size reads from S3 now, every rank as CheckpointManager.find does:
+    its listing of the checkpoints folder, then verification.verify_part, which reads the manifest and
+    downloads into its node's partial copy (one per GPUS_PER_NODE ranks) only the files its ranks read.
+    Returns the files the nodes downloaded, per node on average (the requests are counted by the caller)."""
+    from trainer import checkpoint as ckpt
+    from trainer.checkpointing.verification import verify_part
+
+    for rank in range(world):
+        (newest, *_) = ckpt.list_step_dirs(root)
+        part = verify_part(str(newest.path), cache / f"node{rank // GPUS_PER_NODE}", rank,
+                           lambda local, state: False, world_size=world)
+        assert part.problem is None, part.problem
+    nodes = list(cache.iterdir())
+    files = sum(1 for node in nodes for copy in node.glob("*.files") for p in copy.rglob("*") if p.is_file())
+    return {"files_per_node": files / max(1, len([n for n in nodes if n.is_dir()]))}
 
 
 def _kinds(c: dict) -> str:
@@ -674,9 +764,10 @@ def capacity(layout: dict, requests: dict, node_gbps=(1.25, 5.0), disk_gbps: flo
         extra_parts = world * (math.ceil(rank_bytes / PART_BYTES) - 1)
         writes = (tiny["total"] - tiny["HEAD"] + extra_parts) if tiny else None
         files = lay["files"]
-        gets = nodes * (req["resume"]["GET object"] + req["resume"]["GET list"]
-                        + req["resume"]["HEAD"]) if req \
-            else None
+        # Before: every node downloaded the whole checkpoint (one node's resume counted, times the nodes);
+        # now: every rank's reads counted, each node downloading only its ranks' files (every_rank_resumes).
+        gets = nodes * reads(req["resume"]) if req else None
+        gets_now = reads(req["resume_now"]) if req else None
         local_save = node_bytes / (disk_gbps * 1e9)
         hash_s = rank_bytes / lay["hash_rate"]
         blocking = local_save + hash_s
@@ -687,27 +778,40 @@ def capacity(layout: dict, requests: dict, node_gbps=(1.25, 5.0), disk_gbps: flo
             "save_writes": writes, "put_floor_s": writes / PUT_LIMIT if writes else None,
             "download_s": [total / (b * 1e9) for b in node_gbps], "resume_gets": gets,
             "get_floor_s": gets / GET_LIMIT if gets else None, "egress_tb": total * nodes / 1e12,
-            "verify_s": total / lay["hash_rate"], "blocking_save_s": blocking, "mtbf_job_h": mtbf_job / 3600,
+            "download_now_s": [node_bytes / (b * 1e9) for b in node_gbps], "resume_gets_now": gets_now,
+            "get_floor_now_s": gets_now / GET_LIMIT if gets_now else None, "egress_now_tb": total / 1e12,
+            "verify_s": rank_bytes / lay["hash_rate"], "blocking_save_s": blocking,
+            "mtbf_job_h": mtbf_job / 3600,
             "young_daly_s": math.sqrt(2 * blocking * mtbf_job)})
     return rows
+
+
+def reads(counts: dict) -> int:
+    """The GET-class requests of a count (object GETs, listings, HEADs): what S3's 5,500/s per prefix
+    limits."""
+    return counts["GET object"] + counts["GET list"] + counts["HEAD"]
 
 
 def print_capacity(rows: list[dict], node_gbps=(1.25, 5.0)) -> None:
     bw = "/".join(f"{b:g}" for b in node_gbps)
     print(f"capacity model, xl (node = {GPUS_PER_NODE} GPUs; S3 at {bw} GB/s per node; local disk 2 GB/s; "
           f"node MTBF 5,000 h):")
+    print("  resume columns: before (every node downloads the whole checkpoint) -> now (a node downloads its "
+          "ranks' files); verify: one rank's own files")
     print(f"{'ranks':>6} {'GiB/rank':>8} {'GiB/node':>8} {'upload s':>13} {'save PUT/POST':>13} "
-          f"{'PUT floor s':>11} {'resume GETs':>11} {'GET floor s':>11} {'download s':>13} {'egress TB':>9} "
-          f"{'verify s':>8} {'blocking s':>10} {'Young/Daly':>10}")
+          f"{'PUT floor s':>11} {'resume GETs':>17} {'GET floor s':>12} {'download s':>22} "
+          f"{'egress TB':>12} {'verify s':>8} {'blocking s':>10} {'Young/Daly':>10}")
+    fmt = (lambda x, spec: "-" if x is None else format(x, spec))
     for r in rows:
         up = "/".join(f"{x:.1f}" for x in r["upload_s"])
-        down = "/".join(f"{x:.1f}" for x in r["download_s"])
-        fmt = (lambda x, spec: "-" if x is None else format(x, spec))
+        down = ("/".join(f"{x:.1f}" for x in r["download_s"]) + " -> "
+                + "/".join(f"{x:.1f}" for x in r["download_now_s"]))
+        gets = f"{fmt(r['resume_gets'], ',')} -> {fmt(r['resume_gets_now'], ',')}"
+        floor = f"{fmt(r['get_floor_s'], '.1f')} -> {fmt(r['get_floor_now_s'], '.1f')}"
         print(f"{r['world']:>6} {r['rank_gib']:8.3f} {r['node_gib']:8.2f} {up:>13} "
-              f"{fmt(r['save_writes'], ','):>13} {fmt(r['put_floor_s'], '.2f'):>11} "
-              f"{fmt(r['resume_gets'], ','):>11} {fmt(r['get_floor_s'], '.1f'):>11} {down:>13} "
-              f"{r['egress_tb']:9.2f} {r['verify_s']:8.0f} {r['blocking_save_s']:10.1f} "
-              f"{r['young_daly_s'] / 60:8.0f} m")
+              f"{fmt(r['save_writes'], ','):>13} {fmt(r['put_floor_s'], '.2f'):>11} {gets:>17} {floor:>12} "
+              f"{down:>22} {r['egress_tb']:5.2f} -> {r['egress_now_tb']:.2f} {r['verify_s']:8.1f} "
+              f"{r['blocking_save_s']:10.1f} {r['young_daly_s'] / 60:8.0f} m")
 
 
 def planning_cost() -> list[tuple[int, int, float]]:
@@ -795,12 +899,20 @@ def main(argv=None) -> None:
     p.add_argument("--skip-checkpoint", action="store_true")
     p.add_argument("--xl-cursor", action="store_true",
                    help="also the cursor at configs/xl.yaml's data settings")
+    p.add_argument("--skip-drain", action="store_true", help="no run to the end of epoch 0")
+    p.add_argument("--drain-shards", type=int, default=20_000, help="total shards of the drained runs")
+    p.add_argument("--drain-buffer", type=int, default=8, help="shuffle_buffer of the drained runs")
+    p.add_argument("--drain-steps", type=int, default=4, help="steps per phase before the drain")
     args = p.parse_args(argv)
     shards = args.shards or (10_000 if args.quick else 100_000)
     if not args.skip_cursor:
         print("planning a small corpus's epochs for every stream (cursor.planned_share, shards < streams):")
         planning_cost()
         cursor_part(args.quick, shards, args.steps, args.worlds)
+    if not args.skip_drain:
+        cases = ([[8, 6, 8], [64, 48, 64], [64, 8]] if args.quick
+                 else [[64, 48, 64], [256, 192, 256], [1024, 768, 1024], [64, 8]])
+        drained_part(cases, 2_000 if args.quick else args.drain_shards, args.drain_buffer, args.drain_steps)
     if args.xl_cursor:
         xl_cursor()
     if not args.skip_checkpoint:

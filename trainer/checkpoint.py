@@ -3,9 +3,11 @@
 Only a checkpoint whose manifest lists every file with the right size and checksum counts; anything else is
 torn (a crash during save, a lost upload, a flipped byte) and is skipped with a warning naming it.
 
-``verify`` checks a whole checkpoint (export, evaluation, the universal conversion). A resuming rank checks
-the presence and size of every file but hashes only the files it will load (``files_for_rank``): its own
-ZeRO shards and the files every rank reads; trainer/checkpointing/verification.py makes the ranks agree.
+``verify`` checks a whole checkpoint (export, evaluation, the universal conversion), downloaded whole from S3
+(``checked_local_copy``). A resuming rank checks the presence and size of every file but hashes only the files
+it will load (``files_for_rank``): its own ZeRO shards and the files every rank reads; from S3 its node
+downloads only those (``partial_copy``, ``fetch_into``) and takes the sizes from one listing
+(``listed_sizes``); trainer/checkpointing/verification.py makes the ranks agree.
 """
 
 from __future__ import annotations
@@ -147,14 +149,16 @@ def read_manifest(root: Path) -> dict[str, Any]:
     return manifest
 
 
-def check_sizes(root: Path, manifest: dict[str, Any]) -> None:
-    """Every file the manifest lists is there with its size (a stat per file, no reading)."""
+def check_sizes(root: Path, manifest: dict[str, Any], sizes: dict[str, int] | None = None) -> None:
+    """Every file the manifest lists is there with its size: a stat per file under ``root``, or, for a
+    partial copy of an S3 checkpoint, the ``sizes`` ({relative path: bytes}) its listing gave. No reading."""
     for rel, meta in manifest["files"].items():
         path = root / rel
-        if not path.is_file():
+        size = sizes.get(rel) if sizes is not None else (path.stat().st_size if path.is_file() else None)
+        if size is None:
             raise TornCheckpoint(f"checkpoint {root}: file {rel} listed in the manifest is missing")
-        if path.stat().st_size != meta["size"]:
-            raise TornCheckpoint(f"checkpoint {root}: file {rel} has size {path.stat().st_size}, "
+        if size != meta["size"]:
+            raise TornCheckpoint(f"checkpoint {root}: file {rel} has size {size}, "
                                  f"manifest says {meta['size']}")
 
 
@@ -226,6 +230,17 @@ def list_step_dirs(checkpoints_root: Path | str) -> list[FoundCheckpoint]:
     return sorted(found, key=lambda c: c.step, reverse=True)
 
 
+def _copy_dir(location: Path | str, cache_dir: Path, version: str, suffix: str = "") -> Path:
+    """Where a node keeps its copy of the checkpoint at ``location`` whose manifest reads ``version``."""
+    key = hashlib.sha256(f"{location}\n{version}".encode()).hexdigest()[:12]
+    return cache_dir / f"{storage.name_of(location)}-{key}{suffix}"
+
+
+def _locks_dir(local: Path) -> Path:
+    """Beside a partial copy, not in it: the file locks of its downloads and the node's listing."""
+    return local.with_name(local.name + ".locks")
+
+
 def fetch(location: Path | str, cache_dir: Path, version: str = "") -> Path:
     """A local folder holding the checkpoint: ``location`` itself when local, else a copy downloaded once per
     node into ``cache_dir`` (the ranks of a node share it; a file lock lets the first one download).
@@ -237,8 +252,7 @@ def fetch(location: Path | str, cache_dir: Path, version: str = "") -> Path:
 
     if not storage.is_remote(location):
         return Path(location)
-    key = hashlib.sha256(f"{location}\n{version}".encode()).hexdigest()[:12]
-    dest = cache_dir / f"{storage.name_of(location)}-{key}"
+    dest = _copy_dir(location, cache_dir, version)
     done = dest.with_name(dest.name + ".complete")
     cache_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(str(dest) + ".lock"):
@@ -256,6 +270,7 @@ def drop_copy(local: Path) -> None:
     import shutil
 
     shutil.rmtree(local, ignore_errors=True)
+    shutil.rmtree(_locks_dir(local), ignore_errors=True)
     for suffix in (".complete", ".lock"):
         local.with_name(local.name + suffix).unlink(missing_ok=True)
 
@@ -270,6 +285,66 @@ def local_copy(location: Path | str, cache_dir: Path) -> Path:
     if manifest is None:
         raise TornCheckpoint(f"checkpoint {location} has no {MANIFEST} (save or upload did not finish)")
     return fetch(location, cache_dir, version=manifest)
+
+
+# ----- a resuming node's partial copy: only the files its ranks read (``files_for_rank``) -------------------
+# Downloading the whole checkpoint on every node made a resume's S3 GETs grow as nodes x files, i.e. with the
+# square of the world size (about 395,000 at 1,024 ranks, docs/SCALE.md); each node now downloads its own
+# ranks' files and the shared ones: every file about once per resume, plus one listing per node.
+PARTIAL = ".files"  # a partial copy's suffix: never confused with a whole copy of ``fetch`` (its own markers)
+
+
+def partial_copy(location: Path | str, cache_dir: Path) -> Path:
+    """The node's folder for the files of the checkpoint at ``location`` its ranks read, holding at first
+    only the manifest (``location`` itself when local); ``fetch_into`` adds files. Raises TornCheckpoint,
+    before any download, for an S3 checkpoint without a manifest (one GET decides)."""
+    if not storage.is_remote(location):
+        return Path(location)
+    manifest = storage.read_text(storage.join(location, MANIFEST))
+    if manifest is None:
+        raise TornCheckpoint(f"checkpoint {location} has no {MANIFEST} (save or upload did not finish)")
+    local = _copy_dir(location, cache_dir, manifest, PARTIAL)
+    _once(local / MANIFEST, _locks_dir(local), lambda tmp: tmp.write_text(manifest))
+    return local
+
+
+def fetch_into(local: Path, location: Path | str, names: Iterable[str]) -> None:
+    """Downloads the files ``names`` of the checkpoint at ``location`` that the partial copy ``local`` lacks
+    (nothing for a local checkpoint). The node's ranks share the copy: a file lock per file lets one rank
+    download a shared file while the others wait for it, and each file appears whole (a rename) or not."""
+    if not storage.is_remote(location):
+        return
+    for rel in names:
+        _once(local / rel, _locks_dir(local), lambda tmp, rel=rel: storage.download_file(
+            storage.join(location, rel), tmp))
+
+
+def listed_sizes(local: Path, location: Path | str) -> dict[str, int] | None:
+    """{relative path: bytes} of every file of the S3 checkpoint at ``location``, from one listing per node
+    (kept beside the partial copy ``local`` for its other ranks); None for a local checkpoint (stat it)."""
+    if not storage.is_remote(location):
+        return None
+    sizes = _locks_dir(local) / "sizes.json"
+    _once(sizes, _locks_dir(local), lambda tmp: tmp.write_text(json.dumps(storage.file_sizes(str(location)))))
+    return json.loads(sizes.read_text())
+
+
+def _once(path: Path, locks: Path, make) -> None:
+    """Creates ``path`` with ``make(temporary path)`` unless it exists; one process of the node does it, under
+    a lock of its own, and renames it into place whole."""
+    from filelock import FileLock  # a Ray dependency
+
+    if path.is_file():
+        return
+    locks.mkdir(parents=True, exist_ok=True)
+    key = hashlib.sha256(str(path).encode()).hexdigest()[:16]
+    with FileLock(str(locks / f"{key}.lock")):
+        if path.is_file():
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        make(tmp)
+        os.replace(tmp, path)
 
 
 def named_by_location(err: TornCheckpoint, local: Path, location: Path | str) -> TornCheckpoint:

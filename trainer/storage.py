@@ -151,6 +151,23 @@ def download(location: str, dest: Path, progress: bool | None = None) -> None:
         fs.get(src, to, recursive=True, callback=_ByteCallback(bar.update))
 
 
+def download_file(location: str, dest: Path) -> None:
+    """Copies one remote file to the local path ``dest`` (one GET; ranged GETs in parallel for a large
+    one)."""
+    fs, path = _fs(location)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fs.get_file(path, str(dest))
+
+
+def file_sizes(location: str) -> dict[str, int]:
+    """{path relative to the folder: bytes} of every object under a remote folder (one listing, paged)."""
+    fs, path = _fs(location)
+    path = path.rstrip("/")
+    found = fs.find(path, detail=True)
+    return {key[len(path) + 1:]: int(info["size"]) for key, info in found.items()
+            if info.get("type") != "directory" and key.startswith(path + "/")}
+
+
 class _ByteCallback(Callback):
     """Counts the bytes of every file of a recursive get (fsspec hands each file a child callback)."""
 

@@ -138,11 +138,23 @@ def resolve_zero_stage(cfg: RunConfig, world_size: int, on_gpu: bool) -> ZeroCho
 
 # ---------------------------------------------------------------------------------------- checkpoints
 
+def _names_under(checkpoint: Path, tag: str) -> list[str]:
+    """The file names in the checkpoint's ``tag`` folder: from its manifest when it has one (a resuming node's
+    copy of an S3 checkpoint holds only its own ranks' files, trainer/checkpoint.py ``partial_copy``), else
+    from the folder."""
+    manifest = checkpoint / "manifest.json"
+    if manifest.is_file():
+        inside = [rel.removeprefix(tag + "/") for rel in json.loads(manifest.read_text()).get("files", {})
+                  if rel.startswith(tag + "/")]
+        return [name for name in inside if "/" not in name]
+    folder = checkpoint / tag
+    return [p.name for p in folder.iterdir()] if folder.is_dir() else []
+
+
 def saved_zero_stage(checkpoint: Path, tag: str = "ds") -> int:
     """The stage family a checkpoint folder was written under, from its file names: 3, 1 (stages 1 and 2 share
     one layout and load into each other) or 0 (no ZeRO optimizer files)."""
-    folder = Path(checkpoint) / tag
-    names = [p.name for p in folder.iterdir()] if folder.is_dir() else []
+    names = _names_under(Path(checkpoint), tag)
     if any(n.startswith("zero_pp_rank_") and n.endswith("_model_states.pt") for n in names):
         return 3
     if any(n.endswith("optim_states.pt") for n in names):

@@ -3,8 +3,10 @@ over a synthetic listing (no tars, no processes), every sample of an epoch exact
 
 import json
 
-from bench.scale_sim import (Drawn, build_world, check_exactly_once, epoch_drawn_whole, run_steps, save_world,
-                             simulate, synthetic_config, synthetic_listing)
+import pytest
+
+from bench.scale_sim import (Drawn, build_world, drain_epoch, epoch_drawn_whole, run_steps, simulate,
+                             synthetic_config, synthetic_listing)
 
 
 def test_world_size_changes_keep_every_sample_exactly_once():
@@ -15,13 +17,24 @@ def test_world_size_changes_keep_every_sample_exactly_once():
     assert [r["world"] for r in rows] == [8, 6, 8]
     # Each save's cursor matched every sample drawn before it (simulate checks); from the last one, at 8
     # ranks, read on until epoch 0 is drawn whole: then every sample of the epoch came exactly once.
-    ranks, _ = build_world(cfg, listing, 8, rows[-1]["cursor"], measure=False)
-    while not epoch_drawn_whole(listing, drawn, epoch=0):
-        run_steps(ranks, 1, drawn)
-    _, merged, _ = save_world(ranks, measure=False)
-    check_exactly_once(merged, listing, drawn)
+    drained = drain_epoch(cfg, listing, 8, rows[-1]["cursor"], drawn)
     total = sum(n for shards in listing.values() for _, n in shards)
+    assert drained["epoch_samples"] == total and drained["drain_steps"] > 0
     assert sum(len(o) for (_, e, _), o in drawn.seen.items() if e == 0) == total
+
+
+def test_a_drain_stops_only_at_the_epochs_end_and_names_a_missing_sample():
+    """The completeness test counts: a sample drawn twice or a key outside the listing is refused at the draw,
+    so the count reaching the epoch's samples is every sample once; one short is not the end."""
+    listing = {"text": [("sim://text/shard-0.tar", 3)]}
+    drawn = Drawn()
+    for o in range(2):
+        drawn.add("text", [0, 0, o], f"text/0/{o}")
+    assert not epoch_drawn_whole(listing, drawn)
+    drawn.add("text", [0, 0, 2], "text/0/2")
+    assert epoch_drawn_whole(listing, drawn)
+    with pytest.raises(AssertionError, match="drawn twice"):
+        drawn.add("text", [0, 0, 2], "text/0/2")
 
 
 def test_planned_share_deals_an_epoch_from_where_the_last_one_stopped():

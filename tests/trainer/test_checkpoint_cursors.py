@@ -97,6 +97,28 @@ def test_another_worker_count_at_the_same_world_size_resumes_from_the_view(tmp_p
     assert rng == "rng of rank 1" and view == json.loads((d / ckpt.ELASTIC_VIEW).read_text())
 
 
+def test_a_partial_copy_fetches_the_view_when_the_worker_count_changed(tmp_path, world):
+    """A node's copy of an S3 checkpoint holds the files its ranks hash, not the view at the same world size;
+    another worker count reads the view, so it is fetched (checkpoint.fetch_into), then hashed."""
+    _, _, states = world
+    d = _schema3(tmp_path / "saved", states)
+    copy = tmp_path / "copy"
+    shutil.copytree(d, copy)
+    (copy / ckpt.ELASTIC_VIEW).unlink()
+    asked: list[list[str]] = []
+
+    def fetch(names):
+        asked.append(names)
+        for rel in names:
+            shutil.copyfile(d / rel, copy / rel)
+
+    state, manifest = ckpt.read_state(copy), ckpt.read_manifest(copy)
+    assert cursors.restored(copy, state, manifest, 1, 2, WORKERS, fetch)[0] == states[1]
+    assert asked == [[cursors.rank_state_name(1)]]  # the exact resume asks only for its own file
+    view, _ = cursors.restored(copy, state, manifest, 1, 2, WORKERS + 1, fetch)
+    assert asked[-1] == [ckpt.ELASTIC_VIEW] and view == json.loads((d / ckpt.ELASTIC_VIEW).read_text())
+
+
 def test_a_schema_2_checkpoint_resumes_exactly_and_elastically(tmp_path, world):
     cfg, listing, states = world
     d = _schema2(tmp_path, states)

@@ -1,5 +1,6 @@
 """Unit tests of run storage on S3 (moto's server on loopback): small files, checkpoint listing, verification,
-torn-checkpoint skipping, retention, Ray's pyarrow filesystem and the start-up check's errors."""
+torn-checkpoint skipping, retention, Ray's pyarrow filesystem, the start-up check's errors, and a resuming
+node's partial download (only the files its ranks read, each once per node)."""
 
 from __future__ import annotations
 
@@ -172,3 +173,112 @@ def test_a_torn_step_folder_is_moved_aside_and_the_run_snapshot_reconciled_on_s3
     assert reconcile_ray_snapshot(root) and reconcile_ray_snapshot(root) == []
     snapshot = json.loads(storage.read_text(f"{root}/{SNAPSHOT}"))
     assert snapshot["latest_checkpoint_result"]["checkpoint_dir_name"] == "step_00000010"
+
+
+# ---- a resuming node downloads only what its ranks read ----------------------------------------------------
+SHARD = "ds/zero_pp_rank_{}_mp_rank_00_{}_states.pt"
+
+
+def _four_rank_checkpoint(root: Path) -> Path:
+    """A step folder as 4 ZeRO-3 ranks write it (2 nodes of 2): each rank's model and optimizer shard and
+    data cursor file, DeepSpeed's shared files, the elastic view, the trainer state and the manifest."""
+    import json
+
+    d = root / ckpt.step_dir_name(8)
+    (d / "ds").mkdir(parents=True)
+    for rank in range(4):
+        for kind in ("model", "optim"):
+            (d / SHARD.format(rank, kind)).write_bytes(bytes([rank + 1]) * 3000)
+        (d / ckpt.RANK_STATE.format(rank=rank)).write_text(json.dumps({"rank": rank}))
+    (d / "latest").write_text("ds")
+    (d / "zero_to_fp32.py").write_text("# DeepSpeed's script\n")
+    (d / ckpt.ELASTIC_VIEW).write_text("{}")
+    (d / ckpt.STATE).write_text(json.dumps({"schema": ckpt.SCHEMA_VERSION, "step": 8, "world_size": 4}))
+    ckpt.write_manifest(d, ckpt.describe_files(d), 8)
+    return d
+
+
+def _resume_two_nodes(location: str, cache: Path, monkeypatch, reads_everything=lambda local, state: False):
+    """verify_part of ranks 0-1 (node a) and 2-3 (node b), each node with its own cache folder; returns
+    ({rank: Part}, {node: [files it downloaded]}) (one GET each: every file is small)."""
+    from trainer.checkpointing.verification import verify_part
+
+    got: dict[str, list[str]] = {"a": [], "b": []}
+    real = storage.download_file
+    node = "a"
+
+    def recording(url, dest):
+        got[node].append(url.removeprefix(location + "/"))
+        return real(url, dest)
+
+    monkeypatch.setattr(storage, "download_file", recording)
+    parts = {}
+    for rank in range(4):
+        node = "a" if rank < 2 else "b"
+        parts[rank] = verify_part(location, cache / node, rank, reads_everything, world_size=4)
+    return parts, got
+
+
+def _own_files(ranks) -> set[str]:
+    return {SHARD.format(r, k) for r in ranks for k in ("model", "optim")} | {
+        ckpt.RANK_STATE.format(rank=r) for r in ranks}
+
+
+def test_a_resuming_node_downloads_only_its_ranks_files(bucket, tmp_path, monkeypatch):
+    root = "s3://unit/partial/run/checkpoints"
+    upload(_four_rank_checkpoint(tmp_path / "src").parent, root)
+    location = f"{root}/{ckpt.step_dir_name(8)}"
+    parts, got = _resume_two_nodes(location, tmp_path / "cache", monkeypatch)
+    assert all(p.problem is None for p in parts.values())
+    shared = {"latest", "zero_to_fp32.py", ckpt.STATE}  # the manifest came with the GET that decides
+    # each file once per node: no rank downloads what another rank of its node already has
+    assert sorted(got["a"]) == sorted(shared | _own_files([0, 1]))
+    assert sorted(got["b"]) == sorted(shared | _own_files([2, 3]))
+    copy_b = parts[2].local
+    on_disk = {p.relative_to(copy_b).as_posix() for p in copy_b.rglob("*") if p.is_file()}
+    assert on_disk == shared | _own_files([2, 3]) | {ckpt.MANIFEST}  # no shard of node a's ranks
+    # a worker-count change at the same world size reads the elastic view: it is fetched when asked for
+    ckpt.fetch_into(copy_b, location, [ckpt.ELASTIC_VIEW])
+    assert (copy_b / ckpt.ELASTIC_VIEW).read_text() == "{}"
+    ckpt.drop_copy(copy_b)
+    assert not copy_b.exists() and not any(p.name.startswith(copy_b.name) for p in copy_b.parent.iterdir())
+
+
+def test_the_rank_that_converts_still_gets_every_file(bucket, tmp_path, monkeypatch):
+    root = "s3://unit/partial-convert/run/checkpoints"
+    d = _four_rank_checkpoint(tmp_path / "src")
+    upload(d.parent, root)
+
+    def first_of_node_converts(local, state):  # as CheckpointManager._reads_everything, for node a only
+        return local.parent.name == "a"
+
+    parts, got = _resume_two_nodes(f"{root}/{ckpt.step_dir_name(8)}", tmp_path / "cache", monkeypatch,
+                                   first_of_node_converts)
+    assert all(p.problem is None for p in parts.values())
+    # node a: every file (but the manifest, read before), each once; node b: only its ranks' part
+    assert sorted(got["a"]) == sorted(set(ckpt.read_manifest(d)["files"]))
+    assert sorted(got["b"]) == sorted({"latest", "zero_to_fp32.py", ckpt.STATE} | _own_files([2, 3]))
+
+
+def test_a_torn_file_is_caught_by_the_rank_that_reads_it_and_sizes_by_every_rank(bucket, tmp_path,
+                                                                                   monkeypatch):
+    """Rank 3's optimizer shard torn on S3: node a never downloads it, rank 3 finds it (the agreement,
+    verification.torn_ranks, then makes every rank skip the checkpoint); a truncated one is found by every
+    rank from the node's listing, without downloading it."""
+    root = "s3://unit/partial-torn/run/checkpoints"
+    d = _four_rank_checkpoint(tmp_path / "src")
+    torn = SHARD.format(3, "optim")
+    (d / torn).write_bytes(bytes([9]) * 3000)  # same size, other content: only rank 3's hash sees it
+    upload(d.parent, root)
+    location = f"{root}/{ckpt.step_dir_name(8)}"
+    parts, got = _resume_two_nodes(location, tmp_path / "cache", monkeypatch)
+    assert [r for r, p in parts.items() if p.problem] == [3]  # the ranks whose vote skips the checkpoint
+    assert parts[3].problem == f"checkpoint {location}: file {torn} fails its checksum"
+    assert torn not in got["a"]
+
+    (d / torn).write_bytes(b"cut")  # a truncated upload
+    upload(d.parent, root)
+    parts, got = _resume_two_nodes(location, tmp_path / "cache2", monkeypatch)
+    assert all(p.problem == f"checkpoint {location}: file {torn} has size 3, manifest says 3000"
+               for p in parts.values())
+    assert torn not in got["a"] + got["b"]

@@ -230,3 +230,22 @@ def test_choice_is_printed_and_logged_as_mlflow_params(capsys):
     assert logger.client.tags == {"unimo.zero_stage": "1"}
     announce(ZeroChoice(3, "x"), rank=1, metrics_logger=logger)  # only rank 0 speaks
     assert capsys.readouterr().out == "" and logger.client.tags == {"unimo.zero_stage": "1"}
+
+
+def test_the_saved_stage_comes_from_the_manifest_of_a_partial_copy(tmp_path):
+    """A resuming node's copy of an S3 checkpoint may hold no shard yet (trainer/checkpoint.py partial_copy):
+    the stage is read from the file names the manifest lists, else from the folder."""
+    from trainer import checkpoint as ckpt
+    from trainer.zero_stage import saved_zero_stage
+
+    names = {"ds/zero_pp_rank_1_mp_rank_00_model_states.pt": 3,
+             "ds/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt": 1, "ds/mp_rank_00_model_states.pt": 0}
+    for rel, stage in names.items():
+        copy = tmp_path / str(stage)
+        copy.mkdir()
+        listed = {rel: {"size": 1, "sha256": "-"}, ckpt.STATE: {"size": 1, "sha256": "-"}}
+        ckpt.write_manifest(copy, listed, 4)
+        assert saved_zero_stage(copy) == stage and not (copy / "ds").exists()
+    (tmp_path / "local" / "ds").mkdir(parents=True)
+    (tmp_path / "local" / "ds" / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"x")
+    assert saved_zero_stage(tmp_path / "local") == 3  # no manifest: the folder's names

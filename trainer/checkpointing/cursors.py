@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from data_pipeline.cursor import elastic_view, rank_view_part
 from trainer import checkpoint as ckpt
@@ -68,34 +68,38 @@ def write_elastic_view(root: Path, parts: list[dict | None]) -> bool:
     return True
 
 
-def _read(local: Path, rel: str, manifest: dict) -> dict:
+def _read(local: Path, rel: str, manifest: dict, fetch: Callable[[list[str]], None]) -> dict:
     """A JSON file of the checkpoint, checked against the manifest first (a file this rank's verification
-    did not hash, like the elastic view after a worker-count change, is hashed here)."""
+    did not hash, like the elastic view after a worker-count change, is downloaded by ``fetch`` and hashed
+    here)."""
     if rel not in manifest["files"]:
         raise ckpt.TornCheckpoint(f"checkpoint {local}: the manifest lists no {rel}")
+    fetch([rel])
     ckpt.check_hashes(local, manifest, [rel])
     return json.loads((local / rel).read_text())
 
 
-def restored(local: Path, state: dict, manifest: dict, rank: int, world_size: int,
-             workers: int) -> tuple[dict | list | None, str | None]:
+def restored(local: Path, state: dict, manifest: dict, rank: int, world_size: int, workers: int,
+             fetch: Callable[[list[str]], None] = lambda names: None,
+             ) -> tuple[dict | list | None, str | None]:
     """(the data cursor this rank resumes from, its RNG state or None) of the checkpoint at ``local``.
 
     Same world size and worker count: this rank's own cursor (an exact resume). Otherwise the elastic view,
-    and no RNG state (another world size restarts it)."""
+    and no RNG state (another world size restarts it). ``fetch(names)`` brings files into ``local`` (a node's
+    partial copy of an S3 checkpoint lacks the view when only the worker count changed)."""
     same_world = state["world_size"] == world_size
     if "inline_ranks" in state:  # schema 2 and older: every rank's cursor is in trainer_state.json
         ranks = state["inline_ranks"]
         if same_world:
             return ranks[rank]["data"], ranks[rank]["rng"]
         return [r["data"] for r in ranks], None  # build_loader merges them (O(ranks), as before)
-    mine = _read(local, rank_state_name(rank), manifest) if same_world else None
+    mine = _read(local, rank_state_name(rank), manifest, fetch) if same_world else None
     if mine is not None and _workers_of(mine["data"]) in (None, workers):
         return mine["data"], mine["rng"]
     if ckpt.ELASTIC_VIEW not in manifest["files"]:
         return None, mine["rng"] if mine else None  # saved without a data cursor
     rng = mine["rng"] if mine else None
-    return _read(local, ckpt.ELASTIC_VIEW, manifest), rng
+    return _read(local, ckpt.ELASTIC_VIEW, manifest, fetch), rng
 
 
 def _workers_of(cursor: dict | None) -> int | None:

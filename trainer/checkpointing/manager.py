@@ -200,8 +200,8 @@ class CheckpointManager:
 
         Every rank verifies its part of each candidate, newest first, and the ranks agree on it with one
         all-reduce (verification.py): a file torn in one rank's part makes every rank skip the candidate, so
-        all choose the same one. A checkpoint on S3 is verified and loaded from a copy downloaded once per
-        node.
+        all choose the same one. A checkpoint on S3 is verified and loaded from the node's copy of the files
+        its ranks read (each downloaded once per node).
         """
         candidates = merged_candidates(self._candidates(), self.world_size)
         self._torn = []
@@ -285,7 +285,8 @@ class CheckpointManager:
             drop_universal(path, self.local_rank)
         # this rank's cursor file (same world size) or the elastic view, read before the S3 copy goes
         data_state, rng = cursors.restored(found.local, state, found.manifest, self.rank, self.world_size,
-                                           max(1, self.cfg.data.num_workers))
+                                           max(1, self.cfg.data.num_workers),
+                                           lambda names: ckpt.fetch_into(found.local, found.location, names))
         if same_world and rng is not None:
             set_rng_state(rng)
         self._drop_restored_copy(found)

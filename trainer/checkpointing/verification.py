@@ -8,6 +8,10 @@ every file when it converts the checkpoint for another world size or ZeRO stage,
 them all. Before, every rank hashed the whole checkpoint: for 64 ranks, 64 times
 the checkpoint's bytes read per resume.
 
+On S3 a node downloads only what its ranks hash (``checkpoint.partial_copy``/``fetch_into``), and checks
+the presence and size of every file against one listing of the folder: a resume's GETs grow with the files,
+not with nodes x files.
+
 A torn file that only one rank hashes must make every rank skip the candidate, so the ranks decide together,
 newest first, with one all-reduce of a flag per rank per candidate. One all-gather first merges the ranks'
 candidate lists, so that every rank walks the same list and the collectives pair up.
@@ -56,24 +60,27 @@ def merged_candidates(mine: dict[str, int], world_size: int) -> list[tuple[str, 
 
 def verify_part(location: str, cache_dir: Path, rank: int,
                 reads_everything: Callable[[Path, dict], bool], world_size: int | None = None) -> Part:
-    """Verifies what ``rank`` will read of the checkpoint at ``location``: the presence and size of every
-    file, the hash of trainer_state.json, then of this rank's files (its shards and data cursor file, and the
-    cursor's elastic view when the checkpoint's world size is not ``world_size``), or of every file when
-    ``reads_everything(local, state)`` (the rank converts it). A problem is returned, not raised, so that this
+    """Verifies what ``rank`` will read of the checkpoint at ``location`` (on S3: downloads it into the node's
+    partial copy first): the presence and size of every file, the hash of trainer_state.json, then of this
+    rank's files (its shards and data cursor file, and the cursor's elastic view when the checkpoint's world
+    size is not ``world_size``), or of every file when ``reads_everything(local, state)`` (the rank converts
+    it). A problem is returned, not raised, so that this
     rank still takes part in the agreement."""
     part = Part()
     try:
-        part.local = ckpt.local_copy(location, cache_dir)
+        part.local = ckpt.partial_copy(location, cache_dir)
         part.manifest = ckpt.read_manifest(part.local)
-        ckpt.check_sizes(part.local, part.manifest)
+        ckpt.check_sizes(part.local, part.manifest, ckpt.listed_sizes(part.local, location))
         if ckpt.STATE not in part.manifest["files"]:
             raise ckpt.TornCheckpoint(f"checkpoint {part.local}: the manifest lists no {ckpt.STATE}")
+        ckpt.fetch_into(part.local, location, [ckpt.STATE])
         part.hashed_bytes = ckpt.check_hashes(part.local, part.manifest, [ckpt.STATE])
         part.state = ckpt.read_state(part.local)
         names = [n for n in part.manifest["files"] if n != ckpt.STATE]
         if not reads_everything(part.local, part.state):
             elastic = world_size is not None and part.state.get("world_size") != world_size
             names = ckpt.files_for_rank(names, rank, elastic=elastic)
+        ckpt.fetch_into(part.local, location, names)  # on S3 the node downloads only what its ranks read
         part.hashed_bytes += ckpt.check_hashes(part.local, part.manifest, names)
     except ckpt.TornCheckpoint as err:
         part.problem = str(err if part.local is None else ckpt.named_by_location(err, part.local, location))
