@@ -201,8 +201,8 @@ def _pick(steps: list[int], u: float) -> int:
 def _holds(setup: Setup, run_dir: Path, fault: Fault) -> list[tuple[str, int]]:
     """The moments (phase, step) the attempt holds for ``fault``, in the order the run meets them, drawn
     from its ``u[0]`` among those this attempt still reaches ([] when there is none): any step before K; a
-    step that saves (and then prunes); the resume of this attempt, or when it starts from scratch, the resume that follows a worker kill at a step
-    after the first checkpoint (two failures back to back)."""
+    step that saves (and then prunes); the resume of this attempt, or when it starts from scratch, the
+    resume that follows a worker kill at a step after the first checkpoint (two failures back to back)."""
     resumed = _resume_step(run_dir)
     phase = PHASE[fault.kind]
     if phase == "restore":

@@ -83,8 +83,8 @@ def init_ray(cfg: RunConfig) -> None:
     need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
     # No dashboard unless asked for (scaling.dashboard): ten processes and ~2 CPU-seconds a job start, for
     # pages nobody opens on a one-machine run (MLflow is where a run is watched). address="local": a new
-    # embedded instance even where RAY_ADDRESS is set or `ray start` ran on this machine (ray.init() would join
-    # that cluster, and then refuse num_cpus); joining one is scaling.address's job.
+    # embedded instance even where RAY_ADDRESS is set or `ray start` ran on this machine (ray.init() would
+    # join that cluster, and then refuse num_cpus); joining one is scaling.address's job.
     from orchestrator.ray_startup import with_startup_retry
 
     with_startup_retry(
