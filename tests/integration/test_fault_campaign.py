@@ -26,6 +26,7 @@ SCHEDULES = {
     # train to 8, tear step 8's rank-1 optimizer shard, train (resumes from 4), train again (resumes at 8)
     "issue sequence": [Fault("tear_optim")],
     # SIGTERM to the driver held before step 3 (saves 3, exits 75), then a worker SIGKILLed before step 6
+    # (F1: also checked for the restart inside the job and its goodput, below)
     "driver SIGTERM + worker SIGKILL": [Fault("driver_term", (0.3, 0.0, 0.0)),
                                         Fault("worker_kill", (0.5, 0.9, 0.0))],
     # rank 0 SIGKILLed after step 8's checkpoint was uploaded, before retention (the campaign found step 8's
@@ -56,7 +57,31 @@ def test_three_fixed_fault_schedules(synthetic_data, tmp_path):
     snapshot = json.loads((checkpoints / "checkpoint_manager_snapshot.json").read_text())
     assert {r["checkpoint_dir_name"] for r in snapshot["checkpoint_results"]} == {
         n for n in names if n.startswith("step_") and "." not in n}
-    assert [f.done for f in results["driver SIGTERM + worker SIGKILL"].faults] == ["driver_term@3",
-                                                                                   "worker_kill@6"], report
+    killed = results["driver SIGTERM + worker SIGKILL"]
+    assert [f.done for f in killed.faults] == ["driver_term@3", "worker_kill@6"], report
+    _worker_kill_was_a_restart_inside_the_job(killed)
     assert results["kill before prune + deleted file + corrupt manifest"].faults[0].done == \
         "kill_before_prune@prune8", report
+
+
+def _worker_kill_was_a_restart_inside_the_job(result) -> None:
+    """F1, a worker SIGKILLed mid-run (the schedule's second job, held before step 6): Ray Train
+    restarted the group from the step-4 checkpoint inside the job, each rank computed with the CPU Ray gave
+    it, and the job's goodput accounts for the lost step and the restart. (Bitwise weights, each step once
+    in MLflow and every sample once are the campaign's invariants, checked for every schedule.)"""
+    from mlflow.tracking import MlflowClient
+
+    out = (result.run_dir.parent / "attempt2.log").read_text()
+    assert "resumed from" in out and "at step 4" in out, out[-3000:]
+    assert "2 rank(s) on cpu; rank 0 runs 1 intra-op thread(s) and 1 micro-batch(es)" in out, out[-3000:]
+    assert "[unimo] goodput " in out, out[-3000:]
+    client = MlflowClient(f"sqlite:///{result.run_dir.parent / 'mlflow.db'}")
+    [run] = client.search_runs([client.get_experiment_by_name("unimo").experiment_id],
+                               f"tags.`unimo.run_name` = '{result.run_dir.name}'")
+    g = {k: v for k, v in run.data.metrics.items() if k.startswith("goodput/")}  # the last job's split
+    # step 5 was trained twice (lost), the kill cost a restart, and the parts add up to the job's wall time
+    assert g["goodput/lost_s"] > 0 and g["goodput/restart_s"] > 0 and g["goodput/kept_s"] > 0, g
+    parts = sum(g[f"goodput/{k}_s"] for k in ("kept", "lost", "data_wait", "checkpoint", "eval", "start_up",
+                                                 "restart"))
+    assert abs(g["goodput/wall_s"] - parts) <= 0.05 * g["goodput/wall_s"], g  # little time no ledger saw
+    assert g["goodput/fraction"] == pytest.approx(g["goodput/kept_s"] / g["goodput/wall_s"])
