@@ -65,6 +65,26 @@ def _counting(counters: Counter, key: str):
     return count
 
 
+FORKSERVER_PRELOAD = ["torch", "data_pipeline.loader"]
+
+
+def worker_start_context():
+    """How the loader's worker processes start: forked from a clean server process, not from this one.
+
+    A trainer process (a Ray worker) runs many threads, some of them Ray's native threads calling into Python.
+    On CPython 3.11 a fork while one of them holds the interpreter's thread-state lock leaves the child stuck
+    inside ``os.fork()`` (``PyOS_AfterFork_Child`` waits for that lock before it re-initialises it): the
+    fault campaign found a rank waiting for data until the watchdog ended it. The forkserver is started once
+    per process, by fork+exec, and forks the workers from its own single thread; the modules they need are
+    imported there once. The data set reaches each worker pickled.
+    """
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(FORKSERVER_PRELOAD)  # takes effect when the server first starts
+    return ctx
+
+
 class _WorkerStreams(IterableDataset):
     """Runs inside each DataLoader worker: yields whole mixed micro-batches with the worker's cursor
     attached."""
@@ -72,9 +92,13 @@ class _WorkerStreams(IterableDataset):
     def __init__(self, plan: _Plan, states: dict, mix: dict, first_worker: int):
         super().__init__()
         self.plan, self.states, self.mix, self.first_worker = plan, states, mix, first_worker
+        # a worker started by the forkserver does not inherit the trainer's logging set-up: it gets its level
+        self.log_level = logging.getLogger().getEffectiveLevel()
 
     def __iter__(self):
         info = get_worker_info()
+        if info is not None and not logging.getLogger().handlers:
+            logging.basicConfig(level=self.log_level, format="%(levelname)s %(name)s: %(message)s")
         # DataLoader always starts with worker 0; rotating the logical ids resumes the saved worker order.
         worker = ((info.id if info else 0) + self.first_worker) % self.plan.workers
         stream_index = self.plan.rank * self.plan.workers + worker
@@ -190,7 +214,8 @@ class MixedLoader:
         cfg = self._plan.cfg
         loader = DataLoader(_WorkerStreams(self._plan, self._states, self._mix, self._next_worker),
                             batch_size=None, num_workers=cfg.num_workers,
-                            prefetch_factor=cfg.prefetch_factor if cfg.num_workers else None)
+                            prefetch_factor=cfg.prefetch_factor if cfg.num_workers else None,
+                            multiprocessing_context=worker_start_context() if cfg.num_workers else None)
         for batch in loader:
             _unpack(batch)
             cursor = json.loads(batch.pop("_cursor"))

@@ -75,10 +75,17 @@ def test_other_world_size_sees_every_sample_once(s3_data, all_keys, world_before
 
 
 class _ReadLog:
-    """Counts the bytes each shard URL gives, in every process (worker processes inherit the patch)."""
+    """Counts the bytes each shard URL gives, in every process: the loader's workers are forked from this
+    (single-threaded) test process here, so that they inherit the patch (a trainer starts them from a
+    forkserver, which would not)."""
 
     def __init__(self, monkeypatch, path):
+        import multiprocessing
+
+        import data_pipeline.loader as loader_mod
         import data_pipeline.stream as stream_mod
+
+        monkeypatch.setattr(loader_mod, "worker_start_context", lambda: multiprocessing.get_context("fork"))
 
         base, self.path = stream_mod.RetryingReader, path
 
