@@ -52,8 +52,7 @@ PHASE = {"worker_kill": "step", "driver_term": "step", "driver_kill": "step", "k
          "kill_before_upload": "upload", "kill_before_prune": "prune", "kill_in_restore": "restore"}
 # What `unimo train` must exit with after each in-job fault (None: a clean attempt): a killed worker is
 # restarted inside the job.
-EXPECTED_RC = {None: 0, "driver_term": 75, "driver_kill": -signal.SIGKILL,
-               **{kind: 0 for kind, phase in PHASE.items() if kind.startswith(("worker_", "kill_"))}}
+EXPECTED_RC = {None: 0, **{kind: 0 for kind in IN_JOB}, "driver_term": 75, "driver_kill": -signal.SIGKILL}
 MAX_ATTEMPTS = 8
 EVERY = 4
 KEEP_LAST = 2
