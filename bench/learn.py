@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from data_pipeline import build_eval_pairs, build_loader, load_tokenizer, write_synthetic_dataset
+from data_pipeline.synthetic import PALETTE, SHAPES
 from model.unimo import UnimoModel
 from trainer.config import RunConfig, load_config
 from trainer.evaluation import evaluate
@@ -24,8 +26,10 @@ from trainer.objectives import PretrainObjectives
 
 ROOT = Path(__file__).resolve().parents[1]
 TAIL = 25  # steps whose losses are averaged into final_losses
-STEPS_SCALE = 5 / 3  # configs/debug.yaml's 100 + 200 demo steps -> 167 + 333: ~2.5 minutes here, within 10
+STEPS_SCALE = 1.0  # the demo's own plan (configs/debug.yaml: 60 + 240 steps); >1 stretches every stage
 CANDIDATES = 100  # held-out images (and one caption each) in the strict retrieval pool: chance R@1 = 1/100
+# a colour word followed by a shape word ("red square", "orange triangles"): what a caption says is there
+CONCEPT = re.compile(rf"\b({'|'.join(PALETTE)}) ({'|'.join(SHAPES)})s?\b")
 
 
 def synthetic_data(folder: Path, n_pairs: int) -> dict[str, str]:
@@ -105,14 +109,46 @@ def held_out(cfg: RunConfig) -> tuple[dict, dict]:
     return full, strict_eval_set(full)
 
 
-def retrieval(model: UnimoModel, strict: dict, full: dict, rerank_k: int, decode) -> dict:
+def concepts(caption: str) -> list[tuple[str, str]]:
+    """The (colour, shape) pairs a caption of the synthetic world names, in order."""
+    return CONCEPT.findall(caption)
+
+
+def caption_hits(generated: list[str], full: dict) -> dict[str, float]:
+    """How often an image's generated caption names, first, what the image shows (any of its held-out captions
+    names it): "colour_shape" a colour-shape pair of one of its groups ("names the right shape and colour"),
+    "colour" and "shape" each alone."""
+    owner = full["text_image_index"].tolist()
+    shown: dict[int, set] = {}
+    for caption, image in zip(full["captions"], owner):
+        shown.setdefault(image, set()).update(concepts(caption))
+    hits = {"colour_shape": 0, "colour": 0, "shape": 0}
+    for i, caption in enumerate(generated):
+        named = concepts(caption)
+        if not named:
+            continue
+        colour, shape = named[0]
+        truth = shown.get(i, set())
+        hits["colour_shape"] += (colour, shape) in truth
+        hits["colour"] += colour in {c for c, _ in truth}
+        hits["shape"] += shape in {s for _, s in truth}
+    return {k: round(v / max(len(generated), 1), 3) for k, v in hits.items()}
+
+
+def retrieval(model: UnimoModel, strict: dict, full: dict, rerank_k: int, decode,
+              caption_all: bool = False) -> dict:
+    """R@K both ways (ITC, and ITM re-ranked) among 100 and among all held-out captions; sample captions (of
+    every held-out image when ``caption_all``, with the share that names a right colour and shape)."""
+    n_caps = strict["pixels"].shape[0] if caption_all else 4
     metrics, captions = evaluate(model, {k: v for k, v in strict.items() if isinstance(v, torch.Tensor)},
-                                 rerank_k=rerank_k, decode=decode)
+                                 rerank_k=rerank_k, caption_images=n_caps, decode=decode)
     out = {k.split("/")[1]: v for k, v in metrics.items() if "R@" in k}
     all_caps, _ = evaluate(model, {k: v for k, v in full.items() if isinstance(v, torch.Tensor)},
                            caption_images=0)
     out.update({f"allcaps_{k.split('/')[1]}": v for k, v in all_caps.items() if "R@" in k})
     out["captions"] = [{"generated": c, "reference": strict["captions"][i]} for i, c in enumerate(captions)]
+    if caption_all:
+        out.update({f"caption_right_{k}": v for k, v in caption_hits(captions, full).items()})
     return out
 
 
@@ -144,7 +180,7 @@ def train(cfg: RunConfig, minutes: float, threads: int = 1, eval_every: int = 0,
             print(f"{tag}  eval step {step}: i2t R@1={m['i2t_R@1']:.3f} t2i R@1={m['t2i_R@1']:.3f}",
                   flush=True)
     train_s, cpu_s = time.perf_counter() - t0, time.process_time() - c0
-    out = retrieval(trainer.model, strict, full, rerank_k, decode)
+    out = retrieval(trainer.model, strict, full, rerank_k, decode, caption_all=True)
     out.update(steps=step, planned_steps=total, train_seconds=round(train_s, 1),
                train_cpu_seconds=round(cpu_s, 1),
                chance=1 / strict["pixels"].shape[0], final_losses=_mean_losses(recent))
@@ -175,14 +211,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-every", type=int, default=0)
     p.add_argument("--rerank-k", type=int, default=10)
     p.add_argument("--steps-scale", type=float, default=STEPS_SCALE,
-                   help="multiply every stage's steps; the default stretches the 3-minute demo "
-                        "plan to 167 + 333")
+                   help="multiply every stage's steps (default 1: the demo's own plan)")
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. optimizer.lr=0.002")
     args = p.parse_args(argv)
     urls = synthetic_data(Path(args.data), args.pairs)
     cfg = build_config(args.config, args.overrides, urls, args.steps_scale)
     res = train(cfg, args.minutes, args.threads, args.eval_every, args.rerank_k)
-    for c in res.pop("captions"):
+    for c in res.pop("captions")[:4]:
         print(f"caption: {c['generated']!r}   (reference: {c['reference']!r})")
     chance = res["chance"]
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in res.items()}))

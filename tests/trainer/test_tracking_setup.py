@@ -117,8 +117,8 @@ def test_redact_and_stage_plan(tmp_path):
     redacted = redact("s3://AKIA:sec@bucket/x and token-123456789", ["token-123456789"])
     assert redacted == "s3://***@bucket/x and ***"
     plan = stage_plan(cfg_for(tmp_path))
-    assert [(p["name"], p["first_step"], p["last_step"]) for p in plan] == [("unimodal", 1, 100),
-                                                                           ("crossmodal", 101, 300)]
+    assert [(p["name"], p["first_step"], p["last_step"]) for p in plan] == [("unimodal", 1, 60),
+                                                                           ("crossmodal", 61, 300)]
 
 
 @pytest.mark.integration
