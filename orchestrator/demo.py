@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -29,6 +30,19 @@ def ensure_demo_data(data_dir: Path) -> dict[str, str]:
     return {k: str(v) for k, v in paths.items()}
 
 
+# the losses of a model that guesses: ITM sees 1 matching pair in 3 rows (its two negatives), grounding picks one
+# image of 2 for each phrase
+GUESSING = {"loss/itm": -(1 / 3 * math.log(1 / 3) + 2 / 3 * math.log(2 / 3)), "loss/grounding": math.log(2)}
+
+
+def what_it_learnt(metrics: dict) -> str:
+    """ITM's and grounding's final losses beside a guesser's: below it, the fusion encoder tells matching
+    pairs and phrases apart."""
+    parts = [f"{name.split('/')[1]} {metrics[name]:.3f} (guessing: {prior:.3f})"
+             for name, prior in GUESSING.items() if name in metrics]
+    return "final losses of the cross-modal heads: " + ", ".join(parts) if parts else ""
+
+
 def run_demo(out: str, config: str | None, overrides: list[str]) -> int:
     out_dir = Path(out).resolve()
     data = ensure_demo_data(out_dir / "data")
@@ -44,6 +58,9 @@ def run_demo(out: str, config: str | None, overrides: list[str]) -> int:
     t0 = time.perf_counter()
     outcome = fit(cfg)
     print_summary(outcome)
+    learnt = what_it_learnt(outcome.metrics)
+    if learnt:
+        print(f"[demo] {learnt}")
     print(f"[demo] {'stopped' if outcome.stopped_early else 'finished'} in {time.perf_counter() - t0:.0f}s; "
           "run it again with a new run.name=... to start afresh (the same name resumes).")
     return exit_code(outcome)

@@ -508,6 +508,16 @@ def exit_code(out: TrainOutcome) -> int:
     return EXIT_PREEMPTED if out.stopped_early else 0
 
 
+def held_out_line(metrics: dict) -> str:
+    """The last evaluation's R@1 both ways against chance ("" when the run did not evaluate at its end)."""
+    if "eval/t2i_R@1" not in metrics:
+        return ""
+    n = int(metrics.get("eval/candidates", 0))
+    chance = f" (chance {1 / n:.3f})" if n > 0 else ""
+    return (f"text->image R@1 {metrics['eval/t2i_R@1']:.3f} among {n} images{chance}, image->text R@1 "
+            f"{metrics.get('eval/i2t_R@1', float('nan')):.3f}")
+
+
 def print_summary(out: TrainOutcome) -> None:
     losses = {k: round(v, 4) for k, v in out.metrics.items() if str(k).startswith("loss/")}
     if out.stopped_early:
@@ -518,6 +528,9 @@ def print_summary(out: TrainOutcome) -> None:
     else:
         print("\n=== unimo: run finished ===")
     print(f"final losses      : {losses}")
+    held_out = held_out_line(out.metrics)
+    if held_out:
+        print(f"held-out          : {held_out}")
     print(f"checkpoint        : {out.checkpoint}")
     print(f"MLflow run id     : {out.mlflow_run_id}")
     for line in tracking_hint(out.tracking_uri, run_page(out.tracking_uri, out.mlflow_run_id)):

@@ -40,6 +40,20 @@ def test_the_summary_links_the_run_page_in_mlflows_model_training_view(tmp_path)
     assert driver.run_page(uri, None) == "" and driver.run_page(uri, "no-such-run") == ""
 
 
+def test_the_summary_states_held_out_retrieval_against_chance_and_the_demo_the_heads_against_guessing():
+    from orchestrator.demo import what_it_learnt
+
+    metrics = {"eval/t2i_R@1": 0.458, "eval/i2t_R@1": 0.56, "eval/candidates": 100.0, "loss/itm": 0.49,
+               "loss/grounding": 0.313, "loss/itc": 0.74}
+    assert driver.held_out_line(metrics) == ("text->image R@1 0.458 among 100 images (chance 0.010), "
+                                             "image->text R@1 0.560")
+    assert driver.held_out_line({"loss/itc": 0.7}) == ""  # no evaluation at the end: no line
+    # 1 matching row in 3 -> entropy 0.637; one image of 2 per phrase -> log 2
+    assert what_it_learnt(metrics) == ("final losses of the cross-modal heads: itm 0.490 (guessing: 0.637), "
+                                       "grounding 0.313 (guessing: 0.693)")
+    assert what_it_learnt({"loss/itc": 0.7}) == ""  # a plan without the cross-modal heads
+
+
 def test_a_user_error_from_a_worker_is_its_own_paragraph_and_names_the_log(tmp_path):
     cfg = load_config(DEBUG_CONFIG, ["run.name=r1"])
     err = DataSourceError("no shards (*.tar) found under /data/pairs: point it at ...")
