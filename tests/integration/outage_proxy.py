@@ -3,9 +3,9 @@ while without stopping it.
 
 moto keeps its buckets in the memory of its process: stopping it to simulate an outage would also lose every
 object, which no real S3 outage does. So the trainer talks to this proxy instead, and the proxy forwards each
-connection to the server byte for byte. ``outage()`` resets every open connection (TCP RST, what a client sees
-when a load balancer or the server's host drops it) and resets each new one as soon as it is accepted, counting
-them; ``restore()`` forwards again, on the same port. A client's retry loop is thus hit for real (its
+connection to the server byte for byte. ``outage()`` resets every open connection (TCP RST, what a client
+sees when a load balancer or the server's host drops it) and resets each new one as soon as it is accepted,
+counting them; ``restore()`` forwards again, on the same port. A client's retry loop is thus hit for real (its
 connection errors, its backoff) while the server and its state stay untouched.
 
 Everything binds 127.0.0.1 only.
