@@ -282,3 +282,30 @@ def test_a_torn_file_is_caught_by_the_rank_that_reads_it_and_sizes_by_every_rank
     assert all(p.problem == f"checkpoint {location}: file {torn} has size 3, manifest says 3000"
                for p in parts.values())
     assert torn not in got["a"] + got["b"]
+
+
+def test_an_s3_outage_is_an_oserror_that_the_stop_poll_and_the_failure_policy_ride_out(bucket, monkeypatch,
+                                                                                       caplog):
+    """S3 unreachable (every connection reset by the fault campaign's outage switch in front of moto): a
+    remote call fails, after the client's own retries, with StorageUnreachable, an OSError naming the
+    location. So the stop-file poll answers "no stop yet" and the failure policy "no progress seen" instead
+    of raising: before, botocore's EndpointConnectionError (no OSError) escaped both, and a 45 s outage ended
+    the campaign's job (the controller's failure decision raised). Once S3 answers again, so does storage."""
+    import os
+
+    from orchestrator.failure_policy import newest_saved_step
+    from tests.integration.outage_proxy import OutageProxy
+    from trainer.checkpointing.stop import StopFile
+
+    storage.write_text("s3://unit/outage/run/STOP", "stop")
+    with OutageProxy(int(os.environ["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        proxy.outage()
+        with caplog.at_level(logging.WARNING):
+            assert StopFile("s3://unit/outage/run").requested() is False
+            assert newest_saved_step("s3://unit/outage/run/checkpoints") == -1
+        assert "could not check s3://unit/outage/run/STOP: cannot reach run storage" in caplog.text
+        assert "could not list s3://unit/outage/run/checkpoints: cannot reach run storage" in caplog.text
+        assert proxy.refused > 2  # the clients retried through the outage before giving up
+        proxy.restore()
+        assert StopFile("s3://unit/outage/run").requested() is True
