@@ -1,6 +1,9 @@
-"""The fault campaign's S3 outage switch (tests/integration/outage_proxy.py) against a real TCP server on
-loopback: it forwards byte for byte, an outage resets the open connections and every new one (counted), and
-after restore() the same port forwards again while the server kept its state."""
+"""The fault campaign's means of making faults (bench/fault_campaign.py), each against the real thing.
+
+The S3 outage switch (tests/integration/outage_proxy.py) against a TCP server on loopback: it forwards byte for
+byte, an outage resets the open connections and every new one (counted), and after restore() the same port
+forwards again while the server kept its state. The full disk (services.SmallDisk): a tmpfs filled to the
+bytes asked for and emptied again; skipped, saying why, where no tmpfs can be mounted."""
 
 from __future__ import annotations
 
@@ -11,9 +14,9 @@ import threading
 import pytest
 
 from tests.integration.outage_proxy import OutageProxy
-from tests.integration.services import free_port
+from tests.integration.services import SmallDisk, free_port
 
-pytestmark = pytest.mark.integration  # a TCP server and the proxy on loopback (about a second)
+pytestmark = pytest.mark.integration  # servers on loopback, a mounted tmpfs (about two seconds)
 
 
 class Counter(socketserver.StreamRequestHandler):
@@ -88,3 +91,27 @@ def test_a_client_that_half_closes_still_gets_its_reply(server):
         conn.sendall(b"hello\n")
         conn.shutdown(socket.SHUT_WR)
         assert conn.makefile("rb").read() == b"6\n"
+
+
+def test_the_small_disk_is_filled_to_what_is_left_then_freed():
+    import shutil
+
+    disk = SmallDisk(8 << 20)
+    try:
+        disk.mount()
+    except OSError as err:
+        pytest.skip(f"{err} (needs root or CAP_SYS_ADMIN)")
+    try:
+        assert shutil.disk_usage(disk.path).total == 8 << 20  # a filesystem of its own, of that size
+        wrote = disk.fill(leave=1 << 20)
+        free = shutil.disk_usage(disk.path).free
+        assert wrote > 6 << 20 and (1 << 20) - 65536 <= free <= 1 << 20, free  # what is left, to a page or so
+        with pytest.raises(OSError):  # more than is left does not fit
+            (disk.path / "save").write_bytes(b"\0" * (2 << 20))
+        (disk.path / "save").unlink()  # what did fit of it
+        disk.free()
+        assert shutil.disk_usage(disk.path).free > 7 << 20
+    finally:
+        path = disk.path
+        disk.unmount()
+    assert not path.exists()
