@@ -215,6 +215,11 @@ class Fault:
     kind: str
     u: tuple[float, float, float] = (0.5, 0.5, 0.5)
     done: str = ""  # what was actually done, e.g. "worker_kill@11"
+    follow: Fault | None = None  # the fault this one queued (a resize's way back)
+
+    def describe(self) -> str:
+        return (self.done or f"{self.kind} (not applied)") + (f" -> {self.follow.describe()}" if self.follow
+                                                               else "")
 
 
 @dataclasses.dataclass
@@ -232,7 +237,7 @@ class Result:
         return not self.failures
 
     def fault_list(self) -> str:
-        return ", ".join(f.done or f"{f.kind} (not applied)" for f in self.faults)
+        return ", ".join(f.describe() for f in self.faults)
 
 
 @dataclasses.dataclass
@@ -458,7 +463,8 @@ def _after(sched: Schedule, fault: Fault, queue: list[Fault], n: int) -> str:
             return f"the attempt did not stop with NoSpaceForCheckpoint ('{NO_SPACE} ...')"
     elif fault.kind == "resize":
         sched.workers = 1
-        queue.insert(0, Fault("resize_back", (fault.u[1], fault.u[2], 0.5)))
+        fault.follow = Fault("resize_back", (fault.u[1], fault.u[2], 0.5))
+        queue.insert(0, fault.follow)
     elif fault.kind == "resize_back":
         sched.workers = 2
     return ""
