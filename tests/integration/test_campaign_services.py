@@ -1,8 +1,8 @@
 """The fault campaign's means of making faults (bench/fault_campaign.py), each against the real thing.
 
-The S3 outage switch (tests/integration/outage_proxy.py) against a TCP server on loopback: it forwards byte for
-byte, an outage resets the open connections and every new one (counted), and after restore() the same port
-forwards again while the server kept its state. The full disk (services.SmallDisk): a tmpfs filled to the
+The S3 outage switch (tests/integration/outage_proxy.py) against a TCP server on loopback: it forwards byte
+for byte, an outage resets the open connections and every new one (counted), and after restore() the same
+port forwards again while the server kept its state. The full disk (services.SmallDisk): a tmpfs filled to the
 bytes asked for and emptied again; skipped, saying why, where no tmpfs can be mounted."""
 
 from __future__ import annotations
