@@ -309,3 +309,34 @@ def test_an_s3_outage_is_an_oserror_that_the_stop_poll_and_the_failure_policy_ri
         assert proxy.refused > 2  # the clients retried through the outage before giving up
         proxy.restore()
         assert StopFile("s3://unit/outage/run").requested() is True
+
+
+def test_retention_that_cannot_reach_s3_warns_and_the_save_goes_on(bucket, tmp_path, monkeypatch, caplog,
+                                                                   one_rank_group):
+    """Rank 0's retention after a save lists and deletes on S3 with s3fs's short retries, while the save's
+    upload has a budget of about a minute and a half: in an outage longer than the former, retention warns and
+    the save returns (it used to raise out of the training loop and fail the worker group); the next save
+    prunes what this one could not."""
+    import os
+
+    from tests.integration.outage_proxy import OutageProxy
+    from tests.trainer.checkpoint_fakes import StubEngine, StubLoader
+    from tests.trainer.test_checkpoint_state import _manager
+
+    run = "s3://unit/retention/run"
+    for step in (1, 2, 3):  # three complete checkpoints: keep_last=2 deletes one
+        make_checkpoint(tmp_path, step=step)
+        upload(tmp_path / ckpt.step_dir_name(step), f"{run}/checkpoints/{ckpt.step_dir_name(step)}")
+    manager = _manager(["checkpoint.keep_last=2", "checkpoint.async_upload=false"])
+    manager.run_location = run
+    with OutageProxy(int(os.environ["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        proxy.outage()
+        with caplog.at_level(logging.WARNING):
+            manager.save(4, StubEngine(), StubLoader(), {}, {})  # returns: no exception
+        assert "retention after the save of step 4 could not reach s3://unit/retention/run/checkpoints" \
+            in caplog.text
+        proxy.restore()
+        assert [c.step for c in ckpt.list_step_dirs(f"{run}/checkpoints")] == [3, 2, 1]  # nothing deleted
+        manager.prune()  # S3 back: what the save could not do
+        assert [c.step for c in ckpt.list_step_dirs(f"{run}/checkpoints")] == [3, 2]
