@@ -219,19 +219,56 @@ def _storage_hint() -> str:
             "from here, or raise data.io_retries / data.io_backoff_max_s to ride out an outage")
 
 
-def newest_checkpoint_state(run_dir: str) -> tuple[str, dict] | None:
-    """(location, trainer_state) of the newest checkpoint with a manifest, read without downloading shards."""
+def newest_checkpoint_state(run_dir: str) -> tuple[str, dict, dict[str, str]] | None:
+    """(location, trainer_state, {file: text}) of the newest checkpoint with a manifest whose small files the
+    pre-flight reads (trainer_state.json, the elastic view) match it, read without downloading shards.
+
+    A newer checkpoint that does not match (a file cut short or changed since the save) is passed over, as the
+    trainer's verification passes over it: before, its unreadable JSON ended the job in the pre-flight
+    ("checkpoint (resume): Expecting value"), although the trainer would have resumed from the one before
+    (found by the fault campaign: a truncated data_elastic_view.json of the newest checkpoint).
+    """
     import json
 
     from trainer import checkpoint as ckpt
 
     for found in ckpt.list_step_dirs(storage.join(run_dir, "checkpoints")):
-        if not ckpt.has_manifest(found.path):
-            continue
-        text = storage.read_text(storage.join(found.path, ckpt.STATE))
-        if text is not None:
-            return str(found.path), json.loads(text)
+        texts = _small_files(str(found.path), (ckpt.STATE, ckpt.ELASTIC_VIEW))
+        if texts is not None and texts.get(ckpt.STATE) is not None:
+            return str(found.path), json.loads(texts[ckpt.STATE]), texts
     return None
+
+
+def _small_files(location: str, names: tuple[str, ...]) -> dict[str, str | None] | None:
+    """{name: text (None: absent)} of a checkpoint's small files, each checked against the manifest where
+    the manifest lists it; None when the manifest is missing or unreadable, or a listed file does not match
+    (the checkpoint is torn)."""
+    import hashlib
+    import json
+
+    from trainer import checkpoint as ckpt
+
+    text = storage.read_text(storage.join(location, ckpt.MANIFEST))
+    try:
+        files = json.loads(text)["files"] if text is not None else None
+    except (ValueError, KeyError, TypeError):
+        files = None
+    if not isinstance(files, dict):
+        return None
+    out: dict[str, str | None] = {}
+    for name in names:
+        try:
+            out[name] = storage.read_text(storage.join(location, name))
+        except UnicodeDecodeError:  # cut in the middle of a character
+            return None
+        meta = files.get(name)
+        if meta is None:
+            continue  # not listed (an older layout): read as it is
+        data = None if out[name] is None else out[name].encode("utf-8")
+        if data is None or len(data) != meta.get("size") or \
+                hashlib.sha256(data).hexdigest() != meta.get("sha256"):
+            return None
+    return out
 
 
 def check_resume(cfg: RunConfig, run_dir: str, shards: dict) -> str:
@@ -242,7 +279,7 @@ def check_resume(cfg: RunConfig, run_dir: str, shards: dict) -> str:
     found = newest_checkpoint_state(run_dir)
     if found is None:
         return "no checkpoint: a new run"
-    where, state = found
+    where, state, texts = found
     diffs = ckpt.config_mismatch(state["config"]["model"], to_dict(cfg)["model"], "model.")
     diffs = [d for d in diffs if not d.startswith("model.activation_checkpointing")]  # as the trainer does
     if diffs:
@@ -251,7 +288,8 @@ def check_resume(cfg: RunConfig, run_dir: str, shards: dict) -> str:
     from trainer.checkpointing.cursors import first_cursor
 
     # schema 3: the elastic view (one O(shards) file); before, rank 0's cursor in trainer_state.json
-    cursor = first_cursor(state, lambda rel: storage.read_text(storage.join(where, rel)))
+    cursor = first_cursor(state, lambda rel: texts[rel] if rel in texts else
+                          storage.read_text(storage.join(where, rel)))
     if cursor and cursor.get("seed") != cfg.data.seed:
         raise UserError(f"data.seed={cfg.data.seed}: checkpoint {where} was saved with data.seed="
                         f"{cursor.get('seed')}; resume with the same seed or start a new run name")

@@ -10,6 +10,7 @@ an argument, so none can end up in a config, a log or an error.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from urllib.parse import urlparse
@@ -23,6 +24,31 @@ from data_pipeline.filesystems import (CREDENTIALS_HELP, endpoint_url, fsspec_fi
 
 class StorageError(RuntimeError):
     """The run storage cannot be used (endpoint unreachable, bucket missing, no credentials)."""
+
+
+class StorageUnreachable(OSError):
+    """A request to remote run storage could not reach it (connection refused, reset or timed out) after the
+    client's own retries. An OSError, like a local disk's failure: the callers that ride out an outage (the
+    stop-file poll, the failure policy, retention after a save) catch OSError. botocore's connection errors,
+    which s3fs lets through as they are, are no OSError: an S3 outage used to escape those guards (the fault
+    campaign's S3 outage ended a job that way)."""
+
+
+@contextlib.contextmanager
+def _reaching(location: str):
+    """Raises StorageUnreachable, naming the location, for a transport failure of a remote request."""
+    try:
+        yield
+    except _transport_errors() as err:
+        raise StorageUnreachable(f"cannot reach run storage for {location}: {err}") from err
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    try:
+        from botocore.exceptions import ConnectionError as BotoConnectionError, HTTPClientError
+    except ImportError:  # no S3 client installed: nothing to translate
+        return ()
+    return BotoConnectionError, HTTPClientError
 
 
 def is_remote(location: str | Path) -> bool:
@@ -62,7 +88,7 @@ def read_text(location: str | Path) -> str | None:
             return None
     fs, path = _fs(str(location))
     try:
-        with fs.open(path, "rb") as f:
+        with _reaching(str(location)), fs.open(path, "rb") as f:
             return f.read().decode()
     except FileNotFoundError:
         return None
@@ -78,14 +104,16 @@ def write_text(location: str | Path, text: str) -> None:
         os.replace(tmp, path)
         return
     fs, path = _fs(str(location))
-    fs.pipe_file(path, text.encode())
+    with _reaching(str(location)):
+        fs.pipe_file(path, text.encode())
 
 
 def exists(location: str | Path) -> bool:
     if not is_remote(location):
         return Path(location).exists()
     fs, path = _fs(str(location))
-    return fs.exists(path)
+    with _reaching(str(location)):
+        return fs.exists(path)
 
 
 def delete(location: str | Path) -> None:
@@ -101,7 +129,8 @@ def delete(location: str | Path) -> None:
         return
     fs, path = _fs(str(location))
     try:
-        fs.rm(path, recursive=True)
+        with _reaching(str(location)):
+            fs.rm(path, recursive=True)
     except FileNotFoundError:
         pass
 
@@ -114,9 +143,10 @@ def move(src: str | Path, dst: str | Path) -> None:
     fs, path = _fs(str(src))
     target = _fs(str(dst))[1].rstrip("/")
     path = path.rstrip("/")
-    for key in fs.find(path):  # objects only: S3 has no folders to copy (s3fs's own mv tries and fails)
-        fs.copy(key, target + key[len(path):])
-    fs.rm(path, recursive=True)
+    with _reaching(str(src)):
+        for key in fs.find(path):  # objects only: S3 has no folders to copy (s3fs's own mv tries and fails)
+            fs.copy(key, target + key[len(path):])
+        fs.rm(path, recursive=True)
 
 
 def list_names(location: str | Path) -> list[str]:
@@ -126,7 +156,8 @@ def list_names(location: str | Path) -> list[str]:
         return sorted(p.name for p in path.iterdir()) if path.is_dir() else []
     fs, path = _fs(str(location))
     try:
-        return sorted(name_of(p) for p in fs.ls(path, detail=False))
+        with _reaching(str(location)):
+            return sorted(name_of(p) for p in fs.ls(path, detail=False))
     except FileNotFoundError:
         return []
 
@@ -144,9 +175,10 @@ def download(location: str, dest: Path, progress: bool | None = None) -> None:
     src, to = path.rstrip("/") + "/", str(dest) + "/"
     bar = Progress(None, f"download {name_of(location)}", "B", enabled=progress, unit_scale=True)
     if not bar.shown:
-        fs.get(src, to, recursive=True)
+        with _reaching(location):
+            fs.get(src, to, recursive=True)
         return
-    with bar:
+    with bar, _reaching(location):
         bar.set_total(int(fs.du(path)))  # one listing, only when someone watches
         fs.get(src, to, recursive=True, callback=_ByteCallback(bar.update))
 
@@ -156,14 +188,16 @@ def download_file(location: str, dest: Path) -> None:
     one)."""
     fs, path = _fs(location)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fs.get_file(path, str(dest))
+    with _reaching(location):
+        fs.get_file(path, str(dest))
 
 
 def file_sizes(location: str) -> dict[str, int]:
     """{path relative to the folder: bytes} of every object under a remote folder (one listing, paged)."""
     fs, path = _fs(location)
     path = path.rstrip("/")
-    found = fs.find(path, detail=True)
+    with _reaching(location):
+        found = fs.find(path, detail=True)
     return {key[len(path) + 1:]: int(info["size"]) for key, info in found.items()
             if info.get("type") != "directory" and key.startswith(path + "/")}
 

@@ -191,3 +191,87 @@ def upload_folder(local: Path, bucket: str, prefix: str) -> None:
     for path in sorted(local.rglob("*")):
         if path.is_file():
             s3.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(local).as_posix()}")
+
+
+class MlflowServer:
+    """An MLflow tracking server on 127.0.0.1 (SQLite backend ``<workdir>/mlflow.db``, local artifacts) that
+    can be killed outright (a crash, not a graceful stop) and started again on the same port over the same
+    database: an outage that loses nothing the server had stored."""
+
+    def __init__(self, workdir: Path, port: int | None = None):
+        self.workdir, self.port, self.proc = workdir, port or free_port(), None
+        self.uri = f"http://127.0.0.1:{self.port}"
+        workdir.mkdir(parents=True, exist_ok=True)
+
+    def start(self, timeout: float = 120) -> MlflowServer:
+        cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+               "--backend-store-uri", f"sqlite:///{self.workdir / 'mlflow.db'}",
+               "--artifacts-destination", str(self.workdir / "mlflow-artifacts"), "--workers", "1"]
+        env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true")
+        with open(self.workdir / "mlflow-server.log", "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                         start_new_session=True)
+        wait_http(f"{self.uri}/health", timeout=timeout)
+        return self
+
+    def kill(self) -> None:
+        """SIGKILLs the server's whole process group (its gunicorn/uvicorn workers too)."""
+        import signal
+
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(timeout=30)
+        self.proc = None
+
+
+class SmallDisk:
+    """A tmpfs of ``size`` bytes mounted at a fresh short folder under /tmp (a short path: the trainer's
+    TMPDIR holds unix sockets, whose paths are capped at 107 bytes), which ``fill`` makes nearly full with a
+    file of its own and ``free`` empties again. Mounting needs root or CAP_SYS_ADMIN: ``mount`` raises
+    OSError with the reason where that is missing."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.path: Path | None = None
+
+    def mount(self) -> SmallDisk:
+        path = Path(tempfile.mkdtemp(prefix="ucd-", dir="/tmp"))
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={self.size}", "tmpfs", str(path)],
+                              capture_output=True, text=True)
+        if done.returncode:
+            path.rmdir()
+            raise OSError(f"cannot mount a tmpfs at {path}: {(done.stderr or done.stdout).strip()}")
+        self.path = path
+        return self
+
+    @property
+    def filler(self) -> Path:
+        return self.path / "filler"
+
+    def fill(self, leave: int) -> int:
+        """Writes a filler file until only ``leave`` bytes are free; returns the bytes it wrote."""
+        import shutil
+
+        free = shutil.disk_usage(self.path).free
+        size = max(0, free - leave)
+        with open(self.filler, "ab") as f:
+            for _ in range(size // (1 << 20)):
+                f.write(b"\0" * (1 << 20))
+            f.write(b"\0" * (size % (1 << 20)))
+        return size
+
+    def free(self) -> None:
+        self.filler.unlink(missing_ok=True)
+
+    def unmount(self) -> None:
+        if self.path is None:
+            return
+        subprocess.run(["umount", "-l", str(self.path)], capture_output=True)
+        try:
+            self.path.rmdir()
+        except OSError:
+            pass  # still busy (a lazy unmount finishes later); an empty folder in /tmp is left
+        self.path = None

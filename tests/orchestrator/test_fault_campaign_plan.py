@@ -52,5 +52,53 @@ def test_every_kind_of_the_menu_is_drawn_and_a_killed_worker_is_retried_inside_t
     assert drawn == set(fc.MENU)
     from trainer import fault_gate
 
-    assert set(fc.PHASE) == set(fc.IN_JOB) and set(fc.PHASE.values()) <= set(fault_gate.PHASES)
+    assert set(fc.PHASE) == set(fc.IN_JOB + fc.FOLLOW_UP) and set(fc.PHASE.values()) <= set(fault_gate.PHASES)
+    assert set(fc.STRIKES) | {k for k in fc.IN_JOB if k.startswith("kill_")} == set(fc.PHASE)
     assert {fc.EXPECTED_RC[k] for k in fc.IN_JOB if k.startswith(("worker_", "kill_"))} == {0}
+    # outages are survived inside the job; a full disk ends it (a user error, never retried); a resize stops
+    # the driver at its steps like a SIGTERM
+    assert [fc.EXPECTED_RC[k] for k in ("s3_outage", "mlflow_outage", "disk_full", "resize", "resize_back")] \
+        == [0, 0, 1, 75, 75]
+    assert not set(fc.FOLLOW_UP) & set(fc.MENU)  # the way back of a resize is never drawn on its own
+
+
+def test_an_mlflow_outage_holds_a_step_to_stop_the_server_and_a_later_one_to_start_it(resumed_at, tmp_path):
+    resumed_at(4)
+    for u in range(20):
+        for u1 in (0.0, 0.5, 0.99):
+            (p1, down), (p2, up) = fc._holds(setup(), tmp_path, fc.Fault("mlflow_outage", (u / 20, u1, 0.5)))
+            assert p1 == p2 == "step" and 5 <= down < up <= 15  # both before K: the job cannot end first
+    resumed_at(15)
+    assert holds("mlflow_outage", 0.5, tmp_path) == []  # one step left: no room for an outage
+
+
+def test_a_full_disk_is_filled_before_a_step_whose_save_has_a_known_size(resumed_at, tmp_path):
+    resumed_at(0)  # from scratch: the first save (step 4) tells the ranks its size, so a later one is refused
+    assert {holds("disk_full", u / 20, tmp_path)[0][1] for u in range(20)} == set(range(5, 17))
+    resumed_at(8)  # a resume knows the size from the checkpoint it loaded
+    assert {holds("disk_full", u / 20, tmp_path)[0][1] for u in range(20)} == set(range(9, 17))
+    resumed_at(16)
+    assert holds("disk_full", 0.5, tmp_path) == []
+
+
+def test_a_resize_leaves_a_step_for_the_way_back_and_queues_it(resumed_at, tmp_path):
+    resumed_at(4)
+    assert {holds("resize", u / 20, tmp_path)[0][1] for u in range(20)} == set(range(5, 15))
+    resumed_at(15)
+    assert holds("resize", 0.5, tmp_path) == []
+    sched = fc.Schedule(setup(), tmp_path, str(tmp_path / "campaign"))
+    queue = [fc.Fault("truncate")]
+    assert fc._after(sched, fc.Fault("resize", (0.1, 0.7, 0.2)), queue, 1) == ""
+    assert sched.workers == 1 and [f.kind for f in queue] == ["resize_back", "truncate"]
+    assert queue[0].u[0] == 0.7  # its step drawn from the schedule's own draw: a replay picks the same
+    fc._after(sched, queue.pop(0), queue, 2)
+    assert sched.workers == 2
+
+
+def test_the_world_size_pattern_of_the_kept_steps_picks_the_reference():
+    assert fc.world_size_pattern({}, 16) == ((2, 1, 16),)  # the uninterrupted reference
+    trained = {**{s: 2 for s in range(1, 7)}, **{s: 1 for s in range(7, 12)}, **{s: 2 for s in range(12, 17)}}
+    assert fc.world_size_pattern(trained, 16) == ((2, 1, 6), (1, 7, 11), (2, 12, 16))
+    # a later resume from an older checkpoint trained steps 9-16 again with 2 workers: only 7 and 8 were 1's
+    trained.update({s: 2 for s in range(9, 17)})
+    assert fc.world_size_pattern(trained, 16) == ((2, 1, 6), (1, 7, 8), (2, 9, 16))

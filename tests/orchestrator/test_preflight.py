@@ -128,6 +128,32 @@ def test_resume_with_other_shards_schema_3(data, tmp_path):
     assert msg.startswith("checkpoint (resume):") and "data.pair.urls" in msg and "read 3 shards" in msg
 
 
+def test_a_newer_checkpoint_with_a_file_cut_short_is_passed_over_as_the_trainer_does(data, tmp_path):
+    """The newest checkpoint's elastic view (or trainer state) cut short after its manifest was written: the
+    pre-flight checks the one before instead of ending the job on the unreadable JSON (the trainer skips the
+    torn one too, naming the file). Found by the fault campaign."""
+    from trainer import checkpoint as ckpt
+
+    cfg = config(data, tmp_path)
+    run = tmp_path / "runs" / "debug"
+    for step in (8, 12):
+        step_dir = _fake_checkpoint(run, cfg, step=step, schema=3)
+        state = json.loads((step_dir / ckpt.STATE).read_text())
+        del state["data_states"]
+        (step_dir / ckpt.STATE).write_text(json.dumps(state))
+        (step_dir / ckpt.ELASTIC_VIEW).write_text(json.dumps({"seed": cfg.data.seed, "sources": {}}))
+        ckpt.write_manifest(step_dir, ckpt.describe_files(step_dir), step)
+    for name in (ckpt.ELASTIC_VIEW, ckpt.STATE):
+        torn = run / "checkpoints" / "step_00000012" / name
+        whole = torn.read_text()
+        torn.write_text(whole[: len(whole) // 2])  # as a truncate would leave it
+        row = [c for c in run_preflight(cfg).checks if c.name == "checkpoint (resume)"][0]
+        assert row.status == "ok" and "step_00000008 (step 8" in row.detail, (name, row)
+        torn.write_text(whole)
+    row = [c for c in run_preflight(cfg).checks if c.name == "checkpoint (resume)"][0]
+    assert "step_00000012 (step 12" in row.detail  # whole again: the newest is checked
+
+
 def test_resume_that_matches(data, tmp_path):
     cfg = config(data, tmp_path)
     _fake_checkpoint(tmp_path / "runs" / "debug", cfg)

@@ -282,3 +282,61 @@ def test_a_torn_file_is_caught_by_the_rank_that_reads_it_and_sizes_by_every_rank
     assert all(p.problem == f"checkpoint {location}: file {torn} has size 3, manifest says 3000"
                for p in parts.values())
     assert torn not in got["a"] + got["b"]
+
+
+def test_an_s3_outage_is_an_oserror_that_the_stop_poll_and_the_failure_policy_ride_out(bucket, monkeypatch,
+                                                                                       caplog):
+    """S3 unreachable (every connection reset by the fault campaign's outage switch in front of moto): a
+    remote call fails, after the client's own retries, with StorageUnreachable, an OSError naming the
+    location. So the stop-file poll answers "no stop yet" and the failure policy "no progress seen" instead
+    of raising: before, botocore's EndpointConnectionError (no OSError) escaped both, and a 45 s outage ended
+    the campaign's job (the controller's failure decision raised). Once S3 answers again, so does storage."""
+    import os
+
+    from orchestrator.failure_policy import newest_saved_step
+    from tests.integration.outage_proxy import OutageProxy
+    from trainer.checkpointing.stop import StopFile
+
+    storage.write_text("s3://unit/outage/run/STOP", "stop")
+    with OutageProxy(int(os.environ["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        proxy.outage()
+        with caplog.at_level(logging.WARNING):
+            assert StopFile("s3://unit/outage/run").requested() is False
+            assert newest_saved_step("s3://unit/outage/run/checkpoints") == -1
+        assert "could not check s3://unit/outage/run/STOP: cannot reach run storage" in caplog.text
+        assert "could not list s3://unit/outage/run/checkpoints: cannot reach run storage" in caplog.text
+        assert proxy.refused > 2  # the clients retried through the outage before giving up
+        proxy.restore()
+        assert StopFile("s3://unit/outage/run").requested() is True
+
+
+def test_retention_that_cannot_reach_s3_warns_and_the_save_goes_on(bucket, tmp_path, monkeypatch, caplog,
+                                                                   one_rank_group):
+    """Rank 0's retention after a save lists and deletes on S3 with s3fs's short retries, while the save's
+    upload has a budget of about a minute and a half: in an outage longer than the former, retention warns and
+    the save returns (it used to raise out of the training loop and fail the worker group); the next save
+    prunes what this one could not."""
+    import os
+
+    from tests.integration.outage_proxy import OutageProxy
+    from tests.trainer.checkpoint_fakes import StubEngine, StubLoader
+    from tests.trainer.test_checkpoint_state import _manager
+
+    run = "s3://unit/retention/run"
+    for step in (1, 2, 3):  # three complete checkpoints: keep_last=2 deletes one
+        make_checkpoint(tmp_path, step=step)
+        upload(tmp_path / ckpt.step_dir_name(step), f"{run}/checkpoints/{ckpt.step_dir_name(step)}")
+    manager = _manager(["checkpoint.keep_last=2", "checkpoint.async_upload=false"])
+    manager.run_location = run
+    with OutageProxy(int(os.environ["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        proxy.outage()
+        with caplog.at_level(logging.WARNING):
+            manager.save(4, StubEngine(), StubLoader(), {}, {})  # returns: no exception
+        assert "retention after the save of step 4 could not reach s3://unit/retention/run/checkpoints" \
+            in caplog.text
+        proxy.restore()
+        assert [c.step for c in ckpt.list_step_dirs(f"{run}/checkpoints")] == [3, 2, 1]  # nothing deleted
+        manager.prune()  # S3 back: what the save could not do
+        assert [c.step for c in ckpt.list_step_dirs(f"{run}/checkpoints")] == [3, 2]

@@ -352,7 +352,14 @@ class CheckpointManager:
             shutil.rmtree(root, ignore_errors=True)
         if self.rank == 0 and self.root:
             fault_gate.wait_at(step, 0, phase="prune")  # fault tests: a kill before retention
-            self.prune(pending=step if self.cfg.checkpoint.async_upload else None)
+            try:
+                self.prune(pending=step if self.cfg.checkpoint.async_upload else None)
+            except OSError as err:
+                # Storage unreachable for longer than its client retries (an S3 outage, while the upload
+                # rides it out with its larger budget): retention is housekeeping, not worth the run. The
+                # next save, or the next job's start, deletes what this one could not.
+                log.warning("retention after the save of step %d could not reach %s (%s); the next save "
+                            "prunes again", step, self.root, err)
         self.last_save = time.monotonic()
         return root
 
