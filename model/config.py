@@ -173,8 +173,8 @@ class ModelConfig:
     embed_dim: int = 64  # ITC and grounding projection size
     activation_checkpointing: bool = False  # recompute each block in backward (torch.utils.checkpoint)
 
-    # standard deviation of the normal initialisation of weights trained from scratch: 0.1 at the debug width (64),
-    # where BERT's 0.02 leaves attention uniform for hundreds of steps; the larger flavors keep 0.02
+    # standard deviation of the normal initialisation of weights trained from scratch: 0.1 at the debug width
+    # (64), where BERT's 0.02 leaves attention uniform for hundreds of steps; the larger flavors keep 0.02
     # (docs/LEARNING.md, "Why the demo did not learn")
     init_std: float = 0.1
     temperature_init: float = 0.07  # logit_scale starts at log(1 / temperature_init)

@@ -8,8 +8,8 @@ from model.config import FusionConfig, ModelConfig, TextConfig, VisionConfig
 
 
 def _debug() -> ModelConfig:
-    # text 2x64, vision 2x64 on 32x32 images with 8x8 patches, fusion 2x64, vocab 1024: seconds on CPU; init_std
-    # 0.1 (ModelConfig's defaults are this flavor; model/config.py says why not 0.02)
+    # text 2x64, vision 2x64 on 32x32 images with 8x8 patches, fusion 2x64, vocab 1024: seconds on CPU;
+    # init_std 0.1 (ModelConfig's defaults are this flavor; model/config.py says why not 0.02)
     return ModelConfig(flavor="debug")
 
 

@@ -30,8 +30,8 @@ def ensure_demo_data(data_dir: Path) -> dict[str, str]:
     return {k: str(v) for k, v in paths.items()}
 
 
-# the losses of a model that guesses: ITM sees 1 matching pair in 3 rows (its two negatives), grounding picks one
-# image of 2 for each phrase
+# the losses of a model that guesses: ITM sees 1 matching pair in 3 rows (its two negatives), grounding picks
+# one image of 2 for each phrase
 GUESSING = {"loss/itm": -(1 / 3 * math.log(1 / 3) + 2 / 3 * math.log(2 / 3)), "loss/grounding": math.log(2)}
 
 
