@@ -232,11 +232,17 @@ def sigterm_as_exit(run_dir: Path | str, state: _StopState | None = None):
     # Ray Train's fit() installs a SIGINT handler that aborts its controller and leaves it there: in a process
     # that goes on (a notebook, a test, a second job) a later Ctrl-C would call a controller that is gone.
     previous_int = signal.getsignal(signal.SIGINT)
+    if previous_int in (signal.SIG_IGN, signal.SIG_DFL, None):
+        # A driver started in the background by a non-interactive shell (`unimo train ... &`, a nohup'd
+        # script) inherits SIGINT ignored, and Python then drops interrupt_main(): the end of the grace would
+        # not end the run while nothing else had installed a handler (found when a test run started that way
+        # spun forever after its grace). Python's own handler makes the interrupt arrive.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield state
     finally:
         signal.signal(signal.SIGTERM, previous)
-        signal.signal(signal.SIGINT, previous_int)
+        signal.signal(signal.SIGINT, signal.SIG_DFL if previous_int is None else previous_int)
         if state.timer is not None:
             state.timer.cancel()
 

@@ -78,17 +78,38 @@ def test_other_failures_are_summed_up_by_their_last_lines(tmp_path):
     assert "(full traceback: " in out
 
 
-def test_a_stop_that_reaches_no_step_boundary_ends_the_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("started_with_sigint", ["handled", "ignored"])
+def test_a_stop_that_reaches_no_step_boundary_ends_the_run(tmp_path, monkeypatch, started_with_sigint):
     """The first SIGTERM writes the STOP file and starts the grace; when it runs out the main thread is
-    interrupted (as by Ctrl-C, which Ray Train turns into an abort of its workers)."""
+    interrupted (as by Ctrl-C, which Ray Train turns into an abort of its workers). Also in a process that
+    a non-interactive shell started in the background (`unimo train ... &`): it inherits SIGINT ignored, and
+    Python drops an interrupt then (this test, so started, spun until pytest's timeout)."""
     monkeypatch.setenv(driver.STOP_GRACE_ENV, "0.5")
+    before = signal.getsignal(signal.SIGINT)
+    if started_with_sigint == "ignored":
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # restored below, whatever happens
+    try:
+        _stop_without_a_step_boundary(tmp_path)
+        # the disposition the process started with is back afterwards
+        assert signal.getsignal(signal.SIGINT) == (signal.SIG_IGN if started_with_sigint == "ignored"
+                                                   else before)
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def _stop_without_a_step_boundary(tmp_path) -> None:
     with pytest.raises(KeyboardInterrupt):
         with driver.sigterm_as_exit(tmp_path) as state:
             os.kill(os.getpid(), signal.SIGTERM)
             while not state.timed_out:  # the driver would be inside trainer.fit() here
                 time.sleep(0.05)
-            while True:  # the interrupt arrives at the next bytecode boundary
+            # the interrupt arrives at the next bytecode boundary; bounded, so that a lost one fails here and
+            # says so instead of spinning until pytest's timeout
+            lost_after = time.monotonic() + 60
+            while time.monotonic() < lost_after:
                 time.sleep(0.05)
+            pytest.fail(f"no KeyboardInterrupt 60 s after the grace ended (SIGINT handler: "
+                        f"{signal.getsignal(signal.SIGINT)!r})")
     assert state.requested_at is not None and state.timed_out
     assert (tmp_path / "STOP").read_text().startswith("SIGTERM")
     message = driver._stop_timed_out_message(tmp_path)
