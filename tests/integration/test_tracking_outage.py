@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -15,7 +11,7 @@ import pytest
 from trainer import fault_gate
 
 from tests.integration.recipes import DEBUG_CONFIG, STARTUP_S, small_run
-from tests.integration.services import free_port, wait_http
+from tests.integration.services import MlflowServer, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -39,33 +35,6 @@ def logged_steps(uri: str, key: str = "loss/total") -> list[int]:
     return sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, key)) if runs else []
 
 
-class Server:
-    """An MLflow server on 127.0.0.1 that can be killed outright (a crash, not a graceful stop) and restarted
-    on the same port over the same SQLite file."""
-
-    def __init__(self, workdir: Path, port: int):
-        self.workdir, self.port, self.proc = workdir, port, None
-        self.uri = f"http://127.0.0.1:{port}"
-        workdir.mkdir(parents=True, exist_ok=True)
-
-    def start(self) -> "Server":
-        cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
-               "--backend-store-uri", f"sqlite:///{self.workdir / 'mlflow.db'}",
-               "--artifacts-destination", str(self.workdir / "artifacts"), "--workers", "1"]
-        env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true")
-        with open(self.workdir / "mlflow-server.log", "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                         start_new_session=True)
-        wait_http(f"{self.uri}/health", timeout=120)
-        return self
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=30)
-        self.proc = None
-
-
 def open_gate_when_reached(gate: Path, action) -> None:
     """Waits until rank 0 is held at ``gate`` (trainer/fault_gate.py), runs ``action``, then lets it go on."""
     try:
@@ -80,7 +49,7 @@ class Outage(threading.Thread):
     rank 0 is held before step 21: steps 5-20 and their checkpoints run with the server down, whatever the
     machine's speed, and the job cannot end before the server is back."""
 
-    def __init__(self, server: Server, run_dir: Path, gates: Path):
+    def __init__(self, server: MlflowServer, run_dir: Path, gates: Path):
         super().__init__(daemon=True)
         self.server, self.run_dir, self.gates = server, run_dir, gates
         self.error: BaseException | None = None
@@ -114,7 +83,7 @@ def test_metrics_survive_a_tracking_server_outage(synthetic_data, tmp_path, monk
     from orchestrator.cli import main
 
     storage = tmp_path / "runs"
-    server = Server(tmp_path / "mlflow", free_port()).start()
+    server = MlflowServer(tmp_path / "mlflow", free_port()).start()
     gates = tmp_path / "gates"
     monkeypatch.setenv("UNIMO_FAULT_GATE", f"5:{gates / 'down'},21:{gates / 'up'}")
     outage = Outage(server, storage / "outage", gates)
@@ -160,7 +129,7 @@ def test_job_started_while_mlflow_is_down_logs_everything_once_it_is_up(syntheti
     from orchestrator.cli import main
 
     storage, steps = tmp_path / "runs", 12
-    server = Server(tmp_path / "mlflow", free_port())  # not started yet
+    server = MlflowServer(tmp_path / "mlflow", free_port())  # not started yet
     run_dir = storage / "late"
 
     # The server starts while rank 0 is held before step 9 (checkpoints 4 and 8 written without it), so the
