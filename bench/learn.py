@@ -20,7 +20,7 @@ from data_pipeline import build_eval_pairs, build_loader, load_tokenizer, write_
 from data_pipeline.synthetic import PALETTE, SHAPES
 from model.unimo import UnimoModel
 from trainer.config import RunConfig, load_config
-from trainer.evaluation import evaluate
+from trainer.evaluation import CAPTION_IMAGES, evaluate
 from trainer.loop import lr_at, param_groups, stage_at
 from trainer.objectives import PretrainObjectives
 
@@ -139,7 +139,7 @@ def retrieval(model: UnimoModel, strict: dict, full: dict, rerank_k: int, decode
               caption_all: bool = False) -> dict:
     """R@K both ways (ITC, and ITM re-ranked) among 100 and among all held-out captions; sample captions (of
     every held-out image when ``caption_all``, with the share that names a right colour and shape)."""
-    n_caps = strict["pixels"].shape[0] if caption_all else 4
+    n_caps = strict["pixels"].shape[0] if caption_all else CAPTION_IMAGES
     metrics, captions = evaluate(model, {k: v for k, v in strict.items() if isinstance(v, torch.Tensor)},
                                  rerank_k=rerank_k, caption_images=n_caps, decode=decode)
     out = {k.split("/")[1]: v for k, v in metrics.items() if "R@" in k}
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     urls = synthetic_data(Path(args.data), args.pairs)
     cfg = build_config(args.config, args.overrides, urls, args.steps_scale)
     res = train(cfg, args.minutes, args.threads, args.eval_every, args.rerank_k)
-    for c in res.pop("captions")[:4]:
+    for c in res.pop("captions")[:CAPTION_IMAGES]:
         print(f"caption: {c['generated']!r}   (reference: {c['reference']!r})")
     chance = res["chance"]
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in res.items()}))
