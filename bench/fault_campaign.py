@@ -12,7 +12,8 @@ In-job faults hold the ranks at the chosen step with the fault gate (trainer/fau
 lands at that step however fast the machine; disk faults are applied between attempts. Then the invariants
 (``check_*`` below): weights at K bitwise equal to the reference, every sample delivered exactly once, one
 MLflow run with steps 1..K once each, nothing lost that the schedule did not destroy, and the run folder
-resumes once more to K+2.
+resumes once more to K+2. A driver SIGKILL also checks the run lock: while the driver lives, a second driver
+of the run is refused and changes nothing; the next attempt says it took over the dead driver's lock.
 
 Some faults need services of their own, started for the schedules that draw them: an S3 outage needs the run
 on S3 (moto's server on loopback, reached through an outage switch, tests/integration/outage_proxy.py); an
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import json
 import os
 import random
 import shutil
@@ -254,6 +256,7 @@ class Schedule:
     extra: list = dataclasses.field(default_factory=list)
     trained: dict = dataclasses.field(default_factory=dict)  # step -> the world size that trained it
     damaged: dict = dataclasses.field(default_factory=dict)  # step folder -> what identified it when damaged
+    stale_lock_pid: int | None = None  # a SIGKILLed driver's, whose lock the next attempt must take over
     mlflow: object = None  # the MLflow server, for a schedule with an MLflow outage
     disk: object = None  # the small tmpfs, for a schedule with a full disk
 
@@ -424,8 +427,15 @@ def _attempts(sched: Schedule, result: Result) -> None:
         if fault is not None and not holds:
             fault.done = f"{fault.kind} (skipped: {SKIPPED.get(fault.kind) or SKIPPED[PHASE[fault.kind]]})"
             fault = None
+            if resumed == setup.steps and owed == 0:
+                # the run is at K and owes no job to a damage: an attempt now would only start and stop
+                owed = _damage_queued(sched, queue, owed)
+                if not queue and owed == 0:
+                    return
+                continue
         n += 1
         workers = sched.workers
+        stale_lock_pid, sched.stale_lock_pid = sched.stale_lock_pid, None  # left by the attempt before
         rc = _one_attempt(sched, fault, holds, n)
         result.attempts.append(rc)
         reached = _resume_step(sched.run)
@@ -436,6 +446,11 @@ def _attempts(sched: Schedule, result: Result) -> None:
             result.failures.append(f"attempt {n} ({fault.done if fault else 'clean'}) exited {rc}, "
                                    f"expected {expected}; log {sched.storage / f'attempt{n}.log'}")
             return
+        if stale_lock_pid is not None:
+            problem = _took_over_stale_lock(sched, n, stale_lock_pid)
+            if problem:
+                result.failures.append(f"attempt {n}: {problem}")
+                return
         if fault is not None:
             problem = _after(sched, fault, queue, n)
             if problem:
@@ -445,13 +460,28 @@ def _attempts(sched: Schedule, result: Result) -> None:
         if n == 1 and fault is None and setup.reference is None and reached == setup.steps:
             # an uninterrupted first attempt is the reference when the setup has none (the tests)
             setup.reference = fp32_weights(step_dir(sched.local(), setup.steps))
-        while queue and queue[0].kind in ON_DISK:
-            disk = queue.pop(0)
-            _damage(sched, disk)
-            owed = max(owed, 2 if disk.kind == "tear_optim" else 1)  # the issue: two more jobs after the tear
+        owed = _damage_queued(sched, queue, owed)
         if not queue and owed == 0 and reached == setup.steps:
             return
     result.failures.append(f"finish: step {setup.steps} not reached in {MAX_ATTEMPTS} attempts")
+
+
+def _damage_queued(sched: Schedule, queue: list[Fault], owed: int) -> int:
+    """Applies the disk faults at the head of ``queue``; returns how many more jobs the run owes them."""
+    while queue and queue[0].kind in ON_DISK:
+        disk = queue.pop(0)
+        _damage(sched, disk)
+        owed = max(owed, 2 if disk.kind == "tear_optim" else 1)  # the issue: two more jobs after the tear
+    return owed
+
+
+def _took_over_stale_lock(sched: Schedule, n: int, pid: int) -> str:
+    """After a driver SIGKILL: attempt ``n`` said it took over the dead driver's lock. Returns a problem, or
+    ""."""
+    out = (sched.storage / f"attempt{n}.log").read_text(errors="replace")
+    if "took over the stale lock" not in out or f"pid {pid}" not in out:
+        return f"it did not say it took over the stale lock of the killed driver (pid {pid})"
+    return ""
 
 
 def _after(sched: Schedule, fault: Fault, queue: list[Fault], n: int) -> str:
@@ -601,12 +631,39 @@ def _strike_driver_term(d, sched: Schedule, gates: list[Path], holds, fault: Fau
 
 
 def _strike_driver_kill(d, sched: Schedule, gates: list[Path], holds, fault: Fault) -> int:
+    """SIGKILL to the driver held before a step; first, while it lives, a second driver of the run must be
+    refused and change nothing (the run lock). The next attempt must take over the dead driver's lock."""
     _wait_held(d, gates[0], holds[0], sched.workers)
+    _second_driver_is_refused(sched, d)
+    sched.stale_lock_pid = d.proc.pid
     d.kill()
     # Ray's workers share the dead driver's fate; none may train on beside the next attempt.
     wait_for(lambda: not any(n.startswith(("ray::RayTrainWorker", "ray::TrainController", "raylet"))
                              for n in d.leftover_names()), 60, "the dead driver's Ray workers to exit")
     return d.proc.returncode
+
+
+def _second_driver_is_refused(sched: Schedule, d) -> None:
+    """A second `unimo train` of a run whose driver lives exits 1 naming the lock, and leaves the lock (and
+    so the run) as it was; raises (the schedule's failure) otherwise."""
+    from trainer import storage as run_storage
+
+    lock = run_storage.join(sched.run, "run.lock")
+
+    def owner() -> str | None:  # the lock's owner token (its heartbeat time changes while the driver lives)
+        text = run_storage.read_text(lock)
+        return json.loads(text)["token"] if text else None
+
+    before = owner()
+    second = subprocess.run([sys.executable, "-m", "orchestrator.cli", *sched.argv()], cwd=ROOT,
+                            env={**os.environ, **sched.env}, capture_output=True, text=True,
+                            timeout=STARTUP_S)
+    said = second.stdout + second.stderr
+    if second.returncode != 1 or f"run {RUN_NAME} is locked by a live driver" not in said:
+        raise AssertionError(f"a second driver beside a live one exited {second.returncode}, not refused "
+                             f"by the run lock: {said[-1500:]}")
+    if before is None or owner() != before:
+        raise AssertionError(f"the refused second driver changed the run lock's owner (was {before})")
 
 
 def _strike_s3_outage(d, sched: Schedule, gates: list[Path], holds, fault: Fault) -> int:

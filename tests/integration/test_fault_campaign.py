@@ -6,7 +6,8 @@ The first schedule is the issue's report (train, tear the newest checkpoint's ra
 on, train on again: the torn folder kept aside, Ray's snapshot agreeing with the disk); its uninterrupted
 first job is the reference of all three. The campaign's invariant 4 (one more job that resumes at K) is left
 to the campaign itself: it would add a job per schedule here. (This replaces tests/integration/
-test_resume_older.py, which ran the issue's sequence alone in three more jobs.)
+test_resume_older.py, which ran the issue's sequence alone in three more jobs, and test_faults_driver.py,
+whose driver kill in a 40-step run of its own was timed by the machine's speed, not held at a step.)
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ STEPS = 8  # checkpoints at 4 and 8 (every 4, keep_last=2)
 SCHEDULES = {
     # train to 8, tear step 8's rank-1 optimizer shard, train (resumes from 4), train again (resumes at 8)
     "issue sequence": [Fault("tear_optim")],
-    # SIGTERM to the driver held before step 3 (saves 3, exits 75), then a worker SIGKILLed before step 6
-    # (F1: also checked for the restart inside the job and its goodput, below)
-    "driver SIGTERM + worker SIGKILL": [Fault("driver_term", (0.3, 0.0, 0.0)),
+    # F3: the driver SIGKILLed while both ranks are held before step 5 (after step 4's checkpoint): first a
+    # second driver of the run is refused, then the next attempt takes over the dead one's lock and resumes
+    # at 4 (both checked by the campaign); in it a worker SIGKILLed before step 6 (F1: also checked for the
+    # restart inside the job and its goodput, below). A SIGTERM'd driver: tests/integration/test_preemption.py
+    "driver SIGKILL + worker SIGKILL": [Fault("driver_kill", (0.7, 0.0, 0.0)),
                                         Fault("worker_kill", (0.5, 0.9, 0.0))],
     # rank 0 SIGKILLed after step 8's checkpoint was uploaded, before retention (the campaign found step 8's
     # metrics lost: the restart resumes at 8 and never logs them), then delete a file of step 8 and cut step
@@ -57,8 +60,10 @@ def test_three_fixed_fault_schedules(synthetic_data, tmp_path):
     snapshot = json.loads((checkpoints / "checkpoint_manager_snapshot.json").read_text())
     assert {r["checkpoint_dir_name"] for r in snapshot["checkpoint_results"]} == {
         n for n in names if n.startswith("step_") and "." not in n}
-    killed = results["driver SIGTERM + worker SIGKILL"]
-    assert [f.done for f in killed.faults] == ["driver_term@3", "worker_kill@6"], report
+    killed = results["driver SIGKILL + worker SIGKILL"]
+    assert [f.done for f in killed.faults] == ["driver_kill@5", "worker_kill@6"], report
+    assert killed.attempts == [-9, 0], report
+    assert not (killed.run_dir / "run.lock").exists()  # the lock taken over was released at the end
     _worker_kill_was_a_restart_inside_the_job(killed)
     assert results["kill before prune + deleted file + corrupt manifest"].faults[0].done == \
         "kill_before_prune@prune8", report
@@ -67,8 +72,9 @@ def test_three_fixed_fault_schedules(synthetic_data, tmp_path):
 def _worker_kill_was_a_restart_inside_the_job(result) -> None:
     """F1, a worker SIGKILLed mid-run (the schedule's second job, held before step 6): Ray Train
     restarted the group from the step-4 checkpoint inside the job, each rank computed with the CPU Ray gave
-    it, and the job's goodput accounts for the lost step and the restart. (Bitwise weights, each step once
-    in MLflow and every sample once are the campaign's invariants, checked for every schedule.)"""
+    it, and the job's goodput accounts for the lost step and the restart; the one MLflow run counts one
+    restart of the driver (Ray's restart inside the job is not one) and finished. (Bitwise weights, each
+    step once in MLflow and every sample once are the campaign's invariants, checked for every schedule.)"""
     from mlflow.tracking import MlflowClient
 
     out = (result.run_dir.parent / "attempt2.log").read_text()
@@ -78,6 +84,7 @@ def _worker_kill_was_a_restart_inside_the_job(result) -> None:
     client = MlflowClient(f"sqlite:///{result.run_dir.parent / 'mlflow.db'}")
     [run] = client.search_runs([client.get_experiment_by_name("unimo").experiment_id],
                                f"tags.`unimo.run_name` = '{result.run_dir.name}'")
+    assert run.data.tags["unimo.restarts"] == "1" and run.info.status == "FINISHED", run.data.tags
     g = {k: v for k, v in run.data.metrics.items() if k.startswith("goodput/")}  # the last job's split
     # step 5 was trained twice (lost), the kill cost a restart, and the parts add up to the job's wall time
     assert g["goodput/lost_s"] > 0 and g["goodput/restart_s"] > 0 and g["goodput/kept_s"] > 0, g

@@ -21,6 +21,8 @@ pytestmark = pytest.mark.integration
 NO_EVAL = ["data.eval_pairs=", "scaling.num_workers=2", "scaling.cpus_per_worker=1"]
 NODE = "lc-node-b"
 GROUP_START = "Attempting to start training worker group"  # Ray Train logs it at each attempt
+# A checkpoint every 4 steps; the node goes while both ranks are held before step 6, so the run resumes at 4.
+STEPS, EVERY, HOLD = 8, 4, 6
 
 
 @pytest.fixture
@@ -41,32 +43,32 @@ def _expected(argv: list[str], source: str) -> int:
 
 def _check_exactly_once(argv: list[str], run_dir: Path, data: Path) -> dict:
     state = final_state(run_dir)
-    assert state["step"] == 20
+    assert state["step"] == STEPS
     for source, folder in (("pair", "pairs"), ("image", "images")):
         got = consumed(state, source, shard_sizes(data / folder))
         assert got == _expected(argv, source), f"{source}: {got} distinct samples seen, expected " \
-                                               f"{_expected(argv, source)} (20 steps x global batch)"
+                                               f"{_expected(argv, source)} ({STEPS} steps x global batch)"
     return state
 
 
 def _lose_node_after_first_checkpoint(head, run, run_dir: Path, gate: Path) -> None:
-    """Both ranks are held before step 12 (trainer/fault_gate.py) while the node goes: the run can be neither
-    over nor short of its step-10 checkpoint, however fast the machine."""
-    wait_for(lambda: fault_gate.reached(gate), 600, "both ranks at step 12", run)
-    wait_for(lambda: registered(run_dir, 10), 300, "the step-10 checkpoint", run)
+    """Both ranks are held before step HOLD (trainer/fault_gate.py) while the node goes: the run can be
+    neither over nor short of its first checkpoint, however fast the machine."""
+    wait_for(lambda: fault_gate.reached(gate), 600, f"both ranks at step {HOLD}", run)
+    wait_for(lambda: registered(run_dir, EVERY), 300, f"the step-{EVERY} checkpoint", run)
     node = next(w for w in head.workers if w.name == NODE)
     node.stop()  # its raylet exits (SIGTERM) and takes its training worker with it
     wait_for_node_state(head, NODE, "DEAD", timeout=30)
-    fault_gate.release(gate)  # the restarted group passes step 12
+    fault_gate.release(gate)  # the restarted group passes step HOLD
 
 
 def test_node_lost_job_waits_for_it_and_completes_exactly_once(two_nodes, synthetic_data, tmp_path):
     head, storage = two_nodes, tmp_path / "runs"
-    argv = ["train", DEBUG_CONFIG, *small_run("f2", storage, str(synthetic_data),
+    argv = ["train", DEBUG_CONFIG, *small_run("f2", storage, str(synthetic_data), steps=STEPS, every=EVERY,
                                               extra=NO_EVAL + [f"scaling.address={head.address}"])]
     gate = tmp_path / "gate"
     with driver(argv, tmp_path / "f2.log",
-                env={**head.client_env(), "UNIMO_FAULT_GATE": f"12:{gate}"}) as run:
+                env={**head.client_env(), "UNIMO_FAULT_GATE": f"{HOLD}:{gate}"}) as run:
         starts = run.output().count(GROUP_START)
         _lose_node_after_first_checkpoint(head, run, storage / "f2", gate)
         # Ray Train's next attempt now waits for its placement group: 2 workers of 1 CPU do not fit on the
@@ -77,13 +79,13 @@ def test_node_lost_job_waits_for_it_and_completes_exactly_once(two_nodes, synthe
         add_worker(head, 1, name=NODE)  # the node comes back
         assert run.wait(timeout=STARTUP_S) == 0, run.tail()
         out = run.output()
-    assert "at step 10" in out, out[-3000:]
+    assert f"at step {EVERY}" in out, out[-3000:]
     _check_exactly_once(argv, storage / "f2", synthetic_data)
 
 
 def test_node_lost_elastic_job_goes_on_with_fewer_workers(two_nodes, synthetic_data, tmp_path):
     head, storage = two_nodes, tmp_path / "runs"
-    argv = ["train", DEBUG_CONFIG, *small_run("f2e", storage, str(synthetic_data),
+    argv = ["train", DEBUG_CONFIG, *small_run("f2e", storage, str(synthetic_data), steps=STEPS, every=EVERY,
                                               extra=NO_EVAL + [f"scaling.address={head.address}",
                                                                "scaling.min_workers=1"])]
     # Ray 2.60's elastic policy first retries at the old size (its view of the cluster lags the node loss) and
@@ -91,7 +93,7 @@ def test_node_lost_elastic_job_goes_on_with_fewer_workers(two_nodes, synthetic_d
     # (45 s: a healthy start must still fit while the other pytest worker loads the same 2 cores).
     gate = tmp_path / "gate"
     env = {**head.client_env(), "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "45",
-           "UNIMO_FAULT_GATE": f"12:{gate}"}
+           "UNIMO_FAULT_GATE": f"{HOLD}:{gate}"}
     with driver(argv, tmp_path / "f2e.log", env=env) as run:
         _lose_node_after_first_checkpoint(head, run, storage / "f2e", gate)
         code = run.wait(timeout=STARTUP_S)

@@ -69,27 +69,27 @@ def test_submit_logs_status_and_stop(head, synthetic_data, tmp_path, capsys):
     common = ["--address", url, "--python", sys.executable]
 
     rc, out, err = cli(capsys, "submit", DEBUG_CONFIG, *common,
-                       *small_run("viajobs", storage, data, extra=NO_EVAL))
+                       *small_run("viajobs", storage, data, steps=8, every=4, extra=NO_EVAL))
     assert rc == 0, err
     job = out.strip().splitlines()[0]
     assert job.startswith("unimo-viajobs-")
 
     # Two drivers for one run, at the front door: the same run cannot be submitted again while its job lives.
     rc, _, err = cli(capsys, "submit", DEBUG_CONFIG, *common,
-                     *small_run("viajobs", storage, data, extra=NO_EVAL))
+                     *small_run("viajobs", storage, data, steps=8, every=4, extra=NO_EVAL))
     assert rc == 1 and f"already has a live job on {url}: {job}" in err
 
     rc, out, _ = cli(capsys, "jobs", "list", "--address", url)
     assert rc == 0 and job in out and "viajobs" in out
 
     rc, out, err = cli(capsys, "jobs", "logs", job, "--follow", "--address", url)
-    assert rc == 0 and "step 20/20" in out and "run finished" in out, out[-3000:]
+    assert rc == 0 and "step 8/8" in out and "run finished" in out, out[-3000:]
     assert "SUCCEEDED" in err
     rc, out, _ = cli(capsys, "jobs", "status", job, "--address", url)
     assert rc == 0 and out.startswith(f"{job} SUCCEEDED")
-    state = json.loads((storage / "viajobs" / "checkpoints" / "step_00000020"
+    state = json.loads((storage / "viajobs" / "checkpoints" / "step_00000008"
                         / "trainer_state.json").read_text())
-    assert state["step"] == 20 and not (storage / "viajobs" / "run.lock").exists()
+    assert state["step"] == 8 and not (storage / "viajobs" / "run.lock").exists()
 
     # A long job is stopped while it trains: it checkpoints at the next step and ends STOPPED, its workers go,
     # its run lock is free, so resubmitting the run resumes there (preemption through the Jobs API).

@@ -102,3 +102,27 @@ def test_the_world_size_pattern_of_the_kept_steps_picks_the_reference():
     # a later resume from an older checkpoint trained steps 9-16 again with 2 workers: only 7 and 8 were 1's
     trained.update({s: 2 for s in range(9, 17)})
     assert fc.world_size_pattern(trained, 16) == ((2, 1, 6), (1, 7, 8), (2, 9, 16))
+
+
+def test_a_fault_skipped_once_the_run_is_at_k_costs_no_attempt(monkeypatch, tmp_path):
+    """Faults drawn after one that let the run reach K are skipped without a job that would only start and
+    stop; a disk fault after them still gets the job it is owed."""
+    at = {"step": 0}
+    monkeypatch.setattr(fc, "_resume_step", lambda run_dir: at["step"])
+    ran, damaged = [], []
+
+    def one_attempt(sched, fault, holds, n):
+        ran.append(fault.kind if fault else "clean")
+        at["step"] = 16
+        return 0
+
+    monkeypatch.setattr(fc, "_one_attempt", one_attempt)
+    monkeypatch.setattr(fc, "_damage", lambda sched, fault: damaged.append(fault.kind))
+    faults = [fc.Fault(kind) for kind in ("worker_kill", "kill_in_save", "driver_kill", "truncate")]
+    result = fc.Result(1, faults)
+    fc._attempts(fc.Schedule(setup(), tmp_path, str(tmp_path / "run")), result)
+    assert not result.failures, result.failures
+    assert ran == ["worker_kill", "clean"] and result.attempts == [0, 0]  # the truncate's job, no other
+    assert damaged == ["truncate"]
+    assert [f.done for f in faults[1:3]] == ["kill_in_save (skipped: no checkpoint left to save)",
+                                             "driver_kill (skipped: no step left to hold)"]

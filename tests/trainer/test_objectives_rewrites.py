@@ -13,6 +13,7 @@ import pytest
 
 from data_pipeline import DataConfig, SourceConfig, build_loader, load_tokenizer, write_synthetic_dataset
 from data_pipeline.rewrite import COLOURS, KINDS, NUMBERS_PLURAL, OBJECTS, RELATIONS
+from data_pipeline.synthetic import SHAPES
 
 # The word groups a word-level rewrite swaps within: a changed word and its replacement share one group.
 GROUPS = [set(COLOURS), set(NUMBERS_PLURAL), {o[0] for o in OBJECTS}, {o[1] for o in OBJECTS},
@@ -59,7 +60,7 @@ def test_every_kind_of_rewrite_occurs(pair_batches):
 
 def test_word_rewrites_swap_one_word_within_its_class(pair_batches):
     tok, batches = pair_batches
-    seen = 0
+    seen = shapes_swapped = 0
     for pair in batches:
         assert not bool((pair["neg_input_ids"] == tok.unk_id).any())  # no negative given away by an [UNK]
         for cap, neg, _, kind, _ in _rows(tok, pair):
@@ -71,7 +72,13 @@ def test_word_rewrites_swap_one_word_within_its_class(pair_batches):
             assert len(changed) == 1, (cap, neg)
             old, new = changed[0]
             assert any(old in g and new in g for g in GROUPS), (old, new)
-    assert seen > 0
+            # only words the corpus uses: a shape becomes another shape of the synthetic world, never one of
+            # the lexicon's 19 other objects (a "dog" would be told apart by the word alone)
+            assert tok.in_vocabulary(new), (old, new)
+            if old.rstrip("s") in SHAPES:
+                shapes_swapped += 1
+                assert new.rstrip("s") in SHAPES, (old, new)
+    assert seen > 0 and shapes_swapped > 0
 
 
 def test_phrase_rewrites_swap_one_phrase_for_another_images_phrase(pair_batches):
