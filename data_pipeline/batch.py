@@ -193,7 +193,7 @@ def _contrast_fields(encs, chosen, spans_of, items, tok: TextTokenizer, spec: Ba
         rewrite = hard_negative(caption, rng, spans=spans_of[i],
                                 donors=[p for j in others for p in phrases[j]],
                                 others=[captions[j] for j in others], weights=spec.rewrite_weights,
-                                known=tok.spells)  # word-level ones swap in words spelled without [UNK]
+                                known=tok.in_vocabulary)  # word-level: swap in words the corpus uses
         pos.append(ids_of(positive))
         neg.append(ids_of(rewrite.text) if rewrite else ids_of(caption))
         kinds.append(KINDS.index(rewrite.kind.split(":")[0]) if rewrite else -1)

@@ -65,8 +65,9 @@ class Rewrite:
 def word_candidates(text: str, classes=WORD_CLASSES, known=None) -> list[tuple[str, int, int, list[str]]]:
     """(class, start, end, alternatives) of every word a word-level rewrite may swap.
 
-    known(word) -> bool, when given, keeps only alternatives the tokenizer can spell: a swap to a word it maps
-    to [UNK] would make a negative that is told apart by the [UNK] alone, not by its meaning.
+    known(word) -> bool, when given, keeps only the alternatives it accepts; the batch builder passes the
+    tokenizer's ``in_vocabulary``: a swap to a word the corpus never uses (or one the tokenizer maps to [UNK])
+    makes a negative told apart by that word alone, not by what the image shows.
     """
     out = []
     for m in _WORD.finditer(text):

@@ -44,7 +44,7 @@ class TextTokenizer:
         self.pad_id, self.unk_id, self.cls_id = ids["pad"], ids["unk"], ids["cls"]
         self.sep_id, self.mask_id = ids["sep"], ids["mask"]
         self.special_ids = frozenset(ids.values())
-        self._spelled: dict[str, bool] = {}
+        self._whole: dict[str, bool] = {}
 
     def to_str(self) -> str:
         return self._tok.to_str()
@@ -70,13 +70,15 @@ class TextTokenizer:
         ids = self._tok.encode(text, add_special_tokens=False).ids
         return [self.cls_id, *ids[:max(0, max_len - 2)], self.sep_id]
 
-    def spells(self, word: str) -> bool:
-        """True when ``word`` tokenizes without [UNK]. Cached: rewriting asks about the same few lexicon words
-        for every caption, and a tokenizer call per word was a tenth of the pipeline's time."""
-        known = self._spelled.get(word)
+    def in_vocabulary(self, word: str) -> bool:
+        """True when ``word`` is one token of the vocabulary (as a word of its own: WordPiece's ``word``,
+        byte-level BPE's ``Ġword``, SentencePiece's ``▁word``), i.e. its training corpus used it often. A
+        word-level rewrite swaps in only such words: one the corpus never uses (a "dog" among captions of
+        shapes) makes a negative told apart by the word alone, and teaches nothing about the image."""
+        known = self._whole.get(word)
         if known is None:
-            known = self._spelled[word] = (self.unk_id
-                                           not in self._tok.encode(word, add_special_tokens=False).ids)
+            known = self._whole[word] = any(self._tok.token_to_id(form) is not None
+                                            for form in (word, "\u0120" + word, "\u2581" + word))
         return known
 
     def decode(self, ids) -> str:
