@@ -34,6 +34,7 @@ import dataclasses
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -447,7 +448,7 @@ def _attempts(sched: Schedule, result: Result) -> None:
                                    f"expected {expected}; log {sched.storage / f'attempt{n}.log'}")
             return
         if stale_lock_pid is not None:
-            problem = _took_over_stale_lock(sched, n, stale_lock_pid)
+            problem = _took_over_stale_lock(sched, n, stale_lock_pid, resumed)
             if problem:
                 result.failures.append(f"attempt {n}: {problem}")
                 return
@@ -475,12 +476,17 @@ def _damage_queued(sched: Schedule, queue: list[Fault], owed: int) -> int:
     return owed
 
 
-def _took_over_stale_lock(sched: Schedule, n: int, pid: int) -> str:
-    """After a driver SIGKILL: attempt ``n`` said it took over the dead driver's lock. Returns a problem, or
-    ""."""
+def _took_over_stale_lock(sched: Schedule, n: int, pid: int, resumed: int) -> str:
+    """After a driver SIGKILL: attempt ``n`` said it took over the dead driver's lock, and its first resume
+    was from the newest valid checkpoint the dead driver left (step ``resumed``; none: from scratch). Returns
+    a problem, or ""."""
     out = (sched.storage / f"attempt{n}.log").read_text(errors="replace")
-    if "took over the stale lock" not in out or f"pid {pid}" not in out:
+    if not re.search(rf"took over the stale lock of run {RUN_NAME} .*\bpid {pid},", out):
         return f"it did not say it took over the stale lock of the killed driver (pid {pid})"
+    first = re.search(r"resumed from \S+ at step (\d+)", out)
+    if resumed and (first is None or int(first.group(1)) != resumed):
+        return (f"after the driver kill it did not resume from step {resumed}, the newest valid checkpoint "
+                f"(first resume: {first.group(0) if first else 'none'})")
     return ""
 
 
@@ -634,7 +640,7 @@ def _strike_driver_kill(d, sched: Schedule, gates: list[Path], holds, fault: Fau
     """SIGKILL to the driver held before a step; first, while it lives, a second driver of the run must be
     refused and change nothing (the run lock). The next attempt must take over the dead driver's lock."""
     _wait_held(d, gates[0], holds[0], sched.workers)
-    _second_driver_is_refused(sched, d)
+    _second_driver_is_refused(sched, d.log_path.with_name(d.log_path.stem + "-second.log"))
     sched.stale_lock_pid = d.proc.pid
     d.kill()
     # Ray's workers share the dead driver's fate; none may train on beside the next attempt.
@@ -643,9 +649,10 @@ def _strike_driver_kill(d, sched: Schedule, gates: list[Path], holds, fault: Fau
     return d.proc.returncode
 
 
-def _second_driver_is_refused(sched: Schedule, d) -> None:
-    """A second `unimo train` of a run whose driver lives exits 1 naming the lock, and leaves the lock (and
-    so the run) as it was; raises (the schedule's failure) otherwise."""
+def _second_driver_is_refused(sched: Schedule, log: Path) -> None:
+    """A second `unimo train` of a run whose driver lives exits 1 naming the lock, and leaves
+    the lock's owner and the run's MLflow run as they were; raises (the schedule's failure) otherwise. It runs
+    under the same harness as an attempt, so whatever it might start is killed with it."""
     from trainer import storage as run_storage
 
     lock = run_storage.join(sched.run, "run.lock")
@@ -654,16 +661,19 @@ def _second_driver_is_refused(sched: Schedule, d) -> None:
         text = run_storage.read_text(lock)
         return json.loads(text)["token"] if text else None
 
-    before = owner()
-    second = subprocess.run([sys.executable, "-m", "orchestrator.cli", *sched.argv()], cwd=ROOT,
-                            env={**os.environ, **sched.env}, capture_output=True, text=True,
-                            timeout=STARTUP_S)
-    said = second.stdout + second.stderr
-    if second.returncode != 1 or f"run {RUN_NAME} is locked by a live driver" not in said:
-        raise AssertionError(f"a second driver beside a live one exited {second.returncode}, not refused "
-                             f"by the run lock: {said[-1500:]}")
-    if before is None or owner() != before:
-        raise AssertionError(f"the refused second driver changed the run lock's owner (was {before})")
+    def mlflow_run() -> str | None:
+        return run_storage.read_text(run_storage.join(sched.run, "mlflow_run.json"))
+
+    before = (owner(), mlflow_run())
+    with driver(sched.argv(), log, env=sched.env) as second:
+        rc = second.wait(timeout=STARTUP_S)
+        said = second.output()
+    if rc != 1 or f"run {RUN_NAME} is locked by a live driver" not in said:
+        raise AssertionError(f"a second driver beside a live one exited {rc}, not refused by the run lock: "
+                             f"{said[-1500:]}")
+    if before[0] is None or (owner(), mlflow_run()) != before:
+        raise AssertionError(f"the refused second driver changed the run lock's owner or the MLflow run "
+                             f"(was {before})")
 
 
 def _strike_s3_outage(d, sched: Schedule, gates: list[Path], holds, fault: Fault) -> int:

@@ -71,14 +71,15 @@ class TextTokenizer:
         return [self.cls_id, *ids[:max(0, max_len - 2)], self.sep_id]
 
     def in_vocabulary(self, word: str) -> bool:
-        """True when ``word`` is one token of the vocabulary (as a word of its own: WordPiece's ``word``,
-        byte-level BPE's ``Ġword``, SentencePiece's ``▁word``), i.e. its training corpus used it often. A
-        word-level rewrite swaps in only such words: one the corpus never uses (a "dog" among captions of
+        """True when ``word``, as a word of a sentence, is one token of the vocabulary (WordPiece's
+        ``word``, byte-level BPE's ``Ġword``, SentencePiece's ``▁word``): its training corpus used it often.
+        A word-level rewrite swaps in only such words: one the corpus never uses (a "dog" among captions of
         shapes) makes a negative told apart by the word alone, and teaches nothing about the image."""
         known = self._whole.get(word)
         if known is None:
-            known = self._whole[word] = any(self._tok.token_to_id(form) is not None
-                                            for form in (word, "\u0120" + word, "\u2581" + word))
+            # after a space, as inside a caption: the pre-tokenizer then marks it the way the vocabulary does
+            ids = self._tok.encode(" " + word, add_special_tokens=False).ids
+            known = self._whole[word] = len(ids) == 1 and ids[0] != self.unk_id
         return known
 
     def decode(self, ids) -> str:

@@ -132,3 +132,26 @@ def test_tokenizer_specials_truncation_and_s3(s3_server, tmp_path):
     ids = loaded.encode("two blue squares on the left", 5)
     assert len(ids) == 5 and ids[0] == loaded.cls_id and ids[-1] == loaded.sep_id
     assert loaded.decode(loaded.encode("two blue squares", 16)) == "two blue squares"
+
+
+def test_in_vocabulary_means_one_token_as_a_word_of_a_sentence():
+    """What a word-level rewrite may swap in: a word its corpus used often enough to be one token, in
+    WordPiece (``word``) and in byte-level BPE (``Ġword``, RoBERTa's kind); not one spelled by pieces."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from data_pipeline.tokenizer import TextTokenizer
+
+    corpus = ["a red circle and two blue squares", "the green triangle is small", "a dog"] * 40
+    wordpiece = train_tokenizer(corpus, vocab_size=120)
+    assert wordpiece.in_vocabulary("circle") and wordpiece.in_vocabulary("squares")
+    assert not wordpiece.in_vocabulary("horses")  # spelled h ##o ##r ..., never a word of the corpus
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<pad>", "<unk>", "<s>", "</s>", "<mask>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    roberta_like = TextTokenizer(bpe)
+    assert bpe.encode(" circle").tokens == ["\u0120circle"]
+    assert roberta_like.in_vocabulary("circle") and roberta_like.in_vocabulary("dog")
+    assert not roberta_like.in_vocabulary("horses")

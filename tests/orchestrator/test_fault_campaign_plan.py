@@ -126,3 +126,36 @@ def test_a_fault_skipped_once_the_run_is_at_k_costs_no_attempt(monkeypatch, tmp_
     assert damaged == ["truncate"]
     assert [f.done for f in faults[1:3]] == ["kill_in_save (skipped: no checkpoint left to save)",
                                              "driver_kill (skipped: no step left to hold)"]
+
+
+@pytest.mark.parametrize("rerun_log, problem", [
+    ("took over the stale lock of run campaign (gone; was host h, pid 4242, since x)\n"
+     "resumed from /r/step_00000004 at step 4\n", None),
+    ("resumed from /r/step_00000004 at step 4\n", "did not say it took over the stale lock"),
+    ("took over the stale lock of run campaign (gone; was host h, pid 42424, since x)\n"
+     "resumed from /r/step_00000004 at step 4\n", "did not say it took over the stale lock"),
+    ("took over the stale lock of run campaign (gone; was host h, pid 4242, since x)\n"
+     "step 1/16\n", "did not resume from step 4"),
+])
+def test_the_attempt_after_a_driver_kill_must_take_over_its_lock_and_resume_where_it_left(
+        monkeypatch, tmp_path, rerun_log, problem):
+    at = {"step": 0}
+    monkeypatch.setattr(fc, "_resume_step", lambda run_dir: at["step"])
+
+    def one_attempt(sched, fault, holds, n):
+        if fault is not None:  # the driver killed before step 5: step 4's checkpoint is the newest
+            sched.stale_lock_pid, at["step"] = 4242, 4
+            (tmp_path / f"attempt{n}.log").write_text("step 4/16\n")
+            return -9
+        (tmp_path / f"attempt{n}.log").write_text(rerun_log)
+        at["step"] = 16
+        return 0
+
+    monkeypatch.setattr(fc, "_one_attempt", one_attempt)
+    result = fc.Result(1, [fc.Fault("driver_kill", (0.3, 0.5, 0.5))])
+    fc._attempts(fc.Schedule(setup(), tmp_path, str(tmp_path / "run")), result)
+    assert result.attempts == [-9, 0]
+    if problem is None:
+        assert not result.failures, result.failures
+    else:
+        assert len(result.failures) == 1 and problem in result.failures[0], result.failures
