@@ -15,7 +15,7 @@ from tests.integration.services import MlflowServer, free_port
 
 pytestmark = pytest.mark.integration
 
-STEPS = 24
+STEPS = 12
 
 
 def wait_for(cond, timeout: float, what: str) -> None:
@@ -46,7 +46,7 @@ def open_gate_when_reached(gate: Path, action) -> None:
 
 class Outage(threading.Thread):
     """Kills the server while rank 0 is held before step 5 (steps 1-4 delivered), and brings it back while
-    rank 0 is held before step 21: steps 5-20 and their checkpoints run with the server down, whatever the
+    rank 0 is held before step 9: steps 5-8 and the step-8 checkpoint run with the server down, whatever the
     machine's speed, and the job cannot end before the server is back."""
 
     def __init__(self, server: MlflowServer, run_dir: Path, gates: Path):
@@ -85,7 +85,7 @@ def test_metrics_survive_a_tracking_server_outage(synthetic_data, tmp_path, monk
     storage = tmp_path / "runs"
     server = MlflowServer(tmp_path / "mlflow", free_port()).start()
     gates = tmp_path / "gates"
-    monkeypatch.setenv("UNIMO_FAULT_GATE", f"5:{gates / 'down'},21:{gates / 'up'}")
+    monkeypatch.setenv("UNIMO_FAULT_GATE", f"5:{gates / 'down'},9:{gates / 'up'}")
     outage = Outage(server, storage / "outage", gates)
     try:
         outage.start()
@@ -99,8 +99,7 @@ def test_metrics_survive_a_tracking_server_outage(synthetic_data, tmp_path, monk
             ray.shutdown()
         outage.join(timeout=300)
         assert outage.error is None, outage.error
-        assert (outage.down_at, outage.up_at) == (4, 20), \
-            "checkpoints 8-20 were to be written while it was down"
+        assert (outage.down_at, outage.up_at) == (4, 8), "checkpoint 8 was to be written while it was down"
         # The worker flushes on exit and the driver replays any spool: every step is there, once.
         for key in ("loss/total", "loss/itc", "lr", "throughput/pair_tokens_per_s", "perf/achieved_tflops",
                     "memory/rss_gb"):
