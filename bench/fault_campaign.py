@@ -389,6 +389,10 @@ def draw_faults(seed: int) -> list[Fault]:
     return sorted(faults, key=lambda f: f.kind not in IN_JOB)
 
 
+class InvariantBroken(AssertionError):
+    """An invariant found broken in the middle of an attempt, where no problem string can be returned."""
+
+
 def run_schedule(seed: int, setup: Setup, faults: list[Fault] | None = None, *,
                  check_resume: bool = True) -> Result:
     """Runs one schedule in a fresh run folder and checks the invariants; never raises for a failed check."""
@@ -406,6 +410,8 @@ def run_schedule(seed: int, setup: Setup, faults: list[Fault] | None = None, *,
         _attempts(sched, result)
         if not result.failures:
             _check_all(sched, result, check_resume)
+    except InvariantBroken as err:  # found during an attempt (the run lock beside a live driver)
+        result.failures.append(f"invariant: {err}")
     except Exception as err:  # a harness error is reported as the schedule's failure, with the seed
         result.failures.append(f"harness: {type(err).__name__}: {err}")
     finally:
@@ -669,10 +675,10 @@ def _second_driver_is_refused(sched: Schedule, log: Path) -> None:
         rc = second.wait(timeout=STARTUP_S)
         said = second.output()
     if rc != 1 or f"run {RUN_NAME} is locked by a live driver" not in said:
-        raise AssertionError(f"a second driver beside a live one exited {rc}, not refused by the run lock: "
+        raise InvariantBroken(f"a second driver beside a live one exited {rc}, not refused by the run lock: "
                              f"{said[-1500:]}")
     if before[0] is None or (owner(), mlflow_run()) != before:
-        raise AssertionError(f"the refused second driver changed the run lock's owner or the MLflow run "
+        raise InvariantBroken(f"the refused second driver changed the run lock's owner or the MLflow run "
                              f"(was {before})")
 
 

@@ -35,7 +35,7 @@ def small_run(name: str, storage: Path, data: str, *, steps: int = 20, every: in
 
     Retrieval evaluation (reading the held-out shards, generating captions) is off unless asked for: it is
     covered by the walking-skeleton test and would otherwise add to every run. Images are the flavor's 32 px,
-    not the demo's 48 (which is there for what the demo learns; ~13% less CPU per step here).
+    not the demo's 48 (which is there for what the demo learns, at ~15% more CPU per step: docs/LEARNING.md).
     """
     return [f"run.name={name}", f"run.storage={storage}", *data_overrides(data),
             *([] if evaluate else ["data.eval_pairs="]),
