@@ -33,15 +33,14 @@ SCHEDULES = {
     "driver SIGKILL + worker SIGKILL": [Fault("driver_kill", (0.7, 0.0, 0.0)),
                                         Fault("worker_kill", (0.5, 0.9, 0.0))],
     # rank 0 SIGKILLed after step 8's checkpoint was uploaded, before retention (the campaign found step 8's
-    # metrics lost: the restart resumes at 8 and never logs them), then delete a file of step 8 and cut step
-    # 4's manifest short: nothing valid is left
-    "kill before prune + deleted file + corrupt manifest": [Fault("kill_before_prune", (0.9, 0.0, 0.0)),
-                                                            Fault("truncate", (0.9, 0.5, 0.1)),
-                                                            Fault("manifest", (0.1, 0.5, 0.0))],
+    # metrics lost: the restart resumes at 8 and never logs them). One job: damage that leaves nothing valid
+    # (a deleted file, a cut manifest) would cost a whole run from scratch here; the resume's checks are unit
+    # tested (tests/trainer/test_resume_verification.py, test_checkpoint_state.py) and drawn by the campaign.
+    "kill before prune": [Fault("kill_before_prune", (0.9, 0.0, 0.0))],
 }
 
 
-@jobs_bound(7)
+@jobs_bound(6)
 def test_three_fixed_fault_schedules(synthetic_data, tmp_path):
     setup = Setup.create(tmp_path, STEPS, data=synthetic_data)
     results = {name: run_schedule(i, setup, faults, check_resume=False)
@@ -65,8 +64,8 @@ def test_three_fixed_fault_schedules(synthetic_data, tmp_path):
     assert killed.attempts == [-9, 0], report
     assert not (killed.run_dir / "run.lock").exists()  # the lock taken over was released at the end
     _worker_kill_was_a_restart_inside_the_job(killed)
-    assert results["kill before prune + deleted file + corrupt manifest"].faults[0].done == \
-        "kill_before_prune@prune8", report
+    assert results["kill before prune"].faults[0].done == "kill_before_prune@prune8", report
+    assert results["kill before prune"].attempts == [0], report  # Ray Train restarted the group in the job
 
 
 def _worker_kill_was_a_restart_inside_the_job(result) -> None:
