@@ -57,6 +57,12 @@ def build_config(config: str, overrides: list[str], urls: dict[str, str],
     return cfg
 
 
+def seed_overrides(seed: int | None) -> list[str]:
+    """--seed N: the model's initialisation (run.seed) and the data's order and masks (data.seed) together;
+    None keeps the config's."""
+    return [] if seed is None else [f"run.seed={seed}", f"data.seed={seed}"]
+
+
 def strict_eval_set(full: dict) -> dict:
     """The first caption of each held-out image only: a 100 x 100 pool in both directions."""
     owner = full["text_image_index"]
@@ -212,10 +218,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rerank-k", type=int, default=10)
     p.add_argument("--steps-scale", type=float, default=STEPS_SCALE,
                    help="multiply every stage's steps (default 1: the demo's own plan)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="sets run.seed (initialisation) and data.seed (data order, masks) together; default: "
+                        "the config's")
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. optimizer.lr=0.002")
     args = p.parse_args(argv)
     urls = synthetic_data(Path(args.data), args.pairs)
-    cfg = build_config(args.config, args.overrides, urls, args.steps_scale)
+    cfg = build_config(args.config, seed_overrides(args.seed) + args.overrides, urls, args.steps_scale)
     res = train(cfg, args.minutes, args.threads, args.eval_every, args.rerank_k)
     for c in res.pop("captions")[:CAPTION_IMAGES]:
         print(f"caption: {c['generated']!r}   (reference: {c['reference']!r})")

@@ -11,6 +11,7 @@ from model.validation import check, check_choices
 Activation = Literal["gelu", "gelu_tanh", "quick_gelu", "relu"]
 CrossLayerMode = Literal["none", "bridge", "adaptive", "gated"]
 PositionStyle = Literal["absolute", "roberta"]
+PatchStem = Literal["linear", "conv"]
 
 
 def _fail(cls: str, name: str, value, rule: str):
@@ -105,12 +106,24 @@ class VisionConfig:
     patch_bias: bool = True  # CLIP's patch conv has no bias
     qkv_bias: bool = True  # biases on the query/key/value projections
 
+    # how a patch becomes a token: "linear" (ViT/CLIP: one patch_size x patch_size stride-patch_size conv) or
+    # "conv" (early convolutions, Xiao et al. 2021: 3x3 stride-2 convs + GELU, stem_channels doubling each,
+    # then a 2x2 stride-2 conv to dim; still one token per patch, each seeing a little past its edges).
+    # Trained directly on shapes, the debug tower learns them much faster with "conv"; in the debug recipe it
+    # did not reliably improve captions (docs/LEARNING.md). Only "linear" loads from / exports to HF.
+    stem: PatchStem = "linear"
+    stem_channels: int = 32  # channels of the conv stem's first conv (doubled at each next one)
+
     def __post_init__(self):
-        _positive(self, "image_size", "patch_size", "layers", "dim", "heads", "mlp_dim", "channels")
+        _positive(self, "image_size", "patch_size", "layers", "dim", "heads", "mlp_dim", "channels",
+                  "stem_channels")
         _heads_divide(self)
         if self.image_size % self.patch_size:
             _fail("VisionConfig", "image_size", self.image_size,
                   f"must be divisible by patch_size={self.patch_size}")
+        if self.stem == "conv" and (self.patch_size < 4 or self.patch_size & (self.patch_size - 1)):
+            _fail("VisionConfig", "patch_size", self.patch_size,
+                  "must be a power of two >= 4 with stem=conv (stride-2 convs down to one token per patch)")
         _eps(self, "layer_norm_eps")
         _probability(self, "dropout")
         check_choices(self, f"{type(self).__name__}.")

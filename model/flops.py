@@ -37,10 +37,23 @@ def text_encoder_flops(cfg: ModelConfig, L: int) -> int:
     return t.layers * _self_attn_block(L, t.dim, t.mlp_dim)
 
 
+def patch_embed_flops(cfg: ModelConfig, num_patches: int) -> int:
+    """The patch projection, or the conv stem's convolutions (model/vision_encoder.py::conv_stem)."""
+    v = cfg.vision
+    if v.stem != "conv":
+        return 2 * num_patches * v.channels * v.patch_size ** 2 * v.dim
+    cost, c_in, c_out, side = 0, v.channels, v.stem_channels, v.patch_size
+    while side > 2:
+        side //= 2  # each conv halves the side: (side/2)^2 outputs per patch, 3x3 taps each
+        cost += 2 * num_patches * side ** 2 * 9 * c_in * c_out
+        c_in, c_out = c_out, 2 * c_out
+    return cost + 2 * num_patches * 4 * c_in * v.dim
+
+
 def vision_encoder_flops(cfg: ModelConfig, num_patches: int) -> int:
     v = cfg.vision
-    patch_embed = 2 * num_patches * v.channels * v.patch_size ** 2 * v.dim
-    return patch_embed + v.layers * _self_attn_block(1 + num_patches, v.dim, v.mlp_dim)
+    return (patch_embed_flops(cfg, num_patches)
+            + v.layers * _self_attn_block(1 + num_patches, v.dim, v.mlp_dim))
 
 
 def _stream_layer(S: int, M: int, f: FusionConfig, cross: bool) -> int:

@@ -305,7 +305,8 @@ def load_vision_encoder(model, path: str, strict: bool = True) -> LoadReport:
     theirs = vision_config_from_hf(path)
     ours = model.cfg.vision
     _check_config(ours, theirs, ("patch_size", "layers", "dim", "heads", "mlp_dim", "channels",
-                                 "layer_norm_eps", "activation", "pre_layernorm", "patch_bias", "qkv_bias"),
+                                 "layer_norm_eps", "activation", "pre_layernorm", "patch_bias", "qkv_bias",
+                                 "stem"),
                   f"vision weights from {path}")
     sd = _normalise_keys(read_state_dict(path))
     clip = hf.get("model_type") != "vit"
@@ -350,6 +351,10 @@ def text_hf_config(cfg: TextConfig) -> dict:
 
 
 def _vision_kind(cfg: VisionConfig) -> str:
+    if cfg.stem != "linear":
+        raise ValueError(f"model.vision.stem={cfg.stem!r} has no transformers equivalent (ViT and CLIP embed "
+                         "patches with one linear projection): the vision tower cannot be exported as a "
+                         "Hugging Face folder")
     if not cfg.final_layernorm:
         raise ValueError("model.vision.final_layernorm=false has no transformers equivalent (ViT and CLIP "
                          "both end with a LayerNorm): the vision tower cannot be exported as a "
@@ -459,7 +464,7 @@ def save_vision_encoder(model, path: str) -> str:
 TEXT_SHAPE_FIELDS = ("vocab_size", "layers", "dim", "heads", "mlp_dim", "max_positions", "type_vocab_size",
                      "layer_norm_eps", "activation", "position_style", "pad_token_id")
 VISION_SHAPE_FIELDS = ("patch_size", "layers", "dim", "heads", "mlp_dim", "channels", "layer_norm_eps",
-                       "activation", "pre_layernorm", "final_layernorm", "patch_bias", "qkv_bias")
+                       "activation", "pre_layernorm", "final_layernorm", "patch_bias", "qkv_bias", "stem")
 
 
 def _conflicts(section: str, explicit: dict, folder_cfg, fields: tuple[str, ...], path: str) -> None:

@@ -25,14 +25,29 @@ def interpolate_positions(pos: Tensor, grid_h: int, grid_w: int) -> Tensor:
     return torch.cat([cls, grid], dim=1)
 
 
+def conv_stem(cfg: VisionConfig) -> nn.Sequential:
+    """Early convolutions in place of the patch projection: log2(patch_size) - 1 3x3 stride-2 convs with GELU
+    (stem_channels, doubled at each), then a 2x2 stride-2 conv to dim: (B, C, H, W) -> (B, dim, H/P, W/P)."""
+    mods: list[nn.Module] = []
+    c_in, c_out, side = cfg.channels, cfg.stem_channels, cfg.patch_size
+    while side > 2:
+        mods += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), nn.GELU()]
+        c_in, c_out, side = c_out, 2 * c_out, side // 2
+    mods.append(nn.Conv2d(c_in, cfg.dim, 2, stride=2, bias=cfg.patch_bias))
+    return nn.Sequential(*mods)
+
+
 class PatchEmbeddings(nn.Module):
     """conv patches, MIM mask token, CLS, learned (interpolated) positions, optional CLIP pre-LN."""
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.cfg = cfg
-        self.proj = nn.Conv2d(cfg.channels, cfg.dim, cfg.patch_size, stride=cfg.patch_size,
-                              bias=cfg.patch_bias)
+        if cfg.stem == "conv":
+            self.proj = conv_stem(cfg)
+        else:
+            self.proj = nn.Conv2d(cfg.channels, cfg.dim, cfg.patch_size, stride=cfg.patch_size,
+                                  bias=cfg.patch_bias)
         self.cls = nn.Parameter(torch.zeros(1, 1, cfg.dim))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
         self.pos = nn.Parameter(torch.zeros(1, 1 + cfg.num_patches, cfg.dim))
@@ -44,7 +59,8 @@ class PatchEmbeddings(nn.Module):
         H, W = pixels.shape[-2:]
         if H % P or W % P:
             raise ValueError(f"image size {H}x{W} is not a multiple of patch_size={P}")
-        x = self.proj(pixels.to(self.proj.weight.dtype)).flatten(2).transpose(1, 2)  # (B, N, D)
+        # the dtype of this module's own parameter: self.proj may be a Sequential (conv stem)
+        x = self.proj(pixels.to(self.cls.dtype)).flatten(2).transpose(1, 2)  # (B, N, D)
         B, N, _ = x.shape
         if patch_mask is not None:
             if patch_mask.shape != (B, N):
