@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -85,6 +86,13 @@ def worker_start_context():
     return ctx
 
 
+def _take_environment(environ: dict[str, str]) -> None:
+    """Makes this (worker) process's environment ``environ``, as a fork at that moment would have."""
+    for key in set(os.environ) - set(environ):
+        del os.environ[key]
+    os.environ.update(environ)
+
+
 class _WorkerStreams(IterableDataset):
     """Runs inside each DataLoader worker: yields whole mixed micro-batches with the worker's cursor
     attached."""
@@ -94,9 +102,16 @@ class _WorkerStreams(IterableDataset):
         self.plan, self.states, self.mix, self.first_worker = plan, states, mix, first_worker
         # a worker started by the forkserver does not inherit the trainer's logging set-up: it gets its level
         self.log_level = logging.getLogger().getEffectiveLevel()
+        # ... nor this process's environment as it is now: the server forks the workers from its own, a copy
+        # of this process's at the server's start (the first loader of the process). Storage credentials or an
+        # endpoint set after that (S3's AWS_* variables, a rotated token) would not reach the workers, which
+        # then fail with "no usable S3 credentials" although the process has them. The workers take this one.
+        self.environ = dict(os.environ)
 
     def __iter__(self):
         info = get_worker_info()
+        if info is not None:
+            _take_environment(self.environ)
         if info is not None and not logging.getLogger().handlers:
             logging.basicConfig(level=self.log_level, format="%(levelname)s %(name)s: %(message)s")
         # DataLoader always starts with worker 0; rotating the logical ids resumes the saved worker order.
