@@ -81,15 +81,23 @@ def worker_start_context():
     """
     import multiprocessing
 
+    global _SERVER_ENVIRON
+    if _SERVER_ENVIRON is None:  # the environment the server will start with (it starts at the first loader)
+        _SERVER_ENVIRON = dict(os.environ)
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(FORKSERVER_PRELOAD)  # takes effect when the server first starts
     return ctx
 
 
-def _take_environment(environ: dict[str, str]) -> None:
-    """Makes this (worker) process's environment ``environ``, as a fork at that moment would have."""
-    for key in set(os.environ) - set(environ):
-        del os.environ[key]
+_SERVER_ENVIRON: dict[str, str] | None = None  # see worker_start_context and _WorkerStreams
+
+
+def _take_environment(environ: dict[str, str], removed: list[str]) -> None:
+    """Gives this (worker) process the parent's variables ``environ`` and drops those the parent removed
+    since the server started. Nothing else is dropped: a variable that C code set in the parent (setenv, not
+    os.environ) reached the server, as it would have reached a forked worker, and stays."""
+    for key in removed:
+        os.environ.pop(key, None)
     os.environ.update(environ)
 
 
@@ -104,14 +112,16 @@ class _WorkerStreams(IterableDataset):
         self.log_level = logging.getLogger().getEffectiveLevel()
         # ... nor this process's environment as it is now: the server forks the workers from its own, a copy
         # of this process's at the server's start (the first loader of the process). Storage credentials or an
-        # endpoint set after that (S3's AWS_* variables, a rotated token) would not reach the workers, which
-        # then fail with "no usable S3 credentials" although the process has them. The workers take this one.
+        # endpoint set after that (S3's AWS_* variables) would not reach the workers, which then fail with "no
+        # usable S3 credentials" although the process has them. The workers take the variables as they are
+        # when this loader starts iterating (set or changed since the server started, and removed since).
         self.environ = dict(os.environ)
+        self.removed = sorted(set(_SERVER_ENVIRON or ()) - set(self.environ))
 
     def __iter__(self):
         info = get_worker_info()
         if info is not None:
-            _take_environment(self.environ)
+            _take_environment(self.environ, self.removed)
         if info is not None and not logging.getLogger().handlers:
             logging.basicConfig(level=self.log_level, format="%(levelname)s %(name)s: %(message)s")
         # DataLoader always starts with worker 0; rotating the logical ids resumes the saved worker order.

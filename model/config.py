@@ -107,10 +107,11 @@ class VisionConfig:
     qkv_bias: bool = True  # biases on the query/key/value projections
 
     # how a patch becomes a token: "linear" (ViT/CLIP: one patch_size x patch_size stride-patch_size conv) or
-    # "conv" (early convolutions, Xiao et al. 2021: 3x3 stride-2 convs + GELU, stem_channels doubling each,
-    # then a 2x2 stride-2 conv to dim; still one token per patch, each seeing a little past its edges).
-    # Trained directly on shapes, the debug tower learns them much faster with "conv"; in the debug recipe it
-    # did not reliably improve captions (docs/LEARNING.md). Only "linear" loads from / exports to HF.
+    # "conv" (early convolutions after Xiao et al. 2021, here 3x3 stride-2 convs + GELU without their norm,
+    # stem_channels doubling each, then a 2x2 stride-2 conv to dim; He-initialised; still one token per patch,
+    # each seeing a little past its edges, so MIM blanks masked patches' pixels before it). Trained directly
+    # on shapes, the debug tower learns them much faster with "conv"; in the debug recipe it did not reliably
+    # improve captions (docs/LEARNING.md). Only "linear" loads from / exports to HF.
     stem: PatchStem = "linear"
     stem_channels: int = 32  # channels of the conv stem's first conv (doubled at each next one)
 

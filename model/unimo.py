@@ -17,7 +17,7 @@ from model.config import ModelConfig
 from model.fusion import CrossModalEncoder
 from model.heads import GroundingHead, ITMHead, MIMHead, TiedLMHead
 from model.text_encoder import TextEncoder
-from model.vision_encoder import PatchEmbeddings, VisionEncoder
+from model.vision_encoder import PatchEmbeddings, VisionEncoder, init_conv_stem_
 
 
 def _last(states) -> Tensor:
@@ -47,6 +47,8 @@ class UnimoModel(nn.Module):
         self.mim_head = MIMHead(v.dim, v.patch_size, v.channels)
         self.grounding_head = GroundingHead(f.dim, cfg.embed_dim)
         self.apply(self._init_weights)
+        if self.cfg.vision.stem == "conv":
+            init_conv_stem_(self.vision.embeddings.proj)
         self._load_pretrained()
 
     def _load_pretrained(self) -> None:

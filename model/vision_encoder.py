@@ -37,6 +37,33 @@ def conv_stem(cfg: VisionConfig) -> nn.Sequential:
     return nn.Sequential(*mods)
 
 
+def init_conv_stem_(stem: nn.Sequential) -> None:
+    """Fan-in (He) initialisation of the stem's convolutions, biases zero.
+
+    The model's normal(init_std) initialisation suits one linear projection, not a chain of convolutions: each
+    layer scales the signal by ~init_std x sqrt(fan_in), so with the larger flavors' 0.02 the image reached
+    the first block about 40x below the position embeddings (std 0.0005 at init in the `small` flavor). He
+    initialisation keeps each layer's output at about its input's scale (GELU layers with ReLU's gain, the
+    last one linear)."""
+    convs = [m for m in stem if isinstance(m, nn.Conv2d)]
+    for i, conv in enumerate(convs):
+        nn.init.kaiming_normal_(conv.weight, mode="fan_in",
+                                nonlinearity="relu" if i < len(convs) - 1 else "linear")
+        if conv.bias is not None:
+            nn.init.zeros_(conv.bias)
+
+
+def blank_masked_patches(pixels: Tensor, patch_mask: Tensor, patch_size: int) -> Tensor:
+    """``pixels`` with the masked patches set to 0 (mid-grey of the [-1, 1] input): what a conv stem must not
+    see. Its tokens reach a few pixels past their own patch, so a mask token swapped in after the stem still
+    left an unmasked neighbour's token seeing most of a masked patch (39 of 64 pixels at patch 8), and MIM
+    could copy its answer instead of inferring it."""
+    B, _, H, W = pixels.shape
+    keep = ~patch_mask.bool().view(B, 1, H // patch_size, W // patch_size)
+    keep = keep.repeat_interleave(patch_size, dim=2).repeat_interleave(patch_size, dim=3)
+    return pixels * keep.to(pixels.dtype)
+
+
 class PatchEmbeddings(nn.Module):
     """conv patches, MIM mask token, CLS, learned (interpolated) positions, optional CLIP pre-LN."""
 
@@ -59,12 +86,15 @@ class PatchEmbeddings(nn.Module):
         H, W = pixels.shape[-2:]
         if H % P or W % P:
             raise ValueError(f"image size {H}x{W} is not a multiple of patch_size={P}")
-        # the dtype of this module's own parameter: self.proj may be a Sequential (conv stem)
-        x = self.proj(pixels.to(self.cls.dtype)).flatten(2).transpose(1, 2)  # (B, N, D)
-        B, N, _ = x.shape
+        B, N = pixels.shape[0], (H // P) * (W // P)
         if patch_mask is not None:
             if patch_mask.shape != (B, N):
                 raise ValueError(f"patch_mask shape {tuple(patch_mask.shape)} != (B, N) = {(B, N)}")
+            if self.cfg.stem == "conv":
+                pixels = blank_masked_patches(pixels, patch_mask, P)
+        # the dtype of this module's own parameter: self.proj may be a Sequential (conv stem)
+        x = self.proj(pixels.to(self.cls.dtype)).flatten(2).transpose(1, 2)  # (B, N, D)
+        if patch_mask is not None:
             # masked patches lose their content but keep their position, as in BEiT/SimMIM
             x = torch.where(patch_mask[..., None].bool(), self.mask_token.to(x.dtype), x)
         x = torch.cat([self.cls.expand(B, -1, -1).to(x.dtype), x], dim=1)  # (B, 1+N, D)

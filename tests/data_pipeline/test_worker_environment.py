@@ -21,8 +21,9 @@ ROOT = Path(__file__).resolve().parents[2]
 AWS = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
        "AWS_EC2_METADATA_DISABLED")
 
-# In a fresh process: a first loader over local data starts the fork server without S3 credentials; then the
-# credentials are set and a loader over the S3 copy of the same data must read it.
+# In a fresh process: a first loader over local data starts the fork server without S3 credentials and with
+# AWS_PROFILE naming a profile that does not exist (boto refuses to start with it, keys or not); then the
+# profile is removed, the credentials are set, and a loader over the S3 copy of the same data must read it.
 SCRIPT = """
 import json, os, sys
 from data_pipeline import DataConfig, SourceConfig, build_loader
@@ -35,15 +36,17 @@ def first_batch(urls):
 
 if __name__ == "__main__":
     local, remote, aws = (json.loads(a) for a in sys.argv[1:4])
+    os.environ["AWS_PROFILE"] = "no-such-profile"
     before = first_batch(local)
+    del os.environ["AWS_PROFILE"]
     os.environ.update(aws)
     print(json.dumps({"local": before, "s3": first_batch(remote)}))
 """
 
 
 @pytest.mark.integration  # a subprocess with DataLoader workers and the S3 server
-def test_credentials_set_after_the_first_loader_reach_the_next_loaders_workers(s3_server, s3_data,
-                                                                                local_data):
+def test_a_profile_removed_and_keys_set_after_the_first_loader_reach_the_next_workers(s3_server, s3_data,
+                                                                                     local_data):
     aws = {k: os.environ[k] for k in AWS}
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}  # none when the server starts
     env["PYTHONPATH"] = str(ROOT)

@@ -47,10 +47,11 @@ def open_gate_when_reached(gate: Path, action) -> None:
 
 class Outages(threading.Thread):
     """The server's life around one job, each change made while rank 0 is held at a step gate, so that it
-    lands at the same step whatever the machine's speed: down when the job starts, up before step 3 (rank 0
-    creates the run late and replays steps 1-2), killed before step 7 once steps 1-6 are in MLflow, back
-    before step 11: steps 7-10 and the step-8 checkpoint run with the server down, and the job cannot end
-    before it is back."""
+    lands at the same step whatever the machine's speed: down when the job starts, up before step 5 (steps
+    1-4 and the step-4 checkpoint ran before the run existed: rank 0 creates it late, replays the steps and
+    uploads the queued manifest), killed before step 7 once steps 1-6 are in MLflow, back before step 11:
+    steps 7-10 and the step-8 checkpoint run with the server down, and the job cannot end before it is
+    back."""
 
     def __init__(self, server: MlflowServer, run_dir: Path, gates: Path):
         super().__init__(daemon=True)
@@ -100,7 +101,7 @@ def test_a_job_started_while_mlflow_is_down_then_through_an_outage_logs_every_st
     run_dir = storage / "outage"
     server = MlflowServer(tmp_path / "mlflow", free_port())  # not started yet
     gates = tmp_path / "gates"
-    monkeypatch.setenv("UNIMO_FAULT_GATE", f"3:{gates / 'up'},7:{gates / 'down'},11:{gates / 'back'}")
+    monkeypatch.setenv("UNIMO_FAULT_GATE", f"5:{gates / 'up'},7:{gates / 'down'},11:{gates / 'back'}")
     outages = Outages(server, run_dir, gates)
     try:
         outages.start()
@@ -116,7 +117,7 @@ def test_a_job_started_while_mlflow_is_down_then_through_an_outage_logs_every_st
         outages.join(timeout=300)
         assert outages.error is None, outages.error
         # checkpoint 4 written before the server first came up, 8 while it was down
-        assert outages.seen == {"up": 0, "down": 4, "back": 8}, outages.seen
+        assert outages.seen == {"up": 4, "down": 4, "back": 8}, outages.seen
 
         client = MlflowClient(server.uri)
         (run,) = client.search_runs([client.get_experiment_by_name("outage").experiment_id])

@@ -1,5 +1,7 @@
 """model.vision.stem=conv: early convolutions in place of the linear patch projection."""
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -38,7 +40,6 @@ def test_conv_stem_model_shapes_init_and_gradients():
     m = UnimoModel(cfg)
     first = m.vision.embeddings.proj[0]
     assert isinstance(first, nn.Conv2d)
-    assert abs(float(first.weight.detach().std()) - cfg.init_std) < 0.03  # initialised like the rest
     px = torch.randn(2, 3, 48, 48)
     mask = torch.zeros(2, m.num_patches, dtype=torch.bool)
     mask[:, ::4] = True
@@ -81,3 +82,37 @@ def test_stem_choices_and_linear_default():
 def test_conv_stem_is_not_exported_as_vit():
     with pytest.raises(ValueError, match="stem"):
         vision_hf_config(VisionConfig(image_size=48, stem="conv"))
+
+
+@pytest.mark.parametrize("flavor, image_size", [("debug", 48), ("small", 64)])
+def test_conv_stem_starts_at_the_linear_stems_scale(flavor, image_size):
+    """He initialisation: the image reaches the first block at about the scale a linear stem gives it (with
+    the model's normal(init_std), the `small` flavor's conv stem started ~600x below its linear stem)."""
+    def stem_std(stem: str) -> float:
+        torch.manual_seed(0)
+        cfg = get_flavor(flavor)
+        cfg.vision = dataclasses.replace(cfg.vision, image_size=image_size, stem=stem)
+        proj = UnimoModel(cfg).vision.embeddings.proj
+        with torch.no_grad():
+            return float(proj(torch.rand(4, 3, image_size, image_size) * 2 - 1).std())
+
+    linear, conv = stem_std("linear"), stem_std("conv")
+    assert linear / 4 < conv < linear * 4, (linear, conv)
+
+
+def test_conv_stem_sees_no_pixel_of_a_masked_patch():
+    """MIM with a conv stem: changing a masked patch's pixels changes no token (each token's receptive field
+    reaches into its neighbours' patches, so the mask is applied to the pixels before the stem)."""
+    torch.manual_seed(0)
+    m = UnimoModel(_cfg()).eval()
+    px = torch.randn(1, 3, 48, 48)
+    mask = torch.zeros(1, m.num_patches, dtype=torch.bool)
+    mask[0, 7] = True  # patch (row 1, col 1) of the 6 x 6 grid: pixels 8..15 both ways
+    other = px.clone()
+    other[..., 8:16, 8:16] = torch.randn(3, 8, 8)
+    with torch.no_grad():
+        a, b = m.vision.embeddings(px, mask), m.vision.embeddings(other, mask)
+        assert torch.equal(a, b)
+        # without the mask its neighbours (patches 8 and 13: right and below) do see those pixels
+        a, b = m.vision.embeddings(px), m.vision.embeddings(other)
+        assert not torch.equal(a[:, 1 + 8], b[:, 1 + 8]) and not torch.equal(a[:, 1 + 13], b[:, 1 + 13])
