@@ -11,7 +11,7 @@ import pytest
 from cluster.local_cluster import start_head, stop_all
 from orchestrator import jobs
 from orchestrator.runlock import RunLock
-from tests.integration.recipes import DEBUG_CONFIG, STARTUP_S, small_run
+from tests.integration.recipes import DEBUG_CONFIG, jobs_bound, STARTUP_S, small_run
 from tests.orchestrator.faults import wait_for
 
 pytestmark = pytest.mark.integration
@@ -68,6 +68,7 @@ def test_wrong_or_missing_token_names_the_address_and_what_to_check(head, capsys
     assert rc == 1 and f"the Ray cluster at {url} requires token authentication and no token was sent" in err
 
 
+@jobs_bound(2)  # two jobs in a row (see jobs_bound)
 def test_submit_logs_status_and_stop(head, synthetic_data, tmp_path, capsys):
     url, storage, data = head.dashboard_url, tmp_path / "runs", str(synthetic_data)
     common = ["--address", url, "--python", sys.executable]

@@ -11,7 +11,7 @@ import signal
 
 import pytest
 
-from tests.integration.recipes import DEBUG_CONFIG, STARTUP_S, small_run
+from tests.integration.recipes import DEBUG_CONFIG, jobs_bound, STARTUP_S, small_run
 from tests.integration.services import wildcard_listeners
 from tests.orchestrator.faults import driver, registered, wait_for
 from trainer.preemption import EXIT_PREEMPTED
@@ -33,6 +33,7 @@ def saved_steps(storage) -> list[int]:
             for d in sorted((storage / "preempt" / "checkpoints").glob("step_*"))]
 
 
+@jobs_bound(2)  # two jobs in a row (see jobs_bound)
 def test_sigterm_to_the_driver_then_to_a_worker_of_the_resubmission(synthetic_data, tmp_path):
     """Two jobs of one run, 2 workers each, max_failures=0 (a worker that died instead of stopping would fail
     the job): the first gets a SIGTERM to its driver, the resubmission resumes there and gets a SIGTERM to one

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.integration.recipes import DEBUG_CONFIG, small_run
+from tests.integration.recipes import DEBUG_CONFIG, jobs_bound, small_run
 
 pytestmark = pytest.mark.integration
 
@@ -43,6 +43,7 @@ def s3_keys(bucket: str, prefix: str) -> dict[str, int]:
     return {o["Key"]: o["Size"] for page in pages for o in page.get("Contents", [])}
 
 
+@jobs_bound(2)  # two jobs in a row (see jobs_bound)
 def test_s3_storage_torn_skipped_elastic_resume_and_export(synthetic_data, tmp_path, capfd):
     """run.storage on the S3 server (moto on loopback), two corpora per modality: a 1-rank job's checkpoints,
     manifest and run files land in the bucket; a 2-rank resubmission skips a torn checkpoint (no manifest) and

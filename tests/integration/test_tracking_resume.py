@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.recipes import DEBUG_CONFIG, small_run
+from tests.integration.recipes import DEBUG_CONFIG, jobs_bound, small_run
 from tests.integration.services import FAKE_AWS, mlflow_server
 
 pytestmark = pytest.mark.integration
@@ -31,6 +31,7 @@ def all_artifacts(client, run_id: str, path: str | None = None) -> list[str]:
     return out
 
 
+@jobs_bound(2)  # two jobs in a row (see jobs_bound)
 def test_resubmitted_job_continues_the_same_run_without_gaps_or_secrets(synthetic_data, tmp_path,
                                                                         monkeypatch, capfd):
     from mlflow.tracking import MlflowClient
