@@ -23,6 +23,13 @@ def jobs_bound(jobs: int):
     return pytest.mark.timeout(jobs * STARTUP_S)
 
 
+# One training worker, one micro-batch per step: for tests whose subject is the driver's or rank 0's work
+# (tracking, fail-fast, the Jobs API), where a group of one shows what a group of two would. Such a job costs
+# about a quarter less CPU than one of two workers (docs/BENCHMARKS.md, session 14); the 2-rank paths are
+# the subject of the other integration tests.
+ONE_WORKER = ["scaling.num_workers=1", "train.global_micro_batches=1"]
+
+
 def data_overrides(base: str) -> list[str]:
     """Points every data source of the debug config at ``base`` (a local folder or s3:// prefix)."""
     return [f"data.pair.urls={base}/pairs", f"data.text.urls={base}/text", f"data.image.urls={base}/images",

@@ -19,16 +19,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.recipes import DEBUG_CONFIG, small_run
+from tests.integration.recipes import DEBUG_CONFIG, ONE_WORKER, small_run
 from tests.integration.services import FAKE_AWS, S3Server, upload_folder
 from tests.orchestrator.faults import QUIET_ENV, ROOT, Driver, driver, wait_for
 
 pytestmark = pytest.mark.integration
 
-# One worker: what is tested is how the driver ends a job, which a group of one shows as well as a group of
-# two (and a job of one worker costs a quarter less CPU); max_failures=3 would retry a failure it counted.
-NO_EVAL = ["data.eval_pairs=", "scaling.num_workers=1", "train.global_micro_batches=1",
-           "scaling.cpus_per_worker=1", "scaling.max_failures=3"]
+# How the driver ends a job (ONE_WORKER); max_failures=3 would retry a failure it counted.
+NO_EVAL = ["data.eval_pairs=", *ONE_WORKER, "scaling.cpus_per_worker=1", "scaling.max_failures=3"]
 GROUP_START = "1 rank(s) on cpu"  # rank 0 prints it once per worker-group start, before the loader is built
 
 # `unimo train` with the pre-flight replaced by the config's own check: the only way a user error can reach a

@@ -35,7 +35,8 @@ SCHEDULES = {
     # rank 0 SIGKILLed after step 8's checkpoint was uploaded, before retention (the campaign found step 8's
     # metrics lost: the restart resumes at 8 and never logs them). One job: damage that leaves nothing valid
     # (a deleted file, a cut manifest) would cost a whole run from scratch here; the resume's checks are unit
-    # tested (tests/trainer/test_resume_verification.py, test_checkpoint_state.py) and drawn by the campaign.
+    # tested (tests/trainer/test_checkpoint.py::test_torn_checkpoints_are_named, test_resume_verification.py)
+    # and drawn by the campaign.
     "kill before prune": [Fault("kill_before_prune", (0.9, 0.0, 0.0))],
 }
 

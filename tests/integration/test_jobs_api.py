@@ -11,15 +11,13 @@ import pytest
 from cluster.local_cluster import start_head, stop_all
 from orchestrator import jobs
 from orchestrator.runlock import RunLock
-from tests.integration.recipes import DEBUG_CONFIG, jobs_bound, STARTUP_S, small_run
+from tests.integration.recipes import DEBUG_CONFIG, ONE_WORKER, jobs_bound, STARTUP_S, small_run
 from tests.orchestrator.faults import wait_for
 
 pytestmark = pytest.mark.integration
 
-# One worker per job: the Jobs API path (submit, logs, status, stop) is what is tested, and a job of one
-# worker costs a quarter less CPU than one of two (multi-worker jobs: the other integration tests)
-NO_EVAL = ["data.eval_pairs=", "scaling.num_workers=1", "train.global_micro_batches=1",
-           "scaling.cpus_per_worker=1"]
+# The Jobs API path (submit, logs, status, stop) is what is tested: ONE_WORKER
+NO_EVAL = ["data.eval_pairs=", *ONE_WORKER, "scaling.cpus_per_worker=1"]
 
 
 @pytest.fixture

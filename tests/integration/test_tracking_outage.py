@@ -11,7 +11,7 @@ import pytest
 
 from trainer import fault_gate
 
-from tests.integration.recipes import DEBUG_CONFIG, STARTUP_S, small_run
+from tests.integration.recipes import DEBUG_CONFIG, ONE_WORKER, STARTUP_S, small_run
 from tests.integration.services import MlflowServer, free_port
 
 pytestmark = pytest.mark.integration
@@ -88,8 +88,8 @@ def test_a_job_started_while_mlflow_is_down_then_through_an_outage_logs_every_st
     """tracking.buffer_if_unreachable: training starts without the server and rank 0 creates the run once it
     is up; a later crash of the server (a kill, then a restart on the same port and database) loses nothing:
     the worker flushes on exit and the driver replays any spool, so every step is there, once, and the
-    checkpoint manifests queued during the outage are uploaded. One worker: what is tested is rank 0's
-    logging, and a job of one worker costs a quarter less CPU than one of two."""
+    checkpoint manifests queued during the outage are uploaded. One worker (ONE_WORKER): what is tested is
+    rank 0's logging."""
     import json
 
     import ray
@@ -107,7 +107,7 @@ def test_a_job_started_while_mlflow_is_down_then_through_an_outage_logs_every_st
         outages.start()
         extra = [f"tracking.uri={server.uri}", "tracking.experiment=outage", "tracking.flush_seconds=0.5",
                  "tracking.buffer_if_unreachable=true", "tracking.system_metrics_seconds=2",
-                 "scaling.num_workers=1", "train.global_micro_batches=1"]
+                 *ONE_WORKER]
         argv = ["train", DEBUG_CONFIG,
                 *small_run("outage", storage, str(synthetic_data), steps=STEPS, every=4, extra=extra)]
         try:

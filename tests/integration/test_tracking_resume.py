@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.recipes import DEBUG_CONFIG, jobs_bound, small_run
+from tests.integration.recipes import DEBUG_CONFIG, ONE_WORKER, jobs_bound, small_run
 from tests.integration.services import FAKE_AWS, mlflow_server
 
 pytestmark = pytest.mark.integration
@@ -40,10 +40,9 @@ def test_resubmitted_job_continues_the_same_run_without_gaps_or_secrets(syntheti
         monkeypatch.setenv(key, value)
     storage = tmp_path / "runs"
     with mlflow_server(tmp_path / "mlflow") as uri:
-        # one worker: the run's continuity in MLflow is rank 0's and the driver's work (2-rank jobs: the other
-        # integration tests), and a job of one worker costs a quarter less CPU
+        # the run's continuity in MLflow is rank 0's and the driver's work: ONE_WORKER
         tracking = [f"tracking.uri={uri}", "tracking.experiment=resume", "tracking.system_metrics_seconds=1",
-                    "tracking.flush_seconds=0.5", "scaling.num_workers=1", "train.global_micro_batches=1"]
+                    "tracking.flush_seconds=0.5", *ONE_WORKER]
         train(small_run("job", storage, str(synthetic_data), steps=6, every=3, extra=tracking, evaluate=True))
         # The same run name with a longer plan: resumes from the step-6 checkpoint and logs steps 7..10.
         train(small_run("job", storage, str(synthetic_data), steps=10, every=5,
