@@ -34,6 +34,10 @@ NODE_ENV = {
     # Ray Train's controller notices a finished or failed worker group at its next poll (2 s by default);
     # the nodes of one machine run a few workers, for which a poll every 0.5 s costs nothing measurable.
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+    # Ray starts its workers at nice 15, for nodes that run nothing but Ray. The nodes of a local cluster
+    # share one machine with whatever else runs there, and at 15 any busy process at normal priority starves
+    # the training workers (scaling.worker_niceness says the same for the embedded Ray).
+    "RAY_worker_niceness": "0",
 }
 # Inherited variables that would point a node at another cluster, or override this cluster's token
 # (RAY_AUTH_TOKEN takes precedence over RAY_AUTH_TOKEN_PATH in Ray's token loader).

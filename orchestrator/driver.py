@@ -91,6 +91,7 @@ def init_ray(cfg: RunConfig) -> None:
         lambda: ray.init(address="local", num_cpus=max(need, os.cpu_count() or 1),
                          include_dashboard=cfg.scaling.dashboard, dashboard_host="127.0.0.1",
                          _node_ip_address="127.0.0.1",
+                         _system_config={"worker_niceness": cfg.scaling.worker_niceness},
                          runtime_env={**JOB_RUNTIME_ENV, "env_vars": worker_env(cfg)}, log_to_driver=True),
         "the embedded Ray", cleanup=ray.shutdown)
 

@@ -252,6 +252,12 @@ class ScalingConfig:
     # the embedded Ray's dashboard on 127.0.0.1:8265 (off: MLflow is where a run is watched); a cluster's
     # dashboard is the cluster's own
     dashboard: bool = False
+    # the nice value of the embedded Ray's worker processes (training workers, Ray Train's controller, the
+    # loader's workers). Ray's own default, 15, keeps its control plane responsive on a node that only runs
+    # Ray, but on a shared machine any process at normal priority starves the training (a worker got ~6 % of a
+    # core against two busy loops); 0 = the priority `unimo train` itself runs at. A cluster's nodes take
+    # theirs at `ray start` (RAY_worker_niceness; docs/CLUSTER.md)
+    worker_niceness: int = 0
 
     # worker-group restarts in a row without a new checkpoint before the job fails (a failure after a newer
     # checkpoint was saved starts the count again); -1 = unlimited
@@ -264,6 +270,9 @@ class ScalingConfig:
         check(0 <= self.min_workers <= self.num_workers, "min_workers", self.min_workers,
               f"must lie in [0, num_workers={self.num_workers}] (0 = fixed size)")
         check(self.cpus_per_worker >= 1, "cpus_per_worker", self.cpus_per_worker, "must be >= 1")
+        # below the driver's own value would need CAP_SYS_NICE, which Ray's raylet does not ask for
+        check(0 <= self.worker_niceness <= 19, "worker_niceness", self.worker_niceness,
+              "must lie in [0, 19] (0 = normal priority; Ray's default is 15)")
         check_choices(self)
         check(self.max_failures >= -1, "max_failures", self.max_failures, "must be >= -1 (-1 = unlimited)")
         check(self.max_total_failures >= 0, "max_total_failures", self.max_total_failures,

@@ -162,8 +162,10 @@ def test_head_and_worker_on_loopback_then_the_worker_dies(head):
         ray.init(address={head.address!r}, log_to_driver=False)
         @ray.remote(num_cpus=1, resources={{{worker.resource!r}: 1}})
         def where():
-            return ray.get_runtime_context().get_node_id()
-        print(json.dumps({{"nodes": ray.nodes(), "task_node": ray.get(where.remote())}}))
+            import os
+            return ray.get_runtime_context().get_node_id(), os.nice(0)
+        node, nice = ray.get(where.remote())
+        print(json.dumps({{"nodes": ray.nodes(), "task_node": node, "nice": nice}}))
     """,
         )
     )
@@ -173,6 +175,7 @@ def test_head_and_worker_on_loopback_then_the_worker_dies(head):
     by_name = {n["NodeName"]: n for n in alive}
     assert by_name.keys() == {"lc-head", worker.name}
     assert nodes["task_node"] == by_name[worker.name]["NodeID"]  # the custom resource pins work to that node
+    assert nodes["nice"] == 0, "a local node's workers run at Ray's nice 15 (NODE_ENV: RAY_worker_niceness)"
 
     children = lc._descendants(worker.pid)
     worker.stop()

@@ -17,12 +17,15 @@ from cluster import local_cluster as lc
 
 ROOT = Path(__file__).resolve().parents[2]
 PROBE = """
-import json, ray
+import json, os, ray
 from orchestrator.driver import init_ray
 from trainer.config import load_config
-init_ray(load_config({config!r}, ["scaling.num_workers=1", "scaling.dashboard=true"]))
+init_ray(load_config({config!r}, ["scaling.num_workers=1", "scaling.dashboard=true",
+                                  "scaling.worker_niceness=3"]))
 ctx = ray.get_runtime_context()
-print(json.dumps({{"gcs": ctx.gcs_address, "dashboard": ray._private.worker.get_dashboard_url() or ""}}))
+nice = ray.get(ray.remote(lambda: os.nice(0)).remote())
+print(json.dumps({{"gcs": ctx.gcs_address, "dashboard": ray._private.worker.get_dashboard_url() or "",
+                  "worker_nice": nice}}))
 ray.shutdown()
 """
 
@@ -44,3 +47,5 @@ def test_no_address_starts_an_embedded_ray_even_with_ray_address_set(tmp_path):
     assert got["gcs"].startswith("127.0.0.1:") and got["gcs"] != head.address, (got, head.address)
     # its dashboard (off unless scaling.dashboard asks for it) listens on loopback too
     assert got["dashboard"].startswith("127.0.0.1:"), got
+    # and its workers run at scaling.worker_niceness, not Ray's 15 (3: neither Ray's default nor ours)
+    assert got["worker_nice"] == 3, got
