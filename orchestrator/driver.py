@@ -17,7 +17,7 @@ from trainer import preemption, storage
 from trainer.preemption import EXIT_PREEMPTED
 from trainer.config import RunConfig
 from trainer.config_loader import to_dict
-from trainer.loop import STOP_FILE
+from trainer.checkpointing.stop import STOP_FILE
 
 log = logging.getLogger(__name__)
 

@@ -353,10 +353,10 @@ def _model_base(raw: dict, base: ModelConfig | None) -> ModelConfig:
 def _shaped_by_init(raw: dict, base: ModelConfig) -> ModelConfig:
     from dataclasses import replace
 
-    from model import hf_loading
-
     if not isinstance(raw, dict) or not (raw.get("text_init") or raw.get("vision_init")):
         return base
+    from model import hf_loading  # torch: only for a run that starts from a folder
+
     text, vision = base.text, base.vision
     try:
         if raw.get("text_init"):
@@ -423,10 +423,12 @@ def _adopt_tokenizer(cfg: RunConfig, raw: dict) -> RunConfig:
     data.tokenizer is empty); ids the config states must agree with it. A tokenizer that cannot be read yet
     leaves the ids as configured (remote files are not read here): the trainer checks them when it loads
     it."""
-    from model.hf_loading import folder_tokenizer
-
     model_raw = raw.get("model") if isinstance(raw.get("model"), dict) else {}
-    folder_tok = folder_tokenizer(cfg.model.text_init) if cfg.model.text_init else ""
+    folder_tok = ""
+    if cfg.model.text_init:
+        from model.hf_loading import folder_tokenizer  # torch: only for a run that starts from a folder
+
+        folder_tok = folder_tokenizer(cfg.model.text_init)
     if folder_tok and not cfg.data.tokenizer:
         cfg.data.tokenizer = folder_tok
     elif folder_tok and Path(cfg.data.tokenizer).is_file() and \

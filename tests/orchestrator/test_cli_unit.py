@@ -1,6 +1,8 @@
 """The `unimo` command line's own surface: --version, shipped configs by name, -v after a subcommand,
 `job`."""
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -57,3 +59,22 @@ def test_job_is_an_alias_of_jobs(capsys):
     with pytest.raises(SystemExit):
         cli.main(["job", "--help"])
     assert "usage: unimo jobs" in capsys.readouterr().out
+
+
+@pytest.mark.integration  # a fresh interpreter: this one has torch loaded already
+def test_commands_that_train_nothing_import_no_torch_ray_or_mlflow():
+    """`unimo --version`, `config show` and `jobs` are what users run between jobs: each took 1.6 CPU-s (up to
+    9 s on a busy machine), nearly all of it importing torch, which the data pipeline's and the checkpoint
+    package's eager exports and an unconditional import of the HF loader pulled into every command."""
+    import subprocess
+    import sys
+
+    probe = ("import sys\nfrom orchestrator.cli import main\n"
+             "for argv in (['--version'], ['config', 'show', 'debug'], ['jobs', '--help']):\n"
+             "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+             "import orchestrator.driver\n"  # what `unimo train` loads before it starts Ray
+             "print('HEAVY', sorted(m for m in ('torch', 'ray', 'mlflow', 'deepspeed') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "HEAVY []", done.stdout[-500:]
