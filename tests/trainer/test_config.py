@@ -79,6 +79,7 @@ def test_scientific_float_in_a_config_file(tmp_path):
     ("optimizer.schedule=cosin",
      r"optimizer\.schedule: 'cosin' is not one of cosine, linear, constant; did you mean 'cosine'"),
     ("scaling.placement_strategy=ANY", r"scaling\.placement_strategy: 'ANY' is not one of PACK, SPREAD"),
+    ("scaling.worker_niceness=-5", r"scaling: worker_niceness=-5: must lie in \[0, 19\]"),
 ])
 def test_errors_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
