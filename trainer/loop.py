@@ -21,8 +21,8 @@ import torch
 from data_pipeline.accounting import corpus_counters, corpus_metrics
 from model.objective_registry import OBJECTIVES
 from trainer import fault_gate, preemption
-from trainer.checkpointing import STOP_FILE, CheckpointManager, Progress, StopFile
-from trainer.checkpointing.manager import Reporter
+from trainer.checkpointing.manager import CheckpointManager, Progress, Reporter
+from trainer.checkpointing.stop import STOP_FILE, StopFile
 from trainer.config import RunConfig, StageConfig
 from trainer.ds_config import grad_accum_steps
 from trainer.engine import ALIGN_ELEMENTS, build_engine, optimizer_groups, param_groups

@@ -56,7 +56,7 @@ def test_s3_storage_torn_skipped_elastic_resume_and_export(synthetic_data, tmp_p
 
     from tests.integration.services import s3_server
     from trainer import storage as run_storage
-    from trainer.checkpointing import UNIVERSAL_PREFIX
+    from trainer.checkpointing.universal import UNIVERSAL_PREFIX
 
     conversions = lambda: set(Path(tempfile.gettempdir()).glob(f"{UNIVERSAL_PREFIX}s3run-*"))  # noqa: E731
     before = conversions()

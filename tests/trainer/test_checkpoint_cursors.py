@@ -155,7 +155,7 @@ def test_a_rank_hashes_its_own_cursor_file_and_the_view_only_when_the_world_size
 
 def test_the_manager_saves_the_cursor_beside_a_small_trainer_state_and_resumes_from_it(tmp_path,
                                                                                       one_rank_group):
-    from trainer.checkpointing import CheckpointManager
+    from trainer.checkpointing.manager import CheckpointManager
     from trainer.config import load_config
 
     data_cfg, listing = synthetic_config(buffer=8, batch=4, workers=WORKERS), synthetic_listing(200)

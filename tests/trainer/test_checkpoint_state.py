@@ -14,7 +14,7 @@ import pytest
 from tests.integration.services import FAKE_AWS
 from trainer import checkpoint as ckpt
 from trainer.config import load_config
-from trainer.checkpointing import CheckpointManager
+from trainer.checkpointing.manager import CheckpointManager
 from tests.trainer.checkpoint_fakes import NoReporter, StubEngine, StubLoader
 
 SECRET = FAKE_AWS["AWS_SECRET_ACCESS_KEY"]

@@ -62,7 +62,7 @@ def test_any_rank_s_sigterm_is_a_stop_in_the_control_flags(monkeypatch):
 
 
 def test_rank0_reads_the_stop_file(tmp_path):
-    from trainer.checkpointing import STOP_FILE
+    from trainer.checkpointing.stop import STOP_FILE
     from trainer.config import load_config
     from trainer.loop import Trainer
 

@@ -133,7 +133,7 @@ def _rank(rank: int, port: int, run: str, out: str) -> None:
     import torch
     import torch.distributed as dist
 
-    from trainer.checkpointing import CheckpointManager
+    from trainer.checkpointing.manager import CheckpointManager
     from trainer.config import load_config
 
     torch.set_num_threads(1)

@@ -5,21 +5,7 @@ carries the RNG state; ``universal`` converts a checkpoint for another world siz
 Train's run snapshot in agreement with the folders on disk; ``StopFile`` is the driver's stop request. The
 folder format itself (manifest, verification, listing) is trainer/checkpoint.py.
 
-The names are imported on first use: the driver needs only the stop file's name (stop.py), and the manager
-would import torch into it.
+Import the names from their modules (trainer.checkpointing.manager, .stop, .universal): the package re-exports
+nothing, so that the driver, which needs only the stop file's name, does not import the manager and torch
+with it.
 """
-
-from __future__ import annotations
-
-import importlib
-from typing import Any
-
-_WHERE = {"CheckpointManager": "manager", "Progress": "manager", "STOP_FILE": "stop", "StopFile": "stop",
-          "UNIVERSAL_PREFIX": "universal"}
-__all__ = sorted(_WHERE)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _WHERE:
-        raise AttributeError(f"module 'trainer.checkpointing' has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
