@@ -155,8 +155,10 @@ def test_heartbeat_refreshes_and_detects_a_takeover(tmp_path):
 def test_heartbeat_thread_keeps_the_lock_fresh(tmp_path):
     lock = RunLock(tmp_path / "r", heartbeat=0.2).acquire().start_heartbeat()
     first = json.loads(lock.path.read_text())["heartbeat"]
-    time.sleep(1.0)
-    assert json.loads(lock.path.read_text())["heartbeat"] > first
+    deadline = time.monotonic() + 60  # a bound only a dead heartbeat thread reaches
+    while json.loads(lock.path.read_text())["heartbeat"] <= first:
+        assert time.monotonic() < deadline, "the heartbeat thread never refreshed the lock"
+        time.sleep(0.05)
     lock.release()
     assert not lock.path.exists()
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 
@@ -184,16 +183,23 @@ def test_metric_names_are_made_valid_for_mlflow(name, key):
     _validate_metric_name(key)  # raises if MLflow would refuse it
 
 
-def test_log_returns_quickly_while_the_server_hangs(tmp_path):
+def test_log_returns_while_the_server_hangs(tmp_path):
+    """The training step never waits for MLflow: 500 steps are logged while the server's first call is still
+    hanging (an event, not a stopwatch: the call returns only when the test lets it)."""
+    entered, hang = threading.Event(), threading.Event()
+
     class Hanging(FakeClient):
         def log_batch(self, *a, **k):
-            time.sleep(2)
+            entered.set()
+            hang.wait(60)
             raise TimeoutError("read timed out")
 
     logger = MetricLogger("fake://", "run1", flush_seconds=0.01, client=Hanging(), spool_dir=tmp_path)
-    t0 = time.perf_counter()
-    log_steps(logger, 1, 500)
-    assert time.perf_counter() - t0 < 1.0
+    log_steps(logger, 1, 1)
+    assert entered.wait(60), "the logger's thread never called the server"
+    log_steps(logger, 2, 500)  # would block here if logging waited for the hanging call
+    assert not hang.is_set()
+    hang.set()
     logger.close(timeout=0.1)
 
 
