@@ -1,4 +1,5 @@
-"""Where DeepSpeed's just-in-time built ops live, and a lock left behind by a killed build.
+"""Where DeepSpeed's just-in-time built ops live, a lock left behind by a killed build, and an import that
+every engine build paid for nothing.
 
 On a CPU machine DeepSpeed compiles its shared-memory collective op the first time a process group starts
 (torch's cpp_extension, ~30 s). Two things made that a hang rather than a cost, both seen on one machine:
@@ -11,19 +12,30 @@ On a CPU machine DeepSpeed compiles its shared-memory collective op the first ti
 So each environment builds into a folder of its own (``<sys.prefix>/torch_extensions``, unless the user set
 TORCH_EXTENSIONS_DIR), which scripts/setup_env.sh pre-builds, and a build lock older than any build takes
 (STALE_LOCK_S) while no compiler runs is removed with a warning.
+
+The import: ``deepspeed.initialize`` and the ZeRO optimizers import DeepSpeed's Muon module to ask whether the
+client optimizer is a Muon, and ZeRO 1-2 import its update function on every gradient reduction; importing
+them decorates three functions with ``torch.compile``, which loads inductor (164 more modules, ~1 CPU-second
+per worker start on the 2-core VM; docs/BENCHMARKS.md). The trainer's optimizer is always torch's AdamW
+(trainer/optim.py), so ``without_muon_import`` puts stand-in modules in their place: a class nothing is an
+instance of, and an update that would load the real one if it were ever called.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys
 import time
+import types
 from pathlib import Path
 
 log = logging.getLogger("unimo.ds_extensions")
 STALE_LOCK_S = 600.0
 COMPILERS = ("ninja", "cc1plus", "c++", "g++", "gcc", "clang")
+MUON_MODULE = "deepspeed.runtime.zero.muon.muon_optimizer"
+MUON_UPDATE_MODULE = "deepspeed.runtime.zero.muon.original_muon"
 
 
 def use_environment_folder(environ: dict[str, str] | None = None) -> str:
@@ -59,7 +71,45 @@ def clear_stale_build_locks(root: str | Path, now: float | None = None,
 
 
 def prepare() -> None:
-    """Called before DeepSpeed starts a process group: this environment's folder, no stale lock in it."""
+    """Called before DeepSpeed starts a process group: this environment's folder, no stale lock in it, no
+    inductor import for a Muon check."""
+    without_muon_import()
     root = use_environment_folder()
     if Path(root).is_dir():
         clear_stale_build_locks(root)
+
+
+class _NotMuon:
+    """Stands for DeepSpeed's MuonWithAuxAdam: the trainer never builds one, so nothing is an instance."""
+
+
+def _real(module: str, name: str):
+    """``name`` of the real ``module``, loaded now in place of its stand-in."""
+    if sys.modules.get(module) is not None and getattr(sys.modules[module], "__unimo_stand_in__", False):
+        del sys.modules[module]
+    return getattr(importlib.import_module(module), name)
+
+
+def _muon_update(*args, **kwargs):
+    """Stands for original_muon.muon_update, which ZeRO 1-2 import on every gradient reduction and call only
+    for a Muon optimizer's parameters: never here, but if ever, the real one runs."""
+    return _real(MUON_UPDATE_MODULE, "muon_update")(*args, **kwargs)
+
+
+def without_muon_import() -> None:
+    """Makes DeepSpeed's Muon checks cheap (the file's docstring): stand-ins for its two Muon modules, unless
+    they are loaded already. Any name they do not define is taken from the real module."""
+    for module, names in ((MUON_MODULE, {"MuonWithAuxAdam": _NotMuon}),
+                          (MUON_UPDATE_MODULE, {"muon_update": _muon_update})):
+        if module in sys.modules:
+            continue
+        stand_in = types.ModuleType(module, "unimo's stand-in: the trainer's optimizer is never a Muon")
+        stand_in.__dict__.update(names, __unimo_stand_in__=True)
+
+        def load_real(name: str, module: str = module):  # a name DeepSpeed did not use when this was written
+            if name.startswith("__"):  # __file__, __path__, ...: what tools that walk sys.modules probe
+                raise AttributeError(name)
+            return _real(module, name)
+
+        stand_in.__getattr__ = load_real
+        sys.modules[module] = stand_in
