@@ -17,6 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from data_pipeline import build_eval_pairs, build_loader, load_tokenizer, write_synthetic_dataset
+from data_pipeline import synthetic
 from data_pipeline.synthetic import PALETTE, SHAPES
 from model.unimo import UnimoModel
 from trainer.config import RunConfig, load_config
@@ -28,18 +29,20 @@ ROOT = Path(__file__).resolve().parents[1]
 TAIL = 25  # steps whose losses are averaged into final_losses
 STEPS_SCALE = 1.0  # the demo's own plan (configs/debug.yaml: 60 + 240 steps); >1 stretches every stage
 CANDIDATES = 100  # held-out images (and one caption each) in the strict retrieval pool: chance R@1 = 1/100
-# a colour word followed by a shape word ("red square", "orange triangles"): what a caption says is there
+# a colour word followed by a shape word ("red square", "yellow triangles"): what a caption says is there
 CONCEPT = re.compile(rf"\b({'|'.join(PALETTE)}) ({'|'.join(SHAPES)})s?\b")
 
 
 def synthetic_data(folder: Path, n_pairs: int) -> dict[str, str]:
-    """Writes the synthetic world once per folder (and size); later runs reuse it."""
-    marker = folder / f"urls-{n_pairs}.json"
+    """Writes the synthetic world once per folder, size and version of the world; later runs reuse it."""
+    version = synthetic.world_version()
+    marker = folder / f"urls-{n_pairs}-{version}.json"
     if marker.is_file():
         return json.loads(marker.read_text())
-    urls = write_synthetic_dataset(str(folder / f"n{n_pairs}"), n_pairs=n_pairs, n_text=n_pairs,
+    urls = write_synthetic_dataset(str(folder / f"n{n_pairs}-{version}"), n_pairs=n_pairs, n_text=n_pairs,
                                    n_images=n_pairs, n_eval=CANDIDATES, samples_per_shard=250,
                                    image_size=64, seed=0)
+    marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps(urls))
     return urls
 

@@ -194,6 +194,10 @@ def _contrast_fields(encs, chosen, spans_of, items, tok: TextTokenizer, spec: Ba
                                 donors=[p for j in others for p in phrases[j]],
                                 others=[captions[j] for j in others], weights=spec.rewrite_weights,
                                 known=tok.in_vocabulary)  # word-level: swap in words the corpus uses
+        if rewrite is not None and ids_of(rewrite.text) == ids_of(caption):
+            # a swap past the last of seq_len tokens leaves what the model reads unchanged: no negative (CMCL
+            # drops rows of kind -1), not the caption itself labelled as its own hard negative
+            rewrite = None
         pos.append(ids_of(positive))
         neg.append(ids_of(rewrite.text) if rewrite else ids_of(caption))
         kinds.append(KINDS.index(rewrite.kind.split(":")[0]) if rewrite else -1)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import io
+import itertools
 import json
 
 import numpy as np
@@ -12,13 +15,27 @@ from .storage_io import filesystem
 from .webdataset_tar import TarWriter
 from .tokenizer import save_tokenizer, train_tokenizer
 
-PALETTE = {"red": (220, 40, 40), "blue": (40, 70, 220), "green": (40, 170, 60), "yellow": (235, 210, 40),
-           "purple": (140, 60, 190), "orange": (245, 140, 30)}
+def world_version() -> str:
+    """A digest of this generator's source: data written by another version of the world is not reused
+    (`unimo demo`'s data folder, bench/learn.py's cache)."""
+    from pathlib import Path
+
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
+
+
+# The world is kept easy on purpose, so that the demo's tiny model (300 steps on 2 CPU cores) visibly learns
+# to name shapes (docs/LEARNING.md, "Shapes, session 16: an easier world"). Three colours, not six: a
+# caption's colour no longer tells its image from most others in a batch. Every shape sits on a GRID x GRID
+# board of cells, which at the debug model's 48 px input are its 8 px patches, so a shape's outline looks the
+# same in every patch it covers, wherever it is. With six colours and free positions the model named colours,
+# not shapes. This makes the demo easier, not the model better.
+PALETTE = {"red": (220, 40, 40), "blue": (40, 70, 220), "yellow": (235, 210, 40)}
 SHAPES = ("circle", "square", "triangle")
-SIZES = {"small": 0.09, "large": 0.16}             # radius as a fraction of the image side
+GRID = 6                                            # cells per image side
+SIZES = {"small": 1, "large": 2}                    # a shape's side in cells: one cell, or 2 x 2
 COUNTS = {1: "a", 2: "two", 3: "three"}
-REGIONS = {"left": (0.0, 0.0, 0.5, 1.0), "right": (0.5, 0.0, 1.0, 1.0),   # x0, y0, x1, y1 fractions
-           "top": (0.0, 0.0, 1.0, 0.5), "bottom": (0.0, 0.5, 1.0, 1.0)}
+REGIONS = {"left": (0, 0, 3, 6), "right": (3, 0, 6, 6),   # x0, y0, x1, y1 in cells
+           "top": (0, 0, 6, 3), "bottom": (0, 3, 6, 6)}
 WHERE = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom"}
 _SPLITS = {"pair": 1, "text": 2, "image": 3, "eval": 4}
 
@@ -53,24 +70,39 @@ def _captions(scene: list[dict], rng: np.random.Generator) -> tuple[list[str], l
     return [caps[i] for i in order], phrases
 
 
+@functools.cache
+def _layouts(where: str, k: int, count: int) -> list[tuple[tuple[int, int], ...]]:
+    """Every way to put ``count`` shapes of k x k cells inside a half without overlap (top-left cells)."""
+    x0, y0, x1, y1 = REGIONS[where]
+    spots = [(x, y) for y in range(y0, y1 - k + 1) for x in range(x0, x1 - k + 1)]
+    return [c for c in itertools.combinations(spots, count)
+            if all(abs(a[0] - b[0]) >= k or abs(a[1] - b[1]) >= k for a, b in itertools.combinations(c, 2))]
+
+
+def _cells(g: dict, rng: np.random.Generator) -> tuple[tuple[int, int], ...]:
+    """The top-left cells of a group's shapes, drawn uniformly among every placement in its half (three large
+    shapes fit a half only in a row)."""
+    layouts = _layouts(g["where"], SIZES[g["size"]], g["count"])
+    return layouts[int(rng.integers(len(layouts)))]
+
+
 def _draw(scene: list[dict], size: int, rng: np.random.Generator) -> Image.Image:
     tint = rng.integers(200, 240, size=3)
     img = Image.new("RGB", (size, size), tuple(int(t) for t in tint))
     draw = ImageDraw.Draw(img)
+    cell = size / GRID
     for g in scene:
-        x0, y0, x1, y1 = REGIONS[g["where"]]
-        r = SIZES[g["size"]] * size
-        for _ in range(g["count"]):
-            cx = rng.uniform(x0 * size + r, x1 * size - r)
-            cy = rng.uniform(y0 * size + r, y1 * size - r)
+        side = SIZES[g["size"]] * cell
+        for x, y in _cells(g, rng):
+            # PIL's boxes include their right and bottom edges: one pixel less keeps a shape inside its cells
+            left, top, right, bottom = x * cell, y * cell, x * cell + side - 1, y * cell + side - 1
             colour = tuple(int(np.clip(c + rng.integers(-20, 21), 0, 255)) for c in PALETTE[g["colour"]])
-            box = (cx - r, cy - r, cx + r, cy + r)
             if g["shape"] == "circle":
-                draw.ellipse(box, fill=colour)
+                draw.ellipse((left, top, right, bottom), fill=colour)
             elif g["shape"] == "square":
-                draw.rectangle(box, fill=colour)
+                draw.rectangle((left, top, right, bottom), fill=colour)
             else:
-                draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=colour)
+                draw.polygon([((left + right) / 2, top), (left, bottom), (right, bottom)], fill=colour)
     return img
 
 

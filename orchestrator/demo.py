@@ -14,18 +14,26 @@ DEFAULT_CONFIG = "debug"
 
 
 def ensure_demo_data(data_dir: Path) -> dict[str, str]:
-    """Writes the synthetic data set once; a second demo reuses it."""
-    from data_pipeline.synthetic import write_synthetic_dataset
+    """Writes the synthetic data set once; a second demo reuses it, unless it was written by another version
+    of the synthetic world (its DONE marker names the version), which is written again."""
+    import shutil
 
-    marker = data_dir / "DONE"
+    from data_pipeline.synthetic import world_version, write_synthetic_dataset
+
+    marker, version = data_dir / "DONE", world_version()
     paths = {"pair": data_dir / "pairs", "text": data_dir / "text", "image": data_dir / "images",
              "eval": data_dir / "eval", "tokenizer": data_dir / "tokenizer" / "tokenizer.json"}
-    if not marker.is_file():
+    found = marker.read_text().strip() if marker.is_file() else None
+    if found != f"world {version}":
+        if found is not None:
+            print(f"[demo] {data_dir} holds another version of the synthetic world: writing it again (a run "
+                  "that trained on the old one will not resume: give the demo a new run.name)", flush=True)
+            shutil.rmtree(data_dir)
         t0 = time.perf_counter()
         print(f"[demo] writing the synthetic data set to {data_dir} ...", flush=True)
         written = write_synthetic_dataset(str(data_dir))
         paths = {k: Path(v) for k, v in written.items()}
-        marker.write_text("ok\n")
+        marker.write_text(f"world {version}\n")
         print(f"[demo] data written in {time.perf_counter() - t0:.1f}s", flush=True)
     return {k: str(v) for k, v in paths.items()}
 
