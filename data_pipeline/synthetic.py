@@ -15,13 +15,6 @@ from .storage_io import filesystem
 from .webdataset_tar import TarWriter
 from .tokenizer import save_tokenizer, train_tokenizer
 
-def world_version() -> str:
-    """A digest of this generator's source: data written by another version of the world is not reused
-    (`unimo demo`'s data folder, bench/learn.py's cache)."""
-    from pathlib import Path
-
-    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
-
 
 # The world is kept easy on purpose, so that the demo's tiny model (300 steps on 2 CPU cores) visibly learns
 # to name shapes (docs/LEARNING.md, "Shapes, session 16: an easier world"). Three colours, not six: a
@@ -38,6 +31,14 @@ REGIONS = {"left": (0, 0, 3, 6), "right": (3, 0, 6, 6),   # x0, y0, x1, y1 in ce
            "top": (0, 0, 6, 3), "bottom": (0, 3, 6, 6)}
 WHERE = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom"}
 _SPLITS = {"pair": 1, "text": 2, "image": 3, "eval": 4}
+
+
+def world_version() -> str:
+    """A digest of this generator's source: data written by another version of the world is not reused
+    (`unimo demo`'s data folder, bench/learn.py's cache)."""
+    from pathlib import Path
+
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
 
 
 def _scene(rng: np.random.Generator) -> list[dict]:
