@@ -7,6 +7,7 @@ import hashlib
 import io
 import itertools
 import json
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -36,8 +37,6 @@ _SPLITS = {"pair": 1, "text": 2, "image": 3, "eval": 4}
 def world_version() -> str:
     """A digest of this generator's source: data written by another version of the world is not reused
     (`unimo demo`'s data folder, bench/learn.py's cache)."""
-    from pathlib import Path
-
     return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
 
 

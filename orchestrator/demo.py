@@ -26,8 +26,9 @@ def ensure_demo_data(data_dir: Path) -> dict[str, str]:
     found = marker.read_text().strip() if marker.is_file() else None
     if found != f"world {version}":
         if found is not None:
-            print(f"[demo] {data_dir} holds another version of the synthetic world: writing it again (a run "
-                  "that trained on the old one will not resume: give the demo a new run.name)", flush=True)
+            print(f"[demo] {data_dir} holds another version of the synthetic world: writing it again (to "
+                  "train on it from scratch, give the demo a new run.name: the same name resumes its run)",
+                  flush=True)
             shutil.rmtree(data_dir)
         t0 = time.perf_counter()
         print(f"[demo] writing the synthetic data set to {data_dir} ...", flush=True)

@@ -82,6 +82,10 @@ def prepare() -> None:
 class _NotMuon:
     """Stands for DeepSpeed's MuonWithAuxAdam: the trainer never builds one, so nothing is an instance."""
 
+    def __init__(self, *args, **kwargs):  # DeepSpeed builds one only for its own `optimizer.type: muon`
+        raise RuntimeError("unimo trains with torch's AdamW (trainer/optim.py): DeepSpeed's Muon optimizer "
+                           "is not supported")
+
 
 def _real(module: str, name: str):
     """``name`` of the real ``module``, loaded now in place of its stand-in."""

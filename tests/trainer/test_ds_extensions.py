@@ -5,6 +5,8 @@ import os
 import sys
 import time
 
+import pytest
+
 from trainer import ds_extensions
 
 
@@ -50,8 +52,10 @@ def test_muon_stand_ins_answer_deepspeed_s_checks_and_load_the_real_module_for_a
 
     from trainer import ds_extensions
 
-    for module in (ds_extensions.MUON_MODULE, ds_extensions.MUON_UPDATE_MODULE):
-        monkeypatch.delitem(sys.modules, module, raising=False)
+    modules = (ds_extensions.MUON_MODULE, ds_extensions.MUON_UPDATE_MODULE)
+    for module in modules:  # whatever this pytest worker had (nothing, stand-ins or real) comes back after
+        monkeypatch.setitem(sys.modules, module, None)
+        monkeypatch.delitem(sys.modules, module)
     ds_extensions.without_muon_import()
     from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam
     from deepspeed.runtime.zero.muon.original_muon import muon_update
@@ -66,3 +70,5 @@ def test_muon_stand_ins_answer_deepspeed_s_checks_and_load_the_real_module_for_a
     assert real is sys.modules[ds_extensions.MUON_UPDATE_MODULE].zeropower_via_newtonschulz5
     ds_extensions.without_muon_import()  # the real module is loaded now: left as it is
     assert sys.modules[ds_extensions.MUON_UPDATE_MODULE] is not stand_in
+    with pytest.raises(RuntimeError, match="Muon"):  # DeepSpeed's own `optimizer.type: muon`: said plainly
+        MuonWithAuxAdam([])

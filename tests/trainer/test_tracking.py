@@ -197,9 +197,12 @@ def test_log_returns_while_the_server_hangs(tmp_path):
     logger = MetricLogger("fake://", "run1", flush_seconds=0.01, client=Hanging(), spool_dir=tmp_path)
     log_steps(logger, 1, 1)
     assert entered.wait(60), "the logger's thread never called the server"
-    log_steps(logger, 2, 500)  # would block here if logging waited for the hanging call
-    assert not hang.is_set()
+    steps = threading.Thread(target=log_steps, args=(logger, 2, 500), daemon=True)
+    steps.start()
+    steps.join(60)  # returns at once unless logging waits for the call, which hangs until hang is set
+    finished = not steps.is_alive()
     hang.set()
+    assert finished, "logging a step waited for the hanging MLflow call"
     logger.close(timeout=0.1)
 
 

@@ -181,7 +181,10 @@ cfg = load_config({config!r}, [f"run.storage={{storage}}", f"run.name={{name}}",
 run_dir = f"{{storage}}/{{name}}"
 uri = default_tracking_uri(cfg, run_dir)
 open(os.path.join(barrier, name), "w").close()
+deadline = time.monotonic() + 300  # reached only if a job died before the barrier
 while len(os.listdir(barrier)) < jobs:  # every job opens the new store once all are ready
+    if time.monotonic() > deadline:
+        sys.exit(f"{{name}}: not every job reached the barrier in {{barrier}}")
     time.sleep(0.001)
 print("run", ensure_run(cfg, uri, run_dir))
 """
@@ -204,7 +207,11 @@ def test_jobs_started_together_share_a_new_sqlite_store(tmp_path):
     procs = [subprocess.Popen([sys.executable, "-c", code, f"job{i}", str(storage), str(barrier), "3"],
                               cwd=Path(__file__).resolve().parents[2], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for i in range(3)]
-    outs = [p.communicate(timeout=120) for p in procs]
+    try:
+        outs = [p.communicate(timeout=400) for p in procs]
+    finally:
+        for p in procs:  # none left spinning at the barrier if one failed
+            p.kill()
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0 and "run " in out, err[-2000:]
     client = MlflowClient(f"sqlite:///{storage / 'mlflow.db'}")
