@@ -10,7 +10,8 @@ before it ever saves) still stops. ``scaling.max_total_failures`` (0 = none) cap
 A ``UserError`` raised in any worker (a config or data mistake, an incompatible checkpoint, a full disk) ends
 the job at once: a restart cannot fix it. So does any failure after the driver was asked to stop (its STOP
 file exists): a stop means stop, never a new worker group. An error of unknown kind is retried (it may be
-transient). Controller failures (a worker group that cannot be placed) are bounded by
+transient). An elastic job decides each worker-group (re)start from the nodes alive at that moment
+(``FreshViewElasticPolicy``). Controller failures (a worker group that cannot be placed) are bounded by
 ``FailureConfig.controller_failure_limit``, which the driver sets; preemptions that Ray Train detects by
 ``FailureConfig.max_preemption_failures`` (unlimited by default).
 """
@@ -19,7 +20,12 @@ from __future__ import annotations
 
 import logging
 
+import ray
 from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy, FailureDecision
+from ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client import (
+    AUTOSCALING_REQUESTS_GET_TIMEOUT_S)
+from ray.train.v2._internal.execution.scaling_policy.elastic import ElasticScalingPolicy
+from ray.train.v2._internal.util import time_monotonic
 from ray.train.torch import TorchTrainer
 from ray.train.v2.api.exceptions import WorkerGroupError
 
@@ -135,6 +141,8 @@ class GuardedTorchTrainer(TorchTrainer):
     def _initialize_and_run_controller(self, **controller_init_kwargs):
         controller_init_kwargs["failure_policy"] = UserErrorFailurePolicy(
             self.run_config.failure_config, *self._unimo_policy_args)
+        controller_init_kwargs["scaling_policy"] = fresh_view_if_elastic(
+            controller_init_kwargs.get("scaling_policy"), self.scaling_config)
         controller_init_kwargs["callbacks"] = unused_helpers_left_out(
             controller_init_kwargs.get("callbacks") or [], self._unimo_embedded)
         return super()._initialize_and_run_controller(**controller_init_kwargs)
@@ -147,3 +155,43 @@ def unused_helpers_left_out(callbacks: list, embedded: bool) -> list:
 
     unused = (DatasetsCallback, PlacementGroupCleanerCallback) if embedded else (DatasetsCallback,)
     return [cb for cb in callbacks if not isinstance(cb, unused)]
+
+
+def fresh_view_if_elastic(policy, scaling_config):
+    """The scaling policy the controller gets: an elastic one deciding each (re)start from a fresh view of the
+    nodes (FreshViewElasticPolicy), any other as Ray made it."""
+    if type(policy) is ElasticScalingPolicy:
+        return FreshViewElasticPolicy(scaling_config=scaling_config)
+    return policy
+
+
+class FreshViewElasticPolicy(ElasticScalingPolicy):
+    """Ray's elastic policy, except that the size of a worker group about to (re)start is counted on the nodes
+    alive now.
+
+    Ray 2.60's policy asks Ray Data's autoscaling coordinator, whose view of the nodes is refreshed every
+    20 s: after a node is lost it restarted at the old size, and the group waited for a placement that could
+    not happen until Ray Train's worker-group start timeout (60 s) ended it. The coordinator recomputes on
+    request ("callers that turn the answer into node pins want this"), and a decision to start a group is such
+    a caller. At most once per RECOMPUTE_EVERY_S: a recompute lists the cluster's nodes.
+    """
+
+    RECOMPUTE_EVERY_S = 2.0
+
+    def __init__(self, scaling_config):
+        super().__init__(scaling_config)
+        self._latest_recompute = float("-inf")
+
+    def make_decision_for_non_running_worker_group(self):
+        now = time_monotonic()
+        if now - self._latest_recompute >= self.RECOMPUTE_EVERY_S:
+            self._latest_recompute = now
+            try:
+                self._latest_reserved_resources = ray.get(
+                    self._autoscaling_coordinator.get_reserved_resources.remote(self._requester_id,
+                                                                                  recompute=True),
+                    timeout=AUTOSCALING_REQUESTS_GET_TIMEOUT_S)
+                self._latest_reserved_resources_query_time = now
+            except Exception as err:  # Ray's own cached view decides, as it would without this class
+                log.warning("[unimo] no fresh view of the nodes before a worker-group start: %s", err)
+        return super().make_decision_for_non_running_worker_group()

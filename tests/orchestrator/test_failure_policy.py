@@ -132,3 +132,43 @@ def test_a_changed_tokenizer_or_corpus_is_not_retried():
 
     policy = UserErrorFailurePolicy(ray.train.FailureConfig(max_failures=3))
     assert policy.make_decision(group_error(DataChanged("tokenizer differs"))) == FailureDecision.RAISE
+
+
+def test_an_elastic_job_restarts_from_a_fresh_view_of_the_nodes(monkeypatch):
+    """The controller of an elastic job gets FreshViewElasticPolicy (a recompute of the coordinator's node
+    view before each worker-group start, at most every 2 s; tests/integration/test_faults_node.py shows the
+    effect); a fixed-size job keeps Ray's policy. Both travel to the controller by pickle."""
+    from ray.train.v2._internal.execution.scaling_policy import create_scaling_policy
+
+    from orchestrator.failure_policy import FreshViewElasticPolicy, fresh_view_if_elastic
+
+    class Coordinator:  # the coordinator actor's one call the policy makes, answered in this process
+        def __init__(self):
+            self.recomputes = []
+            self.get_reserved_resources = self
+
+        def remote(self, requester_id, recompute=False):
+            self.recomputes.append(recompute)
+            return {"node-a": {"CPU": 1.0}}  # what is reserved for the job: one node of 1 CPU alive
+
+    class Client:  # Ray Train's coordinator client, as the controller's start sets it up
+        def __init__(self, coordinator):
+            self._autoscaling_coordinator = coordinator
+
+        def maybe_send_resource_request(self, *args):
+            pass
+
+    elastic = ray.train.ScalingConfig(num_workers=(1, 2), resources_per_worker={"CPU": 1})
+    fixed = ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1})
+    policy = fresh_view_if_elastic(create_scaling_policy(elastic), elastic)
+    assert isinstance(policy, FreshViewElasticPolicy)
+    kept = create_scaling_policy(fixed)
+    assert fresh_view_if_elastic(kept, fixed) is kept
+    policy = pickle.loads(pickle.dumps(policy))
+    coordinator = Coordinator()
+    policy._requester_id, policy._coordinator_client = "train-x", Client(coordinator)
+    monkeypatch.setattr(ray, "get", lambda ref, timeout=None: ref)
+    decision = policy.make_decision_for_non_running_worker_group()
+    policy.make_decision_for_non_running_worker_group()  # within 2 s: Ray's own (cached) query, no recompute
+    assert decision.num_workers == 1  # counted on the node alive
+    assert coordinator.recomputes[0] is True and coordinator.recomputes.count(True) == 1
