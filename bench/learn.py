@@ -17,8 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from data_pipeline import build_eval_pairs, build_loader, load_tokenizer, write_synthetic_dataset
-from data_pipeline import synthetic
-from data_pipeline.synthetic import PALETTE, SHAPES
+from data_pipeline.synthetic import PALETTE, SHAPES, world_version
 from model.unimo import UnimoModel
 from trainer.config import RunConfig, load_config
 from trainer.evaluation import CAPTION_IMAGES, evaluate
@@ -35,7 +34,7 @@ CONCEPT = re.compile(rf"\b({'|'.join(PALETTE)}) ({'|'.join(SHAPES)})s?\b")
 
 def synthetic_data(folder: Path, n_pairs: int) -> dict[str, str]:
     """Writes the synthetic world once per folder, size and version of the world; later runs reuse it."""
-    version = synthetic.world_version()
+    version = world_version()
     marker = folder / f"urls-{n_pairs}-{version}.json"
     if marker.is_file():
         return json.loads(marker.read_text())

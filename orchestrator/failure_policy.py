@@ -142,7 +142,7 @@ class GuardedTorchTrainer(TorchTrainer):
         controller_init_kwargs["failure_policy"] = UserErrorFailurePolicy(
             self.run_config.failure_config, *self._unimo_policy_args)
         controller_init_kwargs["scaling_policy"] = fresh_view_if_elastic(
-            controller_init_kwargs.get("scaling_policy"), self.scaling_config)
+            controller_init_kwargs.get("scaling_policy"))
         controller_init_kwargs["callbacks"] = unused_helpers_left_out(
             controller_init_kwargs.get("callbacks") or [], self._unimo_embedded)
         return super()._initialize_and_run_controller(**controller_init_kwargs)
@@ -157,11 +157,11 @@ def unused_helpers_left_out(callbacks: list, embedded: bool) -> list:
     return [cb for cb in callbacks if not isinstance(cb, unused)]
 
 
-def fresh_view_if_elastic(policy, scaling_config):
+def fresh_view_if_elastic(policy):
     """The scaling policy the controller gets: an elastic one deciding each (re)start from a fresh view of the
     nodes (FreshViewElasticPolicy), any other as Ray made it."""
     if type(policy) is ElasticScalingPolicy:
-        return FreshViewElasticPolicy(scaling_config=scaling_config)
+        return FreshViewElasticPolicy(scaling_config=policy.scaling_config)
     return policy
 
 

@@ -89,7 +89,7 @@ class _NotMuon:
 
 def _real(module: str, name: str):
     """``name`` of the real ``module``, loaded now in place of its stand-in."""
-    if sys.modules.get(module) is not None and getattr(sys.modules[module], "__unimo_stand_in__", False):
+    if getattr(sys.modules.get(module), "__unimo_stand_in__", False):
         del sys.modules[module]
     return getattr(importlib.import_module(module), name)
 

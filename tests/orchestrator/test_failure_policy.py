@@ -160,10 +160,10 @@ def test_an_elastic_job_restarts_from_a_fresh_view_of_the_nodes(monkeypatch):
 
     elastic = ray.train.ScalingConfig(num_workers=(1, 2), resources_per_worker={"CPU": 1})
     fixed = ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1})
-    policy = fresh_view_if_elastic(create_scaling_policy(elastic), elastic)
-    assert isinstance(policy, FreshViewElasticPolicy)
+    policy = fresh_view_if_elastic(create_scaling_policy(elastic))
+    assert isinstance(policy, FreshViewElasticPolicy) and policy.scaling_config is elastic
     kept = create_scaling_policy(fixed)
-    assert fresh_view_if_elastic(kept, fixed) is kept
+    assert fresh_view_if_elastic(kept) is kept
     policy = pickle.loads(pickle.dumps(policy))
     coordinator = Coordinator()
     policy._requester_id, policy._coordinator_client = "train-x", Client(coordinator)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.orchestrator.faults import wait_for
 from orchestrator.runlock import LOCK_FILE, LockOwner, RunLock, RunLocked
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -155,10 +156,8 @@ def test_heartbeat_refreshes_and_detects_a_takeover(tmp_path):
 def test_heartbeat_thread_keeps_the_lock_fresh(tmp_path):
     lock = RunLock(tmp_path / "r", heartbeat=0.2).acquire().start_heartbeat()
     first = json.loads(lock.path.read_text())["heartbeat"]
-    deadline = time.monotonic() + 60  # a bound only a dead heartbeat thread reaches
-    while json.loads(lock.path.read_text())["heartbeat"] <= first:
-        assert time.monotonic() < deadline, "the heartbeat thread never refreshed the lock"
-        time.sleep(0.05)
+    wait_for(lambda: json.loads(lock.path.read_text())["heartbeat"] > first, 60,  # 60: only a dead thread
+             "the heartbeat thread to refresh the lock", poll=0.05)
     lock.release()
     assert not lock.path.exists()
 

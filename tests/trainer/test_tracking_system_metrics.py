@@ -9,6 +9,7 @@ from collections import namedtuple
 
 import pytest
 
+from tests.orchestrator.faults import wait_for
 from trainer.system_metrics import GpuProbe, SystemSampler, gpu_identity, metric_node_name
 from trainer.metric_logger import metric_key
 
@@ -124,21 +125,13 @@ def test_host_sample_has_cpu_memory_disk_network_under_the_node_prefix(tmp_path)
     sampler.stop()
 
 
-def _wait_until(condition, what: str, bound_s: float = 60.0) -> None:
-    """Polls ``condition``; the bound is reached only if the sampler's thread is dead."""
-    deadline = time.monotonic() + bound_s
-    while not condition():
-        assert time.monotonic() < deadline, f"no {what} in {bound_s:.0f} s"
-        time.sleep(0.01)
-
-
 def test_sampler_thread_logs_with_the_current_step():
     got = []
     step = {"now": 3}
     sampler = SystemSampler("n", lambda m, s: got.append((s, m)), lambda: step["now"], interval=0.05).start()
-    _wait_until(lambda: any(s == 3 for s, _ in got), "a sample at step 3")
+    wait_for(lambda: any(s == 3 for s, _ in got), 60, "a sample at step 3", poll=0.01)  # 60: a dead thread
     step["now"] = 9
-    _wait_until(lambda: any(s == 9 for s, _ in got), "a sample at step 9")
+    wait_for(lambda: any(s == 9 for s, _ in got), 60, "a sample at step 9", poll=0.01)
     sampler.stop()
     steps = [s for s, _ in got]
     assert 3 in steps and 9 in steps and steps == sorted(steps)
