@@ -19,6 +19,13 @@ them decorates three functions with ``torch.compile``, which loads inductor (164
 per worker start on the 2-core VM; docs/BENCHMARKS.md). The trainer's optimizer is always torch's AdamW
 (trainer/optim.py), so ``without_muon_import`` puts stand-in modules in their place: a class nothing is an
 instance of, and an update that would load the real one if it were ever called.
+
+And one more import: ``import deepspeed`` loads its autotuner, which imports MLflow if it can (~0.7 CPU-second
+and ~120 MB per process on the 2-core VM) only to log autotuning experiments, which unimo never runs. Rank 0
+imports MLflow anyway for its own logging; every other rank, and every tool that only reads a checkpoint, did
+it for nothing. ``import_deepspeed`` imports DeepSpeed with MLflow made unimportable for that moment, unless
+MLflow is loaded already, and then makes it importable again: the autotuner sees no MLflow, and anything that
+imports MLflow later gets the real one.
 """
 
 from __future__ import annotations
@@ -68,6 +75,21 @@ def clear_stale_build_locks(root: str | Path, now: float | None = None,
                     "running (the build was killed); the op is rebuilt", lock, now - lock.stat().st_mtime)
         lock.unlink(missing_ok=True)
     return old
+
+
+def import_deepspeed():
+    """``import deepspeed`` without the MLflow import of its autotuner (the file's docstring); returns it."""
+    if "deepspeed" in sys.modules:
+        return sys.modules["deepspeed"]
+    hide = "mlflow" not in sys.modules  # loaded (or loading, in another thread): nothing to save
+    if hide:
+        sys.modules["mlflow"] = None  # `import mlflow` raises ImportError; the autotuner catches it
+    try:
+        import deepspeed
+    finally:
+        if hide and "mlflow" in sys.modules and sys.modules["mlflow"] is None:
+            del sys.modules["mlflow"]
+    return deepspeed
 
 
 def prepare() -> None:

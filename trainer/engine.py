@@ -50,10 +50,10 @@ def build_engine(cfg: RunConfig, module: torch.nn.Module, world_size: int, on_gp
     Returns the engine, its optimizer, and each parameter group's top-level module (per-stage learning rates).
     The process group must exist already (Ray Train's, or the caller's).
     """
-    import deepspeed
-
     from trainer import ds_extensions
     from trainer.zero3_external_params import register_external_parameters
+
+    deepspeed = ds_extensions.import_deepspeed()
 
     ds_extensions.prepare()  # this environment's op builds; a lock left by a killed build would hang us
 

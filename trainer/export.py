@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 
 def consolidated_state_dict(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
     """fp32 weights of the model from a verified checkpoint (keys as in UnimoModel.state_dict())."""
+    from trainer.ds_extensions import import_deepspeed
+
+    import_deepspeed()  # the package without its autotuner's MLflow import, before the submodule below
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     full = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag="ds")

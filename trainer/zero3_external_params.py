@@ -31,8 +31,10 @@ def external_parameters(root: nn.Module) -> list[nn.Parameter]:
 
 def register_external_parameters(root: nn.Module) -> int:
     """Registers the parameters that need it on ``root``; returns how many (no-op without DeepSpeed)."""
+    from trainer.ds_extensions import import_deepspeed
+
     try:
-        import deepspeed
+        deepspeed = import_deepspeed()
     except ImportError:
         return 0
     register_external_parameter = deepspeed.zero.register_external_parameter

@@ -191,7 +191,9 @@ def make_loadable_under_any_stage(universal_tag_dir: Path) -> None:
     """
     import shutil
 
-    import deepspeed
+    from trainer.ds_extensions import import_deepspeed
+
+    deepspeed = import_deepspeed()
 
     folder = Path(universal_tag_dir)
     flat, z3 = folder / "mp_rank_00_model_states.pt", folder / "zero_pp_rank_0_mp_rank_00_model_states.pt"
