@@ -62,6 +62,12 @@ def run_dir_of(cfg: RunConfig) -> Path | str:
 JOB_RUNTIME_ENV = {"worker_process_setup_hook": preemption.SETUP_HOOK}
 
 
+# The embedded Ray's settings: no Python workers started ahead for the driver (Ray starts as many as the
+# machine's CPUs, for tasks a unimo driver never runs; its actors start their own, and one prestarted worker
+# stood idle through every job: ~1 CPU-second each, docs/BENCHMARKS.md).
+EMBEDDED_RAY_SETTINGS = {"prestart_worker_first_driver": False}
+
+
 def init_ray(cfg: RunConfig) -> None:
     import ray
 
@@ -91,7 +97,8 @@ def init_ray(cfg: RunConfig) -> None:
         lambda: ray.init(address="local", num_cpus=max(need, os.cpu_count() or 1),
                          include_dashboard=cfg.scaling.dashboard, dashboard_host="127.0.0.1",
                          _node_ip_address="127.0.0.1",
-                         _system_config={"worker_niceness": cfg.scaling.worker_niceness},
+                         _system_config={**EMBEDDED_RAY_SETTINGS,
+                                         "worker_niceness": cfg.scaling.worker_niceness},
                          runtime_env={**JOB_RUNTIME_ENV, "env_vars": worker_env(cfg)}, log_to_driver=True),
         "the embedded Ray", cleanup=ray.shutdown)
 

@@ -11,7 +11,8 @@ A ``UserError`` raised in any worker (a config or data mistake, an incompatible 
 the job at once: a restart cannot fix it. So does any failure after the driver was asked to stop (its STOP
 file exists): a stop means stop, never a new worker group. An error of unknown kind is retried (it may be
 transient). An elastic job decides each worker-group (re)start from the nodes alive at that moment
-(``FreshViewElasticPolicy``). Controller failures (a worker group that cannot be placed) are bounded by
+(``FreshViewElasticPolicy``); a fixed-size job on an embedded Ray asks no autoscaler for its workers
+(``NoAutoscalerFixedPolicy``). Controller failures (a worker group that cannot be placed) are bounded by
 ``FailureConfig.controller_failure_limit``, which the driver sets; preemptions that Ray Train detects by
 ``FailureConfig.max_preemption_failures`` (unlimited by default).
 """
@@ -25,6 +26,7 @@ from ray.train.v2._internal.execution.failure_handling import DefaultFailurePoli
 from ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client import (
     AUTOSCALING_REQUESTS_GET_TIMEOUT_S)
 from ray.train.v2._internal.execution.scaling_policy.elastic import ElasticScalingPolicy
+from ray.train.v2._internal.execution.scaling_policy.fixed import FixedScalingPolicy
 from ray.train.v2._internal.util import time_monotonic
 from ray.train.torch import TorchTrainer
 from ray.train.v2.api.exceptions import WorkerGroupError
@@ -141,8 +143,8 @@ class GuardedTorchTrainer(TorchTrainer):
     def _initialize_and_run_controller(self, **controller_init_kwargs):
         controller_init_kwargs["failure_policy"] = UserErrorFailurePolicy(
             self.run_config.failure_config, *self._unimo_policy_args)
-        controller_init_kwargs["scaling_policy"] = fresh_view_if_elastic(
-            controller_init_kwargs.get("scaling_policy"))
+        controller_init_kwargs["scaling_policy"] = scaling_policy_for(
+            controller_init_kwargs.get("scaling_policy"), self._unimo_embedded)
         controller_init_kwargs["callbacks"] = unused_helpers_left_out(
             controller_init_kwargs.get("callbacks") or [], self._unimo_embedded)
         return super()._initialize_and_run_controller(**controller_init_kwargs)
@@ -157,12 +159,34 @@ def unused_helpers_left_out(callbacks: list, embedded: bool) -> list:
     return [cb for cb in callbacks if not isinstance(cb, unused)]
 
 
-def fresh_view_if_elastic(policy):
+def scaling_policy_for(policy, embedded: bool):
     """The scaling policy the controller gets: an elastic one deciding each (re)start from a fresh view of the
-    nodes (FreshViewElasticPolicy), any other as Ray made it."""
+    nodes (FreshViewElasticPolicy); a fixed-size one on an ``embedded`` Ray without the autoscaling
+    coordinator (NoAutoscalerFixedPolicy); any other as Ray made it."""
     if type(policy) is ElasticScalingPolicy:
         return FreshViewElasticPolicy(scaling_config=policy.scaling_config)
+    if embedded and type(policy) is FixedScalingPolicy:
+        return NoAutoscalerFixedPolicy(scaling_config=policy.scaling_config)
     return policy
+
+
+class NoAutoscalerFixedPolicy(FixedScalingPolicy):
+    """Ray's fixed-size policy, without registering the workers' resources with Ray Data's autoscaling
+    coordinator.
+
+    The coordinator is an actor that passes resource requests on to the cluster's autoscaler (it starts nodes
+    for the workers). An embedded Ray is this one machine, with no autoscaler to start anything, yet Ray 2.60
+    started the actor (a process importing Ray Data: ~1.4 CPU-seconds per job on the 2-core VM,
+    docs/BENCHMARKS.md) and asked it again every 20 s. On a cluster (``scaling.address``) Ray's policy is
+    kept: there the request is how an autoscaling cluster grows to fit the job. An elastic job keeps the
+    coordinator too: it counts the nodes alive from it.
+    """
+
+    def after_controller_start(self, train_run_context) -> None:
+        self._requester_id = f"train-{train_run_context.run_id}"  # as Ray's; no coordinator client is made
+
+    def _maybe_send_resource_request(self) -> None:
+        pass  # no autoscaler to ask; Ray's asserts a coordinator client
 
 
 class FreshViewElasticPolicy(ElasticScalingPolicy):

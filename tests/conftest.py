@@ -124,7 +124,9 @@ def pytest_configure(config):
     if getattr(config.option, "dist", "") == "worksteal" and not hasattr(config, "workerinput"):
         os.environ["UNIMO_TEST_WORKSTEAL"] = "1"
     workers = getattr(config, "workerinput", {}).get("workercount", 1)
-    if workers > 1 and os.environ.get("UNIMO_TEST_WORKSTEAL") == "1":
+    # UNIMO_TEST_ORDER=collection keeps pytest's order (to tell an order-dependent failure from another)
+    if (workers > 1 and os.environ.get("UNIMO_TEST_WORKSTEAL") == "1"
+            and os.environ.get("UNIMO_TEST_ORDER", "balanced") != "collection"):
         from tests.scheduling import Scheduling, load_durations
 
         config.pluginmanager.register(Scheduling(workers, load_durations()), "unimo-scheduling")

@@ -140,7 +140,7 @@ def test_an_elastic_job_restarts_from_a_fresh_view_of_the_nodes(monkeypatch):
     effect); a fixed-size job keeps Ray's policy. Both travel to the controller by pickle."""
     from ray.train.v2._internal.execution.scaling_policy import create_scaling_policy
 
-    from orchestrator.failure_policy import FreshViewElasticPolicy, fresh_view_if_elastic
+    from orchestrator.failure_policy import FreshViewElasticPolicy, scaling_policy_for
 
     class Coordinator:  # the coordinator actor's one call the policy makes, answered in this process
         def __init__(self):
@@ -160,10 +160,11 @@ def test_an_elastic_job_restarts_from_a_fresh_view_of_the_nodes(monkeypatch):
 
     elastic = ray.train.ScalingConfig(num_workers=(1, 2), resources_per_worker={"CPU": 1})
     fixed = ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1})
-    policy = fresh_view_if_elastic(create_scaling_policy(elastic))
+    assert isinstance(scaling_policy_for(create_scaling_policy(elastic), True), FreshViewElasticPolicy)
+    policy = scaling_policy_for(create_scaling_policy(elastic), False)
     assert isinstance(policy, FreshViewElasticPolicy) and policy.scaling_config is elastic
     kept = create_scaling_policy(fixed)
-    assert fresh_view_if_elastic(kept) is kept
+    assert scaling_policy_for(kept, False) is kept  # a cluster's fixed-size job: Ray's own
     policy = pickle.loads(pickle.dumps(policy))
     coordinator = Coordinator()
     policy._requester_id, policy._coordinator_client = "train-x", Client(coordinator)
@@ -172,3 +173,39 @@ def test_an_elastic_job_restarts_from_a_fresh_view_of_the_nodes(monkeypatch):
     policy.make_decision_for_non_running_worker_group()  # within 2 s: Ray's own (cached) query, no recompute
     assert decision.num_workers == 1  # counted on the node alive
     assert coordinator.recomputes[0] is True and coordinator.recomputes.count(True) == 1
+
+
+def test_a_fixed_size_job_on_an_embedded_ray_asks_no_autoscaler(monkeypatch):
+    """On one machine there is no autoscaler to start nodes: the controller's policy makes no autoscaling
+    coordinator (an actor process per job) and sends it nothing, and still sizes the group as Ray's does. A
+    cluster's job keeps Ray's policy (previous test)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from ray.train.v2._internal.execution.scaling_policy import ResizeDecision, create_scaling_policy
+    from ray.train.v2._internal.execution.scaling_policy import autoscaling_coordinator_client as client
+
+    from orchestrator.failure_policy import NoAutoscalerFixedPolicy, scaling_policy_for
+
+    asked = []
+
+    def no_coordinator():  # Ray's client makes the actor at its first request (and logs a failure to send)
+        asked.append(1)
+        raise RuntimeError("no coordinator in this test")
+
+    monkeypatch.setattr(client, "get_or_create_autoscaling_coordinator", no_coordinator)
+    fixed = ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1})
+    ray_s = create_scaling_policy(fixed)
+    policy = pickle.loads(pickle.dumps(scaling_policy_for(ray_s, True)))  # it travels to the controller
+    assert isinstance(policy, NoAutoscalerFixedPolicy) and policy.scaling_config is not None
+    run = SimpleNamespace(run_id="r1")
+    policy.after_controller_start(run)
+    decision = policy.make_decision_for_non_running_worker_group()
+    assert isinstance(decision, ResizeDecision) and decision.num_workers == 2
+    assert decision.resources_per_worker == {"CPU": 1}
+    policy.make_decision_for_running_worker_group(None, None)
+    asyncio.run(policy.before_controller_shutdown())
+    policy.before_controller_abort()
+    assert asked == []
+    ray_s.after_controller_start(run)  # Ray's policy asks
+    assert asked == [1]
