@@ -118,18 +118,6 @@ _TIMELINE_HERE: list[bool] = []  # False in xdist's controller: its workers writ
 def pytest_configure(config):
     _TIMELINE_HERE.append(not (getattr(config.option, "numprocesses", None)
                                and not hasattr(config, "workerinput")))
-    # In each xdist worker under --dist worksteal: the longest test files first, the workers' shares balanced
-    # (tests/scheduling.py). xdist sets a worker's own `dist` option to "no": the controller, configured
-    # before it starts them, tells them in their environment.
-    if getattr(config.option, "dist", "") == "worksteal" and not hasattr(config, "workerinput"):
-        os.environ["UNIMO_TEST_WORKSTEAL"] = "1"
-    workers = getattr(config, "workerinput", {}).get("workercount", 1)
-    # UNIMO_TEST_ORDER=collection keeps pytest's order (to tell an order-dependent failure from another)
-    if (workers > 1 and os.environ.get("UNIMO_TEST_WORKSTEAL") == "1"
-            and os.environ.get("UNIMO_TEST_ORDER", "balanced") != "collection"):
-        from tests.scheduling import Scheduling, load_durations
-
-        config.pluginmanager.register(Scheduling(workers, load_durations()), "unimo-scheduling")
 
 
 def pytest_runtest_logstart(nodeid, location):
