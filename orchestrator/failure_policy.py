@@ -131,7 +131,8 @@ class GuardedTorchTrainer(TorchTrainer):
     CPU-second to start) per job or worker group: the Ray Datasets manager always (unimo streams its own
     data), and for an ``embedded`` Ray the placement-group cleaner, which guards a long-lived cluster against
     a controller that died holding its workers' reservation (an embedded Ray ends with its driver), and which
-    needs the dashboard's state API.
+    needs the dashboard's state API. And it swaps the scaling policy (``scaling_policy_for``): an elastic job
+    counts the live nodes afresh, a fixed-size job on an embedded Ray asks no autoscaler.
     """
 
     def __init__(self, *args, stop_file: str | None = None, checkpoints_root: str | None = None,

@@ -21,11 +21,13 @@ per worker start on the 2-core VM; docs/BENCHMARKS.md). The trainer's optimizer 
 instance of, and an update that would load the real one if it were ever called.
 
 And one more import: ``import deepspeed`` loads its autotuner, which imports MLflow if it can (~0.7 CPU-second
-and ~120 MB per process on the 2-core VM) only to log autotuning experiments, which unimo never runs. Rank 0
-imports MLflow anyway for its own logging; every other rank, and every tool that only reads a checkpoint, did
-it for nothing. ``import_deepspeed`` imports DeepSpeed with MLflow made unimportable for that moment, unless
-MLflow is loaded already, and then makes it importable again: the autotuner sees no MLflow, and anything that
-imports MLflow later gets the real one.
+and ~120 MB per process on the 2-core VM) only to log autotuning experiments, which unimo never runs. The
+ranks that log (rank 0, and each node's first rank for its system metrics: trainer/tracking.py) import MLflow
+anyway; every other rank, and every tool that only reads a checkpoint, did it for nothing.
+``import_deepspeed`` imports DeepSpeed with MLflow made unimportable for that moment, unless MLflow is loaded
+already, and then makes it importable again: the autotuner sees no MLflow, and anything that imports MLflow
+later gets the real one. For that moment an ``import mlflow`` in another thread would fail too: it is called
+before a process starts any thread that logs (the engine build, a checkpoint export).
 """
 
 from __future__ import annotations

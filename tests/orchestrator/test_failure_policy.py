@@ -197,7 +197,8 @@ def test_a_fixed_size_job_on_an_embedded_ray_asks_no_autoscaler(monkeypatch):
     fixed = ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1})
     ray_s = create_scaling_policy(fixed)
     policy = pickle.loads(pickle.dumps(scaling_policy_for(ray_s, True)))  # it travels to the controller
-    assert isinstance(policy, NoAutoscalerFixedPolicy) and policy.scaling_config is not None
+    assert isinstance(policy, NoAutoscalerFixedPolicy)
+    assert (policy.scaling_config.num_workers, policy.scaling_config.resources_per_worker) == (2, {"CPU": 1})
     run = SimpleNamespace(run_id="r1")
     policy.after_controller_start(run)
     decision = policy.make_decision_for_non_running_worker_group()

@@ -24,11 +24,10 @@ init_ray(load_config({config!r}, ["scaling.num_workers=1", "scaling.dashboard=tr
                                   "scaling.worker_niceness=3"]))
 ctx = ray.get_runtime_context()
 nice = ray.get(ray.remote(lambda: os.nice(0)).remote())
-import psutil  # the raylet's idle Python workers: the task's, and those started ahead for the driver
-raylet = psutil.Process(ray._private.worker._global_node.all_processes["raylet"][0].process.pid)
-workers = [p for p in raylet.children() if p.cmdline()[0].strip() == "ray::IDLE"]
+settings = ray._private.worker._global_node._ray_params._system_config  # what the node was started with
 print(json.dumps({{"gcs": ctx.gcs_address, "dashboard": ray._private.worker.get_dashboard_url() or "",
-                  "worker_nice": nice, "workers": len(workers)}}))
+                  "worker_nice": nice,
+                  "prestart": settings.get("prestart_worker_first_driver", "Ray's default")}}))
 ray.shutdown()
 """
 
@@ -52,6 +51,7 @@ def test_no_address_starts_an_embedded_ray_even_with_ray_address_set(tmp_path):
     assert got["dashboard"].startswith("127.0.0.1:"), got
     # and its workers run at scaling.worker_niceness, not Ray's 15 (3: neither Ray's default nor ours)
     assert got["worker_nice"] == 3, got
-    # and no Python worker is started ahead for the driver (orchestrator/driver.py EMBEDDED_RAY_SETTINGS): Ray
-    # starts one per CPU, and here it left 3 idle workers on the 2-core VM instead of 2
-    assert got["workers"] <= 2, got
+    # and it starts no Python workers ahead for the driver (orchestrator/driver.py EMBEDDED_RAY_SETTINGS: Ray
+    # starts one per CPU; an idle one is reaped after about a second when over its limit, so counting them
+    # would race the reaper)
+    assert got["prestart"] is False, got

@@ -163,9 +163,13 @@ def _run(rank: int, port: int, run_dir: str, stage: int, resume: bool, out: str)
     import sys
 
     record["inductor_backend"] = "torch._inductor.compile_fx" in sys.modules
-    # whether MLflow was imported (this run tracks nothing, like every rank but 0 of a job; DeepSpeed's
-    # autotuner imported it), and whether `import mlflow` would still work (no None left in sys.modules)
-    record["mlflow"] = ("mlflow" in sys.modules, sys.modules.get("mlflow", "absent") is not None)
+    # whether MLflow was imported (this run tracks nothing, like a job's ranks but the first of each node;
+    # DeepSpeed's autotuner imported it), and whether `import mlflow` would still find it (no None left in
+    # sys.modules, which makes an import fail)
+    import importlib.util
+
+    record["mlflow"] = ("mlflow" in sys.modules, sys.modules.get("mlflow", "absent") is not None
+                        and importlib.util.find_spec("mlflow") is not None)
     if rank == 0:
         torch.save(record, out)
     dist.destroy_process_group()
@@ -191,7 +195,7 @@ def test_checkpoint_resumes_under_another_stage(tmp_path, saved, resumed):
     # an engine build, steps, a save and a resume under stages 1 and 3 never load inductor's backend (it costs
     # ~1 CPU-s per worker start; DeepSpeed's Muon checks loaded it: trainer/ds_extensions.py)
     assert not first["inductor_backend"] and not second["inductor_backend"]
-    # nor MLflow, in a process that tracks nothing (~0.7 CPU-s per worker start but rank 0's:
+    # nor MLflow, in a process that tracks nothing (~0.7 CPU-s per worker start but the first of each node's:
     # trainer/ds_extensions.import_deepspeed), and MLflow stays importable
     assert first["mlflow"] == second["mlflow"] == (False, True), (first["mlflow"], second["mlflow"])
     assert first["saved"].keys() == second["restored"].keys()

@@ -18,10 +18,14 @@ log = logging.getLogger(__name__)
 # Where a node converts a checkpoint for a new world size (in the temp folder; deleted once loaded).
 UNIVERSAL_PREFIX = "unimo-universal-"
 # DeepSpeed's converter (`python -m deepspeed.checkpoint.ds_to_universal`), run after importing DeepSpeed
-# without its autotuner's MLflow import, as trainer/ds_extensions.import_deepspeed does (~0.7 CPU-second per
-# conversion; the converter never uses MLflow). Self-contained: the subprocess need not find unimo's packages.
-_CONVERTER = ("import runpy, sys; sys.modules['mlflow'] = None; import deepspeed; del sys.modules['mlflow']; "
-              "sys.argv[0] = 'ds_to_universal'; "
+# without its autotuner's MLflow import, the trick of trainer/ds_extensions.import_deepspeed (~0.7 CPU-second
+# per conversion; the converter never uses MLflow). Self-contained: the subprocess need not find unimo's
+# packages. (runpy with alter_sys sets sys.argv[0] to the module's file, as -m does.)
+_CONVERTER = ("import runpy, sys\n"
+              "hide = 'mlflow' not in sys.modules\n"
+              "if hide: sys.modules['mlflow'] = None\n"
+              "import deepspeed\n"
+              "if hide: del sys.modules['mlflow']\n"
               "runpy.run_module('deepspeed.checkpoint.ds_to_universal', run_name='__main__', alter_sys=True)")
 
 
