@@ -63,9 +63,8 @@ JOB_RUNTIME_ENV = {"worker_process_setup_hook": preemption.SETUP_HOOK}
 
 
 # The embedded Ray's settings: no Python workers started ahead for the driver (Ray starts as many as the
-# machine's CPUs, with no runtime env, for tasks a unimo driver never runs; its actors carry JOB_RUNTIME_ENV,
-# so they cannot use them and start their own, and a prestarted worker stood idle through every job: ~1
-# CPU-second each, docs/BENCHMARKS.md).
+# machine's CPUs, for tasks a unimo driver never runs; a prestarted worker stood idle through every job, ~1
+# CPU-second each, while the actors started their own: docs/BENCHMARKS.md).
 EMBEDDED_RAY_SETTINGS = {"prestart_worker_first_driver": False}
 
 

@@ -137,7 +137,7 @@ def test_a_changed_tokenizer_or_corpus_is_not_retried():
 def test_an_elastic_job_restarts_from_a_fresh_view_of_the_nodes(monkeypatch):
     """The controller of an elastic job gets FreshViewElasticPolicy (a recompute of the coordinator's node
     view before each worker-group start, at most every 2 s; tests/integration/test_faults_node.py shows the
-    effect); a fixed-size job keeps Ray's policy. Both travel to the controller by pickle."""
+    effect); a fixed-size job on a cluster keeps Ray's policy. Both travel to the controller by pickle."""
     from ray.train.v2._internal.execution.scaling_policy import create_scaling_policy
 
     from orchestrator.failure_policy import FreshViewElasticPolicy, scaling_policy_for
