@@ -18,12 +18,17 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import socket
 import statistics
 import json
 import time
+from pathlib import Path
 
 import torch
+
+# tests.fake_batch gives the benchmark its batches: the checkout's root on the path, from wherever it runs
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 WEIGHTS = {"mlm_text": 1.0, "mim": 1.0, "itc": 1.0, "mlm_pair": 1.0}
 
@@ -197,6 +202,7 @@ def bench_config(flavor: str, stage: str, args):
 
     overrides = [f"model.flavor={flavor}", "scaling.num_workers=1", "train.global_micro_batches=1",
                  f"deepspeed.zero_stage={stage}", f"train.compile={str(args.compile).lower()}",
+                 f"deepspeed.precision={args.precision}",
                  f"scaling.use_gpu={str(args.device == 'cuda').lower()}"]
     return load_config(None, overrides)
 
@@ -213,6 +219,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--stages", nargs="*", default=["auto", "3"], help="trainer engine stages to run")
     parser.add_argument("--compile", action="store_true", help="train.compile=true for the trainer's engine")
+    # autocast: fp32 weights and bf16 compute, as the plain loop runs; on one rank `auto` then takes stage 0
+    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "autocast", "fp32"],
+                        help="deepspeed.precision of the trainer's engine (auto: bf16 on a GPU)")
     parser.add_argument("--data-wait", nargs="*", default=[], metavar="FLAVOR")
     parser.add_argument("--stored-size", type=int, default=256)
     parser.add_argument("--data-workers", type=int, default=8)

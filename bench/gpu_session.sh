@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# One GPU session for "fast on GPUs" (issue #16), about 8 minutes on one H100: the GPU tests, then every GPU
+# One GPU session for "fast on GPUs" (issue #16), about 9 minutes on one H100: the GPU tests, then every GPU
 # figure the issue asks for, each written under $OUT (stdout logs and JSON):
 #   1. pytest -m gpu                                          -> $OUT/pytest_gpu.txt
 #   2. bench/bench_gpu.py: debug/small/base/large at the largest micro-batch that fits, plain loop vs the
 #      trainer's engine at zero_stage auto and ZeRO-3 forced, same run: ms/step, samples/s, TFLOP/s, MFU, peak
 #      memory; data_wait_fraction of base fed by the real loader (JPEG shards at 256 px, fed at 224 px)
 #                                                             -> $OUT/bench_gpu.{txt,json}
-#   3. the same for base with train.compile=true               -> $OUT/bench_gpu_compile.{txt,json}
-#   4. bench/bench_host_overhead.py for base and large (host work per step on this machine's CPU)
+#   3. base and large with deepspeed.precision=autocast (fp32 weights, bf16 compute, as the plain loop): one
+#      rank's `auto` then takes stage 0 (no ZeRO)               -> $OUT/bench_gpu_autocast.{txt,json}
+#   4. the same for base with train.compile=true               -> $OUT/bench_gpu_compile.{txt,json}
+#   5. bench/bench_host_overhead.py for base and large (host work per step on this machine's CPU)
 #                                                             -> $OUT/bench_host_overhead.txt
 # Each step has its own time limit, so one that hangs or runs out of memory does not take the others with it.
 #
@@ -50,6 +52,8 @@ fi
 step 90 pytest_gpu "$PY" -m pytest -q -m gpu -p no:cacheprovider -n 0 tests/model/test_model_gpu.py tests/trainer/test_gpu.py
 step 270 bench_gpu "$PY" bench/bench_gpu.py --flavors debug small base large --stages auto 3 --steps 8 --warmup 3 \
   --data-wait base --stored-size 256 --json "$OUT/bench_gpu.json"
+step 90 bench_gpu_autocast "$PY" bench/bench_gpu.py --flavors base large --stages auto --precision autocast \
+  --steps 8 --warmup 3 --json "$OUT/bench_gpu_autocast.json"
 step 90 bench_gpu_compile "$PY" bench/bench_gpu.py --flavors base --stages auto --compile --steps 8 --warmup 4 \
   --json "$OUT/bench_gpu_compile.json"
 step 60 bench_host_overhead "$PY" bench/bench_host_overhead.py --flavors base large --steps 4 --warmup 1

@@ -65,4 +65,31 @@ def build_engine(cfg: RunConfig, module: torch.nn.Module, world_size: int, on_gp
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
     engine, optimizer, _, _ = deepspeed.initialize(model=module, optimizer=build_adamw(groups, cfg.optimizer),
                                                    config=ds_config, dist_init_required=False)
+    if engine.zero_optimization_stage() == 0:
+        lighten_plain_engine(engine, world_size)
     return engine, optimizer, group_modules
+
+
+def lighten_plain_engine(engine: Any, world_size: int) -> None:
+    """Stage 0 (no ZeRO: DeepSpeed steps the torch optimizer itself) without two costs the plain PyTorch loop
+    does not have, and with the gradient norm it otherwise never records.
+
+    - DeepSpeed clips with a Python loop of its own: one norm per gradient, stacked, then one multiply per
+      gradient; and it keeps no global norm (``get_global_grad_norm`` returned None: grad_norm was NaN in
+      the metrics). torch's ``clip_grad_norm_`` runs the same clip as the plain loop (foreach kernels on a
+      GPU) and returns the norm, which is recorded where DeepSpeed's ZeRO optimizers record theirs. The
+      gradients are already averaged over the ranks when DeepSpeed clips, so the norm is the same on each.
+    - On one rank, the backward's all-reduce: DeepSpeed flattens every gradient into a bucket, all-reduces
+      it with itself and copies each gradient back. There is nothing to average with.
+
+    bench/bench_host_overhead.py measures the effect (docs/BENCHMARKS.md).
+    """
+    if world_size == 1:
+        engine.enable_backward_allreduce = False
+    max_norm = engine.gradient_clipping()
+
+    def clip_fp32_gradients() -> None:  # called by DeepSpeed's step when gradient_clipping > 0
+        grads = [p for p in engine.module.parameters() if p.grad is not None]
+        engine._global_grad_norm = torch.nn.utils.clip_grad_norm_(grads, max_norm)
+
+    engine.clip_fp32_gradients = clip_fp32_gradients

@@ -28,6 +28,14 @@ log = logging.getLogger(__name__)
 
 def consolidated_state_dict(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
     """fp32 weights of the model from a verified checkpoint (keys as in UnimoModel.state_dict())."""
+    from trainer.zero_stage import saved_zero_stage
+
+    if saved_zero_stage(Path(checkpoint_dir)) == 0:  # no ZeRO: the module's own (fp32) weights, in one file
+        from trainer.checkpointing.stage0 import MODEL_STATES
+
+        saved = torch.load(Path(checkpoint_dir) / "ds" / MODEL_STATES, map_location="cpu", weights_only=False)
+        return {k[len(MODEL_PREFIX):]: v.float() if v.is_floating_point() else v
+                for k, v in saved["module"].items() if k.startswith(MODEL_PREFIX)}
     from trainer.ds_extensions import import_deepspeed
 
     import_deepspeed()  # the package without its autotuner's MLflow import, before the submodule below

@@ -13,11 +13,13 @@ offload (offload_params needs it; offload_optimizer is set where memory is short
 states do not fit otherwise (xl, large on small GPUs). Else the cheapest stage that fits, 1 before 2 (stage 2
 adds per-parameter gradient hooks and bucket copies on the step's path).
 
-Never stage 0, even on one rank, where it is cheapest: a stage-0 checkpoint has no ZeRO layout, so
-DeepSpeed's universal conversion, which a resume at another world size or under another stage goes through,
-cannot read it. The price, measured by bench/bench_host_overhead.py at near-zero compute: stage 1's
-per-parameter copies in and out of its flat buffer (7-37k more ops per step than the plain loop, stage 0
-1.6-10.7k; docs/BENCHMARKS.md). An explicit 0 is honoured.
+On one rank there is nothing to partition, and stage 0 (no ZeRO) is the cheapest: measured by
+bench/bench_host_overhead.py at near-zero compute, stage 1's per-parameter copies in and out of its flat
+buffer cost 7-37k more ops per step than the plain loop, stage 0 1.6-10.7k (docs/BENCHMARKS.md). So a
+one-rank job gets stage 0 where it fits, with fp32 or ``autocast`` precision: there DeepSpeed steps the torch
+optimizer itself, whose checkpoints trainer/checkpointing/stage0.py converts to and from DeepSpeed's
+universal format (a later resume at another world size or stage needs that). Under ``bf16`` DeepSpeed wraps
+the optimizer in a layout of its own, so one rank stays at stage 1 there. An explicit 0 is honoured.
 """
 
 from __future__ import annotations
@@ -105,7 +107,8 @@ def _gib(n: float) -> str:
 
 def choose_stage(params: int, world_size: int, bf16: bool, device_bytes: int, fraction: float,
                  offload_optimizer: bool = False, offload_params: bool = False) -> ZeroChoice:
-    """The ``auto`` rule, as a pure function of what it depends on."""
+    """The ``auto`` rule, as a pure function of what it depends on. ``bf16``: DeepSpeed's bf16 mode (bf16
+    weights, fp32 master copies in its optimizer); false for fp32 and autocast precision."""
     budget = fraction * device_bytes
     need = {s: state_bytes_per_rank(params, world_size, s, bf16, offload_optimizer, offload_params)
             for s in (1, 2, 3)}
@@ -115,6 +118,11 @@ def choose_stage(params: int, world_size: int, bf16: bool, device_bytes: int, fr
         what = "offload_params" if offload_params else "offload_optimizer"
         return ZeroChoice(3, f"{what} is set (stage 3 partitions the weights too); "
                              f"{_gib(need[3])}/rank; {facts}")
+    if world_size == 1 and not bf16:
+        need[0] = state_bytes_per_rank(params, 1, 0, bf16)
+        if need[0] <= budget:
+            return ZeroChoice(0, f"one rank, nothing to partition: stage 0 (no ZeRO), {_gib(need[0])} of "
+                                 f"model states; {facts}")
     for stage in (1, 2):
         if need[stage] <= budget:
             return ZeroChoice(stage, f"stage {stage} fits: {_gib(need[stage])}/rank of model states; {facts}")
@@ -173,10 +181,11 @@ def needs_universal(found: tuple[Path, dict], cfg: RunConfig, world_size: int, o
 
     ``run_stage``: this run's stage when already resolved (resolving ``auto`` is an all-reduce)."""
     path, state = found
-    if state["world_size"] != world_size:
-        return True
     stage = resolve_zero_stage(cfg, world_size, on_gpu).stage if run_stage is None else run_stage
-    return _family(saved_zero_stage(path)) != _family(stage)
+    saved = _family(saved_zero_stage(path))
+    if saved == _family(stage) == 0:  # no ZeRO: the whole state in one file, which loads at any world size
+        return False
+    return state["world_size"] != world_size or saved != _family(stage)
 
 
 def make_loadable_under_any_stage(universal_tag_dir: Path) -> None:

@@ -1,4 +1,5 @@
-"""A real, small ZeRO-3 checkpoint written the way training writes one, for the eval/export CLI tests.
+"""A real, small checkpoint written the way training writes one, for the eval/export CLI tests (one rank at
+``deepspeed.zero_stage: auto``: stage 0, DeepSpeed without ZeRO, unless the overrides set a stage).
 
 One gloo rank, DeepSpeed on CPU, Trainer.build and Trainer.save (no Ray, no training step: the weights are the
 seeded initial ones, which is all the CLI tests need). Runs in a child process so that DeepSpeed's global
@@ -48,7 +49,7 @@ dist.destroy_process_group()
 
 def write_checkpoint(run_dir: Path, tokenizer: str, step: int = STEP, run_id: str | None = None,
                      overrides: tuple[str, ...] = ()) -> Path:
-    """<run_dir>/checkpoints/step_<step>: a verified DeepSpeed ZeRO-3 checkpoint of the debug flavor."""
+    """<run_dir>/checkpoints/step_<step>: a verified DeepSpeed checkpoint of the debug flavor."""
     from trainer import checkpoint as ckpt
 
     dest = run_dir / "checkpoints" / ckpt.step_dir_name(step)

@@ -9,7 +9,10 @@ from pathlib import Path
 class StubEngine:
     """Saves one model-states shard as DeepSpeed's stage 3 names it; loading restores nothing."""
 
-    def save_checkpoint(self, root: str, tag: str, save_latest: bool) -> None:
+    def zero_optimization_stage(self) -> int:
+        return 3  # its files are named as stage 3's
+
+    def save_checkpoint(self, root: str, tag: str, save_latest: bool, client_state=None) -> None:
         (Path(root) / tag).mkdir(parents=True)
         (Path(root) / tag / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"weights")
 

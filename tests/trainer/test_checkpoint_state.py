@@ -107,7 +107,10 @@ def test_retention_counts_the_checkpoint_still_uploading(tmp_path, one_rank_grou
 
 
 class _FailingEngine:
-    def save_checkpoint(self, root: str, tag: str, save_latest: bool) -> None:
+    def zero_optimization_stage(self) -> int:
+        return 3  # its files are named as stage 3's
+
+    def save_checkpoint(self, root: str, tag: str, save_latest: bool, client_state=None) -> None:
         (Path(root) / tag).mkdir(parents=True)
         (Path(root) / tag / "part.pt").write_bytes(b"half")
         raise OSError(28, "No space left on device")

@@ -1,5 +1,6 @@
 """deepspeed.zero_stage: the `auto` rule (trainer/zero_stage.py), its DeepSpeed config, and a checkpoint saved
-under one stage resuming under another (3 -> 1 and 1 -> 3) through the trainer's restore, over gloo on CPU."""
+under one stage resuming under another (3 -> 1, 1 -> 3, and to and from stage 0 without ZeRO: 0 -> 3, 1 -> 0)
+through the trainer's restore, over gloo on CPU."""
 
 from __future__ import annotations
 
@@ -45,6 +46,31 @@ def test_auto_picks_the_cheapest_stage_that_fits(flavor, ranks, gib, offload, st
     choice = choose_stage(parameter_count(cfg), ranks, True, gib * GiB, 0.5, offload_optimizer=offload)
     assert choice.stage == stage, choice.reason
     assert f"{ranks} rank(s)" in choice.reason and "budget" in choice.reason
+
+
+@pytest.mark.parametrize("ranks, bf16, offload, stage", [
+    (1, False, False, 0),  # fp32 or autocast on one rank: nothing to partition, DeepSpeed steps torch's AdamW
+    (1, True, False, 1),  # DeepSpeed's bf16 optimizer keeps a layout stage0.py does not convert
+    (2, False, False, 1),
+    (1, False, True, 3),  # offload needs ZeRO
+])
+def test_one_rank_without_deepspeed_bf16_gets_stage_0(ranks, bf16, offload, stage):
+    cfg = load_config(None, ["model.flavor=base"])
+    choice = choose_stage(parameter_count(cfg), ranks, bf16, 80 * GiB, 0.5, offload_optimizer=offload)
+    assert choice.stage == stage, choice.reason
+    for precision in ("fp32", "autocast"):  # neither is DeepSpeed's bf16 mode
+        cfg = load_config(None, [f"deepspeed.precision={precision}", "model.flavor=debug"])
+        assert resolve_zero_stage(cfg, 1, on_gpu=False).stage == 0
+
+
+def test_a_stage_0_checkpoint_without_parameter_names_says_how_to_resume_it(tmp_path):
+    from trainer.checkpointing.stage0 import MODEL_STATES, stage0_to_universal
+
+    (tmp_path / "ds").mkdir()
+    optimizer = {"state": {}, "param_groups": [{"params": [0]}]}
+    torch.save({"module": {"w": torch.zeros(2)}, "optimizer": optimizer}, tmp_path / "ds" / MODEL_STATES)
+    with pytest.raises(ValueError, match="does not name its optimizer's parameters.*deepspeed.zero_stage=0"):
+        stage0_to_universal(tmp_path / "ds", tmp_path / "out")
 
 
 def test_stage_memory_shrinks_with_the_stage_and_nothing_fits_without_offload_says_so():
@@ -183,7 +209,7 @@ def _spawn(tmp_path: Path, stage: int, resume: bool) -> dict:
 
 
 @pytest.mark.integration  # two ranks over gloo in spawned processes
-@pytest.mark.parametrize("saved, resumed", [(3, 1), (1, 3)])
+@pytest.mark.parametrize("saved, resumed", [(3, 1), (1, 3), (0, 3), (1, 0)])
 def test_checkpoint_resumes_under_another_stage(tmp_path, saved, resumed):
     """Saved at step 2 under one stage, resumed under the other through the universal checkpoint: the weights
     come back bitwise, and the resumed steps match the uninterrupted run (same losses, same final weights up
@@ -265,3 +291,68 @@ def test_the_saved_stage_comes_from_the_manifest_of_a_partial_copy(tmp_path):
     (tmp_path / "local" / "ds").mkdir(parents=True)
     (tmp_path / "local" / "ds" / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"x")
     assert saved_zero_stage(tmp_path / "local") == 3  # no manifest: the folder's names
+
+
+# ------------------------------------------------------------------------------- stage 0 as the plain loop
+
+def _stage0_against_plain(rank: int, port: int, out: str) -> None:
+    """One gloo rank: the trainer's stage-0 engine and the plain PyTorch loop (the same groups, fused AdamW
+    and clip) from the same initial weights over the same batches; records both runs' weights and norms."""
+    import os
+
+    os.environ.update(DS_ACCELERATOR="cpu", LOCAL_RANK="0", RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    import torch.distributed as dist
+
+    from tests.trainer.test_objectives import ALL, make_batch, make_model
+    from trainer.engine import param_groups
+    from trainer.loop import build_engine
+    from trainer.objectives import PretrainObjectives
+    from trainer.optim import build_adamw
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    # grad_clip 0.05: far below these gradients' norms, so every step clips
+    cfg = load_config(None, ["deepspeed.zero_stage=auto", "train.global_micro_batches=1",
+                             "scaling.num_workers=1", "optimizer.lr=0.01", "optimizer.grad_clip=0.05"])
+    batches = [make_batch(seed=40 + i) for i in range(3)]
+    engine, _, _ = build_engine(cfg, PretrainObjectives(make_model()), 1, False)
+    plain = PretrainObjectives(make_model())
+    groups = [{k: v for k, v in g.items() if k != "module"} for g in param_groups(plain.model, 0.01)]
+    opt = build_adamw(groups, cfg.optimizer)
+    record = {"stage": engine.zero_optimization_stage(), "allreduce": engine.enable_backward_allreduce,
+              "engine_norms": [], "plain_norms": []}
+    for i, batch in enumerate(batches):
+        torch.manual_seed(i)  # the same dropout and masking draws in both
+        total, _ = engine(batch, ALL)
+        engine.backward(total)
+        engine.step()
+        record["engine_norms"].append(float(engine.get_global_grad_norm()))
+        torch.manual_seed(i)
+        total, _ = plain(batch, ALL)
+        total.backward()
+        record["plain_norms"].append(float(torch.nn.utils.clip_grad_norm_(plain.parameters(), 0.05)))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    record["engine"] = {k: v.detach().clone() for k, v in engine.module.named_parameters()}
+    record["plain"] = {k: v.detach().clone() for k, v in plain.named_parameters()}
+    torch.save(record, out)
+    dist.destroy_process_group()
+
+
+@pytest.mark.integration  # a DeepSpeed engine over gloo in a spawned process
+def test_stage_0_on_one_rank_steps_exactly_as_the_plain_loop_and_reports_its_grad_norm(tmp_path):
+    """`auto` on one rank (fp32) is stage 0, which the trainer runs without DeepSpeed's own clip loop and
+    one-rank all-reduce (trainer/engine.py lighten_plain_engine): the weights after three clipped steps are
+    bitwise those of the plain loop, and the engine reports the gradient norm (DeepSpeed kept none at stage
+    0: the metrics' grad_norm was NaN)."""
+    pytest.importorskip("deepspeed")
+    out = tmp_path / "plain.pt"
+    mp.start_processes(_stage0_against_plain, args=(free_port(), str(out)), nprocs=1, join=True,
+                       start_method="spawn")
+    record = torch.load(out)
+    assert record["stage"] == 0 and record["allreduce"] is False
+    assert record["engine_norms"] == record["plain_norms"] and all(n > 0.05 for n in record["plain_norms"])
+    assert record["engine"].keys() == record["plain"].keys()
+    differ = [k for k in record["plain"] if not torch.equal(record["engine"][k], record["plain"][k])]
+    assert not differ, f"{len(differ)} weights differ from the plain loop's, e.g. {differ[:3]}"

@@ -30,6 +30,7 @@ from trainer import fault_gate
 from trainer import storage
 from trainer.checkpointing import cursors
 from trainer.checkpointing.identity import data_changed, data_identity
+from trainer.checkpointing.stage0 import load_universal_into_plain, param_names_by_group
 from trainer.checkpointing.universal import drop_universal, to_universal
 from trainer.checkpointing.verification import log_verified, merged_candidates, torn_ranks, verify_part
 from trainer.config_loader import digest, to_dict
@@ -277,10 +278,13 @@ class CheckpointManager:
         path, tag = found.local, "ds"
         if universal:
             path, tag = to_universal(found.local, state["step"], self.cfg.run.name, self.local_rank)
-        # two slips of DeepSpeed's stage-3 universal load, undone afterwards (trainer/zero_stage.py)
-        with universal_load_fixed(engine.optimizer) if universal else contextlib.nullcontext():
-            engine.load_checkpoint(str(path), tag=tag, load_module_strict=True, load_optimizer_states=True,
-                                   load_lr_scheduler_states=False)
+        if universal and self._run_stage() == 0:  # DeepSpeed's universal load fills only ZeRO optimizers
+            load_universal_into_plain(engine, path / tag)
+        else:
+            # two slips of DeepSpeed's stage-3 universal load, undone afterwards (trainer/zero_stage.py)
+            with universal_load_fixed(engine.optimizer) if universal else contextlib.nullcontext():
+                engine.load_checkpoint(str(path), tag=tag, load_module_strict=True,
+                                       load_optimizer_states=True, load_lr_scheduler_states=False)
         if universal:
             drop_universal(path, self.local_rank)
         # this rank's cursor file (same world size) or the elastic view, read before the S3 copy goes
@@ -392,7 +396,9 @@ class CheckpointManager:
         from trainer.loop import stage_at
         from trainer.redaction import safe_config, secret_values
 
-        engine.save_checkpoint(str(root), tag="ds", save_latest=True)
+        # without ZeRO, the names of the optimizer's parameters: what a conversion for another stage needs
+        names = param_names_by_group(engine) if engine.zero_optimization_stage() == 0 else {}
+        engine.save_checkpoint(str(root), tag="ds", client_state=names, save_latest=True)
         fault_gate.wait_at(step, self.rank, phase="save")  # fault tests: a kill half-way into a save
         if self.rank == 0 and self.tokenizer_text is not None:
             # the tokenizer trained with travels with the weights (export copies it from here)

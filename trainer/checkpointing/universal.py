@@ -1,4 +1,5 @@
-"""Converting a ZeRO checkpoint for another world size (DeepSpeed's universal format), once per node."""
+"""Converting a checkpoint for another world size or ZeRO stage (DeepSpeed's universal format), once per
+node."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from trainer.zero_stage import make_loadable_under_any_stage
+from trainer.checkpointing.stage0 import stage0_to_universal
+from trainer.zero_stage import make_loadable_under_any_stage, saved_zero_stage
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +32,8 @@ _CONVERTER = ("import runpy, sys\n"
 
 
 def to_universal(path: Path, step: int, run_name: str, local_rank: int) -> tuple[Path, str]:
-    """Converts the checkpoint at ``path`` in a subprocess on the node's first rank; every rank then loads it.
+    """Converts the checkpoint at ``path`` on the node's first rank (a ZeRO one with DeepSpeed's converter in
+    a subprocess, a stage-0 one in process); every rank then loads it.
 
     Returns (folder, tag) for ``engine.load_checkpoint``. The conversion is as large as the checkpoint; it
     lives only until every rank has loaded it (``drop_universal``), and a leftover of a conversion that
@@ -43,21 +46,29 @@ def to_universal(path: Path, step: int, run_name: str, local_rank: int) -> tuple
     if local_rank == 0:
         shutil.rmtree(out, ignore_errors=True)
         # progress on long work: the conversion reads and rewrites the whole checkpoint
-        log.info("converting checkpoint %s to DeepSpeed's universal format in %s (world size changed)",
-                 path, out)
+        log.info("converting checkpoint %s to DeepSpeed's universal format in %s (world size or ZeRO stage "
+                 "changed)", path, out)
         started = time.monotonic()
-        cmd = [sys.executable, "-c", _CONVERTER, "--input_folder",
-               str(path / "ds"), "--output_folder", str(out / "ds_universal"), "--num_extract_workers", "1",
-               "--num_merge_workers", "1", "--inject_missing_state"]  # stages 1-2 lack the version info
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"converting checkpoint {path} for a new world size "
-                               f"failed:\n{done.stderr[-2000:]}")
+        if saved_zero_stage(path) == 0:  # no ZeRO layout: DeepSpeed's converter cannot read it (stage0.py)
+            stage0_to_universal(path / "ds", out / "ds_universal")
+        else:
+            _run_converter(path, out)
         (out / "latest_universal").write_text("ds_universal")
         make_loadable_under_any_stage(out / "ds_universal")  # also under another ZeRO stage
         log.info("converted checkpoint %s in %.1f s", path, time.monotonic() - started)
     dist.barrier()
     return out, "ds_universal"
+
+
+def _run_converter(path: Path, out: Path) -> None:
+    """DeepSpeed's converter of a ZeRO checkpoint, in a subprocess."""
+    cmd = [sys.executable, "-c", _CONVERTER, "--input_folder",
+           str(path / "ds"), "--output_folder", str(out / "ds_universal"), "--num_extract_workers", "1",
+           "--num_merge_workers", "1", "--inject_missing_state"]  # stages 1-2 lack the version info
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"converting checkpoint {path} for a new world size or ZeRO stage "
+                           f"failed:\n{done.stderr[-2000:]}")
 
 
 def drop_universal(out: Path, local_rank: int) -> None:
