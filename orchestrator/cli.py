@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("args", nargs=argparse.REMAINDER)
 
     p = sub.add_parser("export", help="consolidate a checkpoint into safetensors + config + tokenizer",
-                       description="Reads the ZeRO-3 shards of a checkpoint folder (one with a valid "
+                       description="Reads the weights of a checkpoint folder (one with a valid "
                                    "manifest) and writes model.safetensors, config.json and tokenizer.json "
                                    "to OUT, loadable with trainer.export.load_exported without DeepSpeed.")
     p.add_argument("checkpoint", help="a checkpoint folder, e.g. runs/exp1/checkpoints/step_00000300")

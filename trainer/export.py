@@ -1,9 +1,10 @@
-"""`unimo export`: a checkpoint's ZeRO-3 shards -> one safetensors file + config + tokenizer, no DeepSpeed
+"""`unimo export`: a checkpoint's weights -> one safetensors file + config + tokenizer, no DeepSpeed
 needed; with ``--format hf`` also the text tower as a BERT/RoBERTa folder and the vision tower as a
 ViT/CLIP-vision folder.
 
-Consolidation uses DeepSpeed's own zero_to_fp32 reader, so the exported weights are exactly what DeepSpeed
-would reconstruct; loading needs only model/ and safetensors.
+Consolidation uses DeepSpeed's own zero_to_fp32 reader for ZeRO shards, so the exported weights are exactly
+what DeepSpeed would reconstruct; a stage-0 checkpoint (no ZeRO) holds the weights whole in one file. Loading
+needs only model/ and safetensors.
 """
 
 from __future__ import annotations
@@ -190,7 +191,7 @@ class LoadedModel:
 
 
 def load_model(folder: str | Path, source: str | None = None) -> LoadedModel:
-    """The model of a local checkpoint folder (verified, consolidated from its ZeRO-3 shards) or export
+    """The model of a local checkpoint folder (verified, consolidated from its ZeRO shards) or export
     folder.
 
     ``source``: where the folder came from when it is a downloaded copy (an s3:// URL).

@@ -232,22 +232,53 @@ def make_loadable_under_any_stage(universal_tag_dir: Path) -> None:
 
 @contextlib.contextmanager
 def universal_load_fixed(optimizer):
-    """Undoes two slips of DeepSpeed's stage-3 universal load (a resume under stage 3 from another world size
-    or stage), around ``engine.load_checkpoint``.
+    """Undoes three slips of DeepSpeed's universal load (a resume from another world size or stage), around
+    ``engine.load_checkpoint``.
 
-    It gives every parameter group the settings of the checkpoint's first group (here weight decay 0, that of
-    biases and norms): each group's own settings are put back (they come from this run's config anyway; the LR
-    is set every step). And it hands every sub-group the same Adam step tensor, which the fused AdamW then
-    increments in place once per sub-group, so the bias correction ran ahead: each gets its own copy.
+    Stage 3 gives every parameter group the settings of the checkpoint's first group (here weight decay 0,
+    that of biases and norms): each group's own settings are put back (they come from this run's config
+    anyway; the LR is set every step). And it hands every sub-group the same Adam step tensor, which the
+    fused AdamW then increments in place once per sub-group, so the bias correction ran ahead: each gets its
+    own copy.
+    Stages 1-2 fail on a rank that holds no part of some group (``_groups_this_rank_holds``).
     """
     kept = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    yield
+    with _groups_this_rank_holds(optimizer):
+        yield
     for group, settings in zip(optimizer.param_groups, kept):
         group.update(settings)
     inner = getattr(optimizer, "optimizer", optimizer)  # the torch optimizer inside DeepSpeed's
     for state in inner.state.values():
         if torch.is_tensor(state.get("step")):
             state["step"] = state["step"].clone()
+
+
+@contextlib.contextmanager
+def _groups_this_rank_holds(optimizer):
+    """Stages 1-2: shows DeepSpeed's universal load only the parameter groups this rank holds a part of.
+
+    Each rank keeps a slice of every group's flat buffer; a group smaller than the ranks' slices (the model's
+    1-element temperature, a 2-way bias: trainer/engine.py puts such parameters in groups of their own) lies
+    wholly in other ranks' slices. DeepSpeed's load then reads the Adam step of this rank's part of the group,
+    of which there is none, and fails with an IndexError (found resuming a one-rank run on two ranks). Such a
+    group has no state to load here; Adam starts its state afresh on the first step, over padding only. The
+    groups are paired with the checkpoint's groups by position, so the settings the load copies into the shown
+    ones may be another group's: the caller puts every group's own settings back (``universal_load_fixed``).
+    """
+    lp_groups = getattr(optimizer, "bit16_groups", None)
+    inner = getattr(optimizer, "optimizer", None)
+    held = [i for i, group in enumerate(lp_groups or ())
+            if any(getattr(p, "_hp_mapping", None) is not None for p in group)]
+    if lp_groups is None or inner is None or len(held) == len(lp_groups):
+        yield
+        return
+    all_groups = inner.param_groups
+    inner.param_groups = [all_groups[i] for i in held]
+    optimizer.bit16_groups = [lp_groups[i] for i in held]
+    try:
+        yield
+    finally:
+        inner.param_groups, optimizer.bit16_groups = all_groups, lp_groups
 
 
 def announce(choice: ZeroChoice, rank: int, metrics_logger) -> None:

@@ -73,6 +73,34 @@ def test_a_stage_0_checkpoint_without_parameter_names_says_how_to_resume_it(tmp_
         stage0_to_universal(tmp_path / "ds", tmp_path / "out")
 
 
+def test_a_parameter_adam_never_stepped_gets_zero_moments_and_its_group_s_step(tmp_path):
+    """A head whose objective has not trained yet has no state in torch's AdamW; the universal form gives it
+    what a ZeRO optimizer holds (its flat state covers it): zero moments and the group's step, which
+    DeepSpeed's load requires of every parameter in a group. A group nothing in which has trained gets
+    weights only."""
+    from trainer.checkpointing.stage0 import MODEL_STATES, PARAM_NAMES_KEY, stage0_to_universal
+
+    (tmp_path / "ds").mkdir()
+    weights = {"a": torch.ones(3), "head": torch.full((2,), 2.0), "frozen": torch.zeros(4)}
+    trained = {"step": torch.tensor(5.0), "exp_avg": torch.full((3,), 0.1),
+               "exp_avg_sq": torch.full((3,), 0.2)}
+    optimizer = {"state": {0: trained}, "param_groups": [{"params": [0, 1], "lr": 1.0}, {"params": [2]}]}
+    torch.save({"module": weights, "optimizer": optimizer, PARAM_NAMES_KEY: [["a", "head"], ["frozen"]]},
+               tmp_path / "ds" / MODEL_STATES)
+    stage0_to_universal(tmp_path / "ds", tmp_path / "out")
+    zero = tmp_path / "out" / "zero"
+
+    def load(name, key):
+        return torch.load(zero / name / f"{key}.pt", weights_only=False)
+
+    assert torch.equal(load("a", "exp_avg")["param"], trained["exp_avg"]) and load("a", "step") == 5
+    assert torch.equal(load("head", "exp_avg_sq")["param"], torch.zeros(2)) and load("head", "step") == 5
+    assert torch.equal(load("head", "fp32")["param"], weights["head"])
+    assert sorted(p.name for p in (zero / "frozen").iterdir()) == ["fp32.pt"]
+    lean = torch.load(tmp_path / "out" / MODEL_STATES, weights_only=False)
+    assert lean["optimizer"] is None and PARAM_NAMES_KEY not in lean  # the state lives under zero/ now
+
+
 def test_stage_memory_shrinks_with_the_stage_and_nothing_fits_without_offload_says_so():
     p = 860_000_000
     per_stage = [state_bytes_per_rank(p, 8, s, bf16=True) for s in range(4)]
@@ -103,7 +131,7 @@ def test_zero3_sizes_follow_the_hidden_size_unless_set():
 
 # ------------------------------------------------------------------------------------ cross-stage resume
 
-STEPS, SAVE_AT, WORLD = 4, 2, 1  # one gloo rank: the stages' layouts differ already, at half the cost
+STEPS, SAVE_AT, GLOBAL = 4, 2, 2  # GLOBAL micro-batches per step: two ranks, or one rank accumulating two
 
 
 class _Reporter:
@@ -126,6 +154,24 @@ def _gathered(engine) -> dict[str, torch.Tensor]:
         return {name: p.detach().clone() for name, p in params.items()}
 
 
+def _moments(engine) -> dict[str, torch.Tensor]:
+    """Adam's moments of every parameter, whole (ZeRO gathers its partitions: every rank must call this)."""
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    optimizer = engine.optimizer
+    if hasattr(optimizer, "_lazy_init_hp_params_optimizer_state"):
+        # stages 1-2: link each parameter's part of the flat state as it is now (DeepSpeed links it only once)
+        optimizer._hp_optimizer_states_linked = False
+        optimizer._lazy_init_hp_params_optimizer_state()
+    out = {}
+    for name, p in engine.module.named_parameters():
+        for key in ("exp_avg", "exp_avg_sq"):
+            value = (engine.optimizer.state[p][key] if engine.zero_optimization_stage() == 0
+                     else safe_get_full_optimizer_state(p, key))
+            out[f"{name}:{key}"] = value.detach().clone()
+    return out
+
+
 def _group_settings(optimizer) -> list[tuple]:
     return [(g["weight_decay"], tuple(g["betas"]), g["eps"]) for g in optimizer.param_groups]
 
@@ -139,12 +185,12 @@ def _publish(root: Path, step_dir: Path) -> None:
     dist.barrier()
 
 
-def _run(rank: int, port: int, run_dir: str, stage: int, resume: bool, out: str) -> None:
+def _run(rank: int, port: int, run_dir: str, stage: int, resume: bool, out: str, world: int) -> None:
     """One rank: a fresh run saving at SAVE_AT, or a resume of it; trains to STEPS and records
     weights/losses."""
     import os
 
-    os.environ.update(DS_ACCELERATOR="cpu", LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(WORLD),
+    os.environ.update(DS_ACCELERATOR="cpu", LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     import torch.distributed as dist
 
@@ -155,20 +201,20 @@ def _run(rank: int, port: int, run_dir: str, stage: int, resume: bool, out: str)
     from trainer.zero_stage import needs_universal
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
-    cfg = load_config(None, [f"deepspeed.zero_stage={stage}", f"train.global_micro_batches={WORLD}",
-                             f"scaling.num_workers={WORLD}", "run.name=zs", "optimizer.lr=0.01",
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    cfg = load_config(None, [f"deepspeed.zero_stage={stage}", f"train.global_micro_batches={GLOBAL}",
+                             f"scaling.num_workers={world}", "run.name=zs", "optimizer.lr=0.01",
                              "optimizer.schedule=constant", "optimizer.warmup_steps=0",
                              "model.text.bos_token_id=2", "model.text.eos_token_id=3",
                              "model.text.mask_token_id=4"])
-    trainer = Trainer(cfg, rank, WORLD, _Reporter(), control_dir=run_dir)
+    trainer = Trainer(cfg, rank, world, _Reporter(), control_dir=run_dir)
     trainer.loader = _Loader()
     manager = trainer.checkpoints
     found = manager.find() if resume else None
-    record: dict = {"universal": found is not None and needs_universal((found.local, found.state), cfg, WORLD,
+    record: dict = {"universal": found is not None and needs_universal((found.local, found.state), cfg, world,
                                                                        False)}
-    trainer.module = PretrainObjectives(make_model(), rank, WORLD)  # Trainer.build without the tokenizer
-    trainer.engine, trainer.optimizer, trainer.group_modules = build_engine(cfg, trainer.module, WORLD, False,
+    trainer.module = PretrainObjectives(make_model(), rank, world)  # Trainer.build without the tokenizer
+    trainer.engine, trainer.optimizer, trainer.group_modules = build_engine(cfg, trainer.module, world, False,
                                                                             record["universal"])
     record["stage"] = trainer.engine.zero_optimization_stage()
     record["groups"] = _group_settings(trainer.optimizer)
@@ -176,15 +222,23 @@ def _run(rank: int, port: int, run_dir: str, stage: int, resume: bool, out: str)
         trainer.progress = manager._restore(trainer.engine, found)
         record["restored_groups"] = _group_settings(trainer.optimizer)
         record["restored"] = _gathered(trainer.engine)
+        record["restored_moments"] = _moments(trainer.engine)
     losses = []
     for step in range(trainer.progress.step, STEPS):
         if step == SAVE_AT and not resume:
             record["saved"] = _gathered(trainer.engine)
+            record["saved_moments"] = _moments(trainer.engine)
             _publish(manager.save_local(step, trainer.engine, trainer.loader, trainer.progress.extra),
                      Path(run_dir) / "checkpoints" / ckpt.step_dir_name(step))
-        loss, _ = trainer.forward_backward(make_batch(seed=100 * step + rank), ALL)
-        trainer.engine.step()
-        losses.append(loss)
+        accum = GLOBAL // world
+        loss = 0.0
+        for micro in range(accum):  # the step's GLOBAL micro-batches over the ranks, at any world size
+            batch = make_batch(seed=100 * step + rank * accum + micro)
+            loss += trainer.forward_backward(batch, ALL)[0] / accum
+            trainer.engine.step()
+        mean = torch.tensor([loss / world])
+        dist.all_reduce(mean)  # the step's loss over the global batch
+        losses.append(float(mean))
     record["losses"], record["final"] = losses, _gathered(trainer.engine)
     import sys
 
@@ -201,22 +255,31 @@ def _run(rank: int, port: int, run_dir: str, stage: int, resume: bool, out: str)
     dist.destroy_process_group()
 
 
-def _spawn(tmp_path: Path, stage: int, resume: bool) -> dict:
+def _spawn(tmp_path: Path, stage: int, resume: bool, world: int) -> dict:
     out = tmp_path / f"{stage}-{resume}.pt"
-    mp.start_processes(_run, args=(free_port(), str(tmp_path / "run"), stage, resume, str(out)), nprocs=WORLD,
-                       join=True, start_method="spawn")
+    mp.start_processes(_run, args=(free_port(), str(tmp_path / "run"), stage, resume, str(out), world),
+                       nprocs=world, join=True, start_method="spawn")
     return torch.load(out)
 
 
-@pytest.mark.integration  # two ranks over gloo in spawned processes
-@pytest.mark.parametrize("saved, resumed", [(3, 1), (1, 3), (0, 3), (1, 0)])
+@pytest.mark.integration  # one or two ranks over gloo in spawned processes
+@pytest.mark.parametrize("saved, resumed", [
+    ((3, 1), (1, 1)),
+    ((1, 1), (3, 1)),
+    # stage 0 (auto on one rank) resumed on two ranks under stage 1: stage0.py's conversion, and DeepSpeed's
+    # load on a rank that holds no part of the 1-element groups (zero_stage._groups_this_rank_holds)
+    ((0, 1), (1, 2)),
+    ((1, 2), (0, 1)),  # and back: DeepSpeed's conversion of two ranks' stage 1, loaded by stage0.py
+], ids=["3-1", "1-3", "0-1x2", "1x2-0"])
 def test_checkpoint_resumes_under_another_stage(tmp_path, saved, resumed):
-    """Saved at step 2 under one stage, resumed under the other through the universal checkpoint: the weights
-    come back bitwise, and the resumed steps match the uninterrupted run (same losses, same final weights up
-    to the stages' different reduction order), which they would not with lost Adam moments."""
+    """Saved at step 2 under one stage (and world size), resumed under the other through the universal
+    checkpoint: the weights come back bitwise, and the resumed steps match the uninterrupted run (same losses,
+    same final weights up to the stages' and world sizes' different reduction order), which they would not
+    with lost Adam moments."""
     pytest.importorskip("deepspeed")
-    first = _spawn(tmp_path, saved, resume=False)
-    second = _spawn(tmp_path, resumed, resume=True)
+    (saved, saved_world), (resumed, resumed_world) = saved, resumed
+    first = _spawn(tmp_path, saved, resume=False, world=saved_world)
+    second = _spawn(tmp_path, resumed, resume=True, world=resumed_world)
     assert (first["stage"], second["stage"]) == (saved, resumed) and second["universal"]
     # an engine build, steps, a save and a resume under stages 1 and 3 never load inductor's backend (it costs
     # ~1 CPU-s per worker start; DeepSpeed's Muon checks loaded it: trainer/ds_extensions.py)
@@ -227,6 +290,14 @@ def test_checkpoint_resumes_under_another_stage(tmp_path, saved, resumed):
     assert first["saved"].keys() == second["restored"].keys()
     assert all(torch.equal(first["saved"][k], second["restored"][k]) for k in first["saved"])
     assert second["restored_groups"] == first["groups"]  # each group's own weight decay, betas, eps
+    moments = first["saved_moments"]
+    assert moments.keys() == second["restored_moments"].keys()
+    differ = [k for k in moments if not torch.equal(moments[k], second["restored_moments"][k])]
+    assert not differ, f"{len(differ)} of {len(moments)} Adam moments differ after the resume: {differ[:3]}"
+    if saved_world != resumed_world:
+        # contrastive negatives come from the other rank's batch on two ranks, not from the micro-batch's own
+        # on one, and each rank draws its own masks: the runs' losses differ from here on by design
+        return
     assert second["losses"] == pytest.approx(first["losses"][SAVE_AT:], rel=1e-5)
     # 1e-5: the two stages reduce and clip in another order (measured up to 5e-6 on weights of ~0.1); a group
     # resumed with another group's weight decay, or lost Adam moments, is 10-100x further off

@@ -63,30 +63,38 @@ def _positions(saved: dict) -> dict[int, str]:
 
 def stage0_to_universal(src_tag_dir: Path, out_tag_dir: Path) -> None:
     """Writes the universal form of the stage-0 checkpoint folder ``src_tag_dir`` into ``out_tag_dir``."""
-    from trainer.ds_extensions import import_deepspeed
+    from importlib.metadata import version
 
-    deepspeed = import_deepspeed()
     saved = torch.load(Path(src_tag_dir) / MODEL_STATES, map_location="cpu", weights_only=False)
     positions = _positions(saved)
     weights, state = saved["module"], saved["optimizer"]["state"]
     zero = Path(out_tag_dir) / "zero"
     zero.mkdir(parents=True, exist_ok=True)
     step = None
-    for index, name in positions.items():
-        folder = zero / name
-        folder.mkdir(exist_ok=True)
-        # the fp32 copy: stage 0 trains the module's own fp32 weights (fp32 and autocast precision)
-        torch.save({"param": weights[name].detach().float().clone()}, folder / "fp32.pt")
-        moments = state.get(index)
-        if moments is None:  # a parameter the optimizer never stepped (no gradient yet): no moments to carry
-            continue
-        for key in ADAM_KEYS:
-            torch.save({"param": moments[key].clone()}, folder / f"{key}.pt")
-        step = moments["step"]
-        torch.save(step.clone() if torch.is_tensor(step) else step, folder / "step.pt")
+    for group in saved["optimizer"]["param_groups"]:
+        # A parameter torch's AdamW never stepped (no gradient yet: a head whose objective has not trained)
+        # has no state. A ZeRO optimizer keeps one flat state per group, zero moments included, and its
+        # universal load wants one step for a whole group: such a parameter gets zero moments and the group's
+        # step.
+        stepped = [state[i]["step"] for i in group["params"] if i in state]
+        group_step = stepped[0] if stepped else None
+        for index in group["params"]:
+            name = positions[index]
+            folder = zero / name
+            folder.mkdir(exist_ok=True)
+            # the fp32 copy: stage 0 trains the module's own fp32 weights (fp32 and autocast precision)
+            weight = weights[name].detach().float()
+            torch.save({"param": weight.clone()}, folder / "fp32.pt")
+            if group_step is None:  # nothing in the group trained yet: no optimizer state to carry
+                continue
+            moments = state.get(index) or {key: torch.zeros_like(weight) for key in ADAM_KEYS}
+            for key in ADAM_KEYS:
+                torch.save({"param": moments[key].clone()}, folder / f"{key}.pt")
+            step = group_step
+            torch.save(step.clone() if torch.is_tensor(step) else step, folder / "step.pt")
     groups = [{k: v for k, v in g.items() if k != "params"} | {"params": [0]}
               for g in saved["optimizer"]["param_groups"]]
-    torch.save({"param_groups": groups, "ds_version": deepspeed.__version__}, zero / "optimizer_state.pt")
+    torch.save({"param_groups": groups, "ds_version": version("deepspeed")}, zero / "optimizer_state.pt")
     # the model-states file without the optimizer (now under zero/), as a ZeRO conversion keeps its own
     lean = {k: v for k, v in saved.items() if k not in ("optimizer", PARAM_NAMES_KEY)}
     lean["optimizer"] = None
