@@ -107,9 +107,9 @@ class OptimizerConfig:
 class DeepSpeedSettings:
     """ZeRO settings; the DeepSpeed JSON is derived from these (trainer/ds_config.py)."""
 
-    # 0..3, or auto: stage 1, 2 or 3 from the parameter count, world size, precision, offload and device
-    # memory (trainer/zero_stage.py; the choice and its reason are printed at start and logged as MLflow
-    # params)
+    # 0..3, or auto: stage 0 (no ZeRO) for one rank in fp32 or autocast, else 1, 2 or 3 from the parameter
+    # count, world size, precision, offload and device memory (trainer/zero_stage.py; the choice and its
+    # reason are printed at start and logged as MLflow params)
     zero_stage: ZeroStage = "auto"
     # auto: the share of a device's memory that model states (weights, gradients, optimizer) may take; the
     # rest is left to activations, communication buffers and fragmentation

@@ -80,12 +80,21 @@ def lighten_plain_engine(engine: Any, world_size: int) -> None:
       GPU) and returns the norm, which is recorded where DeepSpeed's ZeRO optimizers record theirs. The
       gradients are already averaged over the ranks when DeepSpeed clips, so the norm is the same on each.
     - On one rank, the backward's all-reduce: DeepSpeed flattens every gradient into a bucket, all-reduces
-      it with itself and copies each gradient back. There is nothing to average with.
+      it with itself and copies each gradient back. There is nothing to average with. What it also does is
+      kept: a trainable parameter with no gradient (a head whose objective is off in this stage) gets a zero
+      one, so AdamW steps it (its weight decay, its moments' decay) as on several ranks and under ZeRO.
 
     bench/bench_host_overhead.py measures the effect (docs/BENCHMARKS.md).
     """
     if world_size == 1:
-        engine.enable_backward_allreduce = False
+        def zero_missing_gradients(*_args, **_kwargs) -> None:  # in place of allreduce_gradients
+            if not engine.is_gradient_accumulation_boundary():
+                return
+            for p in engine.module.parameters():
+                if p.requires_grad and p.grad is None and p.numel():
+                    p.grad = torch.zeros_like(p)
+
+        engine.allreduce_gradients = zero_missing_gradients
     max_norm = engine.gradient_clipping()
 
     def clip_fp32_gradients() -> None:  # called by DeepSpeed's step when gradient_clipping > 0

@@ -177,7 +177,8 @@ def _family(stage: int) -> int:
 def needs_universal(found: tuple[Path, dict], cfg: RunConfig, world_size: int, on_gpu: bool,
                     run_stage: int | None = None) -> bool:
     """Whether the checkpoint ``found`` (folder, trainer state) must go through DeepSpeed's universal format:
-    saved by another world size, or under a stage whose layout this run's stage cannot load directly.
+    saved by another world size, or under a stage whose layout this run's stage cannot load directly. Not a
+    stage-0 checkpoint resumed under stage 0: its one file loads at any world size.
 
     ``run_stage``: this run's stage when already resolved (resolving ``auto`` is an all-reduce)."""
     path, state = found

@@ -281,7 +281,7 @@ class CheckpointManager:
         if universal and self._run_stage() == 0:  # DeepSpeed's universal load fills only ZeRO optimizers
             load_universal_into_plain(engine, path / tag)
         else:
-            # two slips of DeepSpeed's stage-3 universal load, undone afterwards (trainer/zero_stage.py)
+            # three slips of DeepSpeed's universal load, avoided or undone (trainer/zero_stage.py)
             with universal_load_fixed(engine.optimizer) if universal else contextlib.nullcontext():
                 engine.load_checkpoint(str(path), tag=tag, load_module_strict=True,
                                        load_optimizer_states=True, load_lr_scheduler_states=False)

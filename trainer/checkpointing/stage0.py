@@ -77,7 +77,7 @@ def stage0_to_universal(src_tag_dir: Path, out_tag_dir: Path) -> None:
         # universal load wants one step for a whole group: such a parameter gets zero moments and the group's
         # step.
         stepped = [state[i]["step"] for i in group["params"] if i in state]
-        group_step = stepped[0] if stepped else None
+        group_step = max(stepped, key=float) if stepped else None  # ZeRO counts steps per group
         for index in group["params"]:
             name = positions[index]
             folder = zero / name
@@ -116,6 +116,11 @@ def load_universal_into_plain(engine: Any, tag_dir: Path) -> None:
     tag_dir = Path(tag_dir)
     zero = tag_dir / "zero"
     optimizer = engine.optimizer
+    if optimizer is not getattr(engine, "basic_optimizer", optimizer):
+        raise ValueError(f"cannot resume {tag_dir} under stage 0 with DeepSpeed's {type(optimizer).__name__} "
+                         "(bf16 precision keeps fp32 master weights of its own): set deepspeed.zero_stage=1, "
+                         "or deepspeed.precision=autocast")
+    group_of = {p: g for g in optimizer.param_groups for p in g["params"]}
     params = dict(engine.module.named_parameters())
     missing = [name for name in params if not (zero / name / "fp32.pt").is_file()]
     if missing:
@@ -128,12 +133,15 @@ def load_universal_into_plain(engine: Any, tag_dir: Path) -> None:
             if not (folder / "exp_avg.pt").is_file():
                 optimizer.state.pop(p, None)
                 continue
-            step = torch.load(folder / "step.pt", weights_only=False)
-            # each parameter its own step tensor: the fused AdamW increments it in place
-            state = {"step": (step.clone() if torch.is_tensor(step) else torch.tensor(float(step)))
-                     .to(torch.float32)}
-            for key in ADAM_KEYS:
-                state[key] = _tensor(folder / f"{key}.pt").view_as(p).to(p.dtype).clone()
+            step = float(torch.load(folder / "step.pt", weights_only=False))
+            group = group_of[p]
+            # each parameter its own step tensor (the fused AdamW increments it in place), where torch's Adam
+            # keeps it: on the parameter's device when fused or capturable, else on the CPU
+            on_device = group.get("fused") or group.get("capturable")
+            state = {"step": torch.tensor(step, dtype=torch.float32, device=p.device if on_device else "cpu")}
+            for key in ADAM_KEYS:  # read on the CPU, kept beside the parameter
+                value = _tensor(folder / f"{key}.pt").view_as(p)
+                state[key] = value.to(device=p.device, dtype=p.dtype).clone()
             optimizer.state[p] = state
     saved = _model_states(tag_dir)
     buffers = dict(engine.module.named_buffers())
