@@ -65,7 +65,8 @@ def build_engine(cfg: RunConfig, module: torch.nn.Module, world_size: int, on_gp
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
     engine, optimizer, _, _ = deepspeed.initialize(model=module, optimizer=build_adamw(groups, cfg.optimizer),
                                                    config=ds_config, dist_init_required=False)
-    if engine.zero_optimization_stage() == 0:
+    # stage 0 with the torch optimizer itself (fp32, autocast); not under DeepSpeed's bf16 wrappers
+    if engine.zero_optimization_stage() == 0 and engine.optimizer is getattr(engine, "basic_optimizer", None):
         lighten_plain_engine(engine, world_size)
     return engine, optimizer, group_modules
 
