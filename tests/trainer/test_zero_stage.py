@@ -81,12 +81,16 @@ def test_a_parameter_adam_never_stepped_gets_zero_moments_and_its_group_s_step(t
     from trainer.checkpointing.stage0 import MODEL_STATES, PARAM_NAMES_KEY, stage0_to_universal
 
     (tmp_path / "ds").mkdir()
-    weights = {"a": torch.ones(3), "head": torch.full((2,), 2.0), "frozen": torch.zeros(4)}
+    weights = {"a": torch.ones(3), "b": torch.ones(1), "head": torch.full((2,), 2.0),
+               "frozen": torch.zeros(4)}
     trained = {"step": torch.tensor(5.0), "exp_avg": torch.full((3,), 0.1),
                "exp_avg_sq": torch.full((3,), 0.2)}
-    optimizer = {"state": {0: trained}, "param_groups": [{"params": [0, 1], "lr": 1.0}, {"params": [2]}]}
-    torch.save({"module": weights, "optimizer": optimizer, PARAM_NAMES_KEY: [["a", "head"], ["frozen"]]},
-               tmp_path / "ds" / MODEL_STATES)
+    later = {"step": torch.tensor(3.0), "exp_avg": torch.zeros(1),  # a parameter that joined later
+             "exp_avg_sq": torch.zeros(1)}
+    optimizer = {"state": {0: trained, 1: later},
+                 "param_groups": [{"params": [0, 1, 2], "lr": 1.0}, {"params": [3]}]}
+    torch.save({"module": weights, "optimizer": optimizer,
+                PARAM_NAMES_KEY: [["a", "b", "head"], ["frozen"]]}, tmp_path / "ds" / MODEL_STATES)
     stage0_to_universal(tmp_path / "ds", tmp_path / "out")
     zero = tmp_path / "out" / "zero"
 
@@ -94,11 +98,41 @@ def test_a_parameter_adam_never_stepped_gets_zero_moments_and_its_group_s_step(t
         return torch.load(zero / name / f"{key}.pt", weights_only=False)
 
     assert torch.equal(load("a", "exp_avg")["param"], trained["exp_avg"]) and load("a", "step") == 5
+    assert load("b", "step") == 5  # one step per group, its largest, as a ZeRO optimizer counts
     assert torch.equal(load("head", "exp_avg_sq")["param"], torch.zeros(2)) and load("head", "step") == 5
     assert torch.equal(load("head", "fp32")["param"], weights["head"])
     assert sorted(p.name for p in (zero / "frozen").iterdir()) == ["fp32.pt"]
     lean = torch.load(tmp_path / "out" / MODEL_STATES, weights_only=False)
     assert lean["optimizer"] is None and PARAM_NAMES_KEY not in lean  # the state lives under zero/ now
+
+
+def test_a_stage_0_resume_puts_adam_s_state_where_torch_keeps_it_and_refuses_a_wrapped_optimizer(tmp_path):
+    """load_universal_into_plain on parameters of another device than the files' (meta here, a GPU in a
+    job): the moments go beside the parameter, the step too where the group is fused (torch's Adam keeps it
+    there), else on the CPU; each parameter its own step tensor. DeepSpeed's bf16 wrapper is refused."""
+    from types import SimpleNamespace
+
+    from trainer.checkpointing.stage0 import MODEL_STATES, load_universal_into_plain
+
+    module = torch.nn.Module()
+    module.w, module.v = (torch.nn.Parameter(torch.zeros(3, device="meta")) for _ in range(2))
+    optimizer = torch.optim.AdamW([{"params": [module.w], "fused": True}, {"params": [module.v]}])
+    folder = tmp_path / "ds_universal"
+    for name in ("w", "v"):
+        (folder / "zero" / name).mkdir(parents=True)
+        for key in ("fp32", "exp_avg", "exp_avg_sq"):
+            torch.save({"param": torch.ones(3)}, folder / "zero" / name / f"{key}.pt")
+        torch.save(torch.tensor(4.0), folder / "zero" / name / "step.pt")
+    torch.save({"module": {}, "global_steps": 4}, folder / MODEL_STATES)
+    engine = SimpleNamespace(module=module, optimizer=optimizer, basic_optimizer=optimizer)
+    load_universal_into_plain(engine, folder)
+    w, v = optimizer.state[module.w], optimizer.state[module.v]
+    assert w["exp_avg"].device.type == v["exp_avg_sq"].device.type == "meta"
+    assert (w["step"].device.type, v["step"].device.type) == ("meta", "cpu")
+    assert w["step"] is not v["step"] and float(v["step"]) == 4 and engine.global_steps == 4
+    wrapped = SimpleNamespace(module=module, optimizer=object(), basic_optimizer=optimizer)
+    with pytest.raises(ValueError, match="deepspeed.zero_stage=1, or deepspeed.precision=autocast"):
+        load_universal_into_plain(wrapped, folder)
 
 
 def test_stage_memory_shrinks_with_the_stage_and_nothing_fits_without_offload_says_so():

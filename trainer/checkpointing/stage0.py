@@ -50,8 +50,9 @@ def _positions(saved: dict) -> dict[int, str]:
     groups = saved.get(PARAM_NAMES_KEY)
     if groups is None:
         raise ValueError("this stage-0 checkpoint does not name its optimizer's parameters (it was written "
-                         "before unimo recorded them), so it can resume only under stage 0 at its own world "
-                         "size; set deepspeed.zero_stage=0 to resume it")
+                         "before unimo recorded them, or under DeepSpeed's bf16 precision, whose optimizer "
+                         "keeps copies of its own), so it can resume only under stage 0 with its own "
+                         "precision; set deepspeed.zero_stage=0 to resume it")
     positions: dict[int, str] = {}
     for group, names in zip(saved["optimizer"]["param_groups"], groups):
         if len(group["params"]) != len(names):
