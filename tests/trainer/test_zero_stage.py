@@ -1,6 +1,6 @@
 """deepspeed.zero_stage: the `auto` rule (trainer/zero_stage.py), its DeepSpeed config, and a checkpoint saved
-under one stage resuming under another (3 -> 0, 0 -> 1 on two ranks, 1 on two ranks -> 3; stage 0 is DeepSpeed
-without ZeRO) through the trainer's restore, over gloo on CPU."""
+under one stage resuming under another (3 -> 1, 3 -> 0, 0 -> 1 on two ranks, 1 on two ranks -> 3; stage 0 is
+DeepSpeed without ZeRO) through the trainer's restore, over gloo on CPU."""
 
 from __future__ import annotations
 
@@ -300,14 +300,16 @@ def _spawn(tmp_path: Path, stage: int, resume: bool, world: int) -> dict:
 
 @pytest.mark.integration  # one or two ranks over gloo in spawned processes
 @pytest.mark.parametrize("saved, resumed", [
-    # each conversion (DeepSpeed's of stages 3 and 1, stage0.py's of stage 0) and each load (stage0.py's,
-    # DeepSpeed's stage 1 on two ranks and stage 3) once; (stage, world size)
+    # each conversion (DeepSpeed's of stages 3 and 1, stage0.py's of stage 0) into each load (stage0.py's,
+    # DeepSpeed's of stages 1 and 3) that needs pieces of its own (make_loadable_under_any_stage); (stage,
+    # world size)
+    ((3, 1), (1, 1)),
     ((3, 1), (0, 1)),
     # stage 0 (auto on one rank) on two ranks under stage 1: DeepSpeed's load on a rank that holds no part of
     # the 1-element groups (zero_stage._groups_this_rank_holds)
     ((0, 1), (1, 2)),
     ((1, 2), (3, 1)),  # what a stage-1 conversion leaves out and a stage-3 load reads (make_loadable_...)
-], ids=["3-0", "0-1x2", "1x2-3"])
+], ids=["3-1", "3-0", "0-1x2", "1x2-3"])
 def test_checkpoint_resumes_under_another_stage(tmp_path, saved, resumed):
     """Saved at step 2 under one stage (and world size), resumed under the other through the universal
     checkpoint: the weights come back bitwise, and the resumed steps match the uninterrupted run (same losses,
