@@ -70,8 +70,8 @@ def state_bytes_per_rank(params: int, world_size: int, stage: int, bf16: bool,
     w = g = 2 if bf16 else 4
     opt = 0 if offload_optimizer else MASTER_AND_ADAM_BYTES
     n = world_size
-    if stage == 0:
-        return float((w + g + opt) * params)
+    if stage == 0:  # in fp32 (and autocast) the torch optimizer steps the weights themselves: no master copy
+        return float((w + g + (opt if bf16 or not opt else opt - 4)) * params)
     if stage == 1:
         return (w + g) * params + opt * params / n
     if stage == 2:

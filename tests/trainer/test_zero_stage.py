@@ -139,6 +139,9 @@ def test_stage_memory_shrinks_with_the_stage_and_nothing_fits_without_offload_sa
     p = 860_000_000
     per_stage = [state_bytes_per_rank(p, 8, s, bf16=True) for s in range(4)]
     assert per_stage == sorted(per_stage, reverse=True) and per_stage[0] == 16 * p
+    # fp32 stage 0: weights, gradients and Adam's two moments, 4 bytes each; no master copy (the torch
+    # optimizer steps the weights), unlike stages 1-3, whose flat fp32 partitions are one
+    assert state_bytes_per_rank(p, 1, 0, bf16=False) == 16 * p < state_bytes_per_rank(p, 1, 1, bf16=False)
     choice = choose_stage(p, 1, True, 16 * GiB, 0.5)
     assert choice.stage == 3 and "offload_optimizer=true" in choice.reason
 
