@@ -17,11 +17,11 @@ run.
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import sys
 import socket
 import statistics
-import json
+import sys
 import time
 from pathlib import Path
 

@@ -71,7 +71,6 @@ def stage0_to_universal(src_tag_dir: Path, out_tag_dir: Path) -> None:
     weights, state = saved["module"], saved["optimizer"]["state"]
     zero = Path(out_tag_dir) / "zero"
     zero.mkdir(parents=True, exist_ok=True)
-    step = None
     for group in saved["optimizer"]["param_groups"]:
         # A parameter torch's AdamW never stepped (no gradient yet: a head whose objective has not trained)
         # has no state. A ZeRO optimizer keeps one flat state per group, zero moments included, and its
@@ -91,8 +90,7 @@ def stage0_to_universal(src_tag_dir: Path, out_tag_dir: Path) -> None:
             moments = state.get(index) or {key: torch.zeros_like(weight) for key in ADAM_KEYS}
             for key in ADAM_KEYS:
                 torch.save({"param": moments[key].clone()}, folder / f"{key}.pt")
-            step = group_step
-            torch.save(step.clone() if torch.is_tensor(step) else step, folder / "step.pt")
+            torch.save(group_step.clone() if torch.is_tensor(group_step) else group_step, folder / "step.pt")
     groups = [{k: v for k, v in g.items() if k != "params"} | {"params": [0]}
               for g in saved["optimizer"]["param_groups"]]
     torch.save({"param_groups": groups, "ds_version": version("deepspeed")}, zero / "optimizer_state.pt")
@@ -100,16 +98,7 @@ def stage0_to_universal(src_tag_dir: Path, out_tag_dir: Path) -> None:
     lean = {k: v for k, v in saved.items() if k not in ("optimizer", PARAM_NAMES_KEY)}
     lean["optimizer"] = None
     torch.save(lean, Path(out_tag_dir) / MODEL_STATES)
-    log.info("stage-0 checkpoint %s written in universal form (%d parameters, Adam step %s)", src_tag_dir,
-             len(positions), None if step is None else int(step))
-
-
-def _model_states(tag_dir: Path) -> dict:
-    """The model-states file of a universal folder (a stage-3 conversion names it per rank)."""
-    for name in (MODEL_STATES, "zero_pp_rank_0_mp_rank_00_model_states.pt"):
-        if (tag_dir / name).is_file():
-            return torch.load(tag_dir / name, map_location="cpu", weights_only=False)
-    raise FileNotFoundError(f"no model-states file in the universal checkpoint {tag_dir}")
+    log.info("stage-0 checkpoint %s written in universal form (%d parameters)", src_tag_dir, len(positions))
 
 
 def load_universal_into_plain(engine: Any, tag_dir: Path) -> None:
@@ -144,7 +133,8 @@ def load_universal_into_plain(engine: Any, tag_dir: Path) -> None:
                 value = _tensor(folder / f"{key}.pt").view_as(p)
                 state[key] = value.to(device=p.device, dtype=p.dtype).clone()
             optimizer.state[p] = state
-    saved = _model_states(tag_dir)
+    # every conversion has this file, a stage-3 one too (zero_stage.make_loadable_under_any_stage copies it)
+    saved = torch.load(tag_dir / MODEL_STATES, map_location="cpu", weights_only=False)
     buffers = dict(engine.module.named_buffers())
     for name, value in (saved.get("module") or {}).items():
         if name in buffers and torch.is_tensor(value) and value.shape == buffers[name].shape:
