@@ -200,8 +200,11 @@ def data_wait(flavor: str, args, b: int) -> dict:
 def bench_config(flavor: str, stage: str, args):
     from trainer.config import load_config
 
+    per_module = stage == "3-per-module"  # ZeRO-3's hooks around every module, as before whole units
     overrides = [f"model.flavor={flavor}", "scaling.num_workers=1", "train.global_micro_batches=1",
-                 f"deepspeed.zero_stage={stage}", f"train.compile={str(args.compile).lower()}",
+                 f"deepspeed.zero_stage={'3' if per_module else stage}",
+                 f"deepspeed.zero3_whole_units={str(not per_module).lower()}",
+                 f"train.compile={str(args.compile).lower()}",
                  f"deepspeed.precision={args.precision}",
                  f"scaling.use_gpu={str(args.device == 'cuda').lower()}"]
     return load_config(None, overrides)
@@ -217,7 +220,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--stages", nargs="*", default=["auto", "3"], help="trainer engine stages to run")
+    parser.add_argument("--stages", nargs="*", default=["auto", "3"],
+                        help="engine stages to run: auto, 0-3, 3-per-module (ZeRO-3 without whole units)")
     parser.add_argument("--compile", action="store_true", help="train.compile=true for the trainer's engine")
     # autocast: fp32 weights and bf16 compute, as the plain loop runs; on one rank `auto` then takes stage 0
     parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "autocast", "fp32"],

@@ -4,7 +4,8 @@ what is left is what bounds a GPU step from the host side (Python, dispatch, hoo
 For each flavor: the plain PyTorch loop (fused AdamW, grad clipping) and the trainer's engine (trainer.loop.
 build_engine, one gloo rank) at ZeRO stage 0, 1, 2, 3 and `auto`, same batches, interleaved step by step;
 ms/step, the paired ratio to the plain loop, and per step the aten ops (torch profiler) and module calls (a
-global forward hook). Targets, same run: `auto` <= 1.2x plain, ZeRO-3 forced <= 2x plain.
+global forward hook). ZeRO-3 runs with whole units (trainer/zero3_units.py) and, as `zero3_per_module`,
+without. Targets, same run: `auto` <= 1.2x plain, ZeRO-3 forced <= 2x plain.
 
     python bench/bench_host_overhead.py [--flavors debug small base large xl] [--steps 6] [--threads 1]
 """
@@ -36,10 +37,10 @@ TINY_REST = ["model.embed_dim=32", "model.text.vocab_size=512", "model.vision.im
 STAGES = ("0", "1", "2", "3", "auto")
 
 
-def tiny_config(flavor: str, stage: str):
+def tiny_config(flavor: str, stage: str, extra: tuple[str, ...] = ()):
     from trainer.config import load_config
 
-    overrides = [f"model.flavor={flavor}", "scaling.num_workers=1", "train.global_micro_batches=1",
+    overrides = [*extra, f"model.flavor={flavor}", "scaling.num_workers=1", "train.global_micro_batches=1",
                  f"deepspeed.zero_stage={stage}", "deepspeed.precision=fp32"]
     overrides += [o.format(p=p) for p in ("text", "vision", "fusion") for o in TINY] + TINY_REST
     return load_config(None, overrides)
@@ -106,6 +107,9 @@ def bench_flavor(flavor: str, steps: int, warmup: int) -> list[dict]:
     chosen = {}
     for stage in STAGES:
         loops[f"zero{stage}"], chosen[stage] = engine_loop(tiny_config(flavor, stage))
+    # ZeRO-3 as before whole units (deepspeed.zero3_whole_units): DeepSpeed's hooks around every module
+    per_module = tiny_config(flavor, "3", ("deepspeed.zero3_whole_units=false",))
+    loops["zero3_per_module"], _ = engine_loop(per_module)
     cfg = tiny_config(flavor, "auto")
     batches = [random_batch(cfg, b=4, seq_len=16, seed=i) for i in range(steps + warmup)]
     times = {name: [] for name in loops}

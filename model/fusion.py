@@ -47,6 +47,8 @@ def used_levels(cfg: FusionConfig, levels: int) -> list[int]:
 class LevelProjections(nn.Module):
     """P_l: LN + Linear from a unimodal layer into the fusion width, plus a modality embedding."""
 
+    whole_unit = True  # layers.whole_units
+
     def __init__(self, in_dim: int, cfg: FusionConfig, levels: list[int]):
         super().__init__()
         self.levels = list(levels)
@@ -71,6 +73,8 @@ class LevelProjections(nn.Module):
 
 class LevelMixer(nn.Module):
     """Computes one stream's fusion-layer input x_k from x_{k-1} and its projected unimodal levels."""
+
+    whole_unit = True  # layers.whole_units
 
     def __init__(self, cfg: FusionConfig, levels: int):
         super().__init__()
@@ -111,6 +115,8 @@ class CrossLevelMemory(nn.Module):
     current level x_k dominates (logit cross_level_init vs 0), so the encoder starts close to METER.
     """
 
+    whole_unit = True  # layers.whole_units
+
     def __init__(self, cfg: FusionConfig, levels: int):
         super().__init__()
         self.levels = levels
@@ -129,6 +135,7 @@ class CoAttentionLayer(nn.Module):
     """One stream of a fusion layer: self-attn, cross-attn to the other stream, MLP; post-LN as METER/BERT."""
 
     compile_unit = True  # compiled by layers.compile_blocks (train.compile)
+    whole_unit = True  # layers.whole_units
 
     def __init__(self, cfg: FusionConfig):
         super().__init__()

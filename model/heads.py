@@ -17,6 +17,8 @@ class TiedLMHead(nn.Module):
     gathers a module's parameters when that module runs, sees the weight used inside this module's forward.
     """
 
+    whole_unit = True  # layers.whole_units
+
     def __init__(self, in_dim: int, embedding: nn.Embedding, eps: float, activation: str):
         super().__init__()
         vocab, dim = embedding.weight.shape
@@ -33,6 +35,8 @@ class TiedLMHead(nn.Module):
 class ITMHead(nn.Module):
     """Match / no-match from the fused CLS of both streams (each pooled by dense+tanh, then concatenated)."""
 
+    whole_unit = True  # layers.whole_units
+
     def __init__(self, dim: int):
         super().__init__()
         self.text_pool = nn.Linear(dim, dim)
@@ -47,6 +51,8 @@ class ITMHead(nn.Module):
 class MIMHead(nn.Module):
     """Linear regression of each patch's (normalised) pixels from the last vision layer, as SimMIM."""
 
+    whole_unit = True  # layers.whole_units
+
     def __init__(self, dim: int, patch_size: int, channels: int):
         super().__init__()
         self.proj = nn.Linear(dim, patch_size * patch_size * channels)
@@ -57,6 +63,8 @@ class MIMHead(nn.Module):
 
 class GroundingHead(nn.Module):
     """Token-to-patch alignment scores from the fused streams (scaled dot product of projections)."""
+
+    whole_unit = True  # layers.whole_units
 
     def __init__(self, dim: int, embed_dim: int):
         super().__init__()

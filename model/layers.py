@@ -138,6 +138,7 @@ class PostLNBlock(nn.Module):
     """BERT block: x = LN(x + attn(x)); x = LN(x + mlp(x)) (post-LN, so BERT/RoBERTa weights load as is)."""
 
     compile_unit = True  # compiled by compile_blocks (train.compile)
+    whole_unit = True  # see whole_units
 
     def __init__(self, dim: int, heads: int, mlp_dim: int, eps: float, dropout: float, activation: str):
         super().__init__()
@@ -156,6 +157,7 @@ class PreLNBlock(nn.Module):
     """ViT/CLIP block: x = x + attn(LN(x)); x = x + mlp(LN(x))."""
 
     compile_unit = True
+    whole_unit = True  # layers.whole_units
 
     def __init__(self, dim: int, heads: int, mlp_dim: int, eps: float, dropout: float, activation: str,
                  qkv_bias: bool = True):
@@ -186,6 +188,18 @@ def compile_blocks(root: nn.Module, **options) -> int:
             module.compile(**options)
             n += 1
     return n
+
+
+def whole_units(root: nn.Module) -> list[nn.Module]:
+    """The modules under ``root`` that run whole (their class sets ``whole_unit``): each is called by its
+    parent, never skipped over, and every module and parameter inside it is used only within its own forward.
+
+    The transformer blocks, the embeddings, the fusion's level projections, mixers and memories, and the
+    heads. A sharded trainer can gather each one's parameters at once rather than sub-module by sub-module
+    (ZeRO-3's leaf modules, FSDP's wrap units). tests/model/test_whole_units.py checks the property for
+    every objective.
+    """
+    return [m for m in root.modules() if getattr(type(m), "whole_unit", False)]
 
 
 def run_block(block: nn.Module, checkpointing: bool, *args, **kwargs) -> Tensor:

@@ -12,6 +12,8 @@ from model.layers import PostLNBlock, dropout, no_empty_rows, run_block, text_at
 class TextEmbeddings(nn.Module):
     """word + position + token type, then LayerNorm (BERT's embedding layer)."""
 
+    whole_unit = True  # layers.whole_units
+
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.cfg = cfg

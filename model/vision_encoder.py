@@ -67,6 +67,8 @@ def blank_masked_patches(pixels: Tensor, patch_mask: Tensor, patch_size: int) ->
 class PatchEmbeddings(nn.Module):
     """conv patches, MIM mask token, CLS, learned (interpolated) positions, optional CLIP pre-LN."""
 
+    whole_unit = True  # layers.whole_units
+
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.cfg = cfg

@@ -52,6 +52,7 @@ def build_engine(cfg: RunConfig, module: torch.nn.Module, world_size: int, on_gp
     """
     from trainer import ds_extensions
     from trainer.zero3_external_params import register_external_parameters
+    from trainer.zero3_units import mark_whole_units, reduce_unit_gradients_per_parameter
 
     deepspeed = ds_extensions.import_deepspeed()
 
@@ -63,8 +64,13 @@ def build_engine(cfg: RunConfig, module: torch.nn.Module, world_size: int, on_gp
     ds_config = build_ds_config(cfg, world_size, on_gpu)
     if universal:
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
+    whole_units = ds_config["zero_optimization"]["stage"] == 3 and cfg.deepspeed.zero3_whole_units
+    if whole_units:
+        mark_whole_units(module)
     engine, optimizer, _, _ = deepspeed.initialize(model=module, optimizer=build_adamw(groups, cfg.optimizer),
                                                    config=ds_config, dist_init_required=False)
+    if whole_units:
+        reduce_unit_gradients_per_parameter(engine.optimizer)
     # stage 0 with the torch optimizer itself (fp32, autocast); not under DeepSpeed's bf16 wrappers
     if engine.zero_optimization_stage() == 0 and engine.optimizer is getattr(engine, "basic_optimizer", None):
         lighten_plain_engine(engine, world_size)
