@@ -68,3 +68,47 @@ def test_zero3_bf16_engine_steps_on_one_gpu():
         losses.append(float(total))
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0], losses  # the same batch 8 times: the loss must fall
+
+
+def test_zero3_whole_units_train_as_per_module_zero3_on_one_gpu():
+    """trainer/zero3_units.py on CUDA in bf16, every parameter partitioned and every objective on: the same
+    losses as ZeRO-3 hooked around every module (tests/trainer/test_zero3_units.py: bitwise on CPU)."""
+    _whole_units_against_per_module("cuda")
+
+
+def _whole_units_against_per_module(device: str) -> None:
+    import deepspeed
+
+    from model.unimo import UnimoModel
+    from tests.trainer.test_objectives import ALL
+    from trainer.config import load_config
+    from trainer.engine import build_engine
+    from trainer.objectives import PretrainObjectives
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0",
+                      WORLD_SIZE="1", LOCAL_RANK="0")
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo")
+    runs = {}
+    for whole in (True, False):
+        cfg = load_config(None, ["scaling.num_workers=1", "train.global_micro_batches=1",
+                                 f"scaling.use_gpu={str(device == 'cuda').lower()}", "deepspeed.zero_stage=3",
+                                 "deepspeed.param_persistence_threshold=1", "model.text.bos_token_id=2",
+                                 "model.text.eos_token_id=3", "model.text.mask_token_id=4",
+                                 f"deepspeed.zero3_whole_units={str(whole).lower()}"])
+        torch.manual_seed(0)
+        module = PretrainObjectives(UnimoModel(cfg.model))
+        engine, _, _ = build_engine(cfg, module, 1, on_gpu=device == "cuda")
+        batch = _batch(cfg, engine.device)
+        losses = []
+        for _ in range(4):
+            total, _ = engine(batch, ALL)
+            engine.backward(total)
+            engine.step()
+            losses.append(float(total))
+        runs[whole] = losses
+    torch.testing.assert_close(torch.tensor(runs[True]), torch.tensor(runs[False]), rtol=2e-3, atol=1e-3)
+    assert runs[True][-1] < runs[True][0], runs
