@@ -86,8 +86,13 @@ def plain_step_fn(cfg, device: str = "cuda"):
     return step, module
 
 
-def engine_step_fn(cfg, device: str = "cuda"):
-    """The trainer's engine (trainer.loop.build_engine) at the config's deepspeed.zero_stage."""
+def engine_step_fn(cfg, device: str = "cuda", deepcompile: bool = False):
+    """The trainer's engine (trainer.loop.build_engine) at the config's deepspeed.zero_stage.
+
+    deepcompile: an experiment, not a trainer option: DeepSpeed's compiler (DeepSpeed's config
+    ``compile.deepcompile`` and ``engine.compile()``, CUDA only in DeepSpeed 0.19) over the whole objectives
+    module, whose forward branches on the batch's sources and objectives."""
+    import trainer.engine as trainer_engine
     from model.unimo import UnimoModel
     from trainer.loop import build_engine
     from trainer.objectives import PretrainObjectives
@@ -95,7 +100,18 @@ def engine_step_fn(cfg, device: str = "cuda"):
 
     torch.manual_seed(0)
     on_gpu = device == "cuda"
-    engine, _, _ = build_engine(cfg, PretrainObjectives(UnimoModel(cfg.model)), 1, on_gpu)
+    original = trainer_engine.build_ds_config
+    if deepcompile:
+        def with_deepcompile(*args, **kwargs) -> dict:
+            return {**original(*args, **kwargs), "compile": {"deepcompile": True}}
+
+        trainer_engine.build_ds_config = with_deepcompile
+    try:
+        engine, _, _ = build_engine(cfg, PretrainObjectives(UnimoModel(cfg.model)), 1, on_gpu)
+    finally:
+        trainer_engine.build_ds_config = original
+    if deepcompile:
+        engine.compile()
 
     def step(batch):
         total, _ = engine(batch, WEIGHTS)
@@ -150,6 +166,8 @@ def measure(name: str, build, batch, args, flops: float, peak: float | None, b: 
         built = build()
         t = timed(built[0], batch, args.steps, args.warmup, args.device)
     except Exception as err:  # noqa: BLE001
+        if name.endswith("-deepcompile") and not is_oom(err):  # an experiment: its failure is a finding
+            return {"loop": name, "error": f"failed: {type(err).__name__}: {str(err).splitlines()[0][:300]}"}
         if not is_oom(err):
             raise
         return {"loop": name, "error": "out of memory"}
@@ -202,7 +220,7 @@ def bench_config(flavor: str, stage: str, args):
 
     per_module = stage == "3-per-module"  # ZeRO-3's hooks around every module, as before whole units
     overrides = [f"model.flavor={flavor}", "scaling.num_workers=1", "train.global_micro_batches=1",
-                 f"deepspeed.zero_stage={'3' if per_module else stage}",
+                 f"deepspeed.zero_stage={stage.split('-')[0]}",
                  f"deepspeed.zero3_whole_units={str(not per_module).lower()}",
                  f"train.compile={str(args.compile).lower()}",
                  f"deepspeed.precision={args.precision}",
@@ -221,7 +239,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--stages", nargs="*", default=["auto", "3"],
-                        help="engine stages to run: auto, 0-3, 3-per-module (ZeRO-3 without whole units)")
+                        help="engine stages: auto, 0-3, 3-per-module (without whole units), 3-deepcompile")
     parser.add_argument("--compile", action="store_true", help="train.compile=true for the trainer's engine")
     # autocast: fp32 weights and bf16 compute, as the plain loop runs; on one rank `auto` then takes stage 0
     parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "autocast", "fp32"],
@@ -254,9 +272,9 @@ def main() -> None:
         flops = flops_per_step(cfg, b, args.seq_len)
         found = [measure("plain", lambda: plain_step_fn(cfg, args.device), batch, args, flops, peak, b)]
         for stage in args.stages:
-            scfg = bench_config(flavor, stage, args)
-            found.append(measure(f"trainer_{stage}", lambda: engine_step_fn(scfg, args.device), batch, args,
-                                 flops, peak, b))
+            scfg, dc = bench_config(flavor, stage, args), stage.endswith("-deepcompile")
+            found.append(measure(f"trainer_{stage}", lambda: engine_step_fn(scfg, args.device, dc), batch,
+                                 args, flops, peak, b))
         base = found[0].get("ms_per_step")
         for row in found:
             row.update(flavor=flavor, batch=b)
