@@ -50,6 +50,7 @@ def build_engine(cfg: RunConfig, module: torch.nn.Module, world_size: int, on_gp
     Returns the engine, its optimizer, and each parameter group's top-level module (per-stage learning rates).
     The process group must exist already (Ray Train's, or the caller's).
     """
+    from model.layers import compile_blocks
     from trainer import ds_extensions
     from trainer.zero3_external_params import register_external_parameters
     from trainer.zero3_units import mark_whole_units, reduce_unit_gradients_per_parameter
@@ -59,6 +60,8 @@ def build_engine(cfg: RunConfig, module: torch.nn.Module, world_size: int, on_gp
     ds_extensions.prepare()  # this environment's op builds; a lock left by a killed build would hang us
 
     register_external_parameters(module)
+    if cfg.train.compile:
+        compile_blocks(module.model)  # in place (names, hooks, checkpoints unchanged); compiles at first call
     groups = param_groups(module.model, cfg.optimizer.weight_decay)
     group_modules = [g.pop("module") for g in groups]
     ds_config = build_ds_config(cfg, world_size, on_gpu)

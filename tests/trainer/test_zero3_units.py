@@ -1,7 +1,8 @@
 """deepspeed.zero3_whole_units (trainer/zero3_units.py): ZeRO-3 over two gloo ranks with every parameter
 partitioned, every objective on (the caption objective runs the text encoder's blocks a second time, the
 fusion's mixers run twice every step) and activation checkpointing (blocks re-run inside backward) trains
-exactly as ZeRO-3 with DeepSpeed's hooks around every module."""
+exactly as ZeRO-3 with DeepSpeed's hooks around every module. And the engine build compiles every block when
+train.compile is set."""
 
 from __future__ import annotations
 
@@ -44,6 +45,23 @@ def _train(rank: int, world: int, whole_units: bool) -> dict:
     return {"losses": losses, "weights": _gathered(engine), "hooked": hooked}
 
 
+def _compiled_blocks(world: int) -> tuple[int, int]:
+    """train.compile=true: (blocks compiled in place by the engine build, blocks); compiled at first call,
+    so nothing is compiled here."""
+    from model.unimo import UnimoModel
+    from tests.trainer.test_objectives import make_model
+    from trainer.config import load_config
+    from trainer.engine import build_engine
+    from trainer.objectives import PretrainObjectives
+
+    cfg = load_config(None, ["deepspeed.zero_stage=3", f"scaling.num_workers={world}",
+                             f"train.global_micro_batches={world}", "train.compile=true"])
+    model: UnimoModel = make_model()
+    build_engine(cfg, PretrainObjectives(model, 0, world), world, on_gpu=False)
+    blocks = [m for m in model.modules() if getattr(type(m), "compile_unit", False)]
+    return sum(getattr(m, "_compiled_call_impl", None) is not None for m in blocks), len(blocks)
+
+
 def _run(rank: int, port: int, world: int, out: str) -> None:
     import os
 
@@ -53,17 +71,22 @@ def _run(rank: int, port: int, world: int, out: str) -> None:
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    record = {"units": _train(rank, world, True), "modules": _train(rank, world, False)}
+    record = {"units": _train(rank, world, True), "modules": _train(rank, world, False),
+              "compiled": _compiled_blocks(world)}
     if rank == 0:
         torch.save(record, out)
     dist.destroy_process_group()
 
 
-@pytest.mark.integration  # two ranks over gloo in spawned processes
-def test_whole_units_train_bitwise_as_per_module_zero3(tmp_path):
-    out = tmp_path / "record.pt"
+@pytest.fixture(scope="module")
+def record(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("zero3_units") / "record.pt"
     mp.start_processes(_run, args=(free_port(), 2, str(out)), nprocs=2, join=True, start_method="spawn")
-    record = torch.load(out)
+    return torch.load(out)
+
+
+@pytest.mark.integration  # two ranks over gloo in spawned processes
+def test_whole_units_train_bitwise_as_per_module_zero3(record):
     units, modules = record["units"], record["modules"]
     assert units["hooked"] < modules["hooked"] / 3, (units["hooked"], modules["hooked"])
     assert units["losses"] == modules["losses"]
@@ -71,3 +94,9 @@ def test_whole_units_train_bitwise_as_per_module_zero3(tmp_path):
     assert units["weights"].keys() == modules["weights"].keys()
     different = [n for n, w in units["weights"].items() if not torch.equal(w, modules["weights"][n])]
     assert different == []
+
+
+@pytest.mark.integration
+def test_train_compile_compiles_every_block_in_the_engine_build(record):
+    compiled, blocks = record["compiled"]
+    assert compiled == blocks > 0  # the option had been lost from the engine build in a refactor
