@@ -36,8 +36,8 @@ class TextEmbeddings(nn.Module):
         if L > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {L} exceeds the position table ({self.cfg.max_seq_len})")
         x = self.word(input_ids) + self.position(self.position_ids(input_ids))  # (B, L, D)
-        if token_type_ids is None:
-            x = x + self.token_type.weight[0]
+        if token_type_ids is None:  # type 0 via the module, not its weight: ZeRO-3 gathers it for the call
+            x = x + self.token_type(input_ids.new_zeros(1, 1))
         else:
             x = x + self.token_type(token_type_ids)
         return dropout(self.ln(x), self.drop_p, self.training)

@@ -16,9 +16,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 # Parameter names (suffixes) read outside the forward of the module that owns them:
-# - logit_scale: UnimoModel's temperature, read by the CMCL/ITM code in PretrainObjectives.forward;
-# - token_type.weight: TextEmbeddings adds row 0 of its child's table when no token types are given.
-EXTERNAL_SUFFIXES = ("logit_scale", "embeddings.token_type.weight")
+# - logit_scale: UnimoModel's temperature, read by the CMCL/ITM code in PretrainObjectives.forward.
+EXTERNAL_SUFFIXES = ("logit_scale",)
 
 
 def external_parameters(root: nn.Module) -> list[nn.Parameter]:

@@ -10,9 +10,9 @@ What is not taken from DeepSpeed's leaf modules is their gradient path. DeepSpee
 from a full-backward hook on the module, which fires once per call: a module called twice in one backward
 (the text encoder's blocks with the caption objective, the fusion's level mixers every step) is reduced
 twice, the second time with its gradients already handed over (DeepSpeed's shape error or assertion), and
-the hook was made for mixture-of-experts layers whose experts may not run. Here every parameter keeps
-DeepSpeed's own per-parameter reduction hook, the one it uses for every other parameter: autograd
-accumulates a parameter's gradient over all its uses before that hook fires, whatever the number of calls.
+the hook was made for mixture-of-experts layers whose experts may not run. Here every parameter gets
+DeepSpeed's own per-parameter reduction hook, the one it uses outside leaf modules: autograd accumulates a
+parameter's gradient over all its uses before that hook fires, whatever the number of calls.
 """
 
 from __future__ import annotations
@@ -43,8 +43,14 @@ def mark_whole_units(module: torch.nn.Module) -> int:
 
 
 def reduce_unit_gradients_per_parameter(optimizer: Any) -> int:
-    """After ``deepspeed.initialize``: replaces the module-level gradient hooks DeepSpeed put on the leaf
-    modules with its per-parameter reduction hook; returns how many parameters were moved over."""
+    """After ``deepspeed.initialize``: removes the module-level gradient hooks DeepSpeed put on the leaf
+    modules and gives every trainable parameter DeepSpeed's per-parameter reduction hook; returns how many.
+
+    Every parameter, not only the units': each hook also counts the hooks to expect in this backward, and
+    DeepSpeed's own hooks on the other parameters would count one per leaf module instead of the units'
+    parameters. The count decides when the end-of-backward runs only where torch cannot queue the callback
+    DeepSpeed prefers (torch 2.13 can), but then it must be right.
+    """
     missing = [name for name in _OPTIMIZER_API if not hasattr(optimizer, name)]
     if missing:
         import deepspeed
@@ -57,22 +63,19 @@ def reduce_unit_gradients_per_parameter(optimizer: Any) -> int:
     from deepspeed.runtime.utils import count_used_parameters_in_backward
     from deepspeed.utils.torch import register_grad_hook
 
-    for handle in optimizer._leaf_module_hooks:
+    for handle in [*optimizer._leaf_module_hooks, *optimizer._grad_acc_hooks]:
         handle.remove()
     optimizer._leaf_module_hooks = []
     trainable = [p for group in optimizer.fp16_groups for p in group if p.requires_grad]
-    moved = [p for p in trainable if hasattr(p, "ds_z3_leaf_module")]
-    for param in moved:
-        optimizer._grad_acc_hooks.append(register_grad_hook(param, _reduce_hook(optimizer, param, trainable,
-                                                                                count_used_parameters_in_backward)))
-    return len(moved)
+    optimizer._grad_acc_hooks = [
+        register_grad_hook(p, _reduce_hook(optimizer, p, trainable, count_used_parameters_in_backward))
+        for p in trainable]
+    return len(trainable)
 
 
 def _reduce_hook(optimizer: Any, param: torch.nn.Parameter, trainable: list, count_used) -> Any:
-    """DeepSpeed's per-parameter hook, as stage3.py builds it for parameters outside leaf modules. The count
-    of hooks to expect covers every trainable parameter this backward uses (DeepSpeed's own hooks count the
-    others plus one per leaf module; the larger count wins), which only matters where torch cannot queue the
-    end-of-backward callback DeepSpeed prefers."""
+    """DeepSpeed's per-parameter hook as stage3.py builds it, the expected count over every trainable
+    parameter this backward uses (there are no leaf modules left to count)."""
 
     def reduce_partition_and_remove_grad(*_unused) -> None:
         refresh = optimizer.should_refresh_expected_hook_count()  # before re-entering, as DeepSpeed does

@@ -28,9 +28,16 @@ def _model(checkpointing: bool) -> UnimoModel:
     return UnimoModel(cfg)
 
 
-def _escapes(objectives: nn.Module, units: list[nn.Module]) -> tuple[set[str], set[str], set[str]]:
-    """One step (forward and backward, where checkpointing re-runs blocks) of every objective: (modules run
-    outside the unit holding them, parameters read outside every unit holding them, units that ran)."""
+def _train_step(objectives: nn.Module) -> None:
+    """Forward and backward (where checkpointing re-runs blocks) of every objective."""
+    total, _ = objectives(make_batch(), ALL)
+    total.backward()
+
+
+def _escapes(objectives: nn.Module, units: list[nn.Module],
+             work=_train_step) -> tuple[set[str], set[str], set[str]]:
+    """Runs ``work(objectives)``: (modules run outside the unit holding them, parameters read outside every
+    unit holding them, units that ran)."""
     names = {id(m): n for n, m in objectives.named_modules()}
     holders: dict[int, list[int]] = {}  # module -> the units it lies inside
     owners: dict[int, set[int]] = {}  # parameter -> the units holding it (a tied weight: several)
@@ -58,8 +65,7 @@ def _escapes(objectives: nn.Module, units: list[nn.Module]) -> tuple[set[str], s
     tracker = _ReadTracker(owners, params, running)
     try:
         with tracker:
-            total, _ = objectives(make_batch(), ALL)
-            total.backward()
+            work(objectives)
     finally:
         for h in handles:
             h.remove()
@@ -75,6 +81,27 @@ def test_every_whole_unit_runs_whole_under_every_objective(checkpointing):
     modules_outside, params_outside, ran = _escapes(objectives, units)
     assert modules_outside == set() and params_outside == set()
     assert ran == {n for n, m in objectives.named_modules() if m in units}  # every unit was exercised
+
+
+def test_evaluation_and_generation_keep_every_unit_whole():
+    """What else runs under the ZeRO-3 engine: retrieval with ITM re-ranking, sample captions (beam search),
+    a text continuation, text features (trainer/evaluation.py, model/generate.py)."""
+    from model.generate import generate
+    from tests.trainer.test_evaluation import make_eval_set
+    from trainer.evaluation import encode_texts, evaluate
+
+    model = _model(False).eval()
+    eval_set = make_eval_set()
+
+    def work(objectives: nn.Module) -> None:
+        with torch.no_grad():
+            evaluate(objectives.model, eval_set, rerank_k=2, caption_images=2)
+            generate(objectives.model, input_ids=eval_set["input_ids"][:2, :4], max_new_tokens=3, num_beams=2)
+            encode_texts(objectives.model, eval_set["input_ids"][:4], eval_set["attention_mask"][:4])
+
+    modules_outside, params_outside, ran = _escapes(PretrainObjectives(model), whole_units(model), work)
+    assert modules_outside == set() and params_outside == set()
+    assert {"model.itm_head", "model.lm_fused_head", "model.text.embeddings"} <= ran
 
 
 def test_the_check_catches_a_module_whose_children_are_called_without_it():

@@ -136,3 +136,15 @@ def test_progress_counts_every_item_retrieval_metrics_works_through():
     seen = []
     retrieval_metrics(model, es, rerank_k=3, progress=seen.append)
     assert sum(seen) == evaluation.retrieval_work(es, rerank_k=3) == 12 + 6 + 6 * 3 + 12 * 3
+
+
+def test_evaluation_reads_no_parameter_outside_the_module_owning_it():
+    """Under ZeRO-3 a parameter is gathered while a module holding it runs, and the objectives module, on
+    which the trainer registers the parameters read elsewhere, does not run in evaluation: retrieval,
+    re-ranking and captions must read every parameter inside its own module (the token-type table's row 0 had
+    been read directly, which failed under per-module ZeRO-3 once that table was partitioned)."""
+    from trainer.zero3_external_params import external_reads
+
+    model, ev = make_model().eval(), make_eval_set()
+    with torch.no_grad():
+        assert external_reads(model, lambda: evaluate(model, ev, rerank_k=2, caption_images=2)) == set()

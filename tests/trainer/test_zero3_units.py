@@ -1,8 +1,8 @@
 """deepspeed.zero3_whole_units (trainer/zero3_units.py): ZeRO-3 over two gloo ranks with every parameter
 partitioned, every objective on (the caption objective runs the text encoder's blocks a second time, the
-fusion's mixers run twice every step) and activation checkpointing (blocks re-run inside backward) trains
-exactly as ZeRO-3 with DeepSpeed's hooks around every module. And the engine build compiles every block when
-train.compile is set."""
+fusion's mixers run twice every step), activation checkpointing (blocks re-run inside backward) and two
+micro-batches per step trains exactly as ZeRO-3 with DeepSpeed's hooks around every module. And the engine
+build compiles every block when train.compile is set."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 from tests.integration.services import free_port
 
 STEPS = 3
+ACCUMULATE = 2  # micro-batches per rank and optimizer step
 
 
 def _train(rank: int, world: int, whole_units: bool) -> dict:
@@ -25,7 +26,7 @@ def _train(rank: int, world: int, whole_units: bool) -> dict:
     from trainer.objectives import PretrainObjectives
 
     cfg = load_config(None, ["deepspeed.zero_stage=3", f"scaling.num_workers={world}",
-                             f"train.global_micro_batches={world}", "optimizer.lr=0.01",
+                             f"train.global_micro_batches={ACCUMULATE * world}", "optimizer.lr=0.01",
                              "optimizer.schedule=constant", "optimizer.warmup_steps=0",
                              "deepspeed.param_persistence_threshold=1",  # every parameter partitioned
                              f"deepspeed.zero3_whole_units={str(whole_units).lower()}"])
@@ -38,10 +39,11 @@ def _train(rank: int, world: int, whole_units: bool) -> dict:
     hooked = sum(hasattr(m, "ds_id") for m in module.modules())  # modules DeepSpeed put its hooks on
     losses = []
     for step in range(STEPS):
-        total, _ = engine(make_batch(seed=10 * step + rank), ALL)
-        engine.backward(total)
-        engine.step()
-        losses.append(float(total))
+        for micro in range(ACCUMULATE):  # DeepSpeed steps the optimizer at the last micro-batch
+            total, _ = engine(make_batch(seed=10 * step + ACCUMULATE * rank + micro), ALL)
+            engine.backward(total)
+            engine.step()
+            losses.append(float(total))
     return {"losses": losses, "weights": _gathered(engine), "hooked": hooked}
 
 
