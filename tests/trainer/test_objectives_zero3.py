@@ -42,7 +42,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     cfg.train.global_micro_batches = 2
     cfg.deepspeed.zero_stage = "3"  # this test is about ZeRO-3 (auto would take stage 1 here)
     module = PretrainObjectives(make_model(), rank=rank, world_size=2)
-    assert register_external_parameters(module) == 2
+    assert register_external_parameters(module) == 1  # the temperature, read by CMCL/ITM
     optimizer = torch.optim.AdamW(module.parameters(), lr=1e-3)
     engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer,
                                       config=build_ds_config(cfg, 2, False), dist_init_required=False)
