@@ -69,7 +69,10 @@ def build_engine(cfg: RunConfig, module: torch.nn.Module, world_size: int, on_gp
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
     whole_units = ds_config["zero_optimization"]["stage"] == 3 and cfg.deepspeed.zero3_whole_units
     if whole_units:
-        mark_whole_units(module)
+        units = mark_whole_units(module)
+        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+            print(f"[unimo] ZeRO-3 gathers whole units: {units} blocks, embeddings and heads, each at once "
+                  "(deepspeed.zero3_whole_units)", flush=True)
     engine, optimizer, _, _ = deepspeed.initialize(model=module, optimizer=build_adamw(groups, cfg.optimizer),
                                                    config=ds_config, dist_init_required=False)
     if whole_units:
