@@ -5,7 +5,7 @@ For each flavor: the largest micro-batch that fits (per source, doubling until o
 then, same batches, same run: the plain loop (fp32 weights, bf16 autocast, fused AdamW) and the trainer's
 engine (trainer.loop.build_engine, one rank, bf16) at each of --stages (default `auto` and ZeRO-3 forced):
 ms/step, samples/s, TFLOP/s from the analytic FLOPs of model/flops.py, MFU against the GPU's dense bf16 peak,
-peak memory.
+peak memory, and per step the GPU kernels launched (torch profiler; aten ops on CPU) and module calls.
 --data-wait adds data_wait_fraction: the trainer's engine fed by the real loader from local JPEG shards stored
 at --stored-size px and fed at the flavor's image size. --json writes every figure; --device cpu is a smoke
 run.
@@ -63,6 +63,33 @@ def timed(step, batch, steps: int, warmup: int, device: str = "cuda") -> float:
         sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def launches_per_step(step, batch, device: str) -> dict:
+    """One more step under the torch profiler: kernels launched on the GPU (on CPU: aten ops), and module
+    calls (a global forward hook) -- what "fewer, larger kernels per step" is measured by."""
+    calls = [0]
+
+    def count(module, args, output) -> None:
+        calls[0] += 1
+
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    handle = torch.nn.modules.module.register_module_forward_hook(count)
+    try:
+        with torch.profiler.profile(activities=activities) as prof:
+            step(batch)
+            sync(device)
+    finally:
+        handle.remove()
+    events = prof.events()
+    if device == "cuda":
+        launched = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    else:
+        launched = sum(1 for e in events if e.name.startswith("aten::"))
+    return {"kernels_per_step" if device == "cuda" else "aten_ops_per_step": launched,
+            "module_calls_per_step": calls[0]}
 
 
 def plain_step_fn(cfg, device: str = "cuda"):
@@ -173,6 +200,7 @@ def measure(name: str, build, batch, args, flops: float, peak: float | None, b: 
         return {"loop": name, "error": "out of memory"}
     row = {"loop": name, "ms_per_step": 1000 * t, "samples_per_s": 3 * b / t, "tflops": flops / t / 1e12,
            "mfu": flops / t / peak if peak else None, "peak_mem_gib": peak_gib(args.device)}
+    row.update(launches_per_step(built[0], batch, args.device))
     if len(built) > 2:
         row["zero_stage"], row["zero_reason"] = built[2].stage, built[2].reason
     del built
@@ -285,7 +313,9 @@ def main() -> None:
             print(f"{flavor:6s} b={b:<4d} {row['loop']:14s} " + (row["error"] if "error" in row else
                   f"{row['ms_per_step']:8.1f} ms/step {row['samples_per_s']:8.0f} samples/s "
                   f"{row['tflops']:6.1f} TFLOP/s MFU {mfu} peak {row['peak_mem_gib']:.1f} GiB "
-                  f"x{row.get('x_plain', float('nan')):.2f} {row.get('zero_reason', '')}"), flush=True)
+                  f"x{row.get('x_plain', float('nan')):.2f} "
+                  f"{row.get('kernels_per_step', row.get('aten_ops_per_step'))} kernels/ops "
+                  f"{row['module_calls_per_step']} module calls {row.get('zero_reason', '')}"), flush=True)
         batch = None
         if args.device == "cuda":
             torch.cuda.empty_cache()

@@ -4,7 +4,7 @@
 #   1. pytest -m gpu                                          -> $OUT/pytest_gpu.txt
 #   2. bench/bench_gpu.py: debug/small/base/large at the largest micro-batch that fits, plain loop vs the
 #      trainer's engine at zero_stage auto and ZeRO-3 forced, same run: ms/step, samples/s, TFLOP/s, MFU, peak
-#      memory; data_wait_fraction of base fed by the real loader (JPEG shards at 256 px, fed at 224 px)
+#      memory, kernels launched and module calls per step; data_wait_fraction of base fed by the real loader (JPEG shards at 256 px, fed at 224 px)
 #                                                             -> $OUT/bench_gpu.{txt,json}
 #   3. base and large with deepspeed.precision=autocast (fp32 weights, bf16 compute, as the plain loop): one
 #      rank's `auto` then takes stage 0 (no ZeRO)               -> $OUT/bench_gpu_autocast.{txt,json}
