@@ -25,10 +25,9 @@ from model.layers import whole_units
 
 # What the rewiring reads of DeepSpeed's stage-3 optimizer (DeepSpeed 0.19): checked before it is used, so
 # another DeepSpeed says what is missing instead of training with unreduced gradients.
-_OPTIMIZER_API = ("_leaf_module_hooks", "_grad_acc_hooks", "fp16_groups",
+_OPTIMIZER_API = ("_leaf_module_hooks", "_grad_acc_hooks", "fp16_groups", "_max_expected_hooks_seen",
                   "reduce_ready_partitions_and_remove_grads", "should_refresh_expected_hook_count",
-                  "reenter_backward_if_needed",
-                  "update_hook_state_and_maybe_run_epilogue", "_max_expected_hooks_seen")
+                  "reenter_backward_if_needed", "update_hook_state_and_maybe_run_epilogue")
 
 
 def mark_whole_units(module: torch.nn.Module) -> int:

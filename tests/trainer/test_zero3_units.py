@@ -80,6 +80,17 @@ def _run(rank: int, port: int, world: int, out: str) -> None:
     dist.destroy_process_group()
 
 
+def test_a_deepspeed_without_what_the_rewiring_needs_is_named_with_the_way_out():
+    from trainer.zero3_units import reduce_unit_gradients_per_parameter
+
+    class OtherOptimizer:
+        fp16_groups: list = []
+
+    with pytest.raises(RuntimeError, match=r"OtherOptimizer\) lacks _leaf_module_hooks, _grad_acc_hooks, .*"
+                                           r"deepspeed.zero3_whole_units=false"):
+        reduce_unit_gradients_per_parameter(OtherOptimizer())
+
+
 @pytest.fixture(scope="module")
 def record(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("zero3_units") / "record.pt"
