@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU session for "fast on GPUs" (issue #16), about 11 minutes on one H100: the GPU tests, then every GPU
+# One GPU session for "fast on GPUs" (issue #16), about 12 minutes on one H100 (the last step may be cut short): the GPU tests, then every GPU
 # figure the issue asks for, each written under $OUT (stdout logs and JSON):
 #   1. pytest -m gpu                                          -> $OUT/pytest_gpu.txt
 #   2. bench/bench_gpu.py: debug/small/base/large at the largest micro-batch that fits, plain loop vs the
@@ -9,10 +9,12 @@
 #   3. base and large with deepspeed.precision=autocast (fp32 weights, bf16 compute, as the plain loop): one
 #      rank's `auto` then takes stage 0 (no ZeRO)               -> $OUT/bench_gpu_autocast.{txt,json}
 #   4. the same for base with train.compile=true               -> $OUT/bench_gpu_compile.{txt,json}
-#   5. base under ZeRO-3: with and without whole units (deepspeed.zero3_whole_units), and DeepSpeed's
-#      compiler (DeepCompile, CUDA only: an experiment)       -> $OUT/bench_gpu_zero3.{txt,json}
+#   5. base under ZeRO-3 with and without whole units (deepspeed.zero3_whole_units)
+#                                                             -> $OUT/bench_gpu_zero3.{txt,json}
 #   6. bench/bench_host_overhead.py for base and large (host work per step on this machine's CPU)
 #                                                             -> $OUT/bench_host_overhead.txt
+#   7. base under ZeRO-3 with DeepSpeed's compiler (DeepCompile, CUDA only: an experiment)
+#                                                             -> $OUT/bench_gpu_deepcompile.{txt,json}
 # Each step has its own time limit, so one that hangs or runs out of memory does not take the others with it.
 #
 #   OUT=/tmp/out bash bench/gpu_session.sh            # on the GPU machine, from the repository root
@@ -58,7 +60,10 @@ step 90 bench_gpu_autocast "$PY" bench/bench_gpu.py --flavors base large --stage
   --steps 8 --warmup 3 --json "$OUT/bench_gpu_autocast.json"
 step 90 bench_gpu_compile "$PY" bench/bench_gpu.py --flavors base --stages auto --compile --steps 8 --warmup 4 \
   --json "$OUT/bench_gpu_compile.json"
-step 150 bench_gpu_zero3 "$PY" bench/bench_gpu.py --flavors base --stages 3 3-per-module 3-deepcompile \
+step 90 bench_gpu_zero3 "$PY" bench/bench_gpu.py --flavors base --stages 3 3-per-module \
   --steps 8 --warmup 3 --json "$OUT/bench_gpu_zero3.json"
 step 60 bench_host_overhead "$PY" bench/bench_host_overhead.py --flavors base large --steps 4 --warmup 1
+# last: DeepCompile builds a CUDA extension first (minutes, or a failure that is itself the finding)
+step 150 bench_gpu_deepcompile "$PY" bench/bench_gpu.py --flavors base --stages 3-deepcompile \
+  --steps 8 --warmup 3 --json "$OUT/bench_gpu_deepcompile.json"
 echo "figures under $OUT"
