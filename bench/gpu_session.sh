@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One GPU session for "fast on GPUs" (issue #16), about 12 minutes on one H100 (the last step may be cut short): the GPU tests, then every GPU
-# figure the issue asks for, each written under $OUT (stdout logs and JSON):
+# One GPU session for "fast on GPUs" (issue #16), about 12 minutes on one H100 (the last step, an experiment,
+# may be cut short): the GPU tests, then every GPU figure the issue asks for, each written under $OUT (stdout
+# logs and JSON):
 #   1. pytest -m gpu                                          -> $OUT/pytest_gpu.txt
 #   2. bench/bench_gpu.py: debug/small/base/large at the largest micro-batch that fits, plain loop vs the
 #      trainer's engine at zero_stage auto and ZeRO-3 forced, same run: ms/step, samples/s, TFLOP/s, MFU, peak
