@@ -119,7 +119,6 @@ def engine_step_fn(cfg, device: str = "cuda", deepcompile: bool = False):
     deepcompile: an experiment, not a trainer option: DeepSpeed's compiler (DeepSpeed's config
     ``compile.deepcompile`` and ``engine.compile()``, CUDA only in DeepSpeed 0.19) over the whole objectives
     module, whose forward branches on the batch's sources and objectives."""
-    import trainer.engine as trainer_engine
     from model.unimo import UnimoModel
     from trainer.loop import build_engine
     from trainer.objectives import PretrainObjectives
@@ -127,16 +126,9 @@ def engine_step_fn(cfg, device: str = "cuda", deepcompile: bool = False):
 
     torch.manual_seed(0)
     on_gpu = device == "cuda"
-    original = trainer_engine.build_ds_config
-    if deepcompile:
-        def with_deepcompile(*args, **kwargs) -> dict:
-            return {**original(*args, **kwargs), "compile": {"deepcompile": True}}
-
-        trainer_engine.build_ds_config = with_deepcompile
-    try:
-        engine, _, _ = build_engine(cfg, PretrainObjectives(UnimoModel(cfg.model)), 1, on_gpu)
-    finally:
-        trainer_engine.build_ds_config = original
+    overrides = {"compile": {"deepcompile": True}} if deepcompile else None
+    module = PretrainObjectives(UnimoModel(cfg.model))
+    engine, _, _ = build_engine(cfg, module, 1, on_gpu, ds_overrides=overrides)
     if deepcompile:
         engine.compile()
 

@@ -84,20 +84,11 @@ def engine_loop(cfg):
 
 
 def counts_per_step(step, batch) -> tuple[int, int]:
-    """(aten ops, module calls) of one step."""
-    calls = [0]
+    """(aten ops, module calls) of one step: bench_gpu's count on the CPU."""
+    from bench.bench_gpu import launches_per_step
 
-    def hook(module, args, output) -> None:
-        calls[0] += 1
-
-    handle = torch.nn.modules.module.register_module_forward_hook(hook)
-    try:
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            step(batch)
-    finally:
-        handle.remove()
-    ops = sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
-    return ops, calls[0]
+    counts = launches_per_step(step, batch, "cpu")
+    return counts["aten_ops_per_step"], counts["module_calls_per_step"]
 
 
 def bench_flavor(flavor: str, steps: int, warmup: int) -> list[dict]:

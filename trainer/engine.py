@@ -43,9 +43,11 @@ def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[s
 
 
 def build_engine(cfg: RunConfig, module: torch.nn.Module, world_size: int, on_gpu: bool,
-                 universal: bool = False) -> tuple[Any, Any, list[str]]:
+                 universal: bool = False,
+                 ds_overrides: dict[str, Any] | None = None) -> tuple[Any, Any, list[str]]:
     """The DeepSpeed engine over ``module`` (the objectives module): parameter groups, the fused AdamW and the
-    DeepSpeed config from ``cfg``; ``universal`` sets it to load a universal checkpoint.
+    DeepSpeed config from ``cfg``; ``universal`` sets it to load a universal checkpoint; ``ds_overrides``
+    replaces top-level sections of the DeepSpeed config (benchmarks' experiments, e.g. DeepSpeed's compiler).
 
     Returns the engine, its optimizer, and each parameter group's top-level module (per-stage learning rates).
     The process group must exist already (Ray Train's, or the caller's).
@@ -53,7 +55,7 @@ def build_engine(cfg: RunConfig, module: torch.nn.Module, world_size: int, on_gp
     from model.layers import compile_blocks
     from trainer import ds_extensions
     from trainer.zero3_external_params import register_external_parameters
-    from trainer.zero3_units import mark_whole_units, reduce_unit_gradients_per_parameter
+    from trainer.zero3_units import mark_whole_units, reduce_gradients_per_parameter, uses_whole_units
 
     deepspeed = ds_extensions.import_deepspeed()
 
@@ -67,16 +69,14 @@ def build_engine(cfg: RunConfig, module: torch.nn.Module, world_size: int, on_gp
     ds_config = build_ds_config(cfg, world_size, on_gpu)
     if universal:
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
-    whole_units = ds_config["zero_optimization"]["stage"] == 3 and cfg.deepspeed.zero3_whole_units
+    ds_config.update(ds_overrides or {})
+    whole_units = uses_whole_units(cfg, ds_config["zero_optimization"]["stage"])
     if whole_units:
-        units = mark_whole_units(module)
-        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-            print(f"[unimo] ZeRO-3 gathers whole units: {units} blocks, embeddings and heads, each at once "
-                  "(deepspeed.zero3_whole_units)", flush=True)
+        mark_whole_units(module)
     engine, optimizer, _, _ = deepspeed.initialize(model=module, optimizer=build_adamw(groups, cfg.optimizer),
                                                    config=ds_config, dist_init_required=False)
     if whole_units:
-        reduce_unit_gradients_per_parameter(engine.optimizer)
+        reduce_gradients_per_parameter(engine.optimizer)
     # stage 0 with the torch optimizer itself (fp32, autocast); not under DeepSpeed's bf16 wrappers
     if engine.zero_optimization_stage() == 0 and engine.optimizer is getattr(engine, "basic_optimizer", None):
         lighten_plain_engine(engine, world_size)

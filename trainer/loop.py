@@ -28,6 +28,7 @@ from trainer.ds_config import grad_accum_steps
 from trainer.engine import ALIGN_ELEMENTS, build_engine, optimizer_groups, param_groups
 from trainer.metrics import step_metrics
 from trainer.watchdog import Watchdog
+from trainer.zero3_units import uses_whole_units
 from trainer.zero_stage import announce, resolve_zero_stage
 
 log = logging.getLogger(__name__)
@@ -388,7 +389,8 @@ class Trainer:
                                       self.tracking_uri, step_fn=lambda: self.progress.step)
         self.metrics_logger = self.tracker.metrics
         self.checkpoints.attach(self.tracker)
-        announce(resolve_zero_stage(self.cfg, self.world_size, self.on_gpu), self.rank, self.metrics_logger)
+        choice = resolve_zero_stage(self.cfg, self.world_size, self.on_gpu)
+        announce(choice, self.rank, self.metrics_logger, uses_whole_units(self.cfg, choice.stage))
 
     def _stop_logging(self) -> None:
         if self.tracker is not None:

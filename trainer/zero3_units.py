@@ -30,6 +30,12 @@ _OPTIMIZER_API = ("_leaf_module_hooks", "_grad_acc_hooks", "fp16_groups", "_max_
                   "reenter_backward_if_needed", "update_hook_state_and_maybe_run_epilogue")
 
 
+def uses_whole_units(cfg: Any, stage: int) -> bool:
+    """Whether a run at ZeRO ``stage`` gathers whole units (the one rule: the engine build and the start-up
+    line ask it)."""
+    return stage == 3 and cfg.deepspeed.zero3_whole_units
+
+
 def mark_whole_units(module: torch.nn.Module) -> int:
     """Flags the model's whole units as ZeRO-3 leaf modules (before ``deepspeed.initialize``, which reads the
     flag when it installs its hooks); returns how many."""
@@ -41,9 +47,10 @@ def mark_whole_units(module: torch.nn.Module) -> int:
     return len(units)
 
 
-def reduce_unit_gradients_per_parameter(optimizer: Any) -> int:
+def reduce_gradients_per_parameter(optimizer: Any) -> int:
     """After ``deepspeed.initialize``: removes the module-level gradient hooks DeepSpeed put on the leaf
-    modules and gives every trainable parameter DeepSpeed's per-parameter reduction hook; returns how many.
+    modules and gives every trainable parameter DeepSpeed's per-parameter reduction hook (as stage3.py builds
+    it for parameters outside leaf modules); returns how many.
 
     Every parameter, not only the units': each hook also counts the hooks to expect in this backward, and
     DeepSpeed's own hooks on the other parameters would count one per leaf module instead of the units'
@@ -62,25 +69,21 @@ def reduce_unit_gradients_per_parameter(optimizer: Any) -> int:
     from deepspeed.runtime.utils import count_used_parameters_in_backward
     from deepspeed.utils.torch import register_grad_hook
 
+    trainable = [p for group in optimizer.fp16_groups for p in group if p.requires_grad]
+
+    def hook_for(param: torch.nn.Parameter):
+        def reduce_partition_and_remove_grad(*_unused) -> None:
+            refresh = optimizer.should_refresh_expected_hook_count()  # before re-entering, as DeepSpeed does
+            optimizer.reenter_backward_if_needed()
+            optimizer.reduce_ready_partitions_and_remove_grads(param)
+            expected = (count_used_parameters_in_backward(trainable) if refresh
+                        else optimizer._max_expected_hooks_seen)
+            optimizer.update_hook_state_and_maybe_run_epilogue(expected)
+
+        return reduce_partition_and_remove_grad
+
     for handle in [*optimizer._leaf_module_hooks, *optimizer._grad_acc_hooks]:
         handle.remove()
     optimizer._leaf_module_hooks = []
-    trainable = [p for group in optimizer.fp16_groups for p in group if p.requires_grad]
-    optimizer._grad_acc_hooks = [
-        register_grad_hook(p, _reduce_hook(optimizer, p, trainable, count_used_parameters_in_backward))
-        for p in trainable]
+    optimizer._grad_acc_hooks = [register_grad_hook(p, hook_for(p)) for p in trainable]
     return len(trainable)
-
-
-def _reduce_hook(optimizer: Any, param: torch.nn.Parameter, trainable: list, count_used) -> Any:
-    """DeepSpeed's per-parameter hook as stage3.py builds it, the expected count over every trainable
-    parameter this backward uses (there are no leaf modules left to count)."""
-
-    def reduce_partition_and_remove_grad(*_unused) -> None:
-        refresh = optimizer.should_refresh_expected_hook_count()  # before re-entering, as DeepSpeed does
-        optimizer.reenter_backward_if_needed()
-        optimizer.reduce_ready_partitions_and_remove_grads(param)
-        expected = count_used(trainable) if refresh else optimizer._max_expected_hooks_seen
-        optimizer.update_hook_state_and_maybe_run_epilogue(expected)
-
-    return reduce_partition_and_remove_grad

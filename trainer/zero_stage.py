@@ -282,11 +282,13 @@ def _groups_this_rank_holds(optimizer):
         inner.param_groups, optimizer.bit16_groups = all_groups, lp_groups
 
 
-def announce(choice: ZeroChoice, rank: int, metrics_logger) -> None:
-    """Prints the choice (rank 0) and logs it as MLflow params, plus a tag that a resume may update."""
+def announce(choice: ZeroChoice, rank: int, metrics_logger, whole_units: bool = False) -> None:
+    """Prints the choice (rank 0) and logs it as MLflow params, plus a tag that a resume may update.
+    ``whole_units``: ZeRO-3 gathers the model's whole units (trainer/zero3_units.py), said on the line."""
     if rank != 0:
         return
-    print(f"[unimo] ZeRO stage {choice.stage}: {choice.reason}", flush=True)
+    units = "; whole blocks, embeddings and heads gathered at once (deepspeed.zero3_whole_units)"
+    print(f"[unimo] ZeRO stage {choice.stage}: {choice.reason}{units if whole_units else ''}", flush=True)
     if metrics_logger is None:
         return
 

@@ -4,7 +4,6 @@ step."""
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -16,6 +15,25 @@ def _batch(cfg, device):
     from tests.fake_batch import random_batch
 
     return random_batch(cfg, b=4, seq_len=16, device=device)
+
+
+def _one_rank_environment() -> None:
+    """What torch.distributed reads to form a one-rank group on a free loopback port."""
+    from tests.integration.services import free_port
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
+                      LOCAL_RANK="0")
+
+
+def _losses(engine, batch, weights: dict, steps: int) -> list[float]:
+    """The loss of each of ``steps`` engine steps on the same batch."""
+    losses = []
+    for _ in range(steps):
+        total, _ = engine(batch, weights)
+        engine.backward(total)
+        engine.step()
+        losses.append(float(total))
+    return losses
 
 
 def test_objectives_forward_backward_bf16_on_cuda():
@@ -43,11 +61,7 @@ def test_zero3_bf16_engine_steps_on_one_gpu():
     from trainer.objectives import PretrainObjectives
     from trainer.zero3_external_params import register_external_parameters
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0",
-                      WORLD_SIZE="1", LOCAL_RANK="0")
+    _one_rank_environment()
     cfg = load_config(None, ["scaling.num_workers=1", "train.global_micro_batches=1", "scaling.use_gpu=true",
                              "deepspeed.zero_stage=3"])
     ds_config = build_ds_config(cfg, 1, on_gpu=True)
@@ -59,13 +73,7 @@ def test_zero3_bf16_engine_steps_on_one_gpu():
     opt = torch.optim.AdamW(groups, lr=1e-3, fused=True)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, config=ds_config)
     batch = _batch(cfg, engine.device)
-    weights = {"mlm_text": 1.0, "mim": 1.0, "itc": 1.0, "mlm_pair": 1.0}
-    losses = []
-    for _ in range(8):
-        total, _ = engine(batch, weights)
-        engine.backward(total)
-        engine.step()
-        losses.append(float(total))
+    losses = _losses(engine, batch, {"mlm_text": 1.0, "mim": 1.0, "itc": 1.0, "mlm_pair": 1.0}, 8)
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0], losses  # the same batch 8 times: the loss must fall
 
@@ -85,11 +93,7 @@ def _whole_units_against_per_module(device: str) -> None:
     from trainer.engine import build_engine
     from trainer.objectives import PretrainObjectives
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0",
-                      WORLD_SIZE="1", LOCAL_RANK="0")
+    _one_rank_environment()
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo")
     runs = {}
@@ -102,13 +106,6 @@ def _whole_units_against_per_module(device: str) -> None:
         torch.manual_seed(0)
         module = PretrainObjectives(UnimoModel(cfg.model))
         engine, _, _ = build_engine(cfg, module, 1, on_gpu=device == "cuda")
-        batch = _batch(cfg, engine.device)
-        losses = []
-        for _ in range(4):
-            total, _ = engine(batch, ALL)
-            engine.backward(total)
-            engine.step()
-            losses.append(float(total))
-        runs[whole] = losses
+        runs[whole] = _losses(engine, _batch(cfg, engine.device), ALL, 4)
     torch.testing.assert_close(torch.tensor(runs[True]), torch.tensor(runs[False]), rtol=2e-3, atol=1e-3)
     assert runs[True][-1] < runs[True][0], runs

@@ -81,14 +81,14 @@ def _run(rank: int, port: int, world: int, out: str) -> None:
 
 
 def test_a_deepspeed_without_what_the_rewiring_needs_is_named_with_the_way_out():
-    from trainer.zero3_units import reduce_unit_gradients_per_parameter
+    from trainer.zero3_units import reduce_gradients_per_parameter
 
     class OtherOptimizer:
         fp16_groups: list = []
 
     with pytest.raises(RuntimeError, match=r"OtherOptimizer\) lacks _leaf_module_hooks, _grad_acc_hooks, .*"
                                            r"deepspeed.zero3_whole_units=false"):
-        reduce_unit_gradients_per_parameter(OtherOptimizer())
+        reduce_gradients_per_parameter(OtherOptimizer())
 
 
 @pytest.fixture(scope="module")
