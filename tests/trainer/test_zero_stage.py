@@ -387,8 +387,8 @@ def test_choice_is_printed_and_logged_as_mlflow_params(capsys):
     announce(ZeroChoice(3, "x"), rank=1, metrics_logger=logger)  # only rank 0 speaks
     assert capsys.readouterr().out == "" and logger.client.tags == {"unimo.zero_stage": "1"}
     announce(ZeroChoice(3, "x"), rank=0, metrics_logger=None, whole_units=True)
-    assert capsys.readouterr().out == ("[unimo] ZeRO stage 3: x; whole blocks, embeddings and heads gathered at "
-                                       "once (deepspeed.zero3_whole_units)\n")
+    assert capsys.readouterr().out == ("[unimo] ZeRO stage 3: x; whole blocks, embeddings and heads gathered "
+                                       "at once (deepspeed.zero3_whole_units)\n")
 
 
 def test_the_saved_stage_comes_from_the_manifest_of_a_partial_copy(tmp_path):
