@@ -4,8 +4,15 @@ what is left is what bounds a GPU step from the host side (Python, dispatch, hoo
 For each flavor: the plain PyTorch loop (fused AdamW, grad clipping) and the trainer's engine (trainer.loop.
 build_engine, one gloo rank) at ZeRO stage 0, 1, 2, 3 and `auto`, same batches, interleaved step by step;
 ms/step, the paired ratio to the plain loop, and per step the aten ops (torch profiler) and module calls (a
-global forward hook). ZeRO-3 runs with whole units (trainer/zero3_units.py) and, as `zero3_per_module`,
-without. Targets, same run: `auto` <= 1.2x plain, ZeRO-3 forced <= 2x plain.
+global forward hook). ZeRO-3 runs as the trainer runs it (whole units, trainer/zero3_units.py; the one-pass
+gradient norm, trainer/zero3_lean.py), as `zero3_ds_norm` with DeepSpeed's norm, and as `zero3_per_module`
+with neither (DeepSpeed's own ZeRO-3). Targets, same run: `auto` <= 1.2x plain, ZeRO-3 forced <= 2x plain.
+
+ZeRO-3's sizes are the real width's, counted in blocks: prefetch and reduce buckets hold as many (tiny) blocks
+as they hold blocks of the real flavor, and the parameters kept gathered (persistent) are the tensors the real
+width keeps gathered (1-D ones where its weight matrices exceed the threshold; at debug's width, all). The
+sizes derived from the tiny width itself would keep every tensor gathered and prefetch the whole model, which
+the real flavors do not.
 
     python bench/bench_host_overhead.py [--flavors debug small base large xl] [--steps 6] [--threads 1]
 """
@@ -29,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 WEIGHTS = {"mlm_text": 1.0, "mim": 1.0, "itc": 1.0, "itm": 1.0, "mlm_pair": 1.0}
 # Every flavor's depth (layers, levels, heads' structure) at this width: kernels take microseconds.
-TINY = ["model.{p}.dim=32", "model.{p}.heads=2", "model.{p}.mlp_dim=64"]
+TINY_DIM = 32
+TINY = [f"model.{{p}}.dim={TINY_DIM}", "model.{p}.heads=2", "model.{p}.mlp_dim=64"]
 TINY_REST = ["model.embed_dim=32", "model.text.vocab_size=512", "model.vision.image_size=32",
              "model.vision.patch_size=16", "model.text.max_positions=64", "model.text.bos_token_id=2",
              "model.text.eos_token_id=3", "model.text.mask_token_id=4", "model.text_init=",
@@ -37,13 +45,46 @@ TINY_REST = ["model.embed_dim=32", "model.text.vocab_size=512", "model.vision.im
 STAGES = ("0", "1", "2", "3", "auto")
 
 
+def real_width_zero3(flavor: str) -> list[str]:
+    """ZeRO-3's bucket, prefetch and persistence overrides giving the tiny width the real flavor's layout."""
+    from trainer.config import load_config
+    from trainer.ds_config import zero3_sizes
+
+    real = load_config(None, [f"model.flavor={flavor}"])
+    sizes = zero3_sizes(real)
+    h = max(real.model.text.dim, real.model.vision.dim, real.model.fusion.dim)
+    blocks = 12 * TINY_DIM * TINY_DIM / (12 * h * h)  # a tiny block's elements per real block's
+    threshold = sizes["param_persistence_threshold"]
+    # the real width partitions its weight matrices (h x h) only where they exceed the threshold
+    persistence = 16 * TINY_DIM if h * h > threshold else threshold
+    return [f"deepspeed.prefetch_bucket_size={round(sizes['prefetch_bucket_size'] * blocks)}",
+            f"deepspeed.reduce_bucket_size={round(sizes['reduce_bucket_size'] * blocks)}",
+            f"deepspeed.param_persistence_threshold={persistence}"]
+
+
 def tiny_config(flavor: str, stage: str, extra: tuple[str, ...] = ()):
     from trainer.config import load_config
 
-    overrides = [*extra, f"model.flavor={flavor}", "scaling.num_workers=1", "train.global_micro_batches=1",
-                 f"deepspeed.zero_stage={stage}", "deepspeed.precision=fp32"]
+    overrides = [*real_width_zero3(flavor), *extra, f"model.flavor={flavor}", "scaling.num_workers=1",
+                 "train.global_micro_batches=1", f"deepspeed.zero_stage={stage}", "deepspeed.precision=fp32"]
     overrides += [o.format(p=p) for p in ("text", "vision", "fusion") for o in TINY] + TINY_REST
     return load_config(None, overrides)
+
+
+def persistent_counts(flavor: str, engine) -> str:
+    """'kept gathered: N of M tensors (real width: K of M)': the proxy's ZeRO-3 layout against the real."""
+    from model.unimo import UnimoModel
+    from trainer.config import load_config
+    from trainer.ds_config import zero3_sizes
+    from trainer.objectives import PretrainObjectives
+
+    real = load_config(None, [f"model.flavor={flavor}"])
+    with torch.device("meta"):  # the real width's shapes, nothing allocated
+        shapes = [p.numel() for p in PretrainObjectives(UnimoModel(real.model)).parameters()]
+    threshold = zero3_sizes(real)["param_persistence_threshold"]
+    proxy = [p.ds_persist for p in engine.module.parameters()]
+    return (f"kept gathered: {sum(proxy)} of {len(proxy)} tensors "
+            f"(real width: {sum(n <= threshold for n in shapes)} of {len(shapes)})")
 
 
 def plain_loop(cfg):
@@ -80,7 +121,7 @@ def engine_loop(cfg):
         engine.backward(total)
         engine.step()
 
-    return step, resolve_zero_stage(cfg, 1, False)
+    return step, resolve_zero_stage(cfg, 1, False), engine
 
 
 def counts_per_step(step, batch) -> tuple[int, int]:
@@ -95,12 +136,17 @@ def bench_flavor(flavor: str, steps: int, warmup: int) -> list[dict]:
     from tests.fake_batch import random_batch
 
     loops = {"plain": plain_loop(tiny_config(flavor, "auto"))}
-    chosen = {}
+    chosen, notes = {}, {}
     for stage in STAGES:
-        loops[f"zero{stage}"], chosen[stage] = engine_loop(tiny_config(flavor, stage))
-    # ZeRO-3 as before whole units (deepspeed.zero3_whole_units): DeepSpeed's hooks around every module
-    per_module = tiny_config(flavor, "3", ("deepspeed.zero3_whole_units=false",))
-    loops["zero3_per_module"], _ = engine_loop(per_module)
+        loops[f"zero{stage}"], chosen[stage], engine = engine_loop(tiny_config(flavor, stage))
+        if stage == "3":
+            notes["zero3"] = persistent_counts(flavor, engine)
+    # ZeRO-3 with DeepSpeed's per-group norm; and DeepSpeed's own ZeRO-3 (hooks around every module too)
+    loops["zero3_ds_norm"], _, _ = engine_loop(
+        tiny_config(flavor, "3", ("deepspeed.zero3_one_pass_grad_norm=false",)))
+    loops["zero3_per_module"], _, _ = engine_loop(tiny_config(
+        flavor, "3", ("deepspeed.zero3_whole_units=false", "deepspeed.zero3_one_pass_grad_norm=false")))
+    notes["zeroauto"] = f"auto -> stage {chosen['auto'].stage}"
     cfg = tiny_config(flavor, "auto")
     batches = [random_batch(cfg, b=4, seq_len=16, seed=i) for i in range(steps + warmup)]
     times = {name: [] for name in loops}
@@ -114,9 +160,8 @@ def bench_flavor(flavor: str, steps: int, warmup: int) -> list[dict]:
     for name, step in loops.items():
         ops, calls = counts_per_step(step, batches[0])
         paired = statistics.median(a / b for a, b in zip(times[name], times["plain"]))
-        note = f"auto -> stage {chosen['auto'].stage}" if name == "zeroauto" else ""
         rows.append({"flavor": flavor, "loop": name, "ms": 1000 * statistics.median(times[name]),
-                     "ratio": paired, "ops": ops, "calls": calls, "note": note})
+                     "ratio": paired, "ops": ops, "calls": calls, "note": notes.get(name, "")})
     return rows
 
 
