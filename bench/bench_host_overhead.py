@@ -4,9 +4,10 @@ what is left is what bounds a GPU step from the host side (Python, dispatch, hoo
 For each flavor: the plain PyTorch loop (fused AdamW, grad clipping) and the trainer's engine (trainer.loop.
 build_engine, one gloo rank) at ZeRO stage 0, 1, 2, 3 and `auto`, same batches, interleaved step by step;
 ms/step, the paired ratio to the plain loop, and per step the aten ops (torch profiler) and module calls (a
-global forward hook). ZeRO-3 runs as the trainer runs it (whole units, trainer/zero3_units.py; the one-pass
-gradient norm, trainer/zero3_lean.py), as `zero3_ds_norm` with DeepSpeed's norm, and as `zero3_per_module`
-with neither (DeepSpeed's own ZeRO-3). Targets, same run: `auto` <= 1.2x plain, ZeRO-3 forced <= 2x plain.
+global forward hook). Stages 1-3 run as the trainer runs them (the one-pass gradient norm,
+trainer/grad_norm.py; ZeRO-3 over whole units, trainer/zero3_units.py), and as `zero{1,2,3}_ds_norm` with
+DeepSpeed's gradient norm; `zero3_per_module` is DeepSpeed's own ZeRO-3 (neither). Targets, same run: `auto`
+<= 1.2x plain, ZeRO-3 forced <= 2x plain.
 
 ZeRO-3's sizes are the real width's, counted in blocks: prefetch and reduce buckets hold as many (tiny) blocks
 as they hold blocks of the real flavor, and the parameters kept gathered (persistent) are the tensors the real
@@ -141,11 +142,11 @@ def bench_flavor(flavor: str, steps: int, warmup: int) -> list[dict]:
         loops[f"zero{stage}"], chosen[stage], engine = engine_loop(tiny_config(flavor, stage))
         if stage == "3":
             notes["zero3"] = persistent_counts(flavor, engine)
-    # ZeRO-3 with DeepSpeed's per-group norm; and DeepSpeed's own ZeRO-3 (hooks around every module too)
-    loops["zero3_ds_norm"], _, _ = engine_loop(
-        tiny_config(flavor, "3", ("deepspeed.zero3_one_pass_grad_norm=false",)))
-    loops["zero3_per_module"], _, _ = engine_loop(tiny_config(
-        flavor, "3", ("deepspeed.zero3_whole_units=false", "deepspeed.zero3_one_pass_grad_norm=false")))
+    for stage in ("1", "2", "3"):  # DeepSpeed's per-group gradient norm
+        loops[f"zero{stage}_ds_norm"], _, _ = engine_loop(
+            tiny_config(flavor, stage, ("deepspeed.one_pass_grad_norm=false",)))
+    loops["zero3_per_module"], _, _ = engine_loop(tiny_config(  # DeepSpeed's own ZeRO-3
+        flavor, "3", ("deepspeed.zero3_whole_units=false", "deepspeed.one_pass_grad_norm=false")))
     notes["zeroauto"] = f"auto -> stage {chosen['auto'].stage}"
     cfg = tiny_config(flavor, "auto")
     batches = [random_batch(cfg, b=4, seq_len=16, seed=i) for i in range(steps + warmup)]

@@ -129,9 +129,9 @@ class DeepSpeedSettings:
     # (the model's whole units, DeepSpeed's leaf modules) instead of around every Linear and LayerNorm inside
     # them: ~6x fewer hook calls per step (trainer/zero3_units.py, docs/PERFORMANCE.md)
     zero3_whole_units: bool = True
-    # ZeRO-3 takes the gradient norm in one pass over its flat gradient buffer with one all-reduce, instead of
-    # DeepSpeed's per parameter and per group (23 all-reduces a step here): trainer/zero3_lean.py
-    zero3_one_pass_grad_norm: bool = True
+    # ZeRO (stages 1-3) takes the gradient norm in one pass with one all-reduce, instead of DeepSpeed's per
+    # parameter and per group (23 all-reduces a step here): trainer/grad_norm.py
+    one_pass_grad_norm: bool = True
 
     # How far ahead (in parameter elements) ZeRO-3 looks for reuse before releasing a gathered parameter.
     # DeepSpeed's default (1e9) makes each release scan the rest of the trace: measured 50% of the step of the

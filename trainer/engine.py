@@ -54,8 +54,8 @@ def build_engine(cfg: RunConfig, module: torch.nn.Module, world_size: int, on_gp
     """
     from model.layers import compile_blocks
     from trainer import ds_extensions
+    from trainer.grad_norm import install_one_pass_grad_norm
     from trainer.zero3_external_params import register_external_parameters
-    from trainer.zero3_lean import lighten_zero3_optimizer
     from trainer.zero3_units import mark_whole_units, reduce_gradients_per_parameter, uses_whole_units
 
     deepspeed = ds_extensions.import_deepspeed()
@@ -78,8 +78,8 @@ def build_engine(cfg: RunConfig, module: torch.nn.Module, world_size: int, on_gp
                                                    config=ds_config, dist_init_required=False)
     if whole_units:
         reduce_gradients_per_parameter(engine.optimizer)
-    if engine.zero_optimization_stage() == 3 and cfg.deepspeed.zero3_one_pass_grad_norm:
-        lighten_zero3_optimizer(engine.optimizer)
+    if engine.zero_optimization_stage() > 0 and cfg.deepspeed.one_pass_grad_norm:
+        install_one_pass_grad_norm(engine.optimizer)
     # stage 0 with the torch optimizer itself (fp32, autocast); not under DeepSpeed's bf16 wrappers
     if engine.zero_optimization_stage() == 0 and engine.optimizer is getattr(engine, "basic_optimizer", None):
         lighten_plain_engine(engine, world_size)
