@@ -238,10 +238,12 @@ def data_wait(flavor: str, args, b: int) -> dict:
 def bench_config(flavor: str, stage: str, args):
     from trainer.config import load_config
 
-    per_module = stage == "3-per-module"  # ZeRO-3's hooks around every module, as before whole units
+    # DeepSpeed's own ZeRO-3: its hooks around every module, its per-group gradient norm
+    per_module = stage == "3-per-module"
     overrides = [f"model.flavor={flavor}", "scaling.num_workers=1", "train.global_micro_batches=1",
                  f"deepspeed.zero_stage={stage.split('-')[0]}",
                  f"deepspeed.zero3_whole_units={str(not per_module).lower()}",
+                 f"deepspeed.one_pass_grad_norm={str(not per_module).lower()}",
                  f"train.compile={str(args.compile).lower()}",
                  f"deepspeed.precision={args.precision}",
                  f"scaling.use_gpu={str(args.device == 'cuda').lower()}"]
@@ -259,7 +261,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--stages", nargs="*", default=["auto", "3"],
-                        help="engine stages: auto, 0-3, 3-per-module (without whole units), 3-deepcompile")
+                        help="engine stages: auto, 0-3, 3-per-module (DeepSpeed's own ZeRO-3: no whole "
+                             "units, its own gradient norm), 3-deepcompile")
     parser.add_argument("--compile", action="store_true", help="train.compile=true for the trainer's engine")
     # autocast: fp32 weights and bf16 compute, as the plain loop runs; on one rank `auto` then takes stage 0
     parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "autocast", "fp32"],
