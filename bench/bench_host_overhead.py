@@ -37,8 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 WEIGHTS = {"mlm_text": 1.0, "mim": 1.0, "itc": 1.0, "itm": 1.0, "mlm_pair": 1.0}
 # Every flavor's depth (layers, levels, heads' structure) at this width: kernels take microseconds.
-TINY_DIM = 32
-TINY = [f"model.{{p}}.dim={TINY_DIM}", "model.{p}.heads=2", "model.{p}.mlp_dim=64"]
+TINY_DIM, TINY_MLP = 32, 64
+TINY = [f"model.{{p}}.dim={TINY_DIM}", "model.{p}.heads=2", f"model.{{p}}.mlp_dim={TINY_MLP}"]
 TINY_REST = ["model.embed_dim=32", "model.text.vocab_size=512", "model.vision.image_size=32",
              "model.vision.patch_size=16", "model.text.max_positions=64", "model.text.bos_token_id=2",
              "model.text.eos_token_id=3", "model.text.mask_token_id=4", "model.text_init=",
@@ -54,7 +54,9 @@ def real_width_zero3(flavor: str) -> list[str]:
     real = load_config(None, [f"model.flavor={flavor}"])
     sizes = zero3_sizes(real)
     h = max(real.model.text.dim, real.model.vision.dim, real.model.fusion.dim)
-    blocks = 12 * TINY_DIM * TINY_DIM / (12 * h * h)  # a tiny block's elements per real block's
+    mlp = max(real.model.text.mlp_dim, real.model.vision.mlp_dim, real.model.fusion.mlp_dim)
+    # a block's weights: attention 4 d^2, MLP 2 d m (the tiny width's MLP is 2x its width, the real ones' 4x)
+    blocks = (4 * TINY_DIM**2 + 2 * TINY_DIM * TINY_MLP) / (4 * h * h + 2 * h * mlp)
     threshold = sizes["param_persistence_threshold"]
     # the real width partitions its weight matrices (h x h) only where they exceed the threshold
     persistence = 16 * TINY_DIM if h * h > threshold else threshold

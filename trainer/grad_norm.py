@@ -9,9 +9,10 @@ of small kernels per step, 9-12% of a ZeRO step at a tiny width. Only the global
 - ZeRO-3: every group's gradient partition lies in one flat buffer, one group after another (DeepSpeed
   allocates it so): one fp64 sum of squares over it, in chunks to bound the fp64 copy;
 - ZeRO-1/2: the groups' partition gradients (a list of tensors each) in one fp64 ``_foreach_norm``;
-then one all-reduce of the sum of squares over the data-parallel group. Same elements, fp64 accumulation as
-DeepSpeed's; the summation order differs, so the norm can differ in its last bits (ZeRO-1/2 sum in fp32 across
-groups and ranks, here in fp64; tests/trainer/test_grad_norm.py).
+then one all-reduce of the sum of squares over the data-parallel group. The same elements and precision as
+DeepSpeed's (fp64 per tensor; ZeRO-3's sums in fp64, ZeRO-1/2's rank sums in fp32, whose overflow skips the
+step as DeepSpeed's does); the summation order differs, so the norm can differ in its last bits
+(tests/trainer/test_grad_norm.py).
 
 Only where DeepSpeed's general path has nothing else to do: no optimizer offload (its norm is taken on the CPU
 buffers), no Muon, no mixture of experts, no model or pipeline parallelism, every parameter trainable (ZeRO-3:
@@ -105,11 +106,13 @@ def flat_grad_norm(flat: torch.Tensor, group: Any) -> torch.Tensor:
 
 
 def listed_grad_norm(grads: list[torch.Tensor], group: Any, device: Any) -> torch.Tensor:
-    """ZeRO-1/2: the 2-norm over every rank's partition gradients, in fp64."""
+    """ZeRO-1/2: the 2-norm over every rank's partition gradients: per tensor in fp64, the rank's sum of
+    squares then in fp32, as DeepSpeed's (a sum past fp32's range, a norm above ~1.8e19, is +inf: the step
+    skipped)."""
     norms = torch._foreach_norm(grads, 2, dtype=torch.float64) if grads else []
     squares = torch.stack(norms).square().sum() if norms else torch.zeros((), dtype=torch.float64,
                                                                          device=device)
-    return _all_reduced_norm(squares, group)
+    return _all_reduced_norm(squares.float(), group)
 
 
 def install_one_pass_grad_norm(optimizer: Any) -> bool:
@@ -134,7 +137,7 @@ def install_one_pass_grad_norm(optimizer: Any) -> bool:
         grads = [g for i in range(len(optimizer.bit16_groups)) for g in optimizer.averaged_gradients[i]
                  if not getattr(g, "_zero_padding", False)]  # the partitions' zero padding adds nothing
         device = grads[0].device if grads else torch.device("cpu")
-        return listed_grad_norm(grads, optimizer.dp_process_group, device).float()  # DeepSpeed's dtype
+        return listed_grad_norm(grads, optimizer.dp_process_group, device)
 
     optimizer.scaled_global_norm = scaled_global_norm
     return True

@@ -1,7 +1,8 @@
 """deepspeed.one_pass_grad_norm (trainer/grad_norm.py): at ZeRO stages 1, 2 and 3 over two gloo ranks (ZeRO-3
 with every parameter partitioned), every objective, clipping active and two micro-batches per step, the
-one-pass norm is DeepSpeed's per-group norm (to rounding) and trains to the same weights; a non-finite
-gradient still skips the update; and where the one-pass norm does not apply, DeepSpeed's stays, with the
+one-pass norm is DeepSpeed's per-group norm (to rounding), is what DeepSpeed's step calls, and trains to the
+same weights; a non-finite gradient still skips the update and a huge finite one is skipped or clipped as by
+DeepSpeed; and where the one-pass norm does not apply, DeepSpeed's stays, with the
 reason."""
 
 from __future__ import annotations
@@ -19,14 +20,40 @@ ACCUMULATE = 2  # micro-batches per rank and optimizer step
 STAGES = (1, 2, 3)
 
 
-def _poison_gradients(engine) -> None:
-    """A NaN in this rank's gradient partition, where each stage's norm reads it."""
+def _poison_gradients(engine, value: float) -> None:
+    """``value`` in this rank's gradient partition, where each stage's norm reads it."""
     optimizer = engine.optimizer
     if hasattr(optimizer, "grad_partitions_flat_buffer"):  # ZeRO-3
-        optimizer.grad_partitions_flat_buffer[0] = float("nan")
+        optimizer.grad_partitions_flat_buffer[0] = value
     else:  # ZeRO-1/2: this rank's partition gradients, gathered per group at the accumulation boundary
         first = optimizer.averaged_gradients[0][0]
-        first[(0,) * first.dim()] = float("nan")
+        first[(0,) * first.dim()] = value
+
+
+def _poisoned_step(engine, rank: int, value: float, seed: int) -> None:
+    from tests.trainer.test_objectives import ALL, make_batch
+
+    for micro in range(ACCUMULATE):
+        total, _ = engine(make_batch(seed=seed + micro + rank), ALL)
+        engine.backward(total)
+        if micro == ACCUMULATE - 1 and rank == 0:  # one rank's partition: the all-reduce spreads it
+            _poison_gradients(engine, value)
+        engine.step()
+
+
+def _count_calls(optimizer) -> list:
+    """Counts the calls of the one-pass norm installed on ``optimizer``: that DeepSpeed's step runs it."""
+    calls: list = []
+    for name in ("_get_norm_groups", "scaled_global_norm"):
+        if name in vars(optimizer):
+            installed = vars(optimizer)[name]
+
+            def counted(*args, installed=installed, **kwargs):
+                calls.append(1)
+                return installed(*args, **kwargs)
+
+            setattr(optimizer, name, counted)
+    return calls
 
 
 def _train(rank: int, world: int, stage: int, one_pass: bool) -> dict:
@@ -49,6 +76,9 @@ def _train(rank: int, world: int, stage: int, one_pass: bool) -> dict:
     torch.manual_seed(0)
     module = PretrainObjectives(UnimoModel(model_cfg), rank, world)
     engine, _, _ = build_engine(cfg, module, world, on_gpu=False)
+    one_pass_installed = any(name in vars(engine.optimizer) for name in ("_get_norm_groups",
+                                                                         "scaled_global_norm"))
+    calls = _count_calls(engine.optimizer)
     losses, norms = [], []
     for step in range(STEPS):
         for micro in range(ACCUMULATE):
@@ -59,15 +89,12 @@ def _train(rank: int, world: int, stage: int, one_pass: bool) -> dict:
         norms.append(float(engine.get_global_grad_norm()))
     weights = _gathered(engine)
     # A non-finite gradient: DeepSpeed's step sees an invalid norm and skips the update, with either norm.
-    for micro in range(ACCUMULATE):
-        total, _ = engine(make_batch(seed=99 + micro + rank), ALL)
-        engine.backward(total)
-        if micro == ACCUMULATE - 1 and rank == 0:  # one rank's partition: the all-reduce spreads it
-            _poison_gradients(engine)
-        engine.step()
-    return {"losses": losses, "norms": norms, "weights": weights, "after_nan": _gathered(engine),
-            "one_pass": any(name in vars(engine.optimizer) for name in ("_get_norm_groups",
-                                                                         "scaled_global_norm"))}
+    _poisoned_step(engine, rank, float("nan"), seed=99)
+    after_nan = _gathered(engine)
+    # A finite one past fp32's range once squared: ZeRO-1/2 (fp32 sums) skip, ZeRO-3 (fp64) clips and steps.
+    _poisoned_step(engine, rank, 1e20, seed=97)
+    return {"losses": losses, "norms": norms, "weights": weights, "after_nan": after_nan,
+            "after_huge": _gathered(engine), "one_pass": one_pass_installed, "calls": len(calls)}
 
 
 def _run(rank: int, port: int, world: int, out: str) -> None:
@@ -98,6 +125,7 @@ def record(tmp_path_factory) -> dict:
 def test_one_pass_norm_is_deepspeeds_norm_and_trains_to_the_same_weights(record, stage):
     ours, theirs = record[stage, True], record[stage, False]
     assert ours["one_pass"] and not theirs["one_pass"]  # the trainer's build did replace it, the switch works
+    assert ours["calls"] == STEPS + 2  # DeepSpeed's step took its norm from it at every optimizer step
     assert all(n > 0.5 for n in theirs["norms"])  # clipping was active on every step
     # ZeRO-1/2 sum DeepSpeed's groups and ranks in fp32, ZeRO-3 in fp64
     assert ours["norms"] == pytest.approx(theirs["norms"], rel=1e-6 if stage < 3 else 1e-12)
@@ -115,6 +143,15 @@ def test_a_non_finite_gradient_still_skips_the_update(record, stage):
         run = record[stage, one_pass]
         changed = [n for n, w in run["weights"].items() if not torch.equal(run["after_nan"][n], w)]
         assert changed == [], (one_pass, changed[:3])
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_huge_finite_gradient_is_skipped_or_clipped_as_by_deepspeed(record, stage):
+    def stepped(run: dict) -> bool:
+        return any(not torch.equal(run["after_huge"][n], w) for n, w in run["after_nan"].items())
+
+    assert stepped(record[stage, True]) == stepped(record[stage, False]) == (stage == 3)
 
 
 def _zero3(**changes) -> SimpleNamespace:
