@@ -97,11 +97,19 @@ def _all_reduced_norm(squares: torch.Tensor, group: Any) -> torch.Tensor:
     return torch.where(torch.isfinite(norm), norm, torch.full_like(norm, float("inf")))
 
 
+def _norm_dtype() -> torch.dtype:
+    """DeepSpeed's: fp64, or fp32 on a device without fp64."""
+    from deepspeed.runtime.zero.utils import get_norm_dtype
+
+    return get_norm_dtype()
+
+
 def flat_grad_norm(flat: torch.Tensor, group: Any) -> torch.Tensor:
     """ZeRO-3: the 2-norm over every rank's flat gradient partitions, in fp64."""
-    squares = torch.zeros((), dtype=torch.float64, device=flat.device)
+    dtype = _norm_dtype()
+    squares = torch.zeros((), dtype=dtype, device=flat.device)
     for start in range(0, flat.numel(), NORM_CHUNK):
-        squares += torch.linalg.vector_norm(flat[start:start + NORM_CHUNK], dtype=torch.float64).square()
+        squares += torch.linalg.vector_norm(flat[start:start + NORM_CHUNK], dtype=dtype).square()
     return _all_reduced_norm(squares, group)
 
 
@@ -109,9 +117,9 @@ def listed_grad_norm(grads: list[torch.Tensor], group: Any, device: Any) -> torc
     """ZeRO-1/2: the 2-norm over every rank's partition gradients: per tensor in fp64, the rank's sum of
     squares then in fp32, as DeepSpeed's (a sum past fp32's range, a norm above ~1.8e19, is +inf: the step
     skipped)."""
-    norms = torch._foreach_norm(grads, 2, dtype=torch.float64) if grads else []
-    squares = torch.stack(norms).square().sum() if norms else torch.zeros((), dtype=torch.float64,
-                                                                         device=device)
+    dtype = _norm_dtype()
+    norms = torch._foreach_norm(grads, 2, dtype=dtype) if grads else []
+    squares = torch.stack(norms).square().sum() if norms else torch.zeros((), dtype=dtype, device=device)
     return _all_reduced_norm(squares.float(), group)
 
 
@@ -136,7 +144,8 @@ def install_one_pass_grad_norm(optimizer: Any) -> bool:
         assert norm_type == 2, "only the L2 norm"  # as DeepSpeed's
         grads = [g for i in range(len(optimizer.bit16_groups)) for g in optimizer.averaged_gradients[i]
                  if not getattr(g, "_zero_padding", False)]  # the partitions' zero padding adds nothing
-        device = grads[0].device if grads else torch.device("cpu")
+        # a rank whose partitions hold only padding still joins the all-reduce, on the device the others use
+        device = grads[0].device if grads else getattr(optimizer, "device", "cpu")
         return listed_grad_norm(grads, optimizer.dp_process_group, device)
 
     optimizer.scaled_global_norm = scaled_global_norm
