@@ -130,18 +130,25 @@ def clear_gradient_partitions_after_step(optimizer: Any) -> bool:
     partitions of the parameters that reached the backward; the others keep the previous step's values, which
     the norm, the clip and the update then read again (measured: with all objectives for a step and `mlm_text`
     alone for the next two, 208,906 of the debug model's 310,926 gradient elements were the same non-zero
-    values in both; ZeRO-1/2 give zeros). Stale values are also not in a checkpoint, so a run resumed there
-    would step differently from the uninterrupted run. Clearing the buffer once the optimizer has stepped (or
-    skipped the step) costs one memset of this rank's partition per step. With optimizer offload the gradients
-    live in other buffers and DeepSpeed's behaviour is kept. Returns whether the buffer is cleared.
+    values in both; ZeRO-1/2 give zeros). With optimizer offload the same holds for the fp32 gradients it
+    keeps in host memory for the CPU step. Stale values are also not in a checkpoint, so a run resumed there
+    would step differently from the uninterrupted run. Clearing these buffers once the optimizer has stepped
+    (or skipped the step) costs a memset of this rank's partition per step (in host memory too with offload).
+    Not with NVMe optimizer swapping, which the trainer does not configure. Returns whether the buffers are
+    cleared.
     """
-    if getattr(optimizer, "offload_optimizer", True) or not hasattr(optimizer, "grad_partitions_flat_buffer"):
+    if getattr(optimizer, "swap_optimizer", True) or not hasattr(optimizer, "grad_partitions_flat_buffer"):
         return False
     step = optimizer.step
 
     def step_then_clear(*args: Any, **kwargs: Any) -> Any:
         result = step(*args, **kwargs)
-        optimizer.grad_partitions_flat_buffer.zero_()  # read at each call: DeepSpeed may reassign its .data
+        # read at each call: DeepSpeed may reassign these tensors' .data
+        optimizer.grad_partitions_flat_buffer.zero_()
+        if optimizer.offload_optimizer:
+            for flat in optimizer.fp32_partitioned_groups_flat:
+                if flat.grad is not None:
+                    flat.grad.zero_()
         return result
 
     optimizer.step = step_then_clear
