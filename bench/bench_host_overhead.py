@@ -21,6 +21,7 @@ the real flavors do not.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import socket
 import statistics
@@ -46,13 +47,19 @@ TINY_REST = ["model.embed_dim=32", "model.text.vocab_size=512", "model.vision.im
 STAGES = ("0", "1", "2", "3", "auto")
 
 
-def real_width_zero3(flavor: str) -> list[str]:
-    """ZeRO-3's bucket, prefetch and persistence overrides giving the tiny width the real flavor's layout."""
+@functools.lru_cache(maxsize=None)
+def real_width(flavor: str):
+    """The real flavor's config and ZeRO-3 sizes (every loop's config asks; loaded once per flavor)."""
     from trainer.config import load_config
     from trainer.ds_config import zero3_sizes
 
     real = load_config(None, [f"model.flavor={flavor}"])
-    sizes = zero3_sizes(real)
+    return real, zero3_sizes(real)
+
+
+def real_width_zero3(flavor: str) -> list[str]:
+    """ZeRO-3's bucket, prefetch and persistence overrides giving the tiny width the real flavor's layout."""
+    real, sizes = real_width(flavor)
     h = max(real.model.text.dim, real.model.vision.dim, real.model.fusion.dim)
     mlp = max(real.model.text.mlp_dim, real.model.vision.mlp_dim, real.model.fusion.mlp_dim)
     # a block's weights: attention 4 d^2, MLP 2 d m (the tiny width's MLP is 2x its width, the real ones' 4x)
@@ -77,14 +84,12 @@ def tiny_config(flavor: str, stage: str, extra: tuple[str, ...] = ()):
 def persistent_counts(flavor: str, engine) -> str:
     """'kept gathered: N of M tensors (real width: K of M)': the proxy's ZeRO-3 layout against the real."""
     from model.unimo import UnimoModel
-    from trainer.config import load_config
-    from trainer.ds_config import zero3_sizes
     from trainer.objectives import PretrainObjectives
 
-    real = load_config(None, [f"model.flavor={flavor}"])
+    real, sizes = real_width(flavor)
     with torch.device("meta"):  # the real width's shapes, nothing allocated
         shapes = [p.numel() for p in PretrainObjectives(UnimoModel(real.model)).parameters()]
-    threshold = zero3_sizes(real)["param_persistence_threshold"]
+    threshold = sizes["param_persistence_threshold"]
     proxy = [p.ds_persist for p in engine.module.parameters()]
     return (f"kept gathered: {sum(proxy)} of {len(proxy)} tensors "
             f"(real width: {sum(n <= threshold for n in shapes)} of {len(shapes)})")

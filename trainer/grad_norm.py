@@ -44,10 +44,12 @@ def _is_zero3(optimizer: Any) -> bool:
     return hasattr(optimizer, "fp16_groups") and not hasattr(optimizer, "bit16_groups")
 
 
-def _common_obstacle(optimizer: Any, params: list, api: tuple[str, ...]) -> str | None:
+def _common_obstacle(optimizer: Any, params: list, api: tuple[str, ...], offload: str) -> str | None:
     missing = [name for name in api if not hasattr(optimizer, name)]
     if missing:
         return f"this DeepSpeed's {type(optimizer).__name__} lacks {', '.join(missing)}"
+    if getattr(optimizer, offload):
+        return "deepspeed.offload_optimizer: the norm is taken over the CPU buffers"
     if getattr(optimizer, "use_muon", False) or any(getattr(p, "use_muon", False) for p in params):
         return "Muon's updates are scaled per group"
     if optimizer.model_parallel_group is not None:
@@ -61,31 +63,30 @@ def _common_obstacle(optimizer: Any, params: list, api: tuple[str, ...]) -> str 
     return None
 
 
-def why_not_one_pass(optimizer: Any) -> str | None:
-    """Why the one-pass norm cannot replace DeepSpeed's for this ZeRO optimizer, or None when it can."""
-    if _is_zero3(optimizer):
-        params = [p for group in getattr(optimizer, "fp16_groups", []) for p in group]
-        reason = _common_obstacle(optimizer, params, _ZERO3_API)
-        if reason is not None:
-            return reason
-        if optimizer.offload_optimizer:
-            return "deepspeed.offload_optimizer: the norm is taken over the CPU buffers"
-        group = optimizer._get_param_partition_group(params[0])
-        if any(optimizer._get_param_partition_group(p) != group
-               or getattr(p, "ds_zero_placement_family", "replicated") != "replicated" for p in params):
-            return "the parameters are not all partitioned over one process group"
-        if optimizer.grad_partitions_flat_buffer.numel() != sum(p.partition_numel() for p in params):
-            return "the gradient partitions do not fill one flat buffer"
-        return None
-    params = [p for group in getattr(optimizer, "bit16_groups", []) for p in group]
-    reason = _common_obstacle(optimizer, params, _ZERO12_API)
-    if reason is not None:
-        return reason
-    if optimizer.cpu_offload:
-        return "deepspeed.offload_optimizer: the norm is taken over the CPU buffers"
+def _zero3_obstacle(optimizer: Any, params: list) -> str | None:
+    group = optimizer._get_param_partition_group(params[0])
+    if any(optimizer._get_param_partition_group(p) != group
+           or getattr(p, "ds_zero_placement_family", "replicated") != "replicated" for p in params):
+        return "the parameters are not all partitioned over one process group"
+    if optimizer.grad_partitions_flat_buffer.numel() != sum(p.partition_numel() for p in params):
+        return "the gradient partitions do not fill one flat buffer"
+    return None
+
+
+def _zero12_obstacle(optimizer: Any, params: list) -> str | None:
     if optimizer.has_moe_layers:
         return "mixture-of-experts norms are averaged over the expert group"
     return None
+
+
+def why_not_one_pass(optimizer: Any) -> str | None:
+    """Why the one-pass norm cannot replace DeepSpeed's for this ZeRO optimizer, or None when it can."""
+    if _is_zero3(optimizer):
+        groups, api, offload, specific = "fp16_groups", _ZERO3_API, "offload_optimizer", _zero3_obstacle
+    else:
+        groups, api, offload, specific = "bit16_groups", _ZERO12_API, "cpu_offload", _zero12_obstacle
+    params = [p for group in getattr(optimizer, groups, []) for p in group]
+    return _common_obstacle(optimizer, params, api, offload) or specific(optimizer, params)
 
 
 def _all_reduced_norm(squares: torch.Tensor, group: Any) -> torch.Tensor:

@@ -11,9 +11,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from tests.integration.services import free_port
+from tests.trainer.gloo_ranks import run_on_gloo_ranks
 
 STEPS = 3
 ACCUMULATE = 2  # micro-batches per rank and optimizer step
@@ -57,9 +56,7 @@ def _count_calls(optimizer) -> list:
 
 
 def _train(rank: int, world: int, stage: int, one_pass: bool) -> dict:
-    from model.flavors import get_flavor
-    from model.unimo import UnimoModel
-    from tests.trainer.test_objectives import ALL, make_batch
+    from tests.trainer.test_objectives import ALL, make_batch, make_model
     from tests.trainer.test_zero_stage import _gathered
     from trainer.config import load_config
     from trainer.engine import build_engine
@@ -71,11 +68,7 @@ def _train(rank: int, world: int, stage: int, one_pass: bool) -> dict:
                              "optimizer.grad_clip=0.5",  # below every step's norm: the clip is applied
                              "deepspeed.param_persistence_threshold=1",  # ZeRO-3: every parameter partitioned
                              f"deepspeed.one_pass_grad_norm={str(one_pass).lower()}"])
-    model_cfg = get_flavor("debug")
-    model_cfg.text.bos_token_id, model_cfg.text.eos_token_id, model_cfg.text.mask_token_id = 2, 3, 4
-    torch.manual_seed(0)
-    module = PretrainObjectives(UnimoModel(model_cfg), rank, world)
-    engine, _, _ = build_engine(cfg, module, world, on_gpu=False)
+    engine, _, _ = build_engine(cfg, PretrainObjectives(make_model(), rank, world), world, on_gpu=False)
     one_pass_installed = any(name in vars(engine.optimizer) for name in ("_get_norm_groups",
                                                                          "scaled_global_norm"))
     calls = _count_calls(engine.optimizer)
@@ -97,27 +90,14 @@ def _train(rank: int, world: int, stage: int, one_pass: bool) -> dict:
             "after_huge": _gathered(engine), "one_pass": one_pass_installed, "calls": len(calls)}
 
 
-def _run(rank: int, port: int, world: int, out: str) -> None:
-    import os
-
-    os.environ.update(DS_ACCELERATOR="cpu", LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    record = {(stage, one_pass): _train(rank, world, stage, one_pass)
-              for stage in STAGES for one_pass in (True, False)}
-    if rank == 0:
-        torch.save(record, out)
-    dist.destroy_process_group()
+def _records(rank: int, world: int) -> dict:
+    return {(stage, one_pass): _train(rank, world, stage, one_pass)
+            for stage in STAGES for one_pass in (True, False)}
 
 
 @pytest.fixture(scope="module")
 def record(tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("grad_norm") / "record.pt"
-    mp.start_processes(_run, args=(free_port(), 2, str(out)), nprocs=2, join=True, start_method="spawn")
-    return torch.load(out)
+    return run_on_gloo_ranks(_records, tmp_path_factory.mktemp("grad_norm"))
 
 
 @pytest.mark.integration  # two ranks over gloo in spawned processes

@@ -7,16 +7,12 @@ re-applies the heads' last gradients."""
 from __future__ import annotations
 
 import pytest
-import torch
-import torch.multiprocessing as mp
 
-from tests.integration.services import free_port
+from tests.trainer.gloo_ranks import run_on_gloo_ranks
 
 
 def _train(rank: int, world: int, stage: int, offload: bool = False) -> dict:
-    from model.flavors import get_flavor
-    from model.unimo import UnimoModel
-    from tests.trainer.test_objectives import ALL, make_batch
+    from tests.trainer.test_objectives import ALL, make_batch, make_model
     from tests.trainer.test_zero_stage import _gathered
     from trainer.config import load_config
     from trainer.engine import build_engine
@@ -27,11 +23,7 @@ def _train(rank: int, world: int, stage: int, offload: bool = False) -> dict:
                              "optimizer.schedule=constant", "optimizer.warmup_steps=0",
                              "deepspeed.param_persistence_threshold=1",
                              f"deepspeed.offload_optimizer={str(offload).lower()}"])
-    model_cfg = get_flavor("debug")
-    model_cfg.text.bos_token_id, model_cfg.text.eos_token_id, model_cfg.text.mask_token_id = 2, 3, 4
-    torch.manual_seed(0)
-    engine, _, _ = build_engine(cfg, PretrainObjectives(UnimoModel(model_cfg), rank, world), world,
-                                on_gpu=False)
+    engine, _, _ = build_engine(cfg, PretrainObjectives(make_model(), rank, world), world, on_gpu=False)
     text_only = {name: 1.0 if name == "mlm_text" else 0.0 for name in ALL}
     snapshots = []
     for step, weights in enumerate([ALL, text_only, text_only]):
@@ -42,27 +34,14 @@ def _train(rank: int, world: int, stage: int, offload: bool = False) -> dict:
     return {"snapshots": snapshots}
 
 
-def _run(rank: int, port: int, world: int, out: str) -> None:
-    import os
-
-    os.environ.update(DS_ACCELERATOR="cpu", LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    record = {"zero1": _train(rank, world, 1), "zero3": _train(rank, world, 3),
-              "zero3-offload": _train(rank, world, 3, offload=True)}
-    if rank == 0:
-        torch.save(record, out)
-    dist.destroy_process_group()
+def _records(rank: int, world: int) -> dict:
+    return {"zero1": _train(rank, world, 1), "zero3": _train(rank, world, 3),
+            "zero3-offload": _train(rank, world, 3, offload=True)}
 
 
 @pytest.mark.integration  # two ranks over gloo in spawned processes
 def test_a_parameter_without_a_gradient_steps_as_at_zero1(tmp_path):
-    out = tmp_path / "record.pt"
-    mp.start_processes(_run, args=(free_port(), 2, str(out)), nprocs=2, join=True, start_method="spawn")
-    record = torch.load(out)
+    record = run_on_gloo_ranks(_records, tmp_path)
     zero1 = record["zero1"]["snapshots"]
     heads = [n for n in zero1[0] if any(h in n for h in ("itm_head", "grounding_head", "mim_head"))]
     assert heads  # trained by the cross-modal and image objectives only

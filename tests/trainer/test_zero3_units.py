@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from tests.integration.services import free_port
+from tests.trainer.gloo_ranks import run_on_gloo_ranks
 
 STEPS = 3
 ACCUMULATE = 2  # micro-batches per rank and optimizer step
@@ -64,20 +63,9 @@ def _compiled_blocks(world: int) -> tuple[int, int]:
     return sum(getattr(m, "_compiled_call_impl", None) is not None for m in blocks), len(blocks)
 
 
-def _run(rank: int, port: int, world: int, out: str) -> None:
-    import os
-
-    os.environ.update(DS_ACCELERATOR="cpu", LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    record = {"units": _train(rank, world, True), "modules": _train(rank, world, False),
-              "compiled": _compiled_blocks(world)}
-    if rank == 0:
-        torch.save(record, out)
-    dist.destroy_process_group()
+def _records(rank: int, world: int) -> dict:
+    return {"units": _train(rank, world, True), "modules": _train(rank, world, False),
+            "compiled": _compiled_blocks(world)}
 
 
 def test_a_deepspeed_without_what_the_rewiring_needs_is_named_with_the_way_out():
@@ -93,9 +81,7 @@ def test_a_deepspeed_without_what_the_rewiring_needs_is_named_with_the_way_out()
 
 @pytest.fixture(scope="module")
 def record(tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("zero3_units") / "record.pt"
-    mp.start_processes(_run, args=(free_port(), 2, str(out)), nprocs=2, join=True, start_method="spawn")
-    return torch.load(out)
+    return run_on_gloo_ranks(_records, tmp_path_factory.mktemp("zero3_units"))
 
 
 @pytest.mark.integration  # two ranks over gloo in spawned processes
