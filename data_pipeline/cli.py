@@ -63,7 +63,8 @@ def _parser() -> argparse.ArgumentParser:
                                    "sample is decoded). Epochs: steps x train.global_micro_batches x "
                                    "batch_size samples per modality, shared by weight; epoch sizes counted "
                                    "from sidecars or estimated from each corpus's first shard.")
-    v.add_argument("config", help="a run config file (only its data, stages and train sections are read)")
+    v.add_argument("config", help="a run config file, or a shipped config's name as `unimo train` takes "
+                                   "(only its data, stages and train sections are read)")
     v.add_argument("--samples", type=int, default=1000, help="samples of each modality to attribute (1000)")
     v.add_argument("--steps", type=int, default=None,
                    help="optimizer steps (default: the stages' steps; 0 = skip)")

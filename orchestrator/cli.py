@@ -26,7 +26,7 @@ Common commands:
   unimo check debug run.name=try1                 pre-flight: data, tokenizer, storage, tracking in seconds
   unimo model info base                           parameters and FLOPs per sample of a flavor
   unimo data shards --help                        write WebDataset shards
-  unimo data preview configs/unimo_recipe.yaml    corpus shares of the first samples, epochs per corpus
+  unimo data preview unimo_recipe                 corpus shares of the first samples, epochs per corpus
   unimo mlflow                                    start a local MLflow tracking server + UI
   unimo submit base --address http://HEAD:8265 run.name=b1   run on a Ray cluster (Jobs API)
   unimo jobs list|status|logs [--follow]|stop JOB --address http://HEAD:8265
@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="pre-flight: check a run's config, data, tokenizer, storage, tracking",
                        description="Checks in seconds, before any worker starts, what a run would otherwise "
                                    "find out late: data sources list their shards and read a first sample, "
-                                   "shards against streams, the tokenizer against the model, run storage "
+                                   "the tokenizer against the model, run storage "
                                    "writable, tracking reachable with its credentials, a resumed checkpoint "
                                    "against the config, GPUs. Prints a table; exits 1 at the first error.")
     _add_config_args(p)
@@ -232,7 +232,35 @@ def cmd_model(args: argparse.Namespace) -> int:
 def cmd_data(args: argparse.Namespace) -> int:
     from data_pipeline.cli import main as data_main
 
-    return data_main(args.args)
+    return data_main(_preview_config_resolved(args.args))
+
+
+# `unimo data preview`'s options that take a value (the positional CONFIG is the first other argument)
+_PREVIEW_VALUE_OPTIONS = ("--samples", "--steps", "--micro-batches")
+
+
+def _preview_config_resolved(argv: list[str]) -> list[str]:
+    """``unimo data preview debug`` as ``unimo train debug``: a config argument that is not a file (or a URL)
+    but a shipped config's name becomes that file's path. data_pipeline/ cannot resolve names itself (it does
+    not import the trainer's config code), so the dispatcher does."""
+    if argv[:1] != ["preview"]:
+        return argv
+    i = 1
+    while i < len(argv):
+        arg = argv[i]
+        if arg in _PREVIEW_VALUE_OPTIONS:
+            i += 2
+            continue
+        if arg.startswith("-"):
+            i += 1
+            continue
+        if "://" in arg or Path(arg).is_file():
+            return argv
+        from trainer import shipped_configs
+
+        shipped = shipped_configs.shipped_path(arg)
+        return argv if shipped is None else [*argv[:i], str(shipped), *argv[i + 1:]]
+    return argv
 
 
 def cmd_submit(args: argparse.Namespace) -> int:

@@ -8,10 +8,10 @@ depends on an earlier one: the data cursor is compared with the shards the listi
 
 What is checked: the plan's sources have data; run storage takes a small probe object (written, then removed);
 the tracking server answers and accepts the credentials; the tokenizer loads and its vocabulary and special
-ids fit the model; every data source lists its shards (within data.io_retries), has at least one shard per
-stream (world size x loader workers) and yields a first sample; on resume, the newest checkpoint's model
-config, data seed, sequence length and shard lists match the config; the requested GPUs exist (CPUs are
-checked against a cluster when the driver joins it, see ``check_cluster``).
+ids fit the model; every data source lists its shards (within data.io_retries) and yields a first sample (a
+corpus may have fewer shards than the streams that read it); on resume, the newest checkpoint's model config,
+data seed, sequence length and shard lists match the config; the requested GPUs exist (CPUs are checked
+against a cluster when the driver joins it, see ``check_cluster``).
 """
 
 from __future__ import annotations

@@ -40,6 +40,30 @@ def test_a_path_wins_over_a_shipped_name(tmp_path, monkeypatch):
     assert shipped_configs.shipped_path("other/debug.yaml") is None  # another folder is a path, not a name
 
 
+def test_data_preview_takes_a_shipped_name_as_train_does(tmp_path, monkeypatch, capsys):
+    """`unimo data preview debug` reads the shipped debug config (its data under ./demo_out/data, as the demo
+    writes it), wherever the name stands among the options; a file or a URL is passed on as it is."""
+    from data_pipeline import write_synthetic_dataset
+
+    monkeypatch.chdir(tmp_path)
+    write_synthetic_dataset("demo_out/data", n_pairs=20, n_text=20, n_images=20, n_eval=4,
+                            samples_per_shard=10, image_size=16)
+    shipped = str(shipped_configs.shipped_dir() / "debug.yaml")
+
+    def preview(*argv: str) -> str:
+        assert cli.main(["data", "preview", *argv]) == 0
+        return capsys.readouterr().out
+
+    by_path = preview(shipped, "--samples", "12", "--json")
+    assert by_path.strip().startswith("{")
+    assert preview("debug", "--samples", "12", "--json") == by_path
+    assert preview("--samples", "12", "debug.yaml", "--json") == by_path
+    assert cli._preview_config_resolved(["preview", "--steps", "3", "s3://bucket/run.yaml"]) == [
+        "preview", "--steps", "3", "s3://bucket/run.yaml"]
+    # other commands' arguments go on as given
+    assert cli._preview_config_resolved(["shards", "debug"]) == ["shards", "debug"]
+
+
 def test_unknown_config_names_the_shipped_ones(capsys):
     assert cli.main(["config", "show", "no_such_config"]) == 2
     err = capsys.readouterr().err
