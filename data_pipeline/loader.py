@@ -237,8 +237,13 @@ class MixedLoader:
             _add_stats(self._base_stats, stats)
         self._worker_stats = {}
         cfg = self._plan.cfg
+        # A generator of its own: DataLoader draws its workers' base seed at each iterator's start, from the
+        # process's global generator unless given one, which put the trainer's random stream (ITM's negative
+        # draws) one draw apart between a run and its resume (the loader starts at another point of the run).
+        # The streams' own randomness comes from the cursor, not from the base seed.
         loader = DataLoader(_WorkerStreams(self._plan, self._states, self._mix, self._next_worker),
                             batch_size=None, num_workers=cfg.num_workers,
+                            generator=torch.Generator().manual_seed(cfg.seed),
                             prefetch_factor=cfg.prefetch_factor if cfg.num_workers else None,
                             multiprocessing_context=worker_start_context() if cfg.num_workers else None)
         for batch in loader:

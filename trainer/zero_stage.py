@@ -231,27 +231,56 @@ def make_loadable_under_any_stage(universal_tag_dir: Path) -> None:
     torch.save(sd, state_path)
 
 
-@contextlib.contextmanager
-def universal_load_fixed(optimizer):
-    """Undoes three slips of DeepSpeed's universal load (a resume from another world size or stage), around
-    ``engine.load_checkpoint``.
+# The settings of an optimizer's parameter group that the run's config sets (torch's Adam family). The LR is
+# not one of them: the loop sets it before every step.
+GROUP_SETTINGS = ("weight_decay", "betas", "eps", "amsgrad", "maximize", "decoupled_weight_decay")
 
-    Stage 3 gives every parameter group the settings of the checkpoint's first group (here weight decay 0,
-    that of biases and norms): each group's own settings are put back (they come from this run's config
-    anyway; the LR is set every step). And it hands every sub-group the same Adam step tensor, which the
-    fused AdamW then increments in place once per sub-group, so the bias correction ran ahead: each gets its
-    own copy.
-    Stages 1-2 fail on a rank that holds no part of some group (``_groups_this_rank_holds``).
+
+@contextlib.contextmanager
+def run_optimizer_settings(engine):
+    """Around any checkpoint load: the optimizer keeps this run's settings, not the checkpoint's.
+
+    A checkpoint carries the optimizer's state (moments, step counts), and its loads also bring back settings:
+    torch's ``load_state_dict`` (a resume at the same world size and stage) each group's weight decay, betas
+    and eps; DeepSpeed's ZeRO-1/2 load its gradient clip; DeepSpeed's universal load at stage 3 the
+    checkpoint's first group's settings for every group (weight decay 0, that of biases and norms). A run
+    resumed with a changed ``optimizer.*`` printed and logged the new values and trained with the old ones.
+    Each group's own settings are put back by position (the groups come from the same model), and the ZeRO
+    optimizers' clip from the engine's config.
     """
-    kept = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    with _groups_this_rank_holds(optimizer):
+    optimizer = getattr(engine, "optimizer", None)
+    if optimizer is None:  # an engine without an optimizer (inference) loads weights only
         yield
+        return
+    kept = [{k: g[k] for k in GROUP_SETTINGS if k in g} for g in optimizer.param_groups]
+    yield
     for group, settings in zip(optimizer.param_groups, kept):
         group.update(settings)
+    if hasattr(optimizer, "clip_grad"):  # DeepSpeed's ZeRO optimizers clip with a copy of their own
+        optimizer.clip_grad = engine.gradient_clipping()
+
+
+@contextlib.contextmanager
+def universal_load_fixed(optimizer):
+    """Undoes two slips of DeepSpeed's universal load (a resume from another world size or stage), around
+    ``engine.load_checkpoint`` (its group settings: ``run_optimizer_settings``).
+
+    Stage 3 hands every sub-group the same Adam step tensor, which the fused AdamW then increments in place
+    once per sub-group, so the bias correction ran ahead: each gets its own copy. The copy goes where torch
+    keeps a step (its ``load_state_dict`` does the same): on the parameter's device for a fused or capturable
+    Adam, as DeepSpeed's converter loaded every tensor to the CPU. Stages 1-2 fail on a rank that holds no
+    part of some group (``_groups_this_rank_holds``).
+    """
+    with _groups_this_rank_holds(optimizer):
+        yield
     inner = getattr(optimizer, "optimizer", optimizer)  # the torch optimizer inside DeepSpeed's
-    for state in inner.state.values():
-        if torch.is_tensor(state.get("step")):
-            state["step"] = state["step"].clone()
+    for group in inner.param_groups:
+        on_device = group.get("fused") or group.get("capturable")
+        for p in group["params"]:
+            state = inner.state.get(p, {})
+            if torch.is_tensor(state.get("step")):
+                step = state["step"].clone()
+                state["step"] = step.to(p.device) if on_device else step
 
 
 @contextlib.contextmanager
@@ -264,7 +293,7 @@ def _groups_this_rank_holds(optimizer):
     of which there is none, and fails with an IndexError (found resuming a one-rank run on two ranks). Such a
     group has no state to load here; Adam starts its state afresh on the first step, over padding only. The
     groups are paired with the checkpoint's groups by position, so the settings the load copies into the shown
-    ones may be another group's: the caller puts every group's own settings back (``universal_load_fixed``).
+    ones may be another group's: the caller puts every group's own settings back (``run_optimizer_settings``).
     """
     lp_groups = getattr(optimizer, "bit16_groups", None)
     inner = getattr(optimizer, "optimizer", None)

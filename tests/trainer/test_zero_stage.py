@@ -222,9 +222,10 @@ def _publish(root: Path, step_dir: Path) -> None:
     dist.barrier()
 
 
-def _run(rank: int, port: int, run_dir: str, stage: int, resume: bool, out: str, world: int) -> None:
-    """One rank: a fresh run saving at SAVE_AT, or a resume of it; trains to STEPS and records
-    weights/losses."""
+def _run(rank: int, port: int, run_dir: str, stage: int, resume: bool, out: str, world: int,
+         extra: tuple[str, ...] = ()) -> None:
+    """One rank: a fresh run saving at SAVE_AT, or a resume of it (with config overrides ``extra``); trains to
+    STEPS and records weights/losses."""
     import os
 
     os.environ.update(DS_ACCELERATOR="cpu", LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world),
@@ -243,7 +244,7 @@ def _run(rank: int, port: int, run_dir: str, stage: int, resume: bool, out: str,
                              f"scaling.num_workers={world}", "run.name=zs", "optimizer.lr=0.01",
                              "optimizer.schedule=constant", "optimizer.warmup_steps=0",
                              "model.text.bos_token_id=2", "model.text.eos_token_id=3",
-                             "model.text.mask_token_id=4"])
+                             "model.text.mask_token_id=4", *extra])
     trainer = Trainer(cfg, rank, world, _Reporter(), control_dir=run_dir)
     trainer.loader = _Loader()
     manager = trainer.checkpoints
@@ -258,6 +259,7 @@ def _run(rank: int, port: int, run_dir: str, stage: int, resume: bool, out: str,
     if found is not None:
         trainer.progress = manager._restore(trainer.engine, found)
         record["restored_groups"] = _group_settings(trainer.optimizer)
+        record["restored_clip"] = getattr(trainer.engine.optimizer, "clip_grad", None)  # ZeRO's own copy
         record["restored"] = _gathered(trainer.engine)
         record["restored_moments"] = _moments(trainer.engine)
         inner = getattr(trainer.engine.optimizer, "optimizer", trainer.engine.optimizer)  # torch optimizer
@@ -294,9 +296,9 @@ def _run(rank: int, port: int, run_dir: str, stage: int, resume: bool, out: str,
     dist.destroy_process_group()
 
 
-def _spawn(tmp_path: Path, stage: int, resume: bool, world: int) -> dict:
+def _spawn(tmp_path: Path, stage: int, resume: bool, world: int, extra: tuple[str, ...] = ()) -> dict:
     out = tmp_path / f"{stage}-{resume}.pt"
-    mp.start_processes(_run, args=(free_port(), str(tmp_path / "run"), stage, resume, str(out), world),
+    mp.start_processes(_run, args=(free_port(), str(tmp_path / "run"), stage, resume, str(out), world, extra),
                        nprocs=world, join=True, start_method="spawn")
     return torch.load(out)
 
@@ -349,6 +351,26 @@ def test_checkpoint_resumes_under_another_stage(tmp_path, saved, resumed):
     assert not far, f"{len(far)} weights differ from the uninterrupted run, e.g. {far[:3]}"
     moved = [k for k in first["final"] if not torch.equal(first["final"][k], first["saved"][k])]
     assert len(moved) > len(first["final"]) // 2, "the steps after the save did not train"
+
+
+@pytest.mark.integration  # one rank over gloo in spawned processes
+def test_a_resume_with_changed_optimizer_settings_trains_with_them(tmp_path):
+    """The checkpoint holds the optimizer's state, the run's config its settings: resumed at the same stage
+    and world size (DeepSpeed's direct load, torch's load_state_dict inside it) with another weight decay,
+    betas, eps and gradient clip, the optimizer has the new ones. The load used to bring back the saved ones
+    (and ZeRO-1/2's clip) while the printed config showed the new; the Adam state still comes back."""
+    pytest.importorskip("deepspeed")
+    first = _spawn(tmp_path, 1, resume=False, world=1)
+    changed = ("optimizer.weight_decay=0.05", "optimizer.beta2=0.95", "optimizer.eps=1e-8",
+               "optimizer.grad_clip=0.5")
+    second = _spawn(tmp_path, 1, resume=True, world=1, extra=changed)
+    assert not second["universal"] and second["stage"] == 1
+    assert second["groups"] != first["groups"]  # the new settings, as built
+    assert second["restored_groups"] == second["groups"]  # and kept through the load
+    assert {wd for wd, _, _ in second["restored_groups"]} == {0.0, 0.05}
+    assert second["restored_clip"] == 0.5
+    assert all(torch.equal(first["saved_moments"][k], v) for k, v in second["restored_moments"].items())
+    assert second["restored_steps"] == {float(SAVE_AT)}
 
 
 def test_autocast_precision_and_compile_settings():

@@ -34,7 +34,8 @@ from trainer.checkpointing.stage0 import load_universal_into_plain, param_names_
 from trainer.checkpointing.universal import drop_universal, to_universal
 from trainer.checkpointing.verification import log_verified, merged_candidates, torn_ranks, verify_part
 from trainer.config_loader import digest, to_dict
-from trainer.zero_stage import needs_universal, resolve_zero_stage, universal_load_fixed
+from trainer.zero_stage import (needs_universal, resolve_zero_stage, run_optimizer_settings,
+                                universal_load_fixed)
 
 log = logging.getLogger(__name__)
 
@@ -84,14 +85,23 @@ class Found:
 
 
 def rng_state() -> str:
+    """This rank's random generators (CPU, and its current GPU's once CUDA is in use: ITM's negatives and any
+    dropout draw there), for a same-world-size resume to continue the same streams."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
     buf = io.BytesIO()
-    torch.save({"cpu": torch.get_rng_state()}, buf)
+    torch.save(state, buf)
     return base64.b64encode(buf.getvalue()).decode()
 
 
 def set_rng_state(blob: str) -> None:
+    """Restores ``rng_state``'s generators (a checkpoint saved before the GPU's was recorded, or on another
+    kind of machine, restores what it has)."""
     state = torch.load(io.BytesIO(base64.b64decode(blob)), weights_only=True)
     torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def aside_name(location: str | Path, why: str) -> str:
@@ -278,13 +288,15 @@ class CheckpointManager:
         path, tag = found.local, "ds"
         if universal:
             path, tag = to_universal(found.local, state["step"], self.cfg.run.name, self.local_rank)
-        if universal and self._run_stage() == 0:  # DeepSpeed's universal load fills only ZeRO optimizers
-            load_universal_into_plain(engine, path / tag)
-        else:
-            # three slips of DeepSpeed's universal load, avoided or undone (trainer/zero_stage.py)
-            with universal_load_fixed(engine.optimizer) if universal else contextlib.nullcontext():
-                engine.load_checkpoint(str(path), tag=tag, load_module_strict=True,
-                                       load_optimizer_states=True, load_lr_scheduler_states=False)
+        with run_optimizer_settings(engine):  # the config's weight decay, betas, eps and clip, not the saved
+            if universal and self._run_stage() == 0:  # DeepSpeed's universal load fills only ZeRO optimizers
+                load_universal_into_plain(engine, path / tag)
+            else:
+                # slips of DeepSpeed's universal load, avoided or undone (trainer/zero_stage.py)
+                with universal_load_fixed(engine.optimizer) if universal else contextlib.nullcontext():
+                    engine.load_checkpoint(str(path), tag=tag, load_module_strict=True,
+                                           load_optimizer_states=True, load_lr_scheduler_states=False)
+        self._say_changed_optimizer_settings(state)
         if universal:
             drop_universal(path, self.local_rank)
         # this rank's cursor file (same world size) or the elastic view, read before the S3 copy goes
@@ -300,6 +312,17 @@ class CheckpointManager:
             log.info("resumed from %s at step %d%s", found.location, state["step"], how)
         # The loader resumes exactly from this rank's own cursor, elastically from the view.
         return Progress(step=state["step"], data_state=data_state, extra=state.get("extra", {}))
+
+    def _say_changed_optimizer_settings(self, state: dict) -> None:
+        """Rank 0 logs the ``optimizer.*`` settings this run changed since the checkpoint was saved: they
+        apply from the resumed step on (run_optimizer_settings)."""
+        saved = state.get("config", {}).get("optimizer", {})
+        current = to_dict(self.cfg)["optimizer"]
+        changed = [f"optimizer.{k} {saved[k]} -> {value}" for k, value in current.items()
+                   if k in saved and saved[k] != value]
+        if changed and self.rank == 0:
+            log.info("resumed with optimizer settings other than the checkpoint's, which apply from here: %s",
+                     ", ".join(changed))
 
     def _drop_restored_copy(self, found: Found) -> None:
         """Deletes the node's download of an S3 checkpoint once every rank has loaded it (not for local
