@@ -109,3 +109,34 @@ def _whole_units_against_per_module(device: str) -> None:
         runs[whole] = _losses(engine, _batch(cfg, engine.device), ALL, 4)
     torch.testing.assert_close(torch.tensor(runs[True]), torch.tensor(runs[False]), rtol=2e-3, atol=1e-3)
     assert runs[True][-1] < runs[True][0], runs
+
+
+def test_a_checkpoint_s_rng_state_continues_the_gpu_s_stream():
+    """ITM's negatives are drawn on the GPU: a same-world resume restores its generator with the CPU's
+    (trainer/checkpointing/manager.py rng_state)."""
+    from trainer.checkpointing.manager import rng_state, set_rng_state
+
+    torch.cuda.manual_seed(5)
+    torch.rand(4, device="cuda")  # CUDA in use, its stream somewhere past the seed
+    blob = rng_state()
+    expected = (torch.rand(8, device="cuda"), torch.rand(8))
+    torch.cuda.manual_seed(5)  # what Trainer.build does before the restore
+    torch.manual_seed(5)
+    set_rng_state(blob)
+    assert torch.equal(torch.rand(8, device="cuda"), expected[0]) and torch.equal(torch.rand(8), expected[1])
+
+
+def test_a_universal_load_s_adam_step_goes_to_the_fused_optimizer_s_device():
+    """DeepSpeed's universal checkpoint is loaded to the CPU; a fused AdamW keeps its step on the parameter's
+    device and fails on a CPU one (trainer/zero_stage.py universal_load_fixed)."""
+    from trainer.zero_stage import universal_load_fixed
+
+    param = torch.nn.Parameter(torch.ones(4, device="cuda"))
+    optimizer = torch.optim.AdamW([param], lr=0.1, fused=True)
+    param.grad = torch.ones_like(param)
+    optimizer.step()
+    with universal_load_fixed(optimizer):  # what the load leaves: a step tensor on the CPU
+        optimizer.state[param]["step"] = torch.tensor(1.0)
+    assert optimizer.state[param]["step"].device == param.device
+    optimizer.step()  # the fused kernel takes it
+    assert float(optimizer.state[param]["step"]) == 2.0
