@@ -47,7 +47,7 @@ def small_run(name: str, storage: Path, data: str, *, steps: int = 20, every: in
     return [f"run.name={name}", f"run.storage={storage}", *data_overrides(data),
             *([] if evaluate else ["data.eval_pairs="]),
             f"stages=[{{name: main, steps: {steps}, "
-            "objectives: {mlm_text: 1, mim: 1, itc: 1, mlm_pair: 1}}]",
+            "objectives: {mlm_text: 1, mim: 1, itc: 1, itm: 1, mlm_pair: 1}}]",
             "model.vision.image_size=32", "optimizer.warmup_steps=2", "train.log_every=1",
             f"checkpoint.every_steps={every}",
             "checkpoint.keep_last=10", *(extra or [])]
