@@ -96,20 +96,35 @@ def _str_list(value) -> list[str]:
     return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
 
 
-def _image_id(meta: dict, key: str) -> int:
-    value = meta.get("id")
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    return stable_id(key)
+def image_ids_of(corpus: str, url: str) -> Callable[[dict, str], int]:
+    """The image ids of one shard's samples: ``(meta, key) -> id``, equal for the captions of one image and
+    apart for different images, across every corpus a batch mixes.
+
+    The metadata's ``id`` (COCO's image id: one image's five captions as five samples) within its corpus;
+    without one, the shard's URL and the sample's key. Ids are only compared within a batch (ITC's
+    positives, the images ITM's negatives and rewrites must avoid), so they are hashes of those, never the raw
+    numbers: two corpora both numbered from 0 (COCO's and Visual Genome's ids, two folders written by `unimo
+    data shards`, ``shard-000000.tar`` with keys from ``000000000``) used to give different images one id,
+    a false positive.
+    """
+    shard = safe_url(url)
+
+    def image_id(meta: dict, key: str) -> int:
+        value = meta.get("id")
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return stable_id(f"{corpus}\0id\0{value}")
+        return stable_id(f"{corpus}\0{shard}\0{key}")
+
+    return image_id
 
 
-def prepare_image(files: dict, key: str, prep: Prep) -> dict:
+def prepare_image(files: dict, key: str, prep: Prep, image_id: Callable[[dict, str], int]) -> dict:
     meta = _meta(files)
     return {"key": key, "pixels": decode_image(_image_bytes(files), prep.image_size),
-            "image_id": _image_id(meta, key), "tags": _str_list(meta.get("tags"))}
+            "image_id": image_id(meta, key), "tags": _str_list(meta.get("tags"))}
 
 
-def prepare_pair(files: dict, key: str, prep: Prep) -> dict:
+def prepare_pair(files: dict, key: str, prep: Prep, image_id: Callable[[dict, str], int]) -> dict:
     meta = _meta(files)
     image = _image_bytes(files)
     captions = [_text(files["txt"], MAX_CAPTION_CHARS)] if "txt" in files else []
@@ -123,7 +138,7 @@ def prepare_pair(files: dict, key: str, prep: Prep) -> dict:
         raise BadSample("empty_text", "caption is empty")
     return {"key": key, "pixels": decode_image(image, prep.image_size), "captions": captions,
             "phrases": _str_list(meta.get("phrases")), "tags": _str_list(meta.get("tags")),
-            "image_id": _image_id(meta, key)}
+            "image_id": image_id(meta, key)}
 
 
 def document_text(files: dict) -> str:
@@ -180,8 +195,9 @@ PREPARE = {"image": prepare_image, "pair": prepare_pair}
 
 
 def shard_items(source: str, url: str, stream, prep: Prep, count: Callable[[str], None],
-                wanted: Callable[[int], bool]) -> Iterator[tuple[int, dict | None]]:
-    """(ordinal, item) for every item of one shard, in shard order.
+                wanted: Callable[[int], bool], corpus: str = "") -> Iterator[tuple[int, dict | None]]:
+    """(ordinal, item) for every item of one shard of ``corpus`` (its key, ``pair/coco``; the source's name
+    when it has no corpora), in shard order.
 
     Images and pairs: one item per tar sample, ordinal = the sample's position in the tar. Text: the packed
     sequences, ordinal = their position. Items that ``wanted`` rejects come as (ordinal, None), unprepared, so
@@ -198,12 +214,13 @@ def shard_items(source: str, url: str, stream, prep: Prep, count: Callable[[str]
     if source == "text":
         yield from _text_items(samples, name, prep, issue)
         return
+    image_id = image_ids_of(corpus or source, url)
     for ordinal, key, files in samples:
         if not wanted(ordinal):
             yield ordinal, None
             continue
         try:
-            yield ordinal, PREPARE[source](files, f"{name}/{key}", prep)
+            yield ordinal, PREPARE[source](files, f"{name}/{key}", prep, image_id)
         except BadSample as bad:
             issue(bad.reason, key, str(bad))
 

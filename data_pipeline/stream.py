@@ -57,7 +57,8 @@ class SourceStream:
                                 on_bytes=lambda n: self.ctx.count("bytes_read", n),
                                 on_retry=lambda: self.ctx.count("read_retries", 1))
         on_skip = (lambda name: self.ctx.count(name, 1)) if count_skips else (lambda name: None)
-        return reader, shard_items(modality_of(self.source), url, reader, self.ctx.prep, on_skip, wanted)
+        return reader, shard_items(modality_of(self.source), url, reader, self.ctx.prep, on_skip, wanted,
+                                   corpus=self.source)
 
     def _start_head(self, epoch: int, shard: int, pos: int, also: set[int]):
         done = self.st.done.setdefault(shard_key(epoch, shard), set())
