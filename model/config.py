@@ -192,7 +192,7 @@ class ModelConfig:
     # (docs/LEARNING.md, "Why the demo did not learn")
     init_std: float = 0.1
     temperature_init: float = 0.07  # logit_scale starts at log(1 / temperature_init)
-    max_logit_scale: float = 100.0  # exp(logit_scale) is clamped here at use, as CLIP does
+    max_logit_scale: float = 100.0  # exp(logit_scale) is capped here, as CLIP caps it (model/unimo.py)
 
     # a local Hugging Face folder to initialise the text encoder from ("" = from scratch): BERT / RoBERTa
     text_init: str = ""

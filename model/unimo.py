@@ -24,6 +24,38 @@ def _last(states) -> Tensor:
     return states if isinstance(states, Tensor) else states[-1]
 
 
+class _CapKeepingDescent(torch.autograd.Function):
+    """min(x, cap) whose gradient is blocked only where it would raise x further above the cap.
+
+    A plain clamp gives no gradient at all at or above the cap: once Adam's momentum carried the temperature's
+    parameter there (it has no weight decay), nothing could bring it down again, even when the loss wanted a
+    softer temperature. CLIP's training clamps the parameter itself after each step, which under ZeRO would
+    mean writing the optimizer's partitioned fp32 master copy; blocking only the rising direction is the same
+    bound in the graph: the scale never exceeds the cap, and the parameter can descend from it.
+    """
+
+    @staticmethod
+    def forward(x: Tensor, cap: float) -> Tensor:
+        return x.clamp(max=cap)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, cap = inputs
+        ctx.save_for_backward(x)
+        ctx.cap = cap
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (x,) = ctx.saved_tensors
+        rising = (x >= ctx.cap) & (grad < 0)  # a descent step (-grad) would raise x
+        return grad.masked_fill(rising, 0.0), None
+
+
+def capped_logit_scale(logit_scale: Tensor, max_scale: float) -> Tensor:
+    """exp(logit_scale) capped at ``max_scale`` (ITC's inverse temperature, at most 100 as in CLIP)."""
+    return _CapKeepingDescent.apply(logit_scale.float().exp(), max_scale)
+
+
 class UnimoModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -120,5 +152,5 @@ class UnimoModel(nn.Module):
         return self.grounding_head(t_fused, v_fused)  # (B, L, N)
 
     def temperature_scale(self) -> Tensor:
-        """exp(logit_scale) clamped at max_logit_scale, as used by the ITC loss."""
-        return self.logit_scale.exp().clamp(max=self.cfg.max_logit_scale)
+        """exp(logit_scale) capped at max_logit_scale, as the ITC loss uses it."""
+        return capped_logit_scale(self.logit_scale, self.cfg.max_logit_scale)

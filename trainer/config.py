@@ -57,7 +57,7 @@ class StageConfig:
 
     # objective name -> weight of its loss in the stage's total (model/objective_registry.py lists them)
     objectives: dict[str, float] = field(default_factory=lambda: {"itc": 1.0, "mlm_pair": 1.0})
-    frozen: list[str] = field(default_factory=list)  # model submodule names kept fixed in this stage
+    frozen: list[str] = field(default_factory=list)  # submodules at LR 0 (still counted in the clip's norm)
     lr: float = 0.0  # peak LR of this stage; 0 = optimizer.lr
     warmup_steps: int = -1  # -1 = optimizer.warmup_steps
 

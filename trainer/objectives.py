@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from model import losses
 from model.objective_registry import names_of
-from model.unimo import UnimoModel
+from model.unimo import UnimoModel, capped_logit_scale
 
 GatherFn = Callable[[Tensor], Tensor]
 
@@ -249,7 +249,7 @@ class PretrainObjectives(nn.Module):
     def _scale(self) -> Tensor:
         # logit_scale is read here, outside UnimoModel.forward: trainer/zero3_external_params.py registers it
         # for ZeRO-3
-        return self.model.logit_scale.float().exp().clamp(max=self.model.cfg.max_logit_scale)
+        return capped_logit_scale(self.model.logit_scale, self.model.cfg.max_logit_scale)
 
     def _fused_objectives(self, pair: dict, text_states: list[Tensor], masked_states: list[Tensor] | None,
                           image_states: list[Tensor], txt: Tensor | None, img: Tensor | None,

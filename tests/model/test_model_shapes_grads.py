@@ -1,5 +1,7 @@
 """Shapes for every cross-layer mode, and gradients reaching every parameter the objectives use."""
 
+import math
+
 import pytest
 import torch
 
@@ -117,6 +119,26 @@ def test_logit_scale_init():
     with torch.no_grad():
         m.logit_scale.fill_(10.0)
     assert m.temperature_scale().item() == pytest.approx(100.0)
+
+
+@pytest.mark.parametrize("above", [0.0, 0.5])
+def test_the_capped_temperature_can_come_down_but_not_go_up(above):
+    """At or above the cap the scale stays 100; a loss that wants a softer temperature still moves the
+    parameter down (a plain clamp gave it no gradient there, for good), one that wants a harder one does not
+    move it up."""
+    from model.unimo import capped_logit_scale
+
+    cap = 100.0
+    for wants_lower, sign in ((True, 1.0), (False, -1.0)):
+        x = torch.nn.Parameter(torch.tensor([math.log(cap) + above]))
+        scale = capped_logit_scale(x, cap)
+        assert scale.item() == pytest.approx(cap)
+        (sign * scale).sum().backward()  # d(loss)/d(scale) = sign: > 0 wants the scale lower
+        stepped = x.detach() - 0.1 * x.grad  # one plain gradient step
+        assert (stepped < x.detach()).item() if wants_lower else (x.grad == 0).item()
+    below = torch.nn.Parameter(torch.tensor([math.log(cap) - 0.5]))
+    capped_logit_scale(below, cap).sum().backward()
+    assert below.grad.item() == pytest.approx(math.exp(math.log(cap) - 0.5))  # d exp(x)/dx, untouched
 
 
 def test_mlm_heads_tied_to_word_embeddings():
