@@ -13,7 +13,8 @@ file exists): a stop means stop, never a new worker group. An error of unknown k
 transient). An elastic job decides each worker-group (re)start from the nodes alive at that moment
 (``FreshViewElasticPolicy``); a fixed-size job on an embedded Ray asks no autoscaler for its workers
 (``NoAutoscalerFixedPolicy``). Controller failures (a worker group that cannot be placed) are bounded by
-``FailureConfig.controller_failure_limit``, which the driver sets; preemptions that Ray Train detects by
+``FailureConfig.controller_failure_limit`` in a row (the driver sets it from ``UNIMO_CLUSTER_WAIT_S``; a
+worker group that ran starts the count again); preemptions that Ray Train detects by
 ``FailureConfig.max_preemption_failures`` (unlimited by default).
 """
 
@@ -101,6 +102,12 @@ class UserErrorFailurePolicy(DefaultFailurePolicy):
             if self._over_total():
                 return FailureDecision.RAISE
             self._new_window_if_progress()
+            # A worker group ran, so the cluster placed one: the count of start failures (a worker group
+            # that cannot be placed: a node lost until the autoscaler replaces it) is of failures in a row,
+            # as controller_failure_limit means "UNIMO_CLUSTER_WAIT_S without a group". Ray's count runs over
+            # the whole job: a node lost once a day, replaced in two start timeouts, ended a week-long run on
+            # day 3.
+            self._controller_failures = 0  # DefaultFailurePolicy's counter (Ray 2.60)
         return super().make_decision(training_failed_error)
 
     def _over_total(self) -> bool:

@@ -94,6 +94,28 @@ def test_failures_in_a_row_without_a_new_checkpoint_stop_the_job(tmp_path):
         FailureDecision.RAISE]
 
 
+def test_start_failures_count_in_a_row_not_over_the_job(tmp_path):
+    """A node lost once a day and replaced by the autoscaler within two worker-group start timeouts: each
+    outage is well within UNIMO_CLUSTER_WAIT_S (controller_failure_limit start failures in a row), so a week
+    of them goes on; Ray's own count ran over the whole job and ended it on day 3. Six failed starts in a
+    row still end it."""
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+
+    checkpoints = tmp_path / "checkpoints"
+    config = ray.train.FailureConfig(max_failures=3, controller_failure_limit=5)
+    policy = UserErrorFailurePolicy(config, None, str(checkpoints))
+    cannot_start = ControllerError(WorkerGroupStartupTimeoutError(60))
+    decisions = []
+    for day in range(1, 8):
+        saved(checkpoints, 1000 * day)
+        decisions.append(policy.make_decision(group_error(RuntimeError("node lost"))))
+        decisions += [policy.make_decision(cannot_start) for _ in range(2)]
+    assert decisions == [FailureDecision.RETRY] * 21
+    # day 7's two failed starts and three more: five in a row are retried, the sixth ends the job
+    assert [policy.make_decision(cannot_start) for _ in range(4)] == [FailureDecision.RETRY] * 3 + [
+        FailureDecision.RAISE]
+
+
 def test_max_total_failures_caps_a_job_whatever_its_progress(tmp_path):
     checkpoints = tmp_path / "checkpoints"
     policy = UserErrorFailurePolicy(ray.train.FailureConfig(max_failures=1), None, str(checkpoints),
