@@ -373,6 +373,23 @@ def has_manifest(location: Path | str) -> bool:
     return (Path(location) / MANIFEST).is_file()
 
 
+def files_present(location: Path | str) -> bool:
+    """Every file the manifest lists is there with its size (a stat per file, one listing on S3; nothing is
+    read but the manifest). Rank 0 writes the manifest with its own files, so a manifest alone does not show
+    that the other ranks' uploads have landed."""
+    try:
+        if storage.is_remote(location):
+            text = storage.read_text(storage.join(location, MANIFEST))
+            if text is None:
+                return False
+            check_sizes(Path(str(location)), json.loads(text), storage.file_sizes(str(location)))
+        else:
+            check_sizes(Path(location), read_manifest(Path(location)))
+        return True
+    except (TornCheckpoint, ValueError, KeyError, TypeError, OSError):  # unreadable or unreachable: not shown
+        return False
+
+
 def newest_complete(checkpoints_root: Path | str) -> FoundCheckpoint | None:
     """The newest step folder with a manifest (complete as saved; not verified: no file is read)."""
     return next((c for c in list_step_dirs(checkpoints_root) if has_manifest(c.path)), None)
@@ -432,15 +449,17 @@ def prune(checkpoints_root: Path | str, keep_last: int, keep_every: int,
     """Deletes complete checkpoints that retention does not keep (locally or on S3); returns what it removed.
 
     Only folders with a manifest are candidates: one still being uploaded is never touched. ``pending`` is the
-    step just handed to the (background) upload: it counts as the newest for retention, and until it is
-    complete the newest complete checkpoint is kept as well, so a failed upload never leaves the run without
-    one.
+    step just handed to the (background) upload: it counts as the newest for retention. The newest checkpoint
+    whose every file is there (``files_present``) is always kept as well: a manifest is rank 0's, and another
+    rank's upload of the same step may still be running and fail, so a failed upload never leaves the run
+    without a checkpoint to resume from.
     """
     complete = [c for c in list_step_dirs(checkpoints_root) if has_manifest(c.path) and c.step != pending]
     steps = [c.step for c in complete]
     keep = retained_steps(steps + ([pending] if pending is not None else []), keep_last, keep_every)
-    if pending is not None and steps:
-        keep.add(max(steps))
+    whole = next((c for c in complete if files_present(c.path)), None)  # list_step_dirs: newest first
+    if whole is not None:
+        keep.add(whole.step)
     removed = []
     for cand in complete:
         if cand.step not in keep:

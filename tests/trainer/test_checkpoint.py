@@ -58,6 +58,30 @@ def test_retention_keeps_last_k_and_every_mth(tmp_path):
     assert sorted(p.name for p in removed) == ["step_00000010", "step_00000030"]
 
 
+def rank_1_still_uploading(root, step):
+    """Step ``step`` as rank 0 left it: its files and the manifest (which lists rank 1's shard too) are there,
+    rank 1's shard is not yet: its upload is still running, or failed."""
+    d = make_checkpoint(root, step, {"ds/zero_pp_rank_0_optim_states.pt": b"r0" * 100,
+                                     "ds/zero_pp_rank_1_optim_states.pt": b"r1" * 100})
+    (d / "ds" / "zero_pp_rank_1_optim_states.pt").unlink()
+    return d
+
+
+def test_retention_keeps_a_whole_checkpoint_while_another_rank_still_uploads_the_newer(tmp_path):
+    """Saving step 12 (handed to the background upload) while rank 1 still uploads step 8: retention used to
+    count step 8 as complete by its manifest and delete step 4, the last one whose every file is there; when
+    rank 1's upload of 8 then failed, the run had nothing to resume from."""
+    make_checkpoint(tmp_path, 4)
+    rank_1_still_uploading(tmp_path, 8)
+    assert ckpt.files_present(tmp_path / ckpt.step_dir_name(4))
+    assert not ckpt.files_present(tmp_path / ckpt.step_dir_name(8))
+    assert ckpt.prune(tmp_path, keep_last=2, keep_every=0, pending=12) == []
+    assert ckpt.newest_valid(tmp_path).step == 4
+    make_checkpoint(tmp_path, 16)  # once a newer one is whole, the older ones go as retention says
+    assert sorted(p.name for p in ckpt.prune(tmp_path, keep_last=1, keep_every=0)) == ["step_00000004",
+                                                                                         "step_00000008"]
+
+
 def test_config_mismatch_names_fields():
     saved = {"text": {"layers": 2, "dim": 64}, "flavor": "debug"}
     now = {"text": {"layers": 4, "dim": 64}, "flavor": "debug"}

@@ -87,6 +87,18 @@ def test_retention_deletes_on_s3_and_never_an_unfinished_upload(bucket, tmp_path
     assert not any("step_00000010" in k or "step_00000030" in k for k in keys)
 
 
+def test_retention_on_s3_keeps_the_newest_checkpoint_whose_every_file_landed(bucket, tmp_path):
+    from tests.trainer.test_checkpoint import rank_1_still_uploading
+
+    root = "s3://unit/whole/checkpoints"
+    make_checkpoint(tmp_path / "src", 4)
+    rank_1_still_uploading(tmp_path / "src", 8)
+    upload(tmp_path / "src", root)
+    assert ckpt.files_present(f"{root}/step_00000004") and not ckpt.files_present(f"{root}/step_00000008")
+    assert ckpt.prune(root, keep_last=2, keep_every=0, pending=12) == []
+    assert [c.step for c in ckpt.list_step_dirs(root)] == [8, 4]
+
+
 def test_ray_filesystem_reaches_the_same_bucket(bucket):
     path, fs = storage.ray_storage("s3://unit/ray/run")
     assert path == "unit/ray/run"
