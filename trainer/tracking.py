@@ -60,12 +60,19 @@ def _count_attempt(client: Any, run_id: str) -> None:
     client.set_tag(run_id, "unimo.attempts", str(int(tags.get("unimo.attempts", "0")) + 1))
 
 
+# metrics logged at a training step by others than rank 0's step loop
+NOT_TRAINING_METRICS = ("system/", "goodput/")
+
+
 def logged_through(tracking_uri: str, run_id: str | None) -> int:
     """The highest step the run already has a metric at (-1: none, or MLflow did not answer in seconds).
 
     A restart resumes from its last checkpoint and trains the steps after it again (to the same values):
     their metrics are in the run already and would appear twice in each chart's history. One ``get_run``:
-    MLflow keeps each metric's latest (highest-step) value with the run.
+    MLflow keeps each metric's latest (highest-step) value with the run. Only rank 0's training metrics count:
+    the machines' samples (``system/``, from every node's sampler) and the driver's ``goodput/`` summary ride
+    on steps that rank 0's own metrics may not have reached MLflow at (a rank 0 killed with metrics still
+    queued); counting them skipped those steps for good.
     """
     if not run_id:
         return -1
@@ -74,7 +81,7 @@ def logged_through(tracking_uri: str, run_id: str | None) -> int:
 
         # one try within MLFLOW_HTTP_REQUEST_TIMEOUT: start_tracking sets no retries for this process
         metrics = getattr(MlflowClient(tracking_uri).get_run(run_id).data, "_metric_objs", [])  # MLflow 3
-        return max((m.step for m in metrics), default=-1)
+        return max((m.step for m in metrics if not m.key.startswith(NOT_TRAINING_METRICS)), default=-1)
     except Exception as err:  # noqa: BLE001 - without it a re-run step may be logged twice, nothing worse
         log.warning("could not read the steps already logged to MLflow run %s (%s); steps trained again "
                     "after this restart may appear twice", run_id, err)

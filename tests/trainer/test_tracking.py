@@ -254,6 +254,11 @@ def test_steps_trained_again_after_a_restart_are_not_logged_twice(tmp_path):
     for step in range(1, 6):  # the first attempt got to step 5 before it died
         client.log_metric(run_id, "loss/total", float(step), step=step)
     assert logged_through(uri, run_id) == 5
+    # its node's sampler and the driver's goodput summary got further (rank 0's steps 6-8 were still queued
+    # when it was killed): those steps must be logged by the next attempt
+    client.log_metric(run_id, "system/cpu_percent", 50.0, step=8)
+    client.log_metric(run_id, "goodput/fraction", 0.9, step=8)
+    assert logged_through(uri, run_id) == 5
 
     class Sent:
         def __init__(self):
