@@ -78,6 +78,11 @@ class TornCheckpoint(RuntimeError):
     """A checkpoint that is incomplete or corrupt."""
 
 
+class CheckpointUnreadable(OSError):
+    """A checkpoint some rank could not read for a storage error (unreachable, reset, EIO): not torn, so it is
+    neither skipped nor moved aside; the worker group fails and Ray Train starts it again."""
+
+
 class NewerCheckpoint(UserError, ValueError):
     """A checkpoint written by a later unimo, in a layout this one does not know (a restart cannot help)."""
 

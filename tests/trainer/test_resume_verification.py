@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 
 from tests.integration.services import free_port
 from trainer import checkpoint as ckpt
-from trainer.checkpointing.verification import merged_candidates, torn_ranks, verify_part
+from trainer.checkpointing.verification import TORN, UNREADABLE, findings, merged_candidates, verify_part
 from tests.trainer.checkpoint_fakes import NoReporter, StubLoader
 
 SHARD = "ds/zero_pp_rank_{}_mp_rank_00_{}_states.pt"
@@ -109,8 +109,44 @@ def test_the_rank_that_converts_the_checkpoint_hashes_every_file(tmp_path, hashe
     assert part.problem == f"checkpoint {d}: file {SHARD.format(1, 'optim')} fails its checksum"
 
 
+def test_a_storage_error_while_verifying_is_no_torn_checkpoint(tmp_path, monkeypatch):
+    """A read that fails for the storage (ESTALE, a reset download, an S3 outage during the restore) says
+    nothing of the checkpoint: it is not skipped for an older one, nor moved aside; the attempt fails and the
+    next reads it. It used to be taken for torn: the run lost a checkpoint interval to a blip, and moved a
+    whole checkpoint aside for good."""
+    import errno
+
+    from trainer.checkpointing.manager import CheckpointManager
+    from trainer.config import load_config
+    from tests.trainer.checkpoint_fakes import StubEngine
+
+    run = tmp_path / "run"
+    cfg = load_config(None, ["run.name=t", "scaling.num_workers=1", "train.global_micro_batches=1"])
+    manager = CheckpointManager(cfg, 0, 1, NoReporter(), run_location=str(run))
+    for step in (2, 4):
+        local = manager.save_local(step, StubEngine(), StubLoader(), {})
+        shutil.copytree(local, run / "checkpoints" / ckpt.step_dir_name(step))
+        shutil.rmtree(local)
+    real = ckpt.check_hashes
+    failures = iter([OSError(errno.ESTALE, "Stale file handle")])
+
+    def flaky(*args):
+        error = next(failures, None)
+        if error is not None:
+            raise error
+        return real(*args)
+
+    monkeypatch.setattr(ckpt, "check_hashes", flaky)
+    with pytest.raises(ckpt.CheckpointUnreadable, match=r"step_00000004: rank\(s\) \[0\] could not read it"):
+        manager.find()
+    manager._set_aside_torn(after=2)  # what a resume from step 2 would have done
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
+    assert manager.find().state["step"] == 4  # the next attempt reads it
+
+
 def test_one_rank_needs_no_collective(tmp_path):
-    assert torn_ranks(True, 0, 1) == [0] and torn_ranks(False, 0, 1) == []
+    assert findings(TORN, 0, 1) == {0: TORN} and findings(UNREADABLE, 0, 1) == {0: UNREADABLE}
+    assert findings(0, 0, 1) == {}
     assert merged_candidates({"b": 2, "c": 4, "a": 2}, 1) == [("c", 4), ("a", 2), ("b", 2)]
 
 

@@ -275,7 +275,7 @@ def test_the_rank_that_converts_still_gets_every_file(bucket, tmp_path, monkeypa
 def test_a_torn_file_is_caught_by_the_rank_that_reads_it_and_sizes_by_every_rank(bucket, tmp_path,
                                                                                    monkeypatch):
     """Rank 3's optimizer shard torn on S3: node a never downloads it, rank 3 finds it (the agreement,
-    verification.torn_ranks, then makes every rank skip the checkpoint); a truncated one is found by every
+    verification.findings, then makes every rank skip the checkpoint); a truncated one is found by every
     rank from the node's listing, without downloading it."""
     root = "s3://unit/partial-torn/run/checkpoints"
     d = _four_rank_checkpoint(tmp_path / "src")

@@ -32,7 +32,8 @@ from trainer.checkpointing import cursors
 from trainer.checkpointing.identity import data_changed, data_identity
 from trainer.checkpointing.stage0 import load_universal_into_plain, param_names_by_group
 from trainer.checkpointing.universal import drop_universal, to_universal
-from trainer.checkpointing.verification import log_verified, merged_candidates, torn_ranks, verify_part
+from trainer.checkpointing.verification import (UNREADABLE, finding, findings, log_verified,
+                                                merged_candidates, verify_part)
 from trainer.config_loader import digest, to_dict
 from trainer.zero_stage import (needs_universal, resolve_zero_stage, run_optimizer_settings,
                                 universal_load_fixed)
@@ -222,9 +223,18 @@ class CheckpointManager:
             started = time.monotonic()
             part = verify_part(location, self._restore_cache(), self.rank, self._reads_everything,
                                world_size=self.world_size)
-            bad = torn_ranks(part.problem is not None, self.rank, self.world_size)
+            bad = findings(finding(part), self.rank, self.world_size)
+            unreadable = sorted(r for r, code in bad.items() if code == UNREADABLE)
+            if unreadable:
+                # Not torn as far as anyone knows: skipping it (and moving it aside) would lose its steps
+                # to a blip. Every rank fails alike; Ray Train starts the group again (scaling.max_failures
+                # bounds the tries in a row).
+                raise ckpt.CheckpointUnreadable(
+                    f"checkpoint {location}: rank(s) {unreadable} could not read it for a storage error "
+                    f"({part.unreadable or 'this rank read it'}); it is not taken for torn: the worker group "
+                    "restarts and reads it again")
             if bad:
-                self._skip_torn(location, step, part, bad)
+                self._skip_torn(location, step, part, sorted(bad))
                 continue
             self._check_compatible(part.state, location)
             log_verified(location, part, self.rank, started)

@@ -41,7 +41,12 @@ class Part:
     manifest: dict = field(default_factory=dict)
     state: dict = field(default_factory=dict)
     hashed_bytes: int = 0
-    problem: str | None = None
+    problem: str | None = None  # torn: a file missing, of another size or checksum, an unreadable manifest
+    unreadable: str | None = None  # a storage error while reading it: the checkpoint may well be whole
+
+
+# What a rank found of a candidate, agreed on by every rank (``findings``).
+FINE, TORN, UNREADABLE = 0, 1, 2
 
 
 def merged_candidates(mine: dict[str, int], world_size: int) -> list[tuple[str, int]]:
@@ -84,24 +89,30 @@ def verify_part(location: str, cache_dir: Path, rank: int,
         part.hashed_bytes += ckpt.check_hashes(part.local, part.manifest, names)
     except ckpt.TornCheckpoint as err:
         part.problem = str(err if part.local is None else ckpt.named_by_location(err, part.local, location))
-    except OSError as err:  # a file vanishing or unreadable: torn for this rank; the others wait for its vote
+    except FileNotFoundError as err:  # a file vanishing: torn for this rank; the others wait for its vote
         part.problem = f"checkpoint {location} could not be read: {err}"
+    except OSError as err:  # storage unreachable, a reset download, EIO: nothing said of the checkpoint
+        part.unreadable = f"checkpoint {location} could not be read: {err}"
     return part
 
 
-def torn_ranks(torn: bool, rank: int, world_size: int) -> list[int]:
-    """The ranks that found the candidate torn: one all-reduce of a flag per rank (a few KB for 256 ranks),
-    so that a file only one rank hashes decides for all."""
+def finding(part: Part) -> int:
+    return UNREADABLE if part.unreadable is not None else TORN if part.problem is not None else FINE
+
+
+def findings(found: int, rank: int, world_size: int) -> dict[int, int]:
+    """{rank: TORN or UNREADABLE} of the ranks that did not find the candidate fine: one all-reduce of a
+    code per rank (a few KB for 256 ranks), so that a file only one rank hashes decides for all."""
     if world_size == 1:
-        return [rank] if torn else []
+        return {rank: found} if found else {}
     import torch.distributed as dist
 
     device = (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl"
               else torch.device("cpu"))
-    flags = torch.zeros(world_size, dtype=torch.int64, device=device)
-    flags[rank] = int(torn)
-    dist.all_reduce(flags)
-    return [r for r, flag in enumerate(flags.tolist()) if flag]
+    codes = torch.zeros(world_size, dtype=torch.int64, device=device)
+    codes[rank] = found
+    dist.all_reduce(codes)
+    return {r: code for r, code in enumerate(codes.tolist()) if code}
 
 
 def log_verified(location: str, part: Part, rank: int, started: float) -> None:
