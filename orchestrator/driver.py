@@ -407,16 +407,21 @@ def _fit_locked(cfg: RunConfig, run_dir: Path | str) -> TrainOutcome:
             try:
                 result = trainer.fit()
             except TrainingFailedError as err:
-                raise failed_run_error(err, run_dir, cfg) from None
+                if not stopped_as_asked(err, _stop_requested(stop, stop_file)):
+                    raise failed_run_error(err, run_dir, cfg) from None
+                result = None  # the run stops as asked, resumable from its newest checkpoint
             except (KeyboardInterrupt, SystemExit, Exception):
                 if stop.timed_out:
                     raise StopTimedOut(_stop_timed_out_message(run_dir)) from None
                 raise
-        ok = result.error is None
-        if result.error is not None:
-            raise failed_run_error(result.error, run_dir, cfg)
-        # a SIGTERM to the driver (the STOP file) or to a worker (its flag rode the step's all-reduce)
-        stopped = storage.exists(stop_file) or bool((result.metrics or {}).get("stopped_early"))
+        if result is None:
+            stopped = True
+        else:
+            ok = result.error is None
+            if result.error is not None:
+                raise failed_run_error(result.error, run_dir, cfg)
+            # a SIGTERM to the driver (the STOP file) or to a worker (its flag rode the step's all-reduce)
+            stopped = storage.exists(stop_file) or bool((result.metrics or {}).get("stopped_early"))
     finally:
         reconcile_run(str(run_dir), "end")  # folders pruned or moved aside during the job
         goodput_metrics, last_step = report_goodput(run_dir, job_start)
@@ -425,11 +430,49 @@ def _fit_locked(cfg: RunConfig, run_dir: Path | str) -> TrainOutcome:
         if stop.requested_at is not None and not ok:
             storage.delete(stop_file)  # the request is served: it must not stop the next job of this run
     storage.delete(stop_file)
+    if result is None:
+        return stopped_outcome(run_dir, tracking_uri, run_id)
     checkpoint = storage.url_of_ray_path(result.checkpoint.path, result.checkpoint.filesystem) \
         if result.checkpoint else None
     return TrainOutcome(run_dir=run_dir, checkpoint=checkpoint,
                         tracking_uri=tracking_uri, mlflow_run_id=run_id, metrics=dict(result.metrics or {}),
                         stopped_early=stopped)
+
+
+def stopped_as_asked(err: BaseException, stop_requested: bool) -> bool:
+    """Whether a worker group that failed ends the run as stopped rather than failed: a stop was asked for
+    (the failure policy then starts no new group) and the failure is no user error. A spot reclaim or a
+    drain often kills the workers outside the step loop, in a restore or a save, where they cannot stop at a
+    step boundary: the run is as resumable as after a clean stop, and a failed run (exit 1) made `unimo
+    submit --max-resubmits` give it up."""
+    from orchestrator.failure_policy import user_error_of
+
+    return stop_requested and user_error_of(err) is None
+
+
+def _stop_requested(stop: _StopState, stop_file: str) -> bool:
+    if stop.requested_at is not None:
+        return True
+    try:
+        return storage.exists(stop_file)
+    except OSError:  # storage unreachable: as if no stop was asked for
+        return False
+
+
+def stopped_outcome(run_dir: Path | str, tracking_uri: str, run_id: str | None) -> TrainOutcome:
+    """The outcome of a run stopped by a failure after the stop request: it resumes from its newest complete
+    checkpoint, whose step the summary names."""
+    from trainer import checkpoint as ckpt
+
+    try:
+        newest = ckpt.newest_complete(storage.join(run_dir, "checkpoints"))
+    except OSError:
+        newest = None
+    print(f"[unimo] a worker failed after the stop request: the run stops as asked; the same command resumes "
+          f"it from its newest checkpoint{f' (step {newest.step})' if newest else ''}", flush=True)
+    return TrainOutcome(run_dir=run_dir, checkpoint=str(newest.path) if newest else None,
+                        tracking_uri=tracking_uri, mlflow_run_id=run_id or "",
+                        metrics={"step": newest.step if newest else 0}, stopped_early=True)
 
 
 def report_goodput(run_dir: Path | str, job_start: float) -> tuple[dict[str, float], int]:

@@ -67,6 +67,28 @@ def test_a_user_error_from_a_worker_is_its_own_paragraph_and_names_the_log(tmp_p
     assert "File loader.py" in logged and log.startswith(str(tmp_path / "logs" / "error-"))
 
 
+def test_a_worker_lost_after_the_stop_request_ends_the_run_stopped_not_failed(tmp_path, capsys):
+    """A spot reclaim kills a worker during a restore, after SIGTERM asked the run to stop: no new worker
+    group (the failure policy), and the run ends as stopped (exit 75, MLflow KILLED, resumable from its
+    newest checkpoint), not failed: `unimo submit --max-resubmits` resubmits a stopped run and gives a failed
+    one up. A user error after a stop is still one; a failure without a stop request still fails the run."""
+    from trainer import checkpoint as ckpt
+
+    lost = WorkerGroupError("ray's text", {1: RuntimeError("the node was reclaimed")})
+    assert driver.stopped_as_asked(lost, stop_requested=True)
+    assert not driver.stopped_as_asked(lost, stop_requested=False)
+    user = WorkerGroupError("ray's text", {0: DataSourceError("no shards")})
+    assert not driver.stopped_as_asked(user, stop_requested=True)
+
+    folder = tmp_path / "checkpoints" / ckpt.step_dir_name(4)
+    folder.mkdir(parents=True)
+    ckpt.write_manifest(folder, {}, 4)
+    out = driver.stopped_outcome(tmp_path, "sqlite:///x.db", "run-1")
+    assert out.stopped_early and driver.exit_code(out) == driver.EXIT_PREEMPTED
+    assert out.metrics["step"] == 4 and out.checkpoint.endswith("step_00000004")
+    assert "resumes it from its newest checkpoint (step 4)" in capsys.readouterr().out
+
+
 def test_other_failures_are_summed_up_by_their_last_lines(tmp_path):
     cfg = load_config(DEBUG_CONFIG, ["run.name=r1", "scaling.max_failures=2"])
     err = WorkerGroupError("...", {0: DataReadError("could not read s3://b/x after 9 attempts"),
