@@ -421,15 +421,15 @@ def _fit_locked(cfg: RunConfig, run_dir: Path | str) -> TrainOutcome:
             if result.error is not None:
                 raise failed_run_error(result.error, run_dir, cfg)
             # a SIGTERM to the driver (the STOP file) or to a worker (its flag rode the step's all-reduce)
-            stopped = storage.exists(stop_file) or bool((result.metrics or {}).get("stopped_early"))
+            stopped = bool((result.metrics or {}).get("stopped_early")) or _stop_requested(stop, stop_file)
     finally:
         reconcile_run(str(run_dir), "end")  # folders pruned or moved aside during the job
         goodput_metrics, last_step = report_goodput(run_dir, job_start)
         run_id = finish_run(tracking_uri, run_id, ok, cfg=cfg, run_dir=run_dir,  # found if created late
                             preempted=stopped, metrics=goodput_metrics, step=last_step)
         if stop.requested_at is not None and not ok:
-            storage.delete(stop_file)  # the request is served: it must not stop the next job of this run
-    storage.delete(stop_file)
+            _clear_stop_file(stop_file)  # the request is served: it must not stop the next job of this run
+    _clear_stop_file(stop_file)
     if result is None:
         return stopped_outcome(run_dir, tracking_uri, run_id)
     checkpoint = storage.url_of_ray_path(result.checkpoint.path, result.checkpoint.filesystem) \
@@ -457,6 +457,16 @@ def _stop_requested(stop: _StopState, stop_file: str) -> bool:
         return storage.exists(stop_file)
     except OSError:  # storage unreachable: as if no stop was asked for
         return False
+
+
+def _clear_stop_file(stop_file: str) -> None:
+    """Deletes a served stop request. The job's outcome is decided: a storage blip here must not turn a
+    finished or stopped run into a failed one (the next job clears a stale request at its start anyway)."""
+    try:
+        storage.delete(stop_file)
+    except OSError as err:
+        log.warning("could not delete the stop request %s (%s): the next job of this run deletes it at its "
+                    "start", stop_file, err)
 
 
 def stopped_outcome(run_dir: Path | str, tracking_uri: str, run_id: str | None) -> TrainOutcome:

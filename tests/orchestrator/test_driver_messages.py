@@ -166,3 +166,14 @@ def test_the_job_leaves_the_signal_handlers_as_it_found_them(tmp_path):
     with driver.sigterm_as_exit(tmp_path):
         signal.signal(signal.SIGINT, lambda *_: None)  # as trainer.fit() does
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_a_storage_blip_while_clearing_the_served_stop_request_changes_no_outcome(monkeypatch, caplog):
+    """The run's outcome is decided when the driver clears the stop request: an S3 error there used to end a
+    finished or stopped job with exit 1."""
+    def unreachable(location):
+        raise OSError(f"could not reach {location}")
+
+    monkeypatch.setattr(driver.storage, "delete", unreachable)
+    driver._clear_stop_file("s3://bucket/runs/r/STOP")
+    assert "could not delete the stop request s3://bucket/runs/r/STOP" in caplog.text
