@@ -160,7 +160,7 @@ def fit(cfg: RunConfig, preflight: bool = True) -> TrainOutcome:
     # Losing the lock to another driver interrupts this one like Ctrl-C: Ray Train then aborts the run.
     lock = RunLock(run_dir).acquire().start_heartbeat(on_lost=_thread.interrupt_main)
     try:
-        return _fit_locked(cfg, run_dir)
+        return _fit_locked(cfg, run_dir, lock.lost)
     finally:
         lock.release()
 
@@ -353,14 +353,14 @@ def _last_line(err: BaseException) -> str:
     return (lines[-1] if lines else type(err).__name__)[:300]
 
 
-def _fit_locked(cfg: RunConfig, run_dir: Path | str) -> TrainOutcome:
+def _fit_locked(cfg: RunConfig, run_dir: Path | str, lost: threading.Event | None = None) -> TrainOutcome:
     import ray.train
     from ray.train.v2.api.exceptions import TrainingFailedError
 
     from orchestrator.failure_policy import GuardedTorchTrainer
     from orchestrator.process_group import BoundStoreTorchConfig
     from orchestrator.preflight import check_cluster, check_shared_sqlite
-    from orchestrator.tracking_setup import default_tracking_uri, finish_run
+    from orchestrator.tracking_setup import default_tracking_uri
     from trainer.checkpointing.records import reconcile_run
     from trainer.ray_worker import train_func
 
@@ -423,12 +423,8 @@ def _fit_locked(cfg: RunConfig, run_dir: Path | str) -> TrainOutcome:
             # a SIGTERM to the driver (the STOP file) or to a worker (its flag rode the step's all-reduce)
             stopped = bool((result.metrics or {}).get("stopped_early")) or _stop_requested(stop, stop_file)
     finally:
-        reconcile_run(str(run_dir), "end")  # folders pruned or moved aside during the job
-        goodput_metrics, last_step = report_goodput(run_dir, job_start)
-        run_id = finish_run(tracking_uri, run_id, ok, cfg=cfg, run_dir=run_dir,  # found if created late
-                            preempted=stopped, metrics=goodput_metrics, step=last_step)
-        if stop.requested_at is not None and not ok:
-            _clear_stop_file(stop_file)  # the request is served: it must not stop the next job of this run
+        run_id = _close_job(cfg, run_dir, job_start, tracking_uri, run_id, ok=ok, stopped=stopped,
+                            stop_served=stop.requested_at is not None and not ok, lost=lost)
     _clear_stop_file(stop_file)
     if result is None:
         return stopped_outcome(run_dir, tracking_uri, run_id)
@@ -457,6 +453,30 @@ def _stop_requested(stop: _StopState, stop_file: str) -> bool:
         return storage.exists(stop_file)
     except OSError:  # storage unreachable: as if no stop was asked for
         return False
+
+
+def _close_job(cfg: RunConfig, run_dir: Path | str, job_start: float, tracking_uri: str,
+               run_id: str | None, *, ok: bool, stopped: bool, stop_served: bool,
+               lost: threading.Event | None) -> str | None:
+    """The end of a job, however it ended: Ray's run snapshot reconciled with the folders (pruned or moved
+    aside during the job), the goodput reported, the MLflow run closed (its id, found if created late), a
+    served stop request cleared. Not by a driver that lost the run's lock: another driver took the run over
+    (it found this one's lock stale) and its records are that driver's now; closing them here rewrote Ray's
+    snapshot and marked the MLflow run failed under it."""
+    from orchestrator.tracking_setup import finish_run
+    from trainer.checkpointing.records import reconcile_run
+
+    if lost is not None and lost.is_set():
+        log.warning("this driver lost the run's lock to another driver: it leaves the run's records "
+                    "(Ray's run snapshot, the MLflow run, the stop request) to that driver")
+        return run_id
+    reconcile_run(str(run_dir), "end")
+    goodput_metrics, last_step = report_goodput(run_dir, job_start)
+    run_id = finish_run(tracking_uri, run_id, ok, cfg=cfg, run_dir=run_dir, preempted=stopped,
+                        metrics=goodput_metrics, step=last_step)
+    if stop_served:
+        _clear_stop_file(storage.join(run_dir, STOP_FILE))  # it must not stop the next job of this run
+    return run_id
 
 
 def _clear_stop_file(stop_file: str) -> None:

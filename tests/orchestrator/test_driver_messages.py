@@ -177,3 +177,27 @@ def test_a_storage_blip_while_clearing_the_served_stop_request_changes_no_outcom
     monkeypatch.setattr(driver.storage, "delete", unreachable)
     driver._clear_stop_file("s3://bucket/runs/r/STOP")
     assert "could not delete the stop request s3://bucket/runs/r/STOP" in caplog.text
+
+
+def test_a_driver_that_lost_the_run_s_lock_leaves_the_run_s_records_alone(tmp_path, monkeypatch, caplog):
+    """Another driver took the run over (it found this one's lock stale): this one's end of job must not
+    reconcile Ray's snapshot or close the MLflow run (as failed) under the driver now training it."""
+    import threading
+
+    from orchestrator import tracking_setup
+    from trainer.checkpointing import records
+
+    calls = []
+    monkeypatch.setattr(records, "reconcile_run", lambda run_dir, when: calls.append(("reconcile", when)))
+    monkeypatch.setattr(tracking_setup, "finish_run",
+                        lambda *a, **k: calls.append(("finish", k["preempted"])))
+    monkeypatch.setattr(driver, "report_goodput", lambda run_dir, start: ({}, 0))
+    cfg = load_config(DEBUG_CONFIG, ["run.name=r1"])
+    lost = threading.Event()
+    close = dict(ok=False, stopped=False, stop_served=False, lost=lost)
+    driver._close_job(cfg, tmp_path, 0.0, "sqlite:///x.db", "run-1", **close)
+    assert calls == [("reconcile", "end"), ("finish", False)]  # the lock held: the job closes its records
+    calls.clear()
+    lost.set()
+    assert driver._close_job(cfg, tmp_path, 0.0, "sqlite:///x.db", "run-1", **close) == "run-1"
+    assert calls == [] and "lost the run's lock to another driver" in caplog.text
