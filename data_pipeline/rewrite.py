@@ -13,14 +13,17 @@ import numpy as np
 COLOURS = ("red", "blue", "green", "yellow", "orange", "purple", "pink", "white", "black", "brown", "gray")
 NUMBERS_PLURAL = ("two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 SIZES = ("small", "large", "big", "tiny", "huge")
-# Objects as (singular, plural): a swap keeps the grammatical number, so only the concept changes.
+# Objects as (singular, plural): a swap keeps the grammatical number, so only the concept changes. Each is
+# another concept than every other: a word with a broader one among them (person: man, woman, child) or a
+# synonym would make negatives that are still true of the image ("a man riding" -> "a person riding").
 OBJECTS = (("circle", "circles"), ("square", "squares"), ("triangle", "triangles"), ("star", "stars"),
            ("diamond", "diamonds"), ("ring", "rings"), ("dog", "dogs"), ("cat", "cats"), ("horse", "horses"),
            ("bird", "birds"), ("car", "cars"), ("bus", "buses"), ("train", "trains"), ("boat", "boats"),
-           ("man", "men"), ("woman", "women"), ("person", "people"), ("child", "children"),
+           ("man", "men"), ("woman", "women"), ("child", "children"),
            ("table", "tables"), ("chair", "chairs"), ("tree", "trees"), ("house", "houses"))
-# Relations swap within a group of words that fill the same slot.
-RELATIONS = (("left", "right", "top", "bottom", "middle"), ("above", "below", "under", "beside", "behind"),
+# Relations swap within a group of words that fill the same slot, none a synonym of another (so no "under"
+# beside "below").
+RELATIONS = (("left", "right", "top", "bottom", "middle"), ("above", "below", "beside", "behind"),
              ("inside", "outside"))
 
 WORD_CLASSES = ("colour", "number", "object", "relation")

@@ -20,7 +20,7 @@ from .tokenizer import TextTokenizer
 log = logging.getLogger("unimo.data")
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-MAX_TEXT_CHARS = 200_000     # longer texts are cut before tokenizing (a huge text is truncated by rule)
+TOKENIZE_CHARS = 200_000     # a document is tokenized in pieces of at most this many characters
 MAX_CAPTION_CHARS = 5_000
 
 
@@ -142,15 +142,29 @@ def prepare_pair(files: dict, key: str, prep: Prep, image_id: Callable[[dict, st
 
 
 def document_text(files: dict) -> str:
+    """A text sample's whole document (a book is one: `unimo data shards` writes each .txt file as one)."""
     if "txt" in files:
-        text = _text(files["txt"], MAX_TEXT_CHARS)
+        text = _text(files["txt"], len(files["txt"]))
     elif isinstance(_meta(files).get("text"), str):
-        text = _meta(files)["text"][:MAX_TEXT_CHARS].strip()
+        text = _meta(files)["text"].strip()
     else:
         raise BadSample("missing_field", f"no text member (txt or json text); has {sorted(files)}")
     if not text:
         raise BadSample("empty_text", "document is empty")
     return text
+
+
+def text_pieces(text: str, limit: int) -> Iterator[str]:
+    """``text`` in pieces of at most ``limit`` characters, each cut after whitespace where there is some (a
+    word is never split but in a run of ``limit`` characters without a space): a tokenizer's memory and time
+    grow with its input, and a book is ~500k characters. Nothing is dropped: the pieces join to ``text``."""
+    start = 0
+    while len(text) - start > limit:
+        cut = max(text.rfind(" ", start, start + limit), text.rfind("\n", start, start + limit))
+        end = cut + 1 if cut > start else start + limit
+        yield text[start:end]
+        start = end
+    yield text[start:]
 
 
 class Packer:
@@ -167,9 +181,14 @@ class Packer:
         self.ids, self.words, self.first_key = [self.tok.cls_id], [-1], None
 
     def add(self, key: str, text: str) -> Iterator[dict]:
+        pieces = list(text_pieces(text, TOKENIZE_CHARS))
+        for i, piece in enumerate(pieces):
+            yield from self._add_tokens(key, piece, last=i == len(pieces) - 1)
+
+    def _add_tokens(self, key: str, text: str, last: bool) -> Iterator[dict]:
         enc = self.tok.encode_plain(text)
-        ids = enc.ids + [self.tok.sep_id]
-        words = [w + self._word_base if w >= 0 else -1 for w in enc.word_ids] + [-1]
+        ids = enc.ids + ([self.tok.sep_id] if last else [])
+        words = [w + self._word_base if w >= 0 else -1 for w in enc.word_ids] + ([-1] if last else [])
         self._word_base += max(enc.word_ids, default=-1) + 1
         while ids:
             if self.first_key is None:

@@ -31,6 +31,14 @@ class TextTokenizer:
 
     def __init__(self, tok: Tokenizer, source_text: str | None = None):
         self._tok = tok
+        # A tokenizer.json may carry truncation or padding for another use (many Hub files do): they cut a
+        # document at a few hundred tokens and padded captions before [SEP], silently. The pipeline truncates
+        # and pads by itself.
+        tok.no_truncation()
+        tok.no_padding()
+        # "[SEP]" or "</s>" written in a caption or a web page is text, not a separator or a pad in the middle
+        # of the sequence (nor an MLM unit with a special label)
+        tok.encode_special_tokens = True
         # the tokenizer.json text it was loaded from (None when built in memory): what a checkpoint stores and
         # hashes, so that a resume can tell whether the tokenizer is the same
         self.source_text = source_text

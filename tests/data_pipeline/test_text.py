@@ -155,3 +155,57 @@ def test_in_vocabulary_means_one_token_as_a_word_of_a_sentence():
     assert bpe.encode(" circle").tokens == ["\u0120circle"]
     assert roberta_like.in_vocabulary("circle") and roberta_like.in_vocabulary("dog")
     assert not roberta_like.in_vocabulary("horses")
+
+
+def test_a_book_is_packed_whole(local_data):
+    """A text sample is a whole document, and `unimo data shards` writes each .txt file (a book: ~500k
+    characters) as one: every token of it is packed, in pieces the tokenizer takes at once. Documents used to
+    be cut at 200,000 characters before tokenizing, silently: most of each book was lost."""
+    from data_pipeline.samples import TOKENIZE_CHARS, Packer, document_text, text_pieces
+
+    tok = load_tokenizer(local_data["tokenizer"])
+    book = " ".join(f"chapter {i}: a red circle is next to a blue square." for i in range(10_000))
+    assert len(book) > 2.5 * TOKENIZE_CHARS
+    assert document_text({"txt": book.encode()}) == book
+    pieces = list(text_pieces(book, TOKENIZE_CHARS))
+    assert len(pieces) == 3 and "".join(pieces) == book and all(len(p) <= TOKENIZE_CHARS for p in pieces)
+    assert all(p.endswith(" ") for p in pieces[:-1])  # cut between words
+    packer = Packer(tok, 128)
+    seqs = list(packer.add("book", book)) + list(packer.flush())
+    packed = [t for s in seqs for t in s["ids"] if t not in (tok.cls_id, tok.sep_id)]
+    assert packed == tok.encode_plain(book).ids  # the whole book, in order
+    words = [w for s in seqs for w in s["word_ids"] if w >= 0]
+    assert words == sorted(words)  # word ids run on across the pieces: whole-word masking joins no two words
+
+
+def test_a_tokenizer_json_s_own_truncation_padding_and_specials_in_text_change_nothing(local_data, tmp_path):
+    """Settings a tokenizer.json carries for another use (truncation, padding: common in Hub files) used to
+    apply here: a 600-token document came out as 128 tokens, a caption padded before its [SEP]. And special
+    tokens written in the text ("[SEP]", "[PAD]") became special ids inside a sequence."""
+    from tokenizers import Tokenizer
+
+    plain = load_tokenizer(local_data["tokenizer"])
+    raw = Tokenizer.from_file(local_data["tokenizer"])
+    raw.enable_truncation(128)
+    raw.enable_padding(length=40)
+    path = tmp_path / "tokenizer.json"
+    raw.save(str(path))
+    tok = load_tokenizer(str(path))
+    doc = " ".join(["a red circle is next to a blue square"] * 80)
+    assert tok.encode_plain(doc).ids == plain.encode_plain(doc).ids and len(tok.encode_plain(doc).ids) > 600
+    words = tok.encode_words("a red circle", 16)
+    assert words.ids[-1] == tok.sep_id and tok.pad_id not in words.ids
+    text = tok.encode_plain("a red [MASK] circle [SEP] on the [PAD] left")
+    # ordinary tokens (characters this vocabulary lacks are [UNK], as anywhere in a text)
+    assert not set(text.ids) & {tok.pad_id, tok.cls_id, tok.sep_id, tok.mask_id}
+    assert min(text.word_ids) >= 0
+
+
+def test_word_swaps_never_make_a_negative_that_is_still_true():
+    """A hard negative must be false of the image: no swap to a broader concept ("man" -> "person") or a
+    synonym ("under" <-> "below")."""
+    from data_pipeline.rewrite import OBJECTS, RELATIONS
+
+    objects = {w for pair in OBJECTS for w in pair}
+    assert not objects & {"person", "people"}
+    assert not any({"under", "below"} <= set(group) for group in RELATIONS)
