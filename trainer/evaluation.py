@@ -107,9 +107,8 @@ def retrieval_metrics(model: UnimoModel, eval_set: dict, rerank_k: int = 0,
     and images encoded and the pairs the ITM head scored (retrieval_work gives the total).
     """
     txt, img = features if features is not None else encode_eval_set(model, eval_set, progress=progress)
-    owner = eval_set["text_image_index"]  # (T,) image row of each caption
     sim = img @ txt.T  # (N, T)
-    positives = owner[None, :] == torch.arange(img.shape[0], device=owner.device)[:, None]  # (N, T)
+    positives = eval_positives(eval_set)
     out = {f"eval/i2t_R@{k}": v for k, v in recall_at_k(sim, positives).items()}
     out.update({f"eval/t2i_R@{k}": v for k, v in recall_at_k(sim.T, positives.T).items()})
     if rerank_k > 0:
@@ -119,8 +118,24 @@ def retrieval_metrics(model: UnimoModel, eval_set: dict, rerank_k: int = 0,
                            lambda tx, im: itm_scores(model, eval_set, im, tx, progress=progress))
         out.update({f"eval/itm_i2t_R@{k}": v for k, v in recall_at_k(i2t, positives).items()})
         out.update({f"eval/itm_t2i_R@{k}": v for k, v in recall_at_k(t2i, positives.T).items()})
-    out["eval/candidates"] = float(img.shape[0])
+    out["eval/candidates"] = float(len(set(_image_identity(eval_set).tolist())))  # distinct images
     return out
+
+
+def _image_identity(eval_set: dict) -> Tensor:
+    """(N,) which image each image row shows: its id where the set has them, else its row."""
+    ids = eval_set.get("image_ids")
+    return ids if ids is not None else torch.arange(eval_set["pixels"].shape[0])
+
+
+def eval_positives(eval_set: dict) -> Tensor:
+    """(N images, T captions) bool: the caption describes the image. A held-out set written one sample per
+    caption (COCO's five captions as five samples sharing the image's ``id``) holds each image once per
+    caption: every row showing the caption's image counts, not only the row it came with (R@1 used to count a
+    caption's own image's other copies as wrong answers)."""
+    image = _image_identity(eval_set)
+    owner = eval_set["text_image_index"]  # (T,) image row of each caption
+    return image[owner][None, :] == image[:, None]
 
 
 def retrieval_work(eval_set: dict, rerank_k: int = 0) -> int:

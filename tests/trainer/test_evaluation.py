@@ -40,6 +40,26 @@ def test_recall_at_k_counts_the_best_positive():
     assert r == {1: pytest.approx(1 / 3), 2: pytest.approx(2 / 3), 3: 1.0}
 
 
+def test_a_held_out_set_with_one_sample_per_caption_scores_as_one_with_every_caption_per_image():
+    """COCO's layout: five samples per image sharing its id, so each image appears once per caption. A
+    caption's own image's other copies are right answers, not wrong ones, and the chance level counts images:
+    recall equals that of the same set grouped (one row per image)."""
+    g = torch.Generator().manual_seed(0)
+    n_images, per_image = 6, 2
+    img = torch.nn.functional.normalize(torch.randn(n_images, 8, generator=g), dim=-1)
+    txt = torch.nn.functional.normalize(img.repeat_interleave(per_image, 0)
+                                        + 0.9 * torch.randn(n_images * per_image, 8, generator=g), dim=-1)
+    grouped = {"pixels": torch.zeros(n_images, 3, 4, 4),
+               "text_image_index": torch.arange(n_images).repeat_interleave(per_image)}
+    per_caption = {"pixels": torch.zeros(n_images * per_image, 3, 4, 4),
+                   "text_image_index": torch.arange(n_images * per_image),
+                   "image_ids": torch.arange(n_images).repeat_interleave(per_image) + 100}
+    by_image = retrieval_metrics(None, grouped, features=(txt, img))
+    by_caption = retrieval_metrics(None, per_caption, features=(txt, img.repeat_interleave(per_image, 0)))
+    assert by_caption["eval/t2i_R@1"] == by_image["eval/t2i_R@1"] < 1.0
+    assert by_caption["eval/candidates"] == by_image["eval/candidates"] == n_images
+
+
 def test_rerank_orders_the_top_k_by_the_scorer_and_keeps_the_rest_below():
     sim = torch.tensor([[0.9, 0.8, 0.7, 0.6, 0.5], [0.1, 0.2, 0.3, 0.4, 0.5]])
     pos = torch.zeros(2, 5, dtype=torch.bool)
