@@ -47,19 +47,30 @@ def mlm_mask(ids: list[int], units: list[list[int]], rng: np.random.Generator, p
         return masked, labels
     target = max(1, round(probability * n_tokens))
     chosen = 0
-    for u in rng.permutation(len(units)):
-        if chosen >= target:
-            break
-        if chosen + len(units[u]) > target and chosen > 0:
-            continue  # a unit that overshoots is passed over, so long phrases do not eat the whole budget
-        for pos in units[u]:
+
+    def mask(unit: list[int]) -> None:
+        for pos in unit:
             labels[pos] = ids[pos]
             roll = rng.random()
             if roll < 0.8:
                 masked[pos] = mask_id
             elif roll < 0.9:
                 masked[pos] = _random_token(rng, vocab_size, special_ids)
+
+    for u in rng.permutation(len(units)):
+        if chosen >= target:
+            break
+        if chosen + len(units[u]) > target:
+            continue  # a unit that overshoots is passed over, so long phrases do not eat the whole budget
+        mask(units[u])
         chosen += len(units[u])
+    if chosen == 0:
+        # Every unit is longer than the budget (a long phrase in a short text; a tokenizer that marks no word
+        # boundaries, whose whole text is one "word"): single tokens, or the first unit drawn took the whole
+        # text (63 of 64 tokens labelled) and masking overshot the rate by far.
+        tokens = [pos for unit in units for pos in unit]
+        for i in rng.permutation(len(tokens))[:target]:
+            mask([tokens[i]])
     return masked, labels
 
 

@@ -209,3 +209,17 @@ def test_word_swaps_never_make_a_negative_that_is_still_true():
     objects = {w for pair in OBJECTS for w in pair}
     assert not objects & {"person", "people"}
     assert not any({"under", "below"} <= set(group) for group in RELATIONS)
+
+
+def test_masking_never_overshoots_the_rate_with_a_long_phrase_or_without_word_boundaries():
+    """The first unit drawn used to be taken whatever its length: a 5-token phrase in a 20-token caption
+    labelled 5 tokens against a budget of 3, and a tokenizer without word boundaries (the whole text one
+    "word") had 63 of 64 tokens labelled."""
+    caption = [[0, 1, 2, 3, 4]] + [[i] for i in range(5, 20)]  # a phrase and 15 one-token words
+    one_word = [list(range(64))]
+    for units, budget in ((caption, 3), (one_word, 10)):
+        n = sum(len(u) for u in units)
+        for seed in range(50):
+            _, labels = mlm_mask(list(range(100, 100 + n)), units, np.random.default_rng(seed), 0.15, 4, 200,
+                                 {0, 1, 2, 3, 4})
+            assert sum(label != IGNORE for label in labels) == budget, (seed, units is caption)
