@@ -321,7 +321,33 @@ def load_vision_encoder(model, path: str, strict: bool = True) -> LoadReport:
     ignored = _CLIP_IGNORED if hf.get("model_type") == "clip" else _VISION_IGNORED
     report = _apply(model, sd, mapping, required, ignored, fix)
     report.check(strict, f"vision weights from {path}")
+    _warn_on_other_pixel_statistics(path)
     return report
+
+
+# How unimo's loader normalises every image (data_pipeline/batch.py pixels_tensor): (x / 255 - 0.5) / 0.5.
+PIPELINE_PIXEL_MEAN, PIPELINE_PIXEL_STD = 0.5, 0.5
+
+
+def _warn_on_other_pixel_statistics(path: str) -> None:
+    """Weights trained on pixels normalised otherwise (CLIP's mean (0.481, 0.458, 0.408), std (0.269,
+    0.261, 0.276), in the folder's preprocessor_config.json) get shifted, rescaled inputs from unimo's
+    loader: the tower starts off its training distribution and has to adapt. Said at load, since nothing
+    else would."""
+    file = os.path.join(path, "preprocessor_config.json")
+    if not os.path.isfile(file):
+        return
+    with open(file, encoding="utf-8") as f:
+        conf = json.load(f)
+    mean, std = conf.get("image_mean"), conf.get("image_std")
+    if not (isinstance(mean, list) and isinstance(std, list)):
+        return
+    if any(abs(m - PIPELINE_PIXEL_MEAN) > 1e-3 for m in mean) or any(abs(s - PIPELINE_PIXEL_STD) > 1e-3
+                                                                      for s in std):
+        warnings.warn(f"vision weights from {path} were trained on pixels normalised with mean {mean} and "
+                      f"std {std} ({file}); unimo's loader normalises every image with mean "
+                      f"{PIPELINE_PIXEL_MEAN} and std {PIPELINE_PIXEL_STD}, so the tower starts on shifted "
+                      "inputs and must adapt in training", stacklevel=2)
 
 
 # ------------------------------------------------------------------------------------------------ saving

@@ -153,6 +153,26 @@ def test_clip_vision_parity(tmp_path, full_clip):
     assert (got[-1][:, 0] - out.pooler_output).abs().max().item() < TOL
 
 
+def test_weights_trained_on_other_pixel_statistics_are_said_at_load(tmp_path):
+    """CLIP normalises pixels with its own mean and std (its preprocessor_config.json); unimo's loader with
+    0.5 and 0.5: loading CLIP weights says so instead of starting the tower on shifted inputs in silence. A
+    ViT's 0.5 / 0.5 says nothing."""
+    import json
+    import warnings
+
+    _save(transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**TINY_VISION)), tmp_path)
+    ours = _vision_model(tmp_path)
+    config = tmp_path / "preprocessor_config.json"
+    config.write_text(json.dumps({"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_vision_encoder(ours, str(tmp_path))
+    config.write_text(json.dumps({"image_mean": [0.48145466, 0.4578275, 0.40821073],
+                                  "image_std": [0.26862954, 0.26130258, 0.27577711]}))
+    with pytest.warns(UserWarning, match=r"normalised with mean \[0.48145466.*loader normalises every image"):
+        load_vision_encoder(ours, str(tmp_path))
+
+
 def test_missing_and_unexpected_weights_are_named(tmp_path):
     from safetensors.torch import load_file, save_file
 
