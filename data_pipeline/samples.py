@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .compress import strip_suffix
 from .storage_io import safe_url
@@ -51,6 +51,18 @@ def stable_id(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
 
 
+EXIF_ORIENTATION = 0x0112
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """The image as it is meant to be seen: a phone photo stored sideways with an EXIF orientation tag (common
+    in web crawls) is turned, so that "at the top" in its caption is at the top. Untagged images are returned
+    as they are (no copy)."""
+    if img.getexif().get(EXIF_ORIENTATION, 1) in (1, None):
+        return img
+    return ImageOps.exif_transpose(img)
+
+
 def decode_image(data: bytes, size: int) -> np.ndarray:
     """(size, size, 3) uint8 RGB, resized with PIL bilinear. Channels stay last, as PIL hands them out: the
     batch makes its whole stack channels-first in one copy (batch.pixels_tensor) instead of a copy per
@@ -58,6 +70,7 @@ def decode_image(data: bytes, size: int) -> np.ndarray:
     try:
         img = Image.open(io.BytesIO(data))
         img.draft("RGB", (size, size))  # JPEG: decode at a reduced scale when the file is much larger
+        img = upright(img)
         # convert and resize return copies even when there is nothing to do: skip them then
         img = img.convert("RGB") if img.mode != "RGB" else img
         if img.size != (size, size):

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from PIL import Image
 
 from .storage_io import filesystem, safe_url, scrub_urls, storage_error
-from .samples import IMAGE_EXTS, BadSample
+from .samples import IMAGE_EXTS, BadSample, upright
 from .webdataset_tar import TarWriter
 
 log = logging.getLogger("unimo.data")
@@ -78,8 +78,8 @@ def _checked_image(data: bytes, resize: int | None) -> tuple[str, bytes]:
         raise BadSample("bad_image", f"{type(exc).__name__}: {exc}") from None
     ext = {"jpeg": "jpg", "mpo": "jpg"}.get(fmt, fmt)
     if ext in IMAGE_EXTS and not (resize and max(img.size) > resize):
-        return ext, data
-    img = img.convert("RGB")
+        return ext, data  # as it came, its orientation tag too: the reader turns it upright
+    img = upright(img).convert("RGB")  # the re-encode below drops the tag: turned here, before resizing
     if resize and max(img.size) > resize:
         img.thumbnail((resize, resize), Image.BILINEAR)
     buf = io.BytesIO()
