@@ -9,6 +9,8 @@ import logging
 import re
 import sys
 from collections import Counter
+from collections.abc import Callable
+from typing import Any
 
 from .storage_io import (DataSourceError, RetryingReader, RetryPolicy, filesystem, list_shards, safe_url,
                          scrub_urls)
@@ -169,7 +171,10 @@ def _preview(args) -> int:
 
     if args.samples < 1:
         raise ValueError(f"--samples = {args.samples}: must be >= 1")
-    cfg, tree = data_config_from_yaml(args.config)
+    config = args.config
+    if args.resolve_config is not None and "://" not in config:
+        config = str(args.resolve_config(config) or config)  # a shipped config's name, as `unimo train` takes
+    cfg, tree = data_config_from_yaml(config)
     train = tree.get("train") or {}
     steps = args.steps
     if steps is None:
@@ -181,9 +186,12 @@ def _preview(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of `unimo data ...`; returns the exit status."""
+def main(argv: list[str] | None = None, resolve_config: Callable[[str], Any] | None = None) -> int:
+    """Entry point of `unimo data ...`; returns the exit status. ``resolve_config``: a config argument as a
+    file, or None (`unimo`'s dispatcher passes the trainer's resolver of shipped config names, which
+    data_pipeline/ does not import)."""
     args = _parser().parse_args(argv)
+    args.resolve_config = resolve_config
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         return {"shards": _shards, "tokenizer": _tokenizer, "synthetic": _synthetic,

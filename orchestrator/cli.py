@@ -232,35 +232,10 @@ def cmd_model(args: argparse.Namespace) -> int:
 def cmd_data(args: argparse.Namespace) -> int:
     from data_pipeline.cli import main as data_main
 
-    return data_main(_preview_config_resolved(args.args))
+    from trainer import shipped_configs
 
-
-# `unimo data preview`'s options that take a value (the positional CONFIG is the first other argument)
-_PREVIEW_VALUE_OPTIONS = ("--samples", "--steps", "--micro-batches")
-
-
-def _preview_config_resolved(argv: list[str]) -> list[str]:
-    """``unimo data preview debug`` as ``unimo train debug``: a config argument that is not a file (or a URL)
-    but a shipped config's name becomes that file's path. data_pipeline/ cannot resolve names itself (it does
-    not import the trainer's config code), so the dispatcher does."""
-    if argv[:1] != ["preview"]:
-        return argv
-    i = 1
-    while i < len(argv):
-        arg = argv[i]
-        if arg in _PREVIEW_VALUE_OPTIONS:
-            i += 2
-            continue
-        if arg.startswith("-"):
-            i += 1
-            continue
-        if "://" in arg or Path(arg).is_file():
-            return argv
-        from trainer import shipped_configs
-
-        shipped = shipped_configs.shipped_path(arg)
-        return argv if shipped is None else [*argv[:i], str(shipped), *argv[i + 1:]]
-    return argv
+    # `unimo data preview debug` as `unimo train debug`: a shipped config name resolves as for train
+    return data_main(args.args, resolve_config=shipped_configs.resolve)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:

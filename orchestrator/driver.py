@@ -423,8 +423,9 @@ def _fit_locked(cfg: RunConfig, run_dir: Path | str, lost: threading.Event | Non
             # a SIGTERM to the driver (the STOP file) or to a worker (its flag rode the step's all-reduce)
             stopped = bool((result.metrics or {}).get("stopped_early")) or _stop_requested(stop, stop_file)
     finally:
+        served = stop_file if stop.requested_at is not None and not ok else None
         run_id = _close_job(cfg, run_dir, job_start, tracking_uri, run_id, ok=ok, stopped=stopped,
-                            stop_served=stop.requested_at is not None and not ok, lost=lost)
+                            served_stop=served, lost=lost)
     _clear_stop_file(stop_file)
     if result is None:
         return stopped_outcome(run_dir, tracking_uri, run_id)
@@ -456,7 +457,7 @@ def _stop_requested(stop: _StopState, stop_file: str) -> bool:
 
 
 def _close_job(cfg: RunConfig, run_dir: Path | str, job_start: float, tracking_uri: str,
-               run_id: str | None, *, ok: bool, stopped: bool, stop_served: bool,
+               run_id: str | None, *, ok: bool, stopped: bool, served_stop: str | None,
                lost: threading.Event | None) -> str | None:
     """The end of a job, however it ended: Ray's run snapshot reconciled with the folders (pruned or moved
     aside during the job), the goodput reported, the MLflow run closed (its id, found if created late), a
@@ -474,8 +475,8 @@ def _close_job(cfg: RunConfig, run_dir: Path | str, job_start: float, tracking_u
     goodput_metrics, last_step = report_goodput(run_dir, job_start)
     run_id = finish_run(tracking_uri, run_id, ok, cfg=cfg, run_dir=run_dir, preempted=stopped,
                         metrics=goodput_metrics, step=last_step)
-    if stop_served:
-        _clear_stop_file(storage.join(run_dir, STOP_FILE))  # it must not stop the next job of this run
+    if served_stop is not None:
+        _clear_stop_file(served_stop)  # it must not stop the next job of this run
     return run_id
 
 

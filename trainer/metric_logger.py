@@ -30,6 +30,15 @@ from typing import Any, Callable
 
 log = logging.getLogger(__name__)
 
+# Metrics logged at a training step by others than rank 0's step loop: every node's machine samples and the
+# driver's goodput summary. They do not say which training steps reached MLflow.
+NOT_TRAINING_METRICS = ("system/", "goodput/")
+
+
+def is_training_metric(key: str) -> bool:
+    return not key.startswith(NOT_TRAINING_METRICS)
+
+
 MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch call
 SPOOL_DIR = "mlflow_spool"
 UPLOAD_NOTE = "upload.json"  # beside a spooled artifact copy: where in the run it goes
@@ -281,7 +290,7 @@ class MetricLogger:
             size = len(records)
             # the training steps these metrics belong to (the machine's samples ride on the same steps)
             self.adopted_through = max([self.adopted_through] + [
-                r[3] for r in records[_read_sent(path):] if not r[0].startswith("system/")])
+                r[3] for r in records[_read_sent(path):] if is_training_metric(r[0])])
             name = path.stem[len("seg-"):]
             chunk = _Chunk(records=None, name=name, path=path, size=size, sent=min(_read_sent(path), size),
                            closed=True)

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from trainer.metric_logger import SPOOL_DIR, MetricLogger
+from trainer.metric_logger import SPOOL_DIR, MetricLogger, is_training_metric
 from trainer.run_identity import run_resolver
 
 log = logging.getLogger(__name__)
@@ -60,10 +60,6 @@ def _count_attempt(client: Any, run_id: str) -> None:
     client.set_tag(run_id, "unimo.attempts", str(int(tags.get("unimo.attempts", "0")) + 1))
 
 
-# metrics logged at a training step by others than rank 0's step loop
-NOT_TRAINING_METRICS = ("system/", "goodput/")
-
-
 def logged_through(tracking_uri: str, run_id: str | None) -> int:
     """The highest step the run already has a metric at (-1: none, or MLflow did not answer in seconds).
 
@@ -81,7 +77,7 @@ def logged_through(tracking_uri: str, run_id: str | None) -> int:
 
         # one try within MLFLOW_HTTP_REQUEST_TIMEOUT: start_tracking sets no retries for this process
         metrics = getattr(MlflowClient(tracking_uri).get_run(run_id).data, "_metric_objs", [])  # MLflow 3
-        return max((m.step for m in metrics if not m.key.startswith(NOT_TRAINING_METRICS)), default=-1)
+        return max((m.step for m in metrics if is_training_metric(m.key)), default=-1)
     except Exception as err:  # noqa: BLE001 - without it a re-run step may be logged twice, nothing worse
         log.warning("could not read the steps already logged to MLflow run %s (%s); steps trained again "
                     "after this restart may appear twice", run_id, err)

@@ -42,7 +42,7 @@ def test_a_path_wins_over_a_shipped_name(tmp_path, monkeypatch):
 
 def test_data_preview_takes_a_shipped_name_as_train_does(tmp_path, monkeypatch, capsys):
     """`unimo data preview debug` reads the shipped debug config (its data under ./demo_out/data, as the demo
-    writes it), wherever the name stands among the options; a file or a URL is passed on as it is."""
+    writes it), wherever the name stands among the options; a file is read as it is."""
     from data_pipeline import write_synthetic_dataset
 
     monkeypatch.chdir(tmp_path)
@@ -58,10 +58,9 @@ def test_data_preview_takes_a_shipped_name_as_train_does(tmp_path, monkeypatch, 
     assert by_path.strip().startswith("{")
     assert preview("debug", "--samples", "12", "--json") == by_path
     assert preview("--samples", "12", "debug.yaml", "--json") == by_path
-    assert cli._preview_config_resolved(["preview", "--steps", "3", "s3://bucket/run.yaml"]) == [
-        "preview", "--steps", "3", "s3://bucket/run.yaml"]
-    # other commands' arguments go on as given
-    assert cli._preview_config_resolved(["shards", "debug"]) == ["shards", "debug"]
+    # a name that is neither a file nor a shipped config is still read as a path, and its absence named
+    assert cli.main(["data", "preview", "no-such-config", "--json"]) != 0
+    assert "no-such-config" in capsys.readouterr().err
 
 
 def test_unknown_config_names_the_shipped_ones(capsys):

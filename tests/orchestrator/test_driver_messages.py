@@ -194,7 +194,7 @@ def test_a_driver_that_lost_the_run_s_lock_leaves_the_run_s_records_alone(tmp_pa
     monkeypatch.setattr(driver, "report_goodput", lambda run_dir, start: ({}, 0))
     cfg = load_config(DEBUG_CONFIG, ["run.name=r1"])
     lost = threading.Event()
-    close = dict(ok=False, stopped=False, stop_served=False, lost=lost)
+    close = dict(ok=False, stopped=False, served_stop=None, lost=lost)
     driver._close_job(cfg, tmp_path, 0.0, "sqlite:///x.db", "run-1", **close)
     assert calls == [("reconcile", "end"), ("finish", False)]  # the lock held: the job closes its records
     calls.clear()

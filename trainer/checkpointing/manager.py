@@ -326,11 +326,13 @@ class CheckpointManager:
     def _say_changed_optimizer_settings(self, state: dict) -> None:
         """Rank 0 logs the ``optimizer.*`` settings this run changed since the checkpoint was saved: they
         apply from the resumed step on (run_optimizer_settings)."""
+        if self.rank != 0:
+            return
         saved = state.get("config", {}).get("optimizer", {})
         current = to_dict(self.cfg)["optimizer"]
         changed = [f"optimizer.{k} {saved[k]} -> {value}" for k, value in current.items()
                    if k in saved and saved[k] != value]
-        if changed and self.rank == 0:
+        if changed:
             log.info("resumed with optimizer settings other than the checkpoint's, which apply from here: %s",
                      ", ".join(changed))
 
